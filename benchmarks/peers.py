@@ -1,0 +1,92 @@
+"""The peers nomoat is measured against, as bench Engines (see nomoat.runtime.bench).
+
+Each engine decodes greedily, ignores end-of-sequence so it always runs the full count, and
+yields every token the moment its library hands it over. The bench workers import this module
+by name (`peers:LlamaCppEngine`) with benchmarks/ on PYTHONPATH (benchmarks/run.py sets it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+
+class LlamaCppEngine:
+    """llama.cpp through llama-cpp-python, as its users run it: `Llama.generate` at temperature 0."""
+
+    def __init__(self, gguf: str, threads: int, context: int, name: str = "llama.cpp Q4_0"):
+        self.gguf = Path(gguf)
+        self.threads = threads
+        self.context = context
+        self.name = name
+        self.llm = None
+
+    def prepare(self) -> None:
+        from llama_cpp import Llama
+
+        # The same thread count for prompt batches and single tokens, like the other systems.
+        self.llm = Llama(model_path=str(self.gguf), n_ctx=self.context, n_threads=self.threads,
+                         n_threads_batch=self.threads, n_batch=min(512, self.context), verbose=False)
+
+    def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
+        count = 0
+        # generate() never stops by itself (no end-of-sequence check): the count stops it.
+        for token in self.llm.generate(list(prompt_ids), temp=0.0, repeat_penalty=1.0, reset=True):
+            yield int(token)
+            count += 1
+            if count == new_tokens:
+                return
+
+    def reset(self) -> None:
+        # Forget the cached tokens; otherwise generate() reuses the matching prefix of the prompt.
+        self.llm.reset()
+
+    def model_bytes(self) -> int | None:
+        return self.gguf.stat().st_size
+
+
+class OrtGenAIEngine:
+    """ONNX Runtime GenAI on the folder its model builder wrote (`-p int4 -e cpu`)."""
+
+    def __init__(self, model_dir: str, threads: int, context: int, name: str = "ONNX Runtime GenAI int4"):
+        self.model_dir = Path(model_dir)
+        self.threads = threads
+        self.context = context
+        self.name = name
+        self.model = None
+        self.generator = None
+
+    def prepare(self) -> None:
+        import onnxruntime_genai as og
+
+        config = og.Config(str(self.model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+        self.reset()
+
+    def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
+        import numpy as np
+
+        generator = self.generator
+        # append_tokens runs the prompt; the first generate_next_token only picks from those
+        # logits, each later one first runs the previous token: one decode step per yield.
+        generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+        for _ in range(new_tokens):
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
+
+    def reset(self) -> None:
+        import onnxruntime_genai as og
+
+        # A fresh generator per round (created here, untimed) holds an empty KV cache.
+        # max_length is the shared KV buffer's size, the same context as the other systems;
+        # min_length = max_length keeps end-of-sequence from ending a run early.
+        self.generator = None
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=self.context, min_length=self.context)
+        self.generator = og.Generator(self.model, params)
+
+    def model_bytes(self) -> int | None:
+        return sum(f.stat().st_size for f in self.model_dir.glob("*.onnx*"))

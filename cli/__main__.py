@@ -1,0 +1,44 @@
+"""The `nomoat` command: a thin dispatcher that imports each verb's module only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help). Converter verbs need `pip install 'nomoat[convert]'`.
+VERBS = {
+    "convert": ("nomoat.converter.cli_convert", "turn a model (+ LoRA adapters) into a bundle for a device"),
+    "targets": ("nomoat.converter.cli_targets", "list the device targets and their recipes"),
+    "generate": ("nomoat.runtime.cli_generate", "generate text from a bundle for one prompt"),
+    "chat": ("nomoat.runtime.cli_chat", "chat with a bundle in the terminal"),
+    "bench": ("nomoat.runtime.cli_bench", "measure prefill/decode speed and memory of a bundle"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="nomoat", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (_, help_) in VERBS.items():
+        sub.add_parser(verb, help=help_, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        args = parser.parse_args(argv)  # prints help or the "invalid choice" error
+        parser.print_help()
+        return 2
+    verb = argv[0]
+    try:
+        module = importlib.import_module(VERBS[verb][0])
+    except ModuleNotFoundError as e:
+        print(f"nomoat {verb}: missing dependency {e.name!r}. The converter needs the extra: "
+              "pip install 'nomoat[convert]'", file=sys.stderr)
+        return 2
+    verb_parser = argparse.ArgumentParser(prog=f"nomoat {verb}", description=module.__doc__,
+                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module.add_arguments(verb_parser)
+    args = verb_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The load stage: turn whatever the user points at into a Checkpoint.
+
+Three source layouts are accepted, recognised by the files present (never by the
+path's name):
+
+- a Hugging Face directory: config.json + *.safetensors (+ tokenizer.json, ...)
+- a GGUF file (or a directory holding exactly one)
+- a Meta directory: params.json + consolidated.*.pth (+ an HF tokenizer.json)
+
+A Hugging Face hub id is accepted only if it is already in the local cache: the
+converter never downloads.
+
+Contract of the TokenizerInfo every loader returns: `tokenizer_json` is used to
+encode *without* special-token post-processing (like transformers' chat templates
+and llama.cpp do), and the runtime prepends `bos_token_id` itself when
+`add_bos_token` is true. `eos_token_ids` holds every token that ends generation,
+including the end-of-turn token the chat template writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ConversionError
+from .spec import Checkpoint
+
+ACCEPTED = (
+    "a Hugging Face model directory (config.json + *.safetensors), "
+    "a .gguf file, or a Meta checkpoint directory (params.json + consolidated.*.pth)"
+)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a model from a local directory, a .gguf file, or a locally cached hub id."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        p = _cached_hub_snapshot(str(path))
+    if p.is_file():
+        return _load_file(p)
+    return _load_dir(p)
+
+
+def _load_file(p: Path) -> Checkpoint:
+    if p.suffix.lower() == ".gguf":
+        from .load_gguf import load_gguf
+
+        return load_gguf(p)
+    if p.suffix.lower() in (".safetensors", ".pth", ".bin", ".pt"):
+        raise ConversionError(
+            f"{p} is a bare weights file; nomoat needs the config next to it. "
+            f"Point at its directory instead: {ACCEPTED}."
+        )
+    raise ConversionError(f"{p} is not a model file nomoat reads. Accepted: {ACCEPTED}.")
+
+
+def _load_dir(p: Path) -> Checkpoint:
+    names = sorted(child.name for child in p.iterdir())
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    if "config.json" in names and has_safetensors:
+        from .load_hf import load_hf_dir
+
+        return load_hf_dir(p)
+    if "params.json" in names and any(n.startswith("consolidated.") and n.endswith(".pth") for n in names):
+        from .load_meta import load_meta_dir
+
+        return load_meta_dir(p)
+    ggufs = [n for n in names if n.lower().endswith(".gguf")]
+    if len(ggufs) == 1:
+        from .load_gguf import load_gguf
+
+        return load_gguf(p / ggufs[0])
+    raise ConversionError(_unrecognised_dir_message(p, names, ggufs))
+
+
+def _unrecognised_dir_message(p: Path, names: list[str], ggufs: list[str]) -> str:
+    if len(ggufs) > 1:
+        return f"{p} holds several GGUF files ({', '.join(ggufs)}); point at the one to convert."
+    if "config.json" in names and any(n.endswith(".bin") for n in names):
+        return (
+            f"{p} has config.json but only PyTorch .bin weights, and nomoat reads safetensors only "
+            "(pickled .bin files can run code). Download the *.safetensors files of the model, or "
+            "re-save it with `model.save_pretrained(dir, safe_serialization=True)`."
+        )
+    if "config.json" in names:
+        return f"{p} has config.json but no *.safetensors weights; the download is incomplete: fetch them."
+    if "params.json" in names:
+        return f"{p} has params.json but no consolidated.*.pth weights; copy the Meta weights next to it."
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "nothing"
+    return f"{p} is not a model directory nomoat recognises (it holds: {shown}). Accepted: {ACCEPTED}."
+
+
+def _cached_hub_snapshot(ref: str) -> Path:
+    """The local snapshot of a hub id, if the Hugging Face cache already holds it."""
+    if not _looks_like_hub_id(ref):
+        raise ConversionError(f"{ref} does not exist. Point at {ACCEPTED}.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        # local_files_only: this is the workstation's converter, and it must not reach the
+        # network behind the user's back; a cached snapshot is fine to use.
+        return Path(snapshot_download(ref, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError) as e:
+        raise ConversionError(
+            f"{ref!r} is not a local path and is not in the Hugging Face cache on this machine; "
+            "nomoat does not download models. Download it first (e.g. `hf download "
+            f"{ref} --local-dir ./{ref.split('/')[-1]}`) and point --model at that directory or .gguf file."
+        ) from e
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "~")) and "\\" not in ref

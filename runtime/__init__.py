@@ -1,0 +1,19 @@
+"""Device side of nomoat: load a bundle and stream text.
+
+Imports numpy, onnxruntime, tokenizers and jinja2 only; never torch or transformers.
+"""
+
+from .errors import BundleError, ContextOverflowError
+from .model import Chat, Completion, GenerationStats, Model, StreamEvent
+from .sampling import SamplingParams
+
+__all__ = [
+    "BundleError",
+    "Chat",
+    "Completion",
+    "ContextOverflowError",
+    "GenerationStats",
+    "Model",
+    "SamplingParams",
+    "StreamEvent",
+]

@@ -1,0 +1,259 @@
+"""The measuring core of `nomoat bench`: what a round measures and how rounds are summarized.
+
+Kept apart from *where* an engine runs: an `Engine` only turns prompt ids into a stream of
+token ids, `measure_once` times that stream, and `bench_worker` hosts one engine in its own
+process (locally now; over adb or ssh later) so each engine's peak RSS is its own.
+
+    prefill tok/s = prompt_tokens / ttft            (ttft = start -> first token)
+    decode tok/s  = (new_tokens - 1) / (t_last - t_first)
+
+The first token comes out of prefill, so decode counts only the tokens after it.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+Clock = Callable[[], float]
+
+# Plain prose, no markup: every engine that shares the tokenizer gets the same ids, and
+# none of them hits a special token. Repeated until the prompt has the length asked for.
+PROSE = (
+    "The lighthouse keeper climbed the spiral stairs each evening before the sun went down. "
+    "He trimmed the wick, polished the great lens and wrote the weather in a small notebook: "
+    "the direction of the wind, the height of the waves, the ships that passed the point. "
+    "In winter the storms came from the north and the glass rattled in its frame, but the light "
+    "never failed. Children from the village sometimes walked out along the rocks to visit him, "
+    "and he told them about the currents, the seabirds and the names of the stars over the bay."
+)
+
+
+class BenchError(Exception):
+    """A benchmark could not measure what it was asked to (engine stopped early, worker died, ...)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One system under test. `run` must yield each token as soon as it exists and always
+    produce exactly `new_tokens` of them (end-of-sequence ignored), from an empty cache."""
+
+    name: str
+
+    def prepare(self) -> None:
+        """Load the model (not timed)."""
+
+    def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
+        """Prefill the prompt, then decode greedily; yield every generated token id."""
+
+    def reset(self) -> None:
+        """Empty any cache so the next run prefills the whole prompt again."""
+
+    def model_bytes(self) -> int | None:
+        """Size on disk of the weights this engine loaded (None if unknown)."""
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """Timings of one prompt -> new_tokens run, plus the process's peak RSS after it."""
+
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float
+    decode_s: float  # from the first token to the last
+    peak_rss_bytes: int | None = None
+    # CPU seconds the process used in the round (all threads). Well below threads x wall time
+    # means something else had the cores: the round measured contention, not the engine.
+    cpu_s: float | None = None
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.ttft_s
+
+    @property
+    def decode_tps(self) -> float | None:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else None
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.ttft_s * 1000.0
+
+    @property
+    def cpu_utilization(self) -> float | None:
+        """Average busy cores during the round."""
+        wall = self.ttft_s + self.decode_s
+        return self.cpu_s / wall if self.cpu_s is not None and wall > 0 else None
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        return self.peak_rss_bytes / 1e6 if self.peak_rss_bytes is not None else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "prefill_tps": self.prefill_tps, "decode_tps": self.decode_tps,
+                "ttft_ms": self.ttft_ms, "peak_rss_mb": self.peak_rss_mb,
+                "cpu_utilization": self.cpu_utilization}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RoundResult:
+        return cls(prompt_tokens=int(d["prompt_tokens"]), new_tokens=int(d["new_tokens"]),
+                   ttft_s=float(d["ttft_s"]), decode_s=float(d["decode_s"]),
+                   peak_rss_bytes=d.get("peak_rss_bytes"), cpu_s=d.get("cpu_s"))
+
+
+def measure_once(engine: Engine, prompt_ids: Sequence[int], new_tokens: int,
+                 clock: Clock = time.perf_counter) -> RoundResult:
+    """Reset the engine (untimed), run it once and time its first and last token."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    engine.reset()
+    count = 0
+    t_first = t_last = 0.0
+    cpu_start = time.process_time()
+    start = clock()
+    for _ in engine.run(prompt_ids, new_tokens):
+        t_last = clock()
+        if count == 0:
+            t_first = t_last
+        count += 1
+    if count != new_tokens:
+        raise BenchError(f"{engine.name} generated {count} tokens instead of {new_tokens}; an engine "
+                         "under test must ignore end-of-sequence and run the full count "
+                         "(is its context too small?)")
+    return RoundResult(prompt_tokens=len(prompt_ids), new_tokens=new_tokens, ttft_s=t_first - start,
+                       decode_s=t_last - t_first, peak_rss_bytes=peak_rss_bytes(),
+                       cpu_s=time.process_time() - cpu_start)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far.
+
+    On Linux (and Android) this is VmHWM from /proc/self/status, not getrusage's ru_maxrss:
+    Linux carries ru_maxrss over fork and execve, so a worker started by a parent that once
+    held 1.4 GB reports 1.4 GB whatever it does itself. VmHWM belongs to the process's own
+    address space, which execve starts afresh.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+# -- summaries -----------------------------------------------------------------------------
+
+METRICS = ("prefill_tps", "decode_tps", "ttft_ms", "peak_rss_mb")
+
+
+@dataclass(frozen=True)
+class Stat:
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        return cls(statistics.median(values), min(values), max(values))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Median, min and max of each metric over the rounds (None where no round had a value)."""
+
+    rounds: int
+    prefill_tps: Stat
+    decode_tps: Stat | None
+    ttft_ms: Stat
+    peak_rss_mb: Stat | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(rounds: Sequence[RoundResult]) -> Summary:
+    if not rounds:
+        raise ValueError("nothing to summarize: no rounds were measured")
+
+    def stat(metric: str) -> Stat | None:
+        values = [v for r in rounds if (v := getattr(r, metric)) is not None]
+        return Stat.of(values) if values else None
+
+    return Summary(len(rounds), **{m: stat(m) for m in METRICS})
+
+
+# -- prompts -------------------------------------------------------------------------------
+
+def repeat_to_length(ids: Sequence[int], n: int) -> list[int]:
+    """The first n ids of `ids` repeated end to end."""
+    if not ids:
+        raise ValueError("cannot build a prompt from an empty token list")
+    return [ids[i % len(ids)] for i in range(n)]
+
+
+def synthetic_prompt_ids(tokenizer_file: str | Path, n: int) -> list[int]:
+    """Exactly n token ids of fixed prose, from a tokenizer.json: the same ids on every run."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(PROSE, add_special_tokens=False).ids
+    return repeat_to_length(ids, n)
+
+
+def machine_info() -> dict[str, object]:
+    """Where a measurement ran, for the report (the worker sends its own: it may be a phone)."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Hardware", "Model")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    # Other load on the machine is the usual reason two runs disagree: record it.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu,
+            "cpus": os.cpu_count(), "python": platform.python_version(), "load_average_1min": load}
+
+
+# -- the nomoat engine ---------------------------------------------------------------------
+
+class NomoatEngine:
+    """nomoat.runtime on an ONNX bundle, greedy, end-of-sequence ignored."""
+
+    def __init__(self, bundle: str, threads: int | None = None, name: str | None = None):
+        self.bundle = Path(bundle)
+        self.threads = threads
+        self.name = name or f"nomoat {self.bundle.name}"
+        self.model = None
+
+    def prepare(self) -> None:
+        from .model import Model
+
+        self.model = Model.load(self.bundle, threads=self.threads)
+
+    def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
+        from .sampling import SamplingParams
+
+        yield from self.model.generate_tokens(list(prompt_ids), new_tokens, params=SamplingParams(),
+                                              ignore_eos=True)
+
+    def reset(self) -> None:
+        # The model reuses the cached prefix of a repeated prompt: without this, prefill is free.
+        self.model.session.reset()
+
+    def model_bytes(self) -> int | None:
+        onnx = self.model.manifest.onnx
+        files = [onnx.model_file, onnx.data_file] if onnx.data_file else [onnx.model_file]
+        return sum((self.bundle / f).stat().st_size for f in files)

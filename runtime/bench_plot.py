@@ -1,0 +1,60 @@
+"""A chart of benchmark summaries: one panel per metric, one bar per system, min–max whiskers.
+
+matplotlib is optional (it is no dependency of the runtime): it is imported only here, only
+when a chart is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .bench import BenchError, Stat, Summary
+
+PANELS = (  # metric, title, better
+    ("decode_tps", "Decode (tokens/s)", "higher is better"),
+    ("prefill_tps", "Prefill (tokens/s)", "higher is better"),
+    ("ttft_ms", "Time to first token (ms)", "lower is better"),
+    ("peak_rss_mb", "Peak RSS (MB)", "lower is better"),
+)
+
+
+def require_matplotlib() -> None:
+    """Fail before minutes of measuring, not after, when the chart cannot be drawn."""
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        raise BenchError("--plot needs matplotlib: pip install matplotlib") from None
+
+
+def plot_summaries(entries: Sequence[tuple[str, Summary]], out: str | Path, title: str) -> Path:
+    """Draw a 2x2 bar chart (medians, min–max whiskers, values printed on the bars) to a PNG."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed: the chart goes to a file
+    import matplotlib.pyplot as plt
+
+    labels = [label for label, _ in entries]
+    colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(entries))]
+    fig, axes = plt.subplots(2, 2, figsize=(max(8.0, 1.6 * len(entries) + 4), 7.5), constrained_layout=True)
+    for ax, (metric, name, better) in zip(axes.flat, PANELS, strict=True):
+        stats: list[Stat | None] = [getattr(summary, metric) for _, summary in entries]
+        medians = [s.median if s else 0.0 for s in stats]
+        below = [s.median - s.min if s else 0.0 for s in stats]
+        above = [s.max - s.median if s else 0.0 for s in stats]
+        ax.bar(range(len(entries)), medians, color=colors, yerr=[below, above], capsize=4)
+        top = max((s.max for s in stats if s), default=1.0) * 1.2
+        ax.set_ylim(0, top)
+        # Values at the foot of the bars, where the min–max whiskers never reach.
+        for x, (median, stat) in enumerate(zip(medians, stats, strict=True)):
+            ax.text(x, top * 0.02, f"{median:.0f}" if stat else "n/a", ha="center", va="bottom",
+                    color="white" if stat else "black", fontweight="bold")
+        ax.set_title(f"{name}\n{better}", fontsize=10)
+        ax.set_xticks(range(len(entries)), labels, rotation=15, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,216 @@
+"""Host one benchmark engine in its own process, and drive such processes round by round.
+
+Each engine runs in a separate process so the peak RSS it reports is its own (ru_maxrss is
+per process) and engines cannot share warmed-up allocations. The worker speaks JSON lines:
+
+    parent -> worker   {"cmd": "round", "prompt_ids": [...], "new_tokens": 128}
+                       {"cmd": "generate", "prompt_ids": [...], "new_tokens": 16}  |  {"cmd": "quit"}
+    worker -> parent   {"event": "ready", "name": ..., "model_bytes": ..., "load_s": ..., "machine": {...}}
+                       {"event": "round", "result": {...RoundResult...}}
+                       {"event": "tokens", "ids": [...]}   (untimed: to check the engine's answers)
+
+Only the argv that starts a worker knows where it runs: `python -m nomoat.runtime.bench_worker`
+here, the same behind `adb shell` or `ssh` for a phone or a Pi.
+
+    python -m nomoat.runtime.bench_worker --engine nomoat.runtime.bench:NomoatEngine \\
+        --options '{"bundle": "build/host", "threads": 2}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from .bench import BenchError, Engine, RoundResult, machine_info, measure_once, peak_rss_bytes
+
+# -- the worker side -----------------------------------------------------------------------
+
+
+def load_engine(ref: str, options: dict[str, Any]) -> Engine:
+    """Build the engine named "package.module:Factory" with keyword options."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise BenchError(f"engine reference {ref!r} must look like 'package.module:Factory'")
+    factory = getattr(importlib.import_module(module_name), attr, None)
+    if factory is None:
+        raise BenchError(f"module {module_name!r} has no {attr!r}")
+    return factory(**options)
+
+
+def _protocol_stream() -> IO[str]:
+    """A private copy of stdout for the protocol; fd 1 itself then points at stderr, so a
+    native library that prints to stdout (llama.cpp, ONNX Runtime) cannot corrupt a message."""
+    sys.stdout.flush()
+    private = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    return private
+
+
+def _send(stream: IO[str], message: dict[str, Any]) -> None:
+    stream.write(json.dumps(message) + "\n")
+    stream.flush()
+
+
+def serve(engine: Engine, commands: IO[str], replies: IO[str]) -> None:
+    """Prepare the engine, announce it, then answer round commands until quit or EOF."""
+    start = time.perf_counter()
+    engine.prepare()
+    _send(replies, {"event": "ready", "name": engine.name, "model_bytes": engine.model_bytes(),
+                    "load_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
+                    "machine": machine_info()})
+    for line in commands:
+        message = json.loads(line)
+        if message["cmd"] == "quit":
+            return
+        if message["cmd"] == "round":
+            result = measure_once(engine, message["prompt_ids"], int(message["new_tokens"]))
+            _send(replies, {"event": "round", "result": result.to_dict()})
+        elif message["cmd"] == "generate":
+            engine.reset()
+            ids = [int(t) for t in engine.run(message["prompt_ids"], int(message["new_tokens"]))]
+            _send(replies, {"event": "tokens", "ids": ids})
+        else:
+            raise BenchError(f"unknown worker command {message['cmd']!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nomoat.runtime.bench_worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", required=True, help="engine factory as 'package.module:Factory'")
+    parser.add_argument("--options", default="{}", help="JSON object of keyword arguments for the factory")
+    args = parser.parse_args(argv)
+    replies = _protocol_stream()
+    serve(load_engine(args.engine, json.loads(args.options)), sys.stdin, replies)
+    return 0
+
+
+# -- the parent side -----------------------------------------------------------------------
+
+
+def local_worker_argv(engine: str, options: dict[str, Any], python: str = sys.executable) -> list[str]:
+    """The command that starts a worker on this machine."""
+    return [python, "-m", "nomoat.runtime.bench_worker", "--engine", engine, "--options", json.dumps(options)]
+
+
+class WorkerProcess:
+    """A running worker: send it rounds, read back RoundResults. Use as a context manager."""
+
+    def __init__(self, label: str, argv: Sequence[str], env: dict[str, str] | None = None,
+                 cwd: str | None = None):
+        self.label = label
+        self.argv = list(argv)
+        self.env = env
+        self.cwd = cwd
+        self.ready: dict[str, Any] = {}
+        self._proc: subprocess.Popen | None = None
+        self._stderr: IO[bytes] | None = None
+
+    def start(self) -> dict[str, Any]:
+        """Start the process and wait until the engine is loaded; return its ready message."""
+        # stderr goes to a file, not a pipe: a chatty engine cannot fill a pipe and block, and
+        # the tail is at hand to explain a crash.
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, text=True, bufsize=1, env=self.env, cwd=self.cwd)
+        self.ready = self._receive("ready")
+        return self.ready
+
+    def measure(self, prompt_ids: Sequence[int], new_tokens: int) -> RoundResult:
+        self._command({"cmd": "round", "prompt_ids": list(prompt_ids), "new_tokens": new_tokens})
+        return RoundResult.from_dict(self._receive("round")["result"])
+
+    def generate(self, prompt_ids: Sequence[int], new_tokens: int) -> list[int]:
+        """The token ids the engine generates (greedy, untimed): to check it answers sensibly."""
+        self._command({"cmd": "generate", "prompt_ids": list(prompt_ids), "new_tokens": new_tokens})
+        return self._receive("tokens")["ids"]
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                self._command_to(proc, {"cmd": "quit"})
+                proc.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        if self._stderr is not None:
+            self._stderr.close()
+
+    def __enter__(self) -> WorkerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _command(self, message: dict[str, Any]) -> None:
+        if self._proc is None:
+            raise BenchError(f"worker {self.label} is not running")
+        try:
+            self._command_to(self._proc, message)
+        except BrokenPipeError:
+            raise BenchError(self._died_message()) from None
+
+    @staticmethod
+    def _command_to(proc: subprocess.Popen, message: dict[str, Any]) -> None:
+        proc.stdin.write(json.dumps(message) + "\n")
+        proc.stdin.flush()
+
+    def _receive(self, event: str) -> dict[str, Any]:
+        line = self._proc.stdout.readline()
+        if not line:
+            raise BenchError(self._died_message())
+        message = json.loads(line)
+        if message.get("event") != event:
+            raise BenchError(f"worker {self.label} sent {message!r} while {event!r} was expected")
+        return message
+
+    def _died_message(self) -> str:
+        code = self._proc.wait() if self._proc is not None else None
+        tail = ""
+        if self._stderr is not None:
+            self._stderr.seek(0)
+            tail = self._stderr.read().decode(errors="replace")[-3000:]
+        return f"worker {self.label} ({' '.join(self.argv[:4])} ...) exited with code {code}:\n{tail}"
+
+
+@dataclass
+class Job:
+    """One system under test: its worker and the prompt/generation it is measured on."""
+
+    worker: WorkerProcess
+    prompt_ids: list[int]
+    new_tokens: int
+    rounds: list[RoundResult] = field(default_factory=list)
+
+
+def run_alternating(jobs: Sequence[Job], rounds: int, warmup: int = 1, pause_s: float = 0.25,
+                    on_round: Callable[[Job, int, RoundResult], None] | None = None) -> None:
+    """Measure every job `rounds` times, alternating A B C A B C ... so that machine drift
+    (thermal throttling, other load) spreads evenly over the systems. The first `warmup`
+    rounds of each job are run and thrown away (first-run allocations, weight pre-packing)."""
+    for index in range(warmup + rounds):
+        for job in jobs:
+            # Engines with spinning thread pools keep burning cores briefly after a run; a
+            # pause keeps that from slowing the next engine down.
+            time.sleep(pause_s)
+            result = job.worker.measure(job.prompt_ids, job.new_tokens)
+            if index >= warmup:
+                job.rounds.append(result)
+                if on_round is not None:
+                    on_round(job, index - warmup, result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Chat templates (the Jinja text in ``chat_template.jinja`` of a bundle), rendered like transformers.
+
+The template comes with the model, i.e. from a third party, so it runs in Jinja's
+``ImmutableSandboxedEnvironment``: no access to underscore attributes (no escape to Python through
+``().__class__.__bases__``) and no mutation of the messages. Unlike plain Jinja, which turns an
+unsafe attribute into a silently empty value, any such access raises ``jinja2.sandbox.SecurityError``
+at once, so a hostile or broken template fails loudly.
+
+The environment mirrors ``transformers``' ``apply_chat_template``: ``trim_blocks``/``lstrip_blocks``,
+the ``loopcontrols`` extension, a ``{% generation %}`` block (rendered as its body), and the globals
+templates rely on: ``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII text,
+and ``bos_token``/``eos_token``/``add_generation_prompt``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = [
+    "ChatTemplate",
+    "ChatTemplateError",
+    "FALLBACK_CHATML_TEMPLATE",
+    "FALLBACK_STOP_STRING",
+    "SecurityError",
+    "as_messages",
+    "validate_messages",
+]
+
+# Used when a bundle ships no chat template. ChatML is what most small open chat models
+# (SmolLM2, Qwen2.5, many fine-tunes) were trained with; for a model trained on another format
+# the replies will be poor, so callers should say that they fell back. Generation should stop on
+# "<|im_end|>" (FALLBACK_STOP_STRING).
+FALLBACK_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+FALLBACK_STOP_STRING = "<|im_end|>"
+
+# Names the renderer sets itself; passing them through **extra would be ambiguous.
+_RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
+
+
+class ChatTemplateError(TemplateError):
+    """Raised by a template's own ``raise_exception(message)`` (e.g. "roles must alternate")."""
+
+
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        # The base class returns an Undefined that only raises if used further, and prints as ''
+        # otherwise; raising here makes every attempt to reach an unsafe attribute an error.
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+
+class _GenerationBlock(Extension):
+    """``{% generation %}...{% endgeneration %}`` marks assistant text for training masks in
+    transformers; for inference it renders as its body. Without it such templates fail to parse."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _render_body(caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's built-in tojson escapes <, >, & and ' for HTML and ignores most options; chat
+    # templates (tool schemas) expect plain JSON with readable non-ASCII text, as transformers does.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    # Templates such as LLaMA-3.1's put today's date in the system prompt.
+    return datetime.now().strftime(format)
+
+
+def _make_environment() -> _StrictSandbox:
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationBlock])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+class ChatTemplate:
+    """A compiled chat template. Syntax errors surface here, when the bundle loads, not mid-chat."""
+
+    def __init__(self, template_source: str, bos_token: str = "", eos_token: str = "") -> None:
+        self.source = template_source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._template = _make_environment().from_string(template_source)
+
+    @classmethod
+    def fallback(cls, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+        """The ChatML template, for bundles without one (see FALLBACK_CHATML_TEMPLATE)."""
+        return cls(FALLBACK_CHATML_TEMPLATE, bos_token=bos_token, eos_token=eos_token)
+
+    def render(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
+        """Render a conversation to the prompt text.
+
+        ``extra`` holds template-specific variables (``tools``, ``date_string``, ...).
+        """
+        validate_messages(messages)
+        clash = sorted(_RESERVED & extra.keys())
+        if clash:
+            raise ValueError(f"{clash} are set by render() itself and cannot be passed as extra variables")
+        return self._template.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            **extra,
+        )
+
+
+def validate_messages(messages: object) -> None:
+    """Raise ValueError unless ``messages`` is a list of {'role': str, 'content': str, ...} dicts."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(
+            f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}"
+        )
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"messages[{index}] must be a dict, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise ValueError(f"messages[{index}] has no {key!r} key")
+            if not isinstance(message[key], str):
+                raise ValueError(
+                    f"messages[{index}][{key!r}] must be a string, got {type(message[key]).__name__}"
+                )
+
+
+def as_messages(
+    prompt_or_messages: str | Sequence[Mapping[str, Any]], system: str | None = None
+) -> list[dict[str, Any]]:
+    """Normalize what a user passes to ``stream``/``chat``: a plain string becomes one user message;
+    ``system``, if given, becomes a leading system message. Returns new dicts (the caller's are
+    never modified)."""
+    if isinstance(prompt_or_messages, str):
+        messages: list[dict[str, Any]] = [{"role": "user", "content": prompt_or_messages}]
+    else:
+        validate_messages(prompt_or_messages)
+        messages = [dict(message) for message in prompt_or_messages]
+    if system is not None:
+        if not isinstance(system, str):
+            raise ValueError(f"system must be a string, got {type(system).__name__}")
+        if messages and messages[0]["role"] == "system":
+            raise ValueError("system= was given but the messages already start with a system message")
+        messages.insert(0, {"role": "system", "content": system})
+    return messages

@@ -1,0 +1,193 @@
+"""Measure a bundle: prefill and decode tokens/s, time to first token and peak RSS.
+
+Each configuration (threads x prompt length x generation length) runs in its own worker
+process, so its peak RSS is its own; rounds alternate between configurations so machine
+drift spreads evenly. Generation always runs the full --new-tokens (end-of-sequence is
+ignored) and the KV cache is emptied before every round. The prompt is fixed prose cut to
+exactly --prompt-tokens tokens. Reported: median and min–max over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .bench import BenchError, RoundResult, Stat, summarize, synthetic_prompt_ids
+from .bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
+from .errors import BundleError
+
+NOMOAT_ENGINE = "nomoat.runtime.bench:NomoatEngine"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: these defaults depend on other flags or the bundle, so `(default: None)` would mislead.
+    unset = argparse.SUPPRESS
+    p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
+    p.add_argument("--threads", type=int, action="append", metavar="N", default=unset,
+                   help="CPU threads; repeat to compare: --threads 1 --threads 2 (default: the bundle's)")
+    p.add_argument("--prompt-tokens", type=int, action="append", metavar="N", default=unset,
+                   help="prompt length in tokens; repeatable (default: 128)")
+    p.add_argument("--new-tokens", type=int, action="append", metavar="N", default=unset,
+                   help="tokens generated per round, at least 2; repeatable (default: 128)")
+    p.add_argument("--rounds", type=int, default=5, help="measured rounds per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds per configuration first")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plot", type=Path, metavar="PNG", default=unset,
+                   help="also draw a chart to this PNG file (needs matplotlib)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = bench_bundle(args)
+    except (BenchError, BundleError) as e:
+        print(f"nomoat bench: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    if getattr(args, "plot", None):
+        from .bench_plot import plot_summaries
+
+        entries = [(r["label"], summarize([RoundResult.from_dict(x) for x in r["rounds"]]))
+                   for r in report["results"]]
+        machine = report["machine"]
+        out = plot_summaries(entries, args.plot, f"nomoat bench {report['bundle']} — {machine['cpu']}, "
+                             f"{report['rounds']} rounds (median, min–max)")
+        print(f"chart written to {out}", file=sys.stderr)
+    return 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration of a bundle."""
+
+    threads: int | None
+    prompt_tokens: int
+    new_tokens: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.threads or 'default'} thr, {self.prompt_tokens}+{self.new_tokens} tok"
+
+
+def bench_bundle(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the request against the bundle, then measure each configuration in a worker."""
+    from .manifest import read_manifest
+
+    threads: list[int | None] = getattr(args, "threads", [None])
+    prompts: list[int] = getattr(args, "prompt_tokens", [128])
+    news: list[int] = getattr(args, "new_tokens", [128])
+    _check_counts(threads, prompts, news, args.rounds, args.warmup)
+    if getattr(args, "plot", None):
+        from .bench_plot import require_matplotlib
+
+        require_matplotlib()
+    manifest = read_manifest(args.bundle, verify_files=False)  # the worker checks the files when it loads
+    if max(prompts) + max(news) > manifest.max_context:
+        raise BenchError(f"--prompt-tokens {max(prompts)} + --new-tokens {max(news)} exceed the bundle's "
+                         f"context of {manifest.max_context} tokens; measure shorter runs or convert with a "
+                         "larger --max-context")
+    tokenizer_file = args.bundle / manifest.tokenizer.tokenizer_file
+    prompt_ids = {n: synthetic_prompt_ids(tokenizer_file, n) for n in prompts}
+    bundle = str(args.bundle.resolve())
+
+    def start_worker(config: Config) -> WorkerProcess:
+        options = {"bundle": bundle, "threads": config.threads}
+        return WorkerProcess(config.label, local_worker_argv(NOMOAT_ENGINE, options))
+
+    configs = [Config(*c) for c in itertools.product(threads, prompts, news)]
+    report = measure_configs(configs, prompt_ids, start_worker, args.rounds, args.warmup)
+    return {"bundle": str(args.bundle), **report}
+
+
+def measure_configs(configs: Sequence[Config], prompt_ids: dict[int, list[int]],
+                    make_worker: Callable[[Config], WorkerProcess], rounds: int, warmup: int,
+                    pause_s: float = 0.25) -> dict[str, Any]:
+    """Start one worker per configuration, alternate rounds between them; return the report."""
+    jobs: list[Job] = []
+    try:
+        for config in configs:
+            worker = make_worker(config)
+            jobs.append(Job(worker, prompt_ids[config.prompt_tokens], config.new_tokens))
+            print(f"loading {worker.label} ...", file=sys.stderr)
+            worker.start()
+        run_alternating(jobs, rounds, warmup, pause_s, on_round=_print_progress)
+    finally:
+        for job in jobs:
+            job.worker.close()
+    return {
+        "machine": jobs[0].worker.ready.get("machine", {}),
+        "rounds": rounds,
+        "warmup": warmup,
+        "results": [_job_report(job, config) for job, config in zip(jobs, configs, strict=True)],
+    }
+
+
+def _check_counts(threads: Sequence[int | None], prompts: Sequence[int], news: Sequence[int],
+                  rounds: int, warmup: int) -> None:
+    if any(t is not None and t < 1 for t in threads):
+        raise BenchError("--threads must be >= 1")
+    if min(prompts) < 1:
+        raise BenchError("--prompt-tokens must be >= 1")
+    if min(news) < 2:
+        raise BenchError("--new-tokens must be >= 2: decode speed is timed from the first token to the last")
+    if rounds < 1 or warmup < 0:
+        raise BenchError("--rounds must be >= 1 and --warmup >= 0")
+
+
+def _print_progress(job: Job, index: int, result: RoundResult) -> None:
+    print(f"  {job.worker.label}: round {index + 1}: prefill {result.prefill_tps:.1f} tok/s, "
+          f"decode {result.decode_tps:.1f} tok/s, TTFT {result.ttft_ms:.0f} ms, "
+          f"{result.cpu_utilization:.2f} cores busy", file=sys.stderr)
+
+
+def _job_report(job: Job, config: Config) -> dict[str, Any]:
+    ready = job.worker.ready
+    return {
+        "label": job.worker.label,
+        "name": ready.get("name"),
+        "threads": config.threads,
+        "prompt_tokens": config.prompt_tokens,
+        "new_tokens": config.new_tokens,
+        "model_bytes": ready.get("model_bytes"),
+        "load_s": ready.get("load_s"),
+        "summary": summarize(job.rounds).to_dict(),
+        "rounds": [r.to_dict() for r in job.rounds],
+    }
+
+
+# -- the table -----------------------------------------------------------------------------
+
+COLUMNS = (  # header, summary metric, decimals
+    ("prefill tok/s", "prefill_tps", 1),
+    ("decode tok/s", "decode_tps", 1),
+    ("TTFT ms", "ttft_ms", 0),
+    ("peak RSS MB", "peak_rss_mb", 0),
+)
+
+
+def format_stat(stat: Stat | dict | None, decimals: int) -> str:
+    """'median (min–max)'."""
+    if stat is None:
+        return "n/a"
+    s = stat if isinstance(stat, Stat) else Stat(**stat)
+    return f"{s.median:.{decimals}f} ({s.min:.{decimals}f}–{s.max:.{decimals}f})"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    head = (f"nomoat bench {report['bundle']} on {machine.get('cpu', '?')} "
+            f"({machine.get('cpus', '?')} CPUs); "
+            f"{report['rounds']} rounds after {report['warmup']} warm-up, median (min–max)")
+    header = ["threads", "prompt", "new", *(c[0] for c in COLUMNS)]
+    rows = [[str(r["threads"] or "default"), str(r["prompt_tokens"]), str(r["new_tokens"]),
+             *(format_stat(r["summary"][metric], decimals) for _, metric, decimals in COLUMNS)]
+            for r in report["results"]]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join([head, "", *lines])

@@ -1,0 +1,76 @@
+"""Chat with a bundle in the terminal. Answers stream as they are generated; the conversation
+keeps its KV cache, so each turn only prefills the new message.
+Commands: /reset (new conversation), /system TEXT (set the system message and reset),
+/stats (speed of the last answer), /quit. Ctrl-C stops an answer; Ctrl-D quits."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cli_generate import add_sampling_arguments, sampling_kwargs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
+    p.add_argument("--system", default=None, help="system message")
+    add_sampling_arguments(p)
+
+
+def _stats_line(stats) -> str:
+    return (f"[{stats.prefill_tokens} new prompt tokens ({stats.cached_tokens} cached) @ "
+            f"{stats.prefill_tokens_per_second:.0f} tok/s, {stats.generated_tokens} tokens @ "
+            f"{stats.decode_tokens_per_second:.1f} tok/s]")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .errors import BundleError, ContextOverflowError
+    from .model import Model
+
+    try:
+        model = Model.load(args.bundle, threads=args.threads)
+    except BundleError as e:
+        print(f"nomoat chat: error: {e}", file=sys.stderr)
+        return 1
+    chat = model.chat(system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("nomoat chat — /reset, /system TEXT, /stats, /quit; Ctrl-C stops an answer.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            chat.reset(system=args.system)
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            args.system = text.removeprefix("/system").strip() or None
+            chat.reset(system=args.system)
+            print("[system message set; conversation reset]", file=sys.stderr)
+            continue
+        if text == "/stats":
+            print(_stats_line(chat.stats), file=sys.stderr)
+            continue
+        try:
+            for event in chat.stream(text, args.max_new_tokens, **sampling_kwargs(args)):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if interactive:
+                print(_stats_line(chat.stats), file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+        except ContextOverflowError as e:
+            print(f"\n[{e} Type /reset to start over.]", file=sys.stderr)

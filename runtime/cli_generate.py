@@ -1,0 +1,56 @@
+"""Generate text from a bundle for one prompt. Only the generated text goes to stdout;
+the prompt is wrapped in the bundle's chat template as one user turn unless --raw."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate (default: bundle's)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: bundle's)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off; 1.1 discourages repeats")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT appears; repeatable")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the bundle's target)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
+    p.add_argument("--prompt", required=True, help="the prompt ('-' reads it from stdin)")
+    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as-is, without the chat template")
+    p.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    add_sampling_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .errors import BundleError, ContextOverflowError
+    from .model import Model
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        model = Model.load(args.bundle, threads=args.threads)
+        for event in model.stream(prompt, args.max_new_tokens, system=args.system, raw=args.raw,
+                                  **sampling_kwargs(args)):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    except (BundleError, ContextOverflowError, ValueError) as e:
+        print(f"nomoat generate: error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write("\n")
+    if args.stats:
+        s = model.last_stats
+        print(f"prefill {s.prefill_tokens} tok @ {s.prefill_tokens_per_second:.1f} tok/s, decode "
+              f"{s.generated_tokens} tok @ {s.decode_tokens_per_second:.1f} tok/s", file=sys.stderr)
+    return 0

@@ -1,0 +1,316 @@
+"""Model: load a bundle, stream text, keep chats.
+
+    model = Model.load("build/pixel6")
+    for event in model.stream("Why is the sky blue?", max_new_tokens=64):
+        print(event.text, end="", flush=True)
+
+Generation is prefill (all new prompt tokens in one forward) then one forward per token.
+The KV cache remembers which tokens it holds, so any request that shares a prefix with the
+previous one (the next turn of a chat, the same system prompt) only prefills what is new.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .chat_template import ChatTemplate, as_messages
+from .detokenizer import IncrementalDetokenizer
+from .errors import BundleError, ContextOverflowError
+from .manifest import Manifest, read_manifest
+from .onnx_session import DecoderSession, SessionOptions
+from .sampling import Sampler, SamplingParams
+from .stops import StopMatcher
+
+Messages = Sequence[dict[str, str]]
+
+
+@dataclass
+class GenerationStats:
+    """What one request cost; prefill counts only tokens actually run (not cache hits)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.prefill_seconds
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # The first generated token comes out of prefill; decode rate counts the rest.
+        n = self.generated_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
+
+
+@dataclass
+class StreamEvent:
+    text: str  # new text since the previous event (may be empty while a character is incomplete)
+    token_id: int | None
+    finish_reason: str | None = None  # "stop" | "length" on the last event
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Model:
+    """A loaded bundle. Not safe for concurrent use: requests are serialized by a lock."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, session: DecoderSession, tokenizer, template: ChatTemplate):
+        self.bundle = bundle
+        self.manifest = manifest
+        self.session = session
+        self.tokenizer = tokenizer
+        self.template = template
+        self.stop_token_ids = frozenset(manifest.stop_token_ids)
+        self.last_stats = GenerationStats()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, bundle: str | Path, threads: int | None = None, verify_checksums: bool = True) -> Model:
+        """Open a bundle folder written by `nomoat convert`."""
+        from tokenizers import Tokenizer
+
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle, verify_files=verify_checksums)
+        if manifest.onnx is None:
+            raise BundleError(f"{bundle} holds no ONNX model; this runtime runs ONNX bundles.")
+        tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.tokenizer_file))
+        tok = manifest.tokenizer
+        template_file = tok.chat_template_file
+        template = (
+            ChatTemplate((bundle / template_file).read_text(), bos_token=tok.special_tokens.get("bos", ""),
+                         eos_token=tok.special_tokens.get("eos", ""))
+            if template_file else ChatTemplate.fallback()
+        )
+        threads = threads if threads is not None else manifest.target.get("threads")
+        session = DecoderSession(bundle, manifest, SessionOptions(threads=threads))
+        return cls(bundle, manifest, session, tokenizer, template)
+
+    @property
+    def max_context(self) -> int:
+        return self.manifest.max_context
+
+    # -- text <-> ids ---------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Tokenize text; special-token strings in it (from a chat template) become their ids."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        tok = self.manifest.tokenizer
+        add_bos = tok.add_bos_token if add_bos is None else add_bos
+        if add_bos and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+            ids = [tok.bos_token_id, *ids]
+        return ids
+
+    def render(self, prompt: str | Messages, system: str | None = None, raw: bool = False) -> str:
+        """The text the model sees: the chat template applied, unless raw."""
+        if raw:
+            if not isinstance(prompt, str):
+                raise TypeError("raw=True takes a plain string prompt, not a list of messages")
+            return prompt
+        return self.template.render(as_messages(prompt, system=system), add_generation_prompt=True)
+
+    def prompt_ids(self, prompt: str | Messages, system: str | None = None, raw: bool = False) -> list[int]:
+        return self.encode(self.render(prompt, system=system, raw=raw))
+
+    # -- generation -----------------------------------------------------------------------
+
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        """The bundle's generation defaults, with the caller's non-None values on top."""
+        defaults = {k: v for k, v in self.manifest.generation_defaults.items()
+                    if k in SamplingParams.__dataclass_fields__}
+        return SamplingParams.from_dict({**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def generate_tokens(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
+                        ignore_eos: bool = False, stats: GenerationStats | None = None) -> Iterator[int]:
+        """Yield generated token ids. The KV cache is reused for the longest common prefix.
+
+        Stops at a stop token (not yielded) unless ignore_eos, at max_new_tokens, or when the
+        context is full. Hold the model's lock while iterating (stream/generate do).
+        """
+        params = params or SamplingParams()
+        stats = stats if stats is not None else GenerationStats()
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.max_context:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt_ids)} tokens but the bundle's context holds {self.max_context}; "
+                "shorten the prompt, reset the conversation, or convert with a larger --max-context."
+            )
+        sampler = Sampler(params)
+        session = self.session
+        start = time.perf_counter()
+        logits = self._prefill(prompt_ids, stats)
+        history = np.asarray(prompt_ids, dtype=np.int64)  # the penalty looks at the prompt too
+        generated: list[int] = []
+        stats.prefill_seconds = time.perf_counter() - start
+        t_first = time.perf_counter()
+        while True:
+            token = sampler.sample(logits, np.concatenate([history, np.asarray(generated, np.int64)])
+                                   if params.repetition_penalty != 1.0 else history)
+            if token in self.stop_token_ids and not ignore_eos:
+                break
+            generated.append(token)
+            stats.generated_tokens = len(generated)
+            stats.decode_seconds = time.perf_counter() - t_first
+            yield token
+            if len(generated) >= max_new_tokens or session.length >= self.max_context:
+                break
+            logits = session.forward([token])
+        stats.decode_seconds = time.perf_counter() - t_first
+
+    def _prefill(self, prompt_ids: list[int], stats: GenerationStats) -> np.ndarray:
+        """Run the part of the prompt the cache does not already hold; return last logits."""
+        session = self.session
+        common = _common_prefix(session.tokens, prompt_ids)
+        # At least one token must run to produce the next-token logits.
+        common = min(common, len(prompt_ids) - 1)
+        session.truncate(common)
+        stats.prompt_tokens = len(prompt_ids)
+        stats.cached_tokens = common
+        stats.prefill_tokens = len(prompt_ids) - common
+        return session.forward(prompt_ids[common:])
+
+    def stream(self, prompt: str | Messages, max_new_tokens: int | None = None, *, system: str | None = None,
+               raw: bool = False, stop: Sequence[str] = (), temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+               repetition_penalty: float | None = None, seed: int | None = None) -> Iterator[StreamEvent]:
+        """Stream the answer to a prompt (a string, wrapped in the chat template unless raw,
+        or a list of {"role", "content"} messages) as text deltas."""
+        params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                      repetition_penalty=repetition_penalty, seed=seed)
+        ids = self.prompt_ids(prompt, system=system, raw=raw)
+        yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop)
+
+    def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
+                   params: SamplingParams | None = None, stop: Sequence[str] = ()) -> Iterator[StreamEvent]:
+        max_new = max_new_tokens if max_new_tokens is not None else int(
+            self.manifest.generation_defaults.get("max_new_tokens", 256))
+        stats = GenerationStats()
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopMatcher(list(stop))
+        count = 0
+        with self._lock:
+            try:
+                for token in self.generate_tokens(prompt_ids, max_new, params, stats=stats):
+                    count += 1
+                    text, stopped = stops.feed(detok.add(token))
+                    if stopped:
+                        yield StreamEvent(text, token, "stop")
+                        return
+                    yield StreamEvent(text, token)
+                text, stopped = stops.feed(detok.flush())
+                tail = "" if stopped else stops.flush()
+                reason = "stop" if stopped or count < max_new else "length"
+                yield StreamEvent(text + tail, None, reason)
+            finally:
+                self.last_stats = stats
+
+    def generate(self, prompt: str | Messages, max_new_tokens: int | None = None, **kwargs: Any) -> Completion:
+        """Like stream(), but return the whole completion at once."""
+        parts, ids, reason = [], [], "length"
+        for event in self.stream(prompt, max_new_tokens, **kwargs):
+            parts.append(event.text)
+            if event.token_id is not None:
+                ids.append(event.token_id)
+            reason = event.finish_reason or reason
+        return Completion("".join(parts), ids, reason, self.last_stats)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits for every position of `ids` from an empty cache: [len(ids), vocab] (for perplexity)."""
+        with self._lock:
+            self.session.reset()
+            out = self.session.forward(list(ids), all_logits=True)
+            self.session.reset()
+            return out
+
+    def chat(self, system: str | None = None) -> Chat:
+        return Chat(self, system)
+
+
+class Chat:
+    """A conversation that keeps its KV cache: each turn prefills only its new tokens.
+
+    The next prompt is built from the tokens the model actually saw and generated, plus the
+    tokenized text the chat template adds after them; re-tokenizing the whole conversation
+    could split an earlier answer differently and force a re-prefill from that point. When a
+    template rewrites earlier turns, the whole prompt is rendered instead and the model's
+    prefix cache still reuses what matches.
+    """
+
+    def __init__(self, model: Model, system: str | None = None):
+        self.model = model
+        self.reset(system)
+
+    def reset(self, system: str | None = None) -> None:
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self._text = ""  # the conversation as the model saw it, as text ...
+        self._ids: list[int] = []  # ... and as tokens
+
+    def _prompt_ids(self, rendered: str) -> list[int]:
+        if self._ids and rendered.startswith(self._text):
+            return self._ids + self.model.encode(rendered[len(self._text):], add_bos=False)
+        return self.model.encode(rendered)
+
+    def stream(self, text: str, max_new_tokens: int | None = None, *, stop: Sequence[str] = (),
+               **sampling: Any) -> Iterator[StreamEvent]:
+        self.messages.append({"role": "user", "content": text})
+        parts: list[str] = []
+        answer: list[int] = []
+        try:
+            rendered = self.model.render(self.messages)
+            ids = self._prompt_ids(rendered)
+            params = self.model.sampling_params(**sampling)
+            for event in self.model.stream_ids(ids, max_new_tokens, params=params, stop=stop):
+                parts.append(event.text)
+                if event.token_id is not None:
+                    answer.append(event.token_id)
+                yield event
+        except BaseException:
+            # An interrupted or failed turn leaves no half-answer in the history.
+            self.messages.pop()
+            raise
+        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        self._ids = ids + answer
+        self._text = rendered + self.model.tokenizer.decode(answer, skip_special_tokens=False)
+
+    def send(self, text: str, max_new_tokens: int | None = None, **kwargs: Any) -> Completion:
+        parts, ids, reason = [], [], "length"
+        for event in self.stream(text, max_new_tokens, **kwargs):
+            parts.append(event.text)
+            if event.token_id is not None:
+                ids.append(event.token_id)
+            reason = event.finish_reason or reason
+        return Completion("".join(parts), ids, reason, self.model.last_stats)
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.model.last_stats
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,110 @@
+"""One ONNX Runtime session over the decoder graph, with a static KV cache.
+
+The KV cache of every layer is one preallocated buffer of `max_context` positions that is
+bound once, with IOBinding, as both the past input and the present output: the
+GroupQueryAttention kernel writes the new positions in place, so no step copies the cache.
+The cache is indexed by position (gpt-fast style): rewinding a conversation is setting
+`length`, nothing is moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ContextOverflowError
+from .manifest import Manifest
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    threads: int | None = None  # intra-op threads; None = ONNX Runtime's default (all cores)
+    spin: bool = True  # busy-wait between ops: lower latency per token, more CPU while generating
+
+
+def _ort_session(path: Path, options: SessionOptions):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if options.threads:
+        so.intra_op_num_threads = options.threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+class DecoderSession:
+    """Runs the decoder graph; remembers which tokens its KV cache holds."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, options: SessionOptions = SessionOptions()):
+        import onnxruntime as ort
+
+        if manifest.onnx is None:
+            raise ValueError("this bundle has no ONNX model")
+        self.manifest = manifest
+        self.capacity = manifest.max_context
+        self.vocab_size = manifest.model.vocab_size
+        self._io_names = manifest.onnx.io
+        self.session = _ort_session(Path(bundle) / manifest.onnx.model_file, options)
+        self.tokens: list[int] = []  # what the KV cache holds, position by position
+
+        m = manifest.model
+        shape = [1, m.num_kv_heads, self.capacity, m.head_dim]
+        self._binding = self.session.io_binding()
+        # Generation only needs the last position's logits: they go into one reused array.
+        # Logits are bound first so they stay output 0 whatever is re-bound later.
+        self._last_logits = np.zeros((1, 1, self.vocab_size), np.float32)
+        self._last_logits_ov = ort.OrtValue.ortvalue_from_numpy(self._last_logits)
+        self._binding.bind_ortvalue_output(self._io_names["logits"], self._last_logits_ov)
+        self._last_index = np.zeros(1, np.int64)
+        self._kv = []  # keep the OrtValues alive as long as the binding uses them
+        for layer in range(m.num_layers):
+            for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
+                self._binding.bind_ortvalue_input(self._io_names[past].format(layer=layer), buf)
+                self._binding.bind_ortvalue_output(self._io_names[present].format(layer=layer), buf)
+                self._kv.append(buf)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def truncate(self, length: int) -> None:
+        """Forget cached positions from `length` on (they are overwritten by the next forward)."""
+        del self.tokens[length:]
+
+    def reset(self) -> None:
+        self.tokens.clear()
+
+    def forward(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+        """Append `ids` to the cache and return logits: [vocab] for the last position, or
+        [len(ids), vocab] for every new position when all_logits is set."""
+        n = len(ids)
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        total = self.length + n
+        if total > self.capacity:
+            raise ContextOverflowError(
+                f"{total} tokens do not fit in the bundle's context of {self.capacity}; shorten the prompt, "
+                "start a new conversation, or convert with a larger --max-context."
+            )
+        io, b = self._io_names, self._binding
+        b.bind_cpu_input(io["input_ids"], np.asarray(ids, dtype=np.int64).reshape(1, n))
+        b.bind_cpu_input(io["seqlens_k"], np.array([total - 1], np.int32))
+        b.bind_cpu_input(io["total_sequence_length"], np.array(total, np.int32))
+        if all_logits:
+            b.bind_cpu_input(io["logits_index"], np.arange(n, dtype=np.int64))
+            b.bind_output(io["logits"], "cpu")
+        else:
+            self._last_index[0] = n - 1
+            b.bind_cpu_input(io["logits_index"], self._last_index)
+            b.bind_ortvalue_output(io["logits"], self._last_logits_ov)
+        self.session.run_with_iobinding(b)
+        self.tokens.extend(ids)
+        if all_logits:
+            return b.get_outputs()[0].numpy()[0]  # output 0 is the logits (bound first)
+        return self._last_logits[0, 0]

@@ -1,0 +1,274 @@
+"""Next-token sampling over one row of logits: numpy only, called once per generated token.
+
+The order of operations follows Hugging Face ``generate`` (and llama.cpp's default chain):
+
+    repetition penalty -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw
+
+so that a bundle checked against the transformers reference behaves the same on the device.
+
+Speed matters because this runs per token over a vocabulary of ~50k entries:
+
+* greedy is a single ``argmax`` (plus an in-place penalty on the previous ids when asked);
+* top-k uses ``np.partition`` (O(vocab)) and never sorts the whole vocabulary;
+* top-p sorts only the tokens that can possibly be in the nucleus (see ``_top_p_filter``);
+* temperature is folded into the softmax, which runs in float32 (2x faster ``exp`` than float64;
+  the sums that need precision are accumulated in float64);
+* the draw never runs a sequential cumulative sum over the whole vocabulary (see ``_draw``);
+* the vocabulary-sized scratch buffers are allocated once per ``Sampler`` and reused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+__all__ = ["SamplingParams", "Sampler", "apply_repetition_penalty"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token. The defaults switch every filter off and decode greedily.
+
+    temperature:        0.0 means greedy (argmax); otherwise logits are divided by it.
+    top_k:              keep the k most likely tokens (0 = off).
+    top_p:              keep the smallest set of most likely tokens whose mass reaches top_p (1.0 = off).
+    min_p:              drop tokens whose probability is below min_p * the top probability (0.0 = off).
+    repetition_penalty: CTRL-style penalty on every id in ``previous_ids`` (1.0 = off, >1 discourages).
+    seed:               seed of the sampler's random generator; None draws fresh OS entropy.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_real("temperature", self.temperature)
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        _check_int("top_k", self.top_k)
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        _check_real("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        _check_real("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
+        _check_real("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"
+            )
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+            if self.seed < 0:  # numpy's SeedSequence rejects negative seeds with a cryptic message
+                raise ValueError(f"seed must be a non-negative integer or None, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, object]) -> SamplingParams:
+        """Build from e.g. manifest generation defaults or a JSON request.
+
+        Keys whose value is None are ignored (so "not given" falls back to the default);
+        unknown keys are an error rather than silently ignored, to catch typos like ``topk``.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def _check_real(name: str, value: object) -> None:
+    # bool is an int subclass; True as a temperature is almost certainly a bug in the caller.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def apply_repetition_penalty(
+    logits: np.ndarray, previous_ids: np.ndarray, penalty: float, out: np.ndarray
+) -> np.ndarray:
+    """CTRL penalty (as in HF): divide positive logits of seen ids by ``penalty``, multiply negative ones.
+
+    Writes into ``out`` (a reusable buffer) so the caller's logits are never modified.
+    Duplicated ids are harmless: every write of an id computes the same value from ``logits``.
+    """
+    np.copyto(out, logits)
+    seen = logits[previous_ids]
+    out[previous_ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+    return out
+
+
+class Sampler:
+    """Stateful sampler: owns the random generator (so a seed gives a reproducible sequence of draws)
+    and the scratch buffers reused across calls. Use one per generation; it is not thread-safe."""
+
+    def __init__(self, params: SamplingParams | None = None) -> None:
+        self.params = params if params is not None else SamplingParams()
+        self._rng = np.random.default_rng(self.params.seed)
+        self._penalized: np.ndarray | None = None  # same shape/dtype as the logits
+        self._weights: np.ndarray | None = None  # float32, vocabulary-sized
+        self._all_ids: np.ndarray | None = None  # arange(vocab), the candidate ids when nothing filters
+
+    def sample(self, logits: np.ndarray, previous_ids: Sequence[int] | np.ndarray = ()) -> int:
+        """Pick the next token id from one row of logits (shape ``(vocab,)``).
+
+        ``previous_ids`` are the ids the repetition penalty applies to (HF uses the whole
+        sequence so far, llama.cpp the last 64): the caller chooses the window. Passing an
+        int ndarray avoids converting a Python list on every call.
+        """
+        logits = _as_logits_row(logits)
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            ids = np.asarray(previous_ids, dtype=np.intp)
+            if ids.size:
+                logits = apply_repetition_penalty(logits, ids, p.repetition_penalty, self._scratch(logits))
+        if p.temperature == 0.0:
+            return int(np.argmax(logits))
+        ids, weights = self._candidates(logits)
+        if p.top_p < 1.0:
+            ids, weights = _top_p_filter(ids, weights, p.top_p)
+        if p.min_p > 0.0:
+            ids, weights = _min_p_filter(ids, weights, p.min_p)
+        return _draw(self._rng, ids, weights)
+
+    def _scratch(self, logits: np.ndarray) -> np.ndarray:
+        if (
+            self._penalized is None
+            or self._penalized.shape != logits.shape
+            or (self._penalized.dtype != logits.dtype)
+        ):
+            self._penalized = np.empty_like(logits)
+        return self._penalized
+
+    def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Apply top-k and temperature: return candidate ids and their unnormalized softmax weights."""
+        vocab = logits.shape[0]
+        top_k = self.params.top_k
+        if 0 < top_k < vocab:
+            ids = _top_k_ids(logits, top_k)
+            return ids, _softmax_weights(logits[ids], self.params.temperature)
+        if self._all_ids is None or self._all_ids.shape[0] != vocab:
+            self._all_ids = np.arange(vocab)
+            self._weights = np.empty(vocab, dtype=np.float32)
+        return self._all_ids, _softmax_weights(logits, self.params.temperature, out=self._weights)
+
+
+def _as_logits_row(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits)
+    if logits.ndim != 1 or logits.shape[0] == 0:
+        raise ValueError(
+            f"expected one row of logits with shape (vocab,), got shape {logits.shape}; "
+            "pass logits[-1] for the last position"
+        )
+    return logits
+
+
+def _kth_largest(values: np.ndarray, k: int) -> np.floating:
+    return np.partition(values, values.shape[0] - k)[values.shape[0] - k]
+
+
+def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest logits, plus any tied with the k-th (as HF's ``scores < kth`` test does).
+
+    Never sorts the vocabulary. Partitioning all of it is O(vocab) but slow in practice (~250 us
+    for 50k), so first bound the answer from a strided subsample: its k-th largest value is <= the
+    true k-th largest (at least k logits reach it), so every top-k token passes ``logits >= bound``.
+    A stride of sqrt(vocab / k) balances the two partitions (~sqrt(vocab * k) values each).
+    Keeping ties makes the result independent of how partition happens to order equal values.
+    """
+    stride = max(1, int(math.sqrt(logits.shape[0] / k)))
+    subsample = logits[::stride]
+    if subsample.shape[0] >= k:
+        candidates = np.flatnonzero(logits >= _kth_largest(subsample, k))
+    else:  # k close to the vocabulary size: nothing to gain
+        candidates = np.arange(logits.shape[0])
+    values = logits[candidates]
+    return candidates[values >= _kth_largest(values, k)]
+
+
+def _softmax_weights(values: np.ndarray, temperature: float, out: np.ndarray | None = None) -> np.ndarray:
+    """exp((v - max) / T): unnormalized probabilities in (0, 1] (the filters and the draw only need
+    ratios, so dividing by the sum is skipped). float32 is plenty for each weight; what needs
+    float64 is summing 50k of them, which the callers do."""
+    top = values.max()
+    if not math.isfinite(top):  # NaN anywhere makes max NaN; an all -inf row has nothing to sample
+        raise ValueError(f"cannot sample: the largest logit is {top} (NaN or infinite logits)")
+    weights = np.subtract(values, top, out=out, dtype=np.float32)
+    weights *= 1.0 / temperature
+    return np.exp(weights, out=weights)
+
+
+def _top_p_filter(ids: np.ndarray, weights: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus filter: keep a token iff the mass of the tokens ranked above it is < top_p.
+
+    That is HF's rule (drop the ascending-sorted tail whose cumulative mass is <= 1 - top_p), and it
+    always keeps the most likely token. Only tokens with weight > total * (1 - top_p) / n are sorted:
+    any token at or below that bound, together with every smaller token, has mass <= 1 - top_p,
+    so it is in the dropped tail anyway. With real logits this leaves a few hundred tokens to sort
+    instead of the whole vocabulary.
+    """
+    total = float(weights.sum(dtype=np.float64))
+    bound = total * (1.0 - top_p) / weights.shape[0]
+    maybe = np.flatnonzero(weights > bound)
+    order = maybe[np.argsort(-weights[maybe], kind="stable")]
+    sorted_weights = weights[order].astype(np.float64)
+    mass_above = np.cumsum(sorted_weights) - sorted_weights  # exclusive cumulative sum
+    mass_above[0] = 0.0  # exactly zero, so the top token always survives float rounding
+    keep = max(1, int(np.searchsorted(mass_above, top_p * total, side="left")))
+    kept = order[:keep]
+    return ids[kept], weights[kept]
+
+
+def _min_p_filter(ids: np.ndarray, weights: np.ndarray, min_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Keep tokens whose probability is >= min_p * the top probability. Ratios of weights equal
+    ratios of probabilities, so no normalization is needed; the top token always survives."""
+    keep = np.flatnonzero(weights >= min_p * weights.max())
+    return ids[keep], weights[keep]
+
+
+_DRAW_BLOCK = 1024
+
+
+def _draw(rng: np.random.Generator, ids: np.ndarray, weights: np.ndarray) -> int:
+    """Inverse-CDF draw from unnormalized weights.
+
+    A cumulative sum is sequential and slow over 50k values (~250 us), so large candidate sets are
+    searched in two levels: vectorized per-block sums locate the block, then the cumulative sum of
+    that one block locates the token. Zero-weight entries (exp underflow, filtered ties) are never
+    picked: searchsorted(side='right') steps over flat parts of a cumulative sum.
+    """
+    target = rng.random()
+    if weights.shape[0] <= _DRAW_BLOCK:
+        return int(ids[_search(weights, target)])
+    starts = np.arange(0, weights.shape[0], _DRAW_BLOCK)
+    block = _search(np.add.reduceat(weights, starts, dtype=np.float64), target)
+    offset = block * _DRAW_BLOCK
+    # Redraw inside the chosen block; given the block, this has exactly the right distribution.
+    within = _search(weights[offset : offset + _DRAW_BLOCK], rng.random())
+    return int(ids[offset + within])
+
+
+def _search(weights: np.ndarray, fraction: float) -> int:
+    """Index i with cdf[i-1] <= fraction * total < cdf[i], for unnormalized weights."""
+    cdf = np.cumsum(weights, dtype=np.float64)
+    total = cdf[-1]
+    if not (total > 0.0 and math.isfinite(total)):
+        raise ValueError("cannot sample: no candidate token has a positive, finite probability")
+    index = int(np.searchsorted(cdf, fraction * total, side="right"))
+    # fraction < 1, so index < len unless rounding bites; then take the last positive weight.
+    return index if index < weights.shape[0] else int(np.flatnonzero(weights)[-1])

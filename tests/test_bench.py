@@ -1,0 +1,319 @@
+"""The benchmark harness measures what it says it measures (not how fast anything is)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from nomoat.runtime.bench import (
+    BenchError,
+    RoundResult,
+    Stat,
+    measure_once,
+    repeat_to_length,
+    summarize,
+    synthetic_prompt_ids,
+)
+from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
+from nomoat.runtime.cli_bench import Config, format_table, measure_configs
+
+TESTS = Path(__file__).parent
+MB = 1_000_000
+
+
+class SleepyEngine:
+    """Sleeps prefill_s before the first token and per_token_s before each next one.
+    Optionally holds `hold_mb` of touched memory while it runs (to move the peak RSS)."""
+
+    def __init__(self, prefill_s: float = 0.0, per_token_s: float = 0.0, hold_mb: int = 0,
+                 stop_after: int = 0):
+        self.name = "sleepy"
+        self.prefill_s, self.per_token_s = prefill_s, per_token_s
+        self.hold_mb, self.stop_after = hold_mb, stop_after
+        self.resets = 0
+        self.pulled = 0
+
+    def prepare(self) -> None:
+        pass
+
+    def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
+        held = b"\x01" * (self.hold_mb * MB)  # bytes filled with 1s: every page is really touched
+        count = min(new_tokens, self.stop_after) if self.stop_after else new_tokens
+        for i in range(count):
+            time.sleep(self.prefill_s if i == 0 else self.per_token_s)
+            self.pulled += 1
+            yield i
+        del held
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def model_bytes(self) -> int | None:
+        return 1234
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ClockedEngine(SleepyEngine):
+    """Advances a manual clock instead of sleeping: exact, instant timings."""
+
+    def __init__(self, clock: ManualClock, prefill_s: float, per_token_s: float, reset_s: float = 0.0):
+        super().__init__(prefill_s, per_token_s)
+        self.clock, self.reset_s = clock, reset_s
+
+    def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
+        for i in range(new_tokens):
+            self.clock.now += self.prefill_s if i == 0 else self.per_token_s
+            self.pulled += 1
+            yield i
+
+    def reset(self) -> None:
+        super().reset()
+        self.clock.now += self.reset_s
+
+
+# -- measure_once --------------------------------------------------------------------------
+
+def test_known_sleeps_give_the_expected_rates():
+    r = measure_once(SleepyEngine(prefill_s=0.2, per_token_s=0.02), list(range(100)), 11)
+    # sleep() only ever overshoots, so the rates can only come out a little low.
+    assert 500 * 0.85 < r.prefill_tps <= 500 * 1.01  # 100 tokens / 0.2 s
+    assert 50 * 0.85 < r.decode_tps <= 50 * 1.01  # 10 tokens after the first / (10 x 0.02 s)
+    assert 200 <= r.ttft_ms < 200 / 0.85
+
+
+def test_decode_rate_excludes_the_first_token_and_reset_is_not_timed():
+    clock = ManualClock()
+    engine = ClockedEngine(clock, prefill_s=1.0, per_token_s=0.5, reset_s=7.0)
+    r = measure_once(engine, [1, 2, 3, 4], 5, clock=clock)
+    assert r.ttft_s == pytest.approx(1.0)
+    assert r.prefill_tps == pytest.approx(4.0)
+    assert r.decode_s == pytest.approx(2.0)  # four steps after the first token
+    assert r.decode_tps == pytest.approx(2.0)
+    assert engine.resets == 1
+
+
+def test_cpu_time_of_the_round_is_recorded():
+    def busy_engine_run(prompt_ids, new_tokens):
+        for i in range(new_tokens):
+            end = time.process_time() + 0.05
+            while time.process_time() < end:  # burn CPU, unlike sleep
+                pass
+            yield i
+
+    engine, idle = SleepyEngine(), measure_once(SleepyEngine(prefill_s=0.1), [1], 2)
+    engine.run = busy_engine_run
+    busy = measure_once(engine, [1], 4)
+    assert busy.cpu_s >= 0.19  # 4 x 50 ms of CPU, however busy the machine is
+    assert idle.cpu_s < 0.05  # sleeping costs no CPU
+    assert RoundResult(10, 5, ttft_s=0.1, decode_s=0.3, cpu_s=0.8).cpu_utilization == pytest.approx(2.0)
+
+
+def test_engine_runs_the_full_count():
+    engine = SleepyEngine()
+    measure_once(engine, [1], 37)
+    assert engine.pulled == 37
+
+
+def test_engine_that_stops_early_is_an_error():
+    with pytest.raises(BenchError, match="generated 3 tokens instead of 10"):
+        measure_once(SleepyEngine(stop_after=3), [1], 10)
+
+
+def test_rounds_reset_the_engine_every_time():
+    engine = SleepyEngine()
+    for _ in range(3):
+        measure_once(engine, [1, 2], 2)
+    assert engine.resets == 3
+
+
+# -- summaries and prompts -----------------------------------------------------------------
+
+def _round(ttft_s: float, decode_s: float, new_tokens: int = 11, rss: int | None = None) -> RoundResult:
+    return RoundResult(prompt_tokens=100, new_tokens=new_tokens, ttft_s=ttft_s, decode_s=decode_s,
+                       peak_rss_bytes=rss)
+
+
+def test_summary_median_min_max():
+    rounds = [_round(0.1, 1.0, rss=300 * MB), _round(0.2, 0.5, rss=100 * MB), _round(0.4, 0.25, rss=200 * MB),
+              _round(0.5, 2.0, rss=100 * MB)]
+    s = summarize(rounds)
+    assert s.rounds == 4
+    assert s.prefill_tps == Stat(median=(500 + 250) / 2, min=200, max=1000)
+    assert s.decode_tps == Stat(median=(10 + 20) / 2, min=5, max=40)
+    assert s.ttft_ms == Stat(median=300, min=100, max=500)
+    assert s.peak_rss_mb == Stat(median=150, min=100, max=300)
+
+
+def test_summary_without_decode_or_rss():
+    s = summarize([_round(0.1, 0.0, new_tokens=1), _round(0.3, 0.0, new_tokens=1)])
+    assert s.decode_tps is None and s.peak_rss_mb is None
+    assert s.ttft_ms.median == pytest.approx(200)
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_round_result_survives_json():
+    r = _round(0.25, 1.5, rss=123 * MB)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert RoundResult.from_dict(d) == r
+    assert d["decode_tps"] == pytest.approx(10 / 1.5) and d["prefill_tps"] == pytest.approx(400)
+
+
+def test_synthetic_prompt_has_exactly_n_deterministic_ids(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1, "light": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ids = synthetic_prompt_ids(tmp_path / "tokenizer.json", 300)
+    assert len(ids) == 300 and ids == synthetic_prompt_ids(tmp_path / "tokenizer.json", 300)
+    assert repeat_to_length([7, 8, 9], 7) == [7, 8, 9, 7, 8, 9, 7]
+
+
+# -- alternation ---------------------------------------------------------------------------
+
+class RecordingWorker:
+    def __init__(self, label: str, log: list[str]):
+        self.label, self.log = label, log
+
+    def measure(self, prompt_ids: Sequence[int], new_tokens: int) -> RoundResult:
+        self.log.append(self.label)
+        return _round(0.1 * len(self.log), 1.0)
+
+
+def test_rounds_alternate_between_systems_and_warmup_is_dropped():
+    log: list[str] = []
+    jobs = [Job(RecordingWorker(name, log), [1], 2) for name in "ABC"]
+    run_alternating(jobs, rounds=2, warmup=1, pause_s=0)
+    assert log == list("ABCABCABC")
+    assert [len(j.rounds) for j in jobs] == [2, 2, 2]
+    assert jobs[0].rounds[0].ttft_s == pytest.approx(0.4)  # the 4th call overall, not the warm-up
+
+
+# -- the worker process --------------------------------------------------------------------
+
+def _worker(label: str, **options) -> WorkerProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return WorkerProcess(label, local_worker_argv("test_bench:SleepyEngine", options), env=env)
+
+
+def test_worker_reports_its_own_peak_rss():
+    with _worker("small") as small, _worker("big", hold_mb=200) as big:
+        assert small.generate([5, 6], 4) == [0, 1, 2, 3]
+        small_round = small.measure([1, 2, 3], 3)
+        big_round = big.measure([1, 2, 3], 3)
+        assert big.ready["model_bytes"] == 1234 and big.ready["name"] == "sleepy"
+    small_growth = small_round.peak_rss_bytes - small.ready["peak_rss_bytes"]
+    big_growth = big_round.peak_rss_bytes - big.ready["peak_rss_bytes"]
+    assert small_growth < 50 * MB
+    # The ready message's peak already covers some memory the allocator reuses: allow for it.
+    assert 150 * MB < big_growth < 260 * MB
+    assert big_round.new_tokens == 3 and big_round.decode_tps is not None
+
+
+def test_worker_peak_rss_is_not_inherited_from_its_parent():
+    # Linux hands ru_maxrss down through fork + exec: a parent that once held a lot of memory
+    # must not make its workers look big.
+    held = b"\x01" * (300 * MB)
+    with _worker("small") as small:
+        assert small.ready["peak_rss_bytes"] < 200 * MB
+    del held
+
+
+def test_worker_failure_is_reported_with_its_stderr():
+    with pytest.raises(BenchError, match="exited with code 1(.|\n)*no 'NoSuchEngine'"):
+        WorkerProcess("broken", local_worker_argv("nomoat.runtime.bench:NoSuchEngine", {})).start()
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+def _sleepy_worker(config: Config) -> WorkerProcess:
+    return _worker(config.label, prefill_s=0.01 * config.threads, per_token_s=0.002)
+
+
+def test_report_is_one_json_object_and_a_table(capsys):
+    configs = [Config(1, 16, 4), Config(2, 16, 4)]
+    report = measure_configs(configs, {16: list(range(16))}, _sleepy_worker, rounds=2, warmup=1,
+                             pause_s=0)
+    parsed = json.loads(json.dumps({"bundle": "fake", **report}))
+    assert [r["threads"] for r in parsed["results"]] == [1, 2]
+    for r in parsed["results"]:
+        assert r["prompt_tokens"] == 16 and r["new_tokens"] == 4 and len(r["rounds"]) == 2
+        assert r["model_bytes"] == 1234 and r["name"] == "sleepy"
+        assert r["summary"]["decode_tps"]["min"] <= r["summary"]["decode_tps"]["median"]
+    # prefill sleeps 10 ms per thread here: the 2-thread row must come out about half as fast.
+    t1, t2 = (r["summary"]["prefill_tps"]["median"] for r in parsed["results"])
+    assert 1.5 < t1 / t2 < 2.2
+    table = format_table(parsed)
+    assert "prefill tok/s" in table and len(table.splitlines()) == 5
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    from nomoat.converter.convert import ConvertOptions, convert
+    from tiny_models import make_tiny_hf_dir
+
+    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / "bundle", quant="fp32",
+                                  max_context=96, progress=False, skip_verify=True))
+
+
+@pytest.mark.slow  # builds a tiny bundle (torch): ~8 s
+def test_cli_json_on_a_real_bundle(tiny_bundle, tmp_path):
+    cmd = [sys.executable, "-m", "nomoat", "bench", str(tiny_bundle), "--threads", "1", "--threads", "2",
+           "--prompt-tokens", "16", "--new-tokens", "4", "--rounds", "2", "--warmup", "0", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [r["threads"] for r in report["results"]] == [1, 2]
+    for r in report["results"]:
+        assert r["prompt_tokens"] == 16 and r["new_tokens"] == 4 and len(r["rounds"]) == 2
+        assert r["model_bytes"] > 0
+        assert r["summary"]["peak_rss_mb"]["median"] > 10
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_run_longer_than_the_context(tiny_bundle, capsys):
+    from nomoat.__main__ import main
+
+    assert main(["bench", str(tiny_bundle), "--prompt-tokens", "90", "--new-tokens", "10"]) == 1
+    assert "exceed the bundle's context of 96 tokens" in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_counts_before_loading_anything(tmp_path, capsys):
+    from nomoat.__main__ import main
+
+    assert main(["bench", str(tmp_path), "--new-tokens", "1"]) == 1
+    assert "--new-tokens must be >= 2" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "nope")]) == 1
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from nomoat.runtime.bench_plot import plot_summaries
+
+    s = summarize([_round(0.1, 1.0, rss=100 * MB), _round(0.2, 1.2, rss=110 * MB)])
+    out = plot_summaries([("a", s), ("b", s)], tmp_path / "chart.png", "test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch):
+    from nomoat.runtime.bench_plot import require_matplotlib
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(BenchError, match="pip install matplotlib"):
+        require_matplotlib()

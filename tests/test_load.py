@@ -1,0 +1,407 @@
+"""The load stage: every source layout gives back the reference HF weights, spec and tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from nomoat.converter.errors import ConversionError
+from nomoat.converter.load import load_checkpoint
+from nomoat.converter.load_gguf import tokenizer_from_gguf
+from nomoat.converter.spec import ModelSpec
+from tiny_models import (
+    CHATML_TEMPLATE,
+    bf16_round,
+    hf_state_dict,
+    logits,
+    make_tiny_hf_dir,
+    model_from_checkpoint,
+    reference_model,
+    sentencepiece_gguf_metadata,
+    sentencepiece_model,
+    write_gguf_from_hf,
+    write_meta_from_hf,
+)
+from tokenizers import Tokenizer
+
+PROMPT_IDS = [5, 17, 42, 99, 3, 250, 7, 1]
+TEXTS = [
+    "What is the capital of France?",
+    "Emoji 😀🚀 and 中文字符, café; 12345 + 3.14",
+    "<|im_start|>user\nHello there!<|im_end|>\n<|im_start|>assistant\n",
+    "  leading spaces\tand\ttabs\n\nnew lines  ",
+    "unseen words: zyxwvut ÆØÅ ñ",
+]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_hf_dir(tmp_path_factory.mktemp("llama"), arch="llama")
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory) -> Path:
+    return make_tiny_hf_dir(tmp_path_factory.mktemp("qwen2"), arch="qwen2", seed=1)
+
+
+@pytest.fixture(scope="module")
+def llama_reference_logits(llama_dir) -> torch.Tensor:
+    return logits(reference_model(llama_dir), PROMPT_IDS)
+
+
+def assert_same_logits(ckpt, hf_dir: Path) -> None:
+    """A transformers model built from the checkpoint alone computes what the original does."""
+    assert torch.equal(
+        logits(model_from_checkpoint(ckpt), PROMPT_IDS), logits(reference_model(hf_dir), PROMPT_IDS)
+    )
+
+
+def assert_same_tensors(ckpt, reference: dict[str, torch.Tensor]) -> None:
+    assert set(ckpt.tensors) == set(reference)
+    for name, t in reference.items():
+        assert ckpt.tensors[name].dtype == torch.float32, name
+        assert torch.equal(ckpt.tensors[name], t.float()), name
+
+
+# --- Hugging Face directories ----------------------------------------------------------
+
+
+def test_hf_dir_gives_back_the_saved_weights_and_logits(llama_dir, llama_reference_logits):
+    ckpt = load_checkpoint(llama_dir)
+    assert ckpt.spec == ModelSpec.from_hf_config(json.loads((llama_dir / "config.json").read_text()))
+    assert_same_tensors(ckpt, hf_state_dict(llama_dir))
+    assert torch.equal(logits(model_from_checkpoint(ckpt), PROMPT_IDS), llama_reference_logits)
+    assert ckpt.source == {"format": "safetensors", "path": str(llama_dir)}
+
+
+def test_sharded_hf_dir_loads_every_shard(tmp_path, llama_dir):
+    sharded = make_tiny_hf_dir(tmp_path, arch="llama", sharded=True)  # same seed: same weights
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    assert (sharded / "model.safetensors.index.json").exists()
+    ckpt = load_checkpoint(str(sharded))
+    assert_same_tensors(ckpt, hf_state_dict(llama_dir))
+
+
+def test_tied_hf_model_has_no_lm_head_and_same_logits(tmp_path):
+    hf = make_tiny_hf_dir(tmp_path, arch="llama", tie=True, seed=3)
+    ckpt = load_checkpoint(hf)
+    assert ckpt.spec.tie_word_embeddings
+    assert "lm_head.weight" not in ckpt.tensors
+    assert_same_logits(ckpt, hf)
+
+
+def test_hf_tokenizer_info_comes_from_the_tokenizer_files(llama_dir):
+    tok = load_checkpoint(llama_dir).tokenizer
+    vocab = Tokenizer.from_str(tok.tokenizer_json)
+    im_end = vocab.token_to_id("<|im_end|>")
+    assert tok.tokenizer_json == (llama_dir / "tokenizer.json").read_text()
+    assert tok.chat_template == CHATML_TEMPLATE
+    assert tok.eos_token_ids == [im_end]
+    assert tok.bos_token_id is None
+    assert tok.add_bos_token is False
+    assert tok.special_tokens == {"eos": "<|im_end|>", "pad": "<|endoftext|>"}
+
+
+def test_hf_generation_defaults_and_eos_list(tmp_path):
+    hf = make_tiny_hf_dir(tmp_path)
+    vocab = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    eot, im_end = vocab.token_to_id("<|endoftext|>"), vocab.token_to_id("<|im_end|>")
+    gen = {"eos_token_id": [eot, im_end], "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": None}
+    (hf / "generation_config.json").write_text(json.dumps(gen))
+    (hf / "chat_template.jinja").write_text("{{ messages[0]['content'] }}<|im_end|>")
+    ckpt = load_checkpoint(hf)
+    assert ckpt.tokenizer.eos_token_ids == [eot, im_end]
+    assert ckpt.tokenizer.chat_template == "{{ messages[0]['content'] }}<|im_end|>"
+    assert ckpt.generation_defaults == {"temperature": 0.6, "top_k": 20}
+
+
+def test_qwen2_with_biases_through_hf(qwen2_dir):
+    ckpt = load_checkpoint(qwen2_dir)
+    assert ckpt.spec.architecture == "qwen2" and ckpt.spec.attention_bias
+    assert "model.layers.1.self_attn.k_proj.bias" in ckpt.tensors
+    assert_same_tensors(ckpt, hf_state_dict(qwen2_dir))
+    assert_same_logits(ckpt, qwen2_dir)
+
+
+# --- GGUF ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_gguf(llama_dir, tmp_path_factory) -> Path:
+    return write_gguf_from_hf(llama_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf")
+
+
+def test_gguf_f32_gives_back_the_hf_weights_and_logits(llama_dir, llama_gguf, llama_reference_logits):
+    ckpt = load_checkpoint(llama_gguf)
+    assert ckpt.spec == ModelSpec.from_hf_config(json.loads((llama_dir / "config.json").read_text()))
+    assert_same_tensors(ckpt, hf_state_dict(llama_dir))
+    assert torch.equal(logits(model_from_checkpoint(ckpt), PROMPT_IDS), llama_reference_logits)
+    assert ckpt.source == {"format": "gguf", "path": str(llama_gguf), "file_type": "ALL_F32"}
+    assert ckpt.generation_defaults == {"temperature": 0.7, "top_p": 0.9}
+
+
+def test_our_gguf_writer_matches_transformers_reading_of_llama_cpp_layout(llama_dir, llama_gguf):
+    """Guards the fixture itself: transformers' own GGUF reader (which undoes llama.cpp's q/k
+    permutation independently of our loader) must also get the HF weights back."""
+    from transformers import AutoModelForCausalLM
+
+    theirs = AutoModelForCausalLM.from_pretrained(
+        llama_gguf.parent, gguf_file=llama_gguf.name, dtype=torch.float32
+    )
+    for name, t in hf_state_dict(llama_dir).items():
+        assert torch.equal(theirs.state_dict()[name], t), name
+
+
+def test_gguf_tied_model_has_no_lm_head(tmp_path):
+    hf = make_tiny_hf_dir(tmp_path / "hf", tie=True, seed=4)
+    ckpt = load_checkpoint(write_gguf_from_hf(hf, tmp_path / "tied.gguf"))
+    assert ckpt.spec.tie_word_embeddings and "lm_head.weight" not in ckpt.tensors
+    assert_same_logits(ckpt, hf)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "file_type", "max_error"),
+    [
+        ("F16", "MOSTLY_F16", lambda amax: amax * 1e-3),
+        ("BF16", "MOSTLY_BF16", lambda amax: amax / 2**8),
+        ("Q8_0", "MOSTLY_Q8_0", lambda amax: amax / 127),  # per-block scale amax/127, error <= half of it
+        ("Q4_0", "MOSTLY_Q4_0", lambda amax: amax / 7),  # 4-bit: scale amax/8
+    ],
+)
+def test_quantized_gguf_is_dequantized_within_its_error(tmp_path, llama_dir, qtype, file_type, max_error):
+    ckpt = load_checkpoint(write_gguf_from_hf(llama_dir, tmp_path / f"tiny-{qtype}.gguf", qtype=qtype))
+    assert ckpt.source["file_type"] == file_type
+    for name, ref in hf_state_dict(llama_dir).items():
+        got = ckpt.tensors[name]
+        assert got.dtype == torch.float32 and got.shape == ref.shape, name
+        error = (got - ref).abs().max().item()
+        if ref.dim() == 1:
+            assert error == 0, name  # norms stay F32 in a GGUF
+        else:
+            assert 0 < error <= max_error(ref.abs().max().item()), (name, error)
+
+
+def test_gguf_tokenizer_encodes_like_the_original(llama_dir, llama_gguf):
+    original = Tokenizer.from_file(str(llama_dir / "tokenizer.json"))
+    rebuilt = Tokenizer.from_str(load_checkpoint(llama_gguf).tokenizer.tokenizer_json)
+    for text in TEXTS:
+        ids = original.encode(text, add_special_tokens=False).ids
+        assert rebuilt.encode(text, add_special_tokens=False).ids == ids, text
+        assert rebuilt.decode(ids, skip_special_tokens=False) == text
+
+
+def test_gguf_sentencepiece_tokenizer_encodes_like_sentencepiece():
+    import sentencepiece as spm
+
+    meta = sentencepiece_gguf_metadata()  # no add_bos_token key, like older llama GGUFs
+    tok = tokenizer_from_gguf(meta, "llama")
+    sp = spm.SentencePieceProcessor(model_proto=sentencepiece_model())
+    rebuilt = Tokenizer.from_str(tok.tokenizer_json)
+    # (not leading double spaces: transformers' Metaspace rebuild merges those differently)
+    for text in ["What is the capital of France?", "Emoji 😀🚀 and 中文字符, café; 12345", "a\nb  c"]:
+        assert rebuilt.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+    assert tok.add_bos_token is True  # llama.cpp's default for SentencePiece vocabularies
+    assert (tok.bos_token_id, tok.eos_token_ids) == (1, [2])
+    assert tok.special_tokens == {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+
+
+def test_gguf_stops_at_eos_and_at_the_templates_end_of_turn(llama_gguf):
+    tok = load_checkpoint(llama_gguf).tokenizer
+    vocab = Tokenizer.from_str(tok.tokenizer_json)
+    # the file's eos is <|endoftext|>, but a chat turn ends with <|im_end|>
+    assert tok.eos_token_ids == [vocab.token_to_id("<|endoftext|>"), vocab.token_to_id("<|im_end|>")]
+    assert tok.chat_template == CHATML_TEMPLATE
+    assert tok.add_bos_token is False and tok.bos_token_id is None
+    assert tok.special_tokens["eos"] == "<|endoftext|>"
+
+
+def test_qwen2_gguf_is_not_unpermuted_and_keeps_biases(qwen2_dir, tmp_path):
+    ckpt = load_checkpoint(write_gguf_from_hf(qwen2_dir, tmp_path / "qwen2.gguf"))
+    assert ckpt.spec.architecture == "qwen2"
+    assert_same_tensors(ckpt, hf_state_dict(qwen2_dir))
+    assert_same_logits(ckpt, qwen2_dir)
+
+
+def test_gguf_llama3_rope_freqs_become_rope_scaling(tmp_path):
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+    }
+    hf = make_tiny_hf_dir(tmp_path / "hf", rope_parameters=llama3, max_position_embeddings=16384)
+    ckpt = load_checkpoint(write_gguf_from_hf(hf, tmp_path / "llama3.gguf"))
+    expected = ModelSpec.from_hf_config(json.loads((hf / "config.json").read_text()))
+    assert expected.rope_scaling is not None
+    assert ckpt.spec == expected
+    assert_same_logits(ckpt, hf)
+
+
+# --- Meta ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_meta_checkpoint_gives_back_the_hf_weights_and_logits(
+    tmp_path, llama_dir, llama_reference_logits, shards
+):
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta", shards=shards)
+    ckpt = load_checkpoint(meta)
+    hf_spec = ModelSpec.from_hf_config(json.loads((llama_dir / "config.json").read_text()))
+    # params.json does not record the context length; Llama 2's 4096 is assumed
+    assert ckpt.spec == dataclasses.replace(hf_spec, max_position_embeddings=4096)
+    assert_same_tensors(ckpt, hf_state_dict(llama_dir))
+    assert torch.equal(logits(model_from_checkpoint(ckpt), PROMPT_IDS), llama_reference_logits)
+    assert ckpt.source["shards"] == shards
+
+
+def test_meta_bf16_checkpoint_is_cast_to_fp32(tmp_path, llama_dir):
+    ckpt = load_checkpoint(write_meta_from_hf(llama_dir, tmp_path / "meta", dtype=torch.bfloat16))
+    assert_same_tensors(ckpt, bf16_round(hf_state_dict(llama_dir)))
+
+
+def test_meta_tokenizer_defaults(tmp_path, llama_dir):
+    tok = load_checkpoint(write_meta_from_hf(llama_dir, tmp_path / "meta")).tokenizer
+    vocab = Tokenizer.from_str(tok.tokenizer_json)
+    # no tokenizer_config.json: the well-known special tokens of the vocabulary are used
+    assert tok.eos_token_ids == [vocab.token_to_id("<|endoftext|>"), vocab.token_to_id("<|im_end|>")]
+    assert tok.bos_token_id == vocab.token_to_id("<s>")
+    assert tok.add_bos_token is True  # Meta's reference code always starts with BOS
+    assert tok.chat_template is None
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def _hf_copy(tmp_path: Path, **config_changes) -> Path:
+    hf = make_tiny_hf_dir(tmp_path / "model")
+    if config_changes:
+        cfg = json.loads((hf / "config.json").read_text())
+        (hf / "config.json").write_text(json.dumps({**cfg, **config_changes}))
+    return hf
+
+
+def test_missing_safetensors_is_refused(tmp_path):
+    hf = _hf_copy(tmp_path)
+    (hf / "model.safetensors").unlink()
+    with pytest.raises(ConversionError, match=r"config\.json but no \*\.safetensors"):
+        load_checkpoint(hf)
+
+
+def test_missing_shard_is_named(tmp_path):
+    hf = make_tiny_hf_dir(tmp_path / "model", sharded=True)
+    shard = sorted(hf.glob("*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ConversionError, match=rf"{shard.name}.*download"):
+        load_checkpoint(hf)
+
+
+def test_truncated_safetensors_is_named(tmp_path):
+    hf = _hf_copy(tmp_path)
+    f = hf / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(
+        ConversionError, match=r"model\.safetensors is not a readable safetensors file.*again"
+    ):
+        load_checkpoint(hf)
+
+
+def test_safetensors_with_a_bad_header_is_named(tmp_path):
+    hf = _hf_copy(tmp_path)
+    (hf / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ConversionError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_checkpoint(hf)
+
+
+def test_unknown_model_type_is_refused(tmp_path):
+    with pytest.raises(ConversionError, match="model_type 'gpt_neox' is not supported"):
+        load_checkpoint(_hf_copy(tmp_path, model_type="gpt_neox"))
+
+
+def test_mistral_with_sliding_window_is_refused(tmp_path):
+    with pytest.raises(ConversionError, match="sliding attention window"):
+        load_checkpoint(_hf_copy(tmp_path, model_type="mistral", sliding_window=4096))
+
+
+def test_untied_model_without_lm_head_is_refused(tmp_path):
+    hf = make_tiny_hf_dir(tmp_path / "model", tie=True)
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    with pytest.raises(ConversionError, match="tie_word_embeddings=false but .* no lm_head"):
+        load_checkpoint(hf)
+
+
+def test_hf_dir_without_tokenizer_json_is_refused(tmp_path):
+    hf = _hf_copy(tmp_path)
+    (hf / "tokenizer.json").unlink()
+    with pytest.raises(ConversionError, match="no tokenizer.json"):
+        load_checkpoint(hf)
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path, llama_dir):
+    bad = write_gguf_from_hf(llama_dir, tmp_path / "gpt2.gguf", architecture="gpt2")
+    with pytest.raises(ConversionError, match="GGUF architecture 'gpt2' is not supported"):
+        load_checkpoint(bad)
+
+
+def test_gguf_tensor_type_that_cannot_be_dequantized_is_named(tmp_path, llama_dir):
+    bad = write_gguf_from_hf(llama_dir, tmp_path / "int8.gguf", qtype="I8")
+    with pytest.raises(ConversionError, match=r"tensor [\w.]+ is stored as I8, which .* cannot dequantize"):
+        load_checkpoint(bad)
+
+
+def test_truncated_gguf_is_refused(tmp_path, llama_gguf):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(llama_gguf.read_bytes()[:2000])
+    with pytest.raises(ConversionError, match="cut.gguf cannot be read as a GGUF file"):
+        load_checkpoint(bad)
+
+
+def test_truncated_meta_shard_is_named(tmp_path, llama_dir):
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta")
+    shard = meta / "consolidated.00.pth"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(ConversionError, match=r"consolidated\.00\.pth cannot be read .* download it again"):
+        load_checkpoint(meta)
+
+
+def test_meta_dir_without_tokenizer_is_refused(tmp_path, llama_dir):
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta")
+    (meta / "tokenizer.json").unlink()
+    with pytest.raises(ConversionError, match="no tokenizer.json .* put it next to consolidated"):
+        load_checkpoint(meta)
+
+
+def test_unrecognised_directory_lists_what_it_found(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ConversionError, match=r"holds: notes\.txt.*Accepted: a Hugging Face model directory"):
+        load_checkpoint(tmp_path)
+
+
+def test_cached_hub_id_loads_the_local_snapshot(tmp_path, monkeypatch, llama_dir):
+    from huggingface_hub import constants
+
+    # the Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/...}
+    repo = tmp_path / "hub" / "models--nomoat-test--tiny"
+    shutil.copytree(llama_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    ckpt = load_checkpoint("nomoat-test/tiny")
+    assert ckpt.source["path"] == str(repo / "snapshots" / ("0" * 40))
+    assert_same_tensors(ckpt, hf_state_dict(llama_dir))
+
+
+def test_uncached_hub_id_asks_for_a_local_copy():
+    with pytest.raises(ConversionError, match="not a local path .* does not download"):
+        load_checkpoint("nomoat-test/definitely-not-cached")
+
+
+def test_missing_local_path_is_refused(tmp_path):
+    with pytest.raises(ConversionError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")

@@ -1,0 +1,238 @@
+"""The conversion pipeline end to end on tiny random LLaMA models (fast)."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nomoat.converter.convert import ConvertOptions, convert
+from nomoat.converter.errors import ConversionError
+from nomoat.converter.load import load_checkpoint
+from nomoat.converter.merge import AdapterRef
+from nomoat.converter.reference import greedy_tokens, reference_model
+from nomoat.runtime import Model
+from tiny_models import make_tiny_hf_dir, write_gguf_from_hf, write_meta_from_hf
+
+
+def _convert(model, out: Path, quant="fp32", loras=(), **kw) -> Path:
+    return convert(ConvertOptions(model=str(model), out=out, target="host", quant=quant, loras=tuple(loras),
+                                  max_context=kw.pop("max_context", 128), progress=False,
+                                  skip_verify=kw.pop("skip_verify", True), **kw))
+
+
+def _ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, vocab, n).tolist()
+
+
+def _hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(tiny_dir, tmp_path_factory) -> Path:
+    return _convert(tiny_dir, tmp_path_factory.mktemp("b") / "fp32")
+
+
+def test_fp32_bundle_matches_transformers(tiny_dir, fp32_bundle):
+    model = Model.load(fp32_bundle)
+    ids = _ids(24, model.manifest.model.vocab_size)
+    # Same weights, same math in fp32: only summation order differs.
+    np.testing.assert_allclose(model.logits(ids), _hf_logits(tiny_dir, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_and_decode_equal_one_pass(fp32_bundle):
+    model = Model.load(fp32_bundle)
+    ids = _ids(20, model.manifest.model.vocab_size, seed=1)
+    full = model.logits(ids)
+    s = model.session
+    s.reset()
+    parts = [s.forward(ids[:7], all_logits=True), s.forward(ids[7:12], all_logits=True)]
+    parts += [s.forward([t], all_logits=True) for t in ids[12:]]
+    np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-5)
+    # The last-position path writes into the reused buffer and must agree too.
+    s.reset()
+    s.forward(ids[:-1])
+    np.testing.assert_allclose(s.forward(ids[-1:]), full[-1], atol=1e-5)
+
+
+def test_greedy_generation_matches_transformers(tiny_dir, fp32_bundle):
+    from transformers import AutoModelForCausalLM
+
+    model = Model.load(fp32_bundle)
+    prompt = _ids(8, model.manifest.model.vocab_size, seed=2)
+    ours = list(model.generate_tokens(prompt, 24, ignore_eos=True))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    ref = greedy_tokens(hf, prompt, 24)
+    assert ours == ref
+
+
+@pytest.mark.parametrize("source", ["sharded", "gguf", "meta"])
+def test_every_source_format_gives_identical_logits(tiny_dir, fp32_bundle, tmp_path, source):
+    if source == "sharded":
+        path = make_tiny_hf_dir(tmp_path / "sharded", sharded=True)
+    elif source == "gguf":
+        path = write_gguf_from_hf(tiny_dir, tmp_path / "tiny.gguf", qtype="F32")
+    else:
+        path = write_meta_from_hf(tiny_dir, tmp_path / "meta")
+    bundle = _convert(path, tmp_path / "bundle")
+    reference, other = Model.load(fp32_bundle), Model.load(bundle)
+    ids = _ids(16, reference.manifest.model.vocab_size, seed=3)
+    np.testing.assert_array_equal(other.logits(ids), reference.logits(ids))
+
+
+@pytest.mark.parametrize("quant,op", [("int4", "MatMulNBits"), ("int8", "MatMulNBits")])
+def test_quantized_graph_holds_the_fast_ops(tiny_dir, tmp_path, quant, op):
+    import onnx
+
+    bundle = _convert(tiny_dir, tmp_path / quant, quant=quant)
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    layers = 2
+    assert ops[op] == 4 * layers + 1 and ops["MatMul"] == 0
+    assert ops["GroupQueryAttention"] == layers
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
+    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop("lm_head") == 8  # the LM head keeps 8 bits (see quantize.py)
+    assert set(bits.values()) == {int(quant[3:])}
+    if quant == "int4":
+        assert ops["GatherBlockQuantized"] == 1
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["quantization"]["weights"] == quant
+
+
+def test_int4_bundle_stays_close_to_fp32(tiny_dir, fp32_bundle, tmp_path):
+    bundle = _convert(tiny_dir, tmp_path / "int4", quant="int4")
+    ref, q = Model.load(fp32_bundle), Model.load(bundle)
+    ids = _ids(32, ref.manifest.model.vocab_size, seed=4)
+    a, b = ref.logits(ids), q.logits(ids)
+    assert not np.array_equal(a, b)  # it really is quantized
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+
+def _peft_adapter(base_dir: Path, out: Path, seed: int = 0, r: int = 4, **config) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"],
+                     init_lora_weights=False, **config)  # random A and B: the adapter changes the output
+    peft_model = get_peft_model(base, cfg)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_lora_merge_equals_peft_merge_and_unload(tiny_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = _peft_adapter(tiny_dir, tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    bundle = _convert(tiny_dir, tmp_path / "bundle", loras=[AdapterRef(adapter)])
+    model = Model.load(bundle)
+    ids = _ids(16, model.manifest.model.vocab_size, seed=5)
+    with torch.no_grad():
+        expected = merged(torch.tensor([ids])).logits[0].numpy()
+    ours = model.logits(ids)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
+    assert np.abs(ours - _hf_logits(tiny_dir, ids)).max() > 1e-2  # the adapter did change the model
+    report = json.loads((bundle / "report.json").read_text())
+    assert report["adapters"][0]["rank"] == 4 and len(report["adapters"][0]["modules"]) == 2 * 7
+
+
+def test_verify_writes_a_computed_quality_report(tiny_dir, tmp_path):
+    bundle = _convert(tiny_dir, tmp_path / "v", quant="int4", skip_verify=False, max_ppl_increase=1000.0)
+    q = json.loads((bundle / "report.json").read_text())["quality"]
+    assert q["eval_tokens"] >= 16 and q["ppl_reference"] > 1 and q["mean_kl"] > 0
+    assert 0 <= q["top1_agreement"] <= 1
+
+
+def test_quality_gate_refuses_and_writes_nothing(tiny_dir, tmp_path):
+    out = tmp_path / "gate"
+    with pytest.raises(ConversionError, match="quality gate failed"):
+        _convert(tiny_dir, out, quant="int4", skip_verify=False, max_ppl_increase=-50.0)
+    assert not out.exists() and not list(tmp_path.glob(".gate*"))
+
+
+# -- bad input: a clear error and no bundle --------------------------------------------------
+
+
+def _assert_refused(tmp_path: Path, out: Path, match: str, **kw) -> None:
+    with pytest.raises(ConversionError, match=match):
+        _convert(out=out, **kw)
+    assert not out.exists(), "a failed conversion must not leave a bundle"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "temp dir left behind"
+
+
+def test_missing_safetensors_is_refused(tiny_dir, tmp_path):
+    broken = make_tiny_hf_dir(tmp_path / "broken")
+    for f in broken.glob("*.safetensors"):
+        f.unlink()
+    _assert_refused(tmp_path, tmp_path / "out", "safetensors", model=broken)
+
+
+def test_corrupt_safetensors_is_refused(tmp_path):
+    broken = make_tiny_hf_dir(tmp_path / "broken")
+    f = next(broken.glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    _assert_refused(tmp_path, tmp_path / "out", "safetensors", model=broken)
+
+
+def test_lora_for_another_model_is_refused(tiny_dir, tmp_path):
+    other = make_tiny_hf_dir(tmp_path / "other", hidden_size=32)
+    adapter = _peft_adapter(other, tmp_path / "adapter")
+    _assert_refused(tmp_path, tmp_path / "out", "shape", model=tiny_dir, loras=[AdapterRef(adapter)])
+
+
+def test_unknown_target_is_refused(tiny_dir, tmp_path):
+    with pytest.raises(ConversionError, match="unknown target 'pixel99'.*pixel6"):
+        convert(ConvertOptions(model=str(tiny_dir), out=tmp_path / "out", target="pixel99", progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_force(tiny_dir, fp32_bundle, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(ConversionError, match="already exists.*--force"):
+        _convert(tiny_dir, out)
+    assert (out / "keep.txt").read_text() == "user data"
+    _convert(tiny_dir, out, force=True)
+    assert (out / "manifest.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_unsupported_gguf_architecture_is_refused(tmp_path):
+    import gguf
+
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _assert_refused(tmp_path, tmp_path / "out", "gpt2", model=path)
+
+
+def test_reference_model_matches_checkpoint(tiny_dir):
+    ckpt = load_checkpoint(tiny_dir)
+    ids = _ids(10, ckpt.spec.vocab_size, seed=6)
+    with torch.no_grad():
+        ours = reference_model(ckpt)(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(ours, _hf_logits(tiny_dir, ids), atol=1e-5)

@@ -1,0 +1,141 @@
+"""nomoat.runtime on a tiny bundle: loading rules, generation, chat KV reuse, limits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nomoat.converter.convert import ConvertOptions, convert
+from nomoat.runtime import BundleError, ContextOverflowError, Model
+from tiny_models import make_tiny_hf_dir
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / "bundle", quant="fp32",
+                                  max_context=96, progress=False, skip_verify=True))
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "copy"))
+
+
+def test_import_runtime_leaves_torch_out():
+    code = ("import sys, nomoat.runtime; bad = [m for m in ('torch', 'transformers', 'nomoat.converter') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unknown_format_version_is_refused(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m["format_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format_version 99.*Re-convert"):
+        Model.load(b)
+
+
+def test_damaged_file_is_refused(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    data = bytearray((b / "model.onnx.data").read_bytes())
+    data[100] ^= 0xFF
+    (b / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.onnx.data does not match its sha256"):
+        Model.load(b)
+
+
+def test_missing_file_is_refused(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    (b / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json is missing"):
+        Model.load(b)
+
+
+def test_greedy_is_deterministic_and_sampling_follows_the_seed(bundle):
+    model = Model.load(bundle)
+    a = model.generate("hello there", 12, temperature=0)
+    b = model.generate("hello there", 12, temperature=0)
+    assert a.token_ids == b.token_ids and len(a.token_ids) > 0
+    s1 = model.generate("hello there", 12, temperature=1.0, seed=7)
+    s2 = model.generate("hello there", 12, temperature=1.0, seed=7)
+    s3 = model.generate("hello there", 12, temperature=1.0, seed=8)
+    assert s1.token_ids == s2.token_ids
+    assert s1.token_ids != s3.token_ids
+
+
+def test_stream_concatenates_to_the_decoded_completion(bundle):
+    model = Model.load(bundle)
+    events = list(model.stream("tell me a story", 20, temperature=0))
+    assert events[-1].finish_reason in ("stop", "length")
+    ids = [e.token_id for e in events if e.token_id is not None]
+    text = "".join(e.text for e in events)
+    assert text == model.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_stop_string_cuts_the_output(bundle):
+    model = Model.load(bundle)
+    full = model.generate("tell me a story", 30, temperature=0, raw=True)
+    text = full.text
+    assert len(text) > 6, "the tiny model should produce some text"
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut = model.generate("tell me a story", 30, temperature=0, raw=True, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.index(stop)]
+
+
+def test_chat_prefills_only_the_new_turn(bundle):
+    model = Model.load(bundle)
+    chat = model.chat(system="be brief")
+    first = chat.send("hi", 8)
+    turn1_prompt = model.last_stats.prompt_tokens
+    assert model.last_stats.cached_tokens == 0
+    seen_after_turn1 = chat._text
+    chat.send("and then?", 8)
+    s = model.last_stats
+    # Turn one (prompt + answer, minus a last answer token that was never fed back) came
+    # from the cache; only the text the template added for turn two ran.
+    assert s.cached_tokens >= turn1_prompt + len(first.token_ids) - 1
+    assert s.prefill_tokens == s.prompt_tokens - s.cached_tokens
+    new_text = model.render(chat.messages[:-1])[len(seen_after_turn1):]
+    assert "and then?" in new_text and "hi" not in new_text
+    assert s.prefill_tokens <= len(model.encode(new_text, add_bos=False)) + 1
+
+
+def test_chat_turns_see_the_whole_conversation(bundle):
+    model = Model.load(bundle)
+    chat = model.chat()
+    chat.send("hi", 6, temperature=0)
+    second = chat.send("more", 6, temperature=0)
+    # The same conversation from an empty cache gives the same greedy answer.
+    model.session.reset()
+    ids = chat._ids[: len(chat._ids) - len(second.token_ids)]
+    fresh = list(model.generate_tokens(ids, 6))
+    assert fresh == second.token_ids
+
+
+def test_prompt_over_the_context_is_a_clear_error(bundle):
+    model = Model.load(bundle)
+    with pytest.raises(ContextOverflowError, match="context holds 96"):
+        model.generate("word " * 400, 4)
+
+
+def test_generation_stops_at_the_context_limit(bundle):
+    model = Model.load(bundle)
+    ids = model.encode("word " * 40)[:90]
+    out = list(model.generate_tokens(ids, 50, ignore_eos=True))
+    assert len(out) == 96 - 90 + 1  # the last token is sampled from the full cache, not fed back
+
+
+def test_logits_for_all_positions_match_last_position(bundle):
+    model = Model.load(bundle)
+    ids = model.encode("the quick brown fox")
+    all_logits = model.logits(ids)
+    model.session.reset()
+    np.testing.assert_allclose(model.session.forward(ids), all_logits[-1], atol=1e-5)
