@@ -27,8 +27,10 @@ def require_matplotlib() -> None:
         raise BenchError("--plot needs matplotlib: pip install matplotlib") from None
 
 
-def plot_summaries(entries: Sequence[tuple[str, Summary]], out: str | Path, title: str) -> Path:
-    """Draw a 2x2 bar chart (medians, min–max whiskers, values printed on the bars) to a PNG."""
+def plot_summaries(entries: Sequence[tuple[str, Summary]], out: str | Path, title: str,
+                   groups: Sequence[str] | None = None) -> Path:
+    """Draw a 2x2 bar chart (medians, min–max whiskers, values printed on the bars) to a PNG.
+    Entries with the same group (e.g. one system at several thread counts) share a color."""
     require_matplotlib()
     import matplotlib
 
@@ -36,7 +38,9 @@ def plot_summaries(entries: Sequence[tuple[str, Summary]], out: str | Path, titl
     import matplotlib.pyplot as plt
 
     labels = [label for label, _ in entries]
-    colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(entries))]
+    groups = list(groups) if groups is not None else labels
+    palette = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(dict.fromkeys(groups))}
+    colors = [palette[g] for g in groups]
     fig, axes = plt.subplots(2, 2, figsize=(max(8.0, 1.6 * len(entries) + 4), 7.5), constrained_layout=True)
     for ax, (metric, name, better) in zip(axes.flat, PANELS, strict=True):
         stats: list[Stat | None] = [getattr(summary, metric) for _, summary in entries]
