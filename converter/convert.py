@@ -50,8 +50,16 @@ def convert(opts: ConvertOptions) -> Path:
 
     from nomoat.runtime.manifest import FORMAT_VERSION, Manifest
 
-    from .bundle import CHAT_TEMPLATE_FILE, REPORT_FILE, TOKENIZER_FILE, check_destination, file_hashes, finalize
-    from .bundle import staging_dir, write_json
+    from .bundle import (
+        CHAT_TEMPLATE_FILE,
+        REPORT_FILE,
+        TOKENIZER_FILE,
+        check_destination,
+        file_hashes,
+        finalize,
+        staging_dir,
+        write_json,
+    )
     from .export_onnx import DATA_FILE, MODEL_FILE, export_onnx
     from .fit import check_fit, largest_fitting_context
     from .load import load_checkpoint
@@ -96,7 +104,7 @@ def convert(opts: ConvertOptions) -> Path:
 
     with staging_dir(out) as staging:
         _stage(f"export ONNX ({quant.weights})", opts.progress)
-        ops = export_onnx(ckpt, staging, quant, recipe.max_context)
+        ops = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress)
         (staging / TOKENIZER_FILE).write_text(ckpt.tokenizer.tokenizer_json)
         template_file = None
         if ckpt.tokenizer.chat_template:

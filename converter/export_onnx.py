@@ -15,12 +15,16 @@ DATA_FILE = "model.onnx.data"
 
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, recipe: QuantRecipe, max_context: int,
-                io: GraphIO = GraphIO()) -> dict[str, int]:
+                io: GraphIO | None = None, progress: bool = False) -> dict[str, int]:
     """Write the decoder graph into out_dir; return its op counts (already checked)."""
     import onnx
+    from tqdm import tqdm
 
-    model = build_fp32_graph(ckpt, max_context, io)
-    model = quantize_graph(model, recipe)
+    model = build_fp32_graph(ckpt, max_context, io or GraphIO())
+    # disable=None: tqdm shows the bar only on a terminal, so logs and CI stay clean.
+    show = None if progress and recipe.weights != "fp32" else True
+    with tqdm(desc=f"quantize {recipe.weights}", unit="weight", disable=show, leave=False) as bar:
+        model = quantize_graph(model, recipe, progress=bar)
     ops = check_fast_ops(model, ckpt.spec.num_layers, recipe)
     # Weights go to one external file: the protobuf stays small (no 2 GB limit) and ONNX
     # Runtime can memory-map the data.

@@ -240,8 +240,12 @@ def llama3_rope_factors(s: RopeScaling, head_dim: int, theta: float) -> np.ndarr
 
 def hf_tensors(raw: dict[str, Any], spec: ModelSpec, permuted: bool) -> dict[str, Any]:
     """Dequantized fp32 tensors under HF names, q/k rows back in HF rotary order."""
+    from tqdm import tqdm
+
     tensors, unknown = {}, []
-    for gguf_name, t in raw.items():
+    # A bar on stderr: dequantizing a multi-GB GGUF takes minutes (it hides itself when not a terminal).
+    for gguf_name, t in tqdm(raw.items(), desc="dequantize GGUF", unit="tensor", leave=False,
+                             disable=None):
         if gguf_name == _ROPE_FREQS:
             continue  # folded into spec.rope_scaling
         hf_name = _hf_name(gguf_name)

@@ -68,7 +68,6 @@ def verify_bundle(bundle_dir: Path, reference, quant: str, eval_text: str | None
                   greedy_tokens: int = 32, max_ppl_increase: float | None = None) -> QualityReport:
     """Compare the bundle in bundle_dir with the torch reference model; raise if over the gate."""
     import torch
-
     from nomoat.runtime import Model
 
     from .reference import greedy_tokens as reference_greedy
@@ -88,7 +87,7 @@ def verify_bundle(bundle_dir: Path, reference, quant: str, eval_text: str | None
         prompt_ids = model.prompt_ids(prompt)
         ref_out = reference_greedy(reference, prompt_ids, greedy_tokens)
         got = list(model.generate_tokens(prompt_ids, greedy_tokens, ignore_eos=True))
-        divergences.append(next((i for i, (a, b) in enumerate(zip(ref_out, got)) if a != b), -1))
+        divergences.append(next((i for i, (a, b) in enumerate(zip(ref_out, got, strict=False)) if a != b), -1))
 
     limit = DEFAULT_MAX_PPL_INCREASE[quant] if max_ppl_increase is None else max_ppl_increase
     increase = 100.0 * (ppl_got - ppl_ref) / ppl_ref

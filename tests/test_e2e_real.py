@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from nomoat.converter.reference import greedy_tokens
 from nomoat.runtime import Model
 from real_model import smollm2_gguf_path

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import platform
-import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
+
+import tomllib
 
 from ..errors import ConversionError
 
