@@ -203,12 +203,12 @@ class Model:
         yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop)
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
-                   params: SamplingParams | None = None, stop: Sequence[str] = ()) -> Iterator[StreamEvent]:
+                   params: SamplingParams | None = None, stop: str | Sequence[str] = ()) -> Iterator[StreamEvent]:
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
         stats = GenerationStats()
         detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopMatcher(list(stop))
+        stops = StopMatcher(stop)  # a bare string is one stop string
         count = 0
         with self._lock:
             try:
@@ -228,13 +228,7 @@ class Model:
 
     def generate(self, prompt: str | Messages, max_new_tokens: int | None = None, **kwargs: Any) -> Completion:
         """Like stream(), but return the whole completion at once."""
-        parts, ids, reason = [], [], "length"
-        for event in self.stream(prompt, max_new_tokens, **kwargs):
-            parts.append(event.text)
-            if event.token_id is not None:
-                ids.append(event.token_id)
-            reason = event.finish_reason or reason
-        return Completion("".join(parts), ids, reason, self.last_stats)
+        return _collect(self.stream(prompt, max_new_tokens, **kwargs), self)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits for every position of `ids` from an empty cache: [len(ids), vocab] (for perplexity)."""
@@ -295,17 +289,22 @@ class Chat:
         self._text = rendered + self.model.tokenizer.decode(answer, skip_special_tokens=False)
 
     def send(self, text: str, max_new_tokens: int | None = None, **kwargs: Any) -> Completion:
-        parts, ids, reason = [], [], "length"
-        for event in self.stream(text, max_new_tokens, **kwargs):
-            parts.append(event.text)
-            if event.token_id is not None:
-                ids.append(event.token_id)
-            reason = event.finish_reason or reason
-        return Completion("".join(parts), ids, reason, self.model.last_stats)
+        return _collect(self.stream(text, max_new_tokens, **kwargs), self.model)
 
     @property
     def stats(self) -> GenerationStats:
         return self.model.last_stats
+
+
+def _collect(events: Iterator[StreamEvent], model: Model) -> Completion:
+    """Drain a stream into one Completion (the stats are read once the stream has finished)."""
+    parts, ids, reason = [], [], "length"
+    for event in events:
+        parts.append(event.text)
+        if event.token_id is not None:
+            ids.append(event.token_id)
+        reason = event.finish_reason or reason
+    return Completion("".join(parts), ids, reason, model.last_stats)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
