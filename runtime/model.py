@@ -41,6 +41,8 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     generated_tokens: int = 0
     decode_seconds: float = 0.0
+    drafted_tokens: int = 0  # prompt-lookup decoding: tokens proposed ...
+    accepted_tokens: int = 0  # ... and confirmed by the model
 
     @property
     def time_to_first_token(self) -> float:
@@ -179,6 +181,60 @@ class Model:
             logits = session.forward([token])
         stats.decode_seconds = time.perf_counter() - t_first
 
+    def generate_tokens_lookahead(self, prompt_ids: Sequence[int], max_new_tokens: int, draft_tokens: int = 4,
+                                  ignore_eos: bool = False,
+                                  stats: GenerationStats | None = None) -> Iterator[int]:
+        """Greedy generation with prompt-lookup speculative decoding: the same tokens as
+        generate_tokens at temperature 0, fewer forward passes when the text repeats its context.
+
+        Each step feeds the last token plus up to `draft_tokens` drafted ones in one pass, keeps
+        the drafts the model's argmax confirms and one more token of its own, and rewinds the
+        cache (a position counter) past the rejected drafts.
+        """
+        from .lookup import accepted_prefix, draft_from_context
+
+        stats = stats if stats is not None else GenerationStats()
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids or len(prompt_ids) >= self.max_context:
+            yield from self.generate_tokens(prompt_ids, max_new_tokens, ignore_eos=ignore_eos, stats=stats)
+            return
+        session = self.session
+        start = time.perf_counter()
+        next_token = int(np.argmax(self._prefill(prompt_ids, stats)))
+        stats.prefill_seconds = time.perf_counter() - start
+        t_first = time.perf_counter()
+        context = list(prompt_ids)
+        produced = 0
+        while True:
+            if next_token in self.stop_token_ids and not ignore_eos:
+                break
+            context.append(next_token)
+            produced += 1
+            stats.generated_tokens = produced
+            stats.decode_seconds = time.perf_counter() - t_first
+            yield next_token
+            room = self.max_context - session.length - 1
+            if produced >= max_new_tokens or room <= 0:
+                break
+            draft = draft_from_context(context, min(draft_tokens, room, max_new_tokens - produced))
+            logits = session.forward([next_token, *draft], all_logits=True)
+            predicted = [int(t) for t in logits.argmax(-1)]
+            n_ok = accepted_prefix(draft, predicted)
+            stats.drafted_tokens += len(draft)
+            stats.accepted_tokens += n_ok
+            session.truncate(session.length - (len(draft) - n_ok))
+            for token in draft[:n_ok]:
+                if token in self.stop_token_ids and not ignore_eos:
+                    return
+                context.append(token)
+                produced += 1
+                stats.generated_tokens = produced
+                yield token
+            if produced >= max_new_tokens:
+                break
+            next_token = predicted[n_ok]
+        stats.decode_seconds = time.perf_counter() - t_first
+
     def _prefill(self, prompt_ids: list[int], stats: GenerationStats) -> np.ndarray:
         """Run the part of the prompt the cache does not already hold; return last logits."""
         session = self.session
@@ -194,16 +250,21 @@ class Model:
     def stream(self, prompt: str | Messages, max_new_tokens: int | None = None, *, system: str | None = None,
                raw: bool = False, stop: Sequence[str] = (), temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-               repetition_penalty: float | None = None, seed: int | None = None) -> Iterator[StreamEvent]:
+               repetition_penalty: float | None = None, seed: int | None = None,
+               prompt_lookup: int = 0) -> Iterator[StreamEvent]:
         """Stream the answer to a prompt (a string, wrapped in the chat template unless raw,
-        or a list of {"role", "content"} messages) as text deltas."""
+        or a list of {"role", "content"} messages) as text deltas.
+
+        prompt_lookup=N drafts up to N tokens from the context per step (greedy only; same
+        output, fewer forward passes on text that repeats its context)."""
         params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                       repetition_penalty=repetition_penalty, seed=seed)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
-        yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop)
+        yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup)
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
-                   params: SamplingParams | None = None, stop: str | Sequence[str] = ()) -> Iterator[StreamEvent]:
+                   params: SamplingParams | None = None, stop: str | Sequence[str] = (),
+                   prompt_lookup: int = 0) -> Iterator[StreamEvent]:
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
         stats = GenerationStats()
@@ -212,7 +273,11 @@ class Model:
         count = 0
         with self._lock:
             try:
-                for token in self.generate_tokens(prompt_ids, max_new, params, stats=stats):
+                plain_greedy = params is None or (params.greedy and params.repetition_penalty == 1.0)
+                tokens = (self.generate_tokens_lookahead(prompt_ids, max_new, prompt_lookup, stats=stats)
+                          if prompt_lookup > 0 and plain_greedy
+                          else self.generate_tokens(prompt_ids, max_new, params, stats=stats))
+                for token in tokens:
                     count += 1
                     text, stopped = stops.feed(detok.add(token))
                     if stopped:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from nomoat.converter.convert import ConvertOptions, convert
-from nomoat.runtime import BundleError, ContextOverflowError, Model
+from nomoat.runtime import BundleError, ContextOverflowError, GenerationStats, Model
 from tiny_models import make_tiny_hf_dir
 
 
@@ -139,3 +139,26 @@ def test_logits_for_all_positions_match_last_position(bundle):
     all_logits = model.logits(ids)
     model.session.reset()
     np.testing.assert_allclose(model.session.forward(ids), all_logits[-1], atol=1e-5)
+
+
+def test_prompt_lookup_decoding_gives_the_greedy_tokens_with_fewer_passes(bundle):
+    model = Model.load(bundle)
+    # A prompt that repeats itself, so drafts exist and some are accepted.
+    ids = model.encode("one two three four five six " * 4)[:60]
+    plain = list(model.generate_tokens(ids, 30, ignore_eos=True))
+    stats = GenerationStats()
+    fast = list(model.generate_tokens_lookahead(ids, 30, draft_tokens=4, ignore_eos=True, stats=stats))
+    assert fast == plain
+    assert stats.drafted_tokens > 0
+    # Rejected drafts were rewound: the cache holds only real tokens of this sequence.
+    cached = model.session.tokens
+    assert cached == (ids + fast)[: len(cached)] and len(cached) >= len(ids) + len(fast) - 1
+
+
+def test_draft_from_context_finds_the_latest_continuation():
+    from nomoat.runtime.lookup import accepted_prefix, draft_from_context
+
+    assert draft_from_context([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2) == [7, 5]
+    assert draft_from_context([1, 2, 3, 4], 3) == []
+    assert draft_from_context([5, 6, 5], 3) == [6, 5]
+    assert accepted_prefix([4, 5, 6], [4, 5, 9, 1]) == 2
