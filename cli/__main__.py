@@ -10,6 +10,8 @@ import sys
 VERBS = {
     "convert": ("nomoat.converter.cli_convert", "turn a model (+ LoRA adapters) into a bundle for a device"),
     "targets": ("nomoat.converter.cli_targets", "list the device targets and their recipes"),
+    "inspect": ("nomoat.converter.cli_inspect", "show a bundle's manifest, recipe, memory estimate and quality report"),
+    "merge": ("nomoat.converter.cli_merge", "merge LoRA adapters into a model and write a Hugging Face folder (fp32)"),
     "generate": ("nomoat.runtime.cli_generate", "generate text from a bundle for one prompt"),
     "chat": ("nomoat.runtime.cli_chat", "chat with a bundle in the terminal"),
     "bench": ("nomoat.runtime.cli_bench", "measure prefill/decode speed and memory of a bundle"),

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="host", help="device to build for (see `nomoat targets`)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="bundle folder to write")
     p.add_argument("--quant", choices=["fp32", "int8", "int4"], default=None,
-                   help="weight precision; default: the target's recipe (int4)")
+                   help="weight precision; default: the target's recipe (int4). Like --block-size, --max-context "
+                        "and --threads, it overrides one recipe field and is recorded in the manifest")
     p.add_argument("--block-size", type=int, default=None, help="quantization block size (default: recipe, 32)")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens the KV cache holds; default: the target's recipe")
@@ -29,13 +30,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit", choices=["strict", "shrink-context"], default="strict",
                    help="when the model does not fit the device: fail (strict) or use the largest context that fits")
     p.add_argument("--eval-text", type=Path, default=None,
-                   help="plain-text file for the quality check; default: the text shipped with nomoat")
-    p.add_argument("--max-ppl-increase", type=float, default=None,
-                   help="fail when perplexity rises by more than this many percent (default per quant: "
-                        "fp32 0.5, int8 5, int4 25)")
-    p.add_argument("--skip-verify", action="store_true", help="skip the quality check (recorded in report.json)")
+                   help="UTF-8 text for the quality check; default: ~4,700 tokens of prose shipped with nomoat")
+    p.add_argument("--max-ppl-increase", type=float, default=None, metavar="PERCENT",
+                   help="fail when perplexity rises by more than this many percent over the fp32 reference "
+                        f"(default per quant: {_gate_defaults()})")
+    p.add_argument("--skip-verify", action="store_true",
+                   help="skip the quality check (recorded in report.json and shown by `nomoat inspect`)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _gate_defaults() -> str:
+    from .verify import DEFAULT_MAX_PPL_INCREASE
+
+    return ", ".join(f"{quant} {limit:g}" for quant, limit in DEFAULT_MAX_PPL_INCREASE.items())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,17 +1,30 @@
 """`nomoat convert`: the whole pipeline, one stage per module.
 
-    load -> merge -> plan -> fit -> export -> verify -> package
+    plan -> fit (from the model's metadata) -> load -> merge -> fit -> export -> verify -> package
+
+The first fit check reads only the model's config or GGUF header, so a model that cannot
+fit the device is refused before gigabytes of weights are read.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConversionError
 from .merge import AdapterRef
+
+if TYPE_CHECKING:
+    from .fit import MemoryEstimate
+    from .spec import ModelSpec
+    from .targets import Recipe, Target
+
+# Test hook: when set, the quantization scales of the staged model are scrambled before
+# verify, so tests can check that the quality gate refuses a broken export.
+CORRUPT_WEIGHTS_ENV = "NOMOAT_TEST_CORRUPT_WEIGHTS"
 
 
 @dataclass(frozen=True)
@@ -44,117 +57,203 @@ def _stage(name: str, enabled: bool) -> None:
         print(f"[nomoat {time.perf_counter() - _T0[0]:6.1f}s] {name}", file=sys.stderr, flush=True)
 
 
-def convert(opts: ConvertOptions) -> Path:
-    """Run every stage and return the bundle path. Raises ConversionError on bad input."""
-    import time
-
-    from nomoat.runtime.manifest import FORMAT_VERSION, Manifest
-
-    from .bundle import (
-        CHAT_TEMPLATE_FILE,
-        REPORT_FILE,
-        TOKENIZER_FILE,
-        check_destination,
-        file_hashes,
-        finalize,
-        staging_dir,
-        write_json,
-    )
-    from .export_onnx import DATA_FILE, MODEL_FILE, export_onnx
-    from .fit import check_fit, largest_fitting_context
-    from .load import load_checkpoint
-    from .merge import merge_adapters
-    from .onnx_graph import GraphIO
-    from .quantize import QuantRecipe
+def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
+    """The target and its recipe with the user's overrides (recorded as such)."""
     from .targets import load_target
 
-    out = Path(opts.out)
-    check_destination(out, opts.force)
     if opts.fit not in ("strict", "shrink-context"):
         raise ConversionError(f"--fit {opts.fit!r} is unknown; use 'strict' or 'shrink-context'.")
     target = load_target(opts.target)
     recipe = target.recipe.with_overrides(weights=opts.quant, block_size=opts.block_size,
                                           max_context=opts.max_context, threads=opts.threads)
-    if recipe.formats != ("onnx",):
-        raise ConversionError(f"target {target.name} asks for {recipe.formats}; this build exports ONNX only.")
-    quant = QuantRecipe(weights=recipe.weights, block_size=recipe.block_size, accuracy_level=recipe.accuracy_level,
-                        quantize_embedding=recipe.quantize_embedding)
+    recipe.quant_recipe()  # validates --quant / --block-size before any work
+    return target, recipe
+
+
+def fit(spec: ModelSpec, recipe: Recipe, target: Target, mode: str) -> tuple[Recipe, MemoryEstimate]:
+    """Clamp the context to what the model was trained for, shrink it if allowed, then check the budget."""
+    from .fit import check_fit, largest_fitting_context
+
+    if recipe.max_context > spec.max_position_embeddings:
+        recipe = recipe.adjusted(f"the model was trained for {spec.max_position_embeddings} positions",
+                                 max_context=spec.max_position_embeddings)
+    if mode == "shrink-context":
+        ctx = largest_fitting_context(spec, recipe, target)
+        if 0 < ctx < recipe.max_context:
+            recipe = recipe.adjusted(f"--fit shrink-context: the largest context that fits {target.name}",
+                                     max_context=ctx)
+    return recipe, check_fit(spec, recipe, target)
+
+
+def convert(opts: ConvertOptions) -> Path:
+    """Run every stage and return the bundle path. Raises ConversionError on bad input."""
+    import time
+
+    from .bundle import check_destination, staging_dir
+    from .load import load_checkpoint
+    from .merge import merge_adapters
+    from .peek import peek_spec
+    from .verify import read_eval_text
+
+    out = Path(opts.out)
+    check_destination(out, opts.force)
+    target, recipe = plan(opts)
+    eval_text = None if opts.skip_verify else read_eval_text(opts.eval_text)  # a bad path fails before any work
     t0 = _T0[0] = time.perf_counter()
+    _stage(f"plan for {target.name}: {_describe(recipe)}", opts.progress)
+
+    spec = peek_spec(opts.model)
+    if spec is not None:  # refuse what cannot fit before reading any weights
+        recipe, _ = fit(spec, recipe, target, opts.fit)
 
     _stage(f"load {opts.model}", opts.progress)
     ckpt = load_checkpoint(opts.model)
-    spec = ckpt.spec
-
     adapters = []
     if opts.loras:
         _stage(f"merge {len(opts.loras)} LoRA adapter(s) in fp32", opts.progress)
         adapters = merge_adapters(ckpt, list(opts.loras))
 
-    _stage(f"plan for {target.name}: {recipe.weights}, block {recipe.block_size}, accuracy level "
-           f"{recipe.accuracy_level}, context {recipe.max_context}", opts.progress)
-    max_ctx = min(recipe.max_context, spec.max_position_embeddings)
-    if max_ctx != recipe.max_context:
-        recipe = recipe.with_overrides(max_context=max_ctx)
-    if opts.fit == "shrink-context":
-        ctx = largest_fitting_context(spec, recipe, target)
-        if ctx and ctx < recipe.max_context:
-            _stage(f"fit: shrinking the context to {ctx} tokens to fit {target.name}", opts.progress)
-            recipe = recipe.with_overrides(max_context=ctx)
-    estimate = check_fit(spec, recipe, target)
+    recipe, estimate = fit(ckpt.spec, recipe, target, opts.fit)
+    for note in recipe.adjustments:
+        _stage(f"fit: {note}", opts.progress)
+    _stage(f"fit: estimated peak {estimate.summary()}", opts.progress)
 
     with staging_dir(out) as staging:
-        _stage(f"export ONNX ({quant.weights})", opts.progress)
-        ops = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress)
-        (staging / TOKENIZER_FILE).write_text(ckpt.tokenizer.tokenizer_json)
-        template_file = None
-        if ckpt.tokenizer.chat_template:
-            (staging / CHAT_TEMPLATE_FILE).write_text(ckpt.tokenizer.chat_template)
-            template_file = CHAT_TEMPLATE_FILE
-        tok = ckpt.tokenizer
-        params = sum(int(t.numel()) for t in ckpt.tensors.values())
-        manifest_dict = {
-            "format_version": FORMAT_VERSION,
-            "model": {**{k: v for k, v in spec.to_dict().items()}, "parameters": params},
-            "onnx": {"model_file": MODEL_FILE, "data_file": DATA_FILE, "io": GraphIO().to_dict(),
-                     "kv_dtype": recipe.kv_dtype},
-            "tokenizer": {"tokenizer_file": TOKENIZER_FILE, "chat_template_file": template_file,
-                          "bos_token_id": tok.bos_token_id, "add_bos_token": tok.add_bos_token,
-                          "special_tokens": tok.special_tokens},
-            "max_context": recipe.max_context,
-            "stop_token_ids": sorted(set(tok.eos_token_ids)),
-            "generation_defaults": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 256,
-                                    **ckpt.generation_defaults},
-            "quantization": quant.to_dict(),
-            "target": {**target.to_dict(), "recipe": recipe.to_dict(), "threads": recipe.threads},
-            "files": {},
-            "source": {**ckpt.source, "loras": [a.to_dict() for a in adapters], **opts.extra_source},
-        }
-        # A manifest without hashes lets verify load the staged bundle through the runtime.
-        manifest = Manifest.from_dict(manifest_dict)
-        write_json(staging / "manifest.json", manifest.to_dict())
-
-        report: dict[str, Any] = {"memory_estimate": estimate.to_dict(), "ops": ops, "adapters":
-                                  [a.to_dict() for a in adapters]}
-        if opts.skip_verify:
-            report["quality"] = {"skipped": True}
-        else:
-            _stage("verify against the fp32 reference", opts.progress)
-            from .reference import reference_model
-            from .verify import verify_bundle
-
-            quality = verify_bundle(
-                staging, reference_model(ckpt), quant.weights,
-                eval_text=opts.eval_text.read_text() if opts.eval_text else None,
-                max_ppl_increase=opts.max_ppl_increase,
-            )
-            report["quality"] = quality.to_dict()
-            q = quality
-            _stage(f"quality: ppl {q.ppl_reference:.3f} -> {q.ppl_bundle:.3f} ({q.ppl_increase_percent:+.2f}%), "
-                   f"KL {q.mean_kl:.4f}, top-1 {q.top1_agreement:.1%}, greedy {q.greedy_agreement:.0%}",
-                   opts.progress)
+        manifest, report = _build(ckpt, adapters, recipe, target, estimate, staging, eval_text, opts)
         report["seconds"] = round(time.perf_counter() - t0, 1)
-        write_json(staging / REPORT_FILE, report)
-        manifest_dict["files"] = file_hashes(staging)
-        finalize(staging, Manifest.from_dict(manifest_dict), out, opts.force)
+        _package(staging, manifest, report, out, opts.force)
     _stage(f"wrote {out}", opts.progress)
+    if opts.progress:
+        from .verify import format_quality_table
+
+        print(format_quality_table(report["quality"]), file=sys.stderr, flush=True)
     return out
+
+
+def _describe(recipe: Recipe) -> str:
+    text = (f"{recipe.weights}, block {recipe.block_size}, accuracy level {recipe.accuracy_level}, "
+            f"{recipe.threads} threads, context {recipe.max_context}")
+    return text + (f" (set by hand: {', '.join(recipe.overrides)})" if recipe.overrides else "")
+
+
+def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstimate, staging: Path,
+           eval_text: tuple[str, str] | None, opts: ConvertOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Export, write the staged manifest, verify; return the manifest and the report (without timing)."""
+    from .bundle import CHAT_TEMPLATE_FILE, TOKENIZER_FILE
+    from .export_onnx import export_onnx
+
+    quant = recipe.quant_recipe()
+    _stage(f"export ONNX ({quant.weights})", opts.progress)
+    ops = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress)
+    (staging / TOKENIZER_FILE).write_text(ckpt.tokenizer.tokenizer_json)
+    template_file = None
+    if ckpt.tokenizer.chat_template:
+        (staging / CHAT_TEMPLATE_FILE).write_text(ckpt.tokenizer.chat_template)
+        template_file = CHAT_TEMPLATE_FILE
+    manifest = _manifest_dict(ckpt, adapters, recipe, target, estimate, template_file, opts)
+    _write_manifest(staging, manifest)  # without hashes yet: verify loads the staged bundle
+
+    report: dict[str, Any] = {"memory_estimate": estimate.to_dict(), "ops": ops,
+                              "adapters": [a.to_dict() for a in adapters]}
+    if eval_text is None:
+        report["quality"] = {"skipped": True}
+        return manifest, report
+    if os.environ.get(CORRUPT_WEIGHTS_ENV):
+        _stage(f"{CORRUPT_WEIGHTS_ENV}: scrambled {corrupt_scales(staging)} scale tensors", opts.progress)
+    report["quality"] = _verify(ckpt, staging, quant.weights, eval_text, opts)
+    return manifest, report
+
+
+def _manifest_dict(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstimate,
+                   template_file: str | None, opts: ConvertOptions) -> dict[str, Any]:
+    from nomoat.runtime.manifest import FORMAT_VERSION
+
+    from .bundle import TOKENIZER_FILE
+    from .export_onnx import DATA_FILE, MODEL_FILE
+    from .onnx_graph import GraphIO
+
+    tok = ckpt.tokenizer
+    params = sum(int(t.numel()) for t in ckpt.tensors.values())
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": {**ckpt.spec.to_dict(), "parameters": params},
+        "onnx": {"model_file": MODEL_FILE, "data_file": DATA_FILE, "io": GraphIO().to_dict(),
+                 "kv_dtype": recipe.kv_dtype},
+        "tokenizer": {"tokenizer_file": TOKENIZER_FILE, "chat_template_file": template_file,
+                      "bos_token_id": tok.bos_token_id, "add_bos_token": tok.add_bos_token,
+                      "special_tokens": tok.special_tokens},
+        "max_context": recipe.max_context,
+        "stop_token_ids": sorted(set(tok.eos_token_ids)),
+        "generation_defaults": {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 256,
+                                **ckpt.generation_defaults},
+        "quantization": recipe.quant_recipe().to_dict(),
+        # The runtime's Manifest keeps only the keys it knows and `target` as a free-form dict,
+        # so the memory estimate lives inside `target`, next to the recipe it was computed for.
+        "target": {**target.to_dict(), "recipe": recipe.to_dict(), "threads": recipe.threads,
+                   "memory_estimate": estimate.to_dict()},
+        "files": {},
+        "source": {**ckpt.source, "loras": [a.to_dict() for a in adapters], **opts.extra_source},
+    }
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    from nomoat.runtime.manifest import MANIFEST_NAME, Manifest
+
+    from .bundle import write_json
+
+    write_json(folder / MANIFEST_NAME, Manifest.from_dict(manifest).to_dict())
+
+
+def _verify(ckpt, staging: Path, quant: str, eval_text: tuple[str, str], opts: ConvertOptions) -> dict[str, Any]:
+    from .reference import reference_model
+    from .verify import verify_bundle
+
+    _stage("verify against the fp32 reference", opts.progress)
+    text, source = eval_text
+    quality = verify_bundle(staging, reference_model(ckpt), quant, eval_text=text, eval_source=source,
+                            max_ppl_increase=opts.max_ppl_increase)
+    q = quality
+    _stage(f"quality: ppl {q.ppl_reference:.3f} -> {q.ppl_bundle:.3f} ({q.ppl_increase_percent:+.2f}%), "
+           f"KL {q.mean_kl:.4f}, top-1 {q.top1_agreement:.1%}, greedy {q.greedy_agreement:.0%}", opts.progress)
+    return quality.to_dict()
+
+
+def _package(staging: Path, manifest: dict[str, Any], report: dict[str, Any], out: Path, force: bool) -> None:
+    """report.json, then the manifest with every file's sha256, then the atomic rename."""
+    from nomoat.runtime.manifest import Manifest
+
+    from .bundle import REPORT_FILE, file_hashes, finalize, write_json
+
+    write_json(staging / REPORT_FILE, report)
+    finalize(staging, Manifest.from_dict({**manifest, "files": file_hashes(staging)}), out, force)
+
+
+def corrupt_scales(bundle: Path, seed: int = 0) -> int:
+    """Scramble every quantization scale of the model in `bundle` in place, as a broken quantizer
+    would (each block's scale times a random factor in [0, 2)). Returns the number of tensors hit.
+
+    Only for tests of the quality gate (see CORRUPT_WEIGHTS_ENV).
+    """
+    import numpy as np
+    import onnx
+
+    from .export_onnx import DATA_FILE, MODEL_FILE
+
+    model = onnx.load(str(bundle / MODEL_FILE), load_external_data=False)
+    rng = np.random.default_rng(seed)
+    hit = 0
+    with open(bundle / DATA_FILE, "r+b") as f:
+        for t in model.graph.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            if not t.name.endswith("_scales") or t.data_type != onnx.TensorProto.FLOAT or "offset" not in ext:
+                continue
+            offset, length = int(ext["offset"]), int(ext["length"])
+            f.seek(offset)
+            scales = np.frombuffer(f.read(length), np.float32)
+            f.seek(offset)
+            f.write((scales * rng.uniform(0.0, 2.0, scales.shape)).astype(np.float32).tobytes())
+            hit += 1
+    if not hit:
+        raise ConversionError(f"{CORRUPT_WEIGHTS_ENV} is set but the export holds no quantization scales; "
+                              "use --quant int8 or int4.")
+    return hit

@@ -1,9 +1,20 @@
-"""Fold PEFT LoRA adapters into the fp32 weights, before any quantization.
+"""Fold LoRA adapters into the fp32 weights, before any quantization.
 
-    W' = W + weight * scale * (B @ A)      scale = alpha / r   (alpha / sqrt(r) with rsLoRA)
+Every update works on a weight as the linear map it is, W [out, in] (an embedding table
+[vocab, hidden] is the map [hidden, vocab], so it is transposed first and back after):
 
-The math is a few lines; what matters is refusing adapters that do not fit the model, so
-every module and shape is validated before a single weight changes.
+    LoRA          W' = W + s (B @ A)                     s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+    DoRA          V = W + s (B @ A);   W' = m / ||V||_row * V    (norm over the input dim, per output row)
+    replacement   W' = R                                 (modules_to_save; base layers saved in the adapter)
+
+An adapter applied with weight w moves each weight by w times its change, W + w (W' - W),
+which for LoRA is the familiar W + w s (B @ A). Several adapters are applied in order, each
+to the model as merged so far.
+
+Two sources of adapters: PEFT folders (read here) and llama.cpp LoRA GGUF files (read in
+lora_gguf.py); both become the same list of updates on Hugging Face tensor names. Every
+adapter is checked against the model (module names, shapes, ranks, finite values) before
+a single weight changes.
 """
 
 from __future__ import annotations
@@ -11,14 +22,38 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConversionError
 from .spec import Checkpoint
 
-_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+PEFT_PREFIX = "base_model.model."
+
+# PEFT options whose adapters cannot be folded into the base weights (or need a model shape we
+# do not export), with the reason given to the user.
+_UNMERGEABLE_OPTIONS = {
+    "alora_invocation_tokens": "an activated LoRA (aLoRA) only acts after its invocation tokens, which a merged "
+                               "model cannot do",
+    "layer_replication": "layer_replication changes the number of decoder layers",
+    "use_qalora": "QA-LoRA pools the input of each layer, which is not a plain weight update",
+    "lora_bias": "lora_bias adds a bias to layers that have none in a LLaMA model",
+    "trainable_token_indices": "trainable-token adapters are not supported yet",
+    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
+    "velora_config": "the VeLoRA variant is not supported",
+    "kasa_config": "the KaSA variant is not supported",
+    "monteclora_config": "the MonteCLoRA variant is not supported",
+    "arrow_config": "Arrow routing picks adapters per token, which a merged model cannot do",
+}
+# Initialisations that rewrite the base weights when training starts: their adapters only make
+# sense on that rewritten base, unless PEFT converted them back (then the config says True).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass(frozen=True)
@@ -33,154 +68,449 @@ class AdapterRef:
         path, sep, weight = text.rpartition(":")
         if sep and not Path(text).exists():
             try:
-                return cls(Path(path), float(weight))
+                value = float(weight)
             except ValueError:
-                pass
+                return cls(Path(text), 1.0)
+            if not math.isfinite(value):
+                raise ConversionError(f"--lora {text}: the weight {weight!r} is not a finite number.")
+            return cls(Path(path), value)
         return cls(Path(text), 1.0)
 
 
 @dataclass
 class AdapterReport:
+    """What one adapter did to the model; goes into report.json and the manifest."""
+
     path: str
+    format: str  # "peft" | "llama.cpp-gguf"
     sha256: str
     rank: int
     alpha: float
     weight: float
-    use_rslora: bool
-    use_dora: bool
-    modules: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+    use_dora: bool = False
+    base_model: str | None = None  # as the adapter names it; informational, shapes decide
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules: list[str] = field(default_factory=list)  # LoRA/DoRA-updated modules
+    replaced: list[str] = field(default_factory=list)  # modules given full new weights
+    notices: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def merge_adapters(ckpt: Checkpoint, adapters: list[AdapterRef]) -> list[AdapterReport]:
-    """Merge every adapter in order into ckpt.tensors (in place); return what was applied."""
-    return [merge_adapter(ckpt, ref) for ref in adapters]
+# --- updates ---------------------------------------------------------------------------
 
 
-def merge_adapter(ckpt: Checkpoint, ref: AdapterRef) -> AdapterReport:
+@dataclass(frozen=True)
+class LoraUpdate:
+    """A low-rank update of one weight, in the weight's linear view [out, in]."""
+
+    target: str  # HF tensor name
+    a: Any  # [r, in]
+    b: Any  # [out, r]
+    scale: float
+    magnitude: Any | None = None  # DoRA: one magnitude per output row
+    transposed: bool = False  # the stored tensor is the linear map's transpose (an embedding table)
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def delta_shape(self) -> tuple[int, int]:
+        """The shape of B @ A as the tensor is stored."""
+        shape = (int(self.b.shape[0]), int(self.a.shape[1]))
+        return shape[::-1] if self.transposed else shape
+
+    def apply(self, stored: Any, weight: float) -> Any:
+        import torch
+
+        w = stored.T if self.transposed else stored
+        if self.magnitude is None:
+            new = torch.addmm(w, self.b, self.a, alpha=weight * self.scale)  # w + weight * scale * (b @ a)
+        else:
+            v = torch.addmm(w, self.b, self.a, alpha=self.scale)
+            dora = (self.magnitude / torch.linalg.norm(v, dim=1))[:, None] * v
+            new = dora if weight == 1 else w + weight * (dora - w)
+        return new.T.contiguous() if self.transposed else new
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A full new value for one tensor (PEFT modules_to_save, or base weights the adapter carries)."""
+
+    target: str
+    value: Any
+
+    def delta_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.value.shape)
+
+    def apply(self, stored: Any, weight: float) -> Any:
+        return self.value.clone() if weight == 1 else stored + weight * (self.value - stored)
+
+
+Update = LoraUpdate | Replacement
+
+
+@dataclass
+class ParsedAdapter:
+    report: AdapterReport  # report.weight is the weight to apply
+    updates: list[Update]
+
+
+# --- the merge stage -------------------------------------------------------------------
+
+
+def _stderr(message: str) -> None:
+    print(f"[nomoat] notice: {message}", file=sys.stderr, flush=True)
+
+
+def merge_adapters(ckpt: Checkpoint, adapters: list[AdapterRef],
+                   notify: Callable[[str], None] = _stderr) -> list[AdapterReport]:
+    """Merge every adapter in order into ckpt (in place); return what each one did.
+
+    All adapters are read and validated first, so a bad one fails before any weight changes.
+    May untie a tied LM head (ckpt.spec is replaced then); `notify` hears why.
+    """
+    parsed = [read_adapter(ref, ckpt) for ref in adapters]
+    for adapter in parsed:
+        _apply(ckpt, adapter, notify)
+    return [adapter.report for adapter in parsed]
+
+
+def read_adapter(ref: AdapterRef, ckpt: Checkpoint) -> ParsedAdapter:
+    """Read a PEFT folder or a llama.cpp LoRA GGUF and check it fits ckpt."""
+    path = ref.path
+    if not path.exists():
+        raise ConversionError(f"LoRA adapter {path} does not exist.")
+    if path.is_file() and _is_gguf(path):
+        from .lora_gguf import read_lora_gguf
+
+        report, updates = read_lora_gguf(path, ckpt.spec)
+    elif path.is_dir() or path.name in ("adapter_model.safetensors", "adapter_model.bin"):
+        report, updates = _read_peft(path if path.is_dir() else path.parent, ckpt)
+    else:
+        raise ConversionError(f"LoRA adapter {path} is neither a PEFT adapter folder (adapter_config.json + "
+                              "adapter_model.safetensors) nor a llama.cpp LoRA .gguf file.")
+    report.weight = ref.weight
+    _validate(updates, ckpt, report)
+    return ParsedAdapter(report=report, updates=updates)
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _validate(updates: list[Update], ckpt: Checkpoint, report: AdapterReport) -> None:
+    """Every update must land on a tensor of this model, with its shape and finite values."""
     import torch
 
-    config, tensors, weights_file = _read_adapter(ref.path)
-    pairs = _lora_pairs(tensors, ref.path)
+    if not updates:
+        raise ConversionError(f"{report.path}: the adapter holds no LoRA weights and no replacement weights.")
+    # In the model's own order, so "the first bad module" is the one nearest the input.
+    order = {name: i for i, name in enumerate([*ckpt.spec.expected_shapes(), LM_HEAD])}
+    for u in sorted(updates, key=lambda u: order.get(u.target, len(order))):
+        module = u.target.removesuffix(".weight")
+        current = _current(ckpt, u.target)
+        if current is None:
+            raise ConversionError(
+                f"{report.path}: adapter module {module!r} matches no weight of this {ckpt.spec.architecture} model "
+                f"(unknown target module); the adapter was made for another model"
+                f"{_base_hint(report)}."
+            )
+        if tuple(current.shape) != u.delta_shape():
+            raise ConversionError(
+                f"{report.path}: {module} has shape {tuple(current.shape)} in the model but the adapter's "
+                f"{'update' if isinstance(u, LoraUpdate) else 'weight'} has shape {u.delta_shape()}; the adapter "
+                f"was trained for another model{_base_hint(report)}."
+            )
+        if not all(bool(torch.isfinite(t).all()) for t in _tensors_of(u)):
+            raise ConversionError(f"{report.path}: {module} holds NaN or Inf values; the adapter is corrupt.")
+
+
+def _tensors_of(u: Update) -> list[Any]:
+    if isinstance(u, Replacement):
+        return [u.value]
+    return [u.a, u.b] + ([u.magnitude] if u.magnitude is not None else [])
+
+
+def _base_hint(report: AdapterReport) -> str:
+    return f" (it names its base model {report.base_model!r})" if report.base_model else ""
+
+
+def _current(ckpt: Checkpoint, name: str) -> Any | None:
+    """The tensor an update applies to; a tied LM head is the embedding."""
+    if name in ckpt.tensors:
+        return ckpt.tensors[name]
+    if name == LM_HEAD and ckpt.spec.tie_word_embeddings:
+        return ckpt.tensors[EMBED]
+    return None
+
+
+def _apply(ckpt: Checkpoint, adapter: ParsedAdapter, notify: Callable[[str], None]) -> None:
+    by_target: dict[str, list[Update]] = {}
+    # Replacements first: a LoRA on a module whose base weight the adapter carries applies to that weight.
+    for u in sorted(adapter.updates, key=lambda u: isinstance(u, LoraUpdate)):
+        by_target.setdefault(u.target, []).append(u)
+    new = {}
+    for target, updates in by_target.items():
+        current = _current(ckpt, target)
+        value = _updated(current, updates, adapter.report.weight)
+        if all(isinstance(u, Replacement) for u in updates) and _same(value, current):
+            continue  # e.g. PEFT saves the unchanged base embedding next to an embedding LoRA
+        new[target] = value
+        listing = adapter.report.modules if any(isinstance(u, LoraUpdate) for u in updates) else adapter.report.replaced
+        listing.append(target.removesuffix(".weight"))
+    if ckpt.spec.tie_word_embeddings and (EMBED in new or LM_HEAD in new):
+        _settle_tied_pair(ckpt, new, adapter.report, notify)
+    ckpt.tensors.update(new)
+
+
+def _updated(current: Any, updates: list[Update], weight: float) -> Any:
+    if len(updates) == 1:
+        return updates[0].apply(current, weight)
+    value = current
+    for u in updates:
+        value = u.apply(value, 1.0)
+    return value if weight == 1 else current + weight * (value - current)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal up to fp32 rounding: such differences are no adapter's intent."""
+    return bool((a - b).abs().max() <= 1e-6 * b.abs().max())
+
+
+def _settle_tied_pair(ckpt: Checkpoint, new: dict[str, Any], report: AdapterReport,
+                      notify: Callable[[str], None]) -> None:
+    """A tied model whose embedding or LM head the adapter changes: keep them tied only if both stay equal.
+
+    The adapter was trained with the two as separate modules (PEFT wraps each one); folding an
+    LM-head update into the shared tensor would also change every input embedding, and the
+    other way round. So the pair is untied on purpose, each keeping what it had in training,
+    unless both end up equal (PEFT's ensure_weight_tying, or unchanged copies).
+    """
+    embed = new.get(EMBED, ckpt.tensors[EMBED])
+    head = new.pop(LM_HEAD, ckpt.tensors[EMBED])
+    new[EMBED] = embed
+    if _same(head, embed):
+        return
+    new[LM_HEAD] = head
+    ckpt.spec = replace(ckpt.spec, tie_word_embeddings=False)
+    changed = [name for name, t in (("token embedding", embed), ("LM head", head))
+               if t is not ckpt.tensors[EMBED]]
+    kept = "the LM head keeps the original embedding" if changed == ["token embedding"] else (
+        "the token embedding is unchanged" if changed == ["LM head"] else "each gets its own update")
+    message = (f"{report.path}: the model ties its LM head to the token embedding and this adapter changes the "
+               f"{' and the '.join(changed)}; untied on purpose: lm_head.weight is now its own tensor and {kept} "
+               f"(the bundle stores one more [{ckpt.spec.vocab_size} x {ckpt.spec.hidden_size}] matrix).")
+    report.notices.append(message)
+    notify(message)
+
+
+# --- PEFT folders ----------------------------------------------------------------------
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?!weight$|bias$)[^.]+)?(?:\.weight)?$"
+)
+_SAVED_COPY = re.compile(r"^(?P<module>.+)\.(?:base_layer|modules_to_save\.[^.]+)\.(?P<param>weight|bias)$")
+
+
+def _read_peft(path: Path, ckpt: Checkpoint) -> tuple[AdapterReport, list[Update]]:
+    config, tensors, weights_file = _read_peft_files(path)
+    _refuse_unmergeable(config, path)
     report = AdapterReport(
-        path=str(ref.path), sha256=_sha256(weights_file), rank=int(config.get("r", 8)),
-        alpha=float(config.get("lora_alpha", 8)), weight=ref.weight,
-        use_rslora=bool(config.get("use_rslora", False)), use_dora=bool(config.get("use_dora", False)),
+        path=str(path), format="peft", sha256=_sha256(weights_file),
+        rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)), weight=1.0,
+        use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
+        base_model=config.get("base_model_name_or_path") or None,
+        rank_pattern=dict(config.get("rank_pattern") or {}), alpha_pattern=dict(config.get("alpha_pattern") or {}),
     )
-    if report.use_dora:
-        raise ConversionError(f"{ref.path}: DoRA adapters (use_dora=true) are not supported yet; merge it with "
-                              "PEFT's merge_and_unload() and pass the merged model instead.")
-    # Validate everything first: a bad adapter must not leave half-merged weights behind.
-    plan = []
-    for module, (a, b) in pairs.items():
-        target = f"{module}.weight"
-        base = ckpt.tensors.get(target)
-        if base is None:
-            raise ConversionError(
-                f"{ref.path}: adapter module {module!r} matches no weight of this model; is the adapter for "
-                f"another base model ({config.get('base_model_name_or_path', 'unknown')})?"
-            )
-        if config.get("fan_in_fan_out"):
-            a, b = b.T, a.T
-        r = a.shape[0]
-        if b.shape[1] != r:
-            raise ConversionError(f"{ref.path}: {module} has lora_A rank {r} but lora_B rank {b.shape[1]}.")
-        expected = (b.shape[0], a.shape[1])
-        if tuple(base.shape) != expected:
-            raise ConversionError(
-                f"{ref.path}: {module} expects a weight of shape {tuple(base.shape)} but the adapter's update has "
-                f"shape {expected}; the adapter was trained for another model."
-            )
-        rank, alpha = _rank_alpha(config, module, r)
-        if rank != r:
-            raise ConversionError(
-                f"{ref.path}: {module} has rank {r} in its weights but {rank} in adapter_config.json; the config "
-                "and weights do not belong together."
-            )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ConversionError(f"{ref.path}: {module} holds NaN or Inf values; the adapter is corrupt.")
-        scale = alpha / (math.sqrt(r) if report.use_rslora else r)
-        plan.append((target, a, b, scale))
-    if not plan:
-        raise ConversionError(f"{ref.path}: the adapter holds no LoRA weights (lora_A/lora_B pairs).")
-    for target, a, b, scale in plan:
-        base = ckpt.tensors[target]
-        ckpt.tensors[target] = base + (ref.weight * scale) * (b.double() @ a.double()).to(base.dtype)
-        report.modules.append(target.removesuffix(".weight"))
-    return report
+    if config.get("fan_in_fan_out"):
+        # The flag transposes the update for GPT-2's Conv1D, whose weight is stored [in, out]; lora_A/lora_B
+        # themselves are [r, in]/[out, r] either way. LLaMA's layers are nn.Linear, and PEFT resets the flag.
+        report.notices.append("fan_in_fan_out=true ignored: it only applies to Conv1D layers (GPT-2), and PEFT "
+                              "ignores it for LLaMA's nn.Linear layers too.")
+    lora, replacements = _group_peft_keys(tensors, ckpt, path)
+    _check_config_targets(config, ckpt, path)
+    updates: list[Update] = [_lora_update(module, parts, config, report, path) for module, parts in lora.items()]
+    return report, updates + replacements
 
 
-def _read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
-    import torch
-
-    if not path.is_dir():
-        raise ConversionError(f"LoRA adapter {path} is not a directory; pass a PEFT adapter folder "
-                              "(adapter_config.json + adapter_model.safetensors).")
+def _read_peft_files(path: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
-        raise ConversionError(f"{path} has no adapter_config.json; it is not a PEFT adapter folder.")
+        raise ConversionError(f"{path} has no adapter_config.json; it is not a PEFT adapter folder (or the config "
+                              "was not copied with the weights). Pass the folder PEFT's save_pretrained wrote, or "
+                              "a llama.cpp LoRA .gguf file.")
     try:
         config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{config_file} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_file} should hold a JSON object.")
     if config.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"{path}: peft_type {config.get('peft_type')!r} is not LoRA; only LoRA merges.")
     st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
     if st.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(st))
-        except (SafetensorError, OSError) as e:
-            raise ConversionError(f"{st} cannot be read ({e}); the adapter file is damaged.") from e
-        return config, tensors, st
+        return config, _load_safetensors(st), st
     if binf.is_file():
-        tensors = torch.load(binf, map_location="cpu", weights_only=True)
-        return config, tensors, binf
+        return config, _load_bin(binf), binf
     raise ConversionError(f"{path} has neither adapter_model.safetensors nor adapter_model.bin.")
 
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+def _load_safetensors(f: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(f"{f} cannot be read ({e}); the adapter file is damaged.") from e
 
 
-def _lora_pairs(tensors: dict[str, Any], path: Path) -> dict[str, tuple[Any, Any]]:
-    """{hf module name: (A [r, in], B [out, r])} in fp32, from PEFT's saved keys."""
-    found: dict[str, dict[str, Any]] = {}
+def _load_bin(f: Path) -> dict[str, Any]:
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        # weights_only: a .bin is a pickle, and only plain tensors may come out of it.
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise ConversionError(f"{f} cannot be read as a PyTorch file of plain tensors ({e}); it is damaged or "
+                              "holds pickled objects. Re-save the adapter with safetensors.") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{f} does not hold a dict of tensors; it is not a PEFT adapter.")
+    return state
+
+
+def _refuse_unmergeable(config: dict[str, Any], path: Path) -> None:
+    for option, reason in _UNMERGEABLE_OPTIONS.items():
+        if config.get(option):
+            raise ConversionError(f"{path}: cannot merge this adapter: {reason} ({option} is set).")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        raise ConversionError(
+            f"{path}: the adapter was initialised with {init!r}, which rewrites the base weights; it only fits that "
+            "rewritten base. Save it with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA."
+        )
+
+
+def _group_peft_keys(tensors: dict[str, Any], ckpt: Checkpoint,
+                     path: Path) -> tuple[dict[str, dict[str, Any]], list[Update]]:
+    """({module: {kind: tensor}} for LoRA parts, [Replacement]) from PEFT's saved keys."""
+    lora: dict[str, dict[str, Any]] = {}
+    replacements: list[Update] = []
     for key, value in tensors.items():
-        m = _KEY.match(key)
-        if not m:
+        name = key.removeprefix(PEFT_PREFIX)
+        if re.search(r"\.lora_(?:A|B)\.bias$", name):
+            raise ConversionError(f"{path}: cannot merge this adapter: {_UNMERGEABLE_OPTIONS['lora_bias']} "
+                                  f"(key {key!r}).")
+        if "trainable_tokens" in name:
+            raise ConversionError(f"{path}: cannot merge this adapter: "
+                                  f"{_UNMERGEABLE_OPTIONS['trainable_token_indices']} (key {key!r}).")
+        m = _LORA_KEY.match(name)
+        if m:
+            target = _resolve_tensor(f"{m['module']}.weight", ckpt)
+            if target is None:
+                raise ConversionError(
+                    f"{path}: adapter module {m['module']!r} matches no weight of this {ckpt.spec.architecture} "
+                    "model (unknown target module); the adapter was made for another model."
+                )
+            lora.setdefault(target.removesuffix(".weight"), {})[m["kind"]] = value.float()
+            continue
+        m = _SAVED_COPY.match(name)
+        target = _resolve_tensor(f"{m['module']}.{m['param']}" if m else name, ckpt)
+        if target is None:
             raise ConversionError(
-                f"{path}: adapter key {key!r} is not a LoRA A/B weight this converter understands "
-                "(embedding LoRA, modules_to_save and DoRA arrive with issue #3)."
+                f"{path}: adapter key {key!r} matches no weight of this {ckpt.spec.architecture} model and is not a "
+                "LoRA weight; the adapter was made for another model or by a tool nomoat does not know."
             )
-        found.setdefault(m["module"], {})[m["ab"]] = value.float()
-    pairs = {}
-    for module, ab in found.items():
-        if set(ab) != {"A", "B"}:
-            raise ConversionError(f"{path}: {module} has lora_{''.join(ab)} but not its partner.")
-        if module.rsplit(".", 1)[-1] not in _LINEAR_MODULES:
-            raise ConversionError(f"{path}: LoRA on {module!r} is not supported (supported: "
-                                  f"{', '.join(_LINEAR_MODULES)}).")
-        pairs[module] = (ab["A"], ab["B"])
-    return pairs
+        replacements.append(Replacement(target, value.float()))
+    return lora, replacements
 
 
-def _rank_alpha(config: dict[str, Any], module: str, default_r: int) -> tuple[int, float]:
-    """Per-module rank/alpha from rank_pattern/alpha_pattern (PEFT matches a suffix of the name)."""
-    r = int(config.get("r", default_r))
-    alpha = float(config.get("lora_alpha", r))
-    for pattern, value in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{pattern}$", module):
-            r = int(value)
-            break
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{pattern}$", module):
-            alpha = float(value)
-            break
+def _resolve_tensor(name: str, ckpt: Checkpoint) -> str | None:
+    """The HF tensor name; adapters saved from the inner LlamaModel lack the leading 'model.'."""
+    for candidate in (name, f"model.{name}"):
+        if _current(ckpt, candidate) is not None:
+            return candidate
+    return None
+
+
+def _lora_update(module: str, parts: dict[str, Any], config: dict[str, Any], report: AdapterReport,
+                 path: Path) -> LoraUpdate:
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a = parts.get("lora_embedding_A" if embedding else "lora_A")
+    b = parts.get("lora_embedding_B" if embedding else "lora_B")
+    if a is None or b is None or (embedding and ("lora_A" in parts or "lora_B" in parts)):
+        raise ConversionError(f"{path}: {module} has {', '.join(sorted(parts))} but not a matching lora_A/lora_B "
+                              "pair; the adapter file is incomplete.")
+    if embedding != (f"{module}.weight" == EMBED):
+        raise ConversionError(f"{path}: {module} holds {'embedding' if embedding else 'linear'} LoRA weights, "
+                              "which do not fit that module.")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise ConversionError(f"{path}: {module} has lora_A of shape {tuple(a.shape)} and lora_B of shape "
+                              f"{tuple(b.shape)}; their ranks disagree.")
+    r, alpha = _rank_alpha(config, module)
+    if a.shape[0] != r:
+        raise ConversionError(
+            f"{path}: {module} has rank {a.shape[0]} in its weights but {r} in adapter_config.json "
+            f"(r / rank_pattern); the config and weights do not belong together."
+        )
+    magnitude = parts.get("lora_magnitude_vector")
+    if report.use_dora != (magnitude is not None):
+        raise ConversionError(
+            f"{path}: {module} {'lacks' if report.use_dora else 'has'} a DoRA magnitude vector but adapter_config.json "
+            f"says use_dora={str(report.use_dora).lower()}; the config and weights do not belong together."
+        )
+    if magnitude is not None and tuple(magnitude.shape) != (b.shape[0],):
+        raise ConversionError(f"{path}: {module} has a DoRA magnitude of shape {tuple(magnitude.shape)}; "
+                              f"its update has {b.shape[0]} output rows.")
+    scale = alpha / (math.sqrt(r) if report.use_rslora else r)
+    return LoraUpdate(target=f"{module}.weight", a=a, b=b, scale=scale, magnitude=magnitude, transposed=embedding)
+
+
+def _rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
+    """Per-module rank/alpha: rank_pattern/alpha_pattern keys match a suffix of the module name, as in PEFT."""
+    r = int(config.get("r", 8))
+    alpha = float(config.get("lora_alpha", 8))
+    pattern = _pattern_key(config.get("rank_pattern") or {}, module)
+    if pattern is not None:
+        r = int(config["rank_pattern"][pattern])
+    pattern = _pattern_key(config.get("alpha_pattern") or {}, module)
+    if pattern is not None:
+        alpha = float(config["alpha_pattern"][pattern])
     return r, alpha
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """PEFT's get_pattern_key: the first key whose regex matches the end of the module name."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+
+
+def _check_config_targets(config: dict[str, Any], ckpt: Checkpoint, path: Path) -> None:
+    """target_modules naming a module this model does not have means the adapter is for another architecture."""
+    targets = config.get("target_modules")
+    modules = [name.removesuffix(".weight") for name, t in ckpt.tensors.items() if t.dim() == 2]
+    if ckpt.spec.tie_word_embeddings:
+        modules.append(LM_HEAD.removesuffix(".weight"))
+    if isinstance(targets, str):
+        if targets != "all-linear" and not any(re.fullmatch(targets, m) for m in modules):
+            raise ConversionError(f"{path}: target_modules {targets!r} matches no module of this "
+                                  f"{ckpt.spec.architecture} model; the adapter is for another architecture.")
+        return
+    for target in targets or []:
+        if not any(m == target or m.endswith(f".{target}") for m in modules):
+            raise ConversionError(
+                f"{path}: unknown target module {target!r} in adapter_config.json: this {ckpt.spec.architecture} "
+                "model has no such module (it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, "
+                "embed_tokens, lm_head); the adapter is for another architecture."
+            )
 
 
 def _sha256(path: Path) -> str:

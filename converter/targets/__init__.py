@@ -11,16 +11,26 @@ import os
 import platform
 from dataclasses import dataclass, field, replace
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
 from ..errors import ConversionError
 
+if TYPE_CHECKING:
+    from ..quantize import QuantRecipe
+
 # Short names users type; each points at the most common variant.
 ALIASES = {"rpi4": "rpi4-4gb", "rpi5": "rpi5-8gb"}
 
-INT8_DOT_FEATURES = {"dotprod", "i8mm", "avx2", "avxvnni", "avx512vnni"}
+# ISA features whose int8 dot-product instructions ONNX Runtime's MatMulNBits int8 path uses
+# (MLAS: sdot/smmla on arm64, vpmaddubsw/VNNI on x86). Without one of them the int8 kernel is
+# not faster than the fp32 one, and accuracy level 4 only costs precision.
+INT8_DOT_FEATURES = frozenset({"dotprod", "i8mm", "avx2", "avxvnni", "avx512vnni"})
+
+# What the runtime can allocate for the KV cache today (nomoat.runtime binds float32 buffers).
+KV_DTYPES = ("float32",)
+FORMATS = ("onnx",)
 
 
 @dataclass(frozen=True)
@@ -35,18 +45,45 @@ class Recipe:
     threads: int = 4
     max_context: int = 2048
     kv_dtype: str = "float32"
-    overrides: tuple[str, ...] = ()  # names of fields the user set by hand, for the manifest
+    overrides: tuple[str, ...] = ()  # fields the user set by hand (--quant, --max-context, ...)
+    adjustments: tuple[str, ...] = ()  # changes the converter made itself, each with its reason
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConversionError(f"KV cache dtype {self.kv_dtype!r} is not supported by nomoat.runtime; "
+                                  f"use one of {', '.join(KV_DTYPES)}.")
+        if not set(self.formats) <= set(FORMATS):
+            raise ConversionError(f"format(s) {', '.join(self.formats)} unknown; this build exports "
+                                  f"{', '.join(FORMATS)}.")
+        if self.threads < 1:
+            raise ConversionError(f"--threads {self.threads} must be at least 1.")
+        if self.max_context < 16:
+            raise ConversionError(f"--max-context {self.max_context} is too small; give at least 16 tokens.")
 
     def with_overrides(self, **values: Any) -> Recipe:
+        """The recipe with the user's non-None values, remembering which fields they set."""
         given = {k: v for k, v in values.items() if v is not None}
         unknown = set(given) - set(self.__dataclass_fields__)
         if unknown:
             raise ConversionError(f"unknown recipe fields: {', '.join(sorted(unknown))}")
         return replace(self, **given, overrides=tuple(sorted(set(self.overrides) | set(given))))
 
+    def adjusted(self, reason: str, **values: Any) -> Recipe:
+        """The recipe with values the converter chose (not the user), and why."""
+        notes = [f"{k} {getattr(self, k)} -> {v}: {reason}" for k, v in values.items() if getattr(self, k) != v]
+        return replace(self, **values, adjustments=(*self.adjustments, *notes)) if notes else self
+
+    def quant_recipe(self) -> QuantRecipe:
+        """The quantizer's view of this recipe (the LM head keeps QuantRecipe's 8-bit default)."""
+        from ..quantize import QuantRecipe
+
+        return QuantRecipe(weights=self.weights, block_size=self.block_size, accuracy_level=self.accuracy_level,
+                           quantize_embedding=self.quantize_embedding)
+
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["formats"], d["overrides"] = list(self.formats), list(self.overrides)
+        d["formats"], d["overrides"], d["adjustments"] = list(self.formats), list(self.overrides), \
+            list(self.adjustments)
         return d
 
 
@@ -56,10 +93,10 @@ class Target:
     description: str
     os: str
     soc: str
-    cores: dict[str, list[str]]
+    cores: dict[str, list[str]]  # cluster (big / mid / little) -> one entry per core
     isa: tuple[str, ...]
     ram_gb: float
-    app_memory_share: float
+    app_memory_share: float  # the share of RAM one app can use before the OS kills or swaps it
     recipe: Recipe = field(default_factory=Recipe)
 
     @property
@@ -73,10 +110,15 @@ class Target:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "description": self.description, "os": self.os, "soc": self.soc,
-            "cores": self.cores, "isa": list(self.isa), "ram_gb": self.ram_gb,
-            "app_memory_share": self.app_memory_share, "memory_budget_bytes": self.memory_budget_bytes,
-            "recipe": self.recipe.to_dict(),
+            "cores": self.cores, "isa": list(self.isa), "int8_dot_product": self.has_int8_dot,
+            "ram_gb": self.ram_gb, "app_memory_share": self.app_memory_share,
+            "memory_budget_bytes": self.memory_budget_bytes, "recipe": self.recipe.to_dict(),
         }
+
+
+def accuracy_level_for(isa: set[str] | frozenset[str]) -> int:
+    """MatMulNBits accuracy level: 4 (int8 activations) only where int8 dot products exist, else 0 (fp32)."""
+    return 4 if INT8_DOT_FEATURES & set(isa) else 0
 
 
 def _recipe_from_toml(d: dict[str, Any], isa: set[str]) -> Recipe:
@@ -84,8 +126,7 @@ def _recipe_from_toml(d: dict[str, Any], isa: set[str]) -> Recipe:
         formats=tuple(d.get("format", ["onnx"])),
         weights=d.get("weights", "int4"),
         block_size=int(d.get("block_size", 32)),
-        # Without int8 dot products the int8-activation kernels fall back to fp32 math anyway.
-        accuracy_level=int(d.get("accuracy_level", 4 if INT8_DOT_FEATURES & isa else 0)),
+        accuracy_level=int(d.get("accuracy_level", accuracy_level_for(isa))),
         quantize_embedding=bool(d.get("quantize_embedding", True)),
         threads=int(d["threads"]),
         max_context=int(d["max_context"]),
@@ -118,14 +159,25 @@ def load_target(name: str) -> Target:
     return _target_from_toml(tomllib.loads(path.read_text()))
 
 
+# --- host --------------------------------------------------------------------------------
+
+# /proc/cpuinfo flag -> the feature name the registry uses (x86 "flags", arm64 "Features").
+_CPUINFO_FEATURES = {
+    "avx2": "avx2", "avx512f": "avx512f", "avx_vnni": "avxvnni", "avx512_vnni": "avx512vnni", "fma": "fma",
+    "f16c": "f16c", "asimd": "neon", "asimddp": "dotprod", "i8mm": "i8mm", "asimdhp": "fp16", "sve2": "sve2",
+    "bf16": "bf16",
+}
+
+
 def detect_host() -> Target:
-    """This machine, read from /proc: cores we may use, ISA flags, RAM."""
+    """This machine, read from /proc: the cores we may use, ISA flags, RAM."""
     isa = _host_isa()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    ram_gb = _host_ram_bytes() / 2**30
-    recipe = Recipe(threads=cores, accuracy_level=4 if INT8_DOT_FEATURES & set(isa) else 0)
+    cpu = _host_cpu_name()
+    recipe = Recipe(threads=cores, accuracy_level=accuracy_level_for(set(isa)))
     return Target(name="host", description=f"this machine ({platform.machine()}, {cores} cores)", os="linux",
-                  soc=_host_cpu_name(), cores={"big": ["host"] * cores}, isa=tuple(isa), ram_gb=round(ram_gb, 1),
+                  soc=cpu, cores={"big": [cpu] * cores}, isa=tuple(isa), ram_gb=round(_host_ram_bytes() / 2**30, 1),
+                  # a workstation runs other programs too: half its RAM for the model
                   app_memory_share=0.5, recipe=recipe)
 
 
@@ -143,12 +195,7 @@ def _host_isa() -> list[str]:
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags |= set(value.split())
-    wanted = ["avx2", "avx512f", "avxvnni", "avx512vnni", "fma", "f16c", "neon", "asimd", "asimddp", "i8mm",
-              "fphp"]
-    isa = [f for f in wanted if f in flags]
-    if "asimddp" in flags:
-        isa.append("dotprod")  # the kernel calls ARM's int8 dot product "asimddp"
-    return [platform.machine(), *isa]
+    return [platform.machine(), *sorted({name for flag, name in _CPUINFO_FEATURES.items() if flag in flags})]
 
 
 def _host_cpu_name() -> str:

@@ -1,0 +1,127 @@
+"""Show what a bundle holds: model, source, target and recipe (with the fields set by hand),
+the memory estimate, the graph's ops and the quality report verify measured.
+
+Reads only manifest.json and report.json (and hashes the files): no torch, no model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+MiB = 2**20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
+    p.add_argument("--json", action="store_true", help="print the manifest and report.json as one JSON object")
+    p.add_argument("--no-check", action="store_true", help="do not check the files' sha256")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nomoat.runtime.errors import BundleError
+
+    try:
+        manifest, report, files_ok = read_bundle(args.bundle, check=not args.no_check)
+    except BundleError as e:
+        print(f"nomoat inspect: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"manifest": manifest, "report": report, "files_ok": files_ok}, indent=2))
+    else:
+        print(describe(args.bundle, manifest, report, files_ok))
+    return 0
+
+
+def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[str, Any], bool | None]:
+    """(manifest, report, files match their sha256 — None when not checked). Raises BundleError."""
+    from nomoat.runtime.errors import BundleError
+    from nomoat.runtime.manifest import check_files, read_manifest
+
+    manifest = read_manifest(bundle, verify_files=False)  # refuses unknown format versions
+    raw = json.loads((Path(bundle) / "manifest.json").read_text())
+    report_file = Path(bundle) / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    files_ok = None
+    if check:
+        try:
+            check_files(Path(bundle), manifest.files)
+            files_ok = True
+        except BundleError:
+            files_ok = False
+    return raw, report, files_ok
+
+
+def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: bool | None) -> str:
+    from .verify import format_quality_table
+
+    target = m.get("target", {})
+    recipe = target.get("recipe", {})
+    estimate = target.get("memory_estimate") or report.get("memory_estimate")
+    lines = [
+        f"bundle     {bundle} (format {m['format_version']}, {len(m['files'])} files, {_files_status(files_ok)})",
+        f"model      {_model_line(m['model'])}",
+        f"source     {_source_line(m.get('source', {}))}",
+        f"target     {target.get('name', '?')}: {target.get('description', '')}",
+        f"           {target.get('soc', '?')}; ISA {' '.join(target.get('isa', []))}; {target.get('ram_gb', '?')} GB "
+        f"RAM, budget {target.get('memory_budget_bytes', 0) / MiB:.0f} MiB",
+        f"recipe     {_recipe_line(recipe, m.get('quantization', {}))}",
+        f"overrides  {_overrides_line(recipe)}",
+    ]
+    lines += [f"adjusted   {note}" for note in recipe.get("adjustments", [])]
+    if estimate:
+        lines.append(f"memory     {_memory_line({'max_context': m['max_context'], **estimate})}")
+    if report.get("ops"):
+        ops = sorted(report["ops"].items(), key=lambda item: -item[1])
+        lines.append("graph      " + ", ".join(f"{n} {op}" for op, n in ops))
+    lines.append(format_quality_table(report.get("quality", {"skipped": True})))
+    return "\n".join(lines)
+
+
+def _files_status(ok: bool | None) -> str:
+    return {True: "sha256 ok", False: "SHA256 MISMATCH: copy the bundle again", None: "sha256 not checked"}[ok]
+
+
+def _model_line(model: dict[str, Any]) -> str:
+    params = model.get("parameters", 0)
+    return (f"{model['architecture']}, {params / 1e6:.1f}M parameters, {model['num_layers']} layers, hidden "
+            f"{model['hidden_size']}, heads {model['num_heads']} (KV {model['num_kv_heads']}) x {model['head_dim']}, "
+            f"vocab {model['vocab_size']}")
+
+
+def _source_line(source: dict[str, Any]) -> str:
+    kind = source.get("format", "?")
+    extra = f" ({source['file_type']})" if source.get("file_type") else ""
+    loras = source.get("loras") or []
+    lora_text = ", ".join(str(a.get("path", a)) for a in loras) if loras else "none"
+    return f"{kind} {source.get('path', '')}{extra}; LoRA: {lora_text}"
+
+
+def _recipe_line(recipe: dict[str, Any], quant: dict[str, Any]) -> str:
+    if not recipe:
+        return "(not recorded)"
+    weights = recipe.get("weights", quant.get("weights", "?"))
+    head = quant.get("lm_head_bits")
+    head_text = f", LM head {max(head, 8 if weights == 'int8' else 4)}-bit" if head and weights != "fp32" else ""
+    embedding = "int4" if recipe.get("quantize_embedding") and weights == "int4" else "fp32"
+    return (f"{', '.join(recipe.get('formats', []))}, {weights} weights in blocks of {recipe.get('block_size')}"
+            f"{head_text}, embedding {embedding}, accuracy level {recipe.get('accuracy_level')}, "
+            f"{recipe.get('threads')} threads, context {recipe.get('max_context')}, KV cache {recipe.get('kv_dtype')}")
+
+
+def _overrides_line(recipe: dict[str, Any]) -> str:
+    names = recipe.get("overrides", [])
+    if not names:
+        return "none (the target's recipe as is)"
+    return ", ".join(f"{name}={recipe.get(name)}" for name in names)
+
+
+def _memory_line(e: dict[str, Any]) -> str:
+    share = e["total_bytes"] / e["budget_bytes"] if e.get("budget_bytes") else 0
+    return (f"peak ~{e['total_bytes'] / MiB:.0f} MiB of {e['budget_bytes'] / MiB:.0f} MiB budget ({share:.0%}): "
+            f"weights {e['weights_bytes'] / MiB:.0f}, KV cache {e['kv_cache_bytes'] / MiB:.0f} at "
+            f"{e.get('max_context', '?')} tokens, activations {e['activations_bytes'] / MiB:.0f}, runtime "
+            f"{e.get('runtime_bytes', e.get('overhead_bytes', 0)) / MiB:.0f}")

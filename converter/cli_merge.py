@@ -1,0 +1,159 @@
+"""Merge LoRA adapters into a model in fp32 and write the result as a Hugging Face safetensors
+folder (config.json, model.safetensors, tokenizer files, generation_config.json), for users who
+want the merged model itself: to load it with transformers, or to convert it later."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ConversionError
+from .merge import AdapterRef
+from .spec import Checkpoint
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # the Hugging Face hub's usual shard size
+REPORT_FILE = "nomoat_merge.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="HF model folder, a .gguf file, or a Meta folder (as for `nomoat convert`)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="PEFT adapter folder or llama.cpp LoRA .gguf to merge; repeat to apply several in order, each "
+                        "with an optional weight (default 1.0). Without any, the model is written as it was loaded "
+                        "(e.g. a GGUF dequantized to fp32)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="split model.safetensors into shards of at most this size (e.g. 500MB, 2GB)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        merge_to_hf_dir(args.model, [AdapterRef.parse(x) for x in args.lora], args.out, force=args.force,
+                        max_shard_bytes=parse_size(args.max_shard_size), progress=not args.quiet)
+    except ConversionError as e:
+        print(f"nomoat merge: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConversionError(f"--max-shard-size {text!r} is not a size like 500MB or 2GB.")
+    unit = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[(m[2] or "").upper()]
+    return max(1, int(float(m[1]) * unit))
+
+
+def merge_to_hf_dir(model: str | Path, loras: list[AdapterRef], out: Path, force: bool = False,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
+    """Load, merge, and write the HF folder atomically (temp folder beside `out`, then one rename)."""
+    from .bundle import check_destination, staging_dir, write_json
+    from .load import load_checkpoint
+    from .merge import merge_adapters
+
+    out = Path(out)
+    check_destination(out, force)
+    _progress(f"load {model}", progress)
+    ckpt = load_checkpoint(model)
+    reports = []
+    if loras:
+        _progress(f"merge {len(loras)} LoRA adapter(s) in fp32", progress)
+        reports = merge_adapters(ckpt, loras)
+    with staging_dir(out) as staging:
+        _progress(f"write {out}", progress)
+        write_hf_dir(ckpt, staging, max_shard_bytes)
+        write_json(staging / REPORT_FILE, {"source": ckpt.source, "adapters": [r.to_dict() for r in reports]})
+        _move_into_place(staging, out, force)
+    return out
+
+
+def _progress(message: str, enabled: bool) -> None:
+    if enabled:
+        print(f"[nomoat merge] {message}", file=sys.stderr, flush=True)
+
+
+def write_hf_dir(ckpt: Checkpoint, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """The checkpoint as a Hugging Face model folder that transformers and `nomoat convert` load."""
+    from .bundle import write_json
+
+    tok = ckpt.tokenizer
+    eos: int | list[int] = tok.eos_token_ids[0] if len(tok.eos_token_ids) == 1 else list(tok.eos_token_ids)
+    config = {**ckpt.spec.to_hf_config(), "bos_token_id": tok.bos_token_id, "eos_token_id": eos}
+    write_json(folder / "config.json", config)
+    _write_safetensors(ckpt, folder, max_shard_bytes)
+    (folder / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
+    write_json(folder / "tokenizer_config.json", _tokenizer_config(ckpt))
+    # do_sample false would tell loaders (ours included) to ignore the sampling settings
+    sampling = {"do_sample": True, **ckpt.generation_defaults} if ckpt.generation_defaults else {"do_sample": False}
+    write_json(folder / "generation_config.json", {"bos_token_id": tok.bos_token_id, "eos_token_id": eos, **sampling})
+
+
+def _tokenizer_config(ckpt: Checkpoint) -> dict[str, Any]:
+    tok = ckpt.tokenizer
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": tok.add_bos_token,
+        "model_max_length": ckpt.spec.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+        **{f"{role}_token": text for role, text in tok.special_tokens.items()},
+    }
+    if tok.chat_template:
+        config["chat_template"] = tok.chat_template
+    return config
+
+
+def _write_safetensors(ckpt: Checkpoint, folder: Path, max_shard_bytes: int) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + index like transformers' save_pretrained."""
+    from safetensors.torch import save_file
+
+    from .bundle import write_json
+
+    # A tied LM head is the embedding: transformers does not store it, and neither do we.
+    tensors = {name: t.contiguous() for name, t in ckpt.tensors.items()}
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(folder / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(names, file)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _shards(tensors: dict[str, Any], max_bytes: int) -> list[list[str]]:
+    """Tensor names in order, cut into groups of at most max_bytes (a bigger tensor gets its own shard)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _move_into_place(staging: Path, out: Path, force: bool) -> None:
+    """One rename; an existing `out` (allowed by --force) is moved aside first and removed after."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    if not force:
+        raise ConversionError(f"output {out} appeared while merging; nothing was overwritten.")
+    trash = out.with_name(f".{out.name}.old")
+    if trash.exists():
+        shutil.rmtree(trash)
+    out.rename(trash)
+    staging.rename(out)
+    shutil.rmtree(trash, ignore_errors=True)

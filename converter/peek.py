@@ -1,0 +1,86 @@
+"""Read a model's shape without reading its weights, so the fit check can run first.
+
+Refusing a 7B model for a 2 GB Raspberry Pi must not first load (and dequantize) 28 GB
+of fp32 tensors. This reads only config.json, a GGUF file's header (memory-mapped), or a
+Meta params.json and the tensor shapes of its first shard. Anything it cannot read cheaply
+returns None: the load stage then reports the real problem, and the fit check runs after it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .spec import ModelSpec
+
+
+def peek_spec(path: str | Path) -> ModelSpec | None:
+    """The ModelSpec of the model at path, from its metadata only; None when that is not possible.
+
+    A ConversionError (an unsupported architecture, say) propagates: the full load would
+    raise the same one, only later.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        return _gguf_spec(p) if p.suffix.lower() == ".gguf" else None
+    if not p.is_dir():
+        return None  # a hub id or a missing path: the load stage resolves or refuses it
+    if (p / "config.json").is_file():
+        return _hf_spec(p / "config.json")
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _gguf_spec(ggufs[0])
+    if (p / "params.json").is_file():
+        return _meta_spec(p)
+    return None
+
+
+def _hf_spec(config: Path) -> ModelSpec | None:
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    return ModelSpec.from_hf_config(cfg)
+
+
+def _gguf_spec(path: Path) -> ModelSpec | None:
+    from gguf import GGUFReader
+
+    from .load_gguf import _architecture, read_metadata, spec_from_gguf
+
+    try:
+        reader = GGUFReader(path)  # memory-maps the file; tensor data is not read
+    except (ValueError, OSError, IndexError):
+        return None
+    meta = read_metadata(reader)
+    arch = _architecture(meta)
+    return spec_from_gguf(meta, arch, {t.name: t for t in reader.tensors})
+
+
+def _meta_spec(folder: Path) -> ModelSpec | None:
+    """params.json plus the shapes in the first shard (torch memory-maps it: no tensor data is read)."""
+    import torch
+
+    from .load_meta import _load_shard, _split_axis, spec_from_params
+
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    try:
+        params: dict[str, Any] = json.loads((folder / "params.json").read_text())
+        dim = int(params["dim"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    if not shards:
+        return None
+    first = _load_shard(shards[0])
+    shapes = {}
+    for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight", "output.weight"):
+        if name in first:
+            shape = list(first[name].shape)
+            axis = _split_axis(name, first[name], dim) if len(shards) > 1 else None
+            if axis is not None:
+                shape[axis] *= len(shards)
+            shapes[name] = torch.empty(shape, device="meta")
+    return spec_from_params(params, shapes)

@@ -1,0 +1,258 @@
+"""The OpenAI wire format, without I/O: request bodies in, response bodies and stream chunks out.
+
+Parsing follows what OpenAI's API accepts and how it refuses: a field of the wrong type or out of
+range is a 400 naming the field (`param`), an unknown model a 404 `model_not_found`. Fields this
+server cannot honour (n > 1, logprobs, tools, ...) are refused rather than silently ignored, so a
+client never gets an answer to a question it did not ask. Sampling fields the client leaves out
+take the bundle's generation defaults (a bundle converted from an instruct model says greedy),
+not OpenAI's temperature 1.0.
+
+Beyond OpenAI, the fields llama.cpp's and vLLM's servers take are accepted too: top_k, min_p,
+repetition_penalty (OpenAI's client sends them with `extra_body`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tokens: int = 1024  # the most tokens one request may ask for
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 16  # requests waiting behind the one being generated
+
+
+@dataclass
+class GenerationRequest:
+    """What a chat or text completion request asks for, checked."""
+
+    kind: str  # "chat" | "completion"
+    prompt: str | list[dict[str, str]]  # raw text (completion) or messages (chat)
+    max_tokens: int
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+    stop: list[str] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields the client set
+
+
+# Fields that change what OpenAI would answer -> the values that mean "not used" (accepted).
+_NEUTRAL = {"logprobs": (None, False), "echo": (None, False), "tools": (None, []), "functions": (None, []),
+            "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "n": (None, 1), "best_of": (None, 1),
+            "top_logprobs": (None, 0), "suffix": (None, "")}
+_ROLES = {"system", "user", "assistant", "developer"}
+
+
+def parse_chat(body: dict[str, Any], model_id: str, limits: Limits, default_max_tokens: int) -> GenerationRequest:
+    _check_common(body, model_id)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list of {role, content} objects", "messages")
+    prompt = [_message(m, i) for i, m in enumerate(messages)]
+    max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), limits, default_max_tokens)
+    return _request("chat", prompt, max_tokens, body)
+
+
+def parse_completion(body: dict[str, Any], model_id: str, limits: Limits,
+                     default_max_tokens: int) -> GenerationRequest:
+    _check_common(body, model_id)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # OpenAI's batch form, with a batch of one
+    if not isinstance(prompt, str) or not prompt:
+        raise bad_request("'prompt' must be a non-empty string (batches of prompts are not supported)", "prompt")
+    max_tokens = _max_tokens(body, ("max_tokens",), limits, min(16, default_max_tokens))  # OpenAI's default: 16
+    return _request("completion", prompt, max_tokens, body)
+
+
+def _request(kind: str, prompt: str | list[dict[str, str]], max_tokens: int, body: dict[str, Any]) -> GenerationRequest:
+    stream = _optional(body, "stream", bool) or False
+    options = _optional(body, "stream_options", dict) or {}
+    if options and not stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return GenerationRequest(kind=kind, prompt=prompt, max_tokens=max_tokens, stream=stream,
+                             include_usage=bool(options.get("include_usage")), stop=_stop(body),
+                             sampling=_sampling(body))
+
+
+def _check_common(body: dict[str, Any], model_id: str) -> None:
+    model = body.get("model")
+    if model is not None and model != model_id:
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_id}'.",
+                       param="model", code="model_not_found")
+    for name, neutral in _NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            raise bad_request(f"'{name}' is not supported by this server (leave it out)", name, "unsupported_parameter")
+    if body.get("tool_choice") not in (None, "none"):
+        raise bad_request("'tool_choice' is not supported by this server (leave it out)", "tool_choice",
+                          "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise bad_request("only response_format {'type': 'text'} is supported", "response_format",
+                          "unsupported_parameter")
+
+
+def _message(message: Any, index: int) -> dict[str, str]:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"{param} must be an object with 'role' and 'content'", param)
+    role = message.get("role")
+    if role not in _ROLES:
+        raise bad_request(f"{param}.role must be one of {sorted(_ROLES)}, got {role!r}", f"{param}.role")
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: only text is understood by a text model
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+            raise bad_request(f"{param}.content: only text parts are supported", f"{param}.content")
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise bad_request(f"{param}.content must be a string", f"{param}.content")
+    # "developer" is OpenAI's newer name for the system role; chat templates know "system".
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def _max_tokens(body: dict[str, Any], names: tuple[str, ...], limits: Limits, default: int) -> int:
+    for name in names:
+        value = _optional(body, name, int)
+        if value is None:
+            continue
+        if value < 1:
+            raise bad_request(f"'{name}' must be at least 1, got {value}", name)
+        if value > limits.max_tokens:
+            raise bad_request(f"'{name}' is {value}, more than this server allows per request "
+                              f"({limits.max_tokens}); ask for fewer tokens", name)
+        return value
+    return min(default, limits.max_tokens)
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad_request("'stop' must be a non-empty string or a list of them", "stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    return stop
+
+
+# field -> (type, lowest, highest); None = unbounded on that side
+_SAMPLING = {"temperature": (float, 0.0, 2.0), "top_p": (float, 0.0, 1.0), "top_k": (int, 0, None),
+             "min_p": (float, 0.0, 1.0), "repetition_penalty": (float, 0.0, None), "seed": (int, 0, None)}
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, (type_, low, high) in _SAMPLING.items():
+        value = _optional(body, name, type_)
+        if value is None:
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise bad_request(f"'{name}' must be {bounds}, got {value}", name)
+        out[name] = value
+    if out.get("top_p") == 0.0:
+        raise bad_request("'top_p' must be greater than 0", "top_p")
+    if out.get("repetition_penalty") == 0.0:
+        raise bad_request("'repetition_penalty' must be greater than 0", "repetition_penalty")
+    return out
+
+
+def _optional(body: dict[str, Any], name: str, type_: type) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    # bool is an int in Python; JSON true must not pass as max_tokens=1.
+    ok = isinstance(value, type_) and not (type_ is not bool and isinstance(value, bool))
+    if type_ is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise bad_request(f"'{name}' must be {_TYPE_NAMES[type_]}, got {type(value).__name__}", name)
+    return value
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", dict: "an object"}
+
+
+# -- responses ---------------------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The envelope of one answer: chat.completion / text_completion bodies and their stream chunks."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    id: str = ""
+    created: int = 0
+
+    @classmethod
+    def new(cls, kind: str, model: str) -> Reply:
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        return cls(kind, model, f"{prefix}-{secrets.token_hex(12)}", int(time.time()))
+
+    def _envelope(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices}
+
+    def whole(self, text: str, finish_reason: str, usage_: dict[str, Any]) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
+            return {**self._envelope("chat.completion", [choice]), "usage": usage_}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._envelope("text_completion", [choice]), "usage": usage_}
+
+    def first_chunk(self) -> dict[str, Any] | None:
+        """Chat streams open with the role, as OpenAI's do; text completions have none."""
+        if self.kind != "chat":
+            return None
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        if self.kind == "chat":
+            return self._chunk({"content": text} if text else {}, finish_reason)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return self._envelope("text_completion", [choice])
+
+    def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self._envelope("chat.completion.chunk", [choice])
+
+    def usage_chunk(self, usage_: dict[str, Any]) -> dict[str, Any]:
+        object_ = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._envelope(object_, []), "usage": usage_}

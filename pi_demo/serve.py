@@ -1,0 +1,82 @@
+"""Serve a bundle over OpenAI's HTTP API: /v1/chat/completions and /v1/completions (streamed
+or not), /v1/models, /health. One answer is generated at a time; requests wait in line, up to
+--max-queue of them. Binds to 127.0.0.1 unless told otherwise: put it on the network only
+with --api-key (or the NOMOAT_API_KEY environment variable, which keeps the key out of `ps`)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("pi_demo.serve")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
+    p.add_argument("--model-id", default=None, help="the model name clients send (default: the bundle's folder name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $NOMOAT_API_KEY)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the bundle's target)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nomoat.runtime import BundleError, Model
+
+    from .openai_api import Limits
+    from .server import App, PiServer, ServerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for name in ("max_tokens", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0:
+        return _fail("--max-queue must be 0 or more")
+    api_key = args.api_key or os.environ.get("NOMOAT_API_KEY") or None
+    try:
+        model = Model.load(args.bundle, threads=args.threads)
+    except BundleError as e:
+        return _fail(str(e))
+    config = ServerConfig(model_id=args.model_id or args.bundle.resolve().name, api_key=api_key,
+                          limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue))
+    try:
+        server = PiServer((args.host, args.port), App(model, config))
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    if api_key is None and not _is_loopback(args.host):
+        log.warning("listening on %s without an API key: anyone who reaches this port can use the model", args.host)
+    # systemd stops the service with SIGTERM: finish like Ctrl-C. shutdown() waits for serve_forever
+    # to return, so it must run outside the (main) thread that serve_forever blocks.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    host, port = server.server_address[:2]
+    log.info("serving %s on http://%s:%d/v1 (max %d tokens per request, %d may wait)",
+             config.model_id, host, port, config.limits.max_tokens, config.limits.max_queue)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        log.info("stopped")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _fail(message: str) -> int:
+    print(f"pi_demo serve: error: {message}", file=sys.stderr)
+    return 1

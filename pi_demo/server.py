@@ -1,0 +1,305 @@
+"""OpenAI's routes on the standard library's ThreadingHTTPServer.
+
+The standard library because it comes with Python on every Pi (nothing to build, nothing to
+keep patched) and because the handler threads do little: they parse, tokenize, check limits
+and wait for the Worker, which does the one thing that costs (see worker.py).
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream: true` as
+server-sent events), GET /v1/models, GET /v1/models/{id}, GET /health (no key needed).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import chain
+from typing import Any
+from urllib.parse import urlsplit
+
+from jinja2 import TemplateError
+from nomoat.runtime import ContextOverflowError, Model
+
+from .openai_api import (
+    ApiError,
+    GenerationRequest,
+    Limits,
+    Reply,
+    bad_request,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+from .worker import Job, QueueFull, ShuttingDown, Worker
+
+log = logging.getLogger("pi_demo.serve")
+
+DRAIN_LIMIT = 16 << 20  # a refused body up to this size is read and dropped, so the client sees our error
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_id: str
+    limits: Limits = field(default_factory=Limits)
+    api_key: str | None = None
+
+
+class App:
+    """What every request needs, shared by the handler threads."""
+
+    def __init__(self, model: Model, config: ServerConfig):
+        self.model = model
+        self.config = config
+        self.worker = Worker(model, config.limits.max_queue)
+        self.created = int(time.time())
+        self.default_max_tokens = int(model.manifest.generation_defaults.get("max_new_tokens", 256))
+
+    def prepare(self, request: GenerationRequest) -> Job:
+        """Tokenize and check in the caller's thread, so a bad request is refused before it waits in line."""
+        model = self.model
+        param = "messages" if request.kind == "chat" else "prompt"
+        try:
+            ids = model.prompt_ids(request.prompt, raw=request.kind == "completion")
+            params = model.sampling_params(**request.sampling)
+        except (ValueError, TypeError, TemplateError) as e:  # the chat template's own checks raise TemplateError
+            raise bad_request(str(e), param) from e
+        if len(ids) >= model.max_context:
+            raise bad_request(f"the prompt is {len(ids)} tokens; this model's context holds {model.max_context} "
+                              "(prompt and answer together): shorten the conversation", param,
+                              "context_length_exceeded")
+        return Job(ids, request.max_tokens, params, request.stop)
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.worker.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "2"}) from e
+        except ShuttingDown as e:
+            raise ApiError(503, str(e), "server_error", code="shutting_down") from e
+
+    def model_object(self) -> dict[str, Any]:
+        return {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "nomoat"}
+
+
+def generation_error(error: Exception) -> ApiError:
+    """An error the worker hit while generating for this request, as an HTTP error."""
+    if isinstance(error, ContextOverflowError):
+        return bad_request(str(error), None, "context_length_exceeded")
+    log.error("generation failed: %r", error)
+    return ApiError(500, f"generation failed: {error}", "server_error", code="internal_error")
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: OpenAI's client reuses its connections
+    server_version = "nomoat-pi"
+    timeout = 60  # seconds a client may stall mid-request before its thread gives up on it
+    server: PiServer
+
+    def do_GET(self) -> None:
+        self._route({"/health": self._health, "/v1/models": self._models}, public={"/health"})
+
+    def do_POST(self) -> None:
+        self._route({"/v1/chat/completions": partial(self._generate, parse_chat),
+                     "/v1/completions": partial(self._generate, parse_completion)})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _route(self, routes: dict[str, Callable[[], None]], public: frozenset[str] | set[str] = frozenset()) -> None:
+        self._body_read = False
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        try:
+            action = routes.get(path)
+            if action is None and self.command == "GET" and path.startswith("/v1/models/"):
+                action = partial(self._model, path.removeprefix("/v1/models/"))
+            if action is None:
+                raise ApiError(404, f"no route {self.command} {path}", code="not_found")
+            if path not in public:
+                self._authorize()
+            action()
+        except ApiError as e:
+            self._send_json(e.status, e.body(), e.headers)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client went away or stalled: nobody to answer
+
+    def _authorize(self) -> None:
+        key = self.server.app.config.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        # compare_digest: the time taken does not tell an attacker how much of the key matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def _read_json(self) -> dict[str, Any]:
+        limit = self.server.app.config.limits.max_body_bytes
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise ApiError(411, "send the body with a Content-Length; chunked request bodies are not supported",
+                           code="length_required")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "a Content-Length header is required", code="length_required")
+        if not length.isdigit():
+            raise bad_request(f"invalid Content-Length {length!r}")
+        if int(length) > limit:
+            raise ApiError(413, f"the request body is {int(length)} bytes; this server takes at most {limit}",
+                           code="request_too_large")
+        raw = self.rfile.read(int(length))
+        self._body_read = True
+        if len(raw) < int(length):
+            raise ConnectionResetError("the client closed the connection mid-body")
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from e
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object", code="invalid_json")
+        return body
+
+    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        if self.command == "POST" and not self._body_read:
+            self._discard_body()
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _discard_body(self) -> None:
+        """Read and drop a body we refuse (wrong key, too large) before answering.
+
+        Left in the socket it would be parsed as the next request; and closing a socket with
+        unread data makes the kernel send a reset that can destroy our error reply before the
+        client reads it. Bodies too large to be worth reading get the close anyway.
+        """
+        length = self.headers.get("Content-Length", "")
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        if chunked or not length.isdigit() or int(length) > DRAIN_LIMIT:
+            self.close_connection = True
+            return
+        remaining = int(length)
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+        self._body_read = True
+
+    def _send_event(self, data: dict[str, Any] | str) -> None:
+        payload = data if isinstance(data, str) else json.dumps(data)
+        self.wfile.write(f"data: {payload}\n\n".encode())
+
+    # -- routes ------------------------------------------------------------------------------------
+
+    def _health(self) -> None:
+        app = self.server.app
+        self._send_json(200, {"status": "ok", "model": app.config.model_id, **app.worker.status()})
+
+    def _models(self) -> None:
+        self._send_json(200, {"object": "list", "data": [self.server.app.model_object()]})
+
+    def _model(self, model_id: str) -> None:
+        app = self.server.app
+        if model_id != app.config.model_id:
+            raise ApiError(404, f"The model '{model_id}' does not exist; this server serves "
+                           f"'{app.config.model_id}'.", param="model", code="model_not_found")
+        self._send_json(200, app.model_object())
+
+    def _generate(self, parse: Callable[..., GenerationRequest]) -> None:
+        app = self.server.app
+        request = parse(self._read_json(), app.config.model_id, app.config.limits, app.default_max_tokens)
+        job = app.prepare(request)
+        reply = Reply.new(request.kind, app.config.model_id)
+        queued = time.perf_counter()
+        app.submit(job)
+        try:
+            if request.stream:
+                self._stream(job, reply, request.include_usage)
+            else:
+                self._whole(job, reply)
+        finally:
+            job.cancel()  # stops the generation if we left early (client gone); harmless after the end
+            _log_generation(reply, job, time.perf_counter() - queued)
+
+    def _whole(self, job: Job, reply: Reply) -> None:
+        parts, reason = [], "length"
+        try:
+            for event in job.results():
+                parts.append(event.text)
+                reason = event.finish_reason or reason
+        except Exception as e:  # raised in the worker on this request's behalf
+            raise generation_error(e) from e
+        self._send_json(200, reply.whole("".join(parts), reason, _usage(job)))
+
+    def _stream(self, job: Job, reply: Reply, include_usage: bool) -> None:
+        events = job.results()
+        try:
+            # Wait for the first event before the 200 goes out: an error in prefill is still an HTTP error.
+            first = next(events, None)
+        except Exception as e:  # raised in the worker on this request's behalf
+            raise generation_error(e) from e
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # no Content-Length: the stream ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        opening = reply.first_chunk()
+        if opening:
+            self._send_event(opening)
+        reason = "length"
+        try:
+            for event in chain([first] if first else [], events):
+                if event.text:
+                    self._send_event(reply.chunk(event.text))
+                reason = event.finish_reason or reason
+        except Exception as e:  # the 200 is out: report the error in the stream, as OpenAI does
+            self._send_event(generation_error(e).body())
+            return
+        self._send_event(reply.chunk("", reason))
+        if include_usage:
+            self._send_event(reply.usage_chunk(_usage(job)))
+        self._send_event("[DONE]")
+
+
+def _usage(job: Job) -> dict[str, Any]:
+    s = job.stats
+    return usage(s.prompt_tokens, s.generated_tokens, s.cached_tokens) if s else usage(len(job.prompt_ids), 0, 0)
+
+
+def _log_generation(reply: Reply, job: Job, seconds: float) -> None:
+    s = job.stats
+    if s is None:
+        log.info("%s: stopped early (client gone or error) after %.2f s", reply.id, seconds)
+        return
+    log.info("%s: prompt %d tokens (%d cached), %d generated; prefill %.0f tok/s, decode %.1f tok/s; %.2f s with "
+             "queueing", reply.id, s.prompt_tokens, s.cached_tokens, s.generated_tokens,
+             s.prefill_tokens_per_second, s.decode_tokens_per_second, seconds)
+
+
+class PiServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stalled client never blocks shutdown
+    request_queue_size = 64  # listen backlog: many clients may connect at the same moment
+
+    def __init__(self, address: tuple[str, int], app: App):
+        self.app = app
+        super().__init__(address, Handler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.app.worker.close(timeout=10)

@@ -1,0 +1,137 @@
+"""One generation at a time, in arrival order.
+
+A Model holds one KV cache, so requests must take turns. The HTTP threads do not take the
+model's lock themselves: a lock is not fair (a busy client could starve the others) and a
+handler writing to a slow socket would hold the model while it waits. Instead one worker
+thread runs the jobs first come, first served and puts each job's events on that job's own
+queue: answers cannot mix, and generation runs at full speed whatever the clients do.
+The number of waiting jobs is capped; past it `submit` refuses at once (the server answers 429)
+rather than letting requests pile up for minutes on a small board.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+
+from nomoat.runtime import GenerationStats, Model, SamplingParams, StreamEvent
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting; try again later."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new work."""
+
+
+@dataclass
+class _Finished:
+    stats: GenerationStats
+
+
+@dataclass
+class Job:
+    """One request's generation: what to run, and the channel its results come back on."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    stats: GenerationStats | None = None  # set once results() is exhausted
+    _events: SimpleQueue = field(default_factory=SimpleQueue, repr=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """The client is gone: stop generating for it (or skip it if it has not started)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def results(self) -> Iterator[StreamEvent]:
+        """The events as the worker produces them; re-raises the generation's error, if any."""
+        while True:
+            item = self._events.get()
+            if isinstance(item, _Finished):
+                self.stats = item.stats
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class Worker:
+    def __init__(self, model: Model, max_waiting: int):
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.model = model
+        self.max_waiting = max_waiting
+        self._waiting: deque[Job] = deque()
+        self._running: Job | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="nomoat-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            # Count the running job too: between submit and the worker picking a job up, the job
+            # sits in _waiting, and an idle server must still accept one request at max_waiting=0.
+            if len(self._waiting) + (self._running is not None) > self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit is "
+                                f"{self.max_waiting}); retry later")
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def status(self) -> dict[str, int | bool]:
+        with self._cond:
+            return {"generating": self._running is not None, "waiting": len(self._waiting),
+                    "max_queue": self.max_waiting}
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new jobs, cancel the waiting ones and the running one, and wait for the thread."""
+        with self._cond:
+            self._closed = True
+            for job in [*self._waiting, *([self._running] if self._running else [])]:
+                job.cancel()
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if not self._waiting:
+                    return
+                job = self._running = self._waiting.popleft()
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled:  # its client left while it waited
+            job._events.put(_Finished(GenerationStats()))
+            return
+        events = self.model.stream_ids(job.prompt_ids, job.max_tokens, params=job.params, stop=job.stop)
+        try:
+            for event in events:
+                if job.cancelled:
+                    break
+                job._events.put(event)
+        except Exception as e:  # the request that caused it answers with the error; the worker goes on
+            job._events.put(e)
+            return
+        finally:
+            events.close()  # stops the generation (and releases the model) if we broke out early
+        # stream_ids publishes its stats when it finishes; only this thread generates, so they are this job's.
+        job._events.put(_Finished(self.model.last_stats))

@@ -1,0 +1,45 @@
+"""Greedy tokens and teacher-forced logits of a bundle, written to a file for comparison.
+
+Run the same way on the x86 host and inside the emulated arm64 root (tests/test_pi_qemu.py), so
+both sides go through identical code: nomoat.runtime only, as on a Raspberry Pi.
+
+    python pi_guest.py BUNDLE PROMPTS.json TOKENS OUT.npz [--reference REF.npz]
+
+For every prompt: the greedy continuation (stop tokens ignored, so every run yields TOKENS
+ids), and the logits at each position of a continuation fed in whole (teacher forcing): the
+other machine's (--reference) or else this run's own. Logits of both machines on one shared
+token sequence show how far their numbers are apart even after their greedy paths have parted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+from nomoat.runtime import Model, SamplingParams
+
+
+def main(bundle: str, prompts_file: str, tokens: int, out: str, reference: str | None = None) -> None:
+    start = time.perf_counter()
+    model = Model.load(bundle)
+    loaded = time.perf_counter()
+    prompts = json.loads(open(prompts_file, encoding="utf-8").read())
+    ref = np.load(reference) if reference else None
+    result: dict[str, np.ndarray] = {}
+    for i, prompt in enumerate(prompts):
+        ids = model.prompt_ids(prompt)
+        result[f"prompt{i}"] = np.asarray(ids)
+        result[f"greedy{i}"] = np.asarray(list(model.generate_tokens(ids, tokens, SamplingParams(), ignore_eos=True)))
+        path = (ref if ref is not None else result)[f"greedy{i}"]
+        result[f"logits{i}"] = model.logits([*ids, *path[:-1].tolist()])[len(ids) - 1:]
+    done = time.perf_counter()
+    result["seconds"] = np.asarray([loaded - start, done - loaded])
+    np.savez(out, **result)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    ref_path = args[args.index("--reference") + 1] if "--reference" in args else None
+    main(args[0], args[1], int(args[2]), args[3], ref_path)

@@ -1,0 +1,193 @@
+"""The memory estimate and the fit check (fast: tiny models, and big models described by config only)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+import pytest
+from nomoat.converter import convert as convert_module
+from nomoat.converter import targets as targets_module
+from nomoat.converter.convert import ConvertOptions, convert, fit
+from nomoat.converter.errors import ConversionError
+from nomoat.converter.fit import MiB, check_fit, estimate_memory, largest_fitting_context
+from nomoat.converter.load import load_checkpoint
+from nomoat.converter.peek import peek_spec
+from nomoat.converter.targets import Recipe, load_target
+from tiny_models import make_tiny_hf_dir, write_gguf_from_hf, write_meta_from_hf
+
+# Llama-2-7B's config.json: 6.7B parameters, 13.5 GB in bf16, 27 GB once loaded in fp32.
+LLAMA2_7B = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+
+
+def _config_only(path: Path, config: dict) -> Path:
+    """A model folder holding only config.json: what the fit check must be able to refuse."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _initializer_bytes(onnx_file: Path) -> int:
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        total += int(ext["length"]) if ext else len(t.raw_data)
+    return total
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_hf_dir(tmp_path_factory.mktemp("fit") / "tiny", max_position_embeddings=4096)
+
+
+@pytest.mark.parametrize("arch,tie,quant", [
+    ("llama", False, "fp32"), ("llama", False, "int8"), ("llama", False, "int4"), ("llama", True, "int4"),
+    ("qwen2", False, "int8"),
+])
+def test_weight_estimate_is_the_exported_size(tmp_path, arch, tie, quant):
+    model = make_tiny_hf_dir(tmp_path / "m", arch=arch, tie=tie)
+    out = convert(ConvertOptions(model=str(model), out=tmp_path / "b", quant=quant, max_context=64,
+                                 progress=False, skip_verify=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    estimated = manifest["target"]["memory_estimate"]["weights_bytes"]
+    assert estimated == _initializer_bytes(out / "model.onnx")  # every byte accounted for, LM head 8-bit included
+
+
+def test_estimate_grows_with_context_and_precision(tmp_path):
+    spec = peek_spec(_config_only(tmp_path / "m", LLAMA2_7B))
+    target = load_target("rpi5-16gb")
+    by_quant = [estimate_memory(spec, target.recipe.with_overrides(weights=q), target).total
+                for q in ("int4", "int8", "fp32")]
+    assert by_quant == sorted(by_quant)
+    by_ctx = [estimate_memory(spec, target.recipe.with_overrides(max_context=c), target).total for c in (256, 1024)]
+    assert by_ctx[0] < by_ctx[1]
+    est = estimate_memory(spec, target.recipe, target)
+    assert est.kv_cache == 32 * 2 * 32 * 128 * 2048 * 4  # fp32 K and V for every layer at max context
+    # 6.7B parameters at ~5.2 bits: 4-bit codes + an fp32 scale and a 4-bit zero point per 32, 8-bit LM head
+    assert 4.2e9 < est.weights < 4.6e9
+
+
+def test_a_7b_model_described_by_config_only_is_refused_before_loading(tmp_path, monkeypatch):
+    model = _config_only(tmp_path / "llama2-7b", LLAMA2_7B)
+
+    def no_loading(path):
+        raise AssertionError("the fit check must run before any weights are read")
+
+    monkeypatch.setattr("nomoat.converter.load.load_checkpoint", no_loading)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError) as e:
+        convert(ConvertOptions(model=str(model), out=out, target="rpi4-2gb", progress=False))
+    msg = str(e.value)
+    assert "does not fit rpi4-2gb" in msg and "over by" in msg and "What would fit" in msg
+    assert "a smaller model" in msg and "--quant int4" not in msg  # already int4
+    spec = peek_spec(model)
+    est = estimate_memory(spec, load_target("rpi4-2gb").recipe, load_target("rpi4-2gb"))
+    assert f"over by {(est.total - est.budget) / MiB:.0f} MiB" in msg
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_the_refusal_names_a_context_and_int4_when_they_would_fit(tmp_path):
+    spec = peek_spec(_config_only(tmp_path / "m", LLAMA2_7B))
+    target = load_target("rpi5-8gb")
+    recipe = target.recipe.with_overrides(weights="int8", max_context=4096)
+    with pytest.raises(ConversionError, match=r"--quant int4 --max-context \d+") as e:
+        check_fit(spec, recipe, target)
+    assert "does not fit rpi5-8gb" in str(e.value)
+    with pytest.raises(ConversionError, match=r"--max-context \d+ \(or --fit shrink-context\)"):
+        check_fit(spec, recipe.with_overrides(weights="int4"), target)
+
+
+def test_shrink_context_picks_the_largest_context_the_estimate_says_fits(tmp_path):
+    spec = peek_spec(_config_only(tmp_path / "m", LLAMA2_7B))
+    target = load_target("rpi5-8gb")
+    recipe, est = fit(spec, target.recipe, target, "shrink-context")
+    ctx = recipe.max_context
+    assert 0 < ctx < 2048 and ctx % 256 == 0 and est.fits and est.max_context == ctx
+    assert not estimate_memory(spec, replace(recipe, max_context=ctx + 256), target).fits
+    assert recipe.adjustments and "shrink-context" in recipe.adjustments[-1] and "max_context" not in recipe.overrides
+    with pytest.raises(ConversionError, match=f"--max-context {ctx} "):
+        fit(spec, target.recipe, target, "strict")
+
+
+def _tight_target(spec, ctx: int):
+    """A made-up device whose budget holds the model at `ctx` tokens but not at ctx + 256."""
+    base = load_target("rpi5-8gb")
+    recipe = base.recipe.with_overrides(max_context=ctx)
+    need = estimate_memory(spec, recipe, base).total + 1024
+    return replace(base, name="tiny-ram", ram_gb=need / (base.app_memory_share * 2**30))
+
+
+def test_shrink_context_end_to_end_on_a_tiny_ram_device(tiny_dir, tmp_path, monkeypatch):
+    target = _tight_target(load_checkpoint(tiny_dir).spec, 1024)
+    monkeypatch.setattr(targets_module, "load_target", lambda name: target)
+    with pytest.raises(ConversionError, match=r"does not fit tiny-ram.*--max-context 1024"):
+        convert(ConvertOptions(model=str(tiny_dir), out=tmp_path / "strict", progress=False, skip_verify=True))
+    out = convert(ConvertOptions(model=str(tiny_dir), out=tmp_path / "b", fit="shrink-context", progress=False,
+                                 skip_verify=True))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["max_context"] == 1024
+    est = m["target"]["memory_estimate"]
+    assert est["max_context"] == 1024 and est["total_bytes"] <= est["budget_bytes"]
+    assert any("shrink-context" in note for note in m["target"]["recipe"]["adjustments"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["memory_estimate"] == est
+
+
+def test_nothing_fits_gives_zero_and_no_context_hint(tmp_path):
+    spec = peek_spec(_config_only(tmp_path / "m", LLAMA2_7B))
+    target = load_target("rpi4-2gb")
+    assert largest_fitting_context(spec, target.recipe, target) == 0
+    with pytest.raises(ConversionError) as e:
+        check_fit(spec, target.recipe, target)
+    assert "--max-context" not in str(e.value)
+
+
+def test_context_is_clamped_to_what_the_model_was_trained_for(tiny_dir):
+    spec = load_checkpoint(tiny_dir).spec
+    target = load_target("pixel8")  # recipe: 4096
+    recipe, _ = fit(replace(spec, max_position_embeddings=512), target.recipe, target, "strict")
+    assert recipe.max_context == 512 and "trained for 512 positions" in recipe.adjustments[0]
+
+
+@pytest.mark.parametrize("layout", ["hf", "gguf", "meta", "meta-2-shards"])
+def test_peek_reads_the_same_spec_as_the_loader(tiny_dir, tmp_path, layout):
+    if layout == "hf":
+        path = tiny_dir
+    elif layout == "gguf":
+        path = write_gguf_from_hf(tiny_dir, tmp_path / "tiny.gguf")
+    else:
+        path = write_meta_from_hf(tiny_dir, tmp_path / "meta", shards=2 if layout.endswith("shards") else 1)
+    assert peek_spec(path) == load_checkpoint(path).spec
+
+
+def test_peek_gives_up_quietly_on_what_it_cannot_read(tmp_path):
+    assert peek_spec(tmp_path / "missing") is None
+    (tmp_path / "empty").mkdir()
+    assert peek_spec(tmp_path / "empty") is None
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    assert peek_spec(bad) is None
+
+
+def test_unsupported_architecture_is_refused_by_the_early_check(tmp_path):
+    model = _config_only(tmp_path / "gpt2", {**LLAMA2_7B, "model_type": "gpt2"})
+    with pytest.raises(ConversionError, match="model_type 'gpt2' is not supported"):
+        convert(ConvertOptions(model=str(model), out=tmp_path / "out", progress=False))
+
+
+def test_recipe_rejects_what_the_runtime_cannot_run():
+    with pytest.raises(ConversionError, match="KV cache dtype 'float16'"):
+        Recipe(kv_dtype="float16")
+    with pytest.raises(ConversionError, match="--threads 0"):
+        Recipe().with_overrides(threads=0)
+    with pytest.raises(ConversionError, match="block size 48"):
+        convert_module.plan(ConvertOptions(model="x", out=Path("y"), block_size=48))

@@ -1,0 +1,538 @@
+"""LoRA merging on tiny random LLaMA models: every adapter kind PEFT writes equals PEFT (fast).
+
+The reference is PEFT itself: merge_and_unload() where PEFT merges faithfully, PEFT's unmerged
+forward where the adapter was trained that way but PEFT's merge differs (a tied LM head) or
+where PEFT has no merge for it (weighted combinations).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nomoat.converter.convert import ConvertOptions, convert
+from nomoat.converter.errors import ConversionError
+from nomoat.converter.load import load_checkpoint
+from nomoat.converter.merge import AdapterRef, merge_adapters
+from nomoat.converter.reference import reference_model
+from nomoat.runtime import Model
+from nomoat.runtime.manifest import sha256_file
+from tiny_models import gguf_name, half_to_interleaved_rotary, make_tiny_hf_dir, read_config, write_gguf_from_hf
+
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Merged and reference logits are both fp32 products of the same weights, summed in another order.
+TOL = {"atol": 2e-5, "rtol": 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_peft():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about tied embeddings, fan_in_fan_out, ... on purpose here
+        yield
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory) -> Path:
+    return make_tiny_hf_dir(tmp_path_factory.mktemp("untied") / "hf")
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory) -> Path:
+    return make_tiny_hf_dir(tmp_path_factory.mktemp("tied") / "hf", tie=True, seed=1)
+
+
+def _base(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def _adapter(base_dir: Path, out: Path, seed: int = 0, r: int = 4, targets=tuple(LINEAR), safe: bool = True,
+             **config) -> Path:
+    """A PEFT adapter with every trainable part random, as if trained (init_lora_weights=False
+    randomises A and B; DoRA magnitudes and modules_to_save copies are perturbed here)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, **config)
+    model = get_peft_model(_base(base_dir), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name or "modules_to_save" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif "lora_" in name:
+                p.mul_(0.5)  # a trained-size update: visible in the logits, not swamping the base
+    model.save_pretrained(out, safe_serialization=safe)
+    return out
+
+
+def _ids(vocab: int, n: int = 16, seed: int = 5) -> list[int]:
+    return np.random.default_rng(seed).integers(3, vocab, n).tolist()
+
+
+def _logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _peft(base_dir: Path, adapter: Path, merge: bool):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_base(base_dir), adapter)
+    return (model.merge_and_unload() if merge else model).eval()
+
+
+def _ours(base_dir: Path, *refs: AdapterRef, notes: list[str] | None = None):
+    ckpt = load_checkpoint(base_dir)
+    reports = merge_adapters(ckpt, list(refs), notify=(notes.append if notes is not None else lambda m: None))
+    return ckpt, reports
+
+
+def _assert_merge_equals(base_dir: Path, adapter: Path, merge: bool = True) -> tuple:
+    ckpt, reports = _ours(base_dir, AdapterRef(adapter))
+    ids = _ids(ckpt.spec.vocab_size)
+    expected = _logits(_peft(base_dir, adapter, merge), ids)
+    ours = _logits(reference_model(ckpt), ids)
+    np.testing.assert_allclose(ours, expected, **TOL)
+    assert np.abs(ours - _logits(_base(base_dir).eval(), ids)).max() > 1e-2, "the adapter must change the model"
+    return ckpt, reports[0]
+
+
+# -- every adapter kind equals PEFT ---------------------------------------------------------
+
+KINDS = {
+    "plain": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    "rank_alpha_patterns": {"rank_pattern": {"q_proj": 8, "model.layers.1.mlp.down_proj": 2},
+                            "alpha_pattern": {"v_proj": 3.0, "layers.0.self_attn.o_proj": 20.0}},
+    "embed_and_lm_head": {"targets": ["embed_tokens", "lm_head", "q_proj", "down_proj"]},
+    "dora_embed_and_lm_head": {"targets": ["embed_tokens", "lm_head", "v_proj"], "use_dora": True},
+    "modules_to_save": {"targets": ["q_proj"], "modules_to_save": ["lm_head", "embed_tokens"]},
+    "adapter_model_bin": {"safe": False},
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_merge_equals_peft_merge_and_unload(untied, tmp_path, kind):
+    adapter = _adapter(untied, tmp_path / kind, **KINDS[kind])
+    if kind == "adapter_model_bin":
+        assert (adapter / "adapter_model.bin").is_file() and not (adapter / "adapter_model.safetensors").exists()
+    ckpt, report = _assert_merge_equals(untied, adapter)
+    assert report.use_dora == ("dora" in kind) and report.use_rslora == (kind == "rslora")
+    if kind == "modules_to_save":
+        assert sorted(report.replaced) == ["lm_head", "model.embed_tokens"]
+    if kind == "embed_and_lm_head":
+        # PEFT saves the unchanged base embedding and LM head next to an embedding LoRA: not a replacement
+        assert report.replaced == [] and {"model.embed_tokens", "lm_head"} <= set(report.modules)
+
+
+def test_fan_in_fan_out_is_ignored_for_linear_layers_like_peft(untied, tmp_path):
+    """PEFT cannot write fan_in_fan_out for LLaMA (it resets the flag for nn.Linear), so set it by hand.
+
+    The flag transposes the *update* for GPT-2's Conv1D weights stored [in, out]; lora_A/lora_B
+    keep their [r, in]/[out, r] shapes either way, so on nn.Linear nothing changes. The tiny
+    model's q_proj and o_proj are square: transposing there would go unnoticed by shape checks.
+    """
+    adapter = _adapter(untied, tmp_path / "fifo")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    _, report = _assert_merge_equals(untied, adapter)
+    assert any("fan_in_fan_out" in n for n in report.notices)
+
+
+def test_adapter_saved_from_the_inner_model_without_model_prefix(untied, tmp_path):
+    """PEFT applied to LlamaModel (not *ForCausalLM) names modules without the leading 'model.'."""
+    import shutil
+
+    adapter = _adapter(untied, tmp_path / "a")
+    inner = Path(shutil.copytree(adapter, tmp_path / "inner"))
+    _edit_tensors(inner, lambda t: {k.replace("base_model.model.model.", "base_model.model."): v for k, v in t.items()})
+    ckpt, _ = _ours(untied, AdapterRef(inner))
+    ids = _ids(ckpt.spec.vocab_size)
+    np.testing.assert_allclose(_logits(reference_model(ckpt), ids), _logits(_peft(untied, adapter, True), ids), **TOL)
+
+
+# -- tied embeddings: untie on purpose, never change the embedding silently -------------------
+
+
+@pytest.mark.parametrize("kind,config", [
+    ("lm_head_lora", {"targets": ["lm_head", "q_proj"]}),
+    ("embed_lora", {"targets": ["embed_tokens"]}),
+    ("lm_head_modules_to_save", {"targets": ["q_proj"], "modules_to_save": ["lm_head"]}),
+])
+def test_tied_lm_head_is_untied_on_purpose(tied, tmp_path, kind, config):
+    """The adapter was trained with embedding and LM head as separate modules, which PEFT's unmerged
+    forward reproduces (its merge_and_unload would write the update into the shared tensor and so
+    change both)."""
+    adapter = _adapter(tied, tmp_path / kind, **config)
+    notes: list[str] = []
+    ckpt, (report,) = _ours(tied, AdapterRef(adapter), notes=notes)
+    base = load_checkpoint(tied)
+    assert base.spec.tie_word_embeddings and not ckpt.spec.tie_word_embeddings
+    assert report.notices == notes and "untied on purpose" in notes[0]
+    if kind == "embed_lora":
+        assert torch.equal(ckpt.tensors["lm_head.weight"], base.tensors["model.embed_tokens.weight"])
+    else:
+        assert torch.equal(ckpt.tensors["model.embed_tokens.weight"], base.tensors["model.embed_tokens.weight"])
+    ids = _ids(ckpt.spec.vocab_size)
+    np.testing.assert_allclose(_logits(reference_model(ckpt), ids), _logits(_peft(tied, adapter, False), ids), **TOL)
+
+
+def test_tied_pair_stays_tied_when_the_adapter_ties_its_updates(tied, tmp_path):
+    """PEFT's ensure_weight_tying gives the LM head the embedding LoRA's transposed twin."""
+    adapter = _adapter(tied, tmp_path / "ewt", targets=["embed_tokens", "lm_head"], ensure_weight_tying=True)
+    ckpt, (report,) = _ours(tied, AdapterRef(adapter))
+    assert ckpt.spec.tie_word_embeddings and "lm_head.weight" not in ckpt.tensors and not report.notices
+    ids = _ids(ckpt.spec.vocab_size)
+    np.testing.assert_allclose(_logits(reference_model(ckpt), ids), _logits(_peft(tied, adapter, False), ids), **TOL)
+
+
+def test_untied_bundle_records_the_untie(tied, tmp_path):
+    adapter = _adapter(tied, tmp_path / "a", targets=["lm_head"])
+    bundle = _convert(tied, tmp_path / "bundle", [AdapterRef(adapter)])
+    plain = _convert(tied, tmp_path / "plain")
+    params = [json.loads((b / "manifest.json").read_text())["model"]["parameters"] for b in (bundle, plain)]
+    report = json.loads((bundle / "report.json").read_text())
+    assert params[0] - params[1] == 400 * 64  # the LM head is its own matrix now
+    assert "untied on purpose" in report["adapters"][0]["notices"][0]
+    model = Model.load(bundle)
+    ids = _ids(model.manifest.model.vocab_size)
+    np.testing.assert_allclose(model.logits(ids), _logits(_peft(tied, adapter, False), ids), atol=1e-4, rtol=1e-4)
+
+
+# -- several adapters, each with its weight ------------------------------------------------
+
+
+def test_two_adapters_with_weights_equal_peft_unmerged_forward(untied, tmp_path):
+    from peft import PeftModel
+
+    first = _adapter(untied, tmp_path / "a1", seed=1)
+    second = _adapter(untied, tmp_path / "a2", seed=2, r=8, targets=["q_proj", "v_proj", "down_proj"])
+    ckpt, reports = _ours(untied, AdapterRef(first, 1.0), AdapterRef(second, 0.5))
+    assert [r.weight for r in reports] == [1.0, 0.5]
+
+    peft_model = PeftModel.from_pretrained(_base(untied), first, adapter_name="first")
+    peft_model.load_adapter(second, adapter_name="second")
+    peft_model.base_model.set_adapter(["first", "second"])
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and "second" in module.scaling:
+            module.scaling["second"] *= 0.5  # the weight scales the second adapter's update
+    ids = _ids(ckpt.spec.vocab_size)
+    np.testing.assert_allclose(_logits(reference_model(ckpt), ids), _logits(peft_model.eval(), ids), **TOL)
+
+
+def test_weight_scales_the_change_of_every_kind(untied, tmp_path):
+    """W + w (W' - W): half a DoRA adapter lands halfway between the base and the full merge."""
+    adapter = _adapter(untied, tmp_path / "dora", use_dora=True, modules_to_save=["lm_head"])
+    base = load_checkpoint(untied)
+    full, _ = _ours(untied, AdapterRef(adapter, 1.0))
+    half, _ = _ours(untied, AdapterRef(adapter, 0.5))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):
+        torch.testing.assert_close(half.tensors[name], (base.tensors[name] + full.tensors[name]) / 2)
+
+
+# -- llama.cpp LoRA GGUF files -------------------------------------------------------------
+
+
+def write_lora_gguf(adapter_dir: Path, base_dir: Path, out: Path, qtype: str = "F32") -> Path:
+    """The PEFT adapter as llama.cpp's convert_lora_to_gguf.py writes it: lora_a/lora_b in torch
+    order, q/k lora_b rows in the interleaved rotary layout, token_embd's lora_a transposed."""
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg, config = read_config(base_dir), json.loads((adapter_dir / "adapter_config.json").read_text())
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(adapter_dir / "adapter_model.safetensors").items():
+        if ".lora_" in key:
+            module, _, kind = key.removeprefix("base_model.model.").partition(".lora_")
+            pairs.setdefault(module, {})[kind.removesuffix(".weight")[-1]] = t.float()
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(config["lora_alpha"]))
+    for module, ab in pairs.items():
+        a, b = ab["A"], ab["B"]
+        proj = module.rsplit(".", 1)[-1]
+        if proj in heads:
+            b = half_to_interleaved_rotary(b, heads[proj])
+        if proj == "embed_tokens":
+            a = a.T
+        name = gguf_name(f"{module}.weight")
+        for suffix, t in (("lora_a", a), ("lora_b", b)):
+            data = t.contiguous().numpy()
+            w.add_tensor(f"{name}.{suffix}", data.astype(np.float16) if qtype == "F16" else data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("base_format", ["hf", "gguf"])
+def test_llamacpp_lora_gguf_equals_peft_merge(untied, tmp_path, base_format):
+    adapter = _adapter(untied, tmp_path / "peft", targets=[*LINEAR, "embed_tokens", "lm_head"])
+    lora = write_lora_gguf(adapter, untied, tmp_path / "lora.gguf")
+    base = untied if base_format == "hf" else write_gguf_from_hf(untied, tmp_path / "base.gguf")
+    ckpt, (report,) = _ours(base, AdapterRef(lora))
+    assert report.format == "llama.cpp-gguf" and report.rank == 4 and report.alpha == 8
+    assert report.sha256 == sha256_file(lora) and len(report.modules) == 2 * 7 + 2
+    ids = _ids(ckpt.spec.vocab_size)
+    np.testing.assert_allclose(_logits(reference_model(ckpt), ids), _logits(_peft(untied, adapter, True), ids),
+                               **TOL)
+
+
+def test_f16_lora_gguf_merges_its_f16_values(untied, tmp_path):
+    adapter = _adapter(untied, tmp_path / "peft")
+    f32, _ = _ours(untied, AdapterRef(write_lora_gguf(adapter, untied, tmp_path / "f32.gguf")))
+    f16, _ = _ours(untied, AdapterRef(write_lora_gguf(adapter, untied, tmp_path / "f16.gguf", qtype="F16")))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(f16.tensors[name], f32.tensors[name], atol=1e-3, rtol=1e-3)
+
+
+# -- reports --------------------------------------------------------------------------------
+
+
+def _convert(model, out: Path, loras=(), **kw) -> Path:
+    return convert(ConvertOptions(model=str(model), out=out, target="host", quant="fp32", loras=tuple(loras),
+                                  max_context=64, progress=False, skip_verify=True, **kw))
+
+
+def test_report_lists_every_adapter(untied, tmp_path):
+    first = _adapter(untied, tmp_path / "a1", seed=1)
+    second = _adapter(untied, tmp_path / "a2", seed=2, r=2, targets=["v_proj"], use_rslora=True)
+    bundle = _convert(untied, tmp_path / "b", [AdapterRef(first), AdapterRef(second, 0.5)])
+    report = json.loads((bundle / "report.json").read_text())["adapters"]
+    assert [a["path"] for a in report] == [str(first), str(second)]
+    assert [a["sha256"] for a in report] == [sha256_file(first / "adapter_model.safetensors"),
+                                             sha256_file(second / "adapter_model.safetensors")]
+    assert [(a["rank"], a["alpha"], a["weight"], a["use_rslora"]) for a in report] == [(4, 8, 1.0, False),
+                                                                                       (2, 4, 0.5, True)]
+    assert report[1]["modules"] == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    assert report[0]["base_model"] == str(untied)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["source"]["loras"] == report
+
+
+# -- bad adapters: a clear error, no bundle, no weight changed -------------------------------
+
+
+def _assert_refused(model: Path, tmp_path: Path, adapter: Path, match: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=match):
+        _convert(model, out, [AdapterRef(adapter)])
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def _edit_config(adapter: Path, **changes) -> None:
+    f = adapter / "adapter_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+
+
+def _edit_tensors(adapter: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = adapter / "adapter_model.safetensors"
+    save_file(edit(load_file(f)), f)
+
+
+def test_adapter_for_another_model_names_the_module_and_both_shapes(untied, tmp_path):
+    other = make_tiny_hf_dir(tmp_path / "other", hidden_size=32)
+    adapter = _adapter(other, tmp_path / "a")
+    _assert_refused(untied, tmp_path, adapter,
+                    r"model\.layers\.0\.self_attn\.q_proj has shape \(64, 64\) in the model but the adapter's update "
+                    r"has shape \(32, 32\).*another model \(it names its base model '.*other'\)")
+
+
+def test_adapter_for_a_deeper_model_is_refused(untied, tmp_path):
+    deeper = make_tiny_hf_dir(tmp_path / "deeper", num_hidden_layers=3)
+    _assert_refused(untied, tmp_path, _adapter(deeper, tmp_path / "a"), r"model\.layers\.2\..* matches no weight")
+
+
+def test_wrong_rank_in_weights_vs_config(untied, tmp_path):
+    adapter = _adapter(untied, tmp_path / "a")
+    _edit_config(adapter, r=8)
+    _assert_refused(untied, tmp_path, adapter, "rank 4 in its weights but 8 in adapter_config.json")
+
+
+def test_missing_config(untied, tmp_path):
+    adapter = _adapter(untied, tmp_path / "a")
+    (adapter / "adapter_config.json").unlink()
+    _assert_refused(untied, tmp_path, adapter, "no adapter_config.json")
+
+
+def test_unknown_target_module_in_weights(untied, tmp_path):
+    adapter = _adapter(untied, tmp_path / "a")
+    _edit_tensors(adapter, lambda t: {k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qkv_proj"): v
+                                      for k, v in t.items()})
+    _assert_refused(untied, tmp_path, adapter, r"'model\.layers\.1\.self_attn\.qkv_proj' matches no weight.*unknown "
+                                               "target module")
+
+
+def test_unknown_target_module_in_config(untied, tmp_path):
+    adapter = _adapter(untied, tmp_path / "a")
+    _edit_config(adapter, target_modules=["q_proj", "c_attn"])
+    _assert_refused(untied, tmp_path, adapter, "unknown target module 'c_attn'")
+
+
+def test_key_matching_nothing_is_an_error_not_a_skip(untied, tmp_path):
+    adapter = _adapter(untied, tmp_path / "a")
+    _edit_tensors(adapter, lambda t: {**t, "base_model.model.model.rotary_emb.scale": torch.ones(4)})
+    _assert_refused(untied, tmp_path, adapter, "'base_model.model.model.rotary_emb.scale' matches no weight")
+
+
+def test_nan_in_weights(untied, tmp_path):
+    adapter = _adapter(untied, tmp_path / "a")
+
+    def poison(t):
+        key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+        t[key][3, 1] = float("nan")
+        return t
+
+    _edit_tensors(adapter, poison)
+    _assert_refused(untied, tmp_path, adapter, r"model\.layers\.1\.mlp\.up_proj holds NaN")
+
+
+def test_dora_without_magnitude_is_refused(untied, tmp_path):
+    adapter = _adapter(untied, tmp_path / "a")
+    _edit_config(adapter, use_dora=True)
+    _assert_refused(untied, tmp_path, adapter, "lacks a DoRA magnitude vector but adapter_config.json says "
+                                               "use_dora=true")
+
+
+@pytest.mark.parametrize("option,value", [("alora_invocation_tokens", [1, 2]), ("init_lora_weights", "pissa"),
+                                          ("layer_replication", [[0, 2]])])
+def test_unmergeable_adapters_are_refused(untied, tmp_path, option, value):
+    adapter = _adapter(untied, tmp_path / "a")
+    _edit_config(adapter, **{option: value})
+    _assert_refused(untied, tmp_path, adapter, "cannot merge|rewrites the base weights")
+
+
+def test_lora_gguf_for_another_architecture_or_a_model_gguf(untied, tmp_path):
+    import gguf
+
+    lora = write_lora_gguf(_adapter(untied, tmp_path / "peft"), untied, tmp_path / "lora.gguf")
+    reader = gguf.GGUFReader(lora)
+    w = gguf.GGUFWriter(str(tmp_path / "qwen.gguf"), "qwen2")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _assert_refused(untied, tmp_path, tmp_path / "qwen.gguf", "LoRA for a 'qwen2' model, but this model is 'llama'")
+    _assert_refused(untied, tmp_path, write_gguf_from_hf(untied, tmp_path / "model.gguf"), "not a LoRA adapter")
+
+
+def test_a_bad_second_adapter_changes_no_weight(untied, tmp_path):
+    good, bad = _adapter(untied, tmp_path / "good"), _adapter(untied, tmp_path / "bad")
+    _edit_config(bad, r=2)
+    ckpt = load_checkpoint(untied)
+    before = {k: v.clone() for k, v in ckpt.tensors.items()}
+    with pytest.raises(ConversionError, match="rank"):
+        merge_adapters(ckpt, [AdapterRef(good), AdapterRef(bad)])
+    assert all(torch.equal(before[k], ckpt.tensors[k]) for k in before)
+
+
+# -- --lora PATH[:WEIGHT] --------------------------------------------------------------------
+
+
+def test_adapter_ref_parse(tmp_path):
+    assert AdapterRef.parse("a/b") == AdapterRef(Path("a/b"), 1.0)
+    assert AdapterRef.parse("a/b:0.5") == AdapterRef(Path("a/b"), 0.5)
+    assert AdapterRef.parse("a/b:-1") == AdapterRef(Path("a/b"), -1.0)
+    odd = tmp_path / "run:2"
+    odd.mkdir()
+    assert AdapterRef.parse(str(odd)) == AdapterRef(odd, 1.0)  # an existing path wins over a weight
+    with pytest.raises(ConversionError, match="not a finite number"):
+        AdapterRef.parse("a/b:nan")
+
+
+# -- nomoat merge: the merged model as a Hugging Face folder ----------------------------------
+
+
+def _nomoat(*args: str) -> int:
+    from nomoat.__main__ import main
+
+    return main(list(args))
+
+
+def test_merge_verb_writes_a_folder_transformers_loads(untied, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = _adapter(untied, tmp_path / "a", use_dora=True, targets=[*LINEAR, "lm_head"])
+    out = tmp_path / "merged"
+    assert _nomoat("merge", "--model", str(untied), "--lora", f"{adapter}:1", "--out", str(out), "--quiet") == 0
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                "tokenizer_config.json", "generation_config.json", "nomoat_merge.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+    ids = _ids(400)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(_logits(merged, ids), _logits(_peft(untied, adapter, True), ids), **TOL)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.eos_token == "<|im_end|>"
+    record = json.loads((out / "nomoat_merge.json").read_text())
+    assert record["adapters"][0]["sha256"] == sha256_file(adapter / "adapter_model.safetensors")
+
+
+def test_converting_the_merged_folder_equals_converting_with_lora(tied, tmp_path):
+    """Same weights, tokenizer, stop tokens and sampling defaults either way; tied model, untied by the adapter."""
+    from nomoat.converter.cli_merge import merge_to_hf_dir
+
+    adapter = _adapter(tied, tmp_path / "a", targets=["lm_head", "q_proj"])
+    merged = merge_to_hf_dir(tied, [AdapterRef(adapter, 0.5)], tmp_path / "merged", progress=False)
+    assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is False
+    via_folder = _convert(merged, tmp_path / "b1")
+    via_lora = _convert(tied, tmp_path / "b2", [AdapterRef(adapter, 0.5)])
+    a, b = Model.load(via_folder), Model.load(via_lora)
+    ids = _ids(a.manifest.model.vocab_size)
+    np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (via_folder, via_lora))
+    for key in ("model", "tokenizer", "stop_token_ids", "generation_defaults"):
+        assert ma[key] == mb[key], key
+    assert (via_folder / "tokenizer.json").read_text() == (via_lora / "tokenizer.json").read_text()
+    assert (via_folder / "chat_template.jinja").read_text() == (via_lora / "chat_template.jinja").read_text()
+
+
+def test_merge_writes_shards_and_replaces_only_with_force(untied, tmp_path):
+    from nomoat.converter.cli_merge import merge_to_hf_dir
+    from transformers import AutoModelForCausalLM
+
+    adapter = _adapter(untied, tmp_path / "a")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert _nomoat("merge", "--model", str(untied), "--lora", str(adapter), "--out", str(out), "--quiet") == 1
+    assert (out / "keep.txt").read_text() == "user data"
+    merge_to_hf_dir(untied, [AdapterRef(adapter)], out, force=True, max_shard_bytes=60_000, progress=False)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    ids = _ids(400)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(_logits(hf, ids), _logits(_peft(untied, adapter, True), ids), **TOL)
+    written, (in_memory, _) = load_checkpoint(out).tensors, _ours(untied, AdapterRef(adapter))
+    assert written.keys() == in_memory.tensors.keys()
+    assert all(torch.equal(written[k], in_memory.tensors[k]) for k in written)
+
+
+def test_merge_with_a_bad_adapter_writes_nothing(untied, tmp_path, capsys):
+    adapter = _adapter(untied, tmp_path / "a")
+    _edit_config(adapter, r=16)
+    out = tmp_path / "merged"
+    assert _nomoat("merge", "--model", str(untied), "--lora", str(adapter), "--out", str(out), "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "nomoat merge: error:" in err and "rank 4 in its weights but 16" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]

@@ -1,0 +1,322 @@
+"""pi_demo serve: OpenAI's own Python client against the server on localhost, on a tiny bundle."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # pi_demo is a folder copied to the Pi next to the bundle, not an installed package
+
+from pi_demo.openai_api import ApiError, Limits, parse_chat  # noqa: E402
+from pi_demo.server import App, PiServer, ServerConfig  # noqa: E402
+
+KEY = "test-key"
+LIMITS = Limits(max_tokens=64, max_body_bytes=16 << 10, max_queue=8)
+MODEL_ID = "tiny"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from nomoat.converter.convert import ConvertOptions, convert
+    from tiny_models import make_tiny_hf_dir
+
+    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / "bundle", quant="fp32",
+                                  max_context=256, progress=False, skip_verify=True))
+
+
+@pytest.fixture(scope="module")
+def model(bundle):
+    from nomoat.runtime import Model
+
+    return Model.load(bundle, threads=1)
+
+
+@contextmanager
+def running_server(model, limits: Limits = LIMITS, api_key: str | None = KEY) -> Iterator[str]:
+    server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(MODEL_ID, limits, api_key)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def base_url(model) -> Iterator[str]:
+    with running_server(model) as url:
+        yield url
+
+
+def client(base_url: str, key: str = KEY):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def ask(base_url: str, prompt: str, stream: bool, max_tokens: int = 16) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    c = client(base_url)
+    if not stream:
+        r = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=max_tokens, temperature=0)
+        return r.choices[0].message.content
+    chunks = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=max_tokens, temperature=0,
+                                       stream=True)
+    return "".join(ch.choices[0].delta.content or "" for ch in chunks)
+
+
+def health(base_url: str) -> dict:
+    with urllib.request.urlopen(f"{base_url}/health", timeout=10) as r:  # no key needed
+        return json.load(r)
+
+
+@contextmanager
+def model_held(model) -> Iterator:
+    """Hold the model's lock: the worker blocks at its next generation and requests pile up in line.
+    Yields release(), to let them run."""
+    model._lock.acquire()
+    held = [True]
+
+    def release() -> None:
+        held[0] = False
+        model._lock.release()
+
+    try:
+        yield release
+    finally:
+        if held[0]:
+            model._lock.release()
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# -- answers -------------------------------------------------------------------------------------
+
+
+def test_models_and_health(base_url):
+    assert [m.id for m in client(base_url).models.list().data] == [MODEL_ID]
+    assert client(base_url).models.retrieve(MODEL_ID).owned_by == "nomoat"
+    assert health(base_url) == {"status": "ok", "model": MODEL_ID, "generating": False, "waiting": 0,
+                                "max_queue": LIMITS.max_queue}
+
+
+def test_chat_completion_is_the_models_greedy_answer_with_usage(base_url, model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital?"}]
+    r = client(base_url).chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0)
+    expected = model.generate(messages, 12, temperature=0)
+    assert r.object == "chat.completion" and r.model == MODEL_ID and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected.text
+    assert r.choices[0].finish_reason == expected.finish_reason
+    assert r.usage.prompt_tokens == len(model.prompt_ids(messages))
+    assert r.usage.completion_tokens == len(expected.token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_chat_sends_the_same_answer_in_chunks_then_usage(base_url):
+    messages = [{"role": "user", "content": "Tell me about the fox."}]
+    whole = client(base_url).chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=20, temperature=0)
+    chunks = list(client(base_url).chat.completions.create(
+        model=MODEL_ID, messages=messages, max_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(text_chunks) > 3  # streamed as generated, not in one piece
+    assert "".join(c.choices[0].delta.content for c in text_chunks) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_text_completion_takes_the_prompt_raw(base_url, model):
+    c = client(base_url)
+    r = c.completions.create(model=MODEL_ID, prompt="The quick brown", max_tokens=10, temperature=0)
+    assert r.object == "text_completion"
+    assert r.choices[0].text == model.generate("The quick brown", 10, raw=True, temperature=0).text
+    assert r.usage.prompt_tokens == len(model.encode("The quick brown"))
+    streamed = c.completions.create(model=MODEL_ID, prompt="The quick brown", max_tokens=10, temperature=0,
+                                    stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
+
+
+def test_seed_temperature_top_p_and_stop_are_honoured(base_url):
+    c = client(base_url)
+
+    def text(**kw) -> str:
+        return c.completions.create(model=MODEL_ID, prompt="Small models", max_tokens=24, **kw).choices[0].text
+
+    greedy = text(temperature=0)
+    sampled = text(temperature=1.5, seed=7)
+    assert text(temperature=1.5, seed=7) == sampled  # the seed makes sampling repeatable
+    assert {text(temperature=1.5, seed=s) for s in range(1, 5)} != {sampled}  # and it is sampling
+    assert text(temperature=1.5, top_p=1e-6, seed=3) == greedy  # a nucleus of one token is greedy
+    stop = greedy[len(greedy) // 2:len(greedy) // 2 + 2]
+    r = c.completions.create(model=MODEL_ID, prompt="Small models", max_tokens=24, temperature=0, stop=[stop])
+    assert r.choices[0].text == greedy[:greedy.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_eight_concurrent_clients_get_complete_unmixed_answers(model):
+    prompts = ["The quick brown fox", "What is the capital of France?", "Small models run on phones",
+               "def hello(name):", "Numbers like 12345", "Emoji 😀🚀", "中文字符", "Raspberry Pi"]
+    with running_server(model) as url:
+        alone = [ask(url, p, stream=False, max_tokens=24) for p in prompts]
+        assert len(set(alone)) == len(prompts)  # different answers, so a mix-up would show
+        # Hold the model so all eight are provably in line at once, then let them run.
+        with model_held(model) as release, ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(ask, url, p, i % 2 == 0, 24) for i, p in enumerate(prompts)]
+            wait_for(lambda: health(url) | {"status": 0} == {"status": 0, "model": MODEL_ID, "generating": True,
+                                                           "waiting": len(prompts) - 1, "max_queue": 8})
+            release()
+            together = [f.result(timeout=120) for f in futures]
+    assert together == alone
+
+
+# -- refusals -------------------------------------------------------------------------------------
+
+
+def _raw_post(base_url: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    host, port = base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", path, body=body, headers={"Authorization": f"Bearer {KEY}", **(headers or {})})
+    response = conn.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    conn.close()
+    return status, payload
+
+
+def _assert_openai_error(body: dict, code: str | None, param: str | None = None) -> None:
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == code and body["error"]["param"] == param and body["error"]["message"]
+
+
+def test_malformed_json_is_a_400(base_url):
+    status, body = _raw_post(base_url, "/v1/chat/completions", b'{"model": "tiny", "messages": [')
+    assert status == 400
+    _assert_openai_error(body, "invalid_json")
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("call", "status", "code", "param"), [
+    (lambda c: c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]),
+     404, "model_not_found", "model"),
+    (lambda c: c.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=LIMITS.max_tokens + 1), 400, None, "max_tokens"),
+    (lambda c: c.completions.create(model=MODEL_ID, prompt="hi", temperature=3), 400, None, "temperature"),
+    (lambda c: c.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], n=2),
+     400, "unsupported_parameter", "n"),
+    (lambda c: c.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "x" * 20_000}]),
+     413, "request_too_large", None),
+    (lambda c: c.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "fox " * 300}]),
+     400, "context_length_exceeded", "messages"),
+])
+def test_bad_requests_get_the_right_4xx_with_an_openai_error_body(base_url, call, status, code, param):
+    with pytest.raises(openai.APIStatusError) as info:
+        call(client(base_url))
+    assert info.value.status_code == status
+    _assert_openai_error(info.value.response.json(), code, param)
+
+
+def test_a_wrong_or_missing_api_key_is_a_401(base_url):
+    with pytest.raises(openai.AuthenticationError) as info:
+        client(base_url, key="wrong").chat.completions.create(model=MODEL_ID, messages=[{"role": "user",
+                                                                                       "content": "hi"}])
+    _assert_openai_error(info.value.response.json(), "invalid_api_key")
+    status, body = _raw_post(base_url, "/v1/completions", b"{}", headers={"Authorization": ""})
+    assert status == 401
+    assert health(base_url)["status"] == "ok"  # /health stays open for monitoring
+
+
+def test_a_full_queue_is_a_429_and_the_queued_requests_still_complete(model):
+    with running_server(model, Limits(max_tokens=64, max_body_bytes=16 << 10, max_queue=1)) as url:
+        alone = ask(url, "first", stream=False)
+        with model_held(model) as release, ThreadPoolExecutor(2) as pool:
+            running = pool.submit(ask, url, "first", False)
+            wait_for(lambda: health(url)["generating"])
+            waiting = pool.submit(ask, url, "second", True)
+            wait_for(lambda: health(url)["waiting"] == 1)
+            with pytest.raises(openai.RateLimitError) as info:
+                ask(url, "third", stream=False)
+            release()
+            answers = running.result(timeout=60), waiting.result(timeout=60)
+    assert info.value.response.headers["Retry-After"]
+    _assert_openai_error(info.value.response.json(), "rate_limit_exceeded")
+    assert answers[0] == alone and answers[1]
+
+
+def test_a_client_that_hangs_up_mid_stream_does_not_disturb_the_next(base_url):
+    stream = client(base_url).chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "a long answer please"}], max_tokens=64,
+        temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    assert ask(base_url, "Tell me about the fox.", stream=False) == ask(base_url, "Tell me about the fox.", True)
+    wait_for(lambda: not health(base_url)["generating"])
+
+
+def test_request_parsing_refuses_wrong_types_with_the_field_named():
+    def param_of(body) -> str | None:
+        with pytest.raises(ApiError) as info:
+            parse_chat({"messages": [{"role": "user", "content": "hi"}], **body}, MODEL_ID, LIMITS, 16)
+        return info.value.param
+
+    assert param_of({"max_tokens": "5"}) == "max_tokens"
+    assert param_of({"max_tokens": True}) == "max_tokens"  # JSON true is not 1
+    assert param_of({"stop": ["a", "b", "c", "d", "e"]}) == "stop"
+    assert param_of({"messages": [{"role": "robot", "content": "hi"}]}) == "messages[0].role"
+    assert param_of({"stream_options": {"include_usage": True}}) == "stream_options"
+    parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]
+    request = parse_chat({"messages": [{"role": "developer", "content": parts}], "seed": 1}, MODEL_ID, LIMITS, 16)
+    assert request.prompt == [{"role": "system", "content": "hi there"}] and request.sampling == {"seed": 1}
+    assert request.max_tokens == 16
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def test_serve_command_binds_loopback_takes_the_key_from_the_environment_and_stops_on_sigterm(bundle):
+    env = {**os.environ, "NOMOAT_API_KEY": "from-env", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pi_demo", "serve", str(bundle), "--port", "0", "--model-id", MODEL_ID]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server exited before serving"
+        url = line.split(" on ")[1].split("/v1")[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert ask_with_key(url, "from-env")
+        with pytest.raises(openai.AuthenticationError):
+            ask_with_key(url, KEY)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def ask_with_key(url: str, key: str) -> str:
+    return client(url, key).chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=4, temperature=0).choices[0].message.content
