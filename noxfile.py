@@ -73,3 +73,18 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
                 "--prompt-tokens", "128", "--new-tokens", "128", "--json", "build/bench/results.json",
                 *session.posargs)
+
+
+@nox.session
+def pi(session: nox.Session) -> None:
+    """The runtime and pi_demo on arm64 Debian bookworm under qemu-user, as on a Raspberry Pi.
+
+    Needs root and network (deb.debian.org, the package index). Builds an arm64 root with
+    debootstrap once and caches it in build/pi-root ($NOMOAT_PI_ROOT to move it), installs this
+    checkout's wheel there with binary wheels only, compares greedy tokens with the host, serves
+    and chats inside (tests/test_pi_qemu.py). Step times: build/pi/timings.json; they are
+    emulation times, not a Pi's.
+    """
+    _install(session)
+    session.run("pytest", "-q", "-s", "-m", "slow", "tests/test_pi_qemu.py", *session.posargs,
+                env={"NOMOAT_PI": "1"})

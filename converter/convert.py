@@ -70,14 +70,14 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
     return target, recipe
 
 
-def fit(spec: ModelSpec, recipe: Recipe, target: Target, mode: str) -> tuple[Recipe, MemoryEstimate]:
+def fit_recipe(spec: ModelSpec, recipe: Recipe, target: Target, mode: str) -> tuple[Recipe, MemoryEstimate]:
     """Clamp the context to what the model was trained for, shrink it if allowed, then check the budget."""
-    from .fit import check_fit, largest_fitting_context
+    from .fit import check_fit, estimate_memory, largest_fitting_context
 
     if recipe.max_context > spec.max_position_embeddings:
         recipe = recipe.adjusted(f"the model was trained for {spec.max_position_embeddings} positions",
                                  max_context=spec.max_position_embeddings)
-    if mode == "shrink-context":
+    if mode == "shrink-context" and not estimate_memory(spec, recipe, target).fits:
         ctx = largest_fitting_context(spec, recipe, target)
         if 0 < ctx < recipe.max_context:
             recipe = recipe.adjusted(f"--fit shrink-context: the largest context that fits {target.name}",
@@ -104,7 +104,7 @@ def convert(opts: ConvertOptions) -> Path:
 
     spec = peek_spec(opts.model)
     if spec is not None:  # refuse what cannot fit before reading any weights
-        recipe, _ = fit(spec, recipe, target, opts.fit)
+        recipe, _ = fit_recipe(spec, recipe, target, opts.fit)
 
     _stage(f"load {opts.model}", opts.progress)
     ckpt = load_checkpoint(opts.model)
@@ -113,7 +113,7 @@ def convert(opts: ConvertOptions) -> Path:
         _stage(f"merge {len(opts.loras)} LoRA adapter(s) in fp32", opts.progress)
         adapters = merge_adapters(ckpt, list(opts.loras))
 
-    recipe, estimate = fit(ckpt.spec, recipe, target, opts.fit)
+    recipe, estimate = fit_recipe(ckpt.spec, recipe, target, opts.fit)
     for note in recipe.adjustments:
         _stage(f"fit: {note}", opts.progress)
     _stage(f"fit: estimated peak {estimate.summary()}", opts.progress)

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from nomoat.converter import convert as convert_module
 from nomoat.converter import targets as targets_module
-from nomoat.converter.convert import ConvertOptions, convert, fit
+from nomoat.converter.convert import ConvertOptions, convert, fit_recipe
 from nomoat.converter.errors import ConversionError
 from nomoat.converter.fit import MiB, check_fit, estimate_memory, largest_fitting_context
 from nomoat.converter.load import load_checkpoint
@@ -108,13 +108,20 @@ def test_the_refusal_names_a_context_and_int4_when_they_would_fit(tmp_path):
 def test_shrink_context_picks_the_largest_context_the_estimate_says_fits(tmp_path):
     spec = peek_spec(_config_only(tmp_path / "m", LLAMA2_7B))
     target = load_target("rpi5-8gb")
-    recipe, est = fit(spec, target.recipe, target, "shrink-context")
+    recipe, est = fit_recipe(spec, target.recipe, target, "shrink-context")
     ctx = recipe.max_context
     assert 0 < ctx < 2048 and ctx % 256 == 0 and est.fits and est.max_context == ctx
     assert not estimate_memory(spec, replace(recipe, max_context=ctx + 256), target).fits
     assert recipe.adjustments and "shrink-context" in recipe.adjustments[-1] and "max_context" not in recipe.overrides
     with pytest.raises(ConversionError, match=f"--max-context {ctx} "):
-        fit(spec, target.recipe, target, "strict")
+        fit_recipe(spec, target.recipe, target, "strict")
+
+
+def test_shrink_context_leaves_a_recipe_that_fits_alone(tmp_path):
+    spec = peek_spec(_config_only(tmp_path / "m", LLAMA2_7B))
+    target = load_target("rpi5-16gb")
+    recipe = target.recipe.with_overrides(max_context=1000)  # fits, and is no multiple of 256
+    assert fit_recipe(spec, recipe, target, "shrink-context")[0] == recipe
 
 
 def _tight_target(spec, ctx: int):
@@ -153,7 +160,7 @@ def test_nothing_fits_gives_zero_and_no_context_hint(tmp_path):
 def test_context_is_clamped_to_what_the_model_was_trained_for(tiny_dir):
     spec = load_checkpoint(tiny_dir).spec
     target = load_target("pixel8")  # recipe: 4096
-    recipe, _ = fit(replace(spec, max_position_embeddings=512), target.recipe, target, "strict")
+    recipe, _ = fit_recipe(replace(spec, max_position_embeddings=512), target.recipe, target, "strict")
     assert recipe.max_context == 512 and "trained for 512 positions" in recipe.adjustments[0]
 
 

@@ -1,0 +1,93 @@
+"""pi_demo chat, typed at through a pseudo-terminal: streaming, kept conversation, commands."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from pty_terminal import Terminal
+
+REPO = Path(__file__).resolve().parents[1]
+# The line printed after each answer (and by /stats).
+STATS = r"\[(\d+) new prompt tokens \((\d+) cached\) @ \d+ tok/s, (\d+) tokens @ [\d.]+ tok/s\]"
+PROMPT = "\n> "
+TURNS = ("Tell me about the quick brown fox and the lazy dog, please.", "And Paris?")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from nomoat.converter.convert import ConvertOptions, convert
+    from tiny_models import make_tiny_hf_dir
+
+    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / "bundle", quant="fp32",
+                                  max_context=256, progress=False, skip_verify=True))
+
+
+@pytest.fixture
+def terminal(bundle):
+    argv = [sys.executable, "-m", "pi_demo", "chat", str(bundle), "--temperature", "0", "--max-new-tokens", "12",
+            "--threads", "1"]
+    term = Terminal(argv, env={**os.environ, "PYTHONPATH": str(REPO), "TERM": "dumb"}, cwd=str(REPO))
+    term.expect(r"/reset, /system TEXT, /stats, /quit", timeout=120)
+    term.expect(PROMPT)
+    yield term
+    term.close()
+
+
+def stats_of(match: re.Match) -> tuple[int, int, int]:
+    return int(match[1]), int(match[2]), int(match[3])  # prefilled, cached, generated
+
+
+def test_second_turn_prefills_only_its_new_tokens(terminal, bundle):
+    from nomoat.runtime import Model
+
+    seen = []
+    for text in TURNS:
+        terminal.sendline(text)
+        seen.append(stats_of(terminal.expect(STATS)))  # printed after every answer
+        terminal.expect(PROMPT)
+    terminal.sendline("/stats")
+    assert stats_of(terminal.expect(STATS)) == seen[1]
+
+    # The same conversation in-process gives the counts the REPL printed ...
+    model = Model.load(bundle, threads=1)
+    chat = model.chat()
+    expected, before = [], []
+    for text in TURNS:
+        before.append(chat._text)  # the conversation as the model has seen it so far
+        chat.send(text, 12, temperature=0)
+        s = model.last_stats
+        expected.append((s.prefill_tokens, s.cached_tokens, s.generated_tokens))
+    assert seen == expected
+    # ... and they say: the whole first turn (prompt + answer) came from the cache, and only
+    # the text the template wraps around the new message was run.
+    (prefill1, cached1, generated1), (prefill2, cached2, _) = seen
+    assert cached1 == 0 and cached2 >= prefill1 + generated1 - 1
+    new_turn = model.render(chat.messages[:-1])[len(before[1]):]
+    assert prefill2 <= len(model.encode(new_turn, add_bos=False)) + 1 < prefill1
+
+
+def test_commands_and_ctrl_c_at_the_prompt(terminal):
+    terminal.sendline(TURNS[0])
+    first = stats_of(terminal.expect(STATS))
+    terminal.expect(PROMPT)
+    terminal.sendline("/system You are terse.")
+    terminal.expect(r"\[system message set; conversation reset\]")
+    terminal.expect(PROMPT)
+    terminal.sendline(TURNS[0])
+    with_system = stats_of(terminal.expect(STATS))
+    assert with_system[0] + with_system[1] > first[0]  # the system message is in the prompt now
+    terminal.expect(PROMPT)
+    terminal.sendline("/reset")
+    terminal.expect(r"\[conversation reset\]")
+    terminal.expect(PROMPT)
+    terminal.send("\x03")  # Ctrl-C while waiting for input: a new prompt, not the end of the program
+    terminal.expect(PROMPT)
+    terminal.sendline(TURNS[1])
+    terminal.expect(STATS)
+    terminal.sendline("/quit")
+    assert terminal.wait() == 0

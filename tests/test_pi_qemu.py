@@ -1,0 +1,291 @@
+"""The runtime and pi_demo on arm64 Debian bookworm under qemu-user: what a Raspberry Pi would run.
+
+Run with `nox -s pi` (needs root and network; see tests/arm64_root.py for the emulated root).
+The module builds a wheel of this checkout, installs it in a fresh venv inside the root with
+only binary wheels allowed, converts SmolLM2-135M-Instruct on the host for the Pi 5 (int4 with
+int8 activations, as shipped) and in fp32, and compares the Pi's tokens and logits with the
+host's; then serves and chats inside. Every step is timed (build/pi/timings.json); emulation is
+~20-100x slower than the hardware, so the times say nothing about a Pi's speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from arm64_root import Steps, ensure_root, entered, pip_environment, prepare_host, run
+from pty_terminal import Terminal
+from real_model import smollm2_gguf_path
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("NOMOAT_PI") != "1",
+                       reason="arm64 emulation (root, network, ~20 min): run with `nox -s pi`"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = REPO / "build" / "pi"
+ROOT = Path(os.environ.get("NOMOAT_PI_ROOT", REPO / "build" / "pi-root"))
+CHECK = "/opt/nomoat-check"  # in the guest: the wheel, bundles, pi_demo and the guest script
+VENV = "/opt/nomoat-venv"
+PYTHON = f"{VENV}/bin/python"
+PROMPTS = ["What is the capital of France?", "Write a short poem about autumn leaves.",
+           "Explain photosynthesis to a ten-year-old."]
+TOKENS = 32
+# name -> convert arguments. rpi5 is what a Pi 5 gets (int4, accuracy_level 4 = int8 activations);
+# fp32 has no activation quantization, so x86 and arm must agree to float rounding.
+BUNDLES = {"rpi5": ["--target", "rpi5"], "fp32": ["--target", "rpi5", "--quant", "fp32"]}
+RUNTIME_DEPS = ("numpy", "onnxruntime", "tokenizers", "jinja2")
+NOT_ON_A_PI = ("torch", "transformers", "peft", "onnx", "gguf", "executorch")
+STATS = r"\[(\d+) new prompt tokens \((\d+) cached\) @ \d+ tok/s, (\d+) tokens @ [\d.]+ tok/s\]"
+STEPS = Steps()
+FINDINGS: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def guest():
+    BUILD.mkdir(parents=True, exist_ok=True)
+    with STEPS.step("host packages + binfmt"):
+        prepare_host()
+    with STEPS.step("arm64 root (debootstrap; cached in " + str(ROOT) + ")"):
+        FINDINGS["root_built_now"] = ensure_root(ROOT)
+    try:
+        with entered(ROOT) as g:
+            yield g
+    finally:
+        report = {"steps_seconds": STEPS.seconds, **FINDINGS}
+        (BUILD / "timings.json").write_text(json.dumps(report, indent=2))
+        print("\n[pi] emulated run (x86 host, qemu-user; not a Pi's speed):\n" + json.dumps(report, indent=2))
+
+
+@pytest.fixture(scope="module")
+def bundles() -> dict[str, Path]:
+    """The bundles, converted on the host; reused while the converter and the model are unchanged."""
+    gguf = smollm2_gguf_path()
+    out = {}
+    for name, args in BUNDLES.items():
+        path, stamp = BUILD / name, BUILD / f"{name}.source"
+        fingerprint = _converter_fingerprint(gguf, args)
+        if not (path / "manifest.json").exists() or not stamp.exists() or stamp.read_text() != fingerprint:
+            with STEPS.step(f"host: convert {name}"):
+                run([sys.executable, "-m", "nomoat", "convert", "--model", str(gguf), *args, "--out", str(path),
+                     "--skip-verify", "--force", "--quiet"])
+            stamp.write_text(fingerprint)
+        out[name] = path
+    return out
+
+
+def _converter_fingerprint(gguf: Path, args: list[str]) -> str:
+    digest = hashlib.sha256(f"{gguf}\n{args}\n".encode())
+    for f in sorted((REPO / "converter").rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".toml", ".txt"):
+            digest.update(f.relative_to(REPO).as_posix().encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def installed(guest, bundles) -> dict[str, str]:
+    """A fresh venv in the guest with this checkout's wheel; returns {package: version} installed."""
+    dist = BUILD / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    with STEPS.step("host: pip wheel --no-deps ."):
+        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", ".", "-w", str(dist)], cwd=REPO)
+    wheel = next(dist.glob("nomoat-*.whl"))
+    check = guest.path(CHECK)
+    with STEPS.step("copy wheel, bundles, pi_demo into the root"):
+        shutil.rmtree(check, ignore_errors=True)
+        check.mkdir(parents=True)
+        shutil.copy(wheel, check)
+        for name, path in bundles.items():
+            shutil.copytree(path, check / name)
+        shutil.copytree(REPO / "pi_demo", check / "pi_demo", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(REPO / "tests" / "pi_guest.py", check)
+        (check / "prompts.json").write_text(json.dumps(PROMPTS))
+        # The host's versions of the runtime's dependencies, so a difference in tokens is the CPU's,
+        # not a release's. (`pip install nomoat` on a Pi takes the newest; this pins only for the comparison.)
+        (check / "constraints.txt").write_text("".join(f"{p}=={importlib.metadata.version(p)}\n"
+                                                       for p in RUNTIME_DEPS))
+    with STEPS.step("guest: python3 -m venv"):
+        shutil.rmtree(guest.path(VENV), ignore_errors=True)
+        guest.run(["python3", "-m", "venv", VENV])
+    with STEPS.step("guest: pip install --only-binary=:all: nomoat (the wheel)"):
+        result = guest.run([PYTHON, "-m", "pip", "install", "--only-binary=:all:", "-c", f"{CHECK}/constraints.txt",
+                            f"{CHECK}/{wheel.name}"], env=pip_environment(), timeout=1800)
+    print(result.stdout[-2000:])
+    listed = guest.run([PYTHON, "-m", "pip", "list", "--format=json"]).stdout
+    packages = {p["name"].lower(): p["version"] for p in json.loads(listed)}
+    FINDINGS["guest_packages"] = packages
+    FINDINGS["guest_venv_mb"] = round(sum(f.stat().st_size for f in guest.path(VENV).rglob("*") if f.is_file())
+                                      / 2**20)
+    return packages
+
+
+def test_pip_install_pulls_only_aarch64_wheels_and_nothing_of_the_converter(guest, installed):
+    assert not [p for p in NOT_ON_A_PI if p in installed]
+    for dep in RUNTIME_DEPS:
+        assert installed[dep] == importlib.metadata.version(dep)
+    # Every installed package came as a wheel for this machine (or pure Python) ...
+    tags = set()
+    for wheel_file in guest.path(VENV).glob("lib/python3*/site-packages/*.dist-info/WHEEL"):
+        tags |= {line.split(": ", 1)[1] for line in wheel_file.read_text().splitlines() if line.startswith("Tag: ")}
+    platforms = {t.rsplit("-", 1)[1] for t in tags}
+    assert platforms and all(p == "any" or p.endswith("aarch64") for p in platforms), platforms
+    # ... and nothing could have been compiled: the root has no compiler at all.
+    for compiler in ("gcc", "cc", "c++", "clang"):
+        assert not (guest.path("/usr/bin") / compiler).exists()
+    FINDINGS["wheel_platforms"] = sorted(platforms)
+
+
+def test_the_runtime_imports_on_arm64_without_torch(guest, installed):
+    code = ("import platform, sys, nomoat.runtime, onnxruntime; "
+            "print(platform.machine(), sorted(m for m in sys.modules if m.split('.')[0] in "
+            f"{NOT_ON_A_PI!r}), onnxruntime.__version__)")
+    with STEPS.step("guest: import nomoat.runtime"):
+        out = guest.run([PYTHON, "-c", code]).stdout.split()
+    assert out[0] == "aarch64" and out[1] == "[]" and out[2] == installed["onnxruntime"]
+
+
+def _tokens_and_logits(guest, name: str, bundle: Path) -> tuple[np.lib.npyio.NpzFile, np.lib.npyio.NpzFile]:
+    host_file = BUILD / f"host-{name}.npz"
+    prompts = guest.path(f"{CHECK}/prompts.json")
+    with STEPS.step(f"host: greedy {TOKENS} tokens x {len(PROMPTS)} prompts, {name}"):
+        run([sys.executable, str(REPO / "tests" / "pi_guest.py"), str(bundle), str(prompts), str(TOKENS),
+             str(host_file)])
+    shutil.copy(host_file, guest.path(f"{CHECK}/host-{name}.npz"))
+    with STEPS.step(f"guest: greedy {TOKENS} tokens x {len(PROMPTS)} prompts + logits on the host's tokens, {name}"):
+        guest.run([PYTHON, f"{CHECK}/pi_guest.py", f"{CHECK}/{name}", f"{CHECK}/prompts.json", str(TOKENS),
+                   f"{CHECK}/arm-{name}.npz", "--reference", f"{CHECK}/host-{name}.npz"])
+    return np.load(host_file), np.load(guest.path(f"{CHECK}/arm-{name}.npz"))
+
+
+def _compare(host, arm) -> dict[str, object]:
+    """Where the greedy paths part, and how far the logits are apart on the host's path."""
+    same_prefix, top1, deltas = [], [], []
+    for i in range(len(PROMPTS)):
+        h, a = host[f"greedy{i}"], arm[f"greedy{i}"]
+        differ = np.flatnonzero(h != a)
+        same_prefix.append(int(differ[0]) if differ.size else len(h))
+        top1.append(float((host[f"logits{i}"].argmax(-1) == arm[f"logits{i}"].argmax(-1)).mean()))
+        deltas.append(np.abs(host[f"logits{i}"] - arm[f"logits{i}"]))
+    return {"equal_greedy_prefix": same_prefix, "tokens_per_prompt": TOKENS,
+            "teacher_forced_top1_agreement": round(float(np.mean(top1)), 4),
+            "max_abs_logit_diff": float(max(d.max() for d in deltas)),
+            "mean_abs_logit_diff": float(np.mean([d.mean() for d in deltas])),
+            "emulated_seconds_load_and_generate": arm["seconds"].round(1).tolist()}
+
+
+def test_fp32_bundle_gives_the_hosts_greedy_tokens(guest, installed, bundles):
+    host, arm = _tokens_and_logits(guest, "fp32", bundles["fp32"])
+    FINDINGS["fp32"] = found = _compare(host, arm)
+    for i in range(len(PROMPTS)):
+        assert arm[f"greedy{i}"].tolist() == host[f"greedy{i}"].tolist(), found
+    assert found["max_abs_logit_diff"] < 1e-3  # float summation order only
+
+
+def test_rpi5_bundle_int8_activations_stay_close_to_the_host(guest, installed, bundles):
+    """accuracy_level=4 quantizes activations to int8 inside MatMulNBits, and x86 (VNNI) and arm
+    (dot product) kernels round differently: each lands about as far from fp32 activations as the
+    other, so greedy paths part at the first near-tie. Bit-equality is for the fp32 test; here the
+    tokens must agree where the host's choice is clear, and the logits within int8 noise."""
+    host, arm = _tokens_and_logits(guest, "rpi5", bundles["rpi5"])
+    FINDINGS["rpi5"] = found = _compare(host, arm)
+    print(json.dumps(found))
+    assert found["teacher_forced_top1_agreement"] >= 0.85, found
+    assert found["mean_abs_logit_diff"] < 0.5, found
+    for i in range(len(PROMPTS)):  # the prompts' tokenization and the first steps are the same
+        assert host[f"prompt{i}"].tolist() == arm[f"prompt{i}"].tolist()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_in_the_guest_answers_the_host(guest, installed, bundles):
+    openai = pytest.importorskip("openai")
+    from tokenizers import Tokenizer
+
+    port = _free_port()
+    cmd = [PYTHON, "-m", "pi_demo", "serve", f"{CHECK}/rpi5", "--port", str(port)]
+    with STEPS.step("guest: pi_demo serve starts"):
+        server = guest.popen(cmd, env={"PYTHONPATH": CHECK}, stderr=subprocess.PIPE, text=True)
+        _wait_for_line(server, "serving", timeout=600)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=900)
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        with STEPS.step("host -> guest: chat completion, 16 tokens max"):
+            whole = client.chat.completions.create(model="rpi5", messages=messages, max_tokens=16, temperature=0)
+        with STEPS.step("host -> guest: streamed chat completion"):
+            chunks = list(client.chat.completions.create(model="rpi5", messages=messages, max_tokens=16,
+                                                         temperature=0, stream=True))
+    finally:
+        server.terminate()
+        assert server.wait(timeout=60) == 0
+    # The server's greedy answer is the guest's own greedy continuation, up to the stop token.
+    arm = np.load(guest.path(f"{CHECK}/arm-rpi5.npz"))["greedy0"].tolist()
+    answer_ids = arm[:arm.index(2)] if 2 in arm else arm  # 2 = <|im_end|>, the bundle's stop token
+    expected = Tokenizer.from_file(str(bundles["rpi5"] / "tokenizer.json")).decode(answer_ids[:16])
+    assert whole.choices[0].message.content == expected and "Paris" in expected
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert whole.usage.completion_tokens == min(16, len(answer_ids))
+    assert whole.usage.prompt_tokens == len(np.load(guest.path(f"{CHECK}/arm-rpi5.npz"))["prompt0"])
+    FINDINGS["server_answer"] = expected
+
+
+def _wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        if ready:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+            if text in line:
+                return line
+    proc.kill()
+    raise AssertionError(f"no {text!r} from the guest within {timeout:.0f} s:\n{seen}")
+
+
+def test_chat_in_the_guest_ctrl_c_stops_the_answer_not_the_program(guest, installed, bundles):
+    argv = guest.argv([PYTHON, "-m", "pi_demo", "chat", f"{CHECK}/rpi5", "--max-new-tokens", "200"],
+                      env={"PYTHONPATH": CHECK, "TERM": "dumb"})
+    term = Terminal(argv)
+    try:
+        with STEPS.step("guest chat: load"):
+            term.expect(r"/quit; Ctrl-C stops an answer", timeout=600)
+        term.expect(r"\n> ")
+        with STEPS.step("guest chat: a long answer starts, Ctrl-C stops it"):
+            term.sendline("Write a long story about a dragon who learns to fly.")
+            term.expect(r"fly\.\n")  # our own line, echoed
+            term.expect(r"\w+\W+\w+\W+\w+", timeout=600)  # three words of the answer
+            term.send("\x03")
+            term.expect(r"\[stopped\]", timeout=300)
+        term.expect(r"\n> ")
+        with STEPS.step("guest chat: the next question is answered"):
+            term.sendline(PROMPTS[0])
+            stats = term.expect(STATS, timeout=900)
+        assert "Paris" in term.seen
+        # The stopped turn left nothing in the conversation: the prompt is this one question alone.
+        one_question = np.load(guest.path(f"{CHECK}/arm-rpi5.npz"))["prompt0"]
+        assert int(stats[1]) + int(stats[2]) == len(one_question)
+        term.expect(r"\n> ")
+        term.sendline("/quit")
+        assert term.wait(timeout=120) == 0
+    finally:
+        FINDINGS["chat_transcript"] = re.sub(r"\s+", " ", term.seen)[-600:]
+        term.close()
