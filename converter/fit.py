@@ -7,8 +7,9 @@
 Every term is computed from the model's shape and the recipe; the three constants below
 were measured on this machine with nomoat.runtime: VmHWM of a fresh process that loads the
 bundle and fills its whole context (a prompt of max_context - 64 tokens, then 64 new ones).
-For SmolLM2-135M at 2048 tokens, estimate vs measured peak: int4 422 vs 428 MiB (-2 %),
-int8 564 vs 522 MiB (+8 %), fp32 931 vs 861 MiB (+8 %). tests/test_targets_real.py checks
+For SmolLM2-135M at 2048 tokens, estimate vs measured peak: int4 422 vs 428-429 MiB (-2 %),
+int8 564 vs 522-566 MiB (0 to +8 %: the fp32 embedding is memory-mapped and only the rows
+read are resident), fp32 931 vs 861 MiB (+8 %). tests/test_targets_real.py checks
 +-25 % on host. The estimate is for a full context: a short chat touches only the part of
 the preallocated KV cache and of the arena it uses, and sits well below it.
 """
@@ -25,19 +26,20 @@ from .targets import Recipe, Target
 MiB = 2**20
 
 # Python + numpy + onnxruntime imported and an InferenceSession open, before any weights:
-# 68 MB after Model.load of a tiny model, 77 MB once it has run (ONNX Runtime's arena and
+# 68 MiB after Model.load of a tiny model, 77 MiB once it has run (ONNX Runtime's arena and
 # thread pool). Measured with the tiny test model, whose weights and tokenizer are negligible.
 RUNTIME_BASE_BYTES = 77 * MiB
 
 # The `tokenizers` library keeps the vocabulary and the merges in hash maps: loading
-# SmolLM2's tokenizer.json (49,152 entries) adds 42 MB of RSS, ~850 bytes per entry.
+# SmolLM2's tokenizer.json (49,152 entries) adds 42 MiB of RSS, ~850 bytes per entry.
 TOKENIZER_BYTES_PER_TOKEN = 850
 
 # A prompt is prefilled in one forward (the runtime does not chunk it), so ONNX Runtime's
-# arena grows with the prompt. Measured on SmolLM2-135M: RSS rises by ~52 KB per prompt token
-# beyond the KV cache's 46 KB, about 1.8x the fp32 tensors live at once in a layer
-# (_live_floats_per_token: 7,296 floats = 29 KB). The rest is the arena's power-of-two bins
-# and the int8 copies MatMulNBits makes of its inputs at accuracy level 4.
+# arena grows with the prompt. Measured on SmolLM2-135M with prompts of 256 to 2040 tokens:
+# RSS grows by ~52 KB per prompt token on top of the KV cache's 46 KB, 1.8x the fp32 values a
+# layer holds at once (_live_floats_per_token: 7,296 floats = 29 KB). The factor is measured,
+# not derived: the arena's bins, the kernels' scratch buffers and the int8 copies of matmul
+# inputs at accuracy level 4 all count.
 ARENA_FACTOR = 1.8
 
 KV_DTYPE_BYTES = {"float32": 4}

@@ -35,10 +35,11 @@ from .openai_api import (
     parse_completion,
     usage,
 )
-from .worker import Job, QueueFull, ShuttingDown, Worker
+from .worker import Cancelled, Job, QueueFull, ShuttingDown, Worker
 
 log = logging.getLogger("pi_demo.serve")
 
+ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 DRAIN_LIMIT = 16 << 20  # a refused body up to this size is read and dropped, so the client sees our error
 
 
@@ -91,6 +92,9 @@ def generation_error(error: Exception) -> ApiError:
     """An error the worker hit while generating for this request, as an HTTP error."""
     if isinstance(error, ContextOverflowError):
         return bad_request(str(error), None, "context_length_exceeded")
+    if isinstance(error, Cancelled):  # only a shutdown cancels a request whose client is still there
+        return ApiError(503, f"the server is shutting down; the request was {error}", "server_error",
+                        code="shutting_down")
     log.error("generation failed: %r", error)
     return ApiError(500, f"generation failed: {error}", "server_error", code="internal_error")
 
@@ -102,7 +106,7 @@ class Handler(BaseHTTPRequestHandler):
     server: PiServer
 
     def do_GET(self) -> None:
-        self._route({"/health": self._health, "/v1/models": self._models}, public={"/health"})
+        self._route({"/health": self._health, "/v1/models": self._models})
 
     def do_POST(self) -> None:
         self._route({"/v1/chat/completions": partial(self._generate, parse_chat),
@@ -113,16 +117,19 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ----------------------------------------------------------------------------------
 
-    def _route(self, routes: dict[str, Callable[[], None]], public: frozenset[str] | set[str] = frozenset()) -> None:
+    def _route(self, routes: dict[str, Callable[[], None]]) -> None:
         self._body_read = False
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
             action = routes.get(path)
             if action is None and self.command == "GET" and path.startswith("/v1/models/"):
                 action = partial(self._model, path.removeprefix("/v1/models/"))
+            if action is None and path in ROUTES:
+                raise ApiError(405, f"{path} takes {ROUTES[path]}, not {self.command}", code="method_not_allowed",
+                               headers={"Allow": ROUTES[path]})
             if action is None:
                 raise ApiError(404, f"no route {self.command} {path}", code="not_found")
-            if path not in public:
+            if path != "/health":  # monitoring needs no key
                 self._authorize()
             action()
         except ApiError as e:

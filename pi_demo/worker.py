@@ -28,6 +28,10 @@ class ShuttingDown(Exception):
     """The server is stopping and takes no new work."""
 
 
+class Cancelled(Exception):
+    """The job was cancelled (client gone, or shutdown) before its answer was complete."""
+
+
 @dataclass
 class _Finished:
     stats: GenerationStats
@@ -119,19 +123,20 @@ class Worker:
                     self._running = None
 
     def _run(self, job: Job) -> None:
-        if job.cancelled:  # its client left while it waited
-            job._events.put(_Finished(GenerationStats()))
+        if job.cancelled:  # cancelled while it waited
+            job._events.put(Cancelled("cancelled before it started"))
             return
         events = self.model.stream_ids(job.prompt_ids, job.max_tokens, params=job.params, stop=job.stop)
         try:
             for event in events:
                 if job.cancelled:
-                    break
+                    job._events.put(Cancelled("cancelled while generating"))
+                    return
                 job._events.put(event)
         except Exception as e:  # the request that caused it answers with the error; the worker goes on
             job._events.put(e)
             return
         finally:
-            events.close()  # stops the generation (and releases the model) if we broke out early
+            events.close()  # stops the generation (and releases the model) if we left early
         # stream_ids publishes its stats when it finishes; only this thread generates, so they are this job's.
         job._events.put(_Finished(self.model.last_stats))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,22 +50,27 @@ def model(bundle):
 
 
 @contextmanager
-def running_server(model, limits: Limits = LIMITS, api_key: str | None = KEY) -> Iterator[str]:
+def running_server(model, limits: Limits = LIMITS, api_key: str | None = KEY) -> Iterator[PiServer]:
+    """The server in a thread of this process."""
     server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(MODEL_ID, limits, api_key)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
 
 
+def url_of(server: PiServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
 @pytest.fixture(scope="module")
 def base_url(model) -> Iterator[str]:
-    with running_server(model) as url:
-        yield url
+    with running_server(model) as server:
+        yield url_of(server)
 
 
 def client(base_url: str, key: str = KEY):
@@ -180,7 +186,8 @@ def test_seed_temperature_top_p_and_stop_are_honoured(base_url):
 def test_eight_concurrent_clients_get_complete_unmixed_answers(model):
     prompts = ["The quick brown fox", "What is the capital of France?", "Small models run on phones",
                "def hello(name):", "Numbers like 12345", "Emoji 😀🚀", "中文字符", "Raspberry Pi"]
-    with running_server(model) as url:
+    with running_server(model) as server:
+        url = url_of(server)
         alone = [ask(url, p, stream=False, max_tokens=24) for p in prompts]
         assert len(set(alone)) == len(prompts)  # different answers, so a mix-up would show
         # Hold the model so all eight are provably in line at once, then let them run.
@@ -249,7 +256,8 @@ def test_a_wrong_or_missing_api_key_is_a_401(base_url):
 
 
 def test_a_full_queue_is_a_429_and_the_queued_requests_still_complete(model):
-    with running_server(model, Limits(max_tokens=64, max_body_bytes=16 << 10, max_queue=1)) as url:
+    with running_server(model, Limits(max_tokens=64, max_body_bytes=16 << 10, max_queue=1)) as server:
+        url = url_of(server)
         alone = ask(url, "first", stream=False)
         with model_held(model) as release, ThreadPoolExecutor(2) as pool:
             running = pool.submit(ask, url, "first", False)
@@ -263,6 +271,33 @@ def test_a_full_queue_is_a_429_and_the_queued_requests_still_complete(model):
     assert info.value.response.headers["Retry-After"]
     _assert_openai_error(info.value.response.json(), "rate_limit_exceeded")
     assert answers[0] == alone and answers[1]
+
+
+def test_shutdown_answers_the_waiting_requests_with_503(model):
+    with running_server(model) as server:
+        url, worker = url_of(server), server.app.worker
+        with model_held(model) as release, ThreadPoolExecutor(2) as pool:
+            running = pool.submit(ask, url, "first", False)
+            wait_for(lambda: health(url)["generating"])
+            waiting = pool.submit(ask, url, "second", True)
+            wait_for(lambda: health(url)["waiting"] == 1)
+            worker.close(timeout=0)  # what server_close does on SIGTERM
+            release()
+            for future in (running, waiting):
+                with pytest.raises(openai.InternalServerError) as info:
+                    future.result(timeout=60)
+                assert info.value.status_code == 503
+                _assert_openai_error(info.value.response.json(), "shutting_down")
+        with pytest.raises(openai.InternalServerError):
+            ask(url, "third", stream=False)
+
+
+def test_a_wrong_method_is_a_405(base_url):
+    request = urllib.request.Request(f"{base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    assert info.value.code == 405 and info.value.headers["Allow"] == "POST"
+    _assert_openai_error(json.load(info.value), "method_not_allowed")
 
 
 def test_a_client_that_hangs_up_mid_stream_does_not_disturb_the_next(base_url):
