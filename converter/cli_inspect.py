@@ -96,7 +96,8 @@ def _source_line(source: dict[str, Any]) -> str:
     kind = source.get("format", "?")
     extra = f" ({source['file_type']})" if source.get("file_type") else ""
     loras = source.get("loras") or []
-    lora_text = ", ".join(str(a.get("path", a)) for a in loras) if loras else "none"
+    lora_text = ", ".join(f"{a.get('path')} (weight {a.get('weight', 1.0):g}, rank {a.get('rank', '?')})"
+                          for a in loras) if loras else "none"
     return f"{kind} {source.get('path', '')}{extra}; LoRA: {lora_text}"
 
 
