@@ -21,12 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
-    p.add_argument("--model-id", default=None, help="the model name clients send (default: the bundle's folder name)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $NOMOAT_API_KEY)")
+    p.add_argument("--model-id", default=None, help="the model name clients send; None = the bundle's folder name")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'; None = $NOMOAT_API_KEY if set")
     p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the bundle's target)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads; None = the bundle's target")
 
 
 def run(args: argparse.Namespace) -> int:

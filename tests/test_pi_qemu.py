@@ -4,8 +4,8 @@ Run with `nox -s pi` (needs root and network; see tests/arm64_root.py for the em
 The module builds a wheel of this checkout, installs it in a fresh venv inside the root with
 only binary wheels allowed, converts SmolLM2-135M-Instruct on the host for the Pi 5 (int4 with
 int8 activations, as shipped) and in fp32, and compares the Pi's tokens and logits with the
-host's; then serves and chats inside. Every step is timed (build/pi/timings.json); emulation is
-~20-100x slower than the hardware, so the times say nothing about a Pi's speed.
+host's; then serves and chats inside. Every step is timed (build/pi/timings.json); emulated runs
+take 15-40x as long as the same runs natively on the x86 host and say nothing about a Pi's speed.
 """
 
 from __future__ import annotations

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
+import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-
-import tomllib
 
 from ..errors import ConversionError
 
