@@ -52,18 +52,23 @@ def file_hashes(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
 
 
+def move_into_place(staging: Path, out: Path, force: bool) -> Path:
+    """One rename; an existing `out` (allowed by --force) is moved aside first and removed after."""
+    if not out.exists():
+        staging.rename(out)
+        return out
+    if not force:
+        raise ConversionError(f"output {out} appeared while writing it; nothing was overwritten.")
+    trash = out.with_name(f".{out.name}.old")
+    if trash.exists():
+        shutil.rmtree(trash)
+    out.rename(trash)
+    staging.rename(out)
+    shutil.rmtree(trash, ignore_errors=True)
+    return out
+
+
 def finalize(staging: Path, manifest: Manifest, out: Path, force: bool) -> Path:
     """Write manifest.json into staging, then move staging to out (replacing it with force)."""
     write_json(staging / MANIFEST_NAME, manifest.to_dict())
-    if out.exists():
-        if not force:
-            raise ConversionError(f"output {out} appeared while converting; nothing was overwritten.")
-        trash = out.with_name(f".{out.name}.old")
-        if trash.exists():
-            shutil.rmtree(trash)
-        out.rename(trash)
-        staging.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        staging.rename(out)
-    return out
+    return move_into_place(staging, out, force)

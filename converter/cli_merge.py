@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ def parse_size(text: str) -> int:
 def merge_to_hf_dir(model: str | Path, loras: list[AdapterRef], out: Path, force: bool = False,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
     """Load, merge, and write the HF folder atomically (temp folder beside `out`, then one rename)."""
-    from .bundle import check_destination, staging_dir, write_json
+    from .bundle import check_destination, move_into_place, staging_dir, write_json
     from .load import load_checkpoint
     from .merge import merge_adapters
 
@@ -70,7 +69,7 @@ def merge_to_hf_dir(model: str | Path, loras: list[AdapterRef], out: Path, force
         _progress(f"write {out}", progress)
         write_hf_dir(ckpt, staging, max_shard_bytes)
         write_json(staging / REPORT_FILE, {"source": ckpt.source, "adapters": [r.to_dict() for r in reports]})
-        _move_into_place(staging, out, force)
+        move_into_place(staging, out, force)
     return out
 
 
@@ -142,18 +141,3 @@ def _shards(tensors: dict[str, Any], max_bytes: int) -> list[list[str]]:
         shards[-1].append(name)
         size += nbytes
     return shards
-
-
-def _move_into_place(staging: Path, out: Path, force: bool) -> None:
-    """One rename; an existing `out` (allowed by --force) is moved aside first and removed after."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    if not force:
-        raise ConversionError(f"output {out} appeared while merging; nothing was overwritten.")
-    trash = out.with_name(f".{out.name}.old")
-    if trash.exists():
-        shutil.rmtree(trash)
-    out.rename(trash)
-    staging.rename(out)
-    shutil.rmtree(trash, ignore_errors=True)
