@@ -73,7 +73,7 @@ class _Graph:
 
 def _linear_weight(w) -> np.ndarray:
     """HF stores linears as [out, in]; MatMul wants B as [in, out]."""
-    return w.detach().to(dtype=__import__("torch").float32).numpy().T
+    return w.detach().float().numpy().T
 
 
 def _norm(graph: _Graph, x: str, residual: str | None, gamma: str, eps: float, name: str) -> tuple[str, str]:

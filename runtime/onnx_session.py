@@ -61,6 +61,10 @@ class DecoderSession:
         self._last_logits_ov = ort.OrtValue.ortvalue_from_numpy(self._last_logits)
         self._binding.bind_ortvalue_output(self._io_names["logits"], self._last_logits_ov)
         self._last_index = np.zeros(1, np.int64)
+        # Decode steps reuse these small inputs (updated in place) instead of allocating per token.
+        self._one_id = np.zeros((1, 1), np.int64)
+        self._seqlens = np.zeros(1, np.int32)
+        self._total = np.zeros((), np.int32)
         self._kv = []  # keep the OrtValues alive as long as the binding uses them
         for layer in range(m.num_layers):
             for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
@@ -93,9 +97,16 @@ class DecoderSession:
                 "start a new conversation, or convert with a larger --max-context."
             )
         io, b = self._io_names, self._binding
-        b.bind_cpu_input(io["input_ids"], np.asarray(ids, dtype=np.int64).reshape(1, n))
-        b.bind_cpu_input(io["seqlens_k"], np.array([total - 1], np.int32))
-        b.bind_cpu_input(io["total_sequence_length"], np.array(total, np.int32))
+        if n == 1:
+            self._one_id[0, 0] = ids[0]
+            input_ids = self._one_id
+        else:
+            input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
+        self._seqlens[0] = total - 1
+        self._total[...] = total
+        b.bind_cpu_input(io["input_ids"], input_ids)
+        b.bind_cpu_input(io["seqlens_k"], self._seqlens)
+        b.bind_cpu_input(io["total_sequence_length"], self._total)
         if all_logits:
             b.bind_cpu_input(io["logits_index"], np.arange(n, dtype=np.int64))
             b.bind_output(io["logits"], "cpu")
