@@ -35,6 +35,7 @@ class ConvertOptions:
     loras: tuple[AdapterRef, ...] = ()
     quant: str | None = None  # overrides the target's recipe when set
     block_size: int | None = None
+    lm_head_bits: int | None = None
     max_context: int | None = None
     threads: int | None = None
     fit: str = "strict"  # strict | shrink-context
@@ -65,7 +66,8 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
         raise ConversionError(f"--fit {opts.fit!r} is unknown; use 'strict' or 'shrink-context'.")
     target = load_target(opts.target)
     recipe = target.recipe.with_overrides(weights=opts.quant, block_size=opts.block_size,
-                                          max_context=opts.max_context, threads=opts.threads)
+                                          lm_head_bits=opts.lm_head_bits, max_context=opts.max_context,
+                                          threads=opts.threads)
     recipe.quant_recipe()  # validates --quant / --block-size before any work
     return target, recipe
 
@@ -131,7 +133,8 @@ def convert(opts: ConvertOptions) -> Path:
 
 
 def _describe(recipe: Recipe) -> str:
-    text = (f"{recipe.weights}, block {recipe.block_size}, accuracy level {recipe.accuracy_level}, "
+    head = f", LM head {recipe.lm_head_bits}-bit" if recipe.weights == "int4" else ""
+    text = (f"{recipe.weights}, block {recipe.block_size}{head}, accuracy level {recipe.accuracy_level}, "
             f"{recipe.threads} threads, context {recipe.max_context}")
     return text + (f" (set by hand: {', '.join(recipe.overrides)})" if recipe.overrides else "")
 

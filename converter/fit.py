@@ -117,7 +117,7 @@ def _embedding_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
 
 
 def lm_head_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
-    """The LM head is its own tensor even when tied, and keeps lm_head_bits (8 by default, in its own block size)."""
+    """The LM head is its own tensor even when tied, at lm_head_bits (an 8-bit head in its own block size)."""
     if quant.weights == "fp32":
         return spec.vocab_size * spec.hidden_size * 4
     return matmul_nbits_bytes(spec.vocab_size, spec.hidden_size, quant.bits_for(LM_HEAD_NODE),

@@ -38,8 +38,8 @@ class QuantRecipe:
     block_size: int = 32
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fast where the ISA has int8 dot products)
     quantize_embedding: bool = True  # Gather -> GatherBlockQuantized (4-bit only)
-    lm_head_bits: int | None = 8  # None = same as the other weights
-    lm_head_block_size: int = 64  # 8-bit blocks of 64 ran ~30 % faster than 32 here, at the same accuracy
+    lm_head_bits: int | None = 4  # None = same as the other weights; never below them
+    lm_head_block_size: int = 64  # for an 8-bit head: blocks of 64 ran ~30 % faster than 32 here, at the same accuracy
     algorithm: str = "mse"
 
     def __post_init__(self) -> None:
@@ -51,8 +51,8 @@ class QuantRecipe:
             raise ConversionError(f"accuracy level {self.accuracy_level} must be 0..4 (see MatMulNBits).")
         if self.algorithm not in ALGORITHMS:
             raise ConversionError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}.")
-        if self.lm_head_bits not in (None, 2, 4, 8):
-            raise ConversionError(f"lm_head_bits {self.lm_head_bits} must be 4 or 8.")
+        if self.lm_head_bits not in (None, 4, 8):
+            raise ConversionError(f"--lm-head-bits {self.lm_head_bits} is not supported; use 4 or 8.")
 
     @property
     def bits(self) -> int:
@@ -60,8 +60,9 @@ class QuantRecipe:
 
     def bits_for(self, node_name: str) -> int:
         if node_name == LM_HEAD_NODE and self.lm_head_bits:
-            # The LM head maps to 49k+ logits; small models lose most of their int4 quality
-            # there (measured: +10 % perplexity on SmolLM2-135M), llama.cpp keeps it at 6-8 bits too.
+            # The LM head maps to 49k+ logits and is the largest matmul of a small model: at 4 bits
+            # it decodes faster, at 8 bits it keeps ~6 points of perplexity on SmolLM2-135M
+            # (llama.cpp keeps it at 6-8 bits). An int8 model never gets a 4-bit head.
             return max(self.lm_head_bits, self.bits)
         return self.bits
 

@@ -48,17 +48,17 @@ def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_hf_dir(tmp_path_factory.mktemp("fit") / "tiny", max_position_embeddings=4096)
 
 
-@pytest.mark.parametrize("arch,tie,quant", [
-    ("llama", False, "fp32"), ("llama", False, "int8"), ("llama", False, "int4"), ("llama", True, "int4"),
-    ("qwen2", False, "int8"),
+@pytest.mark.parametrize("arch,tie,quant,head", [
+    ("llama", False, "fp32", None), ("llama", False, "int8", None), ("llama", False, "int4", None),
+    ("llama", True, "int4", None), ("llama", True, "int4", 8), ("qwen2", False, "int8", None),
 ])
-def test_weight_estimate_is_the_exported_size(tmp_path, arch, tie, quant):
+def test_weight_estimate_is_the_exported_size(tmp_path, arch, tie, quant, head):
     model = make_tiny_hf_dir(tmp_path / "m", arch=arch, tie=tie)
     out = convert(ConvertOptions(model=str(model), out=tmp_path / "b", quant=quant, max_context=64,
-                                 progress=False, skip_verify=True))
+                                 lm_head_bits=head, progress=False, skip_verify=True))
     manifest = json.loads((out / "manifest.json").read_text())
     estimated = manifest["target"]["memory_estimate"]["weights_bytes"]
-    assert estimated == _initializer_bytes(out / "model.onnx")  # every byte accounted for, LM head 8-bit included
+    assert estimated == _initializer_bytes(out / "model.onnx")  # every byte accounted for, the LM head included
 
 
 def test_estimate_grows_with_context_and_precision(tmp_path):
@@ -71,7 +71,7 @@ def test_estimate_grows_with_context_and_precision(tmp_path):
     assert by_ctx[0] < by_ctx[1]
     est = estimate_memory(spec, target.recipe, target)
     assert est.kv_cache == 32 * 2 * 32 * 128 * 2048 * 4  # fp32 K and V for every layer at max context
-    # 6.7B parameters at ~5.2 bits: 4-bit codes + an fp32 scale and a 4-bit zero point per 32, 8-bit LM head
+    # 6.7B parameters at ~5.2 bits: 4-bit codes + an fp32 scale and a 4-bit zero point per 32
     assert 4.2e9 < est.weights < 4.6e9
 
 

@@ -104,13 +104,32 @@ def test_quantized_graph_holds_the_fast_ops(tiny_dir, tmp_path, quant, op):
     assert ops[op] == 4 * layers + 1 and ops["MatMul"] == 0
     assert ops["GroupQueryAttention"] == layers
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
-    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in graph.node if n.op_type == "MatMulNBits"}
-    assert bits.pop("lm_head") == 8  # the LM head keeps 8 bits (see quantize.py)
+    bits = _matmul_bits(graph)
+    assert bits.pop("lm_head") == int(quant[3:])  # the recipe's LM head is 4-bit; an int8 model keeps 8
     assert set(bits.values()) == {int(quant[3:])}
     if quant == "int4":
         assert ops["GatherBlockQuantized"] == 1
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["quantization"]["weights"] == quant
+
+
+def _matmul_bits(graph) -> dict[str, int]:
+    return {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in graph.node if n.op_type == "MatMulNBits"}
+
+
+def test_lm_head_bits_is_a_recorded_choice(tiny_dir, tmp_path):
+    import onnx
+
+    bundle = _convert(tiny_dir, tmp_path / "head8", quant="int4", lm_head_bits=8)
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    attrs = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}
+    assert (attrs["lm_head"]["bits"], attrs["lm_head"]["block_size"]) == (8, 64)
+    assert {a["bits"] for name, a in attrs.items() if name != "lm_head"} == {4}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["quantization"]["lm_head_bits"] == 8
+    assert "lm_head_bits" in manifest["target"]["recipe"]["overrides"]
+    with pytest.raises(ConversionError, match="--lm-head-bits 3"):
+        _convert(tiny_dir, tmp_path / "head3", quant="int4", lm_head_bits=3)
 
 
 def test_int4_bundle_stays_close_to_fp32(tiny_dir, fp32_bundle, tmp_path):
