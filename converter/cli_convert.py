@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="precision of the LM head (the vocab x hidden output matmul) in an int4 model: 4 decodes "
                         "faster, 8 keeps more quality (SmolLM2-135M: ~6 points less perplexity increase, "
                         "~7 %% slower decode, +14 MB); default: the recipe, 4")
+    p.add_argument("--algorithm", choices=["imatrix", "mse", "rtn"], default=None,
+                   help="how weights are rounded: imatrix searches each block's scale for the least error weighted "
+                        "by activations the model produces on text it writes itself (~10 s more), mse the same "
+                        "unweighted, rtn plain min/max rounding; default: the recipe, imatrix")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens the KV cache holds; default: the target's recipe")
     p.add_argument("--threads", type=int, default=None, help="threads the runtime uses; default: the recipe")
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     opts = ConvertOptions(
         model=args.model, out=args.out, target=args.target, loras=tuple(AdapterRef.parse(x) for x in args.lora),
         quant=args.quant, block_size=args.block_size, lm_head_bits=args.lm_head_bits,
-        max_context=args.max_context, threads=args.threads,
+        algorithm=args.algorithm, max_context=args.max_context, threads=args.threads,
         fit=args.fit, force=args.force, skip_verify=args.skip_verify, eval_text=args.eval_text,
         max_ppl_increase=args.max_ppl_increase, progress=not args.quiet,
     )

@@ -36,6 +36,7 @@ class ConvertOptions:
     quant: str | None = None  # overrides the target's recipe when set
     block_size: int | None = None
     lm_head_bits: int | None = None
+    algorithm: str | None = None
     max_context: int | None = None
     threads: int | None = None
     fit: str = "strict"  # strict | shrink-context
@@ -66,7 +67,8 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
         raise ConversionError(f"--fit {opts.fit!r} is unknown; use 'strict' or 'shrink-context'.")
     target = load_target(opts.target)
     recipe = target.recipe.with_overrides(weights=opts.quant, block_size=opts.block_size,
-                                          lm_head_bits=opts.lm_head_bits, max_context=opts.max_context,
+                                          lm_head_bits=opts.lm_head_bits, algorithm=opts.algorithm,
+                                          max_context=opts.max_context,
                                           threads=opts.threads)
     recipe.quant_recipe()  # validates --quant / --block-size before any work
     return target, recipe
@@ -134,6 +136,7 @@ def convert(opts: ConvertOptions) -> Path:
 
 def _describe(recipe: Recipe) -> str:
     head = f", LM head {recipe.lm_head_bits}-bit" if recipe.weights == "int4" else ""
+    head += f", {recipe.algorithm}" if recipe.weights != "fp32" else ""
     text = (f"{recipe.weights}, block {recipe.block_size}{head}, accuracy level {recipe.accuracy_level}, "
             f"{recipe.threads} threads, context {recipe.max_context}")
     return text + (f" (set by hand: {', '.join(recipe.overrides)})" if recipe.overrides else "")
@@ -146,8 +149,15 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
     from .export_onnx import export_onnx
 
     quant = recipe.quant_recipe()
+    reference = _Reference(ckpt)  # the fp32 transformers model, built once for calibrate and verify
+    importance = None
+    if quant.weights != "fp32" and quant.algorithm == "imatrix":
+        from .calibrate import calibrate
+
+        _stage("calibrate: activation importance from text the model writes itself", opts.progress)
+        importance = calibrate(ckpt, reference.model)
     _stage(f"export ONNX ({quant.weights})", opts.progress)
-    ops = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress)
+    ops = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress, importance=importance)
     (staging / TOKENIZER_FILE).write_text(ckpt.tokenizer.tokenizer_json)
     template_file = None
     if ckpt.tokenizer.chat_template:
@@ -157,13 +167,14 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
     _write_manifest(staging, manifest)  # without hashes yet: verify loads the staged bundle
 
     report: dict[str, Any] = {"memory_estimate": estimate.to_dict(), "ops": ops,
-                              "adapters": [a.to_dict() for a in adapters]}
+                              "adapters": [a.to_dict() for a in adapters],
+                              "calibration_tokens": importance.tokens if importance else 0}
     if eval_text is None:
         report["quality"] = {"skipped": True}
         return manifest, report
     if os.environ.get(CORRUPT_WEIGHTS_ENV):
         _stage(f"{CORRUPT_WEIGHTS_ENV}: scrambled {corrupt_scales(staging)} scale tensors", opts.progress)
-    report["quality"] = _verify(ckpt, staging, quant.weights, eval_text, opts)
+    report["quality"] = _verify(reference.model, staging, quant.weights, eval_text, opts)
     return manifest, report
 
 
@@ -207,13 +218,27 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_json(folder / MANIFEST_NAME, Manifest.from_dict(manifest).to_dict())
 
 
-def _verify(ckpt, staging: Path, quant: str, eval_text: tuple[str, str], opts: ConvertOptions) -> dict[str, Any]:
-    from .reference import reference_model
+class _Reference:
+    """The fp32 reference model, made on first use (a conversion may need it for calibrate, verify, both or neither)."""
+
+    def __init__(self, ckpt) -> None:
+        self._ckpt, self._model = ckpt, None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from .reference import reference_model
+
+            self._model = reference_model(self._ckpt)
+        return self._model
+
+
+def _verify(reference, staging: Path, quant: str, eval_text: tuple[str, str], opts: ConvertOptions) -> dict[str, Any]:
     from .verify import verify_bundle
 
     _stage("verify against the fp32 reference", opts.progress)
     text, source = eval_text
-    quality = verify_bundle(staging, reference_model(ckpt), quant, eval_text=text, eval_source=source,
+    quality = verify_bundle(staging, reference, quant, eval_text=text, eval_source=source,
                             max_ppl_increase=opts.max_ppl_increase)
     q = quality
     _stage(f"quality: ppl {q.ppl_reference:.3f} -> {q.ppl_bundle:.3f} ({q.ppl_increase_percent:+.2f}%), "

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConversionError
 from .onnx_graph import GraphIO, build_fp32_graph
 from .quantize import QuantRecipe, quantize_graph
 from .spec import Checkpoint
 
+if TYPE_CHECKING:
+    from .calibrate import Importance
+
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, recipe: QuantRecipe, max_context: int,
-                io: GraphIO | None = None, progress: bool = False) -> dict[str, int]:
+                io: GraphIO | None = None, progress: bool = False, importance: Importance | None = None
+                ) -> dict[str, int]:
     """Write the decoder graph into out_dir; return its op counts (already checked)."""
     import onnx
     from tqdm import tqdm
@@ -24,7 +29,7 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, recipe: QuantRecipe, max_contex
     # disable=None: tqdm shows the bar only on a terminal, so logs and CI stay clean.
     show = None if progress and recipe.weights != "fp32" else True
     with tqdm(desc=f"quantize {recipe.weights}", unit="weight", disable=show, leave=False) as bar:
-        model = quantize_graph(model, recipe, progress=bar)
+        model = quantize_graph(model, recipe, progress=bar, importance=importance)
     ops = check_fast_ops(model, ckpt.spec.num_layers, recipe)
     # Weights go to one external file: the protobuf stays small (no 2 GB limit) and ONNX
     # Runtime can memory-map the data.

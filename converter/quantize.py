@@ -1,16 +1,18 @@
 """Quantize the fp32 decoder graph into MatMulNBits / GatherBlockQuantized.
 
-Two algorithms for the linear weights, both packed into the exact block layout of ONNX
+Three algorithms for the linear weights, all packed into the exact block layout of ONNX
 Runtime's MatMulNBits CPU kernel (uint8 codes, fp32 scale and uint8 zero point per block):
 
-- "rtn": ONNX Runtime's own quantizer (MatMulNBitsQuantizer), round-to-nearest with the
-  block's min/max. Kept as the reference implementation.
-- "mse" (default): for every block, search the scale (and the integer zero point it implies)
-  that minimizes the squared error, then refit the scale by least squares. This is the piece
-  we hand-wrote, because on SmolLM2-135M, whose weights arrive on llama.cpp's Q4_1 grid
-  (float minimum per block), RTN's integer zero point cost +25.8 % perplexity, while
-  ONNX Runtime's HQQ (float zero points) was accurate but fell off the fast kernels
-  (2.7 tokens/s instead of ~46). Measured numbers are in the README.
+- "rtn": round-to-nearest with the block's min/max, as ONNX Runtime's MatMulNBitsQuantizer
+  does by default. Kept as the reference point.
+- "mse": for every block, search the scale (and the integer zero point it implies) that
+  minimizes the squared error, then refit the scale by least squares. This is the piece we
+  hand-wrote, because on SmolLM2-135M, whose weights arrive on llama.cpp's Q4_1 grid (float
+  minimum per block), RTN's integer zero point cost +25.8 % perplexity, while ONNX Runtime's
+  HQQ (float zero points) was accurate but fell off the fast kernels (2.7 tokens/s instead
+  of ~46). Measured numbers are in the README.
+- "imatrix" (default): the same search, with each input channel's error weighted by the mean
+  square of the activation it multiplies (calibrate.py; llama.cpp's importance matrix idea).
 
 The embedding table goes through ONNX Runtime's quantizer to GatherBlockQuantized (4-bit).
 """
@@ -19,13 +21,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ConversionError
 
+if TYPE_CHECKING:
+    from .calibrate import Importance
+
 QUANT_TYPES = ("fp32", "int8", "int4")
-ALGORITHMS = ("mse", "rtn")
+# imatrix: the MSE search with each channel's error weighted by its calibration activations
+# (the calibrate stage); mse: the same search, all channels alike; rtn: min/max round-to-nearest.
+ALGORITHMS = ("imatrix", "mse", "rtn")
 EMBEDDING_NODE = "embed_tokens"
 LM_HEAD_NODE = "lm_head"
 
@@ -40,7 +48,7 @@ class QuantRecipe:
     quantize_embedding: bool = True  # Gather -> GatherBlockQuantized (4-bit only)
     lm_head_bits: int | None = 4  # None = same as the other weights; never below them
     lm_head_block_size: int = 64  # for an 8-bit head: blocks of 64 ran ~30 % faster than 32 here, at the same accuracy
-    algorithm: str = "mse"
+    algorithm: str = "imatrix"
 
     def __post_init__(self) -> None:
         if self.weights not in QUANT_TYPES:
@@ -85,8 +93,13 @@ class BlockQuantized:
     mse: float
 
 
-def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, algorithm: str = "mse") -> BlockQuantized:
-    """Quantize a MatMul weight B [K, N] along K in blocks (asymmetric, integer zero point)."""
+def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, algorithm: str = "imatrix",
+                       importance: np.ndarray | None = None) -> BlockQuantized:
+    """Quantize a MatMul weight B [K, N] along K in blocks (asymmetric, integer zero point).
+
+    importance [K]: how much an error on each input channel costs (mean x^2 of the activation
+    it multiplies); the MSE search then minimizes the weighted error. None weighs all alike.
+    """
     import torch
 
     k, n = w.shape
@@ -94,7 +107,10 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, algorithm: str
     x = torch.zeros((n, k_blocks * block_size), dtype=torch.float32)
     x[:, :k] = torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32))
     x = x.view(n, k_blocks, block_size)
-    q, scale, zero = (_mse_search if algorithm == "mse" else _rtn)(x, (1 << bits) - 1)
+    if algorithm == "rtn":
+        q, scale, zero = _rtn(x, (1 << bits) - 1)
+    else:
+        q, scale, zero = _mse_search(x, (1 << bits) - 1, weight=_channel_weight(importance, k, k_blocks, block_size))
     # Padding columns (K not a multiple of the block) are zeros that quantize exactly.
     err = float(((q - zero) * scale - x).pow(2).sum()) / (n * k)
     codes = q.to(torch.uint8).numpy().reshape(n, k_blocks, block_size)
@@ -107,6 +123,20 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, algorithm: str
     zp_packed = zp_padded[:, 0::2] | (zp_padded[:, 1::2] << 4)
     return BlockQuantized(np.ascontiguousarray(packed), scale.numpy().reshape(-1).astype(np.float32),
                           zp_packed.reshape(-1), err)
+
+
+def _channel_weight(importance: np.ndarray | None, k: int, k_blocks: int, block_size: int):
+    """[1, k_blocks, block_size] weights with mean 1 (padding 0), or None."""
+    import torch
+
+    if importance is None:
+        return None
+    h = torch.zeros(k_blocks * block_size, dtype=torch.float32)
+    imp = torch.from_numpy(np.asarray(importance, np.float32))
+    # A floor keeps channels that were silent in calibration from being ignored entirely.
+    imp = imp.clamp(min=float(imp.mean()) * 1e-3)
+    h[:k] = imp / imp.mean()
+    return h.view(1, k_blocks, block_size)
 
 
 def _codes(x, scale, zero, qmax: int):
@@ -126,26 +156,27 @@ def _rtn(x, qmax: int):
     return _codes(x, scale, zero, qmax), scale, zero
 
 
-def _mse_search(x, qmax: int, steps: int = 7):
-    """Per block, try scales around (max-min)/qmax, refit each by least squares, keep the best."""
+def _mse_search(x, qmax: int, steps: int = 7, weight=None):
+    """Per block, try scales around (max-min)/qmax, refit each by (weighted) least squares, keep the best."""
     import torch
 
+    w = torch.ones_like(x[:1]) if weight is None else weight
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     best_q, best_scale, best_zero = _rtn(x, qmax)
-    best_err = ((best_q - best_zero) * best_scale - x).pow(2).sum(-1, keepdim=True)
+    best_err = (((best_q - best_zero) * best_scale - x).pow(2) * w).sum(-1, keepdim=True)
     for delta in torch.linspace(-1.0, 1.0, steps):
         scale = span / (qmax + float(delta))
         zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
         q = _codes(x, scale, zero, qmax)
-        # Least-squares scale for these codes: argmin_s sum (x - s (q - z))^2.
+        # Least-squares scale for these codes: argmin_s sum w (x - s (q - z))^2.
         c = q - zero
-        denom = c.pow(2).sum(-1, keepdim=True)
-        refit = torch.where(denom > 0, (x * c).sum(-1, keepdim=True) / denom.clamp(min=1e-12), scale)
+        denom = (w * c.pow(2)).sum(-1, keepdim=True)
+        refit = torch.where(denom > 0, (w * x * c).sum(-1, keepdim=True) / denom.clamp(min=1e-12), scale)
         refit = torch.where(refit > 0, refit, scale)
         for s in (scale, refit):
             qq = _codes(x, s, zero, qmax)
-            err = ((qq - zero) * s - x).pow(2).sum(-1, keepdim=True)
+            err = (((qq - zero) * s - x).pow(2) * w).sum(-1, keepdim=True)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, s, best_scale)
@@ -154,8 +185,11 @@ def _mse_search(x, qmax: int, steps: int = 7):
     return best_q, best_scale, best_zero
 
 
-def quantize_graph(model, recipe: QuantRecipe, progress=None):
-    """Return the ModelProto with MatMuls (and the embedding Gather) block-quantized."""
+def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Importance | None = None):
+    """Return the ModelProto with MatMuls (and the embedding Gather) block-quantized.
+
+    importance (the calibrate stage's) weighs each MatMul's rounding errors by its input activations.
+    """
     if recipe.weights == "fp32":
         return model
     from onnx import helper, numpy_helper
@@ -169,7 +203,8 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None):
         w = numpy_helper.to_array(inits[node.input[1]])
         bits = recipe.bits_for(node.name)
         block_size = recipe.block_size_for(node.name)
-        q = quantize_blockwise(w, bits, block_size, recipe.algorithm)
+        q = quantize_blockwise(w, bits, block_size, recipe.algorithm,
+                               importance.for_node(node.name) if importance is not None else None)
         name = node.input[1]
         graph.initializer.remove(inits[name])
         graph.initializer.extend([numpy_helper.from_array(q.packed, f"{name}_Q{bits}"),

@@ -44,6 +44,7 @@ class Recipe:
     # The LM head (vocab x hidden, the largest matmul of a small model): 4-bit decodes faster,
     # 8-bit keeps more quality. Measured on SmolLM2-135M, see README "Speed and quality".
     lm_head_bits: int = 4
+    algorithm: str = "imatrix"  # see quantize.py
     threads: int = 4
     max_context: int = 2048
     kv_dtype: str = "float32"
@@ -80,7 +81,8 @@ class Recipe:
         from ..quantize import QuantRecipe
 
         return QuantRecipe(weights=self.weights, block_size=self.block_size, accuracy_level=self.accuracy_level,
-                           quantize_embedding=self.quantize_embedding, lm_head_bits=self.lm_head_bits)
+                           quantize_embedding=self.quantize_embedding, lm_head_bits=self.lm_head_bits,
+                           algorithm=self.algorithm)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -131,6 +133,7 @@ def _recipe_from_toml(d: dict[str, Any], isa: set[str]) -> Recipe:
         accuracy_level=int(d.get("accuracy_level", accuracy_level_for(isa))),
         quantize_embedding=bool(d.get("quantize_embedding", True)),
         lm_head_bits=int(d.get("lm_head_bits", Recipe.lm_head_bits)),
+        algorithm=d.get("algorithm", Recipe.algorithm),
         threads=int(d["threads"]),
         max_context=int(d["max_context"]),
         kv_dtype=d.get("kv_dtype", "float32"),
