@@ -110,8 +110,13 @@ def weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int) -> int:
 
 
 def _embedding_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
-    # Only the int4 recipe quantizes the table (GatherBlockQuantized is 4-bit); otherwise it stays fp32.
+    # Only the int4 recipe quantizes the table; otherwise it stays fp32.
     if quant.quantize_embedding and quant.weights == "int4":
+        head_block = quant.block_size_for(LM_HEAD_NODE)
+        if spec.tie_word_embeddings and spec.hidden_size % head_block == 0:
+            # The lookup reads the LM head's codes; only its scales, zero points (a byte per block)
+            # and the reshape's target shape are stored again (quantize._gather_from_lm_head).
+            return spec.vocab_size * (spec.hidden_size // head_block) * 5 + 3 * 8
         return gather_block_quantized_bytes(spec.vocab_size, spec.hidden_size, quant.block_size)
     return spec.vocab_size * spec.hidden_size * 4
 

@@ -199,12 +199,15 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Import
     matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     if progress is not None:
         progress.reset(total=len(matmuls))
+    tied_head = None
     for node in matmuls:
         w = numpy_helper.to_array(inits[node.input[1]])
         bits = recipe.bits_for(node.name)
         block_size = recipe.block_size_for(node.name)
         q = quantize_blockwise(w, bits, block_size, recipe.algorithm,
                                importance.for_node(node.name) if importance is not None else None)
+        if node.name == LM_HEAD_NODE and _is_embedding_transposed(graph, inits, w):
+            tied_head = (f"{node.input[1]}_Q{bits}", q, bits, block_size, w.shape[0])
         name = node.input[1]
         graph.initializer.remove(inits[name])
         graph.initializer.extend([numpy_helper.from_array(q.packed, f"{name}_Q{bits}"),
@@ -221,8 +224,59 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Import
         if progress is not None:
             progress.update(1)
     if recipe.quantize_embedding and recipe.weights == "int4":
-        model = _quantize_embedding(model, recipe)
+        if tied_head is not None and tied_head[4] % tied_head[3] == 0:
+            _gather_from_lm_head(graph, inits, *tied_head)
+        else:
+            model = _quantize_embedding(model, recipe)
     return model
+
+
+def _embedding_node(graph):
+    return next(n for n in graph.node if n.name == EMBEDDING_NODE)
+
+
+def _is_embedding_transposed(graph, inits, lm_head_w: np.ndarray) -> bool:
+    """True when the LM head is the embedding table transposed (tied weights)."""
+    from onnx import numpy_helper
+
+    table = numpy_helper.to_array(inits[_embedding_node(graph).input[0]])
+    return table.shape == lm_head_w.shape[::-1] and np.array_equal(table, lm_head_w.T)
+
+
+def _gather_from_lm_head(graph, inits, codes_name: str, q: BlockQuantized, bits: int, block_size: int,
+                         hidden: int) -> None:
+    """Tied weights, stored once: the embedding lookup reads the LM head's quantized codes.
+
+    GatherBlockQuantized takes MatMulNBits' codes [vocab, k_blocks, block*bits/8] as they are
+    (quantize_axis 2, one block per row of the last axis) and yields [..., k_blocks, block]; a
+    Reshape folds that back to [..., hidden]. Only the per-block scales and zero points are
+    stored a second time, in the rank GatherBlockQuantized wants (~1/8 of the codes' size).
+    """
+    from onnx import helper, numpy_helper
+
+    node = _embedding_node(graph)
+    vocab, k_blocks = q.packed.shape[0], q.packed.shape[1]
+    zero_points = q.zero_points.reshape(vocab, -1)
+    if bits == 4:  # MatMulNBits packs two blocks' zero points per byte; here each block has its own byte
+        zero_points = np.stack([zero_points & 15, zero_points >> 4], -1).reshape(vocab, -1)[:, :k_blocks]
+    prefix = node.input[0]
+    graph.initializer.remove(inits[prefix])
+    graph.initializer.extend([
+        numpy_helper.from_array(q.scales.reshape(vocab, k_blocks, 1), f"{prefix}_scales"),
+        numpy_helper.from_array(np.ascontiguousarray(zero_points).reshape(vocab, k_blocks, 1), f"{prefix}_zero_points"),
+        numpy_helper.from_array(np.array([0, 0, hidden], np.int64), f"{prefix}_shape"),
+    ])
+    blocks_out = f"{node.output[0]}_blocks"
+    gather = helper.make_node("GatherBlockQuantized", [codes_name, node.input[1], f"{prefix}_scales",
+                                                      f"{prefix}_zero_points"], [blocks_out],
+                              name=node.name, domain="com.microsoft", gather_axis=0, quantize_axis=2,
+                              block_size=block_size, bits=bits)
+    reshape = helper.make_node("Reshape", [blocks_out, f"{prefix}_shape"], list(node.output),
+                               name=f"{node.name}.reshape")
+    idx = list(graph.node).index(node)
+    graph.node.remove(node)
+    graph.node.insert(idx, reshape)
+    graph.node.insert(idx, gather)
 
 
 def _quantize_embedding(model, recipe: QuantRecipe):

@@ -132,6 +132,24 @@ def test_lm_head_bits_is_a_recorded_choice(tiny_dir, tmp_path):
         _convert(tiny_dir, tmp_path / "head3", quant="int4", lm_head_bits=3)
 
 
+@pytest.mark.parametrize("head_bits", [4, 8])
+def test_tied_embedding_reads_the_lm_heads_codes(tmp_path, head_bits):
+    import onnx
+
+    tied = make_tiny_hf_dir(tmp_path / "tied", tie=True)
+    fp32 = _convert(tied, tmp_path / "fp32")
+    bundle = _convert(tied, tmp_path / "int4", quant="int4", lm_head_bits=head_bits)
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    nodes = {n.name: n for n in graph.node}
+    assert nodes["embed_tokens"].op_type == "GatherBlockQuantized"
+    assert nodes["embed_tokens"].input[0] == nodes["lm_head"].input[1]  # one copy of the table's codes
+    # The lookup gives each token's row of the LM head as quantized (not a second, different rounding).
+    ref, q = Model.load(fp32), Model.load(bundle)
+    ids = _ids(24, ref.manifest.model.vocab_size, seed=5)
+    a, b = ref.logits(ids), q.logits(ids)
+    assert not np.array_equal(a, b) and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+
 def test_int4_bundle_stays_close_to_fp32(tiny_dir, fp32_bundle, tmp_path):
     bundle = _convert(tiny_dir, tmp_path / "int4", quant="int4")
     ref, q = Model.load(fp32_bundle), Model.load(bundle)
