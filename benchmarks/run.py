@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import default_gguf, peer_artifacts
+from bandwidth import bytes_per_token, ceiling_table, read_bandwidth
 from nomoat.runtime.bench import BenchError, RoundResult, summarize, synthetic_prompt_ids
 from nomoat.runtime.bench_plot import plot_summaries, require_matplotlib
 from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
@@ -176,19 +177,32 @@ def main(argv: list[str] | None = None) -> int:
         results = [r for t in threads for r in measure_threads(args, peers, manifest, t, prompt_ids)]
     except BenchError as e:  # a worker died or an engine stopped early: say which, no traceback
         raise SystemExit(f"benchmarks/run.py: {e}") from None
+    # After the workers are gone, so nothing else competes for memory.
+    bandwidth = {t: read_bandwidth(t) for t in threads}
+    bytes_read = {label: _bytes_per_token(label, path) for label, path in
+                  [(f"nomoat {args.bundle.name}", args.bundle), *peers.items()]}
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
               "source": str(source), "bundle": str(args.bundle), "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "context": manifest.max_context, "rounds": args.rounds,
               "warmup": args.warmup, "load_average_before": load_before,
-              "load_average_after": os.getloadavg()[0], "results": results}
+              "load_average_after": os.getloadavg()[0], "read_bandwidth_bytes_per_s": bandwidth,
+              "weight_bytes_per_token": bytes_read, "results": results}
     print(f"\n{report_heading(report)}\n")
     print(markdown_table(results))
+    print("\nDecode against the memory-bandwidth ceiling (read bandwidth measured here / weight bytes one "
+          "token reads):\n")
+    print(ceiling_table(results, bytes_read, bandwidth))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.plot:
         plot_report(report, args.plot)
     return 0 if all(r["answer_ok"] for r in results) else 1
+
+
+def _bytes_per_token(label: str, path: Path) -> int:
+    """ONNX models: counted from the graph; a GGUF: the whole file (a tied LM head reads the table)."""
+    return path.stat().st_size if path.is_file() else bytes_per_token(path)
 
 
 def report_heading(report: dict[str, Any]) -> str:
