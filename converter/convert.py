@@ -1,6 +1,6 @@
 """`nomoat convert`: the whole pipeline, one stage per module.
 
-    plan -> fit (from the model's metadata) -> load -> merge -> fit -> export -> verify -> package
+    plan -> fit (from the model's metadata) -> load -> merge -> fit -> calibrate -> export -> verify -> package
 
 The first fit check reads only the model's config or GGUF header, so a model that cannot
 fit the device is refused before gigabytes of weights are read.
