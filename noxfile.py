@@ -51,10 +51,12 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """nomoat against llama.cpp Q4_0 and ONNX Runtime GenAI int4, same model, same run (never in CI).
+    """nomoat against llama.cpp Q4_0, ONNX Runtime GenAI int4 and ExecuTorch 8da4w, same model, same run
+    (never in CI).
 
     The first run is slow: pip compiles llama.cpp from source for llama-cpp-python (~10 minutes on
-    an idle 2-core machine). The session's virtualenv is reused afterwards, the bundle in
+    an idle 2-core machine) and ExecuTorch's export_llm quantizes and lowers the model (~13 minutes).
+    The session's virtualenv is reused afterwards, the bundle in
     build/bench/int4 is reused if present (delete it after changing the converter) and the peers'
     models are cached in build/bench-cache/. Arguments after `--` go to benchmarks/run.py,
     e.g. `nox -s bench -- --rounds 9`. Results: the table on stdout, every number in
@@ -63,7 +65,8 @@ def bench(session: nox.Session) -> None:
     from pathlib import Path  # local: the other sessions' code is left as it is
 
     _install(session)
-    session.install("llama-cpp-python", "onnxruntime-genai", "matplotlib")
+    # executorch 1.4.x is the release that pairs with torch 2.13 (pinned in pyproject.toml).
+    session.install("llama-cpp-python", "onnxruntime-genai", "matplotlib", "executorch==1.4.*")
     bundle = "build/bench/int4"
     if not Path(bundle, "manifest.json").is_file():
         Path(bundle).parent.mkdir(parents=True, exist_ok=True)

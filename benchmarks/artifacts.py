@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from peer_executorch import executorch_8da4w
+
 CACHE = Path("build/bench-cache")
 
 
@@ -124,4 +126,5 @@ def peer_artifacts(source_gguf: Path, cache: Path = CACHE) -> dict[str, Path]:
     return {
         "llama.cpp Q4_0": llamacpp_q4_0(source_gguf, root / "llamacpp-Q4_0.gguf"),
         "ONNX Runtime GenAI int4": ortgenai_int4(hf, root / "ortgenai-int4"),
+        "ExecuTorch 8da4w": executorch_8da4w(hf, root / "executorch-8da4w"),
     }

@@ -2,7 +2,8 @@
 
     python benchmarks/run.py --bundle build/bench/int4 --threads 2 --rounds 5 [--json out.json]
 
-Systems: the nomoat bundle, llama.cpp Q4_0 (llama-cpp-python) and ONNX Runtime GenAI int4,
+Systems: the nomoat bundle, llama.cpp Q4_0 (llama-cpp-python), ONNX Runtime GenAI int4 and
+ExecuTorch 8da4w (XNNPACK, its own export_llm),
 all made from the same weights (see artifacts.py; built once into build/bench-cache/). Every
 system runs in its own worker process (its own peak RSS), on the same prompt ids, with the
 same threads and the same KV-cache capacity (the bundle's max context); rounds alternate
@@ -58,6 +59,7 @@ def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int) ->
     """(label, engine reference, engine options) for each system, nomoat first."""
     label = f"nomoat {bundle.name}"
     ortgenai = "ONNX Runtime GenAI int4"
+    executorch = "ExecuTorch 8da4w"
     return [
         (label, "nomoat.runtime.bench:NomoatEngine",
          {"bundle": str(bundle.resolve()), "threads": threads, "name": label}),
@@ -65,6 +67,8 @@ def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int) ->
          {"gguf": str(peers[BASELINE]), "threads": threads, "context": context}),
         (ortgenai, "peers:OrtGenAIEngine",
          {"model_dir": str(peers[ortgenai]), "threads": threads, "context": context}),
+        (executorch, "peer_executorch:ExecuTorchEngine",
+         {"pte": str(peers[executorch]), "threads": threads, "context": context}),
     ]
 
 

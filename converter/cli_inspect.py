@@ -108,8 +108,10 @@ def _recipe_line(recipe: dict[str, Any], quant: dict[str, Any]) -> str:
     head = quant.get("lm_head_bits")
     head_text = f", LM head {max(head, 8 if weights == 'int8' else 4)}-bit" if head and weights != "fp32" else ""
     embedding = "int4" if recipe.get("quantize_embedding") and weights == "int4" else "fp32"
-    return (f"{', '.join(recipe.get('formats', []))}, {weights} weights in blocks of {recipe.get('block_size')}"
-            f"{head_text}, embedding {embedding}, accuracy level {recipe.get('accuracy_level')}, "
+    algorithm = f" ({quant['algorithm']})" if quant.get("algorithm") and weights != "fp32" else ""
+    return (f"{', '.join(recipe.get('formats', []))}, {weights} weights{algorithm} in blocks of "
+            f"{recipe.get('block_size')}{head_text}, embedding {embedding}, "
+            f"accuracy level {recipe.get('accuracy_level')}, "
             f"{recipe.get('threads')} threads, context {recipe.get('max_context')}, KV cache {recipe.get('kv_dtype')}")
 
 
