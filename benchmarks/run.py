@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"benchmarks/run.py: {e}") from None
     # After the workers are gone, so nothing else competes for memory.
     bandwidth = {t: read_bandwidth(t) for t in threads}
-    bytes_read = {label: _bytes_per_token(label, path) for label, path in
+    bytes_read = {label: _bytes_per_token(path) for label, path in
                   [(f"nomoat {args.bundle.name}", args.bundle), *peers.items()]}
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
@@ -204,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["answer_ok"] for r in results) else 1
 
 
-def _bytes_per_token(label: str, path: Path) -> int:
-    """ONNX models: counted from the graph; a GGUF: the whole file (a tied LM head reads the table)."""
+def _bytes_per_token(path: Path) -> int:
+    """ONNX models: counted from the graph; a GGUF or .pte file: all of it (an upper bound: llama.cpp's
+    tied LM head does read the whole table, ExecuTorch's separate embedding table is only looked up)."""
     return path.stat().st_size if path.is_file() else bytes_per_token(path)
 
 

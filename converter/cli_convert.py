@@ -12,6 +12,8 @@ from .errors import ConversionError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .quantize import ALGORITHMS
+
     p.add_argument("--model", required=True, metavar="PATH",
                    help="HF model folder (config.json + *.safetensors), a .gguf file, or a Meta folder "
                         "(consolidated*.pth + params.json)")
@@ -28,9 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="precision of the LM head (the vocab x hidden output matmul) in an int4 model: 4 decodes "
                         "faster, 8 keeps more quality (SmolLM2-135M: ~6 points less perplexity increase, "
                         "~7 %% slower decode, +14 MB); default: the recipe, 4")
-    p.add_argument("--algorithm", choices=["imatrix", "mse", "rtn"], default=None,
+    p.add_argument("--algorithm", choices=ALGORITHMS, default=None,
                    help="how weights are rounded: imatrix searches each block's scale for the least error weighted "
-                        "by activations the model produces on text it writes itself (~10 s more), mse the same "
+                        "by activations the model produces on text it writes itself (~20 s more for a 135M model "
+                        "on 2 cores), mse the same "
                         "unweighted, rtn plain min/max rounding; default: the recipe, imatrix")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens the KV cache holds; default: the target's recipe")

@@ -68,8 +68,7 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
     target = load_target(opts.target)
     recipe = target.recipe.with_overrides(weights=opts.quant, block_size=opts.block_size,
                                           lm_head_bits=opts.lm_head_bits, algorithm=opts.algorithm,
-                                          max_context=opts.max_context,
-                                          threads=opts.threads)
+                                          max_context=opts.max_context, threads=opts.threads)
     recipe.quant_recipe()  # validates --quant / --block-size before any work
     return target, recipe
 

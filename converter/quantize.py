@@ -14,7 +14,8 @@ Runtime's MatMulNBits CPU kernel (uint8 codes, fp32 scale and uint8 zero point p
 - "imatrix" (default): the same search, with each input channel's error weighted by the mean
   square of the activation it multiplies (calibrate.py; llama.cpp's importance matrix idea).
 
-The embedding table goes through ONNX Runtime's quantizer to GatherBlockQuantized (4-bit).
+The embedding table becomes a GatherBlockQuantized: a tied table reads the LM head's codes
+(stored once), an untied one goes through ONNX Runtime's quantizer (4-bit).
 """
 
 from __future__ import annotations
@@ -206,8 +207,9 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Import
         block_size = recipe.block_size_for(node.name)
         q = quantize_blockwise(w, bits, block_size, recipe.algorithm,
                                importance.for_node(node.name) if importance is not None else None)
-        if node.name == LM_HEAD_NODE and _is_embedding_transposed(graph, inits, w):
-            tied_head = (f"{node.input[1]}_Q{bits}", q, bits, block_size, w.shape[0])
+        # A tied table can read the head's codes only when its blocks tile the hidden size exactly.
+        if node.name == LM_HEAD_NODE and w.shape[0] % block_size == 0 and _is_embedding_transposed(graph, inits, w):
+            tied_head = (f"{node.input[1]}_Q{bits}", q, bits, block_size)
         name = node.input[1]
         graph.initializer.remove(inits[name])
         graph.initializer.extend([numpy_helper.from_array(q.packed, f"{name}_Q{bits}"),
@@ -224,7 +226,7 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Import
         if progress is not None:
             progress.update(1)
     if recipe.quantize_embedding and recipe.weights == "int4":
-        if tied_head is not None and tied_head[4] % tied_head[3] == 0:
+        if tied_head is not None:
             _gather_from_lm_head(graph, inits, *tied_head)
         else:
             model = _quantize_embedding(model, recipe)
@@ -243,8 +245,7 @@ def _is_embedding_transposed(graph, inits, lm_head_w: np.ndarray) -> bool:
     return table.shape == lm_head_w.shape[::-1] and np.array_equal(table, lm_head_w.T)
 
 
-def _gather_from_lm_head(graph, inits, codes_name: str, q: BlockQuantized, bits: int, block_size: int,
-                         hidden: int) -> None:
+def _gather_from_lm_head(graph, inits, codes_name: str, q: BlockQuantized, bits: int, block_size: int) -> None:
     """Tied weights, stored once: the embedding lookup reads the LM head's quantized codes.
 
     GatherBlockQuantized takes MatMulNBits' codes [vocab, k_blocks, block*bits/8] as they are
@@ -264,7 +265,7 @@ def _gather_from_lm_head(graph, inits, codes_name: str, q: BlockQuantized, bits:
     graph.initializer.extend([
         numpy_helper.from_array(q.scales.reshape(vocab, k_blocks, 1), f"{prefix}_scales"),
         numpy_helper.from_array(np.ascontiguousarray(zero_points).reshape(vocab, k_blocks, 1), f"{prefix}_zero_points"),
-        numpy_helper.from_array(np.array([0, 0, hidden], np.int64), f"{prefix}_shape"),
+        numpy_helper.from_array(np.array([0, 0, k_blocks * block_size], np.int64), f"{prefix}_shape"),
     ])
     blocks_out = f"{node.output[0]}_blocks"
     gather = helper.make_node("GatherBlockQuantized", [codes_name, node.input[1], f"{prefix}_scales",

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from nbits import dequantize
 from nomoat.converter.calibrate import PROMPTS, _prompt_ids, activation_importance, calibration_sequences
 from nomoat.converter.convert import ConvertOptions, convert
 from nomoat.converter.load import load_checkpoint
@@ -22,16 +23,6 @@ def tiny(tmp_path_factory):
     return path, ckpt, reference_model(ckpt)
 
 
-def _dequantize(q, k: int, n: int, bits: int, block: int) -> np.ndarray:
-    """B [K, N] back from the MatMulNBits layout."""
-    codes = q.packed if bits == 8 else np.stack([q.packed & 15, q.packed >> 4], -1).reshape(n, -1, block)
-    k_blocks = codes.shape[1]
-    zp = q.zero_points.reshape(n, -1) if bits == 8 else \
-        np.stack([q.zero_points & 15, q.zero_points >> 4], -1).reshape(n, -1)[:, :k_blocks]
-    w = (codes.astype(np.float32) - zp[:, :, None]) * q.scales.reshape(n, k_blocks, 1)
-    return w.reshape(n, -1)[:, :k].T
-
-
 def test_importance_lowers_the_output_error_where_activations_are_loud():
     rng = np.random.default_rng(0)
     k, n, block = 128, 64, 32
@@ -44,7 +35,7 @@ def test_importance_lowers_the_output_error_where_activations_are_loud():
     errors = {}
     for name, imp in (("plain", None), ("weighted", importance)):
         q = quantize_blockwise(w, 4, block, "imatrix", importance=imp)
-        errors[name] = float(np.square(x @ (w - _dequantize(q, k, n, 4, block))).mean())
+        errors[name] = float(np.square(x @ (w - dequantize(q.packed, q.scales, q.zero_points, 4, block, k).T)).mean())
     assert errors["weighted"] < 0.8 * errors["plain"]
 
 
@@ -52,7 +43,7 @@ def test_quantize_blockwise_round_trips_its_layout():
     w = np.random.default_rng(1).normal(size=(96, 8)).astype(np.float32)
     for bits in (4, 8):
         q = quantize_blockwise(w, bits, 32, "mse")
-        err = np.square(_dequantize(q, 96, 8, bits, 32) - w).mean()
+        err = np.square(dequantize(q.packed, q.scales, q.zero_points, bits, 32, 96).T - w).mean()
         assert err == pytest.approx(q.mse, rel=1e-4) and err < (0.02 if bits == 4 else 1e-4)
 
 

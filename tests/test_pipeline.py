@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nbits import dequantize
 from nomoat.converter.convert import ConvertOptions, convert
 from nomoat.converter.errors import ConversionError
 from nomoat.converter.load import load_checkpoint
@@ -135,18 +136,35 @@ def test_lm_head_bits_is_a_recorded_choice(tiny_dir, tmp_path):
 @pytest.mark.parametrize("head_bits", [4, 8])
 def test_tied_embedding_reads_the_lm_heads_codes(tmp_path, head_bits):
     import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
 
     tied = make_tiny_hf_dir(tmp_path / "tied", tie=True)
     fp32 = _convert(tied, tmp_path / "fp32")
     bundle = _convert(tied, tmp_path / "int4", quant="int4", lm_head_bits=head_bits)
-    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
-    nodes = {n.name: n for n in graph.node}
+    model = onnx.load(str(bundle / "model.onnx"))
+    nodes = {n.name: n for n in model.graph.node}
     assert nodes["embed_tokens"].op_type == "GatherBlockQuantized"
     assert nodes["embed_tokens"].input[0] == nodes["lm_head"].input[1]  # one copy of the table's codes
-    # The lookup gives each token's row of the LM head as quantized (not a second, different rounding).
+    # The lookup yields each token's row of the LM head exactly as MatMulNBits stores it.
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    head = {a.name: a.i for a in nodes["lm_head"].attribute}
+    codes, scales, zero_points = (inits[i] for i in nodes["lm_head"].input[1:4])
+    table = dequantize(codes, scales, zero_points, head["bits"], head["block_size"], head["K"])
+    # The two lookup nodes as they are in the bundle, alone in a graph of their own.
+    lookup_nodes = [nodes["embed_tokens"], nodes["embed_tokens.reshape"]]
+    used = {i for n in lookup_nodes for i in n.input}
+    graph = onnx.helper.make_graph(
+        lookup_nodes, "lookup", [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, None])],
+        [onnx.helper.make_tensor_value_info(lookup_nodes[-1].output[0], onnx.TensorProto.FLOAT, None)],
+        [t for t in model.graph.initializer if t.name in used])
+    sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    lookup = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([_ids(12, table.shape[0], seed=6)], np.int64)
+    np.testing.assert_allclose(lookup.run(None, {"input_ids": ids})[0][0], table[ids[0]], rtol=1e-6, atol=1e-6)
+    # And the whole bundle still tracks the fp32 model.
     ref, q = Model.load(fp32), Model.load(bundle)
-    ids = _ids(24, ref.manifest.model.vocab_size, seed=5)
-    a, b = ref.logits(ids), q.logits(ids)
+    a, b = ref.logits(ids[0].tolist()), q.logits(ids[0].tolist())
     assert not np.array_equal(a, b) and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
 
 

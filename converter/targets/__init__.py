@@ -42,7 +42,7 @@ class Recipe:
     accuracy_level: int = 4
     quantize_embedding: bool = True
     # The LM head (vocab x hidden, the largest matmul of a small model): 4-bit decodes faster,
-    # 8-bit keeps more quality. Measured on SmolLM2-135M, see README "Speed and quality".
+    # 8-bit keeps more quality. Measured on SmolLM2-135M, see README "The graph".
     lm_head_bits: int = 4
     algorithm: str = "imatrix"  # see quantize.py
     threads: int = 4
