@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -52,8 +53,22 @@ def file_hashes(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
 
 
+def _sync_files(folder: Path) -> None:
+    """Flush every file to disk before the rename makes the bundle visible: after a crash the
+    bundle is either absent or whole, and its pages are clean, so a runtime can hand them back
+    (MADV_PAGEOUT skips pages still waiting to be written)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def move_into_place(staging: Path, out: Path, force: bool) -> Path:
     """One rename; an existing `out` (allowed by --force) is moved aside first and removed after."""
+    _sync_files(staging)
     if not out.exists():
         staging.rename(out)
         return out

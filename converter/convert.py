@@ -150,11 +150,11 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
     quant = recipe.quant_recipe()
     reference = _Reference(ckpt)  # the fp32 transformers model, built once for calibrate and verify
     importance = None
-    if quant.weights != "fp32" and quant.algorithm == "imatrix":
+    if quant.weights != "fp32" and quant.algorithm in ("imatrix", "gptq"):
         from .calibrate import calibrate
 
         _stage("calibrate: activation importance from text the model writes itself", opts.progress)
-        importance = calibrate(ckpt, reference.model)
+        importance = calibrate(ckpt, reference.model, grams=quant.algorithm == "gptq")
     _stage(f"export ONNX ({quant.weights})", opts.progress)
     ops = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress, importance=importance)
     (staging / TOKENIZER_FILE).write_text(ckpt.tokenizer.tokenizer_json)

@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 QUANT_TYPES = ("fp32", "int8", "int4")
 # imatrix: the MSE search with each channel's error weighted by its calibration activations
 # (the calibrate stage); mse: the same search, all channels alike; rtn: min/max round-to-nearest.
-ALGORITHMS = ("imatrix", "mse", "rtn")
+# gptq: each channel's rounding error pushed onto the channels not yet quantized (gptq.py), with
+# the imatrix search choosing each block's grid.
+ALGORITHMS = ("imatrix", "gptq", "mse", "rtn")
 EMBEDDING_NODE = "embed_tokens"
 LM_HEAD_NODE = "lm_head"
 
@@ -95,11 +97,12 @@ class BlockQuantized:
 
 
 def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, algorithm: str = "imatrix",
-                       importance: np.ndarray | None = None) -> BlockQuantized:
+                       importance: np.ndarray | None = None, gram: np.ndarray | None = None) -> BlockQuantized:
     """Quantize a MatMul weight B [K, N] along K in blocks (asymmetric, integer zero point).
 
     importance [K]: how much an error on each input channel costs (mean x^2 of the activation
     it multiplies); the MSE search then minimizes the weighted error. None weighs all alike.
+    gram [K, K]: X^T X / tokens of that activation; "gptq" needs it (without it, it is "imatrix").
     """
     import torch
 
@@ -110,6 +113,10 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, algorithm: str
     x = x.view(n, k_blocks, block_size)
     if algorithm == "rtn":
         q, scale, zero = _rtn(x, (1 << bits) - 1)
+    elif algorithm == "gptq" and gram is not None:
+        from .gptq import gptq_blockwise
+
+        q, scale, zero = gptq_blockwise(w, bits, block_size, gram)
     else:
         q, scale, zero = _mse_search(x, (1 << bits) - 1, weight=_channel_weight(importance, k, k_blocks, block_size))
     # Padding columns (K not a multiple of the block) are zeros that quantize exactly.
@@ -206,7 +213,8 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Import
         bits = recipe.bits_for(node.name)
         block_size = recipe.block_size_for(node.name)
         q = quantize_blockwise(w, bits, block_size, recipe.algorithm,
-                               importance.for_node(node.name) if importance is not None else None)
+                               importance.for_node(node.name) if importance is not None else None,
+                               importance.gram_for(node.name) if importance is not None else None)
         # A tied table can read the head's codes only when its blocks tile the hidden size exactly.
         if node.name == LM_HEAD_NODE and w.shape[0] % block_size == 0 and _is_embedding_transposed(graph, inits, w):
             tied_head = (f"{node.input[1]}_Q{bits}", q, bits, block_size)

@@ -74,10 +74,21 @@ class Completion:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+# Prompts run through the graph this many tokens at a time. ONNX Runtime's attention sizes its
+# scratch by (heads x new tokens x KV capacity) and its arena keeps the largest run's buffers, so
+# one 1,024-token pass held ~80 MB more at its peak than chunks do; chunks of this size prefill
+# as fast (measured: README, "Memory").
+PREFILL_CHUNK = 128
+
+
 class Model:
     """A loaded bundle. Not safe for concurrent use: requests are serialized by a lock."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, session: DecoderSession, tokenizer, template: ChatTemplate):
+    def __init__(self, bundle: Path, manifest: Manifest, session: DecoderSession, tokenizer, template: ChatTemplate,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.bundle = bundle
         self.manifest = manifest
         self.session = session
@@ -88,8 +99,12 @@ class Model:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, bundle: str | Path, threads: int | None = None, verify_checksums: bool = True) -> Model:
-        """Open a bundle folder written by `nomoat convert`."""
+    def load(cls, bundle: str | Path, threads: int | None = None, verify_checksums: bool = True,
+             prefill_chunk: int = PREFILL_CHUNK) -> Model:
+        """Open a bundle folder written by `nomoat convert`.
+
+        prefill_chunk: prompt tokens per graph run (peak memory grows with it; see PREFILL_CHUNK).
+        """
         from tokenizers import Tokenizer
 
         bundle = Path(bundle)
@@ -106,7 +121,7 @@ class Model:
         )
         threads = threads if threads is not None else manifest.target.get("threads")
         session = DecoderSession(bundle, manifest, SessionOptions(threads=threads))
-        return cls(bundle, manifest, session, tokenizer, template)
+        return cls(bundle, manifest, session, tokenizer, template, prefill_chunk=prefill_chunk)
 
     @property
     def max_context(self) -> int:
@@ -245,7 +260,11 @@ class Model:
         stats.prompt_tokens = len(prompt_ids)
         stats.cached_tokens = common
         stats.prefill_tokens = len(prompt_ids) - common
-        return session.forward(prompt_ids[common:])
+        new = prompt_ids[common:]
+        for start in range(0, len(new) - self.prefill_chunk, self.prefill_chunk):
+            session.forward(new[start:start + self.prefill_chunk])  # fills the KV cache; logits unused
+        last = (len(new) - 1) // self.prefill_chunk * self.prefill_chunk
+        return session.forward(new[last:])
 
     def stream(self, prompt: str | Messages, max_new_tokens: int | None = None, *, system: str | None = None,
                raw: bool = False, stop: Sequence[str] = (), temperature: float | None = None,

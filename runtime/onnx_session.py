@@ -22,6 +22,7 @@ from .manifest import Manifest
 class SessionOptions:
     threads: int | None = None  # intra-op threads; None = ONNX Runtime's default (all cores)
     spin: bool = True  # busy-wait between ops: lower latency per token, more CPU while generating
+    release_file_pages: bool = True  # hand back the weight-file pages read while loading (pages.py)
 
 
 def _ort_session(path: Path, options: SessionOptions):
@@ -50,6 +51,11 @@ class DecoderSession:
         self.vocab_size = manifest.model.vocab_size
         self._io_names = manifest.onnx.io
         self.session = _ort_session(Path(bundle) / manifest.onnx.model_file, options)
+        if options.release_file_pages and manifest.onnx.data_file:
+            from .pages import release_file_pages
+
+            # Pre-packing is done: the packed copies are on the heap, the file's pages were read once.
+            release_file_pages(Path(bundle) / manifest.onnx.data_file)
         self.tokens: list[int] = []  # what the KV cache holds, position by position
 
         m = manifest.model

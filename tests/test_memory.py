@@ -1,0 +1,105 @@
+"""Runtime memory levers: chunked prefill and handing back the weight file's pages."""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import os
+import sys
+
+import numpy as np
+import pytest
+from nomoat.converter.convert import ConvertOptions, convert
+from nomoat.runtime import Model
+from nomoat.runtime.manifest import read_manifest
+from nomoat.runtime.model import GenerationStats
+from nomoat.runtime.pages import release_file_pages, resident_bytes_of
+from tiny_models import make_tiny_hf_dir
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+    out = {}
+    for quant in ("fp32", "int4"):
+        out[quant] = convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp(quant) / "bundle",
+                                            quant=quant, max_context=256, progress=False, skip_verify=True))
+    return out
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_chunked_prefill_gives_the_logits_of_one_pass(bundles, quant):
+    whole = Model.load(bundles[quant], prefill_chunk=4096)
+    chunked = Model.load(bundles[quant], prefill_chunk=7)
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 200, size=50)]
+    runs = []
+    forward = chunked.session.forward
+    chunked.session.forward = lambda chunk, **kw: runs.append(len(chunk)) or forward(chunk, **kw)
+    a = whole._prefill(ids, GenerationStats())
+    b = chunked._prefill(ids, GenerationStats())
+    assert runs == [7] * 7 + [1]  # 50 tokens: seven chunks of 7, then the last one
+    assert chunked.session.tokens == ids
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    # And generation continues from the same cache.
+    assert list(whole.generate_tokens(ids, 8)) == list(chunked.generate_tokens(ids, 8))
+
+
+def test_prefill_chunk_must_be_positive(bundles):
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Model.load(bundles["fp32"], prefill_chunk=0)
+
+
+def _write_synced(path, data: bytes) -> None:
+    # Pages still waiting to be written back are not reclaimed; a bundle is synced when written.
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pageout_works(tmp_path) -> bool:
+    path = tmp_path / "probe.bin"
+    _write_synced(path, b"\1" * (1 << 20))
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as m:
+        sum(m[i] for i in range(0, len(m), 4096))
+        return release_file_pages(path) > 0 and resident_bytes_of(path) == 0
+
+
+@linux_only
+def test_released_pages_leave_rss_and_no_data_is_lost(tmp_path):
+    if not _pageout_works(tmp_path):
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
+    path = tmp_path / "weights.bin"
+    data = np.random.default_rng(1).integers(0, 255, size=4 << 20, dtype=np.uint8).tobytes()
+    _write_synced(path, data)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as m:
+        assert m[:] == data  # every page read once, as pre-packing does
+        assert resident_bytes_of(path) >= len(data)
+        m[4096:4100] = b"COW!"  # a page the process wrote: private to it, must survive
+        assert release_file_pages(path) >= len(data)
+        assert resident_bytes_of(path) <= 4096  # at most the written page stays
+        assert m[4096:4100] == b"COW!"
+        assert m[:4096] == data[:4096] and m[8192:] == data[8192:]  # clean pages come back from the file
+
+
+@linux_only
+def test_model_load_hands_back_the_weight_file_pages(bundles, tmp_path):
+    if not _pageout_works(tmp_path):
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
+    from nomoat.runtime.onnx_session import DecoderSession, SessionOptions
+
+    bundle = bundles["int4"]
+    manifest = read_manifest(bundle)
+    data_file = bundle / manifest.onnx.data_file
+    session = DecoderSession(bundle, manifest, SessionOptions(release_file_pages=False))
+    held = resident_bytes_of(data_file)
+    assert held > 0, "pre-packing read the weight file: its pages should be resident"
+    kept_logits = session.forward([5, 6, 7]).copy()
+    # The kernel leaves a page alone while two mappings share it, so the first session goes first.
+    del session
+    gc.collect()
+    released = Model.load(bundle)  # the default: hands its pages back
+    assert resident_bytes_of(data_file) < held / 4
+    np.testing.assert_array_equal(released.session.forward([5, 6, 7]), kept_logits)
