@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 DAMPING = 0.01  # fraction of the mean diagonal added to X^T X: keeps the inverse stable when calibration is short
-LAZY_COLUMNS = 128  # columns updated together before the rest of the matrix sees their errors (same result, fewer passes)
+# Columns updated together before the rest of the matrix sees their errors (same result, fewer passes).
+LAZY_COLUMNS = 128
 
 
 def gptq_blockwise(w: np.ndarray, bits: int, block_size: int, gram: np.ndarray):
