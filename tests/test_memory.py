@@ -103,3 +103,33 @@ def test_model_load_hands_back_the_weight_file_pages(bundles, tmp_path):
     released = Model.load(bundle)  # the default: hands its pages back
     assert resident_bytes_of(data_file) < held / 4
     np.testing.assert_array_equal(released.session.forward([5, 6, 7]), kept_logits)
+
+
+@linux_only
+def test_trim_heap_gives_back_freed_holes():
+    import ctypes
+    import re
+
+    from nomoat.runtime.pages import trim_heap
+
+    def rss_mb():
+        return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    # 64 KB blocks come from the heap (below malloc's mmap threshold); the last one pins its top,
+    # so free() alone cannot shrink it: the freed blocks are holes, as after parsing a tokenizer.
+    blocks = [libc.malloc(64 << 10) for _ in range(1200)]
+    for b in blocks:
+        ctypes.memset(b, 1, 64 << 10)
+    for b in blocks[:-1]:
+        libc.free(b)
+    before = rss_mb()
+    if not trim_heap():
+        libc.free(blocks[-1])
+        pytest.skip("this C library has no malloc_trim")
+    after = rss_mb()
+    libc.free(blocks[-1])
+    assert before - after > 40  # ~75 MB of holes handed back
