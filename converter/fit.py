@@ -2,7 +2,7 @@
 
     peak = runtime (Python, ONNX Runtime, tokenizer)
          + weights as stored in model.onnx.data (ONNX Runtime holds them in RAM)
-         + max(the load transient, KV cache at max context + activations of a full-context prompt)
+         + max(the load transient, KV cache at max context + activations of one prefill chunk)
 
 Every term is computed from the model's shape and the recipe; the three constants below
 were measured on this machine with nomoat.runtime: VmHWM of a fresh process that loads the
@@ -34,12 +34,13 @@ RUNTIME_BASE_BYTES = 77 * MiB
 # SmolLM2's tokenizer.json (49,152 entries) adds 42 MiB of RSS, ~850 bytes per entry.
 TOKENIZER_BYTES_PER_TOKEN = 850
 
-# A prompt is prefilled in one forward (the runtime does not chunk it), so ONNX Runtime's
-# arena grows with the prompt. Measured on SmolLM2-135M with prompts of 256 to 2040 tokens:
-# RSS grows by ~52 KB per prompt token on top of the KV cache's 46 KB, 1.8x the fp32 values a
-# layer holds at once (_live_floats_per_token: 7,296 floats = 29 KB). The factor is measured,
-# not derived: the arena's bins, the kernels' scratch buffers and the int8 copies of matmul
-# inputs at accuracy level 4 all count.
+# The runtime prefills a prompt PREFILL_CHUNK tokens at a time (runtime/model.py), so ONNX
+# Runtime's arena holds one chunk's activations, not the whole prompt's. Per chunk token:
+# ARENA_FACTOR x the fp32 values a layer holds at once (_live_floats_per_token: 7,296 floats =
+# 29 KB for SmolLM2), a factor measured (with one-pass prefills of 256 to 2,040 tokens) for the
+# arena's bins, the kernels' scratch and the int8 copies of matmul inputs at accuracy level 4;
+# plus GroupQueryAttention's score scratch, which is sized by the KV capacity, not the prompt:
+# heads x chunk x max_context floats.
 ARENA_FACTOR = 1.8
 
 KV_DTYPE_BYTES = {"float32": 4}
@@ -142,9 +143,14 @@ def _live_floats_per_token(spec: ModelSpec) -> int:
     return 3 * spec.hidden_size + (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim + 3 * spec.intermediate_size
 
 
-def activation_bytes(spec: ModelSpec, prompt_tokens: int) -> int:
-    """Arena footprint of a prompt prefilled in one forward, plus one row of logits."""
-    return int(prompt_tokens * 4 * _live_floats_per_token(spec) * ARENA_FACTOR) + spec.vocab_size * 4
+def activation_bytes(spec: ModelSpec, max_context: int) -> int:
+    """Arena footprint of one prefill chunk at a full KV cache, plus one row of logits."""
+    from nomoat.runtime.model import PREFILL_CHUNK
+
+    chunk = min(PREFILL_CHUNK, max_context)
+    layer_values = int(chunk * 4 * _live_floats_per_token(spec) * ARENA_FACTOR)
+    attention_scores = spec.num_heads * chunk * max_context * 4
+    return layer_values + attention_scores + spec.vocab_size * 4
 
 
 def runtime_bytes(spec: ModelSpec) -> int:
