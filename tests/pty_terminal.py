@@ -8,12 +8,20 @@ as when typed.
 from __future__ import annotations
 
 import os
+import platform
 import pty
 import re
 import select
 import signal
 import time
 from collections.abc import Sequence
+
+# System calls a program sleeps in while it waits for a line from its terminal (read, or
+# readline's select/poll), by their numbers on each architecture.
+_INPUT_SYSCALLS = {
+    "x86_64": {"0", "7", "23", "270", "271"},  # read, poll, select, pselect6, ppoll
+    "aarch64": {"63", "72", "73"},  # read, pselect6, ppoll
+}
 
 
 class Terminal:
@@ -64,6 +72,33 @@ class Terminal:
         self.seen += data
         self._pending += data
         return data
+
+    def wait_until_reading(self, timeout: float = 30.0) -> None:
+        """Wait until the child sleeps in a system call that waits for the keyboard.
+
+        A Ctrl-C sent while the program is between printing its prompt and blocking on the read
+        is only noticed after the next line (Python's handler sets a flag the blocked read never
+        checks): the race a person never loses and a loaded test machine can. Linux only; elsewhere
+        (no /proc/PID/syscall) it falls back to a pause.
+        """
+        waiting = _INPUT_SYSCALLS.get(platform.machine())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{self.pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                with open(f"/proc/{self.pid}/syscall") as f:
+                    call = f.read().split()[0]
+            except (OSError, IndexError):
+                time.sleep(0.5)
+                return
+            if waiting is None:
+                time.sleep(0.5)
+                return
+            if state == "S" and call in waiting:
+                return
+            self._read(0.05)
+        raise AssertionError(f"the program was not waiting for input within {timeout:.0f} s:\n{self.seen[-3000:]}")
 
     def wait(self, timeout: float = 30.0) -> int:
         """The exit status, once the child ends (its output is drained meanwhile)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -86,9 +85,7 @@ def test_commands_and_ctrl_c_at_the_prompt(terminal):
     terminal.sendline("/reset")
     terminal.expect(r"\[conversation reset\]")
     terminal.expect(PROMPT)
-    # input() prints its prompt before it blocks reading; a SIGINT in between is only seen at the next
-    # line. A person cannot type that fast; give the REPL a moment to be reading.
-    time.sleep(0.5)
+    terminal.wait_until_reading()  # a Ctrl-C before the read blocks is only seen after the next line
     terminal.send("\x03")  # Ctrl-C while waiting for input: a new prompt, not the end of the program
     terminal.expect(PROMPT)
     terminal.sendline(TURNS[1])
