@@ -28,6 +28,12 @@ class Terminal:
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None):
         pid, fd = pty.fork()
         if pid == 0:  # the child: nothing but exec, so no state of the test process leaks in
+            # ... not even its signal handling: a person's terminal starts programs with Ctrl-C
+            # live, but a test run started in the background of a script (`.ci/run &`) inherits
+            # SIGINT ignored, and Python then never raises KeyboardInterrupt.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
             if cwd:
                 os.chdir(cwd)
             os.execvpe(argv[0], list(argv), env if env is not None else os.environ)
