@@ -265,10 +265,9 @@ class Model:
         stats.cached_tokens = common
         stats.prefill_tokens = len(prompt_ids) - common
         new = prompt_ids[common:]
-        for start in range(0, len(new) - self.prefill_chunk, self.prefill_chunk):
-            session.forward(new[start:start + self.prefill_chunk])  # fills the KV cache; logits unused
-        last = (len(new) - 1) // self.prefill_chunk * self.prefill_chunk
-        return session.forward(new[last:])
+        for start in range(0, len(new), self.prefill_chunk):
+            logits = session.forward(new[start:start + self.prefill_chunk])  # the last chunk's are the answer
+        return logits
 
     def stream(self, prompt: str | Messages, max_new_tokens: int | None = None, *, system: str | None = None,
                raw: bool = False, stop: Sequence[str] = (), temperature: float | None = None,

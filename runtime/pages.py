@@ -84,7 +84,6 @@ def trim_heap() -> bool:
 
     Loading leaves freed holes in the middle of the heap that free() alone never gives back:
     parsing tokenizer.json (~14 MB for SmolLM2's) and ONNX Runtime's load-time buffers (~5 MB).
-    Trimming before the session is created also lowers the peak, which comes from pre-packing.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -96,9 +96,8 @@ class Terminal:
                 with open(f"/proc/{self.pid}/syscall") as f:
                     call = f.read().split()[0]
             except (OSError, IndexError):
-                time.sleep(0.5)
-                return
-            if waiting is None:
+                waiting = None
+            if waiting is None:  # nothing to read the child's state from: a person's pause
                 time.sleep(0.5)
                 return
             if state == "S" and call in waiting:
