@@ -146,6 +146,7 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
     """Export, write the staged manifest, verify; return the manifest and the report (without timing)."""
     from .bundle import CHAT_TEMPLATE_FILE, TOKENIZER_FILE
     from .export_onnx import export_onnx
+    from .tokenizer_json import bundle_tokenizer_json
 
     quant = recipe.quant_recipe()
     reference = _Reference(ckpt)  # the fp32 transformers model, built once for calibrate and verify
@@ -157,10 +158,10 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
         importance = calibrate(ckpt, reference.model, grams=quant.algorithm == "gptq")
     _stage(f"export ONNX ({quant.weights})", opts.progress)
     ops = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress, importance=importance)
-    (staging / TOKENIZER_FILE).write_text(ckpt.tokenizer.tokenizer_json)
+    (staging / TOKENIZER_FILE).write_text(bundle_tokenizer_json(ckpt.tokenizer.tokenizer_json), encoding="utf-8")
     template_file = None
     if ckpt.tokenizer.chat_template:
-        (staging / CHAT_TEMPLATE_FILE).write_text(ckpt.tokenizer.chat_template)
+        (staging / CHAT_TEMPLATE_FILE).write_text(ckpt.tokenizer.chat_template, encoding="utf-8")
         template_file = CHAT_TEMPLATE_FILE
     manifest = _manifest_dict(ckpt, adapters, recipe, target, estimate, template_file, opts)
     _write_manifest(staging, manifest)  # without hashes yet: verify loads the staged bundle

@@ -16,18 +16,21 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .chat_template import ChatTemplate, as_messages
 from .detokenizer import IncrementalDetokenizer
 from .errors import BundleError, ContextOverflowError
 from .manifest import Manifest, read_manifest
+from .messages import as_messages
 from .onnx_session import DecoderSession, SessionOptions
 from .pages import trim_heap
 from .sampling import Sampler, SamplingParams
 from .stops import StopMatcher
+
+if TYPE_CHECKING:
+    from .chat_template import ChatTemplate
 
 Messages = Sequence[dict[str, str]]
 
@@ -77,16 +80,17 @@ class Completion:
 
 # Prompts run through the graph this many tokens at a time. ONNX Runtime's attention sizes its
 # scratch by (heads x new tokens x KV capacity) and its arena keeps the largest run's buffers, so
-# one 1,024-token pass held ~80 MB more at its peak than chunks do; chunks of this size prefill
-# as fast (measured: README, "Memory").
-PREFILL_CHUNK = 128
+# one 1,024-token pass held ~80 MB more at its peak than chunks do. Chunks of 64 prefill as fast as
+# 128 or a whole prompt (measured at 1 and 2 threads, 128- and 1,024-token prompts) and hold ~6 MB
+# less than 128 (README, "Memory").
+PREFILL_CHUNK = 64
 
 
 class Model:
     """A loaded bundle. Not safe for concurrent use: requests are serialized by a lock."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, session: DecoderSession, tokenizer, template: ChatTemplate,
-                 prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, bundle: Path, manifest: Manifest, session: DecoderSession, tokenizer,
+                 template: ChatTemplate | None = None, prefill_chunk: int = PREFILL_CHUNK):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -94,7 +98,7 @@ class Model:
         self.manifest = manifest
         self.session = session
         self.tokenizer = tokenizer
-        self.template = template
+        self._template = template  # None: built from the bundle on first use (see `template`)
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self.last_stats = GenerationStats()
         self._lock = threading.Lock()
@@ -118,14 +122,23 @@ class Model:
         session = DecoderSession(bundle, manifest, SessionOptions(threads=threads))
         tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.tokenizer_file))
         trim_heap()
-        tok = manifest.tokenizer
-        template_file = tok.chat_template_file
-        template = (
-            ChatTemplate((bundle / template_file).read_text(), bos_token=tok.special_tokens.get("bos", ""),
-                         eos_token=tok.special_tokens.get("eos", ""))
-            if template_file else ChatTemplate.fallback()
-        )
-        return cls(bundle, manifest, session, tokenizer, template, prefill_chunk=prefill_chunk)
+        return cls(bundle, manifest, session, tokenizer, prefill_chunk=prefill_chunk)
+
+    @property
+    def template(self) -> ChatTemplate:
+        """The bundle's chat template, compiled on first use: Jinja costs ~3 MB of resident memory,
+        which a process that only runs token ids (a benchmark, perplexity) need not pay. The
+        converter compiled this template before writing the bundle, and the manifest's checksum
+        says the file is unchanged since."""
+        if self._template is None:
+            from .chat_template import ChatTemplate
+
+            tok = self.manifest.tokenizer
+            special = {"bos_token": tok.special_tokens.get("bos", ""), "eos_token": tok.special_tokens.get("eos", "")}
+            template_file = tok.chat_template_file
+            self._template = (ChatTemplate((self.bundle / template_file).read_text(encoding="utf-8"), **special)
+                              if template_file else ChatTemplate.fallback(**special))
+        return self._template
 
     @property
     def max_context(self) -> int:

@@ -32,6 +32,10 @@ def _ort_session(path: Path, options: SessionOptions):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
+    # A memory pattern is one block per input shape (a prefill chunk, a decode step) planned ahead
+    # and kept; without it the arena serves each tensor and reuses the blocks across shapes: ~5 MB
+    # less at the peak, at the same speed (measured, README "Memory").
+    so.enable_mem_pattern = False
     if options.threads:
         so.intra_op_num_threads = options.threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")

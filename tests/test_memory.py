@@ -85,6 +85,35 @@ def test_released_pages_leave_rss_and_no_data_is_lost(tmp_path):
 
 
 @linux_only
+@pytest.mark.parametrize("drop_cache", [True, False])
+def test_pages_touched_after_release_come_back_one_at_a_time(tmp_path, monkeypatch, drop_cache):
+    """Looking up a few rows of a released table (the embedding while generating) must not map
+    back the large page-cache folios the load read the file into."""
+    if not _pageout_works(tmp_path):
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
+    import nomoat.runtime.pages as pages
+
+    if not drop_cache:  # what the runtime did before: shows this kernel maps folios back whole
+        monkeypatch.setattr(pages, "_drop_cached_pages", lambda path: None)
+    path = tmp_path / "table.bin"
+    data = np.random.default_rng(2).integers(0, 255, size=16 << 20, dtype=np.uint8).tobytes()
+    _write_synced(path, data)
+    with open(path, "rb") as f:
+        assert f.read() == data  # the load's checksum check reads the whole file into the page cache
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as m:
+        assert m[: 1 << 20] == data[: 1 << 20]  # and pre-packing reads tensors through the mapping
+        pages.release_file_pages(path)
+        assert resident_bytes_of(path) == 0
+        rows = [(3 << 20) + 100, (9 << 20) + 5000, (14 << 20) + 77]
+        assert [m[i] for i in rows] == [data[i] for i in rows]
+        back = resident_bytes_of(path)
+    if drop_cache:
+        assert back <= len(rows) * 2 * 4096, f"{back} bytes came back for {len(rows)} touched pages"
+    elif back <= len(rows) * 2 * 4096:
+        pytest.skip("this kernel maps touched pages back one at a time anyway")
+
+
+@linux_only
 def test_model_load_hands_back_the_weight_file_pages(bundles, tmp_path):
     if not _pageout_works(tmp_path):
         pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
