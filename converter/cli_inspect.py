@@ -124,7 +124,8 @@ def _overrides_line(recipe: dict[str, Any]) -> str:
 
 def _memory_line(e: dict[str, Any]) -> str:
     share = e["total_bytes"] / e["budget_bytes"] if e.get("budget_bytes") else 0
+    weights = e.get("resident_weights_bytes", e["weights_bytes"])  # bundles before 2026-11-26 lack it
     return (f"peak ~{e['total_bytes'] / MiB:.0f} MiB of {e['budget_bytes'] / MiB:.0f} MiB budget ({share:.0%}): "
-            f"weights {e['weights_bytes'] / MiB:.0f}, KV cache {e['kv_cache_bytes'] / MiB:.0f} at "
+            f"weights {weights / MiB:.0f}, KV cache {e['kv_cache_bytes'] / MiB:.0f} at "
             f"{e.get('max_context', '?')} tokens, activations {e['activations_bytes'] / MiB:.0f}, runtime "
             f"{e.get('runtime_bytes', e.get('overhead_bytes', 0)) / MiB:.0f}")

@@ -1,17 +1,18 @@
 """Estimate peak memory on the device before exporting, and compare it with the budget.
 
     peak = runtime (Python, ONNX Runtime, tokenizer)
-         + weights as stored in model.onnx.data (ONNX Runtime holds them in RAM)
+         + weights as stored in model.onnx.data (ONNX Runtime holds them in RAM, pre-packed),
+           except the embedding table: after loading, the runtime hands the file's pages back
+           and only the rows a prompt looks up return (at most a page per row per table)
          + max(the load transient, KV cache at max context + activations of one prefill chunk)
 
-Every term is computed from the model's shape and the recipe; the three constants below
-were measured on this machine with nomoat.runtime: VmHWM of a fresh process that loads the
-bundle and fills its whole context (a prompt of max_context - 64 tokens, then 64 new ones).
-For SmolLM2-135M at 2048 tokens, estimate vs measured peak: int4 422 vs 428-429 MiB (-2 %),
-int8 564 vs 522-566 MiB (0 to +8 %: the fp32 embedding is memory-mapped and only the rows
-read are resident), fp32 931 vs 861 MiB (+8 %). tests/test_targets_real.py checks
-+-25 % on host. The estimate is for a full context: a short chat touches only the part of
-the preallocated KV cache and of the arena it uses, and sits well below it.
+Every term is computed from the model's shape and the recipe; the constants below were
+measured on this machine with nomoat.runtime: VmHWM of a fresh process that loads the bundle
+and fills its whole context (a prompt of max_context - 64 tokens, then 64 new ones). For
+SmolLM2-135M at 2048 tokens, estimate vs measured peak: int4 283 vs 285 MiB (-1 %), int8 343
+vs 345 MiB (-1 %), fp32 720 vs 699 MiB (+3 %). tests/test_targets_real.py checks +-25 % on
+host. The estimate is for a full context: a short chat touches only the part of the
+preallocated KV cache and of the arena it uses, and sits well below it.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ MiB = 2**20
 # thread pool). Measured with the tiny test model, whose weights and tokenizer are negligible.
 RUNTIME_BASE_BYTES = 77 * MiB
 
-# The `tokenizers` library keeps the vocabulary and the merges in hash maps: loading
-# SmolLM2's tokenizer.json (49,152 entries) adds 42 MiB of RSS, ~850 bytes per entry.
-TOKENIZER_BYTES_PER_TOKEN = 850
+# The `tokenizers` library keeps the vocabulary and the merges in hash maps: SmolLM2's
+# tokenizer.json (49,152 entries, merges as strings: converter/tokenizer_json.py) keeps 12.8 MiB
+# once the heap is trimmed, ~275 bytes per entry. Its parse peaks at 20 MiB, but at load, before
+# the KV cache fills, so the full-context peak sees only what it keeps.
+TOKENIZER_BYTES_PER_TOKEN = 280
 
 # The runtime prefills a prompt PREFILL_CHUNK tokens at a time (runtime/model.py), so ONNX
 # Runtime's arena holds one chunk's activations, not the whole prompt's. Per chunk token:
@@ -45,10 +48,16 @@ ARENA_FACTOR = 1.8
 
 KV_DTYPE_BYTES = {"float32": 4}
 
+# After loading, the runtime hands the weight file's pages back to the kernel (runtime/pages.py);
+# of the embedding table only the pages of rows a prompt looks up come back, a page per row of
+# each table at most (Linux >= 5.4; measured for SmolLM2 at a full context: README, "Memory fit").
+PAGE_BYTES = 4096
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    weights: int
+    weights: int  # every initializer, as stored
+    resident_weights: int  # what a full context keeps of them: the embedding only where looked up
     kv_cache: int
     activations: int
     load_transient: int  # a copy of the largest weight while ONNX Runtime repacks it at load
@@ -58,20 +67,22 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.runtime + self.weights + max(self.load_transient, self.kv_cache + self.activations)
+        return self.runtime + self.resident_weights + max(self.load_transient, self.kv_cache + self.activations)
 
     @property
     def fits(self) -> bool:
         return self.total <= self.budget
 
     def to_dict(self) -> dict[str, int]:
-        return {"weights_bytes": self.weights, "kv_cache_bytes": self.kv_cache,
+        return {"weights_bytes": self.weights, "resident_weights_bytes": self.resident_weights,
+                "kv_cache_bytes": self.kv_cache,
                 "activations_bytes": self.activations, "load_transient_bytes": self.load_transient,
                 "runtime_bytes": self.runtime, "total_bytes": self.total, "budget_bytes": self.budget,
                 "max_context": self.max_context}
 
     def summary(self) -> str:
-        return (f"{self.total / MiB:.0f} MiB of {self.budget / MiB:.0f} MiB budget (weights {self.weights / MiB:.0f}, "
+        return (f"{self.total / MiB:.0f} MiB of {self.budget / MiB:.0f} MiB budget "
+                f"(weights {self.resident_weights / MiB:.0f}, "
                 f"KV cache {self.kv_cache / MiB:.0f} at {self.max_context} tokens, activations "
                 f"{self.activations / MiB:.0f}, runtime {self.runtime / MiB:.0f})")
 
@@ -111,15 +122,41 @@ def weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int) -> int:
 
 
 def _embedding_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
+    return sum(_embedding_tables(spec, quant).values()) + (3 * 8 if _reads_lm_head_codes(spec, quant) else 0)
+
+
+def _reads_lm_head_codes(spec: ModelSpec, quant: QuantRecipe) -> bool:
+    return (quant.quantize_embedding and quant.weights == "int4" and spec.tie_word_embeddings
+            and spec.hidden_size % quant.block_size_for(LM_HEAD_NODE) == 0)
+
+
+def _embedding_tables(spec: ModelSpec, quant: QuantRecipe) -> dict[str, int]:
+    """Bytes of each table stored for the embedding lookup alone."""
+    v, h = spec.vocab_size, spec.hidden_size
     # Only the int4 recipe quantizes the table; otherwise it stays fp32.
-    if quant.quantize_embedding and quant.weights == "int4":
-        head_block = quant.block_size_for(LM_HEAD_NODE)
-        if spec.tie_word_embeddings and spec.hidden_size % head_block == 0:
-            # The lookup reads the LM head's codes; only its scales, zero points (a byte per block)
-            # and the reshape's target shape are stored again (quantize._gather_from_lm_head).
-            return spec.vocab_size * (spec.hidden_size // head_block) * 5 + 3 * 8
-        return gather_block_quantized_bytes(spec.vocab_size, spec.hidden_size, quant.block_size)
-    return spec.vocab_size * spec.hidden_size * 4
+    if not (quant.quantize_embedding and quant.weights == "int4"):
+        return {"table": v * h * 4}
+    if _reads_lm_head_codes(spec, quant):
+        # The lookup reads the LM head's codes; only its scales, zero points (a byte per block)
+        # and the reshape's target shape are stored again (quantize._gather_from_lm_head).
+        blocks = v * (h // quant.block_size_for(LM_HEAD_NODE))
+        return {"scales": blocks * 4, "zero_points": blocks}
+    blocks = v * -(-h // quant.block_size)
+    return {"codes": -(-v * h // 2), "scales": blocks * 4, "zero_points": -(-blocks // 2)}
+
+
+def resident_weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int) -> int:
+    """weight_bytes with each table the embedding lookup reads counted only for the pages of the
+    rows a full context can look up (at most one page per row per table)."""
+    rows = min(spec.vocab_size, max_context)
+    read = dict(_embedding_tables(spec, quant))
+    if _reads_lm_head_codes(spec, quant):
+        # Those codes are also the LM head's, counted once (its packed copy); their file pages
+        # come back where rows are looked up.
+        read["lm_head_codes"] = spec.vocab_size * spec.hidden_size // 2
+    stored_only = sum(_embedding_tables(spec, quant).values())
+    looked_up = sum(min(size, rows * PAGE_BYTES) for size in read.values())
+    return weight_bytes(spec, quant, max_context) - stored_only + looked_up
 
 
 def lm_head_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
@@ -162,6 +199,7 @@ def estimate_memory(spec: ModelSpec, recipe: Recipe, target: Target) -> MemoryEs
     quant = recipe.quant_recipe()
     return MemoryEstimate(
         weights=weight_bytes(spec, quant, recipe.max_context),
+        resident_weights=resident_weight_bytes(spec, quant, recipe.max_context),
         kv_cache=kv_cache_bytes(spec, recipe.max_context, recipe.kv_dtype),
         activations=activation_bytes(spec, recipe.max_context),
         # ONNX Runtime repacks each MatMulNBits weight into a new buffer and then frees the

@@ -198,3 +198,17 @@ def test_recipe_rejects_what_the_runtime_cannot_run():
         Recipe().with_overrides(threads=0)
     with pytest.raises(ConversionError, match="block size 48"):
         convert_module.plan(ConvertOptions(model="x", out=Path("y"), block_size=48))
+
+
+def test_resident_weights_count_only_the_embedding_rows_a_full_context_looks_up(tmp_path):
+    spec = peek_spec(_config_only(tmp_path / "m", LLAMA2_7B))  # 32,000 x 4,096, untied
+    target = load_target("rpi5-16gb")
+    int8 = estimate_memory(spec, target.recipe.with_overrides(weights="int8", max_context=1024), target)
+    # the fp32 table (512 MB) is handed back; 1,024 looked-up rows bring back a page each at most
+    assert int8.weights - int8.resident_weights == 32000 * 4096 * 4 - 1024 * 4096
+    assert int8.total == int8.runtime + int8.resident_weights + int8.kv_cache + int8.activations
+    int4 = estimate_memory(spec, target.recipe.with_overrides(weights="int4", max_context=1024), target)
+    # its own 4-bit table: codes and scales mostly handed back, the 2 MB of zero points all touched
+    codes, scales, zero_points = 32000 * 4096 // 2, 32000 * 128 * 4, 32000 * 128 // 2
+    assert zero_points < 1024 * 4096 < scales
+    assert int4.weights - int4.resident_weights == codes + scales - 2 * 1024 * 4096
