@@ -118,7 +118,7 @@ class Model:
             raise BundleError(f"{bundle} holds no ONNX model; this runtime runs ONNX bundles.")
         threads = threads if threads is not None else manifest.target.get("threads")
         # The session first: pre-packing the weights is the load's memory peak, and it should not
-        # stack on the tokenizer's (parsing tokenizer.json leaves ~14 MB of heap holes, trimmed below).
+        # stack on the tokenizer's (parsing tokenizer.json leaves heap holes: ~6 MB for SmolLM2, trimmed below).
         session = DecoderSession(bundle, manifest, SessionOptions(threads=threads))
         tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.tokenizer_file))
         trim_heap()

@@ -33,6 +33,15 @@ def test_import_runtime_leaves_torch_out():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_jinja_is_imported_only_when_a_template_renders(bundle):
+    # ~3 MB of RSS that a process running token ids (a benchmark, perplexity) does not need
+    code = ("import sys; from nomoat.runtime import Model; m = Model.load(sys.argv[1]); "
+            "m.generate_tokens([1, 2], 2, ignore_eos=True).__next__(); print('jinja2' in sys.modules, end=' '); "
+            "m.render('hi'); print('jinja2' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True)
+    assert result.stdout.strip() == "False True", result.stdout + result.stderr
+
+
 def test_unknown_format_version_is_refused(bundle, tmp_path):
     b = _copy(bundle, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
