@@ -111,6 +111,7 @@ def convert(opts: ConvertOptions) -> Path:
 
     _stage(f"load {opts.model}", opts.progress)
     ckpt = load_checkpoint(opts.model)
+    _check_chat_template(ckpt.tokenizer)
     adapters = []
     if opts.loras:
         _stage(f"merge {len(opts.loras)} LoRA adapter(s) in fp32", opts.progress)
@@ -139,6 +140,23 @@ def _describe(recipe: Recipe) -> str:
     text = (f"{recipe.weights}, block {recipe.block_size}{head}, accuracy level {recipe.accuracy_level}, "
             f"{recipe.threads} threads, context {recipe.max_context}")
     return text + (f" (set by hand: {', '.join(recipe.overrides)})" if recipe.overrides else "")
+
+
+def _check_chat_template(tok) -> None:
+    """Compile the model's chat template now: the runtime compiles it on first use, so a template
+    that does not parse must be refused here, not in the middle of a user's first chat."""
+    if not tok.chat_template:
+        return
+    from jinja2 import TemplateError
+    from nomoat.runtime.chat_template import ChatTemplate
+
+    try:
+        ChatTemplate(tok.chat_template)
+    except TemplateError as e:
+        raise ConversionError(
+            f"the model's chat template does not compile: {e}. Fix chat_template in the model's "
+            "tokenizer_config.json or chat_template.jinja (for a GGUF: tokenizer.chat_template)."
+        ) from e
 
 
 def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstimate, staging: Path,

@@ -254,6 +254,12 @@ def test_lora_for_another_model_is_refused(tiny_dir, tmp_path):
     _assert_refused(tmp_path, tmp_path / "out", "shape", model=tiny_dir, loras=[AdapterRef(adapter)])
 
 
+def test_chat_template_that_does_not_compile_is_refused(tmp_path):
+    broken = make_tiny_hf_dir(tmp_path / "broken")
+    (broken / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}")  # no endfor
+    _assert_refused(tmp_path, tmp_path / "out", "chat template does not compile.*endfor", model=broken)
+
+
 def test_unknown_target_is_refused(tiny_dir, tmp_path):
     with pytest.raises(ConversionError, match="unknown target 'pixel99'.*pixel6"):
         convert(ConvertOptions(model=str(tiny_dir), out=tmp_path / "out", target="pixel99", progress=False))
