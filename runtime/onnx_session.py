@@ -23,6 +23,7 @@ class SessionOptions:
     threads: int | None = None  # intra-op threads; None = ONNX Runtime's default (all cores)
     spin: bool = True  # busy-wait between ops: lower latency per token, more CPU while generating
     release_file_pages: bool = True  # hand back the weight-file pages read while loading (pages.py)
+    huge_pages: bool = True  # move the pre-packed weights into huge pages (huge_pages.py)
 
 
 def _ort_session(path: Path, options: SessionOptions):
@@ -60,6 +61,11 @@ class DecoderSession:
 
             # Pre-packing is done: the packed copies are on the heap, the file's pages were read once.
             release_file_pages(Path(bundle) / manifest.onnx.data_file)
+        if options.huge_pages:
+            from .huge_pages import collapse_resident_memory
+
+            # Before the KV cache exists: what is fully resident now is the packed weights.
+            collapse_resident_memory()
         self.tokens: list[int] = []  # what the KV cache holds, position by position
 
         m = manifest.model
