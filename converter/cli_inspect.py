@@ -108,7 +108,9 @@ def _recipe_line(recipe: dict[str, Any], quant: dict[str, Any]) -> str:
     head = quant.get("lm_head_bits")
     head_text = f", LM head {max(head, 8 if weights == 'int8' else 4)}-bit" if head and weights != "fp32" else ""
     embedding = "int4" if recipe.get("quantize_embedding") and weights == "int4" else "fp32"
-    algorithm = f" ({quant['algorithm']})" if quant.get("algorithm") and weights != "fp32" else ""
+    smoothing = " + smoothing" if quant.get("smoothing") and weights == "int4" and \
+        quant.get("algorithm") in ("imatrix", "gptq") else ""
+    algorithm = f" ({quant['algorithm']}{smoothing})" if quant.get("algorithm") and weights != "fp32" else ""
     return (f"{', '.join(recipe.get('formats', []))}, {weights} weights{algorithm} in blocks of "
             f"{recipe.get('block_size')}{head_text}, embedding {embedding}, "
             f"accuracy level {recipe.get('accuracy_level')}, "

@@ -37,6 +37,7 @@ class ConvertOptions:
     block_size: int | None = None
     lm_head_bits: int | None = None
     algorithm: str | None = None
+    smoothing: bool | None = None
     max_context: int | None = None
     threads: int | None = None
     fit: str = "strict"  # strict | shrink-context
@@ -68,6 +69,7 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
     target = load_target(opts.target)
     recipe = target.recipe.with_overrides(weights=opts.quant, block_size=opts.block_size,
                                           lm_head_bits=opts.lm_head_bits, algorithm=opts.algorithm,
+                                          smoothing=opts.smoothing,
                                           max_context=opts.max_context, threads=opts.threads)
     recipe.quant_recipe()  # validates --quant / --block-size before any work
     return target, recipe
@@ -137,6 +139,7 @@ def convert(opts: ConvertOptions) -> Path:
 def _describe(recipe: Recipe) -> str:
     head = f", LM head {recipe.lm_head_bits}-bit" if recipe.weights == "int4" else ""
     head += f", {recipe.algorithm}" if recipe.weights != "fp32" else ""
+    head += " + smoothing" if recipe.quant_recipe().smooths else ""
     text = (f"{recipe.weights}, block {recipe.block_size}{head}, accuracy level {recipe.accuracy_level}, "
             f"{recipe.threads} threads, context {recipe.max_context}")
     return text + (f" (set by hand: {', '.join(recipe.overrides)})" if recipe.overrides else "")
@@ -174,6 +177,13 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
 
         _stage("calibrate: activation importance from text the model writes itself", opts.progress)
         importance = calibrate(ckpt, reference.model, grams=quant.algorithm == "gptq")
+    smoothing = None
+    if importance is not None and quant.smooths:
+        from .smooth import smooth
+
+        _stage("smooth: scale input channels by their activations before rounding", opts.progress)
+        # The reference keeps the unsmoothed weights: verify compares against the model as given.
+        ckpt, importance, smoothing = smooth(ckpt, importance, quant)
     _stage(f"export ONNX ({quant.weights})", opts.progress)
     ops = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress, importance=importance)
     (staging / TOKENIZER_FILE).write_text(bundle_tokenizer_json(ckpt.tokenizer.tokenizer_json), encoding="utf-8")
@@ -186,7 +196,8 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
 
     report: dict[str, Any] = {"memory_estimate": estimate.to_dict(), "ops": ops,
                               "adapters": [a.to_dict() for a in adapters],
-                              "calibration_tokens": importance.tokens if importance else 0}
+                              "calibration_tokens": importance.tokens if importance else 0,
+                              "smoothing_alpha": smoothing}
     if eval_text is None:
         report["quality"] = {"skipped": True}
         return manifest, report

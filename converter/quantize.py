@@ -55,6 +55,9 @@ class QuantRecipe:
     lm_head_bits: int | None = 4  # None = same as the other weights; never below them
     lm_head_block_size: int = 64  # for an 8-bit head: blocks of 64 ran ~30 % faster than 32 here, at the same accuracy
     algorithm: str = "imatrix"
+    # AWQ-style input-channel scaling before rounding, with the calibration's importance (smooth.py);
+    # only where there is one (imatrix, gptq) and only for 4-bit weights, where a block's grid is coarse.
+    smoothing: bool = False
 
     def __post_init__(self) -> None:
         if self.weights not in QUANT_TYPES:
@@ -67,6 +70,11 @@ class QuantRecipe:
             raise ConversionError(f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}.")
         if self.lm_head_bits not in (None, 4, 8):
             raise ConversionError(f"--lm-head-bits {self.lm_head_bits} is not supported; use 4 or 8.")
+
+    @property
+    def smooths(self) -> bool:
+        """Whether the smooth stage runs: it needs the calibration's importance, and 8 bits gain nothing."""
+        return self.smoothing and self.weights == "int4" and self.algorithm in ("imatrix", "gptq")
 
     @property
     def bits(self) -> int:
@@ -134,6 +142,20 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, algorithm: str
     zp_packed = zp_padded[:, 0::2] | (zp_padded[:, 1::2] << 4)
     return BlockQuantized(np.ascontiguousarray(packed), scale.numpy().reshape(-1).astype(np.float32),
                           zp_packed.reshape(-1), err)
+
+
+def dequantize(q: BlockQuantized, shape: tuple[int, int], bits: int, block_size: int) -> np.ndarray:
+    """The fp32 weight B [K, N] that MatMulNBits computes with: (code - zero point) * scale."""
+    k, n = shape
+    k_blocks = -(-k // block_size)
+    if bits == 8:
+        codes, zp = q.packed.astype(np.float32), q.zero_points.reshape(n, k_blocks)
+    else:
+        codes = np.stack([q.packed & 15, q.packed >> 4], -1).reshape(n, k_blocks, block_size).astype(np.float32)
+        zp = q.zero_points.reshape(n, -1)
+        zp = np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :k_blocks]
+    w = (codes - zp[:, :, None]) * q.scales.reshape(n, k_blocks, 1)
+    return np.ascontiguousarray(w.reshape(n, k_blocks * block_size)[:, :k].T)
 
 
 def _channel_weight(importance: np.ndarray | None, k: int, k_blocks: int, block_size: int):
