@@ -70,6 +70,9 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
         f"RAM, budget {target.get('memory_budget_bytes', 0) / MiB:.0f} MiB",
         f"recipe     {_recipe_line(recipe, m.get('quantization', {}))}",
         f"overrides  {_overrides_line(recipe)}",
+        # The Android app has no Jinja: it chats only with bundles whose template is fixed text pieces.
+        "chat       " + ("template as text pieces too (the Android app can chat)" if m.get("chat_format") else
+                         "template needs Jinja (the Android app cannot chat with this bundle; raw prompts only)"),
     ]
     lines += [f"adjusted   {note}" for note in recipe.get("adjustments", [])]
     if estimate:

@@ -236,7 +236,21 @@ def _manifest_dict(ckpt, adapters, recipe: Recipe, target: Target, estimate: Mem
                    "memory_estimate": estimate.to_dict()},
         "files": {},
         "source": {**ckpt.source, "loras": [a.to_dict() for a in adapters], **opts.extra_source},
+        "chat_format": _chat_format(tok),
     }
+
+
+def _chat_format(tok) -> dict[str, list[str]] | None:
+    """The chat template as text pieces for runtimes without Jinja (the Android app); None when the
+    template is not fixed text around each message. The template the Python runtime would use: the
+    model's, or ChatML when it has none."""
+    from nomoat.runtime.chat_template import ChatTemplate
+
+    from .chat_format import derive_chat_format
+
+    special = {"bos_token": tok.special_tokens.get("bos", ""), "eos_token": tok.special_tokens.get("eos", "")}
+    template = ChatTemplate(tok.chat_template, **special) if tok.chat_template else ChatTemplate.fallback(**special)
+    return derive_chat_format(template)
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -82,6 +82,9 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256
     source: dict[str, Any] = field(default_factory=dict)
     created_by: str = "nomoat"
+    # The chat template as text pieces for runtimes without Jinja (converter/chat_format.py);
+    # None when the template cannot be written that way. The Python runtime renders the template.
+    chat_format: dict[str, list[str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +112,7 @@ class Manifest:
                 files=dict(d["files"]),
                 source=dict(d.get("source", {})),
                 created_by=d.get("created_by", "nomoat"),
+                chat_format=d.get("chat_format"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"manifest.json is malformed ({type(e).__name__}: {e}); re-convert the model.") from e
