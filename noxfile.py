@@ -1,4 +1,5 @@
-"""Sessions: tests (default, fast), slow (real model end to end), lint, demo, bench."""
+"""Sessions: tests (default, fast), slow (real model end to end), android (host JVM + adb), pi, lint, demo,
+bench."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _install(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Fast tests: tiny random models, the runtime, the CLI (minutes)."""
     _install(session)
-    session.run("pytest", "-q", "-m", "not slow", *session.posargs)
+    session.run("pytest", "-q", "-m", "not slow and not android", *session.posargs)
 
 
 @nox.session
@@ -29,6 +30,24 @@ def slow(session: nox.Session) -> None:
     """End-to-end tests on the real SmolLM2-135M-Instruct."""
     _install(session)
     session.run("pytest", "-q", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def android(session: nox.Session) -> None:
+    """The Android app's plain-Kotlin core on the host JVM (junit4, cross-checked with the Python
+    runtime) and `nomoat deploy --adb` against the real adb client and server, with a device
+    simulated on loopback. Needs Debian's kotlin, junit4, libandroid-json-java and adb
+    (`.ci/run` installs them); no Android SDK, no phone."""
+    import shutil
+    from pathlib import Path
+
+    missing = [tool for tool in ("kotlinc", "java", "adb") if not shutil.which(tool)]
+    missing += [jar for jar in ("/usr/share/java/junit4.jar", "/usr/share/java/com.android.json.jar")
+                if not Path(jar).is_file()]
+    if missing:
+        session.error(f"missing {', '.join(missing)}: apt-get install kotlin junit4 libandroid-json-java adb")
+    _install(session)
+    session.run("pytest", "-q", "-m", "android", *session.posargs)
 
 
 @nox.session

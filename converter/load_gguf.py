@@ -88,6 +88,12 @@ def load_gguf(path: Path) -> Checkpoint:
     return checkpoint
 
 
+def load_gguf_tokenizer(path: Path) -> TokenizerInfo:
+    """Only the tokenizer (tokenizer.json and chat template from the metadata), without the weights."""
+    meta = read_metadata(_open(path))
+    return tokenizer_from_gguf(meta, _architecture(meta))
+
+
 def _open(path: Path) -> Any:
     from gguf import GGUFReader
 

@@ -1,0 +1,201 @@
+package dev.nomoat.app
+
+// NEVER BUILT OR RUN: written without an Android SDK at hand; the logic it calls (dev.nomoat.core) is
+// compiled and tested on the host JVM, this screen and its Android API calls are not.
+
+import android.app.Activity
+import android.os.Bundle as AndroidBundle
+import android.os.SystemClock
+import android.util.Log
+import android.view.ViewGroup.LayoutParams.MATCH_PARENT
+import android.view.ViewGroup.LayoutParams.WRAP_CONTENT
+import android.widget.Button
+import android.widget.EditText
+import android.widget.LinearLayout
+import android.widget.ScrollView
+import android.widget.TextView
+import dev.nomoat.core.Bench
+import dev.nomoat.core.Bundle
+import dev.nomoat.core.Chat
+import dev.nomoat.core.ChatFormat
+import dev.nomoat.core.Generator
+import dev.nomoat.core.SamplingParams
+import dev.nomoat.core.Tokenizer
+import org.json.JSONObject
+import java.io.File
+import java.util.concurrent.Executors
+
+/**
+ * A minimal chat screen over one bundle, plus a benchmark mode for `nomoat deploy --adb --bench`:
+ *
+ *     adb shell am start -W -n dev.nomoat.app/.MainActivity --es bundle smollm2 \
+ *         --ez bench true --ei prompt_tokens 128 --ei new_tokens 64 --ei rounds 3 [--ei threads 4]
+ *
+ * writes one JSON line per round to logcat with the tag `nomoat-bench` (runtime/bench.py RoundResult's
+ * keys, plus load timings and peak RSS), then `{"done": true}` or `{"error": "..."}`, and finishes.
+ *
+ * Bundles are looked for in the app's external files dir (`/sdcard/Android/data/dev.nomoat.app/files/<name>`)
+ * and in `/data/local/tmp/nomoat/<name>` (where `nomoat deploy --adb` copies them; whether an app may read
+ * there depends on the device's SELinux policy -- never checked).
+ */
+class MainActivity : Activity() {
+    private val worker = Executors.newSingleThreadExecutor() // one request at a time: the Generator is not thread-safe
+    private lateinit var status: TextView
+    private lateinit var transcript: TextView
+    private lateinit var scroll: ScrollView
+    private lateinit var input: EditText
+    private lateinit var send: Button
+
+    private var forward: OrtForward? = null
+    private var generator: Generator? = null
+    private var chat: Chat? = null
+    private var maxNewTokens = 256
+    private var params = SamplingParams()
+
+    override fun onCreate(savedInstanceState: AndroidBundle?) {
+        super.onCreate(savedInstanceState)
+        buildScreen()
+        val name = intent.getStringExtra("bundle")
+        if (intent.getBooleanExtra("bench", false)) {
+            worker.execute { bench(name) }
+        } else {
+            worker.execute { load(name) }
+        }
+    }
+
+    override fun onDestroy() {
+        // Close the session after the request in progress (if any) is done with it, on the same thread.
+        worker.execute { forward?.close() }
+        worker.shutdown()
+        super.onDestroy()
+    }
+
+    private fun buildScreen() {
+        status = TextView(this).apply { text = "Opening the bundle…" }
+        transcript = TextView(this).apply { setTextIsSelectable(true) }
+        scroll = ScrollView(this).apply { addView(transcript) }
+        input = EditText(this).apply { hint = "Message" }
+        send = Button(this).apply {
+            text = "Send"
+            isEnabled = false
+            setOnClickListener { onSend() }
+        }
+        val row = LinearLayout(this).apply {
+            orientation = LinearLayout.HORIZONTAL
+            addView(input, LinearLayout.LayoutParams(0, WRAP_CONTENT, 1f))
+            addView(send, LinearLayout.LayoutParams(WRAP_CONTENT, WRAP_CONTENT))
+        }
+        setContentView(LinearLayout(this).apply {
+            orientation = LinearLayout.VERTICAL
+            setPadding(24, 24, 24, 24)
+            addView(status, LinearLayout.LayoutParams(MATCH_PARENT, WRAP_CONTENT))
+            addView(scroll, LinearLayout.LayoutParams(MATCH_PARENT, 0, 1f))
+            addView(row, LinearLayout.LayoutParams(MATCH_PARENT, WRAP_CONTENT))
+        })
+    }
+
+    /** The bundle folder: [name] (a path, or a folder name in one of the places bundles go), else the first found. */
+    private fun findBundle(name: String?): File {
+        if (name != null && name.startsWith("/")) return File(name)
+        val roots = listOfNotNull(getExternalFilesDir(null), File("/data/local/tmp/nomoat"))
+        val found = roots.flatMap { root ->
+            root.listFiles()?.filter { File(it, "manifest.json").isFile }?.sortedBy { it.name } ?: emptyList()
+        }
+        val pick = if (name != null) found.firstOrNull { it.name == name } else found.firstOrNull()
+        return pick ?: throw IllegalStateException(
+            "no bundle${name?.let { " named $it" } ?: ""} in ${roots.joinToString(" or ")}; copy one with " +
+                "`nomoat deploy --adb`")
+    }
+
+    /** Open, verify and load a bundle; the load timings for the bench line. */
+    private fun open(name: String?, threads: Int?): JSONObject {
+        val dir = findBundle(name)
+        val t0 = SystemClock.elapsedRealtimeNanos()
+        val bundle = Bundle.open(dir, verify = true) // names the first damaged file and says to re-copy
+        val t1 = SystemClock.elapsedRealtimeNanos()
+        val tokenizer = Tokenizer.fromFile(bundle.tokenizerFile)
+        val ort = OrtForward(bundle, threads)
+        val t2 = SystemClock.elapsedRealtimeNanos()
+        forward = ort
+        val gen = Generator.forBundle(bundle.manifest, ort, tokenizer)
+        generator = gen
+        maxNewTokens = bundle.manifest.defaultMaxNewTokens()
+        params = SamplingParams.fromManifest(bundle.manifest)
+        chat = ChatFormat.fromManifestOrNull(bundle.manifest)?.let { Chat(gen, it) }
+        return JSONObject().put("bundle", dir.absolutePath).put("verify_s", (t1 - t0) / 1e9)
+            .put("load_s", (t2 - t1) / 1e9).put("threads", threads ?: bundle.manifest.targetThreads ?: JSONObject.NULL)
+    }
+
+    private fun load(name: String?) {
+        try {
+            val info = open(name, null)
+            val note = if (chat == null) "\n${ChatFormat.MISSING}: prompts are sent as they are." else ""
+            ui { status.text = "${File(info.getString("bundle")).name}: ready$note"; send.isEnabled = true }
+        } catch (e: Exception) {
+            ui { status.text = e.message ?: e.toString() }
+        }
+    }
+
+    private fun onSend() {
+        val text = input.text.toString()
+        if (text.isBlank()) return
+        input.setText("")
+        send.isEnabled = false
+        transcript.append("\n> $text\n")
+        worker.execute {
+            try {
+                val onDelta = { delta: String -> ui { transcript.append(delta); scroll.fullScroll(ScrollView.FOCUS_DOWN) } }
+                val gen = generator ?: throw IllegalStateException("no bundle loaded")
+                val result = chat?.send(text, maxNewTokens, params, onDelta = onDelta)
+                    ?: gen.generate(gen.encode(text), maxNewTokens, params, onDelta = onDelta)
+                val s = result.stats
+                ui {
+                    status.text = String.format("%d prompt tokens (%d cached), first token %.0f ms, %.1f tok/s",
+                        s.promptTokens, s.cachedTokens, s.timeToFirstTokenSeconds * 1000, s.decodeTokensPerSecond)
+                }
+            } catch (e: Exception) {
+                ui { transcript.append("\n[${e.message}]\n") }
+            } finally {
+                ui { send.isEnabled = true }
+            }
+        }
+    }
+
+    /** Benchmark rounds: fresh cache, the host's prompt ids, greedy, stop tokens ignored (bench.py measure_once). */
+    private fun bench(name: String?) {
+        try {
+            val promptTokens = intent.getIntExtra("prompt_tokens", 128)
+            val newTokens = intent.getIntExtra("new_tokens", 64)
+            val rounds = intent.getIntExtra("rounds", 1)
+            val threads = intent.getIntExtra("threads", 0).takeIf { it > 0 }
+            val info = open(name, threads)
+            val gen = generator ?: throw IllegalStateException("no bundle loaded")
+            val prompt = Bench.promptIds(gen.codec, promptTokens)
+            for (round in 0 until rounds) {
+                gen.reset()
+                val result = gen.generate(prompt, newTokens, SamplingParams(), ignoreEos = true)
+                val line = result.stats.toBenchJson().put("round", round).put("peak_rss_bytes", peakRssBytes())
+                for (key in info.keys()) line.put(key, info.get(key))
+                Log.i(BENCH_TAG, line.toString())
+            }
+            Log.i(BENCH_TAG, JSONObject().put("done", true).toString())
+        } catch (e: Exception) {
+            Log.i(BENCH_TAG, JSONObject().put("error", e.message ?: e.toString()).toString())
+        }
+        ui { finish() }
+    }
+
+    /** VmHWM from /proc/self/status: the process's peak resident memory. */
+    private fun peakRssBytes(): Any = try {
+        File("/proc/self/status").readLines().firstOrNull { it.startsWith("VmHWM:") }
+            ?.split(Regex("\\s+"))?.getOrNull(1)?.toLong()?.times(1024) ?: JSONObject.NULL
+    } catch (e: Exception) {
+        JSONObject.NULL
+    }
+
+    private fun ui(block: () -> Unit) = runOnUiThread(block)
+
+    private companion object {
+        const val BENCH_TAG = "nomoat-bench"
+    }
+}

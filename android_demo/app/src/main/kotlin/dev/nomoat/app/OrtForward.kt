@@ -1,0 +1,144 @@
+package dev.nomoat.app
+
+// NEVER BUILT OR RUN: this machine has no Android SDK and no ONNX Runtime for Java, so this file was
+// written against the ONNX Runtime Java API documentation (1.16+, for pinned outputs) and never
+// compiled. It mirrors runtime/onnx_session.py, which is what the host tests exercise.
+
+import ai.onnxruntime.OnnxTensor
+import ai.onnxruntime.OnnxValue
+import ai.onnxruntime.OrtEnvironment
+import ai.onnxruntime.OrtSession
+import dev.nomoat.core.Bundle
+import dev.nomoat.core.BundleException
+import dev.nomoat.core.ContextOverflowException
+import dev.nomoat.core.Forward
+import java.nio.ByteBuffer
+import java.nio.ByteOrder
+import java.nio.FloatBuffer
+import java.nio.IntBuffer
+import java.nio.LongBuffer
+
+/**
+ * One ONNX Runtime session over the bundle's decoder graph with a static KV cache (runtime/onnx_session.py).
+ *
+ * The cache of every layer is one preallocated direct buffer of max_context positions, passed as the
+ * `past_*` input AND pinned as the matching `present_*` output of every run: GroupQueryAttention then
+ * writes the new positions in place and no step copies the cache (the Python runtime does the same
+ * with IOBinding). The cache is indexed by position, so rewinding is just a smaller startPos.
+ *
+ * Inputs per run (converter/onnx_graph.py): input_ids int64 [1, n]; seqlens_k int32 [1] = total - 1;
+ * total_sequence_length int32 scalar = total; logits_index int64 [1] = n - 1 (only the last position's
+ * logits are computed). Output logits float32 [1, 1, vocab] goes into one reused pinned buffer.
+ *
+ * Unverified assumptions, to check on a device first: that OrtSession.run(inputs, pinnedOutputs)
+ * accepts one OnnxTensor as both an input and a pinned output (the C API's Run does; IOBinding in
+ * Python relies on it), and that tensors over direct native-order buffers are used without a copy
+ * (documented for OnnxTensor.createTensor with a direct buffer). If the first fails, the fallback is
+ * copying each present_* output back into the past buffer: correct, but ~2 x 94 MB of copies per
+ * token for SmolLM2 at 2,048 positions -- unusable, so say so rather than ship it.
+ */
+class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable {
+    private val manifest = bundle.manifest
+    private val onnx = bundle.onnx
+    override val maxContext: Int = manifest.maxContext
+    private val vocab = manifest.model.vocabSize
+
+    private val env: OrtEnvironment = OrtEnvironment.getEnvironment()
+    private val session: OrtSession
+
+    private val kv = ArrayList<OnnxTensor>() // keep them alive as long as the session uses them
+    private val pastInputs = LinkedHashMap<String, OnnxTensor>()
+    private val pinned = LinkedHashMap<String, OnnxValue>()
+    private val logitsBuffer: FloatBuffer
+    private val logits: OnnxTensor
+
+    // Small per-step inputs, rewritten in place for each run (decode steps allocate nothing new but input_ids).
+    private val seqlens: IntBuffer = direct(4).asIntBuffer()
+    private val total: IntBuffer = direct(4).asIntBuffer()
+    private val lastIndex: LongBuffer = direct(8).asLongBuffer()
+    private val seqlensTensor: OnnxTensor
+    private val totalTensor: OnnxTensor
+    private val lastIndexTensor: OnnxTensor
+
+    init {
+        if (onnx.kvDtype != "float32") {
+            throw BundleException("this app keeps the KV cache in float32; the bundle's is ${onnx.kvDtype}: " +
+                "re-convert with --kv-dtype float32.")
+        }
+        val options = OrtSession.SessionOptions().apply {
+            setOptimizationLevel(OrtSession.SessionOptions.OptLevel.ALL_OPT)
+            setExecutionMode(OrtSession.SessionOptions.ExecutionMode.SEQUENTIAL)
+            setInterOpNumThreads(1)
+            // As the Python runtime: no memory pattern (less peak memory at the same speed), spinning threads.
+            setMemoryPatternOptimization(false)
+            (threads ?: manifest.targetThreads)?.let { setIntraOpNumThreads(it) }
+            addConfigEntry("session.intra_op.allow_spinning", "1")
+        }
+        // The weights file (model.onnx.data) is found next to model.onnx.
+        session = env.createSession(bundle.modelFile.absolutePath, options)
+
+        val m = manifest.model
+        val shape = longArrayOf(1, m.numKvHeads.toLong(), maxContext.toLong(), m.headDim.toLong())
+        val floats = m.numKvHeads * maxContext * m.headDim
+        for (layer in 0 until m.numLayers) {
+            for ((past, present) in listOf("past_key" to "present_key", "past_value" to "present_value")) {
+                val tensor = OnnxTensor.createTensor(env, direct(4 * floats).asFloatBuffer(), shape)
+                kv.add(tensor)
+                pastInputs[onnx.ioName(past, layer)] = tensor
+                pinned[onnx.ioName(present, layer)] = tensor
+            }
+        }
+        logitsBuffer = direct(4 * vocab).asFloatBuffer()
+        logits = OnnxTensor.createTensor(env, logitsBuffer, longArrayOf(1, 1, vocab.toLong()))
+        pinned[onnx.ioName("logits")] = logits
+        seqlensTensor = OnnxTensor.createTensor(env, seqlens, longArrayOf(1))
+        totalTensor = OnnxTensor.createTensor(env, total, longArrayOf()) // a scalar
+        lastIndexTensor = OnnxTensor.createTensor(env, lastIndex, longArrayOf(1))
+    }
+
+    override fun run(ids: IntArray, startPos: Int): FloatArray {
+        val n = ids.size
+        require(n > 0) { "forward needs at least one token" }
+        val end = startPos + n
+        if (end > maxContext) {
+            throw ContextOverflowException("$end tokens do not fit in the bundle's context of $maxContext; shorten " +
+                "the prompt, start a new conversation, or convert with a larger --max-context.")
+        }
+        val idBuffer = direct(8 * n).asLongBuffer()
+        for (id in ids) idBuffer.put(id.toLong())
+        idBuffer.rewind()
+        seqlens.put(0, end - 1)
+        total.put(0, end)
+        lastIndex.put(0, (n - 1).toLong())
+        val inputIds = OnnxTensor.createTensor(env, idBuffer, longArrayOf(1, n.toLong()))
+        try {
+            val inputs = LinkedHashMap<String, OnnxTensor>(pastInputs)
+            inputs[onnx.ioName("input_ids")] = inputIds
+            inputs[onnx.ioName("seqlens_k")] = seqlensTensor
+            inputs[onnx.ioName("total_sequence_length")] = totalTensor
+            inputs[onnx.ioName("logits_index")] = lastIndexTensor
+            // Every output is pinned, so the Result holds only tensors this object owns; it is not closed,
+            // which could close them too, and dropping it leaks nothing (ORT allocated no new output).
+            session.run(inputs, pinned)
+        } finally {
+            inputIds.close()
+        }
+        val out = FloatArray(vocab)
+        logitsBuffer.rewind()
+        logitsBuffer.get(out)
+        return out
+    }
+
+    override fun close() {
+        session.close()
+        for (t in kv) t.close()
+        logits.close()
+        seqlensTensor.close()
+        totalTensor.close()
+        lastIndexTensor.close()
+    }
+
+    private companion object {
+        fun direct(bytes: Int): ByteBuffer = ByteBuffer.allocateDirect(bytes).order(ByteOrder.nativeOrder())
+    }
+}

@@ -1,0 +1,39 @@
+package dev.nomoat.core
+
+/**
+ * The seams between the app's plain-Kotlin core and what only exists on a phone.
+ *
+ * Everything behind these interfaces is plain Kotlin (org.json at most) so it compiles and is
+ * unit-tested on a workstation JVM; the Android shell supplies [Forward] with ONNX Runtime's
+ * Java API and reads the bundle from the app's storage.
+ */
+
+/** Text to token ids and back, from the bundle's tokenizer.json. */
+interface TextCodec {
+    /** Token ids of [text]; special tokens written in the text (e.g. `<|im_start|>`) map to their ids; no BOS added. */
+    fun encode(text: String): IntArray
+
+    /** The text of a whole id sequence (special tokens included as their text). */
+    fun decode(ids: IntArray): String
+
+    /** A fresh incremental decoder for one generation. */
+    fun streamDecoder(): TokenStreamDecoder
+}
+
+/** Text deltas from tokens arriving one at a time, never splitting a UTF-8 character. */
+interface TokenStreamDecoder {
+    /** The text that became complete with [id] ("" while a character's bytes are incomplete). */
+    fun push(id: Int): String
+
+    /** What is left at the end (incomplete bytes become U+FFFD, as a whole decode would show them). */
+    fun flush(): String
+}
+
+/** One forward pass of the model over the KV cache it keeps. */
+interface Forward {
+    /** The longest sequence (prompt + generated) the KV cache holds. */
+    val maxContext: Int
+
+    /** Feed [ids] at positions [startPos] until startPos + ids.size - 1; the logits of the last position. */
+    fun run(ids: IntArray, startPos: Int): FloatArray
+}

@@ -1,0 +1,293 @@
+package dev.nomoat.core
+
+import org.json.JSONObject
+
+/**
+ * The generation loop (runtime/model.py Model.generate_tokens / stream_ids / Chat) over a [Forward]:
+ * prefill the prompt tokens the KV cache does not already hold (in chunks), then one forward per
+ * token; stop at a stop token id, a stop string, max new tokens or a full context.
+ */
+
+/**
+ * What one request cost (GenerationStats in runtime/model.py); prefill counts only tokens actually
+ * run, not cache hits. Times are nanoseconds from the request's start.
+ */
+class GenerationStats {
+    var promptTokens = 0
+    var cachedTokens = 0
+    var prefillTokens = 0
+    var generatedTokens = 0
+    var prefillNanos = 0L
+    /** When the first generated token was ready (prefill + its sampling): the bench's time to first token. */
+    var firstTokenNanos = 0L
+    /** When the last generated token was ready. */
+    var lastTokenNanos = 0L
+
+    val prefillSeconds: Double get() = prefillNanos / 1e9
+    val timeToFirstTokenSeconds: Double get() = firstTokenNanos / 1e9
+    /** From the first token to the last (the first comes out of prefill, so decode counts the rest). */
+    val decodeSeconds: Double get() = (lastTokenNanos - firstTokenNanos) / 1e9
+
+    val prefillTokensPerSecond: Double get() = if (prefillNanos > 0) prefillTokens / prefillSeconds else 0.0
+    val decodeTokensPerSecond: Double
+        get() = if (generatedTokens > 1 && decodeSeconds > 0) (generatedTokens - 1) / decodeSeconds else 0.0
+
+    /**
+     * One benchmark round with runtime/bench.py RoundResult's keys (RoundResult.from_dict reads it):
+     * prefill tok/s = prompt tokens / time to first token, decode tok/s = (new tokens - 1) / decode time.
+     */
+    fun toBenchJson(): JSONObject {
+        val ttft = timeToFirstTokenSeconds
+        return JSONObject()
+            .put("prompt_tokens", promptTokens)
+            .put("cached_tokens", cachedTokens)
+            .put("new_tokens", generatedTokens)
+            .put("ttft_s", ttft)
+            .put("decode_s", decodeSeconds)
+            .put("ttft_ms", ttft * 1000.0)
+            .put("prefill_tps", if (ttft > 0) promptTokens / ttft else JSONObject.NULL)
+            .put("decode_tps", if (generatedTokens > 1 && decodeSeconds > 0) decodeTokensPerSecond else JSONObject.NULL)
+    }
+}
+
+/** A finished request: the text shown, the generated ids (stop token excluded), why it ended, what it cost. */
+class Generation(val text: String, val tokenIds: IntArray, val finishReason: String, val stats: GenerationStats) {
+    companion object {
+        const val STOP = "stop" // a stop token, a stop string, or the context filled up
+        const val LENGTH = "length" // max new tokens reached
+    }
+}
+
+/**
+ * Runs requests over one [Forward] and remembers which tokens its KV cache holds, position by
+ * position, so a request sharing a prefix with the previous one only prefills what is new.
+ * Not thread-safe: one request at a time.
+ */
+class Generator(
+    val forward: Forward,
+    val codec: TextCodec,
+    stopTokenIds: Collection<Int>,
+    private val bosTokenId: Int? = null,
+    private val addBosToken: Boolean = false,
+    /** Prompt tokens per forward; ONNX Runtime's attention scratch grows with it (model.py PREFILL_CHUNK). */
+    val prefillChunk: Int = PREFILL_CHUNK,
+    private val clock: () -> Long = System::nanoTime
+) {
+    private val stopIds: Set<Int> = stopTokenIds.toHashSet()
+    private val cache = IntArray(forward.maxContext)
+    private var length = 0
+
+    init {
+        require(prefillChunk >= 1) { "prefillChunk must be at least 1 token, got $prefillChunk" }
+    }
+
+    val maxContext: Int get() = forward.maxContext
+
+    /** The tokens the KV cache holds. */
+    val cachedTokens: IntArray get() = cache.copyOf(length)
+
+    /** The stats of the last request (also when it failed part-way). */
+    var lastStats = GenerationStats()
+        private set
+
+    /** Forget the cache (the next request prefills from position 0). */
+    fun reset() {
+        length = 0
+    }
+
+    /** Token ids of [text] (special tokens written in it become their ids), with BOS when the bundle asks (Model.encode). */
+    fun encode(text: String, addBos: Boolean = addBosToken): IntArray {
+        val ids = codec.encode(text)
+        val bos = bosTokenId
+        if (addBos && bos != null && (ids.isEmpty() || ids[0] != bos)) return intArrayOf(bos) + ids
+        return ids
+    }
+
+    /**
+     * Generate up to [maxNewTokens] tokens after [promptIds]; [onDelta] gets the text as it becomes
+     * complete and safe to show (never part of a character or of a possible stop string). Mirrors
+     * Model.stream_ids: finish reason "stop" on a stop token or string (not shown) or a full context,
+     * "length" at max new tokens. With [ignoreEos] stop tokens are generated like any other (benchmarks).
+     */
+    fun generate(
+        promptIds: IntArray,
+        maxNewTokens: Int,
+        params: SamplingParams = SamplingParams(),
+        stop: List<String> = emptyList(),
+        ignoreEos: Boolean = false,
+        onDelta: (String) -> Unit = {}
+    ): Generation {
+        val stats = GenerationStats()
+        lastStats = stats
+        val detok = codec.streamDecoder()
+        val stops = StopMatcher(stop)
+        val text = StringBuilder()
+        val ids = ArrayList<Int>()
+        fun emit(s: String) {
+            if (s.isEmpty()) return
+            text.append(s)
+            onDelta(s)
+        }
+        generateTokens(promptIds, maxNewTokens, params, ignoreEos, stats) { token ->
+            ids.add(token)
+            val fed = stops.feed(detok.push(token))
+            emit(fed.text)
+            !fed.stopped
+        }
+        val reason = if (stops.stopped) {
+            Generation.STOP
+        } else {
+            val fed = stops.feed(detok.flush())
+            emit(fed.text + if (fed.stopped) "" else stops.flush())
+            if (fed.stopped || ids.size < maxNewTokens) Generation.STOP else Generation.LENGTH
+        }
+        return Generation(text.toString(), ids.toIntArray(), reason, stats)
+    }
+
+    /**
+     * The token loop (Model.generate_tokens): [onToken] gets each generated id and returns false to
+     * stop. The stop token itself is not passed on. Stops at [maxNewTokens] or when the context is full.
+     */
+    fun generateTokens(
+        promptIds: IntArray,
+        maxNewTokens: Int,
+        params: SamplingParams,
+        ignoreEos: Boolean,
+        stats: GenerationStats,
+        onToken: (Int) -> Boolean
+    ) {
+        require(promptIds.isNotEmpty()) { "the prompt is empty: give at least one token" }
+        require(maxNewTokens >= 1) { "maxNewTokens must be at least 1, got $maxNewTokens" }
+        if (promptIds.size >= maxContext) {
+            throw ContextOverflowException(
+                "the prompt has ${promptIds.size} tokens but the bundle's context holds $maxContext; " +
+                    "shorten the prompt, reset the conversation, or convert with a larger --max-context.")
+        }
+        val sampler = Sampler(params)
+        val start = clock()
+        var logits = prefill(promptIds, stats)
+        stats.prefillNanos = clock() - start
+        // The penalty looks at the prompt too; the history grows only when a penalty reads it.
+        val penalized = params.repetitionPenalty != 1.0
+        val history = if (penalized) promptIds.copyOf(promptIds.size + maxNewTokens) else promptIds
+        var n = promptIds.size
+        var generated = 0
+        while (true) {
+            val token = sampler.sample(logits, if (penalized) history.copyOf(n) else promptIds)
+            if (token in stopIds && !ignoreEos) break
+            if (penalized) history[n++] = token
+            generated++
+            stats.generatedTokens = generated
+            stats.lastTokenNanos = clock() - start
+            if (generated == 1) stats.firstTokenNanos = stats.lastTokenNanos
+            if (!onToken(token)) return
+            if (generated >= maxNewTokens || length >= maxContext) break
+            logits = step(intArrayOf(token))
+        }
+    }
+
+    /** Run the part of the prompt the cache does not already hold (Model._prefill); the last logits. */
+    private fun prefill(promptIds: IntArray, stats: GenerationStats): FloatArray {
+        var common = 0
+        while (common < length && common < promptIds.size && cache[common] == promptIds[common]) common++
+        // At least one token must run to produce the next-token logits.
+        common = minOf(common, promptIds.size - 1)
+        length = common
+        stats.promptTokens = promptIds.size
+        stats.cachedTokens = common
+        stats.prefillTokens = promptIds.size - common
+        var logits: FloatArray? = null
+        var at = common
+        while (at < promptIds.size) {
+            val end = minOf(at + prefillChunk, promptIds.size)
+            logits = step(promptIds.copyOfRange(at, end))
+            at = end
+        }
+        return logits ?: throw IllegalStateException("prefill ran no token") // cannot happen: common < size
+    }
+
+    /** One forward appending [ids] to the cache (DecoderSession.forward). */
+    private fun step(ids: IntArray): FloatArray {
+        val total = length + ids.size
+        if (total > maxContext) {
+            throw ContextOverflowException(
+                "$total tokens do not fit in the bundle's context of $maxContext; shorten the prompt, " +
+                    "start a new conversation, or convert with a larger --max-context.")
+        }
+        val logits = forward.run(ids, length)
+        System.arraycopy(ids, 0, cache, length, ids.size) // only once the run succeeded
+        length = total
+        return logits
+    }
+
+    companion object {
+        /** Prompt tokens per forward: as fast as longer chunks, less peak memory (runtime/model.py). */
+        const val PREFILL_CHUNK = 64
+
+        /** A generator with the bundle's stop tokens and BOS rule. */
+        fun forBundle(manifest: Manifest, forward: Forward, codec: TextCodec, prefillChunk: Int = PREFILL_CHUNK) =
+            Generator(forward, codec, manifest.stopTokenIds, manifest.tokenizer.bosTokenId,
+                manifest.tokenizer.addBosToken, prefillChunk)
+    }
+}
+
+/**
+ * A conversation that keeps its KV cache: each turn prefills only its new tokens (runtime/model.py Chat).
+ *
+ * The next prompt is built from the tokens the model actually saw and generated, plus the tokenized
+ * text the chat format adds after them: re-tokenizing the whole conversation could split an earlier
+ * answer differently and force a re-prefill from that point. When the rendered text does not extend
+ * the previous one (a stop string cut the answer), the whole prompt is encoded and the generator's
+ * prefix cache still reuses what matches.
+ */
+class Chat(val generator: Generator, val format: ChatFormat, system: String? = null) {
+    private val history = ArrayList<Message>()
+    private var text = "" // the conversation as the model saw it, as text ...
+    private var ids = IntArray(0) // ... and as tokens
+
+    init {
+        reset(system)
+    }
+
+    val messages: List<Message> get() = history.toList()
+
+    fun reset(system: String? = null) {
+        history.clear()
+        if (!system.isNullOrEmpty()) history.add(Message("system", system))
+        text = ""
+        ids = IntArray(0)
+    }
+
+    private fun promptIds(rendered: String): IntArray =
+        if (ids.isNotEmpty() && rendered.startsWith(text)) {
+            ids + generator.encode(rendered.substring(text.length), addBos = false)
+        } else {
+            generator.encode(rendered)
+        }
+
+    /** One turn: the answer to [userText], streamed through [onDelta]. A failed turn leaves no trace in the history. */
+    fun send(
+        userText: String,
+        maxNewTokens: Int,
+        params: SamplingParams = SamplingParams(),
+        stop: List<String> = emptyList(),
+        onDelta: (String) -> Unit = {}
+    ): Generation {
+        history.add(Message("user", userText))
+        val rendered: String
+        val prompt: IntArray
+        val result: Generation
+        try {
+            rendered = format.render(history)
+            prompt = promptIds(rendered)
+            result = generator.generate(prompt, maxNewTokens, params, stop, onDelta = onDelta)
+        } catch (e: Throwable) {
+            history.removeAt(history.size - 1)
+            throw e
+        }
+        history.add(Message("assistant", result.text))
+        ids = prompt + result.tokenIds
+        text = rendered + generator.codec.decode(result.tokenIds)
+        return result
+    }
+}

@@ -1,0 +1,165 @@
+"""A thin wrapper around the `adb` program (never a Python adb library): find it, pick the
+device, run shell commands with their exit status, push files.
+
+Going through the user's own adb means the same server, USB permissions and authorized
+keys as their `adb devices`; nothing here speaks the wire protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+# Old phones (adbd without the shell_v2 feature) always report exit status 0 for `adb shell`,
+# so every command echoes its own status after this marker and we parse it back.
+_STATUS_MARKER = "__nomoat_rc="
+_STATUS_RE = re.compile(re.escape(_STATUS_MARKER) + r"(\d+)\s*$")
+
+# `adb devices` states other than "device", with what to do about them.
+_STATE_FIXES = {
+    "unauthorized": "unlock the phone and accept the 'Allow USB debugging?' prompt (tick 'Always allow'); "
+                    "if there is no prompt, revoke USB debugging authorizations in Developer options and replug",
+    "offline": "unplug and replug the cable (or `adb reconnect`); if it stays offline, `adb kill-server` "
+               "and try again",
+    "no permissions": "your user may not open the USB device: add a udev rule for it (Debian: "
+                      "`apt install android-sdk-platform-tools-common`) and replug",
+    "authorizing": "wait a moment for the phone to finish authorizing this computer, then try again",
+    "connecting": "wait a moment for the connection to come up, then try again",
+    "recovery": "the phone is in recovery mode: reboot it into Android",
+    "sideload": "the phone is in sideload mode: reboot it into Android",
+    "bootloader": "the phone is in the bootloader: reboot it into Android",
+}
+
+
+class AdbError(Exception):
+    """adb is missing, no usable device, or an adb command failed; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device as seen by one adb server: run commands on it with shell() and push()."""
+
+    serial: str
+    adb: str  # path of the adb program
+    server_port: int | None = None  # None: the user's adb server (5037 or $ANDROID_ADB_SERVER_PORT)
+
+    def shell(self, command: str, timeout: float | None = 600) -> tuple[str, int]:
+        """Run command with the device's /system/bin/sh; (stdout and stderr, exit status)."""
+        result = run_adb(self.adb, self.server_port, ["-s", self.serial, "shell",
+                                                      f"( {command} ); echo \"{_STATUS_MARKER}$?\""], timeout=timeout)
+        out = result.stdout.replace("\r\n", "\n")  # old devices run the shell on a pty
+        match = _STATUS_RE.search(out)
+        if match is None:  # adb itself failed (device gone, server died) before the command ran
+            raise AdbError(f"`adb shell` on {self.serial} failed (exit {result.returncode}): "
+                           f"{_last_line(out + result.stderr)}. Check the connection with `adb devices`.")
+        # Newer devices (shell_v2) keep stderr apart; older ones mix it into stdout already.
+        return out[:match.start()] + result.stderr.replace("\r\n", "\n"), int(match.group(1))
+
+    def push(self, local: Path, remote: str, timeout: float | None = None) -> None:
+        """Copy one file to the device (adb creates the remote parent folders)."""
+        result = run_adb(self.adb, self.server_port, ["-s", self.serial, "push", str(local), remote],
+                         timeout=timeout)
+        if result.returncode != 0:
+            raise AdbError(f"`adb push` of {local.name} to {remote} failed: "
+                           f"{_last_error(result.stdout + result.stderr)}")
+
+
+def find_adb() -> str:
+    """$ADB if set, else `adb` on PATH; an AdbError that says how to install it otherwise."""
+    configured = os.environ.get("ADB")
+    if configured:
+        if shutil.which(configured) is None:
+            raise AdbError(f"$ADB is {configured!r}, which is not an executable program. Point ADB at adb "
+                           "or unset it to use the adb on PATH.")
+        return configured
+    found = shutil.which("adb")
+    if found is None:
+        raise AdbError("adb is not installed (not on PATH). Install it: Debian/Ubuntu `apt install adb`, "
+                       "or the Android SDK Platform-Tools (https://developer.android.com/tools/releases/"
+                       "platform-tools); or set ADB=/path/to/adb.")
+    return found
+
+
+def run_adb(adb: str, server_port: int | None, args: list[str],
+            timeout: float | None = 60) -> subprocess.CompletedProcess[str]:
+    """adb [-P PORT] ARGS, capturing its output. stdin is closed so a shell cannot wait on it."""
+    command = [adb, *(["-P", str(server_port)] if server_port else []), *args]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, errors="replace",
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+    except FileNotFoundError as e:
+        raise AdbError(f"cannot run {adb}: {e.strerror}. Install adb (`apt install adb`) or fix $ADB.") from e
+    except subprocess.TimeoutExpired as e:
+        raise AdbError(f"`adb {' '.join(args[:3])}` did not finish in {timeout:.0f} s; check the cable and "
+                       "`adb devices`, then try again.") from e
+
+
+def list_devices(adb: str, server_port: int | None = None) -> list[tuple[str, str]]:
+    """(serial, state) for each device the adb server knows (starting the server if needed)."""
+    result = run_adb(adb, server_port, ["devices"])
+    if result.returncode != 0:
+        raise AdbError(f"`adb devices` failed: {_last_error(result.stdout + result.stderr)}. "
+                       "Try `adb kill-server` and run again.")
+    return parse_devices(result.stdout)
+
+
+def parse_devices(text: str) -> list[tuple[str, str]]:
+    """Rows of `adb devices`: "SERIAL<tab>STATE", after a header and "* daemon ..." notes."""
+    devices = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith(("List of devices", "*", "adb server")):
+            continue
+        serial, _, state = line.partition("\t")
+        if not state:
+            serial, _, state = line.strip().partition(" ")
+        devices.append((serial.strip(), state.strip()))
+    return devices
+
+
+def pick_device(serial: str | None = None, server_port: int | None = None) -> Device:
+    """The device to use: the one --serial names, or the only one attached; AdbError otherwise."""
+    adb = find_adb()
+    devices = list_devices(adb, server_port)
+    if serial is not None:
+        chosen = [d for d in devices if d[0] == serial]
+        if not chosen:
+            raise AdbError(f"no device {serial!r} in `adb devices` (found: {_serials(devices) or 'none'}). "
+                           "Check the serial, or `adb connect HOST:PORT` for a network device.")
+    elif not devices:
+        raise AdbError("no Android device found by adb. Plug the phone in with a data cable, enable "
+                       "Developer options > USB debugging and accept the prompt; or `adb connect HOST:PORT` "
+                       "for wireless debugging. `adb devices` must list it as 'device'.")
+    elif len(devices) > 1:
+        raise AdbError(f"several devices are attached ({_serials(devices)}); choose one with --serial.")
+    else:
+        chosen = devices
+    serial, state = chosen[0]
+    if state != "device":
+        raise AdbError(f"device {serial} is {state!r}, not ready: {_fix_for(state)}.")
+    return Device(serial=serial, adb=adb, server_port=server_port)
+
+
+def _fix_for(state: str) -> str:
+    for known, fix in _STATE_FIXES.items():
+        if state.startswith(known):
+            return fix
+    return "get it to show as 'device' in `adb devices`"
+
+
+def _serials(devices: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{s} ({state})" for s, state in devices)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _last_error(text: str) -> str:
+    """adb's own error line ("adb: error: ..." / "error: ..."), else its last line of output."""
+    errors = [line.strip() for line in text.splitlines() if "error" in line.lower()]
+    return errors[-1] if errors else _last_line(text)

@@ -1,0 +1,259 @@
+"""Copy a bundle to an Android device with adb, check it there, and swap it in whole.
+
+The order is what makes it safe: the bundle is checked on this computer first (a damaged
+bundle is never pushed), the device's free space next, then every file goes into a hidden
+staging folder beside the target, is checked with sha256sum on the device, and only then
+replaces the deployed bundle. On any failure the staging folder is removed and whatever
+was deployed before stays as it was: the device never holds a half-written bundle under
+the bundle's name.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import secrets
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .adb import AdbError, Device
+
+DEFAULT_REMOTE_DIR = "/data/local/tmp/nomoat"  # writable by adb's shell user on every phone, no root
+MANIFEST_NAME = "manifest.json"
+MB = 1e6
+MiB = 2**20
+
+
+class DeployError(Exception):
+    """The bundle cannot be deployed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    name: str  # relative to the bundle folder, "/"-separated
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    device_path: str
+    serial: str
+    files: list[str]
+    bytes: int
+    seconds: float  # pushing only, not the checks
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / MB / self.seconds if self.seconds > 0 else 0.0
+
+
+def deploy_bundle(bundle: Path, device: Device, remote_dir: str = DEFAULT_REMOTE_DIR, name: str | None = None,
+                  progress: Callable[[str], None] | None = None) -> DeployResult:
+    """Push bundle to REMOTE_DIR/NAME on device (NAME: the bundle folder's name); see the module doc."""
+    bundle = Path(bundle)
+    say = progress or (lambda _msg: None)
+    name = name if name is not None else bundle.resolve().name
+    check_name(name)
+    files = bundle_files(bundle)  # before touching the device
+    remote_dir = normalize_remote_dir(remote_dir)
+    target = posixpath.join(remote_dir, name)
+
+    recover_interrupted_deploy(device, remote_dir, name)
+    check_free_space(device, remote_dir, sum(f.size for f in files))
+    staging = posixpath.join(remote_dir, f".{name}.partial-{secrets.token_hex(4)}")
+    try:
+        make_dir(device, staging)
+        seconds = push_files(device, files, staging, say)
+        say(f"checking sha256 of {len(files)} files on {device.serial}")
+        verify_on_device(device, staging, files)
+        make_readable(device, staging)
+        swap_in(device, staging, target)
+    except BaseException:  # Ctrl-C too: never leave a staging folder behind
+        remove_quietly(device, staging)
+        raise
+    return DeployResult(device_path=target, serial=device.serial, files=[f.name for f in files],
+                        bytes=sum(f.size for f in files), seconds=seconds)
+
+
+# --- on this computer ---
+
+
+def check_name(name: str) -> None:
+    if not name or "/" in name or name in (".", "..") or name.startswith((".", "-")):
+        raise DeployError(f"bundle name {name!r} cannot be a folder name on the device; pass --name with a plain "
+                          "name (letters, digits, '-', '_', not starting with '.' or '-').")
+
+
+def normalize_remote_dir(remote_dir: str) -> str:
+    if not remote_dir.startswith("/"):
+        raise DeployError(f"--remote-dir {remote_dir!r} must be an absolute path on the device, "
+                          f"e.g. {DEFAULT_REMOTE_DIR}.")
+    return posixpath.normpath(remote_dir)
+
+
+def bundle_files(bundle: Path) -> list[BundleFile]:
+    """manifest.json and every file it lists, each checked against its sha256 (the runtime's check)."""
+    from nomoat.runtime.errors import BundleError
+    from nomoat.runtime.manifest import read_manifest, sha256_file
+
+    try:
+        manifest = read_manifest(bundle, verify_files=True)
+    except BundleError as e:
+        raise DeployError(f"refusing to deploy {bundle}: {e}") from e
+    listed = dict(manifest.files)
+    for name in listed:
+        parts = PurePosixPath(name).parts
+        if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+            raise DeployError(f"refusing to deploy {bundle}: manifest.json lists {name!r}, which is not a path "
+                              "inside the bundle; re-convert the model.")
+    listed[MANIFEST_NAME] = sha256_file(bundle / MANIFEST_NAME)  # the manifest is the root of the checks
+    return [BundleFile(name, bundle / name, sha, (bundle / name).stat().st_size) for name, sha in listed.items()]
+
+
+# --- on the device ---
+
+
+def shell(device: Device, command: str, what: str) -> str:
+    """Run command on the device; its output, or a DeployError saying what failed."""
+    try:
+        out, status = device.shell(command)
+    except AdbError as e:
+        raise DeployError(str(e)) from e
+    if status != 0:
+        raise DeployError(f"{what} failed on {device.serial} (exit {status}): {_last_line(out)}")
+    return out
+
+
+def recover_interrupted_deploy(device: Device, remote_dir: str, name: str) -> None:
+    """Undo what a killed earlier deploy left: restore a bundle moved aside, drop stale staging folders."""
+    d = shlex.quote(remote_dir)
+    old, partial = shlex.quote(f".{name}.old-"), shlex.quote(f".{name}.partial-")
+    shell(device,
+          f"cd {d} 2>/dev/null || exit 0; "
+          f"if [ ! -e {shlex.quote(name)} ]; then for o in {old}*; do "
+          f'if [ -d "$o" ]; then mv "$o" {shlex.quote(name)}; break; fi; done; fi; '
+          f"rm -rf {partial}* {old}*",
+          "cleaning up after an earlier interrupted deploy")
+
+
+def check_free_space(device: Device, remote_dir: str, needed: int) -> None:
+    """The staging copy sits beside the old bundle until the swap, so the whole bundle must fit."""
+    make_dir(device, remote_dir)
+    out = shell(device, f"df -k {shlex.quote(remote_dir)}", f"`df -k {remote_dir}`")
+    available_kib = parse_df_available_kib(out)
+    if available_kib is None:
+        raise DeployError(f"could not read the free space at {remote_dir} on {device.serial} from `df -k`:\n{out}"
+                          "(Android 7 or newer is needed.)")
+    if available_kib * 1024 < needed:
+        raise DeployError(f"not enough space on {device.serial} at {remote_dir}: the bundle needs "
+                          f"{needed / MiB:.1f} MiB, only {available_kib / 1024:.1f} MiB is free. Free some "
+                          "space on the phone (or delete old bundles there), then deploy again.")
+
+
+def parse_df_available_kib(text: str) -> int | None:
+    """Available KiB from `df -k PATH` (toybox and coreutils: Filesystem 1K-blocks Used Available Use% ...).
+
+    Taken as the number just before the Use% column, so a long filesystem name that wraps onto a
+    line of its own does not shift the columns.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2 or "Avail" not in lines[0]:
+        return None
+    tokens = " ".join(lines[1:]).split()
+    for i, token in enumerate(tokens):
+        if re.fullmatch(r"\d+%|-", token) and i >= 1 and tokens[i - 1].isdigit():
+            return int(tokens[i - 1])
+    return None
+
+
+def make_dir(device: Device, path: str) -> None:
+    shell(device, f"mkdir -p {shlex.quote(path)}",
+          f"creating {path} (use a --remote-dir the adb shell user may write, like {DEFAULT_REMOTE_DIR})")
+
+
+def push_files(device: Device, files: list[BundleFile], staging: str, say: Callable[[str], None]) -> float:
+    """adb push each file into staging; the seconds spent pushing."""
+    total = 0.0
+    for i, f in enumerate(files, 1):
+        say(f"pushing {i}/{len(files)} {f.name} ({_size(f.size)})")
+        start = time.perf_counter()
+        try:
+            device.push(f.path, posixpath.join(staging, f.name))
+        except AdbError as e:
+            raise DeployError(f"pushing {f.name} failed: {e}. Nothing was changed at the bundle's place on the "
+                              "device; check the cable and the free space, then deploy again.") from e
+        total += time.perf_counter() - start
+    return total
+
+
+def verify_on_device(device: Device, staging: str, files: list[BundleFile]) -> None:
+    """sha256sum on the device (toybox has it since Android 7) against what we pushed."""
+    args = " ".join(shlex.quote(f"./{f.name}") for f in files)  # "./": a name cannot read as an option
+    out, status = _sha256sum(device, staging, args)
+    if status == 127:
+        raise DeployError(f"{device.serial} has no sha256sum, so the copy cannot be checked there; Android 7 or "
+                          "newer is needed.")
+    found = parse_sha256sum(out)
+    for f in files:
+        if found.get(f.name) != f.sha256:
+            raise DeployError(f"{f.name} on {device.serial} does not match its sha256 after the push (the copy "
+                              "was damaged on the way or the storage is failing); deploy again.")
+
+
+def _sha256sum(device: Device, staging: str, args: str) -> tuple[str, int]:
+    try:
+        return device.shell(f"cd {shlex.quote(staging)} && sha256sum {args}")
+    except AdbError as e:
+        raise DeployError(str(e)) from e
+
+
+def parse_sha256sum(text: str) -> dict[str, str]:
+    """{name: hash} from "HASH  ./NAME" lines (a '*' before the name marks binary mode in coreutils)."""
+    found = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"([0-9a-fA-F]{64}) [ *]?(.+)", line.strip())
+        if match:
+            found[match.group(2).removeprefix("./")] = match.group(1).lower()
+    return found
+
+
+def make_readable(device: Device, staging: str) -> None:
+    """adb push keeps the local modes (the converter writes the weights 0600), but the app reading the
+    bundle runs as its own user, not as adb's shell user."""
+    shell(device, f"chmod -R a+rX {shlex.quote(staging)}", "making the bundle readable for the app")
+
+
+def swap_in(device: Device, staging: str, target: str) -> None:
+    """Replace target by staging: the old bundle is moved aside, the new one renamed in, the old removed.
+
+    A folder cannot be renamed over a non-empty one, so this is two renames with the old bundle
+    kept until the second one succeeded (and put back if it failed).
+    """
+    old = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.old-{secrets.token_hex(4)}")
+    t, s, o = shlex.quote(target), shlex.quote(staging), shlex.quote(old)
+    shell(device,
+          f"if [ -e {t} ]; then mv {t} {o} || exit 1; fi; "
+          f"if mv {s} {t}; then rm -rf {o}; else if [ -e {o} ]; then mv {o} {t}; fi; exit 1; fi",
+          f"moving the checked bundle into {target}")
+
+
+def remove_quietly(device: Device, path: str) -> None:
+    """Best effort: the error that got us here matters more than one from cleaning up."""
+    try:
+        device.shell(f"rm -rf {shlex.quote(path)}", timeout=60)
+    except AdbError:
+        pass
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _size(n: int) -> str:
+    return f"{n / MB:.1f} MB" if n >= MB else f"{n / 1e3:.1f} kB"

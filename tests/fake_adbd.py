@@ -1,0 +1,364 @@
+"""A pretend Android device that the real adb server can `adb connect` to on loopback.
+
+It speaks the adb transport protocol as adbd does (AOSP packages/modules/adb: protocol.txt,
+SERVICES.TXT, SYNC.TXT) over TCP, with the host's file system standing in for the phone's:
+`shell:CMD` runs CMD with /bin/sh -c here and `sync:` reads and writes host paths. It
+advertises no features, so the adb client falls back to the legacy shell service (no exit
+status) and the legacy sync protocol (STAT/SEND/RECV/LIST/QUIT), as with an old phone.
+
+Knobs for tests: fail_on_push(substring) makes SEND of matching paths fail after the first
+chunk (a disk that fills up mid-file), corrupt_on_push(substring) flips a byte of such files
+and still answers OKAY (bad storage), df_output makes `df` print a given text, shell_log
+records every shell command the device ran and events the services and sync requests.
+
+The asyncio loop runs in a daemon thread so that synchronous tests can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import shutil
+import stat
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Message commands: four ASCII letters read as a little-endian uint32.
+A_SYNC, A_CNXN, A_OPEN, A_OKAY, A_CLSE, A_WRTE, A_AUTH = (
+    struct.unpack("<I", name)[0] for name in (b"SYNC", b"CNXN", b"OPEN", b"OKAY", b"CLSE", b"WRTE", b"AUTH"))
+HEADER = struct.Struct("<6I")  # command, arg0, arg1, data_length, data_check, magic
+A_VERSION = 0x01000001  # from this version on the data checksum may be 0; we send a real one anyway
+MAX_PAYLOAD = 256 * 1024
+BANNER = b"device::ro.product.name=nomoat_fake;ro.product.model=fake;ro.product.device=fake;features="
+
+SYNC_HEADER = struct.Struct("<4sI")  # id, length (or mtime / mode, depending on the id)
+SYNC_DATA_MAX = 64 * 1024
+
+
+def pack(command: int, arg0: int, arg1: int, data: bytes = b"") -> bytes:
+    return HEADER.pack(command, arg0, arg1, len(data), sum(data) & 0xFFFFFFFF, command ^ 0xFFFFFFFF) + data
+
+
+@dataclass
+class Stream:
+    """One OPEN'ed service: our id, the client's id, its inbound bytes and the ack for our last WRTE."""
+
+    local_id: int
+    remote_id: int
+    inbox: asyncio.StreamReader = field(default_factory=asyncio.StreamReader)
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+    closed: bool = False
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class Connection:
+    """One TCP connection from the adb server: the transport and its streams."""
+
+    def __init__(self, device: FakeAdbDevice, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.device = device
+        self.reader = reader
+        self.writer = writer
+        self.streams: dict[int, Stream] = {}
+        self.next_id = 1
+        self.max_payload = MAX_PAYLOAD
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                command, arg0, arg1, data = await self.read_message()
+                await self.dispatch(command, arg0, arg1, data)
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+            pass
+        finally:
+            for s in list(self.streams.values()):
+                self.drop(s)
+            self.writer.close()
+
+    async def read_message(self) -> tuple[int, int, int, bytes]:
+        command, arg0, arg1, length, _check, magic = HEADER.unpack(await self.reader.readexactly(HEADER.size))
+        if magic != command ^ 0xFFFFFFFF:
+            raise ProtocolError(f"bad magic for command {command:#x}")
+        # The checksum is not checked: adb >= 0x01000001 sends 0, older ones the byte sum; both are fine.
+        data = await self.reader.readexactly(length) if length else b""
+        return command, arg0, arg1, data
+
+    def send(self, command: int, arg0: int, arg1: int, data: bytes = b"") -> None:
+        self.writer.write(pack(command, arg0, arg1, data))
+
+    async def dispatch(self, command: int, arg0: int, arg1: int, data: bytes) -> None:
+        if command == A_CNXN:
+            self.max_payload = min(arg1, MAX_PAYLOAD) or MAX_PAYLOAD
+            for s in list(self.streams.values()):  # a new CNXN means the host started over
+                self.drop(s)
+            self.device.log("CNXN", data.rstrip(b"\0").decode(errors="replace"))
+            self.send(A_CNXN, A_VERSION, MAX_PAYLOAD, BANNER)
+        elif command == A_OPEN:
+            self.open(arg0, data.rstrip(b"\0").decode())
+        elif command == A_WRTE:
+            stream = self.streams.get(arg1)
+            if stream is None:
+                self.send(A_CLSE, 0, arg0)
+                return
+            stream.inbox.feed_data(data)
+            self.send(A_OKAY, stream.local_id, stream.remote_id)  # flow control: ready for the next one
+        elif command == A_OKAY:
+            stream = self.streams.get(arg1)
+            if stream is not None:
+                stream.remote_id = arg0
+                stream.acked.set()
+        elif command == A_CLSE:
+            stream = self.streams.get(arg1)
+            if stream is not None:
+                self.drop(stream)
+        # A_SYNC is obsolete and A_AUTH is never sent to a device that did not ask for it: ignore.
+        await self.writer.drain()
+
+    def open(self, remote_id: int, service: str) -> None:
+        self.device.log("OPEN", service)
+        if service.startswith("shell:"):
+            handler = self.device.shell_service
+        elif service == "sync:":
+            handler = self.device.sync_service
+        else:  # adbd refuses unknown services by closing at once
+            self.send(A_CLSE, 0, remote_id)
+            return
+        stream = Stream(self.next_id, remote_id)
+        self.next_id += 1
+        self.streams[stream.local_id] = stream
+        self.send(A_OKAY, stream.local_id, remote_id)
+        stream.task = asyncio.get_running_loop().create_task(self.run_service(handler, stream, service))
+
+    async def run_service(self, handler, stream: Stream, service: str) -> None:
+        try:
+            await handler(self, stream, service)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.close(stream)
+
+    async def write(self, stream: Stream, data: bytes) -> None:
+        """WRTE data in packets the host accepts, waiting for its OKAY after each one."""
+        for start in range(0, len(data), self.max_payload):
+            if stream.closed:
+                raise ConnectionError("stream closed by the host")
+            stream.acked.clear()
+            self.send(A_WRTE, stream.local_id, stream.remote_id, data[start:start + self.max_payload])
+            await self.writer.drain()
+            await stream.acked.wait()
+
+    def close(self, stream: Stream) -> None:
+        if not stream.closed:
+            self.send(A_CLSE, stream.local_id, stream.remote_id)
+        self.drop(stream)
+
+    def drop(self, stream: Stream) -> None:
+        stream.closed = True
+        stream.acked.set()  # wake a writer waiting for an OKAY that will never come
+        stream.inbox.feed_eof()
+        self.streams.pop(stream.local_id, None)
+        if stream.task is not None and stream.task is not asyncio.current_task():
+            stream.task.cancel()
+
+
+class FakeAdbDevice:
+    """Start with start(); the device is then at 127.0.0.1:port. Stop with stop()."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.df_output: str | None = None
+        self.shell_log: list[str] = []
+        self.events: list[tuple[str, str]] = []  # (what, detail): CNXN banners, OPENed services, sync requests
+        self._fail_on_push: list[str] = []
+        self._corrupt_on_push: list[str] = []
+        self._bin = Path(tempfile.mkdtemp(prefix="fake-adbd-bin-"))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-adbd", daemon=True)
+        self._server: asyncio.base_events.Server | None = None
+
+    # --- knobs for tests ---
+
+    def fail_on_push(self, path_substring: str) -> None:
+        """SEND of a path containing path_substring writes one chunk, then fails like a full disk."""
+        self._fail_on_push.append(path_substring)
+
+    def corrupt_on_push(self, path_substring: str) -> None:
+        """SEND of a path containing path_substring flips the file's first byte yet replies OKAY."""
+        self._corrupt_on_push.append(path_substring)
+
+    def reset(self) -> None:
+        self._fail_on_push.clear()
+        self._corrupt_on_push.clear()
+        self.df_output = None
+        self.shell_log.clear()
+        self.events.clear()
+
+    def log(self, what: str, detail: str) -> None:
+        self.events.append((what, detail))
+
+    # --- life cycle ---
+
+    def start(self) -> FakeAdbDevice:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._accept, "127.0.0.1", 0), self._loop).result(timeout=10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        shutil.rmtree(self._bin, ignore_errors=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await Connection(self, reader, writer).serve()
+
+    # --- services ---
+
+    async def shell_service(self, conn: Connection, stream: Stream, service: str) -> None:
+        """Legacy `shell:CMD`: stdout and stderr interleaved in WRTE packets, then CLSE; no exit status."""
+        command = service.removeprefix("shell:")
+        self.shell_log.append(command)
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", command, cwd="/", env=self._shell_env(),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        try:
+            while chunk := await proc.stdout.read(SYNC_DATA_MAX):
+                await conn.write(stream, chunk)
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    def _shell_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.df_output is not None:  # a `df` earlier on PATH prints the configured text
+            (self._bin / "df.txt").write_text(self.df_output)
+            script = self._bin / "df"
+            script.write_text(f"#!/bin/sh\ncat {shlex.quote(str(self._bin / 'df.txt'))}\n")
+            script.chmod(0o755)
+            env["PATH"] = f"{self._bin}:{env.get('PATH', '/usr/bin:/bin')}"
+        return env
+
+    async def sync_service(self, conn: Connection, stream: Stream, service: str) -> None:
+        """Legacy file sync: 8-byte requests (id, LE length) that may straddle or share WRTE packets."""
+        while True:
+            request, length = SYNC_HEADER.unpack(await stream.inbox.readexactly(SYNC_HEADER.size))
+            name = request.decode(errors="replace")
+            if name == "QUIT":
+                self.log("SYNC", "QUIT")
+                return
+            path = (await stream.inbox.readexactly(length)).decode()
+            self.log("SYNC", f"{name} {path}")
+            if name == "STAT":
+                await conn.write(stream, self._stat_reply(path))
+            elif name == "LIST":
+                await conn.write(stream, self._list_reply(path))
+            elif name == "RECV":
+                await self._send_file_to_host(conn, stream, path)
+            elif name == "SEND":
+                if not await self._receive_file(conn, stream, path):
+                    return  # adbd closes the sync stream after a failed SEND
+            else:
+                await conn.write(stream, self._fail(f"unknown sync request {name!r}"))
+                return
+
+    @staticmethod
+    def _fail(message: str) -> bytes:
+        data = message.encode()
+        return SYNC_HEADER.pack(b"FAIL", len(data)) + data
+
+    @staticmethod
+    def _stat_reply(path: str) -> bytes:
+        try:
+            st = os.lstat(path)
+            return b"STAT" + struct.pack("<3I", st.st_mode & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF,
+                                         int(st.st_mtime) & 0xFFFFFFFF)
+        except OSError:
+            return b"STAT" + struct.pack("<3I", 0, 0, 0)  # all zero: "no such file"
+
+    @staticmethod
+    def _list_reply(path: str) -> bytes:
+        out = bytearray()
+        try:
+            names = sorted(os.listdir(path))
+        except OSError:
+            names = []
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(path, name))
+            except OSError:
+                continue
+            raw = name.encode()
+            out += b"DENT" + struct.pack("<4I", st.st_mode & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF,
+                                         int(st.st_mtime) & 0xFFFFFFFF, len(raw)) + raw
+        return bytes(out + b"DONE" + struct.pack("<4I", 0, 0, 0, 0))
+
+    async def _send_file_to_host(self, conn: Connection, stream: Stream, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(SYNC_DATA_MAX):
+                    await conn.write(stream, SYNC_HEADER.pack(b"DATA", len(block)) + block)
+        except OSError as e:
+            await conn.write(stream, self._fail(f"{path}: {e.strerror}"))
+            return
+        await conn.write(stream, SYNC_HEADER.pack(b"DONE", 0))
+
+    async def _receive_file(self, conn: Connection, stream: Stream, spec: str) -> bool:
+        """SEND "path,mode", then DATA chunks and DONE mtime; reply OKAY, or FAIL after draining the data."""
+        path, _, mode_text = spec.rpartition(",")
+        mode = stat.S_IMODE(int(mode_text)) if mode_text.isdigit() else 0o644
+        fail_after_first_chunk = any(s in path for s in self._fail_on_push)
+        error = None
+        try:
+            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+            f = open(path, "wb")  # closed below, after the DONE
+        except OSError as e:
+            f, error = None, f"{path}: {e.strerror}"
+        chunks = 0
+        while True:
+            request, length = SYNC_HEADER.unpack(await stream.inbox.readexactly(SYNC_HEADER.size))
+            if request == b"DONE":  # length is the mtime
+                break
+            if request != b"DATA" or length > SYNC_DATA_MAX:
+                error = error or f"bad sync data {request!r} of {length} bytes"
+                break
+            block = await stream.inbox.readexactly(length)
+            chunks += 1
+            if f is not None and error is None:
+                f.write(block)
+                if fail_after_first_chunk:
+                    error = f"{path}: No space left on device (fake_adbd fail_on_push)"
+        if f is not None:
+            f.close()
+            os.chmod(path, mode)
+            if error is None and any(s in path for s in self._corrupt_on_push):
+                _flip_first_byte(path)
+        self.log("SEND", f"{path} {chunks} chunks {'FAIL ' + error if error else 'OKAY'}")
+        if error:
+            await conn.write(stream, self._fail(error))
+            return False
+        await conn.write(stream, SYNC_HEADER.pack(b"OKAY", 0))
+        return True
+
+
+def _flip_first_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]) if first else b"x")

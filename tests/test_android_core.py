@@ -1,0 +1,258 @@
+"""The Android app's plain-Kotlin core (android_demo/core) on the host JVM, and against the Python runtime.
+
+The JUnit classes test the core alone (fake model, fake tokenizer). The rest runs the same inputs
+through both sides: a bundle the Python converter wrote is read by the Kotlin Bundle as
+runtime/manifest.py reads it (and refused by both when damaged), the manifest's chat_format renders
+what the bundle's Jinja template renders, and the Kotlin sampler's filtered distribution equals the
+one runtime/sampling.py draws from, for the same logits and parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import kotlin_host
+import numpy as np
+import pytest
+from nomoat.runtime import sampling
+from nomoat.runtime.errors import BundleError
+from nomoat.runtime.manifest import read_manifest
+from nomoat.runtime.sampling import Sampler, SamplingParams
+
+pytestmark = pytest.mark.android
+
+JUNIT = [f"dev.nomoat.core.{name}" for name in
+         ("BundleTest", "SamplerTest", "StopsTest", "GeneratorTest", "ChatFormatTest")]
+
+
+def test_junit_classes_pass():
+    out = kotlin_host.run_junit(*JUNIT)
+    assert "OK (" in out, out
+
+
+# -- the bundle ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A real bundle from the Python converter: tiny random LLaMA, fp32, ChatML template (~8 s)."""
+    from nomoat.converter.convert import ConvertOptions, convert
+    from tiny_models import make_tiny_hf_dir
+
+    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / "bundle", quant="fp32",
+                                  max_context=96, progress=False, skip_verify=True))
+
+
+def kotlin_bundle(path: Path, *flags: str) -> dict:
+    return json.loads(kotlin_host.run_kotlin("dev.nomoat.core.BundleCli", str(path), *flags))
+
+
+def python_refusal(path: Path) -> str:
+    with pytest.raises(BundleError) as e:
+        read_manifest(path)
+    return str(e.value)
+
+
+def test_kotlin_reads_a_real_bundle_as_python_does(tiny_bundle):
+    from nomoat.runtime import Model
+
+    k = kotlin_bundle(tiny_bundle)
+    assert "error" not in k, k
+    m = read_manifest(tiny_bundle)
+    assert k["format_version"] == m.format_version == 1
+    spec = {name: getattr(m.model, name) for name in ("architecture", "num_layers", "num_heads", "num_kv_heads",
+                                                      "head_dim", "hidden_size", "vocab_size", "rope_theta",
+                                                      "parameters")}
+    assert k["model"] == spec
+    assert m.onnx is not None
+    assert {key: k["onnx"][key] for key in ("model_file", "data_file", "io", "kv_dtype")} == {
+        "model_file": m.onnx.model_file, "data_file": m.onnx.data_file, "io": m.onnx.io, "kv_dtype": m.onnx.kv_dtype}
+    assert k["onnx"]["past_key_0"] == m.onnx.io["past_key"].format(layer=0)
+    assert k["onnx"]["present_value_1"] == m.onnx.io["present_value"].format(layer=1)
+    tok = m.tokenizer
+    assert k["tokenizer"] == {"tokenizer_file": tok.tokenizer_file, "chat_template_file": tok.chat_template_file,
+                              "bos_token_id": tok.bos_token_id, "add_bos_token": tok.add_bos_token,
+                              "special_tokens": tok.special_tokens}
+    assert k["max_context"] == m.max_context == 96
+    assert k["stop_token_ids"] == m.stop_token_ids
+    assert k["generation_defaults"] == m.generation_defaults
+    assert k["quantization"] == m.quantization
+    assert k["target_name"] == m.target.get("name")
+    assert k["target_threads"] == m.target.get("threads")
+    assert k["files"] == m.files and k["file_order"] == list(m.files)
+    assert k["created_by"] == m.created_by
+    assert k["has_chat_format"] is (m.chat_format is not None) is True
+    # The bundle's sampling defaults, as Model.sampling_params() builds them.
+    python_params = Model.load(tiny_bundle).sampling_params()
+    assert k["sampling"] == {"temperature": python_params.temperature, "top_k": python_params.top_k,
+                             "top_p": python_params.top_p, "min_p": python_params.min_p,
+                             "repetition_penalty": python_params.repetition_penalty, "seed": python_params.seed}
+    assert k["max_new_tokens"] == m.generation_defaults.get("max_new_tokens", 256)
+
+
+def _copy(bundle: Path, to: Path) -> Path:
+    shutil.copytree(bundle, to)
+    return to
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "missing-file", "truncated"])
+def test_a_damaged_copy_is_refused_by_both_naming_the_file(tiny_bundle, tmp_path, damage):
+    m = read_manifest(tiny_bundle)
+    name = max(m.files, key=lambda f: (tiny_bundle / f).stat().st_size)  # the weights: the copy most likely cut
+    copy = _copy(tiny_bundle, tmp_path / "copy")
+    target = copy / name
+    data = bytearray(target.read_bytes())
+    if damage == "flipped-byte":
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+    elif damage == "truncated":
+        target.write_bytes(bytes(data[: len(data) - 1000]))
+    else:
+        target.unlink()
+    python = python_refusal(copy)
+    kotlin = kotlin_bundle(copy)
+    assert "error" in kotlin, kotlin
+    assert f"bundle file {name} " in python and f"bundle file {name} " in kotlin["error"]
+    assert "nomoat deploy --adb" in kotlin["error"]
+    if damage != "missing-file":  # without verification a damaged (but present) file is not looked at
+        assert "error" not in kotlin_bundle(copy, "--no-verify")
+
+
+@pytest.mark.parametrize("edit", ["format_version-2", "format_version-missing", "no-max_context", "no-model"])
+def test_a_bad_manifest_is_refused_by_both(tiny_bundle, tmp_path, edit):
+    copy = _copy(tiny_bundle, tmp_path / "copy")
+    raw = json.loads((copy / "manifest.json").read_text())
+    if edit == "format_version-2":
+        raw["format_version"] = 2
+    elif edit == "format_version-missing":
+        del raw["format_version"]
+    else:
+        del raw[edit.removeprefix("no-")]
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    python = python_refusal(copy)
+    kotlin = kotlin_bundle(copy)["error"]
+    if edit.startswith("format_version"):
+        # The same sentence up to who reads it: "... is not supported by this nomoat runtime/app".
+        assert kotlin.split(" is not supported")[0] == python.split(" is not supported")[0]
+        assert "Re-convert the model with a matching `nomoat convert`" in kotlin
+    else:
+        field = edit.removeprefix("no-")
+        assert field in python and f'missing "{field}"' in kotlin and "re-convert the model" in kotlin
+
+
+def test_a_bundle_without_onnx_is_refused(tiny_bundle, tmp_path):
+    copy = _copy(tiny_bundle, tmp_path / "copy")
+    raw = json.loads((copy / "manifest.json").read_text())
+    del raw["onnx"]
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    assert read_manifest(copy).onnx is None  # Python reads it; Model.load refuses it
+    assert "this app runs ONNX bundles" in kotlin_bundle(copy)["error"]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+    [{"role": "user", "content": " spaces \n and lines\n"}, {"role": "assistant", "content": "Hello! 😀"},
+     {"role": "user", "content": "naïve café"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}, {"role": "user", "content": "e"}],
+]
+
+
+def test_chat_format_renders_what_the_template_renders(tiny_bundle):
+    from nomoat.runtime import Model
+
+    model = Model.load(tiny_bundle, verify_checksums=False)
+    lines = "".join(json.dumps(c) + "\n" for c in CONVERSATIONS)
+    out = kotlin_host.run_kotlin("dev.nomoat.core.BundleCli", str(tiny_bundle), "--render", input=lines)
+    rendered = [json.loads(line) for line in out.splitlines()]
+    assert rendered == [model.template.render(c, add_generation_prompt=True) for c in CONVERSATIONS]
+
+
+# -- the sampler -----------------------------------------------------------------------------
+
+
+def python_distribution(logits: np.ndarray, history: list[int], params: SamplingParams,
+                        monkeypatch: pytest.MonkeyPatch) -> dict[int, float]:
+    """What runtime/sampling.py's Sampler.sample draws from: the ids and weights it hands to _draw
+    (captured, so this is the sampler's own code path, not a re-spelling of it), normalized;
+    a one-hot at its answer when greedy. runtime/sampling.py has no public distribution function."""
+    captured: dict[str, np.ndarray] = {}
+
+    def capture(rng, ids, weights):
+        captured["ids"], captured["weights"] = np.array(ids), np.array(weights, dtype=np.float64)
+        return int(ids[0])
+
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "_draw", capture)
+        token = Sampler(params).sample(logits, history)
+    if not captured:
+        return {token: 1.0}
+    w = captured["weights"]
+    return dict(zip(captured["ids"].tolist(), (w / w.sum()).tolist(), strict=True))
+
+
+PARAMS = [
+    {},  # greedy
+    {"repetition_penalty": 1.3},  # greedy with a penalty
+    {"temperature": 1.0},
+    {"temperature": 0.7},
+    {"temperature": 1.5, "top_k": 40},
+    {"temperature": 1.0, "top_k": 1},
+    {"temperature": 0.8, "top_p": 0.9},
+    {"temperature": 1.0, "top_p": 0.5},
+    {"temperature": 1.0, "min_p": 0.05},
+    {"temperature": 0.9, "min_p": 0.2, "top_p": 0.95},
+    {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.2},
+    {"temperature": 2.0, "top_k": 500, "repetition_penalty": 0.8},
+]
+
+
+def test_sampler_distributions_equal_pythons(monkeypatch):
+    rng = np.random.default_rng(0)
+    requests, expected = [], []
+    for vocab in (50, 3000):
+        for rounded in (False, True):  # rounded logits tie: top-k keeps ties, top-p orders them by id
+            for p in PARAMS:
+                logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
+                if rounded:
+                    logits = np.round(logits, 1).astype(np.float32)
+                history = rng.integers(0, vocab, size=20).tolist()
+                params = SamplingParams.from_dict({**p, "seed": 5})
+                expected.append(python_distribution(logits, history, params, monkeypatch))
+                requests.append({"logits": logits.tolist(), "history": history, "params": {**p, "seed": 5},
+                                 "draws": 20})
+    out = kotlin_host.run_kotlin("dev.nomoat.core.SamplerCli", input="".join(json.dumps(r) + "\n" for r in requests))
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert len(answers) == len(requests)
+    for request, want, got in zip(requests, expected, answers, strict=True):
+        assert "error" not in got, got
+        kotlin = dict(zip(got["ids"], got["probs"], strict=True))
+        assert set(kotlin) == set(want), (request["params"], sorted(set(kotlin) ^ set(want)))
+        for token, prob in want.items():
+            assert kotlin[token] == pytest.approx(prob, abs=1e-6), (request["params"], token)
+        assert set(got["draws"]) <= set(want)  # the Kotlin sampler draws from that distribution
+
+
+@pytest.mark.parametrize("params", [{"temperature": -1.0}, {"top_k": -3}, {"top_p": 0.0}, {"top_p": 1.5},
+                                    {"min_p": 2.0}, {"repetition_penalty": 0.0}, {"seed": -1}, {"topk": 3},
+                                    {"top_k": 2.5}, {"temperature": True}])
+def test_the_sampler_refuses_what_python_refuses(params):
+    with pytest.raises(ValueError) as e:
+        SamplingParams.from_dict(params)
+    out = kotlin_host.run_kotlin("dev.nomoat.core.SamplerCli",
+                                 input=json.dumps({"logits": [0.0, 1.0], "params": params}) + "\n")
+    kotlin = json.loads(out)["error"]
+    # The same message up to the value's spelling (Python repr vs Kotlin toString).
+    assert kotlin.split(", got")[0].split("; expected")[0] == str(e.value).split(", got")[0].split("; expected")[0]
+
+
+def test_the_bench_prompt_is_the_hosts(tiny_bundle):
+    # `nomoat deploy --adb --bench` compares phone and host numbers: both must run the same ids.
+    from nomoat.runtime.bench import synthetic_prompt_ids
+
+    out = kotlin_host.run_kotlin("dev.nomoat.core.BundleCli", str(tiny_bundle), "--bench-prompt=300")
+    assert json.loads(out) == synthetic_prompt_ids(tiny_bundle / "tokenizer.json", 300)

@@ -1,0 +1,319 @@
+"""`nomoat deploy --adb` against the real adb client and server, with the device simulated on
+loopback by fake_adbd (its "device" file system is this host's, under a temp dir).
+
+A private adb server (`adb -P <free port>`, HOME in a temp dir) keeps the user's adb server and
+keys out of it. The fake advertises no features, so adb uses the legacy shell (no exit status)
+and sync protocols, as with an old phone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from fake_adbd import FakeAdbDevice
+from nomoat.__main__ import main
+from nomoat.converter.adb import AdbError, Device, find_adb, parse_devices, pick_device
+from nomoat.converter.deploy import DeployError, deploy_bundle, parse_df_available_kib
+
+pytestmark = pytest.mark.android
+
+ADB = shutil.which("adb")
+if ADB is None:
+    pytest.skip("adb is not installed (Debian: apt install adb)", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def adb(port: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([ADB, "-P", str(port), *args], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, check=check)
+
+
+def wait_for_state(port: int, serial: str, state: str = "device", timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (serial, state) in parse_devices(adb(port, "devices").stdout):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{serial} never became {state!r}: {adb(port, 'devices').stdout}")
+
+
+def start_adb_server(port: int) -> None:
+    adb(port, "start-server")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from nomoat.converter.convert import ConvertOptions, convert
+    from tiny_models import make_tiny_hf_dir
+
+    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / "tiny-bundle", quant="fp32",
+                                  max_context=96, progress=False, skip_verify=True))
+
+
+@pytest.fixture(scope="module")
+def padded_bundle(bundle, tmp_path_factory) -> Path:
+    """The tiny bundle plus a listed 6 MB file: many sync DATA chunks and WRTE packets."""
+    out = Path(shutil.copytree(bundle, tmp_path_factory.mktemp("padded") / "tiny-bundle"))
+    (out / "padding.bin").write_bytes(os.urandom(6 * 1024 * 1024 + 123))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["padding.bin"] = sha256(out / "padding.bin")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adb_server(tmp_path_factory):
+    """A private adb server on a free port, with HOME (adb keys) and TMPDIR (its log) in a temp dir."""
+    home = tmp_path_factory.mktemp("adb-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setenv("TMPDIR", str(home))
+        for var in ("ADB", "ANDROID_SERIAL", "ANDROID_ADB_SERVER_PORT", "ANDROID_SDK_HOME", "ADB_VENDOR_KEYS"):
+            mp.delenv(var, raising=False)
+        port = free_port()
+        start_adb_server(port)
+        try:
+            yield port
+        finally:
+            adb(port, "kill-server", check=False)
+
+
+@pytest.fixture(scope="module")
+def connected(adb_server):
+    device = FakeAdbDevice().start()
+    serial = f"127.0.0.1:{device.port}"
+    try:
+        out = adb(adb_server, "connect", serial).stdout
+        assert "connected to" in out, out
+        wait_for_state(adb_server, serial)
+        yield device, serial
+    finally:
+        adb(adb_server, "disconnect", serial, check=False)
+        device.stop()
+
+
+@pytest.fixture
+def fake(connected, monkeypatch, adb_server):
+    """The fake device with its knobs reset, and a `Device` for it."""
+    device, serial = connected
+    device.reset()
+    return device, Device(serial=serial, adb=ADB, server_port=adb_server)
+
+
+@pytest.fixture
+def remote(tmp_path) -> Path:
+    """The remote dir on the "device": a host folder (the fake's file system is the host's)."""
+    return tmp_path / "device" / "nomoat"
+
+
+def deploy_cli(bundle: Path, serial: str, port: int, remote: Path, *extra: str) -> list[str]:
+    return ["deploy", str(bundle), "--adb", "--serial", serial, "--adb-port", str(port),
+            "--remote-dir", str(remote), *extra]
+
+
+def sync_events(device: FakeAdbDevice) -> list[str]:
+    return [detail for what, detail in device.events if what == "SYNC" or detail == "sync:"]
+
+
+def test_cli_deploy_lands_every_file_byte_identical_and_prints_the_path(bundle, fake, remote, adb_server, capsys):
+    device, dev = fake
+    assert main(deploy_cli(bundle, dev.serial, adb_server, remote)) == 0
+    out, err = capsys.readouterr()
+    deployed = remote / "tiny-bundle"
+    assert out.strip().splitlines()[-1] == str(deployed)
+    assert tree_hashes(deployed) == tree_hashes(bundle)
+    assert set(tree_hashes(deployed)) == set(json.loads((bundle / "manifest.json").read_text())["files"]) | {
+        "manifest.json"}
+    assert "pushing" in err and "model.onnx.data" in err and "MB/s" in err
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]  # no staging left
+    # Readable by the app's user, whatever the local modes were (the converter writes 0600 weights).
+    assert all(p.stat().st_mode & 0o004 for p in deployed.iterdir())
+
+
+def test_deploy_checks_sha256_on_the_device(bundle, fake, remote):
+    device, dev = fake
+    result = deploy_bundle(bundle, dev, str(remote))
+    checks = [c for c in device.shell_log if "sha256sum" in c]
+    assert len(checks) == 1
+    for name in result.files:
+        assert name in checks[0]
+    assert result.bytes == sum(p.stat().st_size for p in bundle.iterdir()) and result.seconds > 0
+
+
+def test_copy_damaged_on_the_device_is_caught_and_not_swapped_in(bundle, padded_bundle, fake, remote):
+    device, dev = fake
+    deploy_bundle(bundle, dev, str(remote))
+    before = tree_hashes(remote / "tiny-bundle")
+    device.corrupt_on_push("padding.bin")  # adb push says OKAY, only sha256sum on the device can tell
+    with pytest.raises(DeployError, match=r"padding\.bin on .* does not match its sha256 after the push"):
+        deploy_bundle(padded_bundle, dev, str(remote))
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
+    assert tree_hashes(remote / "tiny-bundle") == before
+
+
+def test_redeploy_replaces_the_old_bundle(bundle, padded_bundle, fake, remote):
+    device, dev = fake
+    deploy_bundle(bundle, dev, str(remote))
+    (remote / "tiny-bundle" / "stale.txt").write_text("from an older deploy")
+    result = deploy_bundle(padded_bundle, dev, str(remote))
+    assert result.device_path == str(remote / "tiny-bundle")
+    assert tree_hashes(remote / "tiny-bundle") == tree_hashes(padded_bundle)  # stale.txt is gone
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]  # no .partial-*, no .old-*
+    sends = [e for e in device.events if e[0] == "SEND" and "padding.bin" in e[1]]
+    assert sends and int(sends[-1][1].split()[1]) > 90  # 6 MiB in 64 KiB sync chunks
+
+
+def test_push_failure_midway_keeps_the_deployed_bundle(bundle, padded_bundle, fake, remote, adb_server, capsys):
+    device, dev = fake
+    deploy_bundle(bundle, dev, str(remote))
+    before = tree_hashes(remote / "tiny-bundle")
+    device.reset()
+    device.fail_on_push("model.onnx.data")
+    assert main(deploy_cli(padded_bundle, dev.serial, adb_server, remote)) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "error" in err and "model.onnx.data" in err and "No space left" in err
+    assert [e for e in device.events if e[0] == "SEND" and "OKAY" in e[1]]  # some files went over first
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]  # staging removed
+    assert tree_hashes(remote / "tiny-bundle") == before
+
+
+def test_leftovers_of_a_killed_deploy_are_recovered(bundle, padded_bundle, fake, remote):
+    """Killed between the two renames: the old bundle sits at .NAME.old-*, beside a stale staging dir."""
+    device, dev = fake
+    deploy_bundle(bundle, dev, str(remote))
+    before = tree_hashes(remote / "tiny-bundle")
+    (remote / "tiny-bundle").rename(remote / ".tiny-bundle.old-0badf00d")
+    (remote / ".tiny-bundle.partial-12345678").mkdir()
+    (remote / ".tiny-bundle.partial-12345678" / "model.onnx").write_text("half")
+    device.fail_on_push("model.onnx.data")  # this deploy fails too: what stays is the recovered old bundle
+    with pytest.raises(DeployError, match="model.onnx.data"):
+        deploy_bundle(padded_bundle, dev, str(remote))
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
+    assert tree_hashes(remote / "tiny-bundle") == before
+
+
+def test_not_enough_space_is_a_clear_error_and_nothing_is_pushed(bundle, fake, remote):
+    device, dev = fake
+    device.df_output = ("Filesystem      1K-blocks    Used Available Use% Mounted on\n"
+                        "/dev/block/dm-5  115030328 114999000   100 100% /data\n")
+    with pytest.raises(DeployError, match=r"not enough space .* needs 0\.5 MiB, only 0\.1 MiB is free"):
+        deploy_bundle(bundle, dev, str(remote))
+    assert sync_events(device) == []
+    assert not (remote / "tiny-bundle").exists() and list(remote.iterdir()) == []
+
+
+def test_corrupt_bundle_is_refused_before_touching_the_device(bundle, fake, remote, adb_server, tmp_path, capsys):
+    device, dev = fake
+    damaged = Path(shutil.copytree(bundle, tmp_path / "damaged"))
+    data = bytearray((damaged / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (damaged / "model.onnx.data").write_bytes(bytes(data))
+    assert main(deploy_cli(damaged, dev.serial, adb_server, remote)) == 2
+    err = capsys.readouterr().err
+    assert "refusing to deploy" in err and "model.onnx.data" in err and "sha256" in err
+    assert device.events == [] and device.shell_log == []  # not even a shell command
+    assert not remote.exists()
+
+
+def test_deployed_copy_loads_with_the_runtime(bundle, fake, remote):
+    from nomoat.runtime import Model
+
+    _, dev = fake
+    result = deploy_bundle(bundle, dev, str(remote), name="renamed")
+    assert result.device_path == str(remote / "renamed")
+    here = Model.load(bundle).generate("hello there", 8, temperature=0)
+    there = Model.load(result.device_path).generate("hello there", 8, temperature=0)
+    assert there.token_ids == here.token_ids and len(there.token_ids) > 0
+
+
+def test_shell_reports_the_exit_status_despite_the_legacy_protocol(fake):
+    _, dev = fake
+    assert dev.shell("echo out; echo err >&2; exit 3") == ("out\nerr\n", 3)
+    assert dev.shell("printf 'no newline'") == ("no newline", 0)
+
+
+def test_several_devices_need_a_serial(fake, adb_server, monkeypatch):
+    _, dev = fake
+    second = FakeAdbDevice().start()
+    serial = f"127.0.0.1:{second.port}"
+    try:
+        adb(adb_server, "connect", serial)
+        wait_for_state(adb_server, serial)
+        with pytest.raises(AdbError, match="several devices") as e:
+            pick_device(None, adb_server)
+        assert dev.serial in str(e.value) and serial in str(e.value) and "--serial" in str(e.value)
+        assert pick_device(serial, adb_server).serial == serial
+    finally:
+        adb(adb_server, "disconnect", serial, check=False)
+        second.stop()
+
+
+def test_no_device_connected_is_a_clear_error(adb_server, bundle, tmp_path, capsys):
+    port = free_port()
+    start_adb_server(port)  # a fresh server: nothing connected
+    try:
+        assert main(["deploy", str(bundle), "--adb", "--adb-port", str(port), "--remote-dir", str(tmp_path)]) == 2
+    finally:
+        adb(port, "kill-server", check=False)
+    err = capsys.readouterr().err
+    assert err.startswith("nomoat deploy: error: no Android device found") and "USB debugging" in err
+    assert "adb connect" in err and len(err.strip().splitlines()) == 1
+
+
+def test_adb_missing_is_a_clear_error(bundle, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADB", "/nonexistent")
+    assert main(["deploy", str(bundle), "--adb", "--remote-dir", str(tmp_path)]) == 2
+    assert "'/nonexistent', which is not an executable" in capsys.readouterr().err
+    monkeypatch.delenv("ADB")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no adb on PATH
+    with pytest.raises(AdbError, match=r"adb is not installed .*apt install adb.*platform-tools"):
+        find_adb()
+
+
+def test_device_states_other_than_device_say_what_to_do(monkeypatch):
+    import nomoat.converter.adb as adb_module
+
+    monkeypatch.setattr(adb_module, "find_adb", lambda: "adb")
+    for state, fix in [("unauthorized", "Allow USB debugging"), ("offline", "replug"),
+                       ("no permissions (user in plugdev group); see [http://developer.android.com/tools/device.html]",
+                        "udev")]:
+        monkeypatch.setattr(adb_module, "list_devices", lambda *_a, state=state: [("R58M123", state)])
+        with pytest.raises(AdbError, match=fix):
+            pick_device()
+
+
+def test_df_parsing_toybox_coreutils_and_wrapped():
+    toybox = ("Filesystem      1K-blocks    Used Available Use% Mounted on\n"
+              "/dev/block/dm-5  115030328 8012344 106886128   7% /data\n")
+    coreutils = ("Filesystem     1K-blocks     Used Available Use% Mounted on\n"
+                 "/dev/nvme0n1p2 490617784 52134712 413487816  12% /\n")
+    wrapped = ("Filesystem           1K-blocks      Used Available Use% Mounted on\n"
+               "/dev/mapper/very-long-volume-group-name-root\n"
+               "                      490617784  52134712 413487816  12% /\n")
+    assert parse_df_available_kib(toybox) == 106886128
+    assert parse_df_available_kib(coreutils) == 413487816
+    assert parse_df_available_kib(wrapped) == 413487816
+    assert parse_df_available_kib("df: /x: No such file or directory\n") is None
