@@ -81,7 +81,7 @@ def bench_bundle(args: argparse.Namespace) -> dict[str, Any]:
     threads: list[int | None] = getattr(args, "threads", [None])
     prompts: list[int] = getattr(args, "prompt_tokens", [128])
     news: list[int] = getattr(args, "new_tokens", [128])
-    _check_counts(threads, prompts, news, args.rounds, args.warmup)
+    check_counts(threads, prompts, news, args.rounds, args.warmup)
     if getattr(args, "plot", None):
         from .bench_plot import require_matplotlib
 
@@ -127,7 +127,7 @@ def measure_configs(configs: Sequence[Config], prompt_ids: dict[int, list[int]],
     }
 
 
-def _check_counts(threads: Sequence[int | None], prompts: Sequence[int], news: Sequence[int],
+def check_counts(threads: Sequence[int | None], prompts: Sequence[int], news: Sequence[int],
                   rounds: int, warmup: int) -> None:
     if any(t is not None and t < 1 for t in threads):
         raise BenchError("--threads must be >= 1")

@@ -11,19 +11,31 @@ chunk (a disk that fills up mid-file), corrupt_on_push(substring) flips a byte o
 and still answers OKAY (bad storage), df_output makes `df` print a given text, shell_log
 records every shell command the device ran and events the services and sync requests.
 
+The phone's own tools the nomoat app is driven with are simulated too: `am` (start and
+force-stop), `logcat` (-c, -d, -v raw, TAG:PRIORITY filters) and `getprop` are scripts on the
+shell's PATH that call back into this process over a Unix socket. install_app(app) puts the
+nomoat Android app "on the phone": `am start -n dev.nomoat.app/.MainActivity` then runs app(extras)
+in a thread and logs each line it yields with Log.i under the tag nomoat-bench, as MainActivity's
+benchmark mode does (an exception becomes {"error": ...}, like its catch). Without an app,
+`am start` answers what a phone answers for a missing activity (Error type 3, exit status 0).
+
 The asyncio loop runs in a daemon thread so that synchronous tests can use it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import shutil
 import stat
 import struct
+import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +49,26 @@ BANNER = b"device::ro.product.name=nomoat_fake;ro.product.model=fake;ro.product.
 
 SYNC_HEADER = struct.Struct("<4sI")  # id, length (or mtime / mode, depending on the id)
 SYNC_DATA_MAX = 64 * 1024
+
+APP_PACKAGE = "dev.nomoat.app"
+APP_ACTIVITY = "dev.nomoat.app.MainActivity"  # MainActivity.kt
+BENCH_TAG = "nomoat-bench"  # MainActivity.BENCH_TAG
+LOG_PRIORITIES = "VDIWEFS"  # logcat's order, verbose to silent
+
+# An app's benchmark mode: the `am start` extras in, the messages it logs out (one per yield).
+SimulatedApp = Callable[[dict[str, object]], Iterable[str]]
+
+# What each tool script on the device's PATH runs: hand argv to the fake, print what it answers.
+TOOL_SCRIPT = """#!{python} -I
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect({socket!r})
+s.sendall(json.dumps([{name!r}, sys.argv[1:]]).encode() + b"\\n")
+reply = json.loads(s.makefile().read())
+sys.stdout.write(reply["stdout"])
+sys.stderr.write(reply["stderr"])
+sys.exit(reply["status"])
+"""
 
 
 def pack(command: int, arg0: int, arg1: int, data: bytes = b"") -> bytes:
@@ -178,7 +210,14 @@ class FakeAdbDevice:
         self.events: list[tuple[str, str]] = []  # (what, detail): CNXN banners, OPENed services, sync requests
         self._fail_on_push: list[str] = []
         self._corrupt_on_push: list[str] = []
+        self.props: dict[str, str] = {"ro.product.model": "fake", "ro.soc.model": "FakeSoC"}
+        self.app_starts: list[dict[str, object]] = []  # the extras of each `am start` of the app
+        self._app: SimulatedApp | None = None
+        self._app_stop = threading.Event()  # set by force-stop: the running app logs nothing more
+        self._logcat: list[tuple[str, str, str]] = []  # (priority, tag, message)
+        self._logcat_lock = threading.Lock()  # the app thread logs while the loop dumps
         self._bin = Path(tempfile.mkdtemp(prefix="fake-adbd-bin-"))
+        self._write_tool_scripts()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-adbd", daemon=True)
         self._server: asyncio.base_events.Server | None = None
@@ -193,12 +232,25 @@ class FakeAdbDevice:
         """SEND of a path containing path_substring flips the file's first byte yet replies OKAY."""
         self._corrupt_on_push.append(path_substring)
 
+    def install_app(self, app: SimulatedApp | None) -> None:
+        """Put the nomoat app on the phone (None: uninstall it); see the module doc."""
+        self._app = app
+
+    def log_line(self, priority: str, tag: str, message: str) -> None:
+        with self._logcat_lock:
+            self._logcat.append((priority, tag, message))
+
     def reset(self) -> None:
         self._fail_on_push.clear()
         self._corrupt_on_push.clear()
         self.df_output = None
         self.shell_log.clear()
         self.events.clear()
+        self._app_stop.set()  # an app thread left running by an earlier test
+        self._app = None
+        self.app_starts.clear()
+        with self._logcat_lock:
+            self._logcat.clear()
 
     def log(self, what: str, detail: str) -> None:
         self.events.append((what, detail))
@@ -210,11 +262,15 @@ class FakeAdbDevice:
         self._server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._accept, "127.0.0.1", 0), self._loop).result(timeout=10)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._tools_server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_unix_server(self._serve_tool, path=str(self._bin / "tools.sock")),
+            self._loop).result(timeout=10)
         return self
 
     def stop(self) -> None:
         async def shutdown() -> None:
             self._server.close()
+            self._tools_server.close()
             for task in asyncio.all_tasks():
                 if task is not asyncio.current_task():
                     task.cancel()
@@ -222,6 +278,7 @@ class FakeAdbDevice:
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        self._app_stop.set()
         shutil.rmtree(self._bin, ignore_errors=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -247,13 +304,102 @@ class FakeAdbDevice:
 
     def _shell_env(self) -> dict[str, str]:
         env = dict(os.environ)
+        df = self._bin / "df"
         if self.df_output is not None:  # a `df` earlier on PATH prints the configured text
             (self._bin / "df.txt").write_text(self.df_output)
-            script = self._bin / "df"
-            script.write_text(f"#!/bin/sh\ncat {shlex.quote(str(self._bin / 'df.txt'))}\n")
-            script.chmod(0o755)
-            env["PATH"] = f"{self._bin}:{env.get('PATH', '/usr/bin:/bin')}"
+            df.write_text(f"#!/bin/sh\ncat {shlex.quote(str(self._bin / 'df.txt'))}\n")
+            df.chmod(0o755)
+        else:
+            df.unlink(missing_ok=True)
+        env["PATH"] = f"{self._bin}:{env.get('PATH', '/usr/bin:/bin')}"  # am, logcat, getprop (and df)
         return env
+
+    # --- the phone's tools: am, logcat, getprop ---
+
+    def _write_tool_scripts(self) -> None:
+        for name in ("am", "logcat", "getprop"):
+            script = self._bin / name
+            script.write_text(TOOL_SCRIPT.format(python=sys.executable, socket=str(self._bin / "tools.sock"),
+                                                 name=name))
+            script.chmod(0o755)
+
+    async def _serve_tool(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        name, args = json.loads(await reader.readline())
+        tool = {"am": self._am, "logcat": self._logcat_tool, "getprop": self._getprop}[name]
+        stdout, stderr, status = tool(args)
+        writer.write(json.dumps({"stdout": stdout, "stderr": stderr, "status": status}).encode())
+        await writer.drain()
+        writer.close()
+
+    def _getprop(self, args: list[str]) -> tuple[str, str, int]:
+        if args:
+            return self.props.get(args[0], "") + "\n", "", 0
+        return "".join(f"[{k}]: [{v}]\n" for k, v in sorted(self.props.items())), "", 0
+
+    def _am(self, args: list[str]) -> tuple[str, str, int]:
+        if args[:1] == ["force-stop"] and len(args) == 2:
+            if args[1] == APP_PACKAGE:
+                self._app_stop.set()
+            return "", "", 0
+        if args[:1] != ["start"]:
+            return "", f"Error: unknown command '{' '.join(args[:1])}' (fake_adbd knows start and force-stop)\n", 1
+        try:
+            options, component, extras = parse_am_start(args[1:])
+        except ValueError as e:
+            return "", f"Error: {e}\n", 1
+        out = f"Stopping: {APP_PACKAGE}\n" if "-S" in options and component.startswith(APP_PACKAGE + "/") else ""
+        if "-S" in options:
+            self._app_stop.set()
+        out += f"Starting: Intent {{ cmp={component}{' (has extras)' if extras else ''} }}\n"
+        package, _, cls = component.partition("/")
+        full_class = package + cls if cls.startswith(".") else cls
+        if self._app is None or package != APP_PACKAGE or full_class != APP_ACTIVITY:
+            # What ActivityManagerShellCommand prints for an unknown activity; its exit status stays 0.
+            return out, f"Error type 3\nError: Activity class {{{package}/{full_class}}} does not exist.\n", 0
+        self.log_line("I", "ActivityManager", f"START u0 {{cmp={component} (has extras)}} from uid 2000")
+        self.app_starts.append(extras)
+        self._launch_app(self._app, extras)
+        if "-W" in options:
+            out += (f"Status: ok\nLaunchState: COLD\nActivity: {component}\nTotalTime: 212\nWaitTime: 215\n"
+                    "Complete\n")
+        return out, "", 0
+
+    def _launch_app(self, app: SimulatedApp, extras: dict[str, object]) -> None:
+        """Run the app's bench on its own thread, as MainActivity does on its worker: `am start -W`
+        returns once the activity is up, long before the rounds are done."""
+        stop = self._app_stop = threading.Event()
+
+        def run() -> None:
+            try:
+                for message in app(extras):
+                    if stop.is_set():
+                        return
+                    self.log_line("I", BENCH_TAG, message)
+            except Exception as e:  # MainActivity.bench's catch
+                if not stop.is_set():
+                    self.log_line("I", BENCH_TAG, json.dumps({"error": str(e) or repr(e)}))
+
+        threading.Thread(target=run, name="fake-nomoat-app", daemon=True).start()
+
+    def _logcat_tool(self, args: list[str]) -> tuple[str, str, int]:
+        """logcat -c | -d [-v raw] [-s] [TAG:PRIORITY ...]; without -d it dumps too instead of following."""
+        if "-c" in args:
+            with self._logcat_lock:
+                self._logcat.clear()
+            return "", "", 0
+        raw = any(a == "raw" and args[i - 1] == "-v" for i, a in enumerate(args) if i > 0)
+        specs = dict(a.split(":", 1) for a in args if ":" in a and not a.startswith("-"))
+        silent_by_default = "-s" in args
+        with self._logcat_lock:
+            lines = list(self._logcat)
+        out = []
+        for priority, tag, message in lines:
+            least = specs.get(tag, specs.get("*", "S" if silent_by_default else "V"))
+            if LOG_PRIORITIES.index(priority) < LOG_PRIORITIES.index(least):
+                continue
+            out.append(message if raw else f"{time.strftime('%m-%d %H:%M:%S')}.000  4242  4263 {priority} "
+                                           f"{tag}: {message}")
+        return "".join(line + "\n" for line in out), "", 0
 
     async def sync_service(self, conn: Connection, stream: Stream, service: str) -> None:
         """Legacy file sync: 8-byte requests (id, LE length) that may straddle or share WRTE packets."""
@@ -362,3 +508,37 @@ def _flip_first_byte(path: str) -> None:
         first = f.read(1)
         f.seek(0)
         f.write(bytes([first[0] ^ 0xFF]) if first else b"x")
+
+
+def parse_am_start(args: list[str]) -> tuple[set[str], str, dict[str, object]]:
+    """(flags, component, extras) of `am start` arguments: -W -S, -n COMPONENT, --es/--ei/--ez KEY VALUE."""
+    options: set[str] = set()
+    component = None
+    extras: dict[str, object] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-W", "-S"):
+            options.add(arg)
+            i += 1
+        elif arg == "-n" and i + 1 < len(args):
+            component = args[i + 1]
+            i += 2
+        elif arg in ("--es", "--ei", "--ez") and i + 2 < len(args):
+            key, value = args[i + 1], args[i + 2]
+            if arg == "--ei":
+                if not value.lstrip("-").isdigit():
+                    raise ValueError(f"invalid integer value {value!r} for --ei {key}")
+                extras[key] = int(value)
+            elif arg == "--ez":
+                if value.lower() not in ("true", "false", "t", "f", "1", "0"):
+                    raise ValueError(f"invalid boolean value {value!r} for --ez {key}")
+                extras[key] = value.lower() in ("true", "t", "1")
+            else:
+                extras[key] = value
+            i += 3
+        else:
+            raise ValueError(f"fake_adbd's am does not know the option {arg!r}")
+    if component is None:
+        raise ValueError("no component given (-n)")
+    return options, component, extras

@@ -1,5 +1,6 @@
-"""`nomoat deploy --adb` against the real adb client and server, with the device simulated on
-loopback by fake_adbd (its "device" file system is this host's, under a temp dir).
+"""`nomoat deploy --adb [--bench]` against the real adb client and server, with the device simulated
+on loopback by fake_adbd (its "device" file system is this host's, under a temp dir; its `am` and
+`logcat` run a simulated nomoat app, see simulated_app below).
 
 A private adb server (`adb -P <free port>`, HOME in a temp dir) keeps the user's adb server and
 keys out of it. The fake advertises no features, so adb uses the legacy shell (no exit status)
@@ -11,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
+import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from fake_adbd import FakeAdbDevice
 from nomoat.__main__ import main
 from nomoat.converter.adb import AdbError, Device, find_adb, parse_devices, pick_device
 from nomoat.converter.deploy import DeployError, deploy_bundle, parse_df_available_kib
+from nomoat.converter.deploy_bench import parse_bench_lines
 
 pytestmark = pytest.mark.android
 
@@ -317,3 +322,161 @@ def test_df_parsing_toybox_coreutils_and_wrapped():
     assert parse_df_available_kib(coreutils) == 413487816
     assert parse_df_available_kib(wrapped) == 413487816
     assert parse_df_available_kib("df: /x: No such file or directory\n") is None
+
+
+
+# --- --bench: the nomoat app's benchmark mode, simulated ---
+
+
+def simulated_app(logged: list[dict] | None = None):
+    """Stands in for the Kotlin app (MainActivity.bench), which cannot run here: the same rounds,
+    measured with the Python runtime on the deployed bundle, logged with the keys the app writes
+    (GenerationStats.toBenchJson, then round and peak_rss_bytes, then open()'s bundle, verify_s,
+    load_s, threads) and Android org.json's escaping of '/'. Each round line also goes to logged."""
+
+    def app(extras: dict) -> object:
+        from nomoat.runtime.bench import NomoatEngine, measure_once, synthetic_prompt_ids
+        from nomoat.runtime.manifest import read_manifest
+
+        bundle = Path(extras["bundle"])  # an absolute path on the phone is the same path here
+        threads = extras.get("threads") or None  # getIntExtra("threads", 0).takeIf { it > 0 }
+        t0 = time.perf_counter()
+        manifest = read_manifest(bundle, verify_files=True)
+        t1 = time.perf_counter()
+        engine = NomoatEngine(str(bundle), threads=threads)
+        engine.prepare()
+        t2 = time.perf_counter()
+        info = {"bundle": str(bundle), "verify_s": t1 - t0, "load_s": t2 - t1,
+                "threads": threads if threads is not None else manifest.target.get("threads")}
+        prompt = synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, extras.get("prompt_tokens", 128))
+        for i in range(extras.get("rounds", 1)):
+            r = measure_once(engine, prompt, extras.get("new_tokens", 64))
+            line = {"prompt_tokens": r.prompt_tokens, "cached_tokens": 0, "new_tokens": r.new_tokens,
+                    "ttft_s": r.ttft_s, "decode_s": r.decode_s, "ttft_ms": r.ttft_ms, "prefill_tps": r.prefill_tps,
+                    "decode_tps": r.decode_tps, "round": i, "peak_rss_bytes": r.peak_rss_bytes, **info}
+            if logged is not None:
+                logged.append(line)
+            yield org_json(line)
+        yield org_json({"done": True})
+
+    return app
+
+
+def org_json(value: dict) -> str:
+    r"""JSONObject.toString() on Android: compact, and '/' written as '\/' (JSONStringer)."""
+    return json.dumps(value, separators=(",", ":")).replace("/", "\\/")
+
+
+def bench_cli(bundle: Path, serial: str, port: int, remote: Path, *extra: str) -> list[str]:
+    return deploy_cli(bundle, serial, port, remote, "--bench", "--prompt-tokens", "16", "--new-tokens", "8",
+                      "--rounds", "3", "--bench-timeout", "20", *extra)  # a broken wait fails, not hangs
+
+
+def stat_text(values: list[float], decimals: int) -> str:
+    """'median (min–max)' computed here, independently of runtime/bench.py."""
+    return f"{statistics.median(values):.{decimals}f} ({min(values):.{decimals}f}–{max(values):.{decimals}f})"
+
+
+def test_bench_prints_the_apps_rounds_as_a_table(bundle, fake, remote, adb_server, capsys):
+    device, dev = fake
+    logged: list[dict] = []
+    device.install_app(simulated_app(logged))
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--threads", "2")) == 0
+    out, err = capsys.readouterr()
+    deployed = str(remote / "tiny-bundle")
+    assert device.app_starts == [{"bundle": deployed, "bench": True, "prompt_tokens": 16, "new_tokens": 8,
+                                  "rounds": 3, "threads": 2}]
+    # The log is cleared before the app starts, so only this run's lines are read.
+    commands = device.shell_log
+    clear = next(i for i, c in enumerate(commands) if "logcat -c" in c)
+    assert clear < next(i for i, c in enumerate(commands) if "am start" in c)
+    lines = out.splitlines()
+    assert lines[0] == deployed and lines[1] == ""
+    assert re.fullmatch(rf"nomoat bench {re.escape(deployed)} on FakeSoC \(\d+ CPUs\); 3 rounds after 0 warm-up, "
+                        r"median \(min–max\)", lines[2])  # ro.soc.model and nproc of the "phone"
+    assert lines[4].split()[:6] == ["threads", "prompt", "new", "prefill", "tok/s", "decode"]
+    assert len(logged) == 3
+    expected = ["2", "16", "8", stat_text([r["prefill_tps"] for r in logged], 1),
+                stat_text([r["decode_tps"] for r in logged], 1), stat_text([r["ttft_ms"] for r in logged], 0),
+                stat_text([r["peak_rss_bytes"] / 1e6 for r in logged], 0)]
+    assert re.split(r"\s{2,}", lines[5].strip()) == expected
+    assert len(lines) == 6
+    assert "round 3/3 on the phone" in err
+
+
+def test_bench_json_holds_the_rounds_and_defaults_to_the_bundles_threads(bundle, fake, remote, adb_server, capsys):
+    device, dev = fake
+    logged: list[dict] = []
+    device.install_app(simulated_app(logged))
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--json")) == 0
+    report = json.loads(capsys.readouterr().out)  # stdout is the JSON object alone
+    assert "threads" not in device.app_starts[0]  # the app then takes the bundle's
+    assert report["device_path"] == str(remote / "tiny-bundle") and report["serial"] == dev.serial
+    [result] = report["results"]
+    assert (result["prompt_tokens"], result["new_tokens"], report["rounds"]) == (16, 8, 3)
+    assert [r["ttft_s"] for r in result["rounds"]] == [r["ttft_s"] for r in logged]
+    assert [r["decode_s"] for r in result["rounds"]] == [r["decode_s"] for r in logged]
+    assert result["summary"]["decode_tps"]["median"] == statistics.median(r["decode_tps"] for r in logged)
+    assert result["threads"] == logged[0]["threads"]
+    assert result["load_s"] == logged[0]["load_s"]
+
+
+def test_bench_error_from_the_app_exits_2_with_its_message(bundle, fake, remote, adb_server, capsys):
+    device, dev = fake
+
+    def failing_app(extras):
+        yield org_json({"error": "no bundle named x in /sdcard/Android/data/dev.nomoat.app/files"})
+
+    device.install_app(failing_app)
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote)) == 2
+    out, err = capsys.readouterr()
+    assert out.strip() == str(remote / "tiny-bundle")  # the deploy itself went through
+    assert "nomoat deploy: error: the app's benchmark failed" in err
+    assert "no bundle named x in /sdcard/Android/data/dev.nomoat.app/files" in err
+
+
+def test_bench_without_the_app_says_to_install_it(bundle, fake, remote, adb_server, capsys):
+    device, dev = fake  # reset: no app installed
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote)) == 2
+    err = capsys.readouterr().err
+    assert "the nomoat app is not installed" in err and "does not exist" in err
+    assert "adb install -r app/build/outputs/apk/release/app-release.apk" in err
+
+
+def test_bench_gives_up_when_the_app_never_finishes(bundle, fake, remote, adb_server, capsys):
+    device, dev = fake
+    hang = threading.Event()
+
+    def stuck_app(extras):
+        yield from list(simulated_app()(extras))[:1]  # one round, then never a "done"
+        hang.wait(30)
+
+    device.install_app(stuck_app)
+    start = time.monotonic()
+    try:
+        assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--bench-timeout", "1.5")) == 2
+    finally:
+        hang.set()
+    assert time.monotonic() - start < 15
+    err = capsys.readouterr().err
+    assert "logged 1 of 3 rounds and no end within 2 s" in err and "--bench-timeout" in err
+    assert any("am force-stop dev.nomoat.app" in c for c in device.shell_log)  # not left benchmarking
+
+
+def test_bench_request_is_checked_before_deploying(bundle, fake, remote, adb_server, capsys):
+    device, dev = fake
+    assert main(deploy_cli(bundle, dev.serial, adb_server, remote, "--bench", "--prompt-tokens", "90",
+                           "--new-tokens", "10")) == 2
+    assert "exceed the bundle's context of 96 tokens" in capsys.readouterr().err
+    assert main(deploy_cli(bundle, dev.serial, adb_server, remote, "--rounds", "2", "--json")) == 2
+    assert "--rounds, --json only apply with --bench" in capsys.readouterr().err
+    assert device.shell_log == [] and not remote.exists()
+
+
+def test_bench_lines_are_read_from_raw_or_prefixed_logcat_output():
+    text = ("--------- beginning of main\n"
+            '{"prompt_tokens":4,"ttft_s":0.5,"bundle":"\\/data\\/local\\/tmp\\/nomoat\\/b"}\n'
+            '05-01 10:00:00.123  4242  4263 I nomoat-bench: {"done":true}\n'
+            "I/nomoat-bench( 4242): {not json\n")
+    assert parse_bench_lines(text) == [{"prompt_tokens": 4, "ttft_s": 0.5, "bundle": "/data/local/tmp/nomoat/b"},
+                                       {"done": True}]
