@@ -38,12 +38,9 @@ def test_junit_classes_pass():
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A real bundle from the Python converter: tiny random LLaMA, fp32, ChatML template (~8 s)."""
-    from nomoat.converter.convert import ConvertOptions, convert
-    from tiny_models import make_tiny_hf_dir
+    from tiny_models import tiny_fp32_bundle
 
-    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
-    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / "bundle", quant="fp32",
-                                  max_context=96, progress=False, skip_verify=True))
+    return tiny_fp32_bundle(tmp_path_factory, max_context=96)
 
 
 def kotlin_bundle(path: Path, *flags: str) -> dict:

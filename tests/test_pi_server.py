@@ -34,12 +34,9 @@ MODEL_ID = "tiny"
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    from nomoat.converter.convert import ConvertOptions, convert
-    from tiny_models import make_tiny_hf_dir
+    from tiny_models import tiny_fp32_bundle
 
-    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
-    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / "bundle", quant="fp32",
-                                  max_context=256, progress=False, skip_verify=True))
+    return tiny_fp32_bundle(tmp_path_factory, max_context=256)
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nomoat.converter.convert import ConvertOptions, convert
 from nomoat.runtime import BundleError, ContextOverflowError, GenerationStats, Model
-from tiny_models import SPECIAL_TOKENS, make_tiny_hf_dir
+from tiny_models import SPECIAL_TOKENS, tiny_fp32_bundle
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
-    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / "bundle", quant="fp32",
-                                  max_context=96, progress=False, skip_verify=True))
+    return tiny_fp32_bundle(tmp_path_factory, max_context=96)
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

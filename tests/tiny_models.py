@@ -436,3 +436,12 @@ def reference_model(hf_dir: Path) -> torch.nn.Module:
 def logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
+
+
+def tiny_fp32_bundle(tmp_path_factory: Any, max_context: int, name: str = "bundle") -> Path:
+    """A bundle of a fresh tiny model, fp32, unverified: the fixture the runtime-side tests share."""
+    from nomoat.converter.convert import ConvertOptions, convert
+
+    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / name, quant="fp32",
+                                  max_context=max_context, progress=False, skip_verify=True))
