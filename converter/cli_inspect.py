@@ -80,6 +80,9 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
     if report.get("ops"):
         ops = sorted(report["ops"].items(), key=lambda item: -item[1])
         lines.append("graph      " + ", ".join(f"{n} {op}" for op, n in ops))
+    floor = (m.get("onnx") or {}).get("min_onnxruntime")
+    if floor:
+        lines.append(f"runs on    onnxruntime >= {floor} (older releases lack a kernel this graph uses)")
     lines.append(format_quality_table(report.get("quality", {"skipped": True})))
     return "\n".join(lines)
 

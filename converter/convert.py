@@ -185,16 +185,16 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
         # The reference keeps the unsmoothed weights: verify compares against the model as given.
         ckpt, importance, smoothing = smooth(ckpt, importance, quant)
     _stage(f"export ONNX ({quant.weights})", opts.progress)
-    ops = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress, importance=importance)
+    exported = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress, importance=importance)
     (staging / TOKENIZER_FILE).write_text(bundle_tokenizer_json(ckpt.tokenizer.tokenizer_json), encoding="utf-8")
     template_file = None
     if ckpt.tokenizer.chat_template:
         (staging / CHAT_TEMPLATE_FILE).write_text(ckpt.tokenizer.chat_template, encoding="utf-8")
         template_file = CHAT_TEMPLATE_FILE
-    manifest = _manifest_dict(ckpt, adapters, recipe, target, estimate, template_file, opts)
+    manifest = _manifest_dict(ckpt, adapters, recipe, target, estimate, template_file, exported.min_onnxruntime, opts)
     _write_manifest(staging, manifest)  # without hashes yet: verify loads the staged bundle
 
-    report: dict[str, Any] = {"memory_estimate": estimate.to_dict(), "ops": ops,
+    report: dict[str, Any] = {"memory_estimate": estimate.to_dict(), "ops": exported.ops,
                               "adapters": [a.to_dict() for a in adapters],
                               "calibration_tokens": importance.tokens if importance else 0,
                               "smoothing_alpha": smoothing}
@@ -208,7 +208,7 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
 
 
 def _manifest_dict(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstimate,
-                   template_file: str | None, opts: ConvertOptions) -> dict[str, Any]:
+                   template_file: str | None, min_onnxruntime: str, opts: ConvertOptions) -> dict[str, Any]:
     from nomoat.runtime.manifest import FORMAT_VERSION
 
     from .bundle import TOKENIZER_FILE
@@ -221,7 +221,7 @@ def _manifest_dict(ckpt, adapters, recipe: Recipe, target: Target, estimate: Mem
         "format_version": FORMAT_VERSION,
         "model": {**ckpt.spec.to_dict(), "parameters": params},
         "onnx": {"model_file": MODEL_FILE, "data_file": DATA_FILE, "io": GraphIO().to_dict(),
-                 "kv_dtype": recipe.kv_dtype},
+                 "kv_dtype": recipe.kv_dtype, "min_onnxruntime": min_onnxruntime},
         "tokenizer": {"tokenizer_file": TOKENIZER_FILE, "chat_template_file": template_file,
                       "bos_token_id": tok.bos_token_id, "add_bos_token": tok.add_bos_token,
                       "special_tokens": tok.special_tokens},

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConversionError
 from .onnx_graph import GraphIO, build_fp32_graph
+from .ort_floor import required_onnxruntime
 from .quantize import QuantRecipe, quantize_graph
 from .spec import Checkpoint
 
@@ -18,10 +20,17 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
 
+@dataclass(frozen=True)
+class ExportedGraph:
+    ops: dict[str, int]  # op type -> node count, checked by check_fast_ops
+    min_onnxruntime: str  # the oldest ONNX Runtime that runs it (ort_floor.py)
+
+
 def export_onnx(ckpt: Checkpoint, out_dir: Path, recipe: QuantRecipe, max_context: int,
                 io: GraphIO | None = None, progress: bool = False, importance: Importance | None = None
-                ) -> dict[str, int]:
-    """Write the decoder graph into out_dir; return its op counts (already checked)."""
+                ) -> ExportedGraph:
+    """Write the decoder graph into out_dir; return its op counts (already checked) and the
+    ONNX Runtime release it needs."""
     import onnx
     from tqdm import tqdm
 
@@ -31,11 +40,12 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, recipe: QuantRecipe, max_contex
     with tqdm(desc=f"quantize {recipe.weights}", unit="weight", disable=show, leave=False) as bar:
         model = quantize_graph(model, recipe, progress=bar, importance=importance)
     ops = check_fast_ops(model, ckpt.spec.num_layers, recipe)
+    floor = required_onnxruntime(model)
     # Weights go to one external file: the protobuf stays small (no 2 GB limit) and ONNX
     # Runtime can memory-map the data.
     onnx.save_model(model, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
-    return ops
+    return ExportedGraph(ops=ops, min_onnxruntime=floor)
 
 
 def check_fast_ops(model, num_layers: int, recipe: QuantRecipe) -> dict[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,16 @@ from .errors import BundleError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+_VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def version_tuple(version: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a release string: "1.23.0", "1.24.0.dev20250601", "1.22.1+cpu"."""
+    match = _VERSION.match(version.strip())
+    if match is None:
+        raise ValueError(f"{version!r} is not a version like 1.23.0")
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
 
 
 @dataclass(frozen=True)
@@ -46,11 +57,25 @@ class OnnxBackend:
     data_file: str | None
     io: dict[str, str]  # GraphIO names; KV names carry a {layer} placeholder
     kv_dtype: str = "float32"
+    # The oldest ONNX Runtime whose kernels run the graph (converter/ort_floor.py); bundles
+    # written before the converter recorded it leave it out.
+    min_onnxruntime: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OnnxBackend:
+        floor = d.get("min_onnxruntime")
+        if floor is not None and not _VERSION.match(str(floor)):
+            raise ValueError(f"onnx.min_onnxruntime {floor!r} is not a version like 1.23.0")
         return cls(model_file=d["model_file"], data_file=d.get("data_file"), io=dict(d["io"]),
-                   kv_dtype=d.get("kv_dtype", "float32"))
+                   kv_dtype=d.get("kv_dtype", "float32"), min_onnxruntime=floor)
+
+    def check_onnxruntime(self, installed: str) -> None:
+        """Refuse to run on an ONNX Runtime older than the graph needs, naming the fix."""
+        if self.min_onnxruntime and version_tuple(installed) < version_tuple(self.min_onnxruntime):
+            raise BundleError(
+                f"this bundle's graph needs onnxruntime >= {self.min_onnxruntime}, and {installed} is installed "
+                f"(its kernels cannot run the graph). Upgrade: pip install 'onnxruntime>={self.min_onnxruntime}'."
+            )
 
 
 @dataclass(frozen=True)

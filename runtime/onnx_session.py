@@ -51,6 +51,7 @@ class DecoderSession:
 
         if manifest.onnx is None:
             raise ValueError("this bundle has no ONNX model")
+        manifest.onnx.check_onnxruntime(ort.__version__)
         self.manifest = manifest
         self.capacity = manifest.max_context
         self.vocab_size = manifest.model.vocab_size

@@ -65,8 +65,9 @@ def test_kotlin_reads_a_real_bundle_as_python_does(tiny_bundle):
                                                       "parameters")}
     assert k["model"] == spec
     assert m.onnx is not None
-    assert {key: k["onnx"][key] for key in ("model_file", "data_file", "io", "kv_dtype")} == {
-        "model_file": m.onnx.model_file, "data_file": m.onnx.data_file, "io": m.onnx.io, "kv_dtype": m.onnx.kv_dtype}
+    keys = ("model_file", "data_file", "io", "kv_dtype", "min_onnxruntime")
+    assert {key: k["onnx"][key] for key in keys} == {key: getattr(m.onnx, key) for key in keys}
+    assert m.onnx.min_onnxruntime  # the converter wrote it, both sides read it
     assert k["onnx"]["past_key_0"] == m.onnx.io["past_key"].format(layer=0)
     assert k["onnx"]["present_value_1"] == m.onnx.io["present_value"].format(layer=1)
     tok = m.tokenizer

@@ -4,6 +4,12 @@ plugins {
     kotlin("android")
 }
 
+// The ONNX Runtime the app ships. A bundle names the oldest release that runs its graph
+// (manifest onnx.min_onnxruntime; the default int4 bundle needs 1.27.0) and OrtForward refuses a
+// bundle that needs a newer one. 1.32.0 is the release the Python runtime's tests ran on; its
+// Android package was not resolved here (no Maven Central on the machine this was written on).
+val onnxruntimeVersion = "1.32.0"
+
 android {
     namespace = "dev.nomoat.app"
     compileSdk = 34
@@ -17,7 +23,9 @@ android {
         // ONNX Runtime's Android package ships arm64-v8a, armeabi-v7a, x86 and x86_64 libraries;
         // phones are arm64. Keep the APK to that.
         ndk { abiFilters += listOf("arm64-v8a") }
+        buildConfigField("String", "ONNXRUNTIME_VERSION", "\"$onnxruntimeVersion\"")
     }
+    buildFeatures { buildConfig = true }
 
     buildTypes {
         release {
@@ -38,6 +46,6 @@ android {
 
 dependencies {
     implementation(project(":core"))
-    // 1.16+ for OrtSession.run(inputs, pinnedOutputs), which OrtForward uses to share the KV cache.
-    implementation("com.microsoft.onnxruntime:onnxruntime-android:1.19.2")
+    // OrtSession.run(inputs, pinnedOutputs), which OrtForward uses to share the KV cache, is 1.16+.
+    implementation("com.microsoft.onnxruntime:onnxruntime-android:$onnxruntimeVersion")
 }

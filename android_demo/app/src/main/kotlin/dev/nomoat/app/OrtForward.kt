@@ -74,6 +74,8 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
             (threads ?: manifest.targetThreads)?.let { setIntraOpNumThreads(it) }
             addConfigEntry("session.intra_op.allow_spinning", "1")
         }
+        // Before ONNX Runtime sees the graph: an older release fails deep inside, or computes nonsense.
+        onnx.checkOnnxRuntime(BuildConfig.ONNXRUNTIME_VERSION)
         // The weights file (model.onnx.data) is found next to model.onnx.
         session = env.createSession(bundle.modelFile.absolutePath, options)
 

@@ -42,14 +42,44 @@ data class OnnxSection(
     val dataFile: String?,
     /** GraphIO names; the KV names carry a `{layer}` placeholder. */
     val io: Map<String, String>,
-    val kvDtype: String
+    val kvDtype: String,
+    /** The oldest ONNX Runtime whose kernels run the graph (converter/ort_floor.py); null in older bundles. */
+    val minOnnxRuntime: String? = null
 ) {
+    /**
+     * Refuse to run on an ONNX Runtime older than the graph needs (OnnxBackend.check_onnxruntime).
+     * [installed] is the release the app was built with; an older one fails deep inside ONNX Runtime,
+     * or (1.23-1.26 with the tied int4 embedding) loads the graph and computes nonsense.
+     */
+    fun checkOnnxRuntime(installed: String) {
+        val floor = minOnnxRuntime ?: return
+        if (compareVersions(installed, floor) < 0) {
+            throw BundleException("this bundle's graph needs onnxruntime >= $floor, and this app has $installed " +
+                "(its kernels cannot run the graph). Rebuild the app with onnxruntime-android >= $floor " +
+                "(android_demo/app/build.gradle.kts).")
+        }
+    }
+
     /** The graph name of [key] (e.g. "input_ids", "past_key"), with `{layer}` filled in. */
     fun ioName(key: String, layer: Int? = null): String {
         val name = io[key] ?: throw BundleException(
             "manifest.json names no onnx io \"$key\"; re-convert the model with a newer `nomoat convert`.")
         return if (layer == null) name else name.replace("{layer}", layer.toString())
     }
+}
+
+/** (major, minor, patch) of "1.23.0", "1.24.0-dev", "2.0"; null when [version] is not one (version_tuple). */
+fun versionParts(version: String): List<Int>? {
+    val match = Regex("^(\\d+)\\.(\\d+)(?:\\.(\\d+))?").find(version.trim()) ?: return null
+    return match.groupValues.drop(1).map { if (it.isEmpty()) 0 else it.toInt() }
+}
+
+/** Compares release versions by number (1.9 < 1.10); an unreadable one is an error. */
+fun compareVersions(a: String, b: String): Int {
+    val x = versionParts(a) ?: throw IllegalArgumentException("'$a' is not a version like 1.23.0")
+    val y = versionParts(b) ?: throw IllegalArgumentException("'$b' is not a version like 1.23.0")
+    for (i in 0 until 3) if (x[i] != y[i]) return x[i].compareTo(y[i])
+    return 0
 }
 
 /** TokenizerFiles in runtime/manifest.py. */
@@ -134,7 +164,10 @@ class Manifest(
                         modelFile = str(it, "model_file"),
                         dataFile = optStr(it, "data_file"),
                         io = io.keys().asSequence().associateWith { k -> str(io, k) },
-                        kvDtype = optStr(it, "kv_dtype") ?: "float32"
+                        kvDtype = optStr(it, "kv_dtype") ?: "float32",
+                        minOnnxRuntime = optStr(it, "min_onnxruntime")?.also { v ->
+                            if (versionParts(v) == null) throw Malformed("onnx.min_onnxruntime '$v' is not a version like 1.23.0")
+                        }
                     )
                 }
                 val t = obj(d, "tokenizer")

@@ -64,6 +64,7 @@ object BundleCli {
         val onnx = m.onnx?.let { o ->
             JSONObject().put("model_file", o.modelFile).put("data_file", o.dataFile ?: JSONObject.NULL)
                 .put("io", JSONObject(o.io)).put("kv_dtype", o.kvDtype)
+                .put("min_onnxruntime", o.minOnnxRuntime ?: JSONObject.NULL)
                 .put("past_key_0", o.ioName("past_key", 0)).put("present_value_1", o.ioName("present_value", 1))
         }
         val t = m.tokenizer

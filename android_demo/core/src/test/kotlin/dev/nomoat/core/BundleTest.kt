@@ -29,7 +29,7 @@ class BundleTest {
                     .put("logits", "logits").put("past_key", "past_key_values.{layer}.key")
                     .put("past_value", "past_key_values.{layer}.value").put("present_key", "present.{layer}.key")
                     .put("present_value", "present.{layer}.value"))
-                .put("kv_dtype", "float32"))
+                .put("kv_dtype", "float32").put("min_onnxruntime", "1.27.0"))
             .put("tokenizer", JSONObject().put("tokenizer_file", "tokenizer.json")
                 .put("chat_template_file", "chat_template.jinja").put("bos_token_id", JSONObject.NULL)
                 .put("add_bos_token", false).put("special_tokens", JSONObject().put("eos", "<|im_end|>")))
@@ -160,5 +160,35 @@ class BundleTest {
         val broken = tmp.newFolder("broken")
         File(broken, MANIFEST_NAME).writeText("{\"format_version\": 1,")
         assertTrue(refused(broken).contains("is not valid JSON"))
+    }
+
+    @Test
+    fun versionsCompareByNumber() {
+        assertEquals(listOf(1, 24, 0), versionParts("1.24.0-dev20250601"))
+        assertEquals(listOf(2, 0, 0), versionParts("2.0"))
+        assertNull(versionParts("latest"))
+        assertTrue(compareVersions("1.9.0", "1.10.0") < 0)
+        assertTrue(compareVersions("1.27.0", "1.27") == 0)
+        assertTrue(compareVersions("1.32.0", "1.27.0") > 0)
+    }
+
+    @Test
+    fun theFloorIsReadAndAnOlderOnnxRuntimeIsRefused() {
+        val onnx = Bundle.open(writeBundle()).onnx
+        assertEquals("1.27.0", onnx.minOnnxRuntime)
+        onnx.checkOnnxRuntime("1.27.0")
+        onnx.checkOnnxRuntime("1.32.0")
+        try {
+            onnx.checkOnnxRuntime("1.26.0")
+            fail("onnxruntime 1.26.0 was accepted for a bundle that needs 1.27.0")
+        } catch (e: BundleException) {
+            val message = e.message ?: ""
+            assertTrue(message, message.contains("needs onnxruntime >= 1.27.0, and this app has 1.26.0") &&
+                message.contains("onnxruntime-android >= 1.27.0"))
+        }
+        // Bundles from before the converter wrote a floor: no check, as in the Python runtime.
+        Bundle.open(writeBundle { m -> m.getJSONObject("onnx").remove("min_onnxruntime") }).onnx.checkOnnxRuntime("1.0.0")
+        val message = refused(writeBundle { m -> m.getJSONObject("onnx").put("min_onnxruntime", "soon") })
+        assertTrue(message, message.contains("min_onnxruntime 'soon' is not a version") && message.contains("re-convert"))
     }
 }

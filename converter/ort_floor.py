@@ -1,0 +1,46 @@
+"""The oldest ONNX Runtime release that runs an exported graph; the manifest carries it.
+
+A bundle outlives the ONNX Runtime it was made with: the Android app ships its own copy, a Pi
+may have an older one. Without this number an old runtime fails deep inside ONNX Runtime
+("com.microsoft:GatherBlockQuantized(-1) is not a registered function/op", "Only 4b
+quantization is supported for MatMulNBits"); with it, a runtime refuses the bundle up front
+and names the release to install.
+
+Each floor below was found by running every kind of bundle this converter writes on the
+releases before it (CPU kernels; 2026-11-27) and comparing the tokens: a release that loads a
+graph can still compute it wrong. tests/test_ort_floor.py runs them again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# What every graph holds: ONNX opset 21 (1.17 stops at 20), GroupQueryAttention with a KV buffer
+# shared by past and present and rotary inside, the skip/simplified layer norms, 4-bit MatMulNBits.
+BASE_FLOOR = "1.18.0"
+GATHER_FLOOR = "1.20.0"  # GatherBlockQuantized (the 4-bit embedding table) is not registered before
+INT8_MATMUL_FLOOR = "1.22.0"  # MatMulNBits with bits=8 (earlier kernels accept 4 only)
+# GatherBlockQuantized over uint8-packed 4-bit codes (the tied table, quantize_axis=2): 1.23 loads
+# it, but up to 1.26 the zero points come out wrong once a row has more than two blocks (SmolLM2's
+# 576-wide rows: wrong embeddings, nonsense text, while a 64-wide test model looked right).
+PACKED_GATHER_FLOOR = "1.27.0"
+
+
+def required_onnxruntime(model: Any) -> str:
+    """The oldest release of ONNX Runtime whose CPU kernels run `model` (an onnx.ModelProto)."""
+    import onnx
+    from nomoat.runtime.manifest import version_tuple
+
+    initializer_type = {t.name: t.data_type for t in model.graph.initializer}
+    floors = [BASE_FLOOR]
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and _int_attribute(node, "bits", 4) == 8:
+            floors.append(INT8_MATMUL_FLOOR)
+        if node.op_type == "GatherBlockQuantized":
+            packed = initializer_type.get(node.input[0]) == onnx.TensorProto.UINT8
+            floors.append(PACKED_GATHER_FLOOR if packed else GATHER_FLOOR)
+    return max(floors, key=version_tuple)
+
+
+def _int_attribute(node: Any, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)

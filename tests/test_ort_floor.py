@@ -1,0 +1,146 @@
+"""The oldest ONNX Runtime a bundle runs on: written by the converter, enforced by the runtime,
+and (slow) checked against the real releases on both sides of each floor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+from nomoat.__main__ import main as nomoat_main
+from nomoat.converter.convert import ConvertOptions, convert
+from nomoat.converter.ort_floor import BASE_FLOOR, GATHER_FLOOR, INT8_MATMUL_FLOOR, PACKED_GATHER_FLOOR
+from nomoat.runtime import Model
+from nomoat.runtime.errors import BundleError
+from nomoat.runtime.manifest import version_tuple
+from tiny_models import make_tiny_hf_dir
+
+# bundle kind -> (tied embeddings, quant, the floor its graph needs)
+KINDS = {
+    "int4_tied": (True, "int4", PACKED_GATHER_FLOOR),  # the embedding reads the LM head's uint8 codes
+    "int4_untied": (False, "int4", GATHER_FLOOR),  # the embedding is its own UINT4 table
+    "int8": (False, "int8", INT8_MATMUL_FLOOR),
+    "fp32": (True, "fp32", BASE_FLOOR),
+}
+# The release before each floor: it must fail to run a graph that needs the floor.
+RELEASE_BEFORE = {BASE_FLOOR: "1.17.3", GATHER_FLOOR: "1.19.2", INT8_MATMUL_FLOOR: "1.21.1",
+                  PACKED_GATHER_FLOOR: "1.26.0"}
+# Rows of 192 = 6 blocks of 32: 1.23-1.26 read packed zero points right for rows of two blocks only.
+SHAPE = {"hidden_size": 192, "intermediate_size": 384, "num_attention_heads": 6, "num_key_value_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("floor")
+    sources = {tie: make_tiny_hf_dir(root / f"hf-{tie}", tie=tie, **SHAPE) for tie in (True, False)}
+    # rtn: the same ops as the default imatrix search, without its calibration run (~20 s).
+    return {kind: convert(ConvertOptions(model=str(sources[tie]), out=root / kind, quant=quant, max_context=128,
+                                         algorithm=None if quant == "fp32" else "rtn", progress=False,
+                                         skip_verify=True))
+            for kind, (tie, quant, _) in KINDS.items()}
+
+
+def _floor(bundle: Path) -> str:
+    return json.loads((bundle / "manifest.json").read_text())["onnx"]["min_onnxruntime"]
+
+
+def _set_floor(bundle: Path, floor: str) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["onnx"]["min_onnxruntime"] = floor
+    path.write_text(json.dumps(manifest))
+
+
+def test_version_tuple_reads_release_dev_and_local_versions():
+    assert version_tuple("1.23.0") == (1, 23, 0)
+    assert version_tuple("1.24.0.dev20250601") == (1, 24, 0)
+    assert version_tuple("1.22.1+cpu") == (1, 22, 1)
+    assert version_tuple("2.0") == (2, 0, 0)
+    assert version_tuple("1.9.0") < version_tuple("1.10.0")  # numbers, not strings
+    with pytest.raises(ValueError, match="not a version"):
+        version_tuple("latest")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_manifest_names_the_floor_of_what_the_graph_holds(bundles, kind):
+    assert _floor(bundles[kind]) == KINDS[kind][2]
+
+
+def test_inspect_shows_the_floor(bundles, capsys):
+    assert nomoat_main(["inspect", str(bundles["int4_tied"])]) == 0
+    assert f"runs on    onnxruntime >= {PACKED_GATHER_FLOOR}" in capsys.readouterr().out
+
+
+def test_the_runtime_refuses_a_bundle_that_needs_a_newer_onnxruntime(bundles, tmp_path):
+    import shutil
+
+    bundle = Path(shutil.copytree(bundles["int4_untied"], tmp_path / "b"))
+    major, minor, _ = version_tuple(onnxruntime.__version__)
+    _set_floor(bundle, f"{major}.{minor + 1}.0")
+    with pytest.raises(BundleError, match=rf"needs onnxruntime >= {major}\.{minor + 1}\.0, and "
+                                          rf"{onnxruntime.__version__} is installed.*pip install"):
+        Model.load(bundle)
+    _set_floor(bundle, onnxruntime.__version__)  # exactly the installed release is enough
+    Model.load(bundle)
+
+
+def test_a_malformed_floor_is_a_malformed_manifest(bundles, tmp_path):
+    import shutil
+
+    bundle = Path(shutil.copytree(bundles["fp32"], tmp_path / "b"))
+    _set_floor(bundle, "soon")
+    with pytest.raises(BundleError, match="manifest.json is malformed.*min_onnxruntime 'soon'"):
+        Model.load(bundle)
+
+
+def test_a_bundle_without_a_floor_still_loads(bundles, tmp_path):
+    import shutil
+
+    bundle = Path(shutil.copytree(bundles["fp32"], tmp_path / "b"))
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["onnx"]["min_onnxruntime"]  # as written before the converter recorded it
+    path.write_text(json.dumps(manifest))
+    Model.load(bundle)
+
+
+def _relative_error(logits: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(logits - reference).max() / np.abs(reference).max())
+
+
+@pytest.mark.slow
+def test_each_floor_is_the_oldest_release_that_runs_the_graph(bundles, tmp_path_factory):
+    """At its floor every bundle computes the logits and greedy tokens it computes here; on the
+    release before a floor the runtime refuses the bundles that need it, and without that refusal
+    the release fails or computes other logits (so no floor is higher than it must be)."""
+    from ort_releases import build_wheel, release_python, run_bundles
+
+    here = {}
+    for kind, bundle in bundles.items():
+        model = Model.load(bundle)
+        ids = model.prompt_ids("Hello there", raw=True)
+        here[kind] = (model.logits(ids), list(model.generate_tokens(ids, 12, ignore_eos=True)))
+    wheel = build_wheel(tmp_path_factory.mktemp("dist"))
+    releases = sorted({*RELEASE_BEFORE, *RELEASE_BEFORE.values()}, key=version_tuple)
+    for release in releases:
+        out = tmp_path_factory.mktemp(f"ort-{release}")
+        python = release_python(release, wheel)
+        rows = {Path(r["bundle"]).name: r for r in run_bundles(python, list(bundles.values()), out)}
+        assert set(rows) == set(bundles)
+        for kind, row in rows.items():
+            assert row["onnxruntime"] == release
+            floor = KINDS[kind][2]
+            logits, ids = here[kind]
+            if version_tuple(release) >= version_tuple(floor):
+                assert "error" not in row and "refused" not in row, (release, kind, row)
+                # Kernels of one op agree across releases to float rounding (~5e-7 measured);
+                # a wrong zero point was off by ~0.8 of the logits' range.
+                assert _relative_error(row["logits"], logits) < 1e-3, f"{kind} on onnxruntime {release}"
+                assert row["ids"] == ids, f"{kind} on onnxruntime {release} generates other tokens"
+            else:
+                assert f"needs onnxruntime >= {floor}" in row.get("refused", ""), (release, kind, row)
+                if release == RELEASE_BEFORE[floor]:
+                    assert "unchecked_error" in row or _relative_error(row["unchecked_logits"], logits) > 0.05, \
+                        f"onnxruntime {release} runs {kind} right: its floor {floor} is too high"
