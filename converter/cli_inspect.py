@@ -82,7 +82,7 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
         lines.append("graph      " + ", ".join(f"{n} {op}" for op, n in ops))
     floor = (m.get("onnx") or {}).get("min_onnxruntime")
     if floor:
-        lines.append(f"runs on    onnxruntime >= {floor} (older releases lack a kernel this graph uses)")
+        lines.append(f"runs on    onnxruntime >= {floor} (older releases fail on this graph or compute it wrong)")
     lines.append(format_quality_table(report.get("quality", {"skipped": True})))
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ PACKED_GATHER_FLOOR = "1.27.0"
 
 
 def required_onnxruntime(model: Any) -> str:
-    """The oldest release of ONNX Runtime whose CPU kernels run `model` (an onnx.ModelProto)."""
+    """The oldest release of ONNX Runtime whose CPU kernels run `model` (an onnx.ModelProto) right."""
     import onnx
     from nomoat.runtime.manifest import version_tuple
 

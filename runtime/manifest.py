@@ -74,7 +74,8 @@ class OnnxBackend:
         if self.min_onnxruntime and version_tuple(installed) < version_tuple(self.min_onnxruntime):
             raise BundleError(
                 f"this bundle's graph needs onnxruntime >= {self.min_onnxruntime}, and {installed} is installed "
-                f"(its kernels cannot run the graph). Upgrade: pip install 'onnxruntime>={self.min_onnxruntime}'."
+                "(older kernels fail on this graph or compute it wrong). "
+                f"Upgrade: pip install 'onnxruntime>={self.min_onnxruntime}'."
             )
 
 

@@ -98,24 +98,21 @@ def test_int4_pixel6_bundle_runs_right_on_the_onnxruntime_its_manifest_names(pix
     bundle answers with Paris and its logits match this environment's. Releases differ in their
     int4 kernels' rounding, so not the tokens but the distributions are compared (1.27 vs 1.32:
     mean KL 0.002; a release that loads the graph but reads its zero points wrong, 1.26: KL 6.9)."""
+    from nomoat.converter.verify import compare_logits
     from ort_releases import build_wheel, release_python, run_bundles
 
     floor = json.loads((pixel6_bundle / "manifest.json").read_text())["onnx"]["min_onnxruntime"]
     model = Model.load(pixel6_bundle)
     prompt = model.render("What is the capital of France?")  # the chat turn, passed on as raw text
-    here = model.logits(model.prompt_ids(prompt, raw=True))
+    ids = model.prompt_ids(prompt, raw=True)
+    here = model.logits(ids)
     wheel = build_wheel(tmp_path_factory.mktemp("dist"))
     [row] = run_bundles(release_python(floor, wheel), [pixel6_bundle], tmp_path_factory.mktemp("out"),
                         prompt=prompt, new_tokens=24)
     assert row["onnxruntime"] == floor and "ids" in row, row
     assert "Paris" in model.tokenizer.decode(row["ids"])
 
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    ours, theirs = log_softmax(here), log_softmax(row["logits"])
-    kl = (np.exp(ours) * (ours - theirs)).sum(-1).mean()
+    _, _, kl, _ = compare_logits(here, row["logits"], np.array(ids[1:] + row["ids"][:1]))
     # 10x below what int4 itself costs against fp32 (KL ~0.18), 300x below a broken kernel.
     assert kl < 0.02, f"onnxruntime {floor} computes other logits (mean KL {kl:.3f})"
 

@@ -4,6 +4,7 @@ and (slow) checked against the real releases on both sides of each floor."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,17 @@ def _floor(bundle: Path) -> str:
     return json.loads((bundle / "manifest.json").read_text())["onnx"]["min_onnxruntime"]
 
 
-def _set_floor(bundle: Path, floor: str) -> None:
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["onnx"]["min_onnxruntime"] = floor
-    path.write_text(json.dumps(manifest))
+def _copy_with_floor(bundle: Path, dest: Path, floor: str | None) -> Path:
+    """A copy of `bundle` whose manifest names `floor` (None: no floor, as written before the
+    converter recorded it). manifest.json carries no hash of its own, so the copy stays valid."""
+    copy = Path(shutil.copytree(bundle, dest))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if floor is None:
+        del manifest["onnx"]["min_onnxruntime"]
+    else:
+        manifest["onnx"]["min_onnxruntime"] = floor
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
 
 
 def test_version_tuple_reads_release_dev_and_local_versions():
@@ -74,36 +81,22 @@ def test_inspect_shows_the_floor(bundles, capsys):
 
 
 def test_the_runtime_refuses_a_bundle_that_needs_a_newer_onnxruntime(bundles, tmp_path):
-    import shutil
-
-    bundle = Path(shutil.copytree(bundles["int4_untied"], tmp_path / "b"))
     major, minor, _ = version_tuple(onnxruntime.__version__)
-    _set_floor(bundle, f"{major}.{minor + 1}.0")
+    newer = _copy_with_floor(bundles["int4_untied"], tmp_path / "newer", f"{major}.{minor + 1}.0")
     with pytest.raises(BundleError, match=rf"needs onnxruntime >= {major}\.{minor + 1}\.0, and "
                                           rf"{onnxruntime.__version__} is installed.*pip install"):
-        Model.load(bundle)
-    _set_floor(bundle, onnxruntime.__version__)  # exactly the installed release is enough
-    Model.load(bundle)
+        Model.load(newer)
+    # Exactly the installed release is enough.
+    Model.load(_copy_with_floor(bundles["int4_untied"], tmp_path / "same", onnxruntime.__version__))
 
 
 def test_a_malformed_floor_is_a_malformed_manifest(bundles, tmp_path):
-    import shutil
-
-    bundle = Path(shutil.copytree(bundles["fp32"], tmp_path / "b"))
-    _set_floor(bundle, "soon")
     with pytest.raises(BundleError, match="manifest.json is malformed.*min_onnxruntime 'soon'"):
-        Model.load(bundle)
+        Model.load(_copy_with_floor(bundles["fp32"], tmp_path / "b", "soon"))
 
 
 def test_a_bundle_without_a_floor_still_loads(bundles, tmp_path):
-    import shutil
-
-    bundle = Path(shutil.copytree(bundles["fp32"], tmp_path / "b"))
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    del manifest["onnx"]["min_onnxruntime"]  # as written before the converter recorded it
-    path.write_text(json.dumps(manifest))
-    Model.load(bundle)
+    Model.load(_copy_with_floor(bundles["fp32"], tmp_path / "b", None))
 
 
 def _relative_error(logits: np.ndarray, reference: np.ndarray) -> float:

@@ -55,7 +55,7 @@ data class OnnxSection(
         val floor = minOnnxRuntime ?: return
         if (compareVersions(installed, floor) < 0) {
             throw BundleException("this bundle's graph needs onnxruntime >= $floor, and this app has $installed " +
-                "(its kernels cannot run the graph). Rebuild the app with onnxruntime-android >= $floor " +
+                "(older kernels fail on this graph or compute it wrong). Rebuild the app with onnxruntime-android >= $floor " +
                 "(android_demo/app/build.gradle.kts).")
         }
     }
