@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rel-norm", type=float, default=0.03, help="||update|| / ||weight|| of the random adapter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", default="host", help="nomoat target whose int4 recipe is used")
+    p.add_argument("--symmetric", default=None, metavar="LAYERS",
+                   help="layers without zero points, as `nomoat convert --symmetric` (default: the recipe's)")
     p.add_argument("--eval-tokens", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "build" / "lora-quality")
@@ -158,6 +160,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from nomoat.converter.convert import ConvertOptions, convert
     from nomoat.converter.load import load_checkpoint
     from nomoat.converter.merge import AdapterRef
+    from nomoat.converter.quantize import parse_symmetric
     from nomoat.converter.reference import reference_model
     from nomoat.converter.verify import compare_logits, default_eval_text
     from nomoat.runtime import Model
@@ -170,7 +173,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     merged = merge_to_hf_dir(source, [AdapterRef(adapter)], args.out / "merged", force=True, progress=False)
     log(f"converting the merged model to int4 for {args.target}")
     bundle = convert(ConvertOptions(model=str(merged), out=args.out / "nomoat-int4", target=args.target,
-                                    quant="int4", max_context=max(args.eval_tokens, 64), skip_verify=True,
+                                    quant="int4",
+                                    symmetric=None if args.symmetric is None else parse_symmetric(args.symmetric),
+                                    max_context=max(args.eval_tokens, 64), skip_verify=True,
                                     force=True, progress=False))
     nomoat = Model.load(bundle, threads=args.threads)
     ids = nomoat.encode(default_eval_text(), add_bos=None)[: args.eval_tokens]

@@ -117,8 +117,10 @@ def _recipe_line(recipe: dict[str, Any], quant: dict[str, Any]) -> str:
     smoothing = " + smoothing" if quant.get("smoothing") and weights == "int4" and \
         quant.get("algorithm") in ("imatrix", "gptq") else ""
     algorithm = f" ({quant['algorithm']}{smoothing})" if quant.get("algorithm") and weights != "fp32" else ""
+    symmetric = quant.get("symmetric") if weights != "fp32" else None
+    symmetric_text = f", no zero points in {'/'.join(symmetric)}" if symmetric else ""
     return (f"{', '.join(recipe.get('formats', []))}, {weights} weights{algorithm} in blocks of "
-            f"{recipe.get('block_size')}{head_text}, embedding {embedding}, "
+            f"{recipe.get('block_size')}{head_text}{symmetric_text}, embedding {embedding}, "
             f"accuracy level {recipe.get('accuracy_level')}, "
             f"{recipe.get('threads')} threads, context {recipe.get('max_context')}, KV cache {recipe.get('kv_dtype')}")
 

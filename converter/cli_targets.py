@@ -47,6 +47,7 @@ def table(targets) -> str:
 def describe(t) -> str:
     """One target in full: facts, then the recipe."""
     r = t.recipe
+    symmetric = f", no zero points in {'/'.join(r.symmetric)}" if r.symmetric and r.weights != "fp32" else ""
     return "\n".join([
         f"{t.name}: {t.description}",
         f"  soc        {t.soc} ({t.os})",
@@ -54,7 +55,8 @@ def describe(t) -> str:
         f"  isa        {' '.join(t.isa)} (int8 dot products: {'yes' if t.has_int8_dot else 'no'})",
         f"  memory     {t.ram_gb:g} GB RAM, an app may use {t.app_memory_share:.0%}: budget "
         f"{t.memory_budget_bytes / 2**20:.0f} MiB",
-        f"  recipe     {', '.join(r.formats)}, {r.weights} weights in blocks of {r.block_size}, accuracy level "
+        f"  recipe     {', '.join(r.formats)}, {r.weights} weights in blocks of {r.block_size}{symmetric}, "
+        f"accuracy level "
         f"{r.accuracy_level}, embedding {'int4' if r.quantize_embedding and r.weights == 'int4' else 'fp32'}, "
         f"{r.threads} threads, context {r.max_context}, KV cache {r.kv_dtype}",
     ])

@@ -38,6 +38,7 @@ class ConvertOptions:
     lm_head_bits: int | None = None
     algorithm: str | None = None
     smoothing: bool | None = None
+    symmetric: tuple[str, ...] | None = None  # linear roles without zero points (quantize.LINEAR_ROLES)
     max_context: int | None = None
     threads: int | None = None
     fit: str = "strict"  # strict | shrink-context
@@ -69,7 +70,7 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
     target = load_target(opts.target)
     recipe = target.recipe.with_overrides(weights=opts.quant, block_size=opts.block_size,
                                           lm_head_bits=opts.lm_head_bits, algorithm=opts.algorithm,
-                                          smoothing=opts.smoothing,
+                                          smoothing=opts.smoothing, symmetric=opts.symmetric,
                                           max_context=opts.max_context, threads=opts.threads)
     recipe.quant_recipe()  # validates --quant / --block-size before any work
     return target, recipe
@@ -140,6 +141,7 @@ def _describe(recipe: Recipe) -> str:
     head = f", LM head {recipe.lm_head_bits}-bit" if recipe.weights == "int4" else ""
     head += f", {recipe.algorithm}" if recipe.weights != "fp32" else ""
     head += " + smoothing" if recipe.quant_recipe().smooths else ""
+    head += f", symmetric {'/'.join(recipe.symmetric)}" if recipe.weights != "fp32" and recipe.symmetric else ""
     text = (f"{recipe.weights}, block {recipe.block_size}{head}, accuracy level {recipe.accuracy_level}, "
             f"{recipe.threads} threads, context {recipe.max_context}")
     return text + (f" (set by hand: {', '.join(recipe.overrides)})" if recipe.overrides else "")

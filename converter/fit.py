@@ -90,12 +90,13 @@ class MemoryEstimate:
 # --- weights as stored (mirrors the layouts quantize.py and ONNX Runtime write) ---------------
 
 
-def matmul_nbits_bytes(n: int, k: int, bits: int, block_size: int) -> int:
+def matmul_nbits_bytes(n: int, k: int, bits: int, block_size: int, symmetric: bool = False) -> int:
     """MatMulNBits B of K inputs x N outputs: codes [N, k_blocks, block*bits/8], fp32 scale and
-    uint8 zero point per block (4-bit zero points two per byte, each row padded to a byte)."""
+    uint8 zero point per block (4-bit zero points two per byte, each row padded to a byte; none
+    when symmetric)."""
     k_blocks = -(-k // block_size)
     codes = n * k_blocks * block_size * bits // 8
-    zero_points = n * (k_blocks if bits == 8 else -(-k_blocks // 2))
+    zero_points = 0 if symmetric else n * (k_blocks if bits == 8 else -(-k_blocks // 2))
     return codes + n * k_blocks * 4 + zero_points
 
 
@@ -105,17 +106,18 @@ def gather_block_quantized_bytes(vocab: int, hidden: int, block_size: int) -> in
     return -(-vocab * hidden // 2) + blocks * 4 + -(-blocks // 2)
 
 
-def _linear_bytes(n: int, k: int, bits: int | None, block_size: int) -> int:
-    return n * k * 4 if bits is None else matmul_nbits_bytes(n, k, bits, block_size)
+def _linear_bytes(n: int, k: int, quant: QuantRecipe, role: str) -> int:
+    if quant.weights == "fp32":
+        return n * k * 4
+    return matmul_nbits_bytes(n, k, quant.bits, quant.block_size, symmetric=role in quant.symmetric)
 
 
 def weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int) -> int:
     """Bytes of every initializer of the exported graph (model.onnx.data plus the small inline ones)."""
-    h, i, hd, bs = spec.hidden_size, spec.intermediate_size, spec.head_dim, quant.block_size
-    bits = None if quant.weights == "fp32" else quant.bits
+    h, i, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
     qkv = (spec.num_heads + 2 * spec.num_kv_heads) * hd
-    per_layer = (_linear_bytes(qkv, h, bits, bs) + _linear_bytes(h, spec.num_heads * hd, bits, bs)
-                 + _linear_bytes(2 * i, h, bits, bs) + _linear_bytes(h, i, bits, bs)
+    per_layer = (_linear_bytes(qkv, h, quant, "qkv") + _linear_bytes(h, spec.num_heads * hd, quant, "o")
+                 + _linear_bytes(2 * i, h, quant, "gate_up") + _linear_bytes(h, i, quant, "down")
                  + 2 * h * 4 + (qkv * 4 if spec.attention_bias else 0) + 16)  # norms, q|k|v bias, split sizes
     return (spec.num_layers * per_layer + _embedding_bytes(spec, quant) + lm_head_bytes(spec, quant)
             + h * 4 + 2 * max_context * (hd // 2) * 4)  # final norm, rotary cos/sin caches
@@ -164,7 +166,7 @@ def lm_head_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
     if quant.weights == "fp32":
         return spec.vocab_size * spec.hidden_size * 4
     return matmul_nbits_bytes(spec.vocab_size, spec.hidden_size, quant.bits_for(LM_HEAD_NODE),
-                              quant.block_size_for(LM_HEAD_NODE))
+                              quant.block_size_for(LM_HEAD_NODE), symmetric=quant.is_symmetric(LM_HEAD_NODE))
 
 
 # --- what grows with the context -------------------------------------------------------------

@@ -22,15 +22,16 @@ DAMPING = 0.01  # fraction of the mean diagonal added to X^T X: keeps the invers
 LAZY_COLUMNS = 128
 
 
-def gptq_blockwise(w: np.ndarray, bits: int, block_size: int, gram: np.ndarray):
+def gptq_blockwise(w: np.ndarray, bits: int, block_size: int, gram: np.ndarray, symmetric: bool = False):
     """Quantize B [K, N] along K in blocks; gram [K, K] = X^T X / tokens of the input it multiplies.
 
     Returns codes, scales and zero points as torch tensors shaped [N, k_blocks, block_size],
     [N, k_blocks, 1], [N, k_blocks, 1] (K padded with zero channels up to whole blocks).
+    symmetric: every block's zero point is the middle code (see quantize._symmetric_search).
     """
     import torch
 
-    from .quantize import _channel_weight, _mse_search
+    from .quantize import _channel_weight, _mse_search, _symmetric_search
 
     k, n = w.shape
     qmax = (1 << bits) - 1
@@ -63,7 +64,8 @@ def gptq_blockwise(w: np.ndarray, bits: int, block_size: int, gram: np.ndarray):
             if column % block_size == 0:
                 # The block's grid is chosen on its weights as the earlier errors left them.
                 group = part[:, i:i + block_size].reshape(n, 1, block_size)
-                _, s, z = _mse_search(group, qmax, weight=search_weight[:, block:block + 1])
+                search = _symmetric_search if symmetric else _mse_search
+                _, s, z = search(group, qmax, weight=search_weight[:, block:block + 1])
                 scales[:, block], zeros[:, block] = s.view(n), z.view(n)
             s, z = scales[:, block], zeros[:, block]
             q = torch.clamp(torch.round(part[:, i] / s) + z, 0, qmax)

@@ -74,7 +74,8 @@ def smooth(ckpt: Checkpoint, importance: Importance, recipe: QuantRecipe
                 continue
             # The quantizer's weight layout: B [K, N] with K the input channels.
             w = torch.cat([tensors[c] for c in fold.consumers]).float().T.numpy()
-            alpha, s = best_scale(w, imp, recipe.bits_for(fold.node), recipe.block_size_for(fold.node))
+            alpha, s = best_scale(w, imp, recipe.bits_for(fold.node), recipe.block_size_for(fold.node),
+                                  symmetric=recipe.is_symmetric(fold.node))
             chosen[fold.node] = alpha
             if alpha == 0.0:
                 continue
@@ -90,8 +91,10 @@ def smooth(ckpt: Checkpoint, importance: Importance, recipe: QuantRecipe
     return replace(ckpt, tensors=tensors), replace(importance, channels=channels, grams=grams), chosen
 
 
-def best_scale(w: np.ndarray, importance: np.ndarray, bits: int, block_size: int) -> tuple[float, np.ndarray]:
-    """(alpha, s) minimizing sum_k importance_k * |dequant(s W)_k / s_k - W_k|^2 over ALPHAS."""
+def best_scale(w: np.ndarray, importance: np.ndarray, bits: int, block_size: int,
+               symmetric: bool = False) -> tuple[float, np.ndarray]:
+    """(alpha, s) minimizing sum_k importance_k * |dequant(s W)_k / s_k - W_k|^2 over ALPHAS,
+    with the blocks the layer will have (symmetric or not)."""
     from .quantize import dequantize, quantize_blockwise
 
     imp = np.maximum(np.asarray(importance, np.float64), 1e-12)
@@ -102,7 +105,7 @@ def best_scale(w: np.ndarray, importance: np.ndarray, bits: int, block_size: int
         s = s / np.exp(np.log(s).mean())  # geometric mean 1: the weights keep their overall scale
         # imatrix's search whatever the final algorithm: GPTQ would need a Gram matrix per candidate.
         q = quantize_blockwise((cols * s[:, None]).astype(np.float32), bits, block_size, "imatrix",
-                               importance=(imp / s**2).astype(np.float32))
+                               importance=(imp / s**2).astype(np.float32), symmetric=symmetric)
         err = float((((dequantize(q, cols.shape, bits, block_size) / s[:, None]) - cols) ** 2 * imp[:, None]).sum())
         if err < best[0]:
             best = (err, alpha, s)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 
-def unpack_zero_points(zero_points: np.ndarray, n: int, k_blocks: int, bits: int) -> np.ndarray:
-    """[n, k_blocks] zero points; 4-bit ones are stored two per byte, low nibble first."""
+def unpack_zero_points(zero_points: np.ndarray | None, n: int, k_blocks: int, bits: int) -> np.ndarray:
+    """[n, k_blocks] zero points; 4-bit ones are stored two per byte, low nibble first; none stored
+    means the middle code (MatMulNBits' default)."""
+    if zero_points is None:
+        return np.full((n, k_blocks), 1 << (bits - 1), np.uint8)
     if bits == 8:
         return zero_points.reshape(n, k_blocks)
     return np.stack([zero_points & 15, zero_points >> 4], -1).reshape(n, -1)[:, :k_blocks]
 
 
-def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, block: int,
+def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, block: int,
                k: int) -> np.ndarray:
     """W [N, K] from MatMulNBits codes [N, k_blocks, block*bits/8], scales and zero points."""
     n = packed.shape[0]

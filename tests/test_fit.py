@@ -15,6 +15,7 @@ from nomoat.converter.errors import ConversionError
 from nomoat.converter.fit import MiB, check_fit, estimate_memory, largest_fitting_context
 from nomoat.converter.load import load_checkpoint
 from nomoat.converter.peek import peek_spec
+from nomoat.converter.quantize import LINEAR_ROLES
 from nomoat.converter.targets import Recipe, load_target
 from tiny_models import make_tiny_hf_dir, write_gguf_from_hf, write_meta_from_hf
 
@@ -48,14 +49,15 @@ def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_hf_dir(tmp_path_factory.mktemp("fit") / "tiny", max_position_embeddings=4096)
 
 
-@pytest.mark.parametrize("arch,tie,quant,head", [
-    ("llama", False, "fp32", None), ("llama", False, "int8", None), ("llama", False, "int4", None),
-    ("llama", True, "int4", None), ("llama", True, "int4", 8), ("qwen2", False, "int8", None),
+@pytest.mark.parametrize("arch,tie,quant,head,symmetric", [
+    ("llama", False, "fp32", None, None), ("llama", False, "int8", None, None), ("llama", False, "int4", None, None),
+    ("llama", True, "int4", None, None), ("llama", True, "int4", 8, None), ("qwen2", False, "int8", None, None),
+    ("llama", True, "int4", None, LINEAR_ROLES), ("llama", False, "int8", None, ()),
 ])
-def test_weight_estimate_is_the_exported_size(tmp_path, arch, tie, quant, head):
+def test_weight_estimate_is_the_exported_size(tmp_path, arch, tie, quant, head, symmetric):
     model = make_tiny_hf_dir(tmp_path / "m", arch=arch, tie=tie)
     out = convert(ConvertOptions(model=str(model), out=tmp_path / "b", quant=quant, max_context=64,
-                                 lm_head_bits=head, progress=False, skip_verify=True))
+                                 lm_head_bits=head, symmetric=symmetric, progress=False, skip_verify=True))
     manifest = json.loads((out / "manifest.json").read_text())
     estimated = manifest["target"]["memory_estimate"]["weights_bytes"]
     assert estimated == _initializer_bytes(out / "model.onnx")  # every byte accounted for, the LM head included

@@ -133,15 +133,15 @@ def test_lm_head_bits_is_a_recorded_choice(tiny_dir, tmp_path):
         _convert(tiny_dir, tmp_path / "head3", quant="int4", lm_head_bits=3)
 
 
-@pytest.mark.parametrize("head_bits", [4, 8])
-def test_tied_embedding_reads_the_lm_heads_codes(tmp_path, head_bits):
+@pytest.mark.parametrize("head_bits,symmetric", [(4, ()), (8, ()), (4, ("lm_head",))])
+def test_tied_embedding_reads_the_lm_heads_codes(tmp_path, head_bits, symmetric):
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
 
     tied = make_tiny_hf_dir(tmp_path / "tied", tie=True)
     fp32 = _convert(tied, tmp_path / "fp32")
-    bundle = _convert(tied, tmp_path / "int4", quant="int4", lm_head_bits=head_bits)
+    bundle = _convert(tied, tmp_path / "int4", quant="int4", lm_head_bits=head_bits, symmetric=symmetric)
     model = onnx.load(str(bundle / "model.onnx"))
     nodes = {n.name: n for n in model.graph.node}
     assert nodes["embed_tokens"].op_type == "GatherBlockQuantized"
@@ -149,7 +149,9 @@ def test_tied_embedding_reads_the_lm_heads_codes(tmp_path, head_bits):
     # The lookup yields each token's row of the LM head exactly as MatMulNBits stores it.
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     head = {a.name: a.i for a in nodes["lm_head"].attribute}
-    codes, scales, zero_points = (inits[i] for i in nodes["lm_head"].input[1:4])
+    codes, scales, *zero_points = (inits[i] for i in nodes["lm_head"].input[1:4])
+    assert len(zero_points) == (0 if "lm_head" in symmetric else 1)  # none: MatMulNBits' default
+    zero_points = zero_points[0] if zero_points else None
     table = dequantize(codes, scales, zero_points, head["bits"], head["block_size"], head["K"])
     # The two lookup nodes as they are in the bundle, alone in a graph of their own.
     lookup_nodes = [nodes["embed_tokens"], nodes["embed_tokens.reshape"]]

@@ -160,7 +160,7 @@ def test_overrides_land_in_the_manifest_and_inspect_shows_them(tiny_dir, tmp_pat
     assert "overrides  block_size=64, max_context=128, threads=2, weights=int8" in text
     assert "target     pixel6: Google Pixel 6" in text and "sha256 ok" in text
     assert "memory     peak ~" in text and "at 128 tokens" in text
-    assert "int8 weights (imatrix) in blocks of 64, LM head 8-bit" in text
+    assert "int8 weights (imatrix) in blocks of 64, LM head 8-bit, no zero points in gate_up, embedding" in text
     assert "chat       template as text pieces too" in text
 
     assert nomoat_main(["inspect", str(out), "--json"]) == 0

@@ -48,6 +48,8 @@ class Recipe:
     # Rescale input channels by their activations before rounding (smooth.py): lower KL, higher top-1,
     # but not lower perplexity on a LoRA-merged model, which is issue #5's quality bar; opt-in.
     smoothing: bool = False
+    # Linear layers stored without zero points (quantize.py): faster MatMulNBits; README "The graph".
+    symmetric: tuple[str, ...] = ("gate_up",)
     threads: int = 4
     max_context: int = 2048
     kv_dtype: str = "float32"
@@ -85,12 +87,14 @@ class Recipe:
 
         return QuantRecipe(weights=self.weights, block_size=self.block_size, accuracy_level=self.accuracy_level,
                            quantize_embedding=self.quantize_embedding, lm_head_bits=self.lm_head_bits,
-                           algorithm=self.algorithm, smoothing=self.smoothing)
+                           algorithm=self.algorithm, smoothing=self.smoothing,
+                           symmetric=self.symmetric)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["formats"], d["overrides"], d["adjustments"] = list(self.formats), list(self.overrides), \
             list(self.adjustments)
+        d["symmetric"] = list(self.symmetric)
         return d
 
 
@@ -138,6 +142,7 @@ def _recipe_from_toml(d: dict[str, Any], isa: set[str]) -> Recipe:
         lm_head_bits=int(d.get("lm_head_bits", Recipe.lm_head_bits)),
         algorithm=d.get("algorithm", Recipe.algorithm),
         smoothing=bool(d.get("smoothing", Recipe.smoothing)),
+        symmetric=tuple(d.get("symmetric", Recipe.symmetric)),
         threads=int(d["threads"]),
         max_context=int(d["max_context"]),
         kv_dtype=d.get("kv_dtype", "float32"),
