@@ -159,7 +159,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block_size: int, algorithm: str
     x = x.view(n, k_blocks, block_size)
     qmax = (1 << bits) - 1
     if algorithm == "rtn":
-        # Symmetric RTN is the symmetric search's first candidate: the largest magnitude on the grid's end.
+        # Symmetric rounding: one scale per sign, the block's reach on the grid's end (then refit).
         q, scale, zero = _symmetric_search(x, qmax, steps=1) if symmetric else _rtn(x, qmax)
     elif algorithm == "gptq" and gram is not None:
         from .gptq import gptq_blockwise
