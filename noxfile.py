@@ -78,9 +78,10 @@ def bench(session: nox.Session) -> None:
     The session's virtualenv is reused afterwards, the bundle in
     build/bench/int4 is reused if present (delete it after changing the converter) and the peers'
     models are cached in build/bench-cache/. Arguments after `--` go to benchmarks/run.py,
-    e.g. `nox -s bench -- --rounds 9`. Two runs: a 128-token prompt with 128 new tokens, then a
-    1,024-token prompt with 64. Results: the tables on stdout, every number in
-    build/bench/results.json and results-long.json.
+    e.g. `nox -s bench -- --rounds 9`. Three runs: a 128-token prompt with 128 new tokens, a
+    1,024-token prompt with 64, and prompt-lookup decoding (256 + 128, up to 8 drafted tokens) next
+    to plain decoding. Results: the tables on stdout, every number in build/bench/results.json,
+    results-long.json and results-lookup.json.
     """
     from pathlib import Path  # local: the other sessions' code is left as it is
 
@@ -100,6 +101,11 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
                 "--prompt-tokens", "1024", "--new-tokens", "64", "--rounds", "3",
                 "--json", "build/bench/results-long.json", *session.posargs)
+    # Prompt-lookup speculative decoding, apart from plain decoding: each system plain and with its own
+    # drafter, on prose that repeats (the best case for drafting).
+    session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
+                "--prompt-tokens", "256", "--new-tokens", "128", "--prompt-lookup", "8", "--rounds", "3",
+                "--json", "build/bench/results-lookup.json", *session.posargs)
 
 
 @nox.session

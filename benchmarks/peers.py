@@ -15,19 +15,25 @@ from pathlib import Path
 class LlamaCppEngine:
     """llama.cpp through llama-cpp-python, as its users run it: `Llama.generate` at temperature 0."""
 
-    def __init__(self, gguf: str, threads: int, context: int, name: str = "llama.cpp Q4_0"):
+    def __init__(self, gguf: str, threads: int, context: int, name: str = "llama.cpp Q4_0",
+                 prompt_lookup: int = 0):
         self.gguf = Path(gguf)
         self.threads = threads
         self.context = context
         self.name = name
+        self.prompt_lookup = prompt_lookup
         self.llm = None
 
     def prepare(self) -> None:
         from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
+        # llama-cpp-python's own prompt-lookup drafter, as its users turn it on.
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=self.prompt_lookup) if self.prompt_lookup else None
         # The same thread count for prompt batches and single tokens, like the other systems.
         self.llm = Llama(model_path=str(self.gguf), n_ctx=self.context, n_threads=self.threads,
-                         n_threads_batch=self.threads, n_batch=min(512, self.context), verbose=False)
+                         n_threads_batch=self.threads, n_batch=min(512, self.context), verbose=False,
+                         draft_model=draft)
 
     def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
         count = 0
@@ -49,11 +55,13 @@ class LlamaCppEngine:
 class OrtGenAIEngine:
     """ONNX Runtime GenAI on the folder its model builder wrote (`-p int4 -e cpu`)."""
 
-    def __init__(self, model_dir: str, threads: int, context: int, name: str = "ONNX Runtime GenAI int4"):
+    def __init__(self, model_dir: str, threads: int, context: int, name: str = "ONNX Runtime GenAI int4",
+                 prompt_lookup: int = 0):
         self.model_dir = Path(model_dir)
         self.threads = threads
         self.context = context
         self.name = name
+        self.prompt_lookup = prompt_lookup
         self.model = None
         self.generator = None
 
@@ -86,6 +94,10 @@ class OrtGenAIEngine:
         self.generator = None
         params = og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=self.context, min_length=self.context)
+        if self.prompt_lookup:
+            # GenAI's own n-gram speculative decoding (bigram matches, as llama-cpp-python's
+            # drafter). It still hands out one token per generate_next_token call.
+            params.set_speculative_options(ngram_size=2, max_draft_tokens=self.prompt_lookup)
         self.generator = og.Generator(self.model, params)
 
     def model_bytes(self) -> int | None:

@@ -10,6 +10,10 @@ same threads and the same KV-cache capacity (the bundle's max context); rounds a
 A B C A B C ... so machine drift spreads over all of them. Before timing, each system answers
 one question greedily, so a broken artifact is caught instead of timed.
 Ratios are against llama.cpp Q4_0 at the same thread count (median / median).
+
+With --prompt-lookup N the run measures prompt-lookup speculative decoding instead: nomoat,
+llama.cpp and ONNX Runtime GenAI each plain and with their own n-gram drafter (up to N
+drafted tokens per pass), on the same repeating prose; reported apart from plain decoding.
 """
 
 from __future__ import annotations
@@ -50,26 +54,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds per system first")
     p.add_argument("--cache", type=Path, default=ROOT / "build" / "bench-cache",
                    help="where the peers' models are built and kept")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="measure prompt-lookup speculative decoding instead (up to N drafted tokens per pass): "
+                        "nomoat, llama.cpp and ONNX Runtime GenAI each plain and with their own drafter")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every number here")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw a chart (matplotlib)")
     return p.parse_args(argv)
 
 
-def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int) -> list[tuple[str, str, dict]]:
-    """(label, engine reference, engine options) for each system, nomoat first."""
+def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int,
+            prompt_lookup: int = 0) -> list[tuple[str, str, dict]]:
+    """(label, engine reference, engine options) for each system, nomoat first.
+
+    With prompt_lookup, each system that has a prompt-lookup (n-gram) drafter runs twice, plain
+    and with it; ExecuTorch's Python runtime has none, so it sits that run out.
+    """
     label = f"nomoat {bundle.name}"
     ortgenai = "ONNX Runtime GenAI int4"
     executorch = "ExecuTorch 8da4w"
-    return [
+    plain = [
         (label, "nomoat.runtime.bench:NomoatEngine",
          {"bundle": str(bundle.resolve()), "threads": threads, "name": label}),
         (BASELINE, "peers:LlamaCppEngine",
          {"gguf": str(peers[BASELINE]), "threads": threads, "context": context}),
         (ortgenai, "peers:OrtGenAIEngine",
          {"model_dir": str(peers[ortgenai]), "threads": threads, "context": context}),
-        (executorch, "peer_executorch:ExecuTorchEngine",
-         {"pte": str(peers[executorch]), "threads": threads, "context": context}),
     ]
+    if not prompt_lookup:
+        return [*plain, (executorch, "peer_executorch:ExecuTorchEngine",
+                         {"pte": str(peers[executorch]), "threads": threads, "context": context})]
+    return [*plain, *((lookup_label(name, prompt_lookup), engine, {**options, "prompt_lookup": prompt_lookup})
+                      for name, engine, options in plain)]
+
+
+def lookup_label(system: str, prompt_lookup: int) -> str:
+    return f"{system} + lookup {prompt_lookup}"
 
 
 def question_ids(bundle: Path, manifest: Manifest) -> list[int]:
@@ -106,7 +125,8 @@ def measure_threads(args: argparse.Namespace, peers: dict[str, Path], manifest: 
     jobs: list[Job] = []
     checks: list[dict[str, Any]] = []
     try:
-        for label, engine, options in systems(args.bundle, peers, threads, manifest.max_context):
+        for label, engine, options in systems(args.bundle, peers, threads, manifest.max_context,
+                                              args.prompt_lookup):
             print(f"[bench] loading {label} ({threads} threads) ...", file=sys.stderr)
             worker = WorkerProcess(label, local_worker_argv(engine, options), env=env)
             jobs.append(Job(worker, prompt_ids, args.new_tokens))
@@ -114,6 +134,9 @@ def measure_threads(args: argparse.Namespace, peers: dict[str, Path], manifest: 
         print(f"[bench] check: {CHECK_QUESTION}", file=sys.stderr)
         ids = question_ids(args.bundle, manifest)
         checks = [check_answer(job.worker, ids, manifest, tokenizer) for job in jobs]
+        if args.prompt_lookup:
+            checks = [{**c, **m} for c, m in zip(checks, compare_with_plain(jobs, prompt_ids, args.new_tokens,
+                                                                             args.prompt_lookup), strict=True)]
         print(f"[bench] {args.warmup} warm-up + {args.rounds} rounds, alternating ...", file=sys.stderr)
         run_alternating(jobs, args.rounds, args.warmup, on_round=_print_round)
     finally:
@@ -123,6 +146,42 @@ def measure_threads(args: argparse.Namespace, peers: dict[str, Path], manifest: 
              "load_s": job.worker.ready["load_s"], "machine": job.worker.ready["machine"], **check,
              "summary": summarize(job.rounds).to_dict(), "rounds": [r.to_dict() for r in job.rounds]}
             for job, check in zip(jobs, checks, strict=True)]
+
+
+def compare_with_plain(jobs: list[Job], prompt_ids: list[int], new_tokens: int,
+                       prompt_lookup: int) -> list[dict[str, Any]]:
+    """For each system with a drafter: how many of its first tokens on the bench prompt equal its
+    plain decoding's. Drafting should not change greedy text, but checking drafts in one batched
+    pass rounds differently from one token at a time, so a near-tie can go the other way."""
+    tokens = {job.worker.label: job.worker.generate(prompt_ids, new_tokens) for job in jobs}
+    out = []
+    for job in jobs:
+        plain = next((label for label in tokens if lookup_label(label, prompt_lookup) == job.worker.label), None)
+        if plain is None:
+            out.append({})
+            continue
+        same = matching_prefix(tokens[plain], tokens[job.worker.label])
+        print(f"  {job.worker.label}: first {same} of {new_tokens} tokens as {plain} plain", file=sys.stderr)
+        out.append({"tokens_as_plain": same})
+    return out
+
+
+def lookup_agreement(results: list[dict[str, Any]], new_tokens: int) -> str:
+    """One line: where each drafting system's text first parts from its plain decoding's."""
+    seen = {}
+    for r in results:
+        if "tokens_as_plain" in r:
+            seen.setdefault(r["system"], []).append(f"{r['tokens_as_plain']}")
+    parts = [f"{system}: {' / '.join(counts)}" for system, counts in seen.items()]
+    return (f"Leading tokens (of {new_tokens}, per thread count) equal to the same system's plain decoding: "
+            + "; ".join(parts) + ".")
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _print_round(job: Job, index: int, r: Any) -> None:
@@ -161,8 +220,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = args.threads or [2]
-    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.rounds < 1:
-        raise SystemExit("need --new-tokens >= 2, --prompt-tokens >= 1 and --rounds >= 1")
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.rounds < 1 or args.prompt_lookup < 0:
+        raise SystemExit("need --new-tokens >= 2, --prompt-tokens >= 1, --rounds >= 1 and --prompt-lookup >= 0")
     try:
         manifest = read_manifest(args.bundle)
     except BundleError as e:
@@ -185,15 +244,19 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = {t: read_bandwidth(t) for t in threads}
     bytes_read = {label: _bytes_per_token(path) for label, path in
                   [(f"nomoat {args.bundle.name}", args.bundle), *peers.items()]}
+    if args.prompt_lookup:  # the same weights; a pass reads them once however many tokens it checks
+        bytes_read |= {lookup_label(label, args.prompt_lookup): n for label, n in bytes_read.items()}
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
               "source": str(source), "bundle": str(args.bundle), "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "context": manifest.max_context, "rounds": args.rounds,
-              "warmup": args.warmup, "load_average_before": load_before,
+              "warmup": args.warmup, "prompt_lookup": args.prompt_lookup, "load_average_before": load_before,
               "load_average_after": os.getloadavg()[0], "read_bandwidth_bytes_per_s": bandwidth,
               "weight_bytes_per_token": bytes_read, "results": results}
     print(f"\n{report_heading(report)}\n")
     print(markdown_table(results))
+    if args.prompt_lookup:
+        print("\n" + lookup_agreement(results, args.new_tokens))
     print("\nDecode against the memory-bandwidth ceiling (read bandwidth measured here / weight bytes one "
           "token reads):\n")
     print(ceiling_table(results, bytes_read, bandwidth))
@@ -218,8 +281,11 @@ def report_heading(report: dict[str, Any]) -> str:
             f"{report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, KV capacity "
             f"{report['context']}; median (min–max) of {report['rounds']} alternating rounds after "
             f"{report['warmup']} warm-up; ratios vs {BASELINE} (medians). Load average "
-            f"{report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after.\n"
-            f"`{report['command']}`")
+            f"{report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after."
+            + (f" Prompt lookup: up to {report['prompt_lookup']} drafted tokens per pass, each system's own "
+               "drafter; the prompt is prose that repeats, so the text goes on repeating its context: "
+               "the best case for drafting, not a typical chat." if report.get("prompt_lookup") else "")
+            + f"\n`{report['command']}`")
 
 
 def plot_report(report: dict[str, Any], out: Path) -> None:

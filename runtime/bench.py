@@ -230,12 +230,18 @@ def machine_info() -> dict[str, object]:
 # -- the nomoat engine ---------------------------------------------------------------------
 
 class NomoatEngine:
-    """nomoat.runtime on an ONNX bundle, greedy, end-of-sequence ignored."""
+    """nomoat.runtime on an ONNX bundle, greedy, end-of-sequence ignored. With `prompt_lookup`
+    > 0 it decodes with prompt-lookup speculative decoding, up to that many drafted tokens per
+    pass (the same tokens, fewer passes where the text repeats its context)."""
 
-    def __init__(self, bundle: str, threads: int | None = None, name: str | None = None):
+    def __init__(self, bundle: str, threads: int | None = None, name: str | None = None,
+                 prompt_lookup: int = 0):
+        if prompt_lookup < 0:
+            raise ValueError(f"prompt_lookup must be >= 0 drafted tokens, got {prompt_lookup}")
         self.bundle = Path(bundle)
         self.threads = threads
         self.name = name or f"nomoat {self.bundle.name}"
+        self.prompt_lookup = prompt_lookup
         self.model = None
 
     def prepare(self) -> None:
@@ -246,8 +252,12 @@ class NomoatEngine:
     def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
         from .sampling import SamplingParams
 
-        yield from self.model.generate_tokens(list(prompt_ids), new_tokens, params=SamplingParams(),
-                                              ignore_eos=True)
+        if self.prompt_lookup:
+            yield from self.model.generate_tokens_lookahead(list(prompt_ids), new_tokens,
+                                                            draft_tokens=self.prompt_lookup, ignore_eos=True)
+        else:
+            yield from self.model.generate_tokens(list(prompt_ids), new_tokens, params=SamplingParams(),
+                                                  ignore_eos=True)
 
     def reset(self) -> None:
         # The model reuses the cached prefix of a repeated prompt: without this, prefill is free.

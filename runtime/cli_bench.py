@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt length in tokens; repeatable (default: 128)")
     p.add_argument("--new-tokens", type=int, action="append", metavar="N", default=unset,
                    help="tokens generated per round, at least 2; repeatable (default: 128)")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="also measure prompt-lookup speculative decoding with up to N drafted tokens per "
+                        "pass, reported in rows of its own next to plain decoding (default: off)")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds per configuration")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds per configuration first")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -68,10 +71,12 @@ class Config:
     threads: int | None
     prompt_tokens: int
     new_tokens: int
+    prompt_lookup: int = 0  # drafted tokens per pass; 0 = plain decoding
 
     @property
     def label(self) -> str:
-        return f"{self.threads or 'default'} thr, {self.prompt_tokens}+{self.new_tokens} tok"
+        lookup = f", lookup {self.prompt_lookup}" if self.prompt_lookup else ""
+        return f"{self.threads or 'default'} thr, {self.prompt_tokens}+{self.new_tokens} tok{lookup}"
 
 
 def bench_bundle(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,7 +86,10 @@ def bench_bundle(args: argparse.Namespace) -> dict[str, Any]:
     threads: list[int | None] = getattr(args, "threads", [None])
     prompts: list[int] = getattr(args, "prompt_tokens", [128])
     news: list[int] = getattr(args, "new_tokens", [128])
+    lookup: int = getattr(args, "prompt_lookup", 0)
     check_counts(threads, prompts, news, args.rounds, args.warmup)
+    if lookup < 0:
+        raise BenchError("--prompt-lookup must be >= 1 drafted tokens (or 0 for off)")
     if getattr(args, "plot", None):
         from .bench_plot import require_matplotlib
 
@@ -96,10 +104,13 @@ def bench_bundle(args: argparse.Namespace) -> dict[str, Any]:
     bundle = str(args.bundle.resolve())
 
     def start_worker(config: Config) -> WorkerProcess:
-        options = {"bundle": bundle, "threads": config.threads}
+        options = {"bundle": bundle, "threads": config.threads, "prompt_lookup": config.prompt_lookup}
         return WorkerProcess(config.label, local_worker_argv(NOMOAT_ENGINE, options))
 
-    configs = [Config(*c) for c in itertools.product(threads, prompts, news)]
+    # Prompt lookup is measured next to plain decoding, never instead of it: its speed depends on
+    # how much the text repeats, so it is reported in rows of its own.
+    lookups = [0, lookup] if lookup else [0]
+    configs = [Config(*c) for c in itertools.product(threads, prompts, news, lookups)]
     report = measure_configs(configs, prompt_ids, start_worker, args.rounds, args.warmup)
     return {"bundle": str(args.bundle), **report}
 
@@ -153,6 +164,7 @@ def _job_report(job: Job, config: Config) -> dict[str, Any]:
         "threads": config.threads,
         "prompt_tokens": config.prompt_tokens,
         "new_tokens": config.new_tokens,
+        "prompt_lookup": config.prompt_lookup,
         "model_bytes": ready.get("model_bytes"),
         "load_s": ready.get("load_s"),
         "summary": summarize(job.rounds).to_dict(),
@@ -183,8 +195,10 @@ def format_table(report: dict[str, Any]) -> str:
     head = (f"nomoat bench {report['bundle']} on {machine.get('cpu', '?')} "
             f"({machine.get('cpus', '?')} CPUs); "
             f"{report['rounds']} rounds after {report['warmup']} warm-up, median (min–max)")
-    header = ["threads", "prompt", "new", *(c[0] for c in COLUMNS)]
+    lookup = any(r.get("prompt_lookup") for r in report["results"])
+    header = ["threads", "prompt", "new", *(["lookup"] if lookup else []), *(c[0] for c in COLUMNS)]
     rows = [[str(r["threads"] or "default"), str(r["prompt_tokens"]), str(r["new_tokens"]),
+             *([str(r.get("prompt_lookup") or "-")] if lookup else []),
              *(format_stat(r["summary"][metric], decimals) for _, metric, decimals in COLUMNS)]
             for r in report["results"]]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

@@ -261,6 +261,26 @@ def test_report_is_one_json_object_and_a_table(capsys):
     assert "prefill tok/s" in table and len(table.splitlines()) == 5
 
 
+def test_prompt_lookup_rows_stand_apart_from_plain_ones():
+    configs = [Config(1, 16, 4), Config(1, 16, 4, prompt_lookup=3)]
+    report = measure_configs(configs, {16: list(range(16))}, _sleepy_worker, rounds=1, warmup=0, pause_s=0)
+    assert [r["prompt_lookup"] for r in report["results"]] == [0, 3]
+    assert [r["label"] for r in report["results"]] == ["1 thr, 16+4 tok", "1 thr, 16+4 tok, lookup 3"]
+    header, plain, lookup = format_table({"bundle": "fake", **report}).splitlines()[2:]
+    assert header.split()[3] == "lookup"
+    assert plain.split()[3] == "-" and lookup.split()[3] == "3"
+    # Without lookup rows the table keeps its columns.
+    assert "lookup" not in format_table({"bundle": "fake", **measure_configs(
+        configs[:1], {16: list(range(16))}, _sleepy_worker, rounds=1, warmup=0, pause_s=0)})
+
+
+def test_cli_refuses_a_negative_prompt_lookup(tmp_path, capsys):
+    from nomoat.__main__ import main
+
+    assert main(["bench", str(tmp_path), "--prompt-lookup", "-1"]) == 1
+    assert "--prompt-lookup must be >= 1" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
     from tiny_models import tiny_fp32_bundle
@@ -280,6 +300,16 @@ def test_cli_json_on_a_real_bundle(tiny_bundle, tmp_path):
         assert r["prompt_tokens"] == 16 and r["new_tokens"] == 4 and len(r["rounds"]) == 2
         assert r["model_bytes"] > 0
         assert r["summary"]["peak_rss_mb"]["median"] > 10
+
+
+@pytest.mark.slow  # the tiny bundle, as above
+def test_cli_measures_prompt_lookup_next_to_plain_decoding(tiny_bundle):
+    cmd = [sys.executable, "-m", "nomoat", "bench", str(tiny_bundle), "--threads", "1", "--prompt-tokens", "16",
+           "--new-tokens", "8", "--prompt-lookup", "3", "--rounds", "1", "--warmup", "0", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)["results"]
+    assert [(r["prompt_lookup"], r["new_tokens"], len(r["rounds"])) for r in results] == [(0, 8, 1), (3, 8, 1)]
 
 
 @pytest.mark.slow

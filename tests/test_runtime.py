@@ -166,6 +166,28 @@ def test_prompt_lookup_decoding_gives_the_greedy_tokens_with_fewer_passes(bundle
     assert cached == (ids + fast)[: len(cached)] and len(cached) >= len(ids) + len(fast) - 1
 
 
+def test_bench_engine_with_prompt_lookup_gives_the_plain_tokens_in_fewer_passes(bundle):
+    from nomoat.runtime.bench import NomoatEngine
+
+    def run(engine: NomoatEngine, ids: list[int]) -> tuple[list[int], int]:
+        engine.prepare()
+        session = engine.model.session
+        passes = []
+        forward = session.forward
+        session.forward = lambda *a, **k: passes.append(1) or forward(*a, **k)
+        engine.reset()
+        return list(engine.run(ids, 30)), len(passes)
+
+    plain = NomoatEngine(str(bundle))
+    ids = Model.load(bundle).encode("one two three four five six " * 4)[:60]
+    plain_tokens, plain_passes = run(plain, ids)
+    lookup_tokens, lookup_passes = run(NomoatEngine(str(bundle), prompt_lookup=4), ids)
+    assert lookup_tokens == plain_tokens and len(lookup_tokens) == 30
+    assert lookup_passes < plain_passes
+    with pytest.raises(ValueError, match="prompt_lookup must be >= 0"):
+        NomoatEngine(str(bundle), prompt_lookup=-1)
+
+
 def test_draft_from_context_finds_the_latest_continuation():
     from nomoat.runtime.lookup import accepted_prefix, draft_from_context
 

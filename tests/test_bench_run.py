@@ -1,0 +1,71 @@
+"""benchmarks/run.py's choice of systems: which peers run, with which options."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import run  # noqa: E402  (benchmarks/ is not a package)
+
+PEERS = {"llama.cpp Q4_0": Path("/x/q4_0.gguf"), "ONNX Runtime GenAI int4": Path("/x/genai"),
+         "ExecuTorch 8da4w": Path("/x/model.pte")}
+
+
+def test_plain_run_measures_all_four_systems_without_lookup(tmp_path):
+    systems = run.systems(tmp_path / "int4", PEERS, threads=2, context=2048)
+    assert [label for label, _, _ in systems] == ["nomoat int4", "llama.cpp Q4_0", "ONNX Runtime GenAI int4",
+                                                 "ExecuTorch 8da4w"]
+    assert all("prompt_lookup" not in options and options["threads"] == 2 for _, _, options in systems)
+
+
+def test_prompt_lookup_run_pairs_each_drafting_system_with_its_plain_self(tmp_path):
+    systems = run.systems(tmp_path / "int4", PEERS, threads=1, context=2048, prompt_lookup=8)
+    labels = [label for label, _, _ in systems]
+    assert labels == ["nomoat int4", "llama.cpp Q4_0", "ONNX Runtime GenAI int4", "nomoat int4 + lookup 8",
+                      "llama.cpp Q4_0 + lookup 8", "ONNX Runtime GenAI int4 + lookup 8"]
+    plain, lookup = systems[:3], systems[3:]
+    for (_, engine, options), (_, lookup_engine, lookup_options) in zip(plain, lookup, strict=True):
+        assert lookup_engine == engine  # the same engine class and weights, only the drafter differs
+        assert lookup_options == {**options, "prompt_lookup": 8}
+    # ExecuTorch's Python runtime has no drafter: it sits the lookup run out rather than run plain twice.
+    assert not any("ExecuTorch" in label for label in labels)
+
+
+def test_prompt_lookup_is_stated_in_the_report_heading():
+    report = {"date": "2026-11-27T18:00:00", "source": "/x/m.gguf", "prompt_tokens": 256, "new_tokens": 128,
+              "context": 2048, "rounds": 3, "warmup": 1, "load_average_before": 0.1, "load_average_after": 0.2,
+              "command": "python benchmarks/run.py", "prompt_lookup": 8,
+              "results": [{"machine": {"cpu": "cpu", "cpus": 2}}]}
+    assert "up to 8 drafted tokens per pass" in run.report_heading(report)
+    assert "drafted" not in run.report_heading({**report, "prompt_lookup": 0})
+
+
+def test_lookup_agreement_names_where_each_drafter_parts_from_plain():
+    results = [{"system": "nomoat int4", "threads": 1},
+               {"system": "nomoat int4 + lookup 8", "threads": 1, "tokens_as_plain": 128},
+               {"system": "GenAI + lookup 8", "threads": 1, "tokens_as_plain": 16},
+               {"system": "nomoat int4 + lookup 8", "threads": 2, "tokens_as_plain": 97}]
+    line = run.lookup_agreement(results, 128)
+    assert "nomoat int4 + lookup 8: 128 / 97" in line and "GenAI + lookup 8: 16" in line
+    assert run.matching_prefix([1, 2, 3], [1, 2, 4]) == 2 and run.matching_prefix([1], [1, 2]) == 1
+
+
+class _FakeWorker:
+    def __init__(self, label: str, tokens: list[int]):
+        self.label, self.tokens = label, tokens
+
+    def generate(self, prompt_ids, new_tokens):
+        return self.tokens[:new_tokens]
+
+
+class _FakeJob:
+    def __init__(self, label: str, tokens: list[int]):
+        self.worker = _FakeWorker(label, tokens)
+
+
+def test_compare_with_plain_pairs_each_lookup_worker_with_its_plain_one():
+    jobs = [_FakeJob("a", [1, 2, 3, 4]), _FakeJob("b", [5, 6, 7, 8]),
+            _FakeJob("a + lookup 4", [1, 2, 9, 9]), _FakeJob("b + lookup 4", [5, 6, 7, 8])]
+    assert run.compare_with_plain(jobs, [0], 4, 4) == [{}, {}, {"tokens_as_plain": 2}, {"tokens_as_plain": 4}]
