@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "+5 points of perplexity and +13 %% decode speed; default: the recipe, gate_up")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens the KV cache holds; default: the target's recipe")
+    p.add_argument("--kv-dtype", choices=["float32", "float16"], default=None,
+                   help="element type of the KV cache: float16 halves its memory (SmolLM2-135M at 2,048 "
+                        "positions: 47 instead of 94 MB) and runs attention in fp16 (prefill ~7 %% faster on x86, "
+                        "decode the same); the Android app reads float32 caches only; default: the recipe, float32")
     p.add_argument("--threads", type=int, default=None, help="threads the runtime uses; default: the recipe")
     p.add_argument("--fit", choices=["strict", "shrink-context"], default="strict",
                    help="when the model does not fit the device: fail (strict) or use the largest context that fits")
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, target=args.target, loras=tuple(AdapterRef.parse(x) for x in args.lora),
         quant=args.quant, block_size=args.block_size, lm_head_bits=args.lm_head_bits,
         algorithm=args.algorithm, smoothing=args.smoothing, symmetric=args.symmetric,
-        max_context=args.max_context, threads=args.threads,
+        max_context=args.max_context, threads=args.threads, kv_dtype=args.kv_dtype,
         fit=args.fit, force=args.force, skip_verify=args.skip_verify, eval_text=args.eval_text,
         max_ppl_increase=args.max_ppl_increase, progress=not args.quiet,
     )

@@ -74,6 +74,10 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
         "chat       " + ("template as text pieces too (the Android app can chat)" if m.get("chat_format") else
                          "template needs Jinja (the Android app cannot chat with this bundle; raw prompts only)"),
     ]
+    kv_dtype = (m.get("onnx") or {}).get("kv_dtype", "float32")
+    if kv_dtype != "float32":
+        # OrtForward.kt binds float buffers; a float16 cache is for nomoat.runtime (Pi, workstation) only.
+        lines.append(f"KV cache   {kv_dtype} (the Android app refuses it: it keeps the cache in float32)")
     lines += [f"adjusted   {note}" for note in recipe.get("adjustments", [])]
     if estimate:
         lines.append(f"memory     {_memory_line({'max_context': m['max_context'], **estimate})}")

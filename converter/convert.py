@@ -39,6 +39,7 @@ class ConvertOptions:
     algorithm: str | None = None
     smoothing: bool | None = None
     symmetric: tuple[str, ...] | None = None  # linear roles without zero points (quantize.LINEAR_ROLES)
+    kv_dtype: str | None = None  # float32 | float16
     max_context: int | None = None
     threads: int | None = None
     fit: str = "strict"  # strict | shrink-context
@@ -71,7 +72,8 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
     recipe = target.recipe.with_overrides(weights=opts.quant, block_size=opts.block_size,
                                           lm_head_bits=opts.lm_head_bits, algorithm=opts.algorithm,
                                           smoothing=opts.smoothing, symmetric=opts.symmetric,
-                                          max_context=opts.max_context, threads=opts.threads)
+                                          max_context=opts.max_context, threads=opts.threads,
+                                          kv_dtype=opts.kv_dtype)
     recipe.quant_recipe()  # validates --quant / --block-size before any work
     return target, recipe
 
@@ -143,7 +145,8 @@ def _describe(recipe: Recipe) -> str:
     head += " + smoothing" if recipe.quant_recipe().smooths else ""
     head += f", symmetric {'/'.join(recipe.symmetric)}" if recipe.weights != "fp32" and recipe.symmetric else ""
     text = (f"{recipe.weights}, block {recipe.block_size}{head}, accuracy level {recipe.accuracy_level}, "
-            f"{recipe.threads} threads, context {recipe.max_context}")
+            f"{recipe.threads} threads, context {recipe.max_context}"
+            + (f", KV cache {recipe.kv_dtype}" if recipe.kv_dtype != "float32" else ""))
     return text + (f" (set by hand: {', '.join(recipe.overrides)})" if recipe.overrides else "")
 
 
@@ -187,7 +190,8 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
         # The reference keeps the unsmoothed weights: verify compares against the model as given.
         ckpt, importance, smoothing = smooth(ckpt, importance, quant)
     _stage(f"export ONNX ({quant.weights})", opts.progress)
-    exported = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress, importance=importance)
+    exported = export_onnx(ckpt, staging, quant, recipe.max_context, progress=opts.progress, importance=importance,
+                           kv_dtype=recipe.kv_dtype)
     (staging / TOKENIZER_FILE).write_text(bundle_tokenizer_json(ckpt.tokenizer.tokenizer_json), encoding="utf-8")
     template_file = None
     if ckpt.tokenizer.chat_template:

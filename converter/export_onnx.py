@@ -27,14 +27,14 @@ class ExportedGraph:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, recipe: QuantRecipe, max_context: int,
-                io: GraphIO | None = None, progress: bool = False, importance: Importance | None = None
-                ) -> ExportedGraph:
+                io: GraphIO | None = None, progress: bool = False, importance: Importance | None = None,
+                kv_dtype: str = "float32") -> ExportedGraph:
     """Write the decoder graph into out_dir; return its op counts (already checked) and the
     ONNX Runtime release it needs."""
     import onnx
     from tqdm import tqdm
 
-    model = build_fp32_graph(ckpt, max_context, io or GraphIO())
+    model = build_fp32_graph(ckpt, max_context, io or GraphIO(), kv_dtype=kv_dtype)
     # disable=None: tqdm shows the bar only on a terminal, so logs and CI stay clean.
     show = None if progress and recipe.weights != "fp32" else True
     with tqdm(desc=f"quantize {recipe.weights}", unit="weight", disable=show, leave=False) as bar:

@@ -46,7 +46,7 @@ TOKENIZER_BYTES_PER_TOKEN = 280
 # heads x chunk x max_context floats.
 ARENA_FACTOR = 1.8
 
-KV_DTYPE_BYTES = {"float32": 4}
+KV_DTYPE_BYTES = {"float32": 4, "float16": 2}
 
 # After loading, the runtime hands the weight file's pages back to the kernel (runtime/pages.py);
 # of the embedding table only the pages of rows a prompt looks up come back, a page per row of

@@ -91,7 +91,7 @@ def _norm(graph: _Graph, x: str, residual: str | None, gamma: str, eps: float, n
 
 
 def _attention(graph: _Graph, ckpt: Checkpoint, layer: int, h: str, io: GraphIO,
-               cos: str, sin: str) -> str:
+               cos: str, sin: str, kv_dtype: str = "float32") -> str:
     import torch
 
     spec, t = ckpt.spec, ckpt.tensors
@@ -105,6 +105,11 @@ def _attention(graph: _Graph, ckpt: Checkpoint, layer: int, h: str, io: GraphIO,
         qkv_b = torch.cat([t[p + "q_proj.bias"], t[p + "k_proj.bias"], t[p + "v_proj.bias"]]).float().numpy()
         (qkv,) = graph.op("Add", [qkv, graph.const(f"layers.{layer}.attn.qkv_proj.bias", qkv_b)],
                           name=f"layers.{layer}.attn.qkv_bias")
+    half = kv_dtype == "float16"
+    if half:
+        # GroupQueryAttention takes one element type for q, k, v and the cache: an fp16 cache
+        # means fp16 attention (ONNX Runtime computes the products in fp32 inside).
+        (qkv,) = graph.op("Cast", [qkv], name=f"layers.{layer}.attn.to_fp16", to=_onnx_type(kv_dtype))
     attn_out = graph.op(
         "GroupQueryAttention",
         [qkv, "", "", io.past_key.format(layer=layer), io.past_value.format(layer=layer),
@@ -114,7 +119,10 @@ def _attention(graph: _Graph, ckpt: Checkpoint, layer: int, h: str, io: GraphIO,
                  io.present_value.format(layer=layer)],
         num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0,
     )
-    (o,) = graph.op("MatMul", [attn_out[0], graph.const(f"layers.{layer}.attn.o_proj.weight",
+    attn = attn_out[0]
+    if half:
+        (attn,) = graph.op("Cast", [attn], name=f"layers.{layer}.attn.to_fp32", to=_onnx_type("float32"))
+    (o,) = graph.op("MatMul", [attn, graph.const(f"layers.{layer}.attn.o_proj.weight",
                                                        _linear_weight(t[p + "o_proj.weight"]))],
                     name=f"layers.{layer}.attn.o_proj")
     return o
@@ -140,17 +148,29 @@ def _mlp(graph: _Graph, ckpt: Checkpoint, layer: int, h: str) -> str:
     return down
 
 
-def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO()):
-    """Return an onnx.ModelProto of the whole decoder with fp32 weights."""
+def _onnx_type(dtype: str) -> int:
+    from onnx import TensorProto
+
+    return {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
+
+
+def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO(), kv_dtype: str = "float32"):
+    """Return an onnx.ModelProto of the whole decoder with fp32 weights and a KV cache of kv_dtype
+    ("float32" or "float16": half the cache's memory, attention in fp16 around fp32 layers)."""
     from onnx import TensorProto, helper
 
+    if kv_dtype not in ("float32", "float16"):
+        raise ValueError(f"KV cache dtype {kv_dtype!r}: use float32 or float16")
     spec: ModelSpec = ckpt.spec
     t = ckpt.tensors
     g = _Graph()
     eps = spec.rms_norm_eps
 
     cos_np, sin_np = cos_sin_cache(spec, max_context)
-    cos, sin = g.const("rotary.cos_cache", cos_np), g.const("rotary.sin_cache", sin_np)
+    # The rotary tables go into GroupQueryAttention, so they take the cache's element type.
+    np_kv = np.float16 if kv_dtype == "float16" else np.float32
+    cos, sin = (g.const("rotary.cos_cache", cos_np.astype(np_kv)),
+                g.const("rotary.sin_cache", sin_np.astype(np_kv)))
     embed = g.const("model.embed_tokens.weight", t["model.embed_tokens.weight"].float().numpy())
     (x,) = g.op("Gather", [embed, io.input_ids], name="embed_tokens", axis=0)
 
@@ -160,7 +180,7 @@ def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO()
         h, residual = _norm(g, x, residual, g.const(p + "input_layernorm.weight",
                                                      t[p + "input_layernorm.weight"].float().numpy()),
                             eps, name=f"layers.{layer}.input_norm")
-        attn = _attention(g, ckpt, layer, h, io, cos, sin)
+        attn = _attention(g, ckpt, layer, h, io, cos, sin, kv_dtype)
         h, residual = _norm(g, attn, residual, g.const(p + "post_attention_layernorm.weight",
                                                         t[p + "post_attention_layernorm.weight"].float().numpy()),
                             eps, name=f"layers.{layer}.post_attention_norm")
@@ -186,8 +206,9 @@ def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO()
                                              ["batch_size", "num_logits", spec.vocab_size])]
     for layer in range(spec.num_layers):
         for past, present in ((io.past_key, io.present_key), (io.past_value, io.present_value)):
-            inputs.append(helper.make_tensor_value_info(past.format(layer=layer), TensorProto.FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(present.format(layer=layer), TensorProto.FLOAT, kv_shape))
+            inputs.append(helper.make_tensor_value_info(past.format(layer=layer), _onnx_type(kv_dtype), kv_shape))
+            outputs.append(helper.make_tensor_value_info(present.format(layer=layer), _onnx_type(kv_dtype),
+                                                         kv_shape))
 
     graph = helper.make_graph(g.nodes, "nomoat_decoder", inputs, outputs, initializer=g.initializers)
     model = helper.make_model(

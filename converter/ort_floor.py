@@ -24,6 +24,8 @@ INT8_MATMUL_FLOOR = "1.22.0"  # MatMulNBits with bits=8 (earlier kernels accept 
 # it, but up to 1.26 the zero points come out wrong once a row has more than two blocks (SmolLM2's
 # 576-wide rows: wrong embeddings, nonsense text, while a 64-wide test model looked right).
 PACKED_GATHER_FLOOR = "1.27.0"
+# GroupQueryAttention in fp16 (a float16 KV cache, `--kv-dtype float16`) needs nothing newer: 1.18.0
+# computes it as 1.32 does (checked like the floors above).
 
 
 def required_onnxruntime(model: Any) -> str:

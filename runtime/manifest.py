@@ -17,6 +17,7 @@ from .errors import BundleError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+KV_DTYPES = ("float32", "float16")  # the KV cache's element types, as numpy names
 _VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 
 
@@ -66,8 +67,12 @@ class OnnxBackend:
         floor = d.get("min_onnxruntime")
         if floor is not None and not _VERSION.match(str(floor)):
             raise ValueError(f"onnx.min_onnxruntime {floor!r} is not a version like 1.23.0")
+        kv_dtype = d.get("kv_dtype", "float32")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"onnx.kv_dtype {kv_dtype!r} is not one this runtime keeps a cache in "
+                             f"({', '.join(KV_DTYPES)})")
         return cls(model_file=d["model_file"], data_file=d.get("data_file"), io=dict(d["io"]),
-                   kv_dtype=d.get("kv_dtype", "float32"), min_onnxruntime=floor)
+                   kv_dtype=kv_dtype, min_onnxruntime=floor)
 
     def check_onnxruntime(self, installed: str) -> None:
         """Refuse to run on an ONNX Runtime older than the graph needs, naming the fix."""

@@ -71,6 +71,7 @@ class DecoderSession:
 
         m = manifest.model
         shape = [1, m.num_kv_heads, self.capacity, m.head_dim]
+        kv_dtype = np.dtype(manifest.onnx.kv_dtype)  # float32, or float16: half the memory
         self._binding = self.session.io_binding()
         # Generation only needs the last position's logits: they go into one reused array.
         # Logits are bound first so they stay output 0 whatever is re-bound later.
@@ -85,7 +86,7 @@ class DecoderSession:
         self._kv = []  # keep the OrtValues alive as long as the binding uses them
         for layer in range(m.num_layers):
             for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
-                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, kv_dtype, "cpu", 0)
                 self._binding.bind_ortvalue_input(self._io_names[past].format(layer=layer), buf)
                 self._binding.bind_ortvalue_output(self._io_names[present].format(layer=layer), buf)
                 self._kv.append(buf)

@@ -194,8 +194,8 @@ def test_unsupported_architecture_is_refused_by_the_early_check(tmp_path):
 
 
 def test_recipe_rejects_what_the_runtime_cannot_run():
-    with pytest.raises(ConversionError, match="KV cache dtype 'float16'"):
-        Recipe(kv_dtype="float16")
+    with pytest.raises(ConversionError, match="KV cache dtype 'bfloat16'"):
+        Recipe(kv_dtype="bfloat16")
     with pytest.raises(ConversionError, match="--threads 0"):
         Recipe().with_overrides(threads=0)
     with pytest.raises(ConversionError, match="block size 48"):

@@ -12,22 +12,29 @@ import onnxruntime
 import pytest
 from nomoat.__main__ import main as nomoat_main
 from nomoat.converter.convert import ConvertOptions, convert
-from nomoat.converter.ort_floor import BASE_FLOOR, GATHER_FLOOR, INT8_MATMUL_FLOOR, PACKED_GATHER_FLOOR
+from nomoat.converter.ort_floor import (
+    BASE_FLOOR,
+    GATHER_FLOOR,
+    INT8_MATMUL_FLOOR,
+    PACKED_GATHER_FLOOR,
+)
 from nomoat.converter.quantize import LINEAR_ROLES
 from nomoat.runtime import Model
 from nomoat.runtime.errors import BundleError
 from nomoat.runtime.manifest import version_tuple
 from tiny_models import make_tiny_hf_dir
 
-# bundle kind -> (tied embeddings, quant, the floor its graph needs, the linear layers without zero points)
+# bundle kind -> (tied embeddings, quant, the floor its graph needs, the linear layers without zero points,
+# the KV cache's element type)
 KINDS = {
-    "int4_tied": (True, "int4", PACKED_GATHER_FLOOR, ()),  # the embedding reads the LM head's uint8 codes
-    "int4_untied": (False, "int4", GATHER_FLOOR, ()),  # the embedding is its own UINT4 table
-    "int4_tied_symmetric": (True, "int4", PACKED_GATHER_FLOOR, LINEAR_ROLES),
-    "int4_untied_symmetric": (False, "int4", GATHER_FLOOR, LINEAR_ROLES),
-    "int8": (False, "int8", INT8_MATMUL_FLOOR, ()),
-    "int8_symmetric": (False, "int8", INT8_MATMUL_FLOOR, LINEAR_ROLES),
-    "fp32": (True, "fp32", BASE_FLOOR, ()),
+    "int4_tied": (True, "int4", PACKED_GATHER_FLOOR, (), "float32"),  # the embedding reads the LM head's codes
+    "int4_untied": (False, "int4", GATHER_FLOOR, (), "float32"),  # the embedding is its own UINT4 table
+    "int4_tied_symmetric": (True, "int4", PACKED_GATHER_FLOOR, LINEAR_ROLES, "float32"),
+    "int4_untied_symmetric": (False, "int4", GATHER_FLOOR, LINEAR_ROLES, "float32"),
+    "int8": (False, "int8", INT8_MATMUL_FLOOR, (), "float32"),
+    "int8_symmetric": (False, "int8", INT8_MATMUL_FLOOR, LINEAR_ROLES, "float32"),
+    "fp32": (True, "fp32", BASE_FLOOR, (), "float32"),
+    "fp32_kv16": (True, "fp32", BASE_FLOOR, (), "float16"),  # fp16 GroupQueryAttention: no floor of its own
 }
 # Logits at or above a floor agree with this environment's to this relative error. Kernels of one op
 # agree across releases to float rounding (~5e-7 measured); 8-bit MatMulNBits without zero points
@@ -48,8 +55,8 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     # rtn: the same ops as the default imatrix search, without its calibration run (~20 s).
     return {kind: convert(ConvertOptions(model=str(sources[tie]), out=root / kind, quant=quant, max_context=128,
                                          algorithm=None if quant == "fp32" else "rtn", symmetric=symmetric,
-                                         progress=False, skip_verify=True))
-            for kind, (tie, quant, _, symmetric) in KINDS.items()}
+                                         kv_dtype=kv_dtype, progress=False, skip_verify=True))
+            for kind, (tie, quant, _, symmetric, kv_dtype) in KINDS.items()}
 
 
 def _floor(bundle: Path) -> str:

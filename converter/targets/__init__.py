@@ -28,7 +28,7 @@ ALIASES = {"rpi4": "rpi4-4gb", "rpi5": "rpi5-8gb"}
 INT8_DOT_FEATURES = frozenset({"dotprod", "i8mm", "avx2", "avxvnni", "avx512vnni"})
 
 # What the runtime can allocate for the KV cache today (nomoat.runtime binds float32 buffers).
-KV_DTYPES = ("float32",)
+KV_DTYPES = ("float32", "float16")
 FORMATS = ("onnx",)
 
 
