@@ -12,6 +12,8 @@ from .errors import ConversionError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nomoat.runtime.manifest import KV_DTYPES
+
     from .quantize import ALGORITHMS, parse_symmetric
 
     p.add_argument("--model", required=True, metavar="PATH",
@@ -50,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "+5 points of perplexity and +13 %% decode speed; default: the recipe, gate_up")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens the KV cache holds; default: the target's recipe")
-    p.add_argument("--kv-dtype", choices=["float32", "float16"], default=None,
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="element type of the KV cache: float16 halves its memory (SmolLM2-135M at 2,048 "
                         "positions: 47 instead of 94 MB) and runs attention in fp16 (prefill ~7 %% faster on x86, "
                         "decode the same); the Android app reads float32 caches only; default: the recipe, float32")

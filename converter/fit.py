@@ -46,8 +46,6 @@ TOKENIZER_BYTES_PER_TOKEN = 280
 # heads x chunk x max_context floats.
 ARENA_FACTOR = 1.8
 
-KV_DTYPE_BYTES = {"float32": 4, "float16": 2}
-
 # After loading, the runtime hands the weight file's pages back to the kernel (runtime/pages.py);
 # of the embedding table only the pages of rows a prompt looks up come back, a page per row of
 # each table at most (Linux >= 5.4; measured for SmolLM2 at a full context: README, "Memory fit").
@@ -173,7 +171,9 @@ def lm_head_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
 
 
 def kv_cache_bytes(spec: ModelSpec, max_context: int, kv_dtype: str = "float32") -> int:
-    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * max_context * KV_DTYPE_BYTES[kv_dtype]
+    import numpy as np
+
+    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * max_context * np.dtype(kv_dtype).itemsize
 
 
 def _live_floats_per_token(spec: ModelSpec) -> int:

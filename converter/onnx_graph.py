@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from nomoat.runtime.manifest import KV_DTYPES
 
 from .rope import cos_sin_cache
 from .spec import Checkpoint, ModelSpec
@@ -159,8 +160,8 @@ def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO()
     ("float32" or "float16": half the cache's memory, attention in fp16 around fp32 layers)."""
     from onnx import TensorProto, helper
 
-    if kv_dtype not in ("float32", "float16"):
-        raise ValueError(f"KV cache dtype {kv_dtype!r}: use float32 or float16")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"KV cache dtype {kv_dtype!r}: use one of {', '.join(KV_DTYPES)}")
     spec: ModelSpec = ckpt.spec
     t = ckpt.tensors
     g = _Graph()
@@ -168,9 +169,8 @@ def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO()
 
     cos_np, sin_np = cos_sin_cache(spec, max_context)
     # The rotary tables go into GroupQueryAttention, so they take the cache's element type.
-    np_kv = np.float16 if kv_dtype == "float16" else np.float32
-    cos, sin = (g.const("rotary.cos_cache", cos_np.astype(np_kv)),
-                g.const("rotary.sin_cache", sin_np.astype(np_kv)))
+    cos, sin = (g.const("rotary.cos_cache", cos_np.astype(kv_dtype)),
+                g.const("rotary.sin_cache", sin_np.astype(kv_dtype)))
     embed = g.const("model.embed_tokens.weight", t["model.embed_tokens.weight"].float().numpy())
     (x,) = g.op("Gather", [embed, io.input_ids], name="embed_tokens", axis=0)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from nomoat.runtime.manifest import KV_DTYPES as RUNTIME_KV_DTYPES
+
 from ..errors import ConversionError
 
 if TYPE_CHECKING:
@@ -27,8 +29,8 @@ ALIASES = {"rpi4": "rpi4-4gb", "rpi5": "rpi5-8gb"}
 # not faster than the fp32 one, and accuracy level 4 only costs precision.
 INT8_DOT_FEATURES = frozenset({"dotprod", "i8mm", "avx2", "avxvnni", "avx512vnni"})
 
-# What the runtime can allocate for the KV cache today (nomoat.runtime binds float32 buffers).
-KV_DTYPES = ("float32", "float16")
+# The KV cache's element types are the ones nomoat.runtime can allocate.
+KV_DTYPES = RUNTIME_KV_DTYPES
 FORMATS = ("onnx",)
 
 
