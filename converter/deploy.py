@@ -105,6 +105,7 @@ def bundle_files(bundle: Path) -> list[BundleFile]:
         manifest = read_manifest(bundle, verify_files=True)
     except BundleError as e:
         raise DeployError(f"refusing to deploy {bundle}: {e}") from e
+    check_app_can_load(bundle, manifest)
     listed = dict(manifest.files)
     for name in listed:
         parts = PurePosixPath(name).parts
@@ -113,6 +114,15 @@ def bundle_files(bundle: Path) -> list[BundleFile]:
                               "inside the bundle; re-convert the model.")
     listed[MANIFEST_NAME] = sha256_file(bundle / MANIFEST_NAME)  # the manifest is the root of the checks
     return [BundleFile(name, bundle / name, sha, (bundle / name).stat().st_size) for name, sha in listed.items()]
+
+
+def check_app_can_load(bundle: Path, manifest) -> None:
+    """Refuse here what the app would refuse after the push (OrtForward.kt's checks)."""
+    kv_dtype = manifest.onnx.kv_dtype if manifest.onnx else None
+    if kv_dtype != "float32":
+        # `--target host` on an x86-64 workstation defaults to a float16 cache: an easy bundle to push by mistake.
+        raise DeployError(f"refusing to deploy {bundle}: its KV cache is {kv_dtype}, and the Android app keeps the "
+                          "cache in float32; convert for the phone (e.g. --target pixel6) or pass --kv-dtype float32.")
 
 
 # --- on the device ---

@@ -110,15 +110,16 @@ def _linear_bytes(n: int, k: int, quant: QuantRecipe, role: str) -> int:
     return matmul_nbits_bytes(n, k, quant.bits, quant.block_size, symmetric=role in quant.symmetric)
 
 
-def weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int) -> int:
-    """Bytes of every initializer of the exported graph (model.onnx.data plus the small inline ones)."""
+def weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int, kv_dtype: str = "float32") -> int:
+    """Bytes of every initializer of the exported graph (model.onnx.data plus the small inline ones).
+    The rotary tables feed the attention, so they are stored in the KV cache's element type."""
     h, i, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
     qkv = (spec.num_heads + 2 * spec.num_kv_heads) * hd
     per_layer = (_linear_bytes(qkv, h, quant, "qkv") + _linear_bytes(h, spec.num_heads * hd, quant, "o")
                  + _linear_bytes(2 * i, h, quant, "gate_up") + _linear_bytes(h, i, quant, "down")
                  + 2 * h * 4 + (qkv * 4 if spec.attention_bias else 0) + 16)  # norms, q|k|v bias, split sizes
     return (spec.num_layers * per_layer + _embedding_bytes(spec, quant) + lm_head_bytes(spec, quant)
-            + h * 4 + 2 * max_context * (hd // 2) * 4)  # final norm, rotary cos/sin caches
+            + h * 4 + 2 * max_context * (hd // 2) * _itemsize(kv_dtype))  # final norm, rotary cos/sin
 
 
 def _embedding_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
@@ -145,7 +146,7 @@ def _embedding_tables(spec: ModelSpec, quant: QuantRecipe) -> dict[str, int]:
     return {"codes": -(-v * h // 2), "scales": blocks * 4, "zero_points": -(-blocks // 2)}
 
 
-def resident_weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int) -> int:
+def resident_weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int, kv_dtype: str = "float32") -> int:
     """weight_bytes with each table the embedding lookup reads counted only for the pages of the
     rows a full context can look up (at most one page per row per table)."""
     rows = min(spec.vocab_size, max_context)
@@ -156,7 +157,7 @@ def resident_weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int)
         read["lm_head_codes"] = spec.vocab_size * spec.hidden_size // 2
     stored_only = sum(_embedding_tables(spec, quant).values())
     looked_up = sum(min(size, rows * PAGE_BYTES) for size in read.values())
-    return weight_bytes(spec, quant, max_context) - stored_only + looked_up
+    return weight_bytes(spec, quant, max_context, kv_dtype) - stored_only + looked_up
 
 
 def lm_head_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
@@ -171,9 +172,13 @@ def lm_head_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
 
 
 def kv_cache_bytes(spec: ModelSpec, max_context: int, kv_dtype: str = "float32") -> int:
+    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * max_context * _itemsize(kv_dtype)
+
+
+def _itemsize(dtype: str) -> int:
     import numpy as np
 
-    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * max_context * np.dtype(kv_dtype).itemsize
+    return np.dtype(dtype).itemsize
 
 
 def _live_floats_per_token(spec: ModelSpec) -> int:
@@ -200,8 +205,8 @@ def estimate_memory(spec: ModelSpec, recipe: Recipe, target: Target) -> MemoryEs
     """Peak memory of the bundle on the target when a prompt fills the whole context."""
     quant = recipe.quant_recipe()
     return MemoryEstimate(
-        weights=weight_bytes(spec, quant, recipe.max_context),
-        resident_weights=resident_weight_bytes(spec, quant, recipe.max_context),
+        weights=weight_bytes(spec, quant, recipe.max_context, recipe.kv_dtype),
+        resident_weights=resident_weight_bytes(spec, quant, recipe.max_context, recipe.kv_dtype),
         kv_cache=kv_cache_bytes(spec, recipe.max_context, recipe.kv_dtype),
         activations=activation_bytes(spec, recipe.max_context),
         # ONNX Runtime repacks each MatMulNBits weight into a new buffer and then frees the

@@ -242,6 +242,19 @@ def test_corrupt_bundle_is_refused_before_touching_the_device(bundle, fake, remo
     assert not remote.exists()
 
 
+def test_a_float16_cache_bundle_is_refused_before_touching_the_device(bundle, fake, remote, tmp_path):
+    """The app binds float32 cache buffers: a bundle it would refuse is not pushed (90 MB for nothing)."""
+    device, dev = fake
+    half = Path(shutil.copytree(bundle, tmp_path / "half"))
+    manifest = json.loads((half / "manifest.json").read_text())
+    manifest["onnx"]["kv_dtype"] = "float16"
+    (half / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(DeployError, match=r"its KV cache is float16, .* --target pixel6\) or pass --kv-dtype float32"):
+        deploy_bundle(half, dev, str(remote))
+    assert device.events == [] and device.shell_log == []
+    assert not remote.exists() or list(remote.iterdir()) == []
+
+
 def test_deployed_copy_loads_with_the_runtime(bundle, fake, remote):
     from nomoat.runtime import Model
 

@@ -49,15 +49,19 @@ def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_hf_dir(tmp_path_factory.mktemp("fit") / "tiny", max_position_embeddings=4096)
 
 
-@pytest.mark.parametrize("arch,tie,quant,head,symmetric", [
-    ("llama", False, "fp32", None, None), ("llama", False, "int8", None, None), ("llama", False, "int4", None, None),
-    ("llama", True, "int4", None, None), ("llama", True, "int4", 8, None), ("qwen2", False, "int8", None, None),
-    ("llama", True, "int4", None, LINEAR_ROLES), ("llama", False, "int8", None, ()),
+@pytest.mark.parametrize("arch,tie,quant,head,symmetric,kv", [
+    ("llama", False, "fp32", None, None, None), ("llama", False, "int8", None, None, None),
+    ("llama", False, "int4", None, None, None), ("llama", True, "int4", None, None, None),
+    ("llama", True, "int4", 8, None, None), ("qwen2", False, "int8", None, None, None),
+    ("llama", True, "int4", None, LINEAR_ROLES, None), ("llama", False, "int8", None, (), None),
+    # the cache's type, whatever this machine's host recipe picks: the rotary tables take it
+    ("llama", True, "int4", None, None, "float16"), ("llama", True, "int4", None, None, "float32"),
 ])
-def test_weight_estimate_is_the_exported_size(tmp_path, arch, tie, quant, head, symmetric):
+def test_weight_estimate_is_the_exported_size(tmp_path, arch, tie, quant, head, symmetric, kv):
     model = make_tiny_hf_dir(tmp_path / "m", arch=arch, tie=tie)
     out = convert(ConvertOptions(model=str(model), out=tmp_path / "b", quant=quant, max_context=64,
-                                 lm_head_bits=head, symmetric=symmetric, progress=False, skip_verify=True))
+                                 lm_head_bits=head, symmetric=symmetric, kv_dtype=kv, progress=False,
+                                 skip_verify=True))
     manifest = json.loads((out / "manifest.json").read_text())
     estimated = manifest["target"]["memory_estimate"]["weights_bytes"]
     assert estimated == _initializer_bytes(out / "model.onnx")  # every byte accounted for, the LM head included

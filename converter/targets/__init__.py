@@ -2,7 +2,8 @@
 
 A target records facts (SoC, cores, ISA, RAM, the share of RAM an app may use) and the
 recipe derived from them. Derived fields live in code, next to the reason for them:
-int8 activations (MatMulNBits accuracy_level=4) only where the ISA has int8 dot products.
+int8 activations (MatMulNBits accuracy_level=4) only where the ISA has int8 dot products, and
+a float16 KV cache on a host whose ISA converts halves in hardware (F16C).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ INT8_DOT_FEATURES = frozenset({"dotprod", "i8mm", "avx2", "avxvnni", "avx512vnni
 
 # The KV cache's element types are the ones nomoat.runtime can allocate.
 KV_DTYPES = RUNTIME_KV_DTYPES
+
+# ISA features under which a float16 KV cache was measured to pay (README "Targets"): ONNX
+# Runtime's fp16 GroupQueryAttention widens K and V with F16C on x86-64, and there half the
+# cache's memory came with a faster prefill and long-context decode. Not timed on ARM yet, so
+# the registry's devices keep float32.
+FP16_KV_FEATURES = frozenset({"f16c"})
 FORMATS = ("onnx",)
 
 
@@ -134,6 +141,11 @@ def accuracy_level_for(isa: set[str] | frozenset[str]) -> int:
     return 4 if INT8_DOT_FEATURES & set(isa) else 0
 
 
+def kv_dtype_for(isa: set[str] | frozenset[str]) -> str:
+    """The host's KV cache element type: float16 where it was measured to pay, else float32."""
+    return "float16" if FP16_KV_FEATURES & set(isa) else "float32"
+
+
 def _recipe_from_toml(d: dict[str, Any], isa: set[str]) -> Recipe:
     return Recipe(
         formats=tuple(d.get("format", ["onnx"])),
@@ -191,7 +203,7 @@ def detect_host() -> Target:
     isa = _host_isa()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cpu = _host_cpu_name()
-    recipe = Recipe(threads=cores, accuracy_level=accuracy_level_for(set(isa)))
+    recipe = Recipe(threads=cores, accuracy_level=accuracy_level_for(set(isa)), kv_dtype=kv_dtype_for(set(isa)))
     return Target(name="host", description=f"this machine ({platform.machine()}, {cores} cores)", os="linux",
                   soc=cpu, cores={"big": [cpu] * cores}, isa=tuple(isa), ram_gb=round(_host_ram_bytes() / 2**30, 1),
                   # a workstation runs other programs too: half its RAM for the model
