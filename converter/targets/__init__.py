@@ -2,8 +2,7 @@
 
 A target records facts (SoC, cores, ISA, RAM, the share of RAM an app may use) and the
 recipe derived from them. Derived fields live in code, next to the reason for them:
-int8 activations (MatMulNBits accuracy_level=4) only where the ISA has int8 dot products, and
-a float16 KV cache on a host whose ISA converts halves in hardware (F16C).
+int8 activations (MatMulNBits accuracy_level=4) only where the ISA has int8 dot products.
 """
 
 from __future__ import annotations
@@ -33,11 +32,10 @@ INT8_DOT_FEATURES = frozenset({"dotprod", "i8mm", "avx2", "avxvnni", "avx512vnni
 # The KV cache's element types are the ones nomoat.runtime can allocate.
 KV_DTYPES = RUNTIME_KV_DTYPES
 
-# ISA features under which a float16 KV cache was measured to pay (README "Targets"): ONNX
-# Runtime's fp16 GroupQueryAttention widens K and V with F16C on x86-64, and there half the
-# cache's memory came with a faster prefill and long-context decode. Not timed on ARM yet, so
-# the registry's devices keep float32.
-FP16_KV_FEATURES = frozenset({"f16c"})
+# ISA features under which a float16 KV cache pays as the host's default: none yet. On x86-64
+# with F16C it halves the cache and speeds prefill up 5-10 %, but decode after 1,024 tokens at 2
+# threads was 10 % slower (A/B, README "Targets"); `--kv-dtype float16` remains for memory.
+FP16_KV_FEATURES: frozenset[str] = frozenset()
 FORMATS = ("onnx",)
 
 
