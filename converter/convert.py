@@ -75,8 +75,6 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
                                           max_context=opts.max_context, threads=opts.threads,
                                           kv_dtype=opts.kv_dtype)
     recipe.quant_recipe()  # validates --quant / --block-size before any work
-    if recipe.weights == "fp32" and recipe.kv_dtype != "float32" and "kv_dtype" not in recipe.overrides:
-        recipe = recipe.adjusted("an fp32 bundle is the float reference of the quantized ones", kv_dtype="float32")
     return target, recipe
 
 

@@ -120,7 +120,7 @@ def check_app_can_load(bundle: Path, manifest) -> None:
     """Refuse here what the app would refuse after the push (OrtForward.kt's checks)."""
     kv_dtype = manifest.onnx.kv_dtype if manifest.onnx else None
     if kv_dtype != "float32":
-        # `--target host` on an x86-64 workstation defaults to a float16 cache: an easy bundle to push by mistake.
+        # A bundle converted with --kv-dtype float16 for a Pi or a workstation: 90 MB pushed for nothing otherwise.
         raise DeployError(f"refusing to deploy {bundle}: its KV cache is {kv_dtype}, and the Android app keeps the "
                           "cache in float32; convert for the phone (e.g. --target pixel6) or pass --kv-dtype float32.")
 

@@ -31,11 +31,6 @@ INT8_DOT_FEATURES = frozenset({"dotprod", "i8mm", "avx2", "avxvnni", "avx512vnni
 
 # The KV cache's element types are the ones nomoat.runtime can allocate.
 KV_DTYPES = RUNTIME_KV_DTYPES
-
-# ISA features under which a float16 KV cache pays as the host's default: none yet. On x86-64
-# with F16C it halves the cache and speeds prefill up 5-10 %, but decode after 1,024 tokens at 2
-# threads was 10 % slower (A/B, README "Targets"); `--kv-dtype float16` remains for memory.
-FP16_KV_FEATURES: frozenset[str] = frozenset()
 FORMATS = ("onnx",)
 
 
@@ -139,11 +134,6 @@ def accuracy_level_for(isa: set[str] | frozenset[str]) -> int:
     return 4 if INT8_DOT_FEATURES & set(isa) else 0
 
 
-def kv_dtype_for(isa: set[str] | frozenset[str]) -> str:
-    """The host's KV cache element type: float16 where it was measured to pay, else float32."""
-    return "float16" if FP16_KV_FEATURES & set(isa) else "float32"
-
-
 def _recipe_from_toml(d: dict[str, Any], isa: set[str]) -> Recipe:
     return Recipe(
         formats=tuple(d.get("format", ["onnx"])),
@@ -201,7 +191,9 @@ def detect_host() -> Target:
     isa = _host_isa()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cpu = _host_cpu_name()
-    recipe = Recipe(threads=cores, accuracy_level=accuracy_level_for(set(isa)), kv_dtype=kv_dtype_for(set(isa)))
+    # The cache stays float32 here too: a float16 one (x86-64, F16C) halves it and prefills 5-10 % faster,
+    # but decoded 10 % slower after 1,024 tokens at 2 threads (A/B, README "Targets").
+    recipe = Recipe(threads=cores, accuracy_level=accuracy_level_for(set(isa)))
     return Target(name="host", description=f"this machine ({platform.machine()}, {cores} cores)", os="linux",
                   soc=cpu, cores={"big": [cpu] * cores}, isa=tuple(isa), ram_gb=round(_host_ram_bytes() / 2**30, 1),
                   # a workstation runs other programs too: half its RAM for the model
