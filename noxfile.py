@@ -3,7 +3,13 @@ bench."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import nox
+
+sys.path.insert(0, str(Path(__file__).parent / "tests"))
+import bundle_cache  # noqa: E402  (standard library only; decides when build/bench/int4 is converted again)
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -83,8 +89,6 @@ def bench(session: nox.Session) -> None:
     to plain decoding. Results: the tables on stdout, every number in build/bench/results.json,
     results-long.json and results-lookup.json.
     """
-    from pathlib import Path  # local: the other sessions' code is left as it is
-
     _install(session)
     # executorch 1.4.x is the release that pairs with torch 2.13 (pinned in pyproject.toml).
     session.install("llama-cpp-python", "onnxruntime-genai", "matplotlib", "executorch==1.4.*")
@@ -94,11 +98,11 @@ def bench(session: nox.Session) -> None:
     # Reconverted whenever the converter or this machine's recipe changed: a cached bundle would
     # otherwise go on measuring the recipe it was built with.
     recipe = session.run("nomoat", "targets", "host", "--json", silent=True)
-    stamp, fingerprint = Path(bundle + ".source"), _converter_fingerprint(gguf, recipe)
-    if not Path(bundle, "manifest.json").is_file() or not stamp.is_file() or stamp.read_text() != fingerprint:
+    fingerprint = bundle_cache.converter_fingerprint(gguf, recipe)
+    if not bundle_cache.is_current(Path(bundle), fingerprint):
         Path(bundle).parent.mkdir(parents=True, exist_ok=True)
         session.run("nomoat", "convert", "--model", gguf, "--target", "host", "--out", bundle, "--force")
-        stamp.write_text(fingerprint)
+        bundle_cache.stamp_of(Path(bundle)).write_text(fingerprint)
     session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
                 "--prompt-tokens", "128", "--new-tokens", "128", "--json", "build/bench/results.json",
                 *session.posargs)
@@ -128,13 +132,3 @@ def pi(session: nox.Session) -> None:
                 env={"NOMOAT_PI": "1"})
 
 
-def _converter_fingerprint(gguf: str, recipe: str) -> str:
-    """The model file, the host's recipe and every source file of the converter, hashed."""
-    import hashlib
-    from pathlib import Path
-
-    digest = hashlib.sha256(f"{gguf}\n{recipe}\n".encode())
-    for f in sorted(Path("converter").rglob("*")):
-        if f.is_file() and f.suffix in (".py", ".toml", ".txt"):
-            digest.update(f.as_posix().encode() + f.read_bytes())
-    return digest.hexdigest()

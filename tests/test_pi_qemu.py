@@ -10,7 +10,6 @@ take 15-40x as long as the same runs natively on the x86 host and say nothing ab
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from arm64_root import Steps, ensure_root, entered, pip_environment, prepare_host, run
+from bundle_cache import converter_fingerprint, is_current, stamp_of
 from pty_terminal import Terminal
 from real_model import smollm2_gguf_path
 
@@ -79,23 +79,14 @@ def bundles() -> dict[str, Path]:
     gguf = smollm2_gguf_path()
     out = {}
     for name, args in BUNDLES.items():
-        path, stamp = BUILD / name, BUILD / f"{name}.source"
-        fingerprint = _converter_fingerprint(gguf, args)
-        if not (path / "manifest.json").exists() or not stamp.exists() or stamp.read_text() != fingerprint:
+        path, fingerprint = BUILD / name, converter_fingerprint(str(gguf), str(args))
+        if not is_current(path, fingerprint):
             with STEPS.step(f"host: convert {name}"):
                 run([sys.executable, "-m", "nomoat", "convert", "--model", str(gguf), *args, "--out", str(path),
                      "--skip-verify", "--force", "--quiet"])
-            stamp.write_text(fingerprint)
+            stamp_of(path).write_text(fingerprint)
         out[name] = path
     return out
-
-
-def _converter_fingerprint(gguf: Path, args: list[str]) -> str:
-    digest = hashlib.sha256(f"{gguf}\n{args}\n".encode())
-    for f in sorted((REPO / "converter").rglob("*")):
-        if f.is_file() and f.suffix in (".py", ".toml", ".txt"):
-            digest.update(f.relative_to(REPO).as_posix().encode() + f.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
