@@ -84,7 +84,8 @@ def bench(session: nox.Session) -> None:
     The session's virtualenv is reused afterwards, the bundle in
     build/bench/int4 is reused if present (delete it after changing the converter) and the peers'
     models are cached in build/bench-cache/. Arguments after `--` go to benchmarks/run.py,
-    e.g. `nox -s bench -- --rounds 9`. Three runs: a 128-token prompt with 128 new tokens, a
+    e.g. `nox -s bench -- --rounds 9` (`-- --genai-graph` adds GenAI's graph run by nomoat's loop, a
+    diagnostic row). Three runs: a 128-token prompt with 128 new tokens, a
     1,024-token prompt with 64, and prompt-lookup decoding (256 + 128, up to 8 drafted tokens) next
     to plain decoding. Results: the tables on stdout, every number in build/bench/results.json,
     results-long.json and results-lookup.json.

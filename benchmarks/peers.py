@@ -102,3 +102,62 @@ class OrtGenAIEngine:
 
     def model_bytes(self) -> int | None:
         return sum(f.stat().st_size for f in self.model_dir.glob("*.onnx*"))
+
+
+class GenAIGraphEngine:
+    """ONNX Runtime GenAI's exported graph (the same model.onnx OrtGenAIEngine runs) driven by
+    nomoat's kind of loop: plain onnxruntime from Python, nomoat's session options, IOBinding
+    with one past/present buffer per layer of `context` positions. Not a peer: a diagnostic
+    (`benchmarks/run.py --genai-graph`). Next to the other two rows it tells the graph from the
+    loop: if it decodes like GenAI, GenAI's C++ loop is not what makes the difference; if it
+    decodes like nomoat, the two graphs cost the same per token."""
+
+    def __init__(self, model_dir: str, threads: int, context: int, name: str = "GenAI graph, nomoat loop"):
+        self.model_dir = Path(model_dir)
+        self.threads = threads
+        self.context = context
+        self.name = name
+        self.session = None
+
+    def prepare(self) -> None:
+        import numpy as np
+        import onnxruntime as ort
+        from nomoat.runtime.onnx_session import SessionOptions, ort_session
+
+        config = json.loads((self.model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        self.session = ort_session(self.model_dir / config["filename"], SessionOptions(threads=self.threads))
+        self.binding = self.session.io_binding()
+        # Logits first, so they stay output 0 whenever they are bound again.
+        self.binding.bind_output("logits", "cpu")
+        self.cache = []  # the OrtValues must outlive the binding's use of them
+        shape = [1, config["num_key_value_heads"], self.context, config["head_size"]]
+        for past in (i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")):
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(past.replace("past_key_values.", "present."), buffer)
+            self.cache.append(buffer)
+        # GenAI's graph takes the attention mask and derives the positions from it.
+        self.mask = np.ones((1, self.context), np.int64)
+
+    def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
+        import numpy as np
+
+        ids = np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1)
+        total = ids.shape[1]
+        for _ in range(new_tokens):
+            if total > self.context:
+                raise ValueError(f"{total} tokens exceed the KV buffer of {self.context}")
+            self.binding.bind_cpu_input("input_ids", ids)
+            self.binding.bind_cpu_input("attention_mask", self.mask[:, :total])
+            self.binding.bind_output("logits", "cpu")
+            self.session.run_with_iobinding(self.binding)
+            token = int(self.binding.get_outputs()[0].numpy()[0, -1].argmax())  # logits
+            yield token
+            ids = np.array([[token]], dtype=np.int64)
+            total += 1
+
+    def reset(self) -> None:
+        pass  # positions come from the attention mask's length: a new run starts over at 0
+
+    def model_bytes(self) -> int | None:
+        return sum(f.stat().st_size for f in self.model_dir.glob("*.onnx*"))

@@ -39,6 +39,8 @@ from nomoat.runtime.manifest import Manifest, read_manifest
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "llama.cpp Q4_0"
 RATIO_METRICS = ("decode_tps", "prefill_tps", "ttft_ms", "peak_rss_mb")
+ORTGENAI = "ONNX Runtime GenAI int4"
+GENAI_GRAPH = "GenAI graph, nomoat loop"
 CHECK_QUESTION, CHECK_ANSWER = "What is the capital of France?", "Paris"
 
 
@@ -57,20 +59,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                    help="measure prompt-lookup speculative decoding instead (up to N drafted tokens per pass): "
                         "nomoat, llama.cpp and ONNX Runtime GenAI each plain and with their own drafter")
+    p.add_argument("--genai-graph", action="store_true",
+                   help="one more row: ONNX Runtime GenAI's graph run by nomoat's kind of loop (plain onnxruntime "
+                        "from Python), to tell a difference of graphs from one of loops; plain runs only")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every number here")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw a chart (matplotlib)")
     return p.parse_args(argv)
 
 
 def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int,
-            prompt_lookup: int = 0) -> list[tuple[str, str, dict]]:
+            prompt_lookup: int = 0, genai_graph: bool = False) -> list[tuple[str, str, dict]]:
     """(label, engine reference, engine options) for each system, nomoat first.
 
     With prompt_lookup, each system that has a prompt-lookup (n-gram) drafter runs twice, plain
-    and with it; ExecuTorch's Python runtime has none, so it sits that run out.
+    and with it; ExecuTorch's Python runtime has none, so it sits that run out. With genai_graph
+    (plain runs only), GenAI's graph also runs under nomoat's kind of loop (peers.GenAIGraphEngine).
     """
     label = f"nomoat {bundle.name}"
-    ortgenai = "ONNX Runtime GenAI int4"
+    ortgenai = ORTGENAI
     executorch = "ExecuTorch 8da4w"
     plain = [
         (label, "nomoat.runtime.bench:NomoatEngine",
@@ -81,8 +87,10 @@ def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int,
          {"model_dir": str(peers[ortgenai]), "threads": threads, "context": context}),
     ]
     if not prompt_lookup:
-        return [*plain, (executorch, "peer_executorch:ExecuTorchEngine",
-                         {"pte": str(peers[executorch]), "threads": threads, "context": context})]
+        graph = [(GENAI_GRAPH, "peers:GenAIGraphEngine",
+                  {"model_dir": str(peers[ortgenai]), "threads": threads, "context": context})] if genai_graph else []
+        return [*plain, *graph, (executorch, "peer_executorch:ExecuTorchEngine",
+                                 {"pte": str(peers[executorch]), "threads": threads, "context": context})]
     return [*plain, *((lookup_label(name, prompt_lookup), engine, {**options, "prompt_lookup": prompt_lookup})
                       for name, engine, options in plain)]
 
@@ -126,7 +134,7 @@ def measure_threads(args: argparse.Namespace, peers: dict[str, Path], manifest: 
     checks: list[dict[str, Any]] = []
     try:
         for label, engine, options in systems(args.bundle, peers, threads, manifest.max_context,
-                                              args.prompt_lookup):
+                                              args.prompt_lookup, args.genai_graph):
             print(f"[bench] loading {label} ({threads} threads) ...", file=sys.stderr)
             worker = WorkerProcess(label, local_worker_argv(engine, options), env=env)
             jobs.append(Job(worker, prompt_ids, args.new_tokens))
@@ -244,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = {t: read_bandwidth(t) for t in threads}
     bytes_read = {label: _bytes_per_token(path) for label, path in
                   [(f"nomoat {args.bundle.name}", args.bundle), *peers.items()]}
+    if args.genai_graph:  # GenAI's own files
+        bytes_read[GENAI_GRAPH] = bytes_read[ORTGENAI]
     if args.prompt_lookup:  # the same weights; a pass reads them once however many tokens it checks
         bytes_read |= {lookup_label(label, args.prompt_lookup): n for label, n in bytes_read.items()}
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -26,7 +26,9 @@ class SessionOptions:
     huge_pages: bool = True  # move the pre-packed weights into huge pages (huge_pages.py)
 
 
-def _ort_session(path: Path, options: SessionOptions):
+def ort_session(path: Path, options: SessionOptions):
+    """An ONNX Runtime CPU session with nomoat's settings (also what benchmarks/peers.py's
+    GenAIGraphEngine runs ONNX Runtime GenAI's graph with)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -56,7 +58,7 @@ class DecoderSession:
         self.capacity = manifest.max_context
         self.vocab_size = manifest.model.vocab_size
         self._io_names = manifest.onnx.io
-        self.session = _ort_session(Path(bundle) / manifest.onnx.model_file, options)
+        self.session = ort_session(Path(bundle) / manifest.onnx.model_file, options)
         if options.release_file_pages and manifest.onnx.data_file:
             from .pages import release_file_pages
 

@@ -69,3 +69,15 @@ def test_compare_with_plain_pairs_each_lookup_worker_with_its_plain_one():
     jobs = [_FakeJob("a", [1, 2, 3, 4]), _FakeJob("b", [5, 6, 7, 8]),
             _FakeJob("a + lookup 4", [1, 2, 9, 9]), _FakeJob("b + lookup 4", [5, 6, 7, 8])]
     assert run.compare_with_plain(jobs, [0], 4, 4) == [{}, {}, {"tokens_as_plain": 2}, {"tokens_as_plain": 4}]
+
+
+def test_genai_graph_row_runs_genais_files_in_plain_runs_only(tmp_path):
+    systems = run.systems(tmp_path / "int4", PEERS, threads=2, context=2048, genai_graph=True)
+    labels = [label for label, _, _ in systems]
+    assert labels == ["nomoat int4", "llama.cpp Q4_0", "ONNX Runtime GenAI int4", run.GENAI_GRAPH,
+                      "ExecuTorch 8da4w"]
+    _, engine, options = systems[3]
+    assert engine == "peers:GenAIGraphEngine"
+    assert options == {"model_dir": str(PEERS["ONNX Runtime GenAI int4"]), "threads": 2, "context": 2048}
+    lookup = run.systems(tmp_path / "int4", PEERS, threads=2, context=2048, prompt_lookup=8, genai_graph=True)
+    assert run.GENAI_GRAPH not in [label for label, _, _ in lookup]
