@@ -28,14 +28,15 @@ def _install(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Fast tests: tiny random models, the runtime, the CLI (minutes)."""
     _install(session)
-    session.run("pytest", "-q", "-m", "not slow and not android", *session.posargs)
+    # -rs: each skip's reason in the summary, so a CI log says which test skipped and why.
+    session.run("pytest", "-q", "-rs", "-m", "not slow and not android", *session.posargs)
 
 
 @nox.session
 def slow(session: nox.Session) -> None:
     """End-to-end tests on the real SmolLM2-135M-Instruct."""
     _install(session)
-    session.run("pytest", "-q", "-m", "slow", *session.posargs)
+    session.run("pytest", "-q", "-rs", "-m", "slow", *session.posargs)
 
 
 @nox.session
@@ -53,7 +54,7 @@ def android(session: nox.Session) -> None:
     if missing:
         session.error(f"missing {', '.join(missing)}: apt-get install kotlin junit4 libandroid-json-java adb")
     _install(session)
-    session.run("pytest", "-q", "-m", "android", *session.posargs)
+    session.run("pytest", "-q", "-rs", "-m", "android", *session.posargs)
 
 
 @nox.session
