@@ -81,10 +81,18 @@ class DecoderSession:
         self._last_logits_ov = ort.OrtValue.ortvalue_from_numpy(self._last_logits)
         self._binding.bind_ortvalue_output(self._io_names["logits"], self._last_logits_ov)
         self._last_index = np.zeros(1, np.int64)
-        # Decode steps reuse these small inputs (updated in place) instead of allocating per token.
+        # Decode steps reuse these small inputs, updated in place. OrtValues made from numpy arrays
+        # on the CPU share the arrays' memory, so once bound they need no binding call per token
+        # (each costs ~10 us from Python); a prefill or all-logits pass binds other arrays and
+        # clears `_decode_bound`, and the next decode step binds these again.
         self._one_id = np.zeros((1, 1), np.int64)
         self._seqlens = np.zeros(1, np.int32)
         self._total = np.zeros((), np.int32)
+        self._decode_inputs = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in (
+            (self._io_names["input_ids"], self._one_id), (self._io_names["seqlens_k"], self._seqlens),
+            (self._io_names["total_sequence_length"], self._total),
+            (self._io_names["logits_index"], self._last_index))}
+        self._decode_bound = False
         self._kv = []  # keep the OrtValues alive as long as the binding uses them
         for layer in range(m.num_layers):
             for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
@@ -117,23 +125,28 @@ class DecoderSession:
                 "start a new conversation, or convert with a larger --max-context."
             )
         io, b = self._io_names, self._binding
-        if n == 1:
-            self._one_id[0, 0] = ids[0]
-            input_ids = self._one_id
-        else:
-            input_ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
         self._seqlens[0] = total - 1
         self._total[...] = total
-        b.bind_cpu_input(io["input_ids"], input_ids)
-        b.bind_cpu_input(io["seqlens_k"], self._seqlens)
-        b.bind_cpu_input(io["total_sequence_length"], self._total)
-        if all_logits:
-            b.bind_cpu_input(io["logits_index"], np.arange(n, dtype=np.int64))
-            b.bind_output(io["logits"], "cpu")
+        if n == 1 and not all_logits:
+            self._one_id[0, 0] = ids[0]
+            self._last_index[0] = 0
+            if not self._decode_bound:
+                for name, value in self._decode_inputs.items():
+                    b.bind_ortvalue_input(name, value)
+                b.bind_ortvalue_output(io["logits"], self._last_logits_ov)
+                self._decode_bound = True
         else:
-            self._last_index[0] = n - 1
-            b.bind_cpu_input(io["logits_index"], self._last_index)
-            b.bind_ortvalue_output(io["logits"], self._last_logits_ov)
+            self._decode_bound = False
+            b.bind_cpu_input(io["input_ids"], np.asarray(ids, dtype=np.int64).reshape(1, n))
+            b.bind_cpu_input(io["seqlens_k"], self._seqlens)
+            b.bind_cpu_input(io["total_sequence_length"], self._total)
+            if all_logits:
+                b.bind_cpu_input(io["logits_index"], np.arange(n, dtype=np.int64))
+                b.bind_output(io["logits"], "cpu")
+            else:
+                self._last_index[0] = n - 1
+                b.bind_cpu_input(io["logits_index"], self._last_index)
+                b.bind_ortvalue_output(io["logits"], self._last_logits_ov)
         self.session.run_with_iobinding(b)
         self.tokens.extend(ids)
         if all_logits:

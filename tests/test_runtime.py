@@ -152,6 +152,27 @@ def test_logits_for_all_positions_match_last_position(bundle):
     np.testing.assert_allclose(model.session.forward(ids), all_logits[-1], atol=1e-5)
 
 
+def test_decode_steps_between_prefill_and_all_logits_passes_read_their_own_inputs(bundle):
+    # Decode steps keep their inputs bound across tokens; prefill and all-logits passes bind
+    # others. Every mix of the three must give the logits of one pass over the same tokens.
+    model = Model.load(bundle)
+    session = model.session
+    ids = (model.encode("the quick brown fox jumps over the lazy dog") * 2)[:12]
+    reference = session.forward(ids, all_logits=True)
+    session.reset()
+    # Last-position logits live in one reused buffer: copied before the next pass.
+    got = {2: session.forward(ids[:3]).copy()}  # prefill, last position
+    got[3] = session.forward([ids[3]]).copy()  # decode
+    got[4] = session.forward([ids[4]]).copy()  # decode, inputs already bound
+    for offset, row in enumerate(session.forward(ids[5:8], all_logits=True)):
+        got[5 + offset] = row
+    got[8] = session.forward([ids[8]]).copy()  # decode again after an all-logits pass
+    got[10] = session.forward(ids[9:11]).copy()  # a prefill chunk after a decode step
+    got[11] = session.forward([ids[11]]).copy()
+    for position, logits in got.items():
+        np.testing.assert_allclose(logits, reference[position], atol=1e-5, err_msg=f"position {position}")
+
+
 def test_prompt_lookup_decoding_gives_the_greedy_tokens_with_fewer_passes(bundle):
     model = Model.load(bundle)
     # A prompt that repeats itself, so drafts exist and some are accepted.
