@@ -29,7 +29,7 @@ def tests(session: nox.Session) -> None:
     """Fast tests: tiny random models, the runtime, the CLI (minutes)."""
     _install(session)
     # -rs: each skip's reason in the summary, so a CI log says which test skipped and why.
-    session.run("pytest", "-q", "-rs", "-m", "not slow and not android", *session.posargs)
+    session.run("pytest", "-q", "-rs", "-m", "not slow and not android and not ssh", *session.posargs)
 
 
 @nox.session
@@ -134,9 +134,15 @@ def pi(session: nox.Session) -> None:
     debootstrap once and caches it in build/pi-root ($NOMOAT_PI_ROOT to move it), installs this
     checkout's wheel there with binary wheels only, compares greedy tokens with the host, serves
     and chats inside (tests/test_pi_qemu.py). Step times: build/pi/timings.json; they are
-    emulation times, not a Pi's.
+    emulation times, not a Pi's. Then `nomoat deploy --ssh [--bench]` against a private OpenSSH
+    server on loopback (tests/test_deploy_ssh.py; Debian's openssh-server, which `.ci/run` installs).
     """
+    import shutil
+
+    if not shutil.which("/usr/sbin/sshd"):
+        session.error("missing /usr/sbin/sshd: apt-get install openssh-server")
     _install(session)
+    session.run("pytest", "-q", "-rs", "-m", "ssh", "tests/test_deploy_ssh.py", *session.posargs)
     session.run("pytest", "-q", "-s", "-m", "slow", "tests/test_pi_qemu.py", *session.posargs,
                 env={"NOMOAT_PI": "1"})
 

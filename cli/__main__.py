@@ -15,7 +15,7 @@ VERBS = {
     "generate": ("nomoat.runtime.cli_generate", "generate text from a bundle for one prompt"),
     "chat": ("nomoat.runtime.cli_chat", "chat with a bundle in the terminal"),
     "bench": ("nomoat.runtime.cli_bench", "measure prefill/decode speed and memory of a bundle"),
-    "deploy": ("nomoat.converter.cli_deploy", "copy a bundle to an Android device over adb and check it there"),
+    "deploy": ("nomoat.converter.cli_deploy", "copy a bundle to a phone (adb) or a board (ssh), check it there"),
 }
 
 

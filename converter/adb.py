@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .transport import TransportError
+
 # Old phones (adbd without the shell_v2 feature) always report exit status 0 for `adb shell`,
 # so every command echoes its own status after this marker and we parse it back.
 _STATUS_MARKER = "__nomoat_rc="
@@ -35,7 +37,7 @@ _STATE_FIXES = {
 }
 
 
-class AdbError(Exception):
+class AdbError(TransportError):
     """adb is missing, no usable device, or an adb command failed; the message says what to do."""
 
 
@@ -46,6 +48,11 @@ class Device:
     serial: str
     adb: str  # path of the adb program
     server_port: int | None = None  # None: the user's adb server (5037 or $ANDROID_ADB_SERVER_PORT)
+
+    @property
+    def name(self) -> str:
+        """How messages name the device (deploy.py speaks to an ssh host the same way)."""
+        return self.serial
 
     def shell(self, command: str, timeout: float | None = 600) -> tuple[str, int]:
         """Run command with the device's /system/bin/sh; (stdout and stderr, exit status)."""

@@ -1,4 +1,5 @@
-"""Copy a bundle to an Android device over adb and check it there.
+"""Copy a bundle to an Android device over adb, or to a Linux board (a Raspberry Pi) over ssh, and
+check it there.
 
 The bundle is checked here first, then pushed into a staging folder on the device, checked
 there with sha256sum and only then swapped in for the bundle of the same name, so a failed
@@ -10,9 +11,12 @@ android_demo, must be installed) and prints the rounds it measured on the phone 
 bench` does: the path line, an empty line, then the table; with --json, stdout is one JSON
 object alone (the path is its "device_path").
 
-adb is the only transport for now (--adb is required; an ssh transport for a Raspberry Pi
-may come later). Needs adb (Debian/Ubuntu: `apt install adb`) and a phone with USB
-debugging on, Android 7 or newer.
+--ssh HOST does the same for a board: the same staging, sha256sum check and swap, over the
+user's own ssh (keys, ~/.ssh/config); --bench there runs `nomoat bench`'s worker on the board
+through ssh (ssh_bench.py), so the board needs `pip install nomoat`.
+
+Needs adb (Debian/Ubuntu: `apt install adb`) and a phone with USB debugging on, Android 7 or
+newer; or the ssh client and a board that takes your key.
 """
 
 from __future__ import annotations
@@ -25,9 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from .deploy import DEFAULT_REMOTE_DIR
 from .deploy_bench import DEFAULT_TIMEOUT_S
+from .ssh_bench import DEFAULT_REMOTE_PYTHON
 
 if TYPE_CHECKING:
     from .adb import Device
+    from .ssh import SshHost
+
+DEFAULT_SSH_REMOTE_DIR = "nomoat"  # relative: in the remote user's home folder
 
 BENCH_DEFAULTS = {"prompt_tokens": 128, "new_tokens": 128, "rounds": 3, "threads": None, "json": False,
                   "bench_timeout": DEFAULT_TIMEOUT_S}
@@ -36,21 +44,30 @@ BENCH_ONLY = ("prompt_tokens", "new_tokens", "rounds", "threads", "json", "bench
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
-    p.add_argument("--adb", action="store_true", required=True,
-                   help="deploy with adb to an Android device (required: the only transport for now)")
-    p.add_argument("--serial", default=None, help="the device's serial from `adb devices` when several are attached")
-    p.add_argument("--remote-dir", default=DEFAULT_REMOTE_DIR, help="folder on the device that holds bundles")
+    transport = p.add_mutually_exclusive_group(required=True)
+    transport.add_argument("--adb", action="store_true", help="deploy with adb to an Android device")
+    transport.add_argument("--ssh", metavar="HOST", default=None,
+                           help="deploy with ssh to a Linux board such as a Raspberry Pi: [user@]host, "
+                                "ssh://[user@]host:port or a Host alias from your ssh config")
+    p.add_argument("--serial", default=None,
+                   help="(adb) the device's serial from `adb devices` when several are attached")
+    p.add_argument("--ssh-config", default=None, metavar="FILE", help="(ssh) this ssh config file instead of "
+                   "~/.ssh/config (ssh -F)")
+    p.add_argument("--remote-dir", default=None,
+                   help=f"folder on the device that holds bundles (default: {DEFAULT_REMOTE_DIR} over adb, "
+                        f"~/{DEFAULT_SSH_REMOTE_DIR} over ssh, where a relative path is taken from the home folder)")
     p.add_argument("--name", default=None,
                    help="folder name of the bundle on the device; None: the bundle folder's name")
     p.add_argument("--adb-port", type=int, default=None, metavar="PORT",
                    help="port of the adb server to use (adb -P); None: adb's own (5037 or $ANDROID_ADB_SERVER_PORT)")
-    b = p.add_argument_group("benchmark on the phone (--bench; needs the nomoat Android app installed)")
+    b = p.add_argument_group("benchmark on the device (--bench; needs the nomoat Android app installed on a phone, "
+                             "nomoat's Python runtime on a board)")
     # SUPPRESS: unset stays absent, so a bench flag without --bench is an error rather than ignored,
     # and the help shows the real defaults instead of "(default: None)".
     unset = argparse.SUPPRESS
     b.add_argument("--bench", action="store_true",
-                   help="after deploying, run the app's benchmark mode on the bundle and print a table like "
-                        "`nomoat bench` below the path line")
+                   help="after deploying, run the app's benchmark mode (adb) or `nomoat bench`'s worker (ssh) on "
+                        "the bundle and print a table like `nomoat bench` below the path line")
     b.add_argument("--prompt-tokens", type=int, default=unset, metavar="N",
                    help="prompt length in tokens (default: 128)")
     b.add_argument("--new-tokens", type=int, default=unset, metavar="N",
@@ -61,17 +78,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print one JSON object (like `nomoat bench --json`, plus device_path) instead of the "
                         "path line and the table")
     b.add_argument("--bench-timeout", type=float, default=unset, metavar="SECONDS",
-                   help=f"give up when the app has not finished by then (default: {DEFAULT_TIMEOUT_S:.0f})")
+                   help=f"(adb) give up when the app has not finished by then (default: {DEFAULT_TIMEOUT_S:.0f})")
+    b.add_argument("--remote-python", default=None, metavar="COMMAND",
+                   help=f"(ssh) the board's Python with nomoat installed, a shell command like rsync's "
+                        f"--rsync-path, e.g. ~/nomoat-venv/bin/python (default: {DEFAULT_REMOTE_PYTHON})")
+
+# Flags that belong to one transport; given with the other, they are an error rather than ignored.
+ADB_ONLY = ("serial", "adb_port", "bench_timeout")
+SSH_ONLY = ("ssh_config", "remote_python")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .adb import AdbError, pick_device
+    from nomoat.runtime.bench import BenchError
+
     from .deploy import DeployError, deploy_bundle
+    from .transport import TransportError
 
     try:
+        check_transport_flags(args)
         check_bench_flags(args)  # before deploying: a bad request should not cost a push
-        device = pick_device(args.serial, args.adb_port)
-        result = deploy_bundle(args.bundle, device, args.remote_dir, args.name, progress=progress)
+        device, remote_dir = connect(args)
+        if args.bench and args.ssh:
+            from .ssh_bench import check_remote_runtime
+
+            check_remote_runtime(device, args.remote_python)  # before the push, too
+        result = deploy_bundle(args.bundle, device, remote_dir, args.name, progress=progress,
+                               android_app=not args.ssh)
         progress(f"deployed {len(result.files)} files, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s "
                  f"({result.mb_per_s:.1f} MB/s) to {result.serial}")
         if not getattr(args, "json", False):
@@ -79,12 +111,44 @@ def run(args: argparse.Namespace) -> int:
         if args.bench:
             from nomoat.runtime.cli_bench import format_table
 
-            report = run_bench(device, result.device_path, args)
+            report = (run_ssh_bench(device, result.device_path, args) if args.ssh
+                      else run_bench(device, result.device_path, args))
             print(json.dumps(report, indent=2) if args.json else f"\n{format_table(report)}")
-    except (AdbError, DeployError) as e:
+    except (TransportError, DeployError, BenchError) as e:
         print(f"nomoat deploy: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def connect(args: argparse.Namespace) -> tuple[Device | SshHost, str]:
+    """The device and the absolute folder on it that holds bundles."""
+    if args.ssh:
+        import posixpath
+
+        from .ssh import connect as ssh_connect
+
+        board = ssh_connect(args.ssh, args.ssh_config)
+        remote_dir = args.remote_dir or DEFAULT_SSH_REMOTE_DIR
+        if remote_dir.startswith("~/"):  # as a user would type it; no shell expands it here
+            remote_dir = remote_dir[2:]
+        return board, remote_dir if remote_dir.startswith("/") else posixpath.join(board.home(), remote_dir)
+    from .adb import pick_device
+
+    return pick_device(args.serial, args.adb_port), args.remote_dir or DEFAULT_REMOTE_DIR
+
+
+def check_transport_flags(args: argparse.Namespace) -> None:
+    """Refuse the other transport's flags; fill in --remote-python for ssh."""
+    from .deploy import DeployError
+
+    given = [k for k in (SSH_ONLY if args.adb else ADB_ONLY) if getattr(args, k, None) is not None]
+    if given:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise DeployError(f"{flags} only apply with {'--ssh' if args.adb else '--adb'}; drop them.")
+    if args.ssh and args.remote_python is not None and not args.bench:
+        raise DeployError("--remote-python only applies with --bench; add --bench or drop it.")
+    if args.ssh and args.remote_python is None:
+        args.remote_python = DEFAULT_REMOTE_PYTHON
 
 
 def progress(message: str) -> None:
@@ -119,3 +183,11 @@ def run_bench(device: Device, device_path: str, args: argparse.Namespace) -> dic
     report = bench_report(device_path, device_machine(device), bench, args.rounds, args.threads,
                           args.prompt_tokens, args.new_tokens)
     return {"device_path": device_path, "serial": device.serial, **report}
+
+
+def run_ssh_bench(board: SshHost, device_path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """`nomoat bench`'s worker on the board, on the deployed bundle."""
+    from .ssh_bench import bench_over_ssh
+
+    return bench_over_ssh(board, device_path, args.bundle, args.prompt_tokens, args.new_tokens, args.rounds,
+                          args.threads, python=args.remote_python, progress=progress)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import socket
@@ -79,12 +78,9 @@ def bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def padded_bundle(bundle, tmp_path_factory) -> Path:
     """The tiny bundle plus a listed 6 MB file: many sync DATA chunks and WRTE packets."""
-    out = Path(shutil.copytree(bundle, tmp_path_factory.mktemp("padded") / "tiny-bundle"))
-    (out / "padding.bin").write_bytes(os.urandom(6 * 1024 * 1024 + 123))
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["files"]["padding.bin"] = sha256(out / "padding.bin")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
+    from tiny_models import padded_copy
+
+    return padded_copy(bundle, tmp_path_factory.mktemp("padded") / "tiny-bundle", "padding.bin", 6 * 1024 * 1024 + 123)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +157,10 @@ def test_deploy_checks_sha256_on_the_device(bundle, fake, remote):
     result = deploy_bundle(bundle, dev, str(remote))
     checks = [c for c in device.shell_log if "sha256sum" in c]
     assert len(checks) == 1
+    # Checked, then written to storage, then swapped in under the bundle's name.
+    order = [next(i for i, c in enumerate(device.shell_log) if found(c)) for found in (
+        lambda c: "sha256sum" in c, lambda c: re.search(r"\(\s*sync\s*\)", c), lambda c: "if mv " in c)]
+    assert order == sorted(order), device.shell_log
     for name in result.files:
         assert name in checks[0]
     assert result.bytes == sum(p.stat().st_size for p in bundle.iterdir()) and result.seconds > 0

@@ -445,3 +445,18 @@ def tiny_fp32_bundle(tmp_path_factory: Any, max_context: int, name: str = "bundl
     hf = make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
     return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / name, quant="fp32",
                                   max_context=max_context, progress=False, skip_verify=True))
+
+
+def padded_copy(bundle: Path, out: Path, file_name: str, size: int) -> Path:
+    """A copy of bundle at out with one more listed file of size random bytes: still a valid bundle,
+    with other contents (deploy tests: a redeploy, a copy that fails midway on that file)."""
+    import hashlib
+    import os
+
+    out = Path(shutil.copytree(bundle, out))
+    extra = out / file_name
+    extra.write_bytes(os.urandom(size))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][file_name] = hashlib.sha256(extra.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out

@@ -1,0 +1,74 @@
+"""Benchmark a deployed bundle on a board over ssh, with `nomoat bench`'s own harness.
+
+runtime/bench_worker runs on the board, started by ssh, and this computer drives it with the same
+JSON lines as a local worker (the worker's seam: only the argv that starts it knows where it
+runs), so the rounds, the summary and the table are `nomoat bench`'s, measured there: the
+machine line and the peak RSS are the board's. The board needs nomoat's runtime (`pip install
+nomoat` for the Python that --remote-python names).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .deploy import DeployError
+from .ssh import SshHost
+
+DEFAULT_REMOTE_PYTHON = "python3"
+WORKER_MODULE = "nomoat.runtime.bench_worker"
+
+
+def check_remote_runtime(board: SshHost, python: str) -> None:
+    """Refuse before deploying when the board's Python cannot run the benchmark worker."""
+    # `python` is a command, not a path (like rsync's --rsync-path): "~/venv/bin/python" or "nice python3" work.
+    out, status = board.shell(f"{python} -c 'import {WORKER_MODULE}, onnxruntime'", timeout=120)
+    if status == 127:
+        raise DeployError(f"{python!r} is not a command on {board.name}: install Python 3 there, or pass "
+                          "--remote-python with the Python that has nomoat (e.g. ~/nomoat-venv/bin/python).")
+    if status != 0:
+        raise DeployError(f"{python} on {board.name} cannot run nomoat's benchmark ({_last_line(out)}): "
+                          f"`{python} -m pip install nomoat` there (README, \"Raspberry Pi\"), or pass "
+                          "--remote-python with the Python that has it.")
+
+
+def worker_argv(board: SshHost, python: str, options: dict[str, Any]) -> list[str]:
+    """The ssh command that starts a bench worker on the board (exec: closing ssh ends the worker)."""
+    from nomoat.runtime.bench_worker import local_worker_argv
+    from nomoat.runtime.cli_bench import NOMOAT_ENGINE
+
+    worker = local_worker_argv(NOMOAT_ENGINE, options, python="python")[1:]  # the module and its flags
+    return board.command(f"exec {python} {shlex.join(worker)}")
+
+
+def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens: int, new_tokens: int,
+                   rounds: int, threads: int | None, python: str = DEFAULT_REMOTE_PYTHON,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure the bundle deployed at device_path (a copy of the local `bundle`) on the board; the
+    report `nomoat bench` prints, plus where it ran."""
+    from nomoat.runtime.bench import synthetic_prompt_ids
+    from nomoat.runtime.bench_worker import WorkerProcess
+    from nomoat.runtime.cli_bench import Config, measure_configs
+    from nomoat.runtime.manifest import read_manifest
+
+    say = progress or (lambda _msg: None)
+    manifest = read_manifest(bundle, verify_files=False)
+    # The prompt is cut here, from the local copy of the same tokenizer the board loads.
+    prompt_ids = {prompt_tokens: synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, prompt_tokens)}
+    config = Config(threads, prompt_tokens, new_tokens)
+
+    def start_worker(c: Config) -> WorkerProcess:
+        options = {"bundle": device_path, "threads": c.threads, "name": f"nomoat on {board.name}"}
+        return WorkerProcess(c.label, worker_argv(board, python, options))
+
+    say(f"benchmarking on {board.name}: {rounds} rounds of {prompt_tokens}+{new_tokens} tokens "
+        f"after 1 warm-up, with {python} there ...")
+    report = measure_configs([config], prompt_ids, start_worker, rounds, warmup=1)
+    return {"bundle": device_path, "device_path": device_path, "host": board.name, **report}
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"

@@ -1,0 +1,316 @@
+"""`nomoat deploy --ssh [--bench]` against the real OpenSSH client and server.
+
+The "board" is this machine: a private sshd on a free loopback port with its own host key and
+authorized key (config, pid and keys in a temp dir), reached through an ssh config file given
+with --ssh-config, so the user's ~/.ssh is never read or written. Commands run in a real login
+session (the worker's environment is sshd's, not pytest's). What this cannot show: an arm64
+board's speed; the runtime on arm64 is tests/test_pi_qemu.py's part.
+
+Marked `ssh`: they run in `nox -s pi` (root, like the Pi tests), where `.ci/run` has installed
+openssh-server; missing sshd fails them there rather than skipping.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from nomoat.__main__ import main
+from nomoat.converter.deploy import DeployError, deploy_bundle
+from nomoat.converter.ssh import SshError, SshHost, connect
+
+SSHD = "/usr/sbin/sshd"
+ALIAS = "nomoat-board"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(folder.iterdir())}
+
+
+def keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "nomoat-test", "-f", str(path)],
+                   check=True, capture_output=True)
+
+
+def client_config(folder: Path, port: int, key: Path, known_hosts: Path, name: str = "ssh_config") -> Path:
+    """An ssh config with one Host alias, as a user would keep in ~/.ssh/config."""
+    path = folder / name
+    path.write_text(f"Host {ALIAS}\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
+                    f"  IdentityFile {key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking yes\n"
+                    f"  UserKnownHostsFile {known_hosts}\n  GlobalKnownHostsFile /dev/null\n"
+                    "  ConnectTimeout 10\n  LogLevel ERROR\n")
+    return path
+
+
+class Board:
+    def __init__(self, folder: Path, port: int, config: Path, process: subprocess.Popen):
+        self.folder, self.port, self.config, self.process = folder, port, config, process
+
+    def cli(self, bundle: Path, remote: Path | str, *extra: str) -> list[str]:
+        return ["deploy", str(bundle), "--ssh", ALIAS, "--ssh-config", str(self.config),
+                "--remote-dir", str(remote), *extra]
+
+    def host(self) -> SshHost:
+        return connect(ALIAS, str(self.config))
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    missing = [tool for tool in (SSHD, "ssh", "ssh-keygen") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: apt-get install openssh-server openssh-client")
+    folder = tmp_path_factory.mktemp("sshd")
+    keygen(folder / "host_key")
+    keygen(folder / "client_key")
+    shutil.copy(folder / "client_key.pub", folder / "authorized_keys")
+    port = free_port()
+    (folder / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\nPidFile {folder / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
+        "LogLevel VERBOSE\n")
+    host_key = (folder / "host_key.pub").read_text().split()
+    (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder, when run as root
+    log = open(folder / "sshd.log", "wb")
+    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")], stdout=log, stderr=log)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"sshd did not start: {(folder / 'sshd.log').read_text()}")
+            time.sleep(0.1)
+    config = client_config(folder, port, folder / "client_key", folder / "known_hosts")
+    try:
+        yield Board(folder, port, config, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from tiny_models import tiny_fp32_bundle
+
+    return tiny_fp32_bundle(tmp_path_factory, max_context=96, name="tiny-bundle")
+
+
+@pytest.fixture(scope="module")
+def other_bundle(bundle, tmp_path_factory) -> Path:
+    """Another valid bundle of the same name: the tiny one with a listed extra file."""
+    from tiny_models import padded_copy
+
+    return padded_copy(bundle, tmp_path_factory.mktemp("other") / "tiny-bundle", "extra.bin", 3 * 1024 * 1024 + 17)
+
+
+@pytest.fixture
+def remote(tmp_path) -> Path:
+    return tmp_path / "board" / "nomoat"
+
+
+def traced_python(folder: Path, python: str = sys.executable) -> Path:
+    """A Python for the board that notes each start with sshd's $SSH_CONNECTION (set only in an ssh
+    session), so a test can tell the worker really ran behind ssh."""
+    script = folder / "traced-python"
+    script.write_text(f'#!/bin/sh\necho "started over ssh from: $SSH_CONNECTION" >> {folder / "starts.log"}\n'
+                      f'exec {python} "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.ssh
+def test_deploy_over_ssh_lands_every_file_and_prints_the_path(board, bundle, remote, capsys):
+    assert main(board.cli(bundle, remote)) == 0
+    out, err = capsys.readouterr()
+    deployed = remote / "tiny-bundle"
+    assert out.strip().splitlines() == [str(deployed)]
+    assert tree_hashes(deployed) == tree_hashes(bundle)
+    assert f"to {ALIAS}" in err and "checking sha256" in err
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]  # no staging left
+
+
+@pytest.mark.ssh
+def test_redeploy_over_ssh_replaces_the_old_bundle(board, bundle, other_bundle, remote):
+    host = board.host()
+    deploy_bundle(bundle, host, str(remote), android_app=False)
+    (remote / "tiny-bundle" / "stale.txt").write_text("from an older deploy")
+    result = deploy_bundle(other_bundle, host, str(remote), android_app=False)
+    assert result.device_path == str(remote / "tiny-bundle")
+    assert tree_hashes(remote / "tiny-bundle") == tree_hashes(other_bundle)  # stale.txt is gone
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
+
+
+@pytest.mark.ssh
+def test_a_copy_that_fails_midway_keeps_the_deployed_bundle(board, bundle, other_bundle, remote, monkeypatch):
+    host = board.host()
+    deploy_bundle(bundle, host, str(remote), android_app=False)
+    before = tree_hashes(remote / "tiny-bundle")
+    real_push, pushed = SshHost.push, []
+
+    def push_then_fail(self, local, remote_path, timeout=None):
+        if local.name == "extra.bin":  # the others went over first
+            raise SshError("copying extra.bin failed: No space left on device")
+        real_push(self, local, remote_path, timeout)
+        pushed.append(local.name)
+
+    monkeypatch.setattr(SshHost, "push", push_then_fail)
+    with pytest.raises(DeployError, match="extra.bin.*No space left"):
+        deploy_bundle(other_bundle, host, str(remote), android_app=False)
+    assert pushed  # a real partial copy was cleaned up, not an empty one
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
+    assert tree_hashes(remote / "tiny-bundle") == before
+
+
+@pytest.mark.ssh
+def test_a_float16_cache_bundle_goes_to_a_board(board, bundle, tmp_path, remote):
+    """The Python runtime on a board loads float16 caches (only the Android app refuses them)."""
+    half = Path(shutil.copytree(bundle, tmp_path / "half"))
+    manifest = json.loads((half / "manifest.json").read_text())
+    manifest["onnx"]["kv_dtype"] = "float16"
+    (half / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    result = deploy_bundle(half, board.host(), str(remote), android_app=False)
+    assert tree_hashes(Path(result.device_path)) == tree_hashes(half)
+
+
+@pytest.mark.ssh
+def test_a_relative_remote_dir_is_taken_from_the_home_folder(board, bundle, capsys):
+    relative = f".cache/nomoat-test-{os.getpid()}-{time.monotonic_ns()}"
+    home = Path(board.host().home())
+    try:
+        assert main(board.cli(bundle, f"~/{relative}")) == 0
+        assert capsys.readouterr().out.strip() == str(home / relative / "tiny-bundle")
+        assert tree_hashes(home / relative / "tiny-bundle") == tree_hashes(bundle)
+    finally:
+        shutil.rmtree(home / relative, ignore_errors=True)
+
+
+@pytest.mark.ssh
+def test_bench_over_ssh_runs_nomoat_bench_there_and_prints_its_table(board, bundle, remote, tmp_path, capsys):
+    python = traced_python(tmp_path)
+    assert main(board.cli(bundle, remote, "--bench", "--prompt-tokens", "16", "--new-tokens", "8", "--rounds", "3",
+                          "--threads", "1", "--remote-python", str(python))) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    deployed = str(remote / "tiny-bundle")
+    assert lines[0] == deployed and lines[1] == ""
+    assert lines[2].startswith(f"nomoat bench {deployed} on ") and "3 rounds after 1 warm-up" in lines[2]
+    assert lines[4].split()[:3] == ["threads", "prompt", "new"] and lines[5].split()[:3] == ["1", "16", "8"]
+    assert "round 3:" in err
+    # The runtime check and the worker both started behind sshd, not as children of this process.
+    starts = (tmp_path / "starts.log").read_text().splitlines()
+    assert len(starts) == 2 and all(f"127.0.0.1 {board.port}" in s for s in starts), starts
+
+
+@pytest.mark.ssh
+def test_bench_over_ssh_json_holds_rounds_measured_on_the_board(board, bundle, remote, capsys):
+    assert main(board.cli(bundle, remote, "--bench", "--prompt-tokens", "12", "--new-tokens", "6", "--rounds", "2",
+                          "--remote-python", sys.executable, "--json")) == 0
+    report = json.loads(capsys.readouterr().out)  # stdout is the JSON object alone
+    assert report["host"] == ALIAS and report["device_path"] == str(remote / "tiny-bundle")
+    [result] = report["results"]
+    assert (result["prompt_tokens"], result["new_tokens"], report["rounds"]) == (12, 6, 2)
+    assert result["name"] == f"nomoat on {ALIAS}"
+    assert len(result["rounds"]) == 2
+    for r in result["rounds"]:
+        assert r["prompt_tokens"] == 12 and r["new_tokens"] == 6
+        assert r["decode_tps"] > 0 and r["prefill_tps"] > 0 and r["peak_rss_bytes"] > 0
+    assert report["machine"]["cpus"] == os.cpu_count()
+
+
+@pytest.mark.ssh
+def test_bench_with_a_python_without_nomoat_fails_before_the_push(board, bundle, remote, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    assert main(board.cli(bundle, remote, "--bench", "--prompt-tokens", "8", "--new-tokens", "4",
+                          "--remote-python", str(bare / "bin" / "python"))) == 2
+    err = capsys.readouterr().err
+    assert "cannot run nomoat's benchmark" in err and "No module named 'nomoat'" in err
+    assert "pip install nomoat" in err and "--remote-python" in err
+    assert not (remote / "tiny-bundle").exists()
+
+
+@pytest.mark.ssh
+def test_bench_with_a_missing_python_names_it(board, bundle, remote, capsys):
+    assert main(board.cli(bundle, remote, "--bench", "--prompt-tokens", "8", "--new-tokens", "4",
+                          "--remote-python", "no-such-python3")) == 2
+    err = capsys.readouterr().err
+    assert "'no-such-python3' is not a command on nomoat-board" in err
+    assert not (remote / "tiny-bundle").exists()
+
+
+@pytest.mark.ssh
+def test_an_unknown_host_key_is_refused_with_the_fix(board, tmp_path):
+    config = client_config(tmp_path, board.port, board.folder / "client_key", tmp_path / "empty_known_hosts")
+    with pytest.raises(SshError, match=r"Host key verification failed.*connect once with `ssh nomoat-board`"):
+        connect(ALIAS, str(config))
+
+
+@pytest.mark.ssh
+def test_a_key_the_board_does_not_know_is_refused_with_the_fix(board, tmp_path):
+    keygen(tmp_path / "stranger")
+    config = client_config(tmp_path, board.port, tmp_path / "stranger", board.folder / "known_hosts")
+    with pytest.raises(SshError, match=r"Permission denied.*ssh-copy-id nomoat-board"):
+        connect(ALIAS, str(config))
+
+
+@pytest.mark.ssh
+def test_no_server_listening_is_refused_with_the_fix(board, bundle, tmp_path, capsys):
+    config = client_config(tmp_path, free_port(), board.folder / "client_key", board.folder / "known_hosts")
+    assert main(["deploy", str(bundle), "--ssh", ALIAS, "--ssh-config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nomoat deploy: error: ssh to nomoat-board failed: ") and "Connection refused" in err
+    assert "raspi-config" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.ssh
+def test_shell_reports_output_and_exit_status(board):
+    host = board.host()
+    assert host.shell("echo out; echo err >&2; exit 3") == ("out\nerr\n", 3)
+    # Under sh whatever the login shell: POSIX syntax, quotes passed through intact.
+    assert host.shell("x='a b'; printf '%s|' \"$x\" \"it's\"") == ("a b|it's|", 0)
+
+
+# -- flag checks: refused before any connection, no sshd needed --
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ssh", "pi", "--serial", "X"], "--serial only apply with --adb"),
+    (["--ssh", "pi", "--bench-timeout", "5", "--bench"], "--bench-timeout only apply with --adb"),
+    (["--adb", "--ssh-config", "f"], "--ssh-config only apply with --ssh"),
+    (["--adb", "--remote-python", "python3", "--bench"], "--remote-python only apply with --ssh"),
+    (["--ssh", "pi", "--remote-python", "python3"], "--remote-python only applies with --bench"),
+    (["--ssh=-oProxyCommand=x"], "is not a host"),
+])
+def test_flags_of_the_other_transport_are_refused(bundle, extra, message, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # neither adb nor ssh may be run for these
+    assert main(["deploy", str(bundle), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_adb_and_ssh_are_exclusive(bundle, capsys):
+    with pytest.raises(SystemExit):
+        main(["deploy", str(bundle), "--adb", "--ssh", "pi"])
+    assert "not allowed with argument" in capsys.readouterr().err
