@@ -129,7 +129,7 @@ def connect(args: argparse.Namespace) -> tuple[Device | SshHost, str]:
 
         board = ssh_connect(args.ssh, args.ssh_config)
         remote_dir = args.remote_dir or DEFAULT_SSH_REMOTE_DIR
-        if remote_dir.startswith("~/"):  # as a user would type it; no shell expands it here
+        if remote_dir == "~" or remote_dir.startswith("~/"):  # as a user would type it; no shell expands it here
             remote_dir = remote_dir[2:]
         return board, remote_dir if remote_dir.startswith("/") else posixpath.join(board.home(), remote_dir)
     from .adb import pick_device

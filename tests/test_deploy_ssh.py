@@ -203,7 +203,10 @@ def test_a_relative_remote_dir_is_taken_from_the_home_folder(board, bundle, caps
         assert main(board.cli(bundle, f"~/{relative}")) == 0
         assert capsys.readouterr().out.strip() == str(home / relative / "tiny-bundle")
         assert tree_hashes(home / relative / "tiny-bundle") == tree_hashes(bundle)
+        assert main(board.cli(bundle, "~", "--name", relative.split("/")[-1])) == 0
+        assert capsys.readouterr().out.strip() == str(home / relative.split("/")[-1])
     finally:
+        shutil.rmtree(home / relative.split("/")[-1], ignore_errors=True)
         shutil.rmtree(home / relative, ignore_errors=True)
 
 
