@@ -22,9 +22,13 @@ WORKER_MODULE = "nomoat.runtime.bench_worker"
 
 
 def check_remote_runtime(board: SshHost, python: str) -> None:
-    """Refuse before deploying when the board's Python cannot run the benchmark worker."""
+    """Refuse before deploying when the board's Python cannot run the benchmark worker, or runs
+    another nomoat release than this one (the worker's messages are only checked to match their own)."""
+    from importlib.metadata import version
+
     # `python` is a command, not a path (like rsync's --rsync-path): "~/venv/bin/python" or "nice python3" work.
-    out, status = board.shell(f"{python} -c 'import {WORKER_MODULE}, onnxruntime'", timeout=120)
+    probe = f"import importlib.metadata as m, {WORKER_MODULE}, onnxruntime; print(m.version('nomoat'))"
+    out, status = board.shell(f"{python} -c {shlex.quote(probe)}", timeout=120)
     if status == 127:
         raise DeployError(f"{python!r} is not a command on {board.name}: install Python 3 there, or pass "
                           "--remote-python with the Python that has nomoat (e.g. ~/nomoat-venv/bin/python).")
@@ -32,6 +36,11 @@ def check_remote_runtime(board: SshHost, python: str) -> None:
         raise DeployError(f"{python} on {board.name} cannot run nomoat's benchmark ({_last_line(out)}): "
                           f"`{python} -m pip install nomoat` there (README, \"Raspberry Pi\"), or pass "
                           "--remote-python with the Python that has it.")
+    here, there = version("nomoat"), _last_line(out)
+    if there != here:
+        raise DeployError(f"{board.name} has nomoat {there} and this computer {here}; install the same release "
+                          f"on both (`{python} -m pip install nomoat=={here}` there) so the benchmark's messages "
+                          "match.")
 
 
 def worker_argv(board: SshHost, python: str, options: dict[str, Any]) -> list[str]:

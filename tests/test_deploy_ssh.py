@@ -256,6 +256,25 @@ def test_bench_with_a_python_without_nomoat_fails_before_the_push(board, bundle,
 
 
 @pytest.mark.ssh
+def test_bench_with_another_nomoat_release_on_the_board_is_refused(board, bundle, remote, tmp_path, capsys):
+    """Its metadata says 9.9.9 (a dist-info ahead on sys.path), as after `pip install nomoat` of another release."""
+    from importlib.metadata import version
+
+    site = tmp_path / "other-release"
+    (site / "nomoat-9.9.9.dist-info").mkdir(parents=True)
+    (site / "nomoat-9.9.9.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: nomoat\nVersion: 9.9.9\n")
+    python = tmp_path / "python-other-release"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    assert main(board.cli(bundle, remote, "--bench", "--prompt-tokens", "8", "--new-tokens", "4",
+                          "--remote-python", str(python))) == 2
+    err = capsys.readouterr().err
+    assert f"nomoat-board has nomoat 9.9.9 and this computer {version('nomoat')}" in err
+    assert f"pip install nomoat=={version('nomoat')}" in err
+    assert not (remote / "tiny-bundle").exists()
+
+
+@pytest.mark.ssh
 def test_bench_with_a_missing_python_names_it(board, bundle, remote, capsys):
     assert main(board.cli(bundle, remote, "--bench", "--prompt-tokens", "8", "--new-tokens", "4",
                           "--remote-python", "no-such-python3")) == 2
