@@ -134,7 +134,7 @@ def pi(session: nox.Session) -> None:
     debootstrap once and caches it in build/pi-root ($NOMOAT_PI_ROOT to move it), installs this
     checkout's wheel there with binary wheels only, compares greedy tokens with the host, serves
     and chats inside (tests/test_pi_qemu.py). Step times: build/pi/timings.json; they are
-    emulation times, not a Pi's. Then `nomoat deploy --ssh [--bench]` against a private OpenSSH
+    emulation times, not a Pi's. First, `nomoat deploy --ssh [--bench]` against a private OpenSSH
     server on loopback (tests/test_deploy_ssh.py; Debian's openssh-server, which `.ci/run` installs).
     """
     import shutil

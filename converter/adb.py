@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .transport import TransportError
+from .transport import TransportError, last_line
 
 # Old phones (adbd without the shell_v2 feature) always report exit status 0 for `adb shell`,
 # so every command echoes its own status after this marker and we parse it back.
@@ -62,7 +62,7 @@ class Device:
         match = _STATUS_RE.search(out)
         if match is None:  # adb itself failed (device gone, server died) before the command ran
             raise AdbError(f"`adb shell` on {self.serial} failed (exit {result.returncode}): "
-                           f"{_last_line(out + result.stderr)}. Check the connection with `adb devices`.")
+                           f"{last_line(out + result.stderr)}. Check the connection with `adb devices`.")
         # Newer devices (shell_v2) keep stderr apart; older ones mix it into stdout already.
         return out[:match.start()] + result.stderr.replace("\r\n", "\n"), int(match.group(1))
 
@@ -161,12 +161,8 @@ def _serials(devices: list[tuple[str, str]]) -> str:
     return ", ".join(f"{s} ({state})" for s, state in devices)
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
 
 def _last_error(text: str) -> str:
     """adb's own error line ("adb: error: ..." / "error: ..."), else its last line of output."""
     errors = [line.strip() for line in text.splitlines() if "error" in line.lower()]
-    return errors[-1] if errors else _last_line(text)
+    return errors[-1] if errors else last_line(text)

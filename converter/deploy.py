@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from .transport import TransportError
+from .transport import TransportError, last_line
 
 if TYPE_CHECKING:
     from .adb import Device
@@ -152,7 +152,7 @@ def shell(device: Target, command: str, what: str) -> str:
     except TransportError as e:
         raise DeployError(str(e)) from e
     if status != 0:
-        raise DeployError(f"{what} failed on {device.name} (exit {status}): {_last_line(out)}")
+        raise DeployError(f"{what} failed on {device.name} (exit {status}): {last_line(out)}")
     return out
 
 
@@ -285,10 +285,6 @@ def remove_quietly(device: Target, path: str) -> None:
     except TransportError:
         pass
 
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 def _size(n: int) -> str:

@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .transport import TransportError
+from .transport import TransportError, last_line
 
 # ssh exits with 255 when it could not connect or log in (a remote command's own status otherwise).
 SSH_FAILED = 255
@@ -73,13 +73,13 @@ class SshHost:
             result = self._run(f"mkdir -p {folder} && cat > {path}", stdin=source, timeout=timeout)
         if result.returncode != 0:
             raise SshError(f"copying {local.name} to {remote} on {self.host} failed (exit {result.returncode}): "
-                           f"{_last_line(result.stderr)}")
+                           f"{last_line(result.stderr)}")
 
     def home(self) -> str:
         """The remote user's home folder (relative --remote-dir paths are taken from it)."""
         out, status = self.shell('printf "%s" "$HOME"', timeout=60)
         if status != 0 or not out.startswith("/"):
-            raise SshError(f"could not read $HOME on {self.host} ({_last_line(out)}); pass an absolute --remote-dir.")
+            raise SshError(f"could not read $HOME on {self.host} ({last_line(out)}); pass an absolute --remote-dir.")
         return out
 
     def _run(self, command: str, stdin=subprocess.DEVNULL, timeout: float | None = 600) -> subprocess.CompletedProcess:
@@ -100,7 +100,7 @@ class SshHost:
 
 def connection_failure(host: str, stderr: str) -> str:
     """ssh's reason for failing, and the fix for it."""
-    said = _last_line(stderr)
+    said = last_line(stderr)
     for pattern, fix in _FIXES:
         if re.search(pattern, stderr, re.I):
             return f"ssh to {host} failed: {said}. {fix.format(host=host)}."
@@ -125,8 +125,3 @@ def connect(host: str, config: str | None = None) -> SshHost:
     board = SshHost(host=host, ssh=find_ssh(), config=config)
     board.shell("true", timeout=60)  # raises SshError with ssh's reason and its fix
     return board
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"

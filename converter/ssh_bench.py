@@ -16,6 +16,7 @@ from typing import Any
 
 from .deploy import DeployError
 from .ssh import SshHost
+from .transport import last_line
 
 DEFAULT_REMOTE_PYTHON = "python3"
 WORKER_MODULE = "nomoat.runtime.bench_worker"
@@ -33,10 +34,10 @@ def check_remote_runtime(board: SshHost, python: str) -> None:
         raise DeployError(f"{python!r} is not a command on {board.name}: install Python 3 there, or pass "
                           "--remote-python with the Python that has nomoat (e.g. ~/nomoat-venv/bin/python).")
     if status != 0:
-        raise DeployError(f"{python} on {board.name} cannot run nomoat's benchmark ({_last_line(out)}): "
+        raise DeployError(f"{python} on {board.name} cannot run nomoat's benchmark ({last_line(out)}): "
                           f"`{python} -m pip install nomoat` there (README, \"Raspberry Pi\"), or pass "
                           "--remote-python with the Python that has it.")
-    here, there = version("nomoat"), _last_line(out)
+    here, there = version("nomoat"), last_line(out)
     if there != here:
         raise DeployError(f"{board.name} has nomoat {there} and this computer {here}; install the same release "
                           f"on both (`{python} -m pip install nomoat=={here}` there) so the benchmark's messages "
@@ -76,8 +77,3 @@ def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens
         f"after 1 warm-up, with {python} there ...")
     report = measure_configs([config], prompt_ids, start_worker, rounds, warmup=1)
     return {"bundle": device_path, "device_path": device_path, "host": board.name, **report}
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
