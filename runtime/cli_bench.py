@@ -1,10 +1,11 @@
-"""Measure a bundle: prefill and decode tokens/s, time to first token and peak RSS.
+"""Measure bundles: prefill and decode tokens/s, time to first token and peak RSS.
 
-Each configuration (threads x prompt length x generation length) runs in its own worker
-process, so its peak RSS is its own; rounds alternate between configurations so machine
-drift spreads evenly. Generation always runs the full --new-tokens (end-of-sequence is
-ignored) and the KV cache is emptied before every round. The prompt is fixed prose cut to
-exactly --prompt-tokens tokens. Reported: median and min–max over the rounds.
+Each configuration (bundle x threads x prompt length x generation length) runs in its own
+worker process, so its peak RSS is its own; rounds alternate between configurations so machine
+drift spreads evenly: several bundles on one command line are an A/B of their recipes.
+Generation always runs the full --new-tokens (end-of-sequence is ignored) and the KV cache is
+emptied before every round. The prompt is fixed prose cut to exactly --prompt-tokens tokens.
+Reported: median and min–max over the rounds.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ NOMOAT_ENGINE = "nomoat.runtime.bench:NomoatEngine"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # SUPPRESS: these defaults depend on other flags or the bundle, so `(default: None)` would mislead.
     unset = argparse.SUPPRESS
-    p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
+    p.add_argument("bundle", type=Path, nargs="+", metavar="BUNDLE",
+                   help="bundle folder written by `nomoat convert`; give several to compare them in "
+                        "alternating rounds (each configuration of each bundle is one loaded worker)")
     p.add_argument("--threads", type=int, action="append", metavar="N", default=unset,
                    help="CPU threads; repeat to compare: --threads 1 --threads 2 (default: the bundle's)")
     p.add_argument("--prompt-tokens", type=int, action="append", metavar="N", default=unset,
@@ -58,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
         entries = [(r["label"], summarize([RoundResult.from_dict(x) for x in r["rounds"]]))
                    for r in report["results"]]
         machine = report["machine"]
-        out = plot_summaries(entries, args.plot, f"nomoat bench {report['bundle']} — {machine['cpu']}, "
-                             f"{report['rounds']} rounds (median, min–max)")
+        out = plot_summaries(entries, args.plot, f"nomoat bench {' '.join(report['bundles'])} — "
+                             f"{machine['cpu']}, {report['rounds']} rounds (median, min–max)")
         print(f"chart written to {out}", file=sys.stderr)
     return 0
 
@@ -72,17 +75,22 @@ class Config:
     prompt_tokens: int
     new_tokens: int
     prompt_lookup: int = 0  # drafted tokens per pass; 0 = plain decoding
+    bundle: str = ""  # the bundle as the user named it, when several are compared ("" = the only one)
 
     @property
     def label(self) -> str:
         lookup = f", lookup {self.prompt_lookup}" if self.prompt_lookup else ""
-        return f"{self.threads or 'default'} thr, {self.prompt_tokens}+{self.new_tokens} tok{lookup}"
+        which = f"{self.bundle}: " if self.bundle else ""
+        return f"{which}{self.threads or 'default'} thr, {self.prompt_tokens}+{self.new_tokens} tok{lookup}"
 
 
 def bench_bundle(args: argparse.Namespace) -> dict[str, Any]:
-    """Check the request against the bundle, then measure each configuration in a worker."""
+    """Check the request against each bundle, then measure each configuration in a worker."""
     from .manifest import read_manifest
 
+    bundles: list[Path] = args.bundle
+    if len({b.resolve() for b in bundles}) < len(bundles):
+        raise BenchError("the same bundle is named twice; to repeat a measurement, raise --rounds")
     threads: list[int | None] = getattr(args, "threads", [None])
     prompts: list[int] = getattr(args, "prompt_tokens", [128])
     news: list[int] = getattr(args, "new_tokens", [128])
@@ -94,28 +102,39 @@ def bench_bundle(args: argparse.Namespace) -> dict[str, Any]:
         from .bench_plot import require_matplotlib
 
         require_matplotlib()
-    manifest = read_manifest(args.bundle, verify_files=False)  # the worker checks the files when it loads
-    if max(prompts) + max(news) > manifest.max_context:
-        raise BenchError(f"--prompt-tokens {max(prompts)} + --new-tokens {max(news)} exceed the bundle's "
-                         f"context of {manifest.max_context} tokens; measure shorter runs or convert with a "
-                         "larger --max-context")
-    tokenizer_file = args.bundle / manifest.tokenizer.tokenizer_file
-    prompt_ids = {n: synthetic_prompt_ids(tokenizer_file, n) for n in prompts}
-    bundle = str(args.bundle.resolve())
+    # One name per bundle, as the user typed it; rows only carry it when there is a choice.
+    names = [str(b) for b in bundles] if len(bundles) > 1 else [""]
+    prompt_ids: dict[tuple[str, int], list[int]] = {}
+    folders: dict[str, str] = {}
+    for bundle, name in zip(bundles, names, strict=True):
+        manifest = read_manifest(bundle, verify_files=False)  # the worker checks the files when it loads
+        if max(prompts) + max(news) > manifest.max_context:
+            raise BenchError(f"--prompt-tokens {max(prompts)} + --new-tokens {max(news)} exceed the bundle's "
+                             f"context of {manifest.max_context} tokens ({bundle}); measure shorter runs or "
+                             "convert with a larger --max-context")
+        # Each bundle's prompt comes from its own tokenizer: the same prose, cut to the same length.
+        tokenizer_file = bundle / manifest.tokenizer.tokenizer_file
+        prompt_ids.update({(name, n): synthetic_prompt_ids(tokenizer_file, n) for n in prompts})
+        folders[name] = str(bundle.resolve())
 
     def start_worker(config: Config) -> WorkerProcess:
-        options = {"bundle": bundle, "threads": config.threads, "prompt_lookup": config.prompt_lookup}
+        options = {"bundle": folders[config.bundle], "threads": config.threads,
+                   "prompt_lookup": config.prompt_lookup}
         return WorkerProcess(config.label, local_worker_argv(NOMOAT_ENGINE, options))
 
     # Prompt lookup is measured next to plain decoding, never instead of it: its speed depends on
-    # how much the text repeats, so it is reported in rows of its own.
+    # how much the text repeats, so it is reported in rows of its own. Bundles vary fastest, so
+    # the rows of one configuration stand together.
     lookups = [0, lookup] if lookup else [0]
-    configs = [Config(*c) for c in itertools.product(threads, prompts, news, lookups)]
-    report = measure_configs(configs, prompt_ids, start_worker, args.rounds, args.warmup)
-    return {"bundle": str(args.bundle), **report}
+    configs = [Config(*c) for c in itertools.product(threads, prompts, news, lookups, names)]
+    report = measure_configs(configs, lambda c: prompt_ids[c.bundle, c.prompt_tokens], start_worker,
+                             args.rounds, args.warmup)
+    listed = [str(b) for b in bundles]
+    # "bundle" stays for one bundle, as `nomoat deploy --bench` reports it too.
+    return {**({"bundle": listed[0]} if len(listed) == 1 else {}), "bundles": listed, **report}
 
 
-def measure_configs(configs: Sequence[Config], prompt_ids: dict[int, list[int]],
+def measure_configs(configs: Sequence[Config], prompt_for: Callable[[Config], list[int]],
                     make_worker: Callable[[Config], WorkerProcess], rounds: int, warmup: int,
                     pause_s: float = 0.25) -> dict[str, Any]:
     """Start one worker per configuration, alternate rounds between them; return the report."""
@@ -123,7 +142,7 @@ def measure_configs(configs: Sequence[Config], prompt_ids: dict[int, list[int]],
     try:
         for config in configs:
             worker = make_worker(config)
-            jobs.append(Job(worker, prompt_ids[config.prompt_tokens], config.new_tokens))
+            jobs.append(Job(worker, prompt_for(config), config.new_tokens))
             print(f"loading {worker.label} ...", file=sys.stderr)
             worker.start()
         run_alternating(jobs, rounds, warmup, pause_s, on_round=_print_progress)
@@ -160,6 +179,7 @@ def _job_report(job: Job, config: Config) -> dict[str, Any]:
     ready = job.worker.ready
     return {
         "label": job.worker.label,
+        **({"bundle": config.bundle} if config.bundle else {}),
         "name": ready.get("name"),
         "threads": config.threads,
         "prompt_tokens": config.prompt_tokens,
@@ -192,12 +212,16 @@ def format_stat(stat: Stat | dict | None, decimals: int) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     machine = report["machine"]
-    head = (f"nomoat bench {report['bundle']} on {machine.get('cpu', '?')} "
+    bundles = report.get("bundles") or [report["bundle"]]
+    head = (f"nomoat bench {' '.join(bundles)} on {machine.get('cpu', '?')} "
             f"({machine.get('cpus', '?')} CPUs); "
             f"{report['rounds']} rounds after {report['warmup']} warm-up, median (min–max)")
     lookup = any(r.get("prompt_lookup") for r in report["results"])
-    header = ["threads", "prompt", "new", *(["lookup"] if lookup else []), *(c[0] for c in COLUMNS)]
-    rows = [[str(r["threads"] or "default"), str(r["prompt_tokens"]), str(r["new_tokens"]),
+    several = any(r.get("bundle") for r in report["results"])
+    header = [*(["bundle"] if several else []), "threads", "prompt", "new", *(["lookup"] if lookup else []),
+              *(c[0] for c in COLUMNS)]
+    rows = [[*([r["bundle"]] if several else []),
+             str(r["threads"] or "default"), str(r["prompt_tokens"]), str(r["new_tokens"]),
              *([str(r.get("prompt_lookup") or "-")] if lookup else []),
              *(format_stat(r["summary"][metric], decimals) for _, metric, decimals in COLUMNS)]
             for r in report["results"]]

@@ -246,7 +246,7 @@ def _sleepy_worker(config: Config) -> WorkerProcess:
 
 def test_report_is_one_json_object_and_a_table(capsys):
     configs = [Config(1, 16, 4), Config(2, 16, 4)]
-    report = measure_configs(configs, {16: list(range(16))}, _sleepy_worker, rounds=2, warmup=1,
+    report = measure_configs(configs, lambda c: list(range(16)), _sleepy_worker, rounds=2, warmup=1,
                              pause_s=0)
     parsed = json.loads(json.dumps({"bundle": "fake", **report}))
     assert [r["threads"] for r in parsed["results"]] == [1, 2]
@@ -263,7 +263,7 @@ def test_report_is_one_json_object_and_a_table(capsys):
 
 def test_prompt_lookup_rows_stand_apart_from_plain_ones():
     configs = [Config(1, 16, 4), Config(1, 16, 4, prompt_lookup=3)]
-    report = measure_configs(configs, {16: list(range(16))}, _sleepy_worker, rounds=1, warmup=0, pause_s=0)
+    report = measure_configs(configs, lambda c: list(range(16)), _sleepy_worker, rounds=1, warmup=0, pause_s=0)
     assert [r["prompt_lookup"] for r in report["results"]] == [0, 3]
     assert [r["label"] for r in report["results"]] == ["1 thr, 16+4 tok", "1 thr, 16+4 tok, lookup 3"]
     header, plain, lookup = format_table({"bundle": "fake", **report}).splitlines()[2:]
@@ -271,7 +271,42 @@ def test_prompt_lookup_rows_stand_apart_from_plain_ones():
     assert plain.split()[3] == "-" and lookup.split()[3] == "3"
     # Without lookup rows the table keeps its columns.
     assert "lookup" not in format_table({"bundle": "fake", **measure_configs(
-        configs[:1], {16: list(range(16))}, _sleepy_worker, rounds=1, warmup=0, pause_s=0)})
+        configs[:1], lambda c: list(range(16)), _sleepy_worker, rounds=1, warmup=0, pause_s=0)})
+
+
+def test_bundles_compared_in_one_run_keep_their_rows_apart():
+    # Two "bundles" that differ only in their per-token time: each row must be measured by its
+    # own worker, on its own prompt, and carry its bundle's name to the table.
+    per_token = {"int4-a": 0.002, "int4-b": 0.004}
+    prompts = {"int4-a": list(range(16)), "int4-b": list(range(100, 116))}
+    asked: list[tuple[str, list[int]]] = []
+
+    def prompt_for(config: Config) -> list[int]:
+        asked.append((config.bundle, prompts[config.bundle]))
+        return prompts[config.bundle]
+
+    def worker(config: Config) -> WorkerProcess:
+        return _worker(config.label, per_token_s=per_token[config.bundle])
+
+    configs = [Config(1, 16, 6, bundle=name) for name in per_token]
+    report = measure_configs(configs, prompt_for, worker, rounds=2, warmup=0, pause_s=0)
+    assert asked == [(name, prompts[name]) for name in per_token]
+    assert [(r["bundle"], r["label"]) for r in report["results"]] == [
+        ("int4-a", "int4-a: 1 thr, 16+6 tok"), ("int4-b", "int4-b: 1 thr, 16+6 tok")]
+    fast, slow = (r["summary"]["decode_tps"]["median"] for r in report["results"])
+    assert 1.5 < fast / slow < 2.2
+    lines = format_table({"bundles": ["int4-a", "int4-b"], **report}).splitlines()
+    assert lines[0].startswith("nomoat bench int4-a int4-b on ")
+    assert lines[2].split()[:2] == ["bundle", "threads"]
+    assert [line.split()[0] for line in lines[3:]] == ["int4-a", "int4-b"]
+
+
+def test_cli_refuses_the_same_bundle_twice(tmp_path, capsys):
+    from nomoat.__main__ import main
+
+    (tmp_path / "sub").mkdir()
+    assert main(["bench", str(tmp_path), str(tmp_path / "sub" / "..")]) == 1  # one folder, two spellings
+    assert "the same bundle is named twice" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_negative_prompt_lookup(tmp_path, capsys):
@@ -310,6 +345,27 @@ def test_cli_measures_prompt_lookup_next_to_plain_decoding(tiny_bundle):
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)["results"]
     assert [(r["prompt_lookup"], r["new_tokens"], len(r["rounds"])) for r in results] == [(0, 8, 1), (3, 8, 1)]
+
+
+@pytest.mark.slow  # the tiny bundle, as above
+def test_cli_compares_bundles_in_alternating_rounds(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    cmd = [sys.executable, "-m", "nomoat", "bench", str(tiny_bundle), str(copy), "--threads", "1",
+           "--prompt-tokens", "16", "--new-tokens", "4", "--rounds", "2", "--warmup", "0"]
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["bundles"] == [str(tiny_bundle), str(copy)] and "bundle" not in report
+    assert [(r["bundle"], len(r["rounds"])) for r in report["results"]] == [(str(tiny_bundle), 2), (str(copy), 2)]
+    # The progress lines show the rounds alternating between the two workers.
+    rounds = [line.split(": round")[0].strip() for line in out.stderr.splitlines() if ": round" in line]
+    assert rounds == [f"{b}: 1 thr, 16+4 tok" for b in (tiny_bundle, copy)] * 2
+    table = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert [line.split()[0] for line in table.stdout.splitlines()[2:]] == ["bundle", str(tiny_bundle), str(copy)]
 
 
 @pytest.mark.slow
