@@ -28,6 +28,7 @@ def _install(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Fast tests: tiny random models, the runtime, the CLI (minutes)."""
     _install(session)
+    session.install("matplotlib")  # for `nomoat bench --plot`'s test (matplotlib is no dependency of nomoat)
     # -rs: each skip's reason in the summary, so a CI log says which test skipped and why.
     session.run("pytest", "-q", "-rs", "-m", "not slow and not android and not ssh", *session.posargs)
 

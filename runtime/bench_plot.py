@@ -6,6 +6,7 @@ when a chart is asked for.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def plot_summaries(entries: Sequence[tuple[str, Summary]], out: str | Path, titl
         ax.set_title(f"{name}\n{better}", fontsize=10)
         ax.set_xticks(range(len(entries)), labels, rotation=15, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=11)
+    # A title of several bundle paths is wider than the chart: wrap it rather than clip it.
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 11)), fontsize=11)
     out = Path(out)
     fig.savefig(out, dpi=120)
     plt.close(fig)
