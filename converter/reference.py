@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from .spec import Checkpoint
 
 
@@ -36,14 +38,19 @@ def greedy_tokens(model, ids: list[int], n: int) -> list[int]:
     a plain loop over the KV cache compares like with like.
     """
     import torch
+    from transformers import DynamicCache
 
+    # One cache object, updated in place by every call, so the loop never reads it back from the
+    # outputs. transformers 5 renamed the argument `past_key_values` to `cache` (the old name goes
+    # in 5.40); 4.x knows only the old one.
+    cache = DynamicCache()
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out_ids: list[int] = []
     with torch.no_grad():
-        out = model(torch.tensor([ids]), use_cache=True)
+        step = torch.tensor([ids])
         for _ in range(n):
-            token = int(out.logits[0, -1].argmax())
+            logits = model(step, use_cache=True, **{cache_arg: cache}).logits
+            token = int(logits[0, -1].argmax())
             out_ids.append(token)
-            if len(out_ids) == n:
-                break
-            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            step = torch.tensor([[token]])
     return out_ids

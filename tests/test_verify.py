@@ -175,3 +175,27 @@ def test_the_table_marks_a_failure():
          "passed": False, "seconds": 1.0}
     table = format_quality_table(q)
     assert "+100.00%" in table and "FAILED" in table and "same, differs at 0, differs at 3" in table
+
+
+def test_reference_greedy_tokens_use_the_cache_right_and_quietly():
+    # The reference's cached loop must give what recomputing the whole sequence gives, and must not
+    # lean on transformers' deprecated cache argument (removed in transformers 5.40).
+    import warnings
+
+    from nomoat.converter.reference import greedy_tokens
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    ids = [1, 5, 9, 22, 7]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = greedy_tokens(model, ids, 12)
+    sequence, want = list(ids), []
+    with torch.no_grad():
+        for _ in range(12):
+            want.append(int(model(torch.tensor([sequence]), use_cache=False).logits[0, -1].argmax()))
+            sequence.append(want[-1])
+    assert got == want and len(set(got)) > 3  # a random model that repeats one token would prove little
