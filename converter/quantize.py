@@ -212,7 +212,7 @@ def _channel_weight(importance: np.ndarray | None, k: int, k_blocks: int, block_
     if importance is None:
         return None
     h = torch.zeros(k_blocks * block_size, dtype=torch.float32)
-    imp = torch.from_numpy(np.asarray(importance, np.float32))
+    imp = torch.tensor(importance, dtype=torch.float32)  # a copy: the caller's array may be read-only
     # A floor keeps channels that were silent in calibration from being ignored entirely.
     imp = imp.clamp(min=float(imp.mean()) * 1e-3)
     h[:k] = imp / imp.mean()
