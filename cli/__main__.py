@@ -14,7 +14,7 @@ VERBS = {
     "merge": ("nomoat.converter.cli_merge", "merge LoRA adapters into a model and write a Hugging Face folder (fp32)"),
     "generate": ("nomoat.runtime.cli_generate", "generate text from a bundle for one prompt"),
     "chat": ("nomoat.runtime.cli_chat", "chat with a bundle in the terminal"),
-    "bench": ("nomoat.runtime.cli_bench", "measure prefill/decode speed and memory of a bundle"),
+    "bench": ("nomoat.runtime.cli_bench", "measure prefill/decode speed and memory of a bundle, or compare several"),
     "deploy": ("nomoat.converter.cli_deploy", "copy a bundle to a phone (adb) or a board (ssh), check it there"),
 }
 
