@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        report = bench_bundle(args)
+        report = bench_bundles(args)
     except (BenchError, BundleError) as e:
         print(f"nomoat bench: error: {e}", file=sys.stderr)
         return 1
@@ -84,7 +84,7 @@ class Config:
         return f"{which}{self.threads or 'default'} thr, {self.prompt_tokens}+{self.new_tokens} tok{lookup}"
 
 
-def bench_bundle(args: argparse.Namespace) -> dict[str, Any]:
+def bench_bundles(args: argparse.Namespace) -> dict[str, Any]:
     """Check the request against each bundle, then measure each configuration in a worker."""
     from .manifest import read_manifest
 
@@ -103,7 +103,8 @@ def bench_bundle(args: argparse.Namespace) -> dict[str, Any]:
 
         require_matplotlib()
     # One name per bundle, as the user typed it; rows only carry it when there is a choice.
-    names = [str(b) for b in bundles] if len(bundles) > 1 else [""]
+    listed = [str(b) for b in bundles]
+    names = listed if len(listed) > 1 else [""]
     prompt_ids: dict[tuple[str, int], list[int]] = {}
     folders: dict[str, str] = {}
     for bundle, name in zip(bundles, names, strict=True):
@@ -129,7 +130,6 @@ def bench_bundle(args: argparse.Namespace) -> dict[str, Any]:
     configs = [Config(*c) for c in itertools.product(threads, prompts, news, lookups, names)]
     report = measure_configs(configs, lambda c: prompt_ids[c.bundle, c.prompt_tokens], start_worker,
                              args.rounds, args.warmup)
-    listed = [str(b) for b in bundles]
     # "bundle" stays for one bundle, as `nomoat deploy --bench` reports it too.
     return {**({"bundle": listed[0]} if len(listed) == 1 else {}), "bundles": listed, **report}
 
