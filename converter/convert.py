@@ -283,7 +283,7 @@ class _Reference:
 
 
 def _verify(reference, staging: Path, quant: str, eval_text: tuple[str, str], opts: ConvertOptions) -> dict[str, Any]:
-    from .verify import verify_bundle
+    from .verify import greedy_same, verify_bundle
 
     _stage("verify against the fp32 reference", opts.progress)
     text, source = eval_text
@@ -291,7 +291,7 @@ def _verify(reference, staging: Path, quant: str, eval_text: tuple[str, str], op
                             max_ppl_increase=opts.max_ppl_increase)
     q = quality
     _stage(f"quality: ppl {q.ppl_reference:.3f} -> {q.ppl_bundle:.3f} ({q.ppl_increase_percent:+.2f}%), "
-           f"KL {q.mean_kl:.4f}, top-1 {q.top1_agreement:.1%}, greedy {q.greedy_agreement:.0%}", opts.progress)
+           f"KL {q.mean_kl:.4f}, top-1 {q.top1_agreement:.1%}, greedy {greedy_same(q.to_dict())}", opts.progress)
     return quality.to_dict()
 
 

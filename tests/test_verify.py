@@ -175,6 +175,10 @@ def test_the_table_marks_a_failure():
          "passed": False, "seconds": 1.0}
     table = format_quality_table(q)
     assert "+100.00%" in table and "FAILED" in table and "same, differs at 0, differs at 3" in table
+    # Greedy agreement is a count of prompts, its column aligned with the bundle's numbers above it.
+    greedy, perplexity = table.splitlines()[-1], table.splitlines()[2]
+    assert "1 of 3 same  (" in greedy
+    assert greedy.index("  (") == perplexity.index("20.000") + len("20.000")
 
 
 def test_reference_greedy_tokens_use_the_cache_right_and_quietly():
