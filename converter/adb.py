@@ -161,7 +161,6 @@ def _serials(devices: list[tuple[str, str]]) -> str:
     return ", ".join(f"{s} ({state})" for s, state in devices)
 
 
-
 def _last_error(text: str) -> str:
     """adb's own error line ("adb: error: ..." / "error: ..."), else its last line of output."""
     errors = [line.strip() for line in text.splitlines() if "error" in line.lower()]

@@ -286,6 +286,5 @@ def remove_quietly(device: Target, path: str) -> None:
         pass
 
 
-
 def _size(n: int) -> str:
     return f"{n / MB:.1f} MB" if n >= MB else f"{n / 1e3:.1f} kB"

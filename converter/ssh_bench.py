@@ -66,7 +66,7 @@ def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens
     say = progress or (lambda _msg: None)
     manifest = read_manifest(bundle, verify_files=False)
     # The prompt is cut here, from the local copy of the same tokenizer the board loads.
-    prompt_ids = synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, prompt_tokens)
+    prompt = synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, prompt_tokens)
     config = Config(threads, prompt_tokens, new_tokens)
 
     def start_worker(c: Config) -> WorkerProcess:
@@ -75,5 +75,5 @@ def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens
 
     say(f"benchmarking on {board.name}: {rounds} rounds of {prompt_tokens}+{new_tokens} tokens "
         f"after 1 warm-up, with {python} there ...")
-    report = measure_configs([config], lambda c: prompt_ids, start_worker, rounds, warmup=1)
+    report = measure_configs([config], lambda _config: prompt, start_worker, rounds, warmup=1)
     return {"bundle": device_path, "device_path": device_path, "host": board.name, **report}
