@@ -235,19 +235,20 @@ class NomoatEngine:
     pass (the same tokens, fewer passes where the text repeats its context)."""
 
     def __init__(self, bundle: str, threads: int | None = None, name: str | None = None,
-                 prompt_lookup: int = 0):
+                 prompt_lookup: int = 0, ort_options: dict[str, str] | None = None):
         if prompt_lookup < 0:
             raise ValueError(f"prompt_lookup must be >= 0 drafted tokens, got {prompt_lookup}")
         self.bundle = Path(bundle)
         self.threads = threads
         self.name = name or f"nomoat {self.bundle.name}"
         self.prompt_lookup = prompt_lookup
+        self.ort_options = dict(ort_options or {})
         self.model = None
 
     def prepare(self) -> None:
         from .model import Model
 
-        self.model = Model.load(self.bundle, threads=self.threads)
+        self.model = Model.load(self.bundle, threads=self.threads, ort_options=self.ort_options)
 
     def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
         from .sampling import SamplingParams

@@ -1,8 +1,9 @@
 """Measure bundles: prefill and decode tokens/s, time to first token and peak RSS.
 
-Each configuration (bundle x threads x prompt length x generation length) runs in its own
-worker process, so its peak RSS is its own; rounds alternate between configurations so machine
-drift spreads evenly: several bundles on one command line are an A/B of their recipes.
+Each configuration (bundle x threads x prompt length x generation length x ONNX Runtime options)
+runs in its own worker process, so its peak RSS is its own; rounds alternate between
+configurations so machine drift spreads evenly: several bundles on one command line are an A/B of
+their recipes, several --ort-options an A/B of ONNX Runtime's kernels (e.g. KleidiAI on and off).
 Generation always runs the full --new-tokens (end-of-sequence is ignored) and the KV cache is
 emptied before every round. The prompt is fixed prose cut to exactly --prompt-tokens tokens.
 Reported: median and min–max over the rounds.
@@ -21,6 +22,7 @@ from typing import Any
 
 from .bench import BenchError, RoundResult, Stat, summarize, synthetic_prompt_ids
 from .bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
+from .cli_generate import ort_options
 from .errors import BundleError
 
 NOMOAT_ENGINE = "nomoat.runtime.bench:NomoatEngine"
@@ -41,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                    help="also measure prompt-lookup speculative decoding with up to N drafted tokens per "
                         "pass, reported in rows of its own next to plain decoding (default: off)")
+    p.add_argument("--ort-options", type=ort_options, action="append", metavar="KEY=VALUE[,...]", default=unset,
+                   help="ONNX Runtime session config entries for the workers; repeat to compare, 'none' for "
+                        "ONNX Runtime's defaults: --ort-options none --ort-options mlas.disable_kleidiai=1 "
+                        "(default: none)")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds per configuration")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds per configuration first")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -76,12 +82,18 @@ class Config:
     new_tokens: int
     prompt_lookup: int = 0  # drafted tokens per pass; 0 = plain decoding
     bundle: str = ""  # the bundle as the user named it, when several are compared ("" = the only one)
+    ort_options: tuple[tuple[str, str], ...] = ()  # ONNX Runtime session config entries
+
+    @property
+    def ort_spec(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.ort_options)
 
     @property
     def label(self) -> str:
         lookup = f", lookup {self.prompt_lookup}" if self.prompt_lookup else ""
         which = f"{self.bundle}: " if self.bundle else ""
-        return f"{which}{self.threads or 'default'} thr, {self.prompt_tokens}+{self.new_tokens} tok{lookup}"
+        ort = f", {self.ort_spec}" if self.ort_options else ""
+        return f"{which}{self.threads or 'default'} thr, {self.prompt_tokens}+{self.new_tokens} tok{lookup}{ort}"
 
 
 def bench_bundles(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +107,10 @@ def bench_bundles(args: argparse.Namespace) -> dict[str, Any]:
     prompts: list[int] = getattr(args, "prompt_tokens", [128])
     news: list[int] = getattr(args, "new_tokens", [128])
     lookup: int = getattr(args, "prompt_lookup", 0)
+    ort_choices = [tuple(d.items()) for d in getattr(args, "ort_options", [{}])]
     check_counts(threads, prompts, news, args.rounds, args.warmup)
+    if len(set(ort_choices)) < len(ort_choices):
+        raise BenchError("the same --ort-options are given twice; to repeat a measurement, raise --rounds")
     if lookup < 0:
         raise BenchError("--prompt-lookup must be >= 1 drafted tokens (or 0 for off)")
     if getattr(args, "plot", None):
@@ -120,14 +135,14 @@ def bench_bundles(args: argparse.Namespace) -> dict[str, Any]:
 
     def start_worker(config: Config) -> WorkerProcess:
         options = {"bundle": folders[config.bundle], "threads": config.threads,
-                   "prompt_lookup": config.prompt_lookup}
+                   "prompt_lookup": config.prompt_lookup, "ort_options": dict(config.ort_options)}
         return WorkerProcess(config.label, local_worker_argv(NOMOAT_ENGINE, options))
 
     # Prompt lookup is measured next to plain decoding, never instead of it: its speed depends on
     # how much the text repeats, so it is reported in rows of its own. Bundles vary fastest, so
     # the rows of one configuration stand together.
     lookups = [0, lookup] if lookup else [0]
-    configs = [Config(*c) for c in itertools.product(threads, prompts, news, lookups, names)]
+    configs = [Config(*c) for c in itertools.product(threads, prompts, news, lookups, names, ort_choices)]
     report = measure_configs(configs, lambda c: prompt_ids[c.bundle, c.prompt_tokens], start_worker,
                              args.rounds, args.warmup)
     # "bundle" stays for one bundle, as `nomoat deploy --bench` reports it too.
@@ -185,6 +200,7 @@ def _job_report(job: Job, config: Config) -> dict[str, Any]:
         "prompt_tokens": config.prompt_tokens,
         "new_tokens": config.new_tokens,
         "prompt_lookup": config.prompt_lookup,
+        **({"ort_options": dict(config.ort_options)} if config.ort_options else {}),
         "model_bytes": ready.get("model_bytes"),
         "load_s": ready.get("load_s"),
         "summary": summarize(job.rounds).to_dict(),
@@ -218,9 +234,11 @@ def format_table(report: dict[str, Any]) -> str:
             f"{report['rounds']} rounds after {report['warmup']} warm-up, median (min–max)")
     lookup = any(r.get("prompt_lookup") for r in report["results"])
     several = any(r.get("bundle") for r in report["results"])
-    header = [*(["bundle"] if several else []), "threads", "prompt", "new", *(["lookup"] if lookup else []),
-              *(c[0] for c in COLUMNS)]
+    ort = any(r.get("ort_options") for r in report["results"])
+    header = [*(["bundle"] if several else []), *(["ONNX Runtime options"] if ort else []),
+              "threads", "prompt", "new", *(["lookup"] if lookup else []), *(c[0] for c in COLUMNS)]
     rows = [[*([r["bundle"]] if several else []),
+             *([",".join(f"{k}={v}" for k, v in r.get("ort_options", {}).items()) or "-"] if ort else []),
              str(r["threads"] or "default"), str(r["prompt_tokens"]), str(r["new_tokens"]),
              *([str(r.get("prompt_lookup") or "-")] if lookup else []),
              *(format_stat(r["summary"][metric], decimals) for _, metric, decimals in COLUMNS)]

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from .model import Model
 
     try:
-        model = Model.load(args.bundle, threads=args.threads)
+        model = Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
     except BundleError as e:
         print(f"nomoat chat: error: {e}", file=sys.stderr)
         return 1

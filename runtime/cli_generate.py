@@ -18,6 +18,18 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT appears; repeatable")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the bundle's target)")
+    p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
+                   help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1 (default: none)")
+
+
+def ort_options(spec: str) -> dict[str, str]:
+    """argparse type for --ort-options: a bad entry is a usage error that says why."""
+    from .onnx_session import parse_ort_options
+
+    try:
+        return parse_ort_options(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -43,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
-        model = Model.load(args.bundle, threads=args.threads)
+        model = Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
         for event in model.stream(prompt, args.max_new_tokens, system=args.system, raw=args.raw,
                                   prompt_lookup=args.prompt_lookup, **sampling_kwargs(args)):
             sys.stdout.write(event.text)

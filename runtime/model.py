@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,10 +105,12 @@ class Model:
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, verify_checksums: bool = True,
-             prefill_chunk: int = PREFILL_CHUNK) -> Model:
+             prefill_chunk: int = PREFILL_CHUNK, ort_options: Mapping[str, str] | None = None) -> Model:
         """Open a bundle folder written by `nomoat convert`.
 
         prefill_chunk: prompt tokens per graph run (peak memory grows with it; see PREFILL_CHUNK).
+        ort_options: ONNX Runtime session config entries, e.g. {"mlas.disable_kleidiai": "1"}
+        (applied after nomoat's own settings).
         """
         from tokenizers import Tokenizer
 
@@ -119,7 +121,8 @@ class Model:
         threads = threads if threads is not None else manifest.target.get("threads")
         # The session first: pre-packing the weights is the load's memory peak, and it should not
         # stack on the tokenizer's (parsing tokenizer.json leaves heap holes: ~6 MB for SmolLM2, trimmed below).
-        session = DecoderSession(bundle, manifest, SessionOptions(threads=threads))
+        session = DecoderSession(bundle, manifest, SessionOptions(
+            threads=threads, ort_config=tuple((ort_options or {}).items())))
         tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.tokenizer_file))
         trim_heap()
         return cls(bundle, manifest, session, tokenizer, prefill_chunk=prefill_chunk)

@@ -24,6 +24,31 @@ class SessionOptions:
     spin: bool = True  # busy-wait between ops: lower latency per token, more CPU while generating
     release_file_pages: bool = True  # hand back the weight-file pages read while loading (pages.py)
     huge_pages: bool = True  # move the pre-packed weights into huge pages (huge_pages.py)
+    # ONNX Runtime session config entries, applied after nomoat's own (so they can override them):
+    # a kernel choice to A/B on a device, e.g. (("mlas.disable_kleidiai", "1"),). See parse_ort_options.
+    ort_config: tuple[tuple[str, str], ...] = ()
+
+
+def parse_ort_options(spec: str) -> dict[str, str]:
+    """`KEY=VALUE[,KEY=VALUE...]` (ONNX Runtime session config entries) as a dict; '' or 'none'
+    is no entry. ONNX Runtime accepts any key without a word, so a misspelt one does nothing:
+    the keys are checked here for the shape ONNX Runtime's all have (dotted words)."""
+    entries: dict[str, str] = {}
+    if spec.strip().lower() in ("", "none"):
+        return entries
+    for item in spec.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not value:
+            raise ValueError(f"ONNX Runtime option {item.strip()!r} is not KEY=VALUE; write e.g. "
+                             "mlas.disable_kleidiai=1 (several: separated by commas)")
+        if "." not in key or any(c.isspace() for c in key) or key.startswith(".") or key.endswith("."):
+            raise ValueError(f"{key!r} is not an ONNX Runtime session config key (they are dotted "
+                             "names such as session.intra_op.allow_spinning or mlas.disable_kleidiai; "
+                             "see onnxruntime_session_options_config_keys.h)")
+        if key in entries:
+            raise ValueError(f"ONNX Runtime option {key!r} is given twice")
+        entries[key] = value
+    return entries
 
 
 def ort_session(path: Path, options: SessionOptions):
@@ -41,7 +66,10 @@ def ort_session(path: Path, options: SessionOptions):
     so.enable_mem_pattern = False
     if options.threads:
         so.intra_op_num_threads = options.threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
+    # The user's entries replace nomoat's (each key set once: ONNX Runtime warns on a second).
+    config = {"session.intra_op.allow_spinning": "1" if options.spin else "0", **dict(options.ort_config)}
+    for key, value in config.items():
+        so.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 

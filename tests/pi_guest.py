@@ -3,12 +3,14 @@
 Run the same way on the x86 host and inside the emulated arm64 root (tests/test_pi_qemu.py), so
 both sides go through identical code: nomoat.runtime only, as on a Raspberry Pi.
 
-    python pi_guest.py BUNDLE PROMPTS.json TOKENS OUT.npz [--reference REF.npz]
+    python pi_guest.py BUNDLE PROMPTS.json TOKENS OUT.npz [--reference REF.npz] [--ort-options SPEC]
 
 For every prompt: the greedy continuation (stop tokens ignored, so every run yields TOKENS
 ids), and the logits at each position of a continuation fed in whole (teacher forcing): the
 other machine's (--reference) or else this run's own. Logits of both machines on one shared
 token sequence show how far their numbers are apart even after their greedy paths have parted.
+--ort-options: ONNX Runtime session config entries for the model (as `nomoat generate
+--ort-options`), e.g. to switch a kernel family off.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import time
 
 import numpy as np
 from nomoat.runtime import Model, SamplingParams
+from nomoat.runtime.onnx_session import parse_ort_options
 
 
-def main(bundle: str, prompts_file: str, tokens: int, out: str, reference: str | None = None) -> None:
+def main(bundle: str, prompts_file: str, tokens: int, out: str, reference: str | None = None,
+         ort_options: str = "") -> None:
     start = time.perf_counter()
-    model = Model.load(bundle)
+    model = Model.load(bundle, ort_options=parse_ort_options(ort_options))
     loaded = time.perf_counter()
     prompts = json.loads(open(prompts_file, encoding="utf-8").read())
     ref = np.load(reference) if reference else None
@@ -42,4 +46,5 @@ def main(bundle: str, prompts_file: str, tokens: int, out: str, reference: str |
 if __name__ == "__main__":
     args = sys.argv[1:]
     ref_path = args[args.index("--reference") + 1] if "--reference" in args else None
-    main(args[0], args[1], int(args[2]), args[3], ref_path)
+    ort = args[args.index("--ort-options") + 1] if "--ort-options" in args else ""
+    main(args[0], args[1], int(args[2]), args[3], ref_path, ort)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -301,6 +302,34 @@ def test_bundles_compared_in_one_run_keep_their_rows_apart():
     assert [line.split()[0] for line in lines[3:]] == ["int4-a", "int4-b"]
 
 
+def test_ort_options_are_configurations_of_their_own():
+    # Each set of ONNX Runtime options is its own worker and row, named in the label and the table.
+    per_token = {(): 0.002, (("mlas.disable_kleidiai", "1"),): 0.004}
+    configs = [Config(1, 16, 6, ort_options=o) for o in per_token]
+    report = measure_configs(configs, lambda c: list(range(16)),
+                             lambda c: _worker(c.label, per_token_s=per_token[c.ort_options]),
+                             rounds=2, warmup=0, pause_s=0)
+    assert [r["label"] for r in report["results"]] == ["1 thr, 16+6 tok", "1 thr, 16+6 tok, mlas.disable_kleidiai=1"]
+    assert [r.get("ort_options") for r in report["results"]] == [None, {"mlas.disable_kleidiai": "1"}]
+    fast, slow = (r["summary"]["decode_tps"]["median"] for r in report["results"])
+    assert 1.5 < fast / slow < 2.2
+    lines = format_table({"bundle": "fake", **report}).splitlines()
+    assert re.split(r"\s{2,}", lines[2])[:2] == ["ONNX Runtime options", "threads"]
+    assert [line.split()[0] for line in lines[3:]] == ["-", "mlas.disable_kleidiai=1"]
+
+
+def test_cli_refuses_the_same_ort_options_twice_and_a_bad_one(tmp_path, capsys):
+    from nomoat.__main__ import main
+
+    assert main(["bench", str(tmp_path), "--ort-options", "mlas.use_lut_gemm=1",
+                 "--ort-options", " mlas.use_lut_gemm=1"]) == 1
+    assert "the same --ort-options are given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", str(tmp_path), "--ort-options", "lut=1"])
+    assert exit_.value.code == 2
+    assert "'lut' is not an ONNX Runtime session config key" in capsys.readouterr().err
+
+
 def test_cli_refuses_the_same_bundle_twice(tmp_path, capsys):
     from nomoat.__main__ import main
 
@@ -366,6 +395,20 @@ def test_cli_compares_bundles_in_alternating_rounds(tiny_bundle, tmp_path):
     table = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     assert [line.split()[0] for line in table.stdout.splitlines()[2:]] == ["bundle", str(tiny_bundle), str(copy)]
+
+
+@pytest.mark.slow  # the tiny bundle, as above
+def test_cli_compares_ort_options_in_alternating_rounds(tiny_bundle):
+    cmd = [sys.executable, "-m", "nomoat", "bench", str(tiny_bundle), "--threads", "1", "--prompt-tokens", "16",
+           "--new-tokens", "4", "--rounds", "2", "--warmup", "0", "--json",
+           "--ort-options", "none", "--ort-options", "session.intra_op.allow_spinning=0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [(r.get("ort_options"), len(r["rounds"])) for r in report["results"]] == [
+        (None, 2), ({"session.intra_op.allow_spinning": "0"}, 2)]
+    rounds = [line.split(": round")[0].strip() for line in out.stderr.splitlines() if ": round" in line]
+    assert rounds == ["1 thr, 16+4 tok", "1 thr, 16+4 tok, session.intra_op.allow_spinning=0"] * 2
 
 
 @pytest.mark.slow

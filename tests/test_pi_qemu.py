@@ -219,6 +219,34 @@ def test_rpi5_bundle_int8_activations_stay_close_to_the_host(guest, installed, b
         assert host[f"prompt{i}"].tolist() == arm[f"prompt{i}"].tolist()
 
 
+def test_rpi5_bundle_without_kleidiai_kernels_changes_the_numbers_not_the_answers(guest, installed, bundles):
+    """On an arm64 CPU with the int8 dot product (the guest is a Cortex-A76, as a Pi 5), ONNX
+    Runtime's MLAS runs zero-point-free 4-bit matmuls (the rpi5 recipe's gate|up) and fp32 GEMMs
+    on Arm's KleidiAI kernels. `--ort-options mlas.disable_kleidiai=1` must reach ONNX Runtime
+    there and switch them to MLAS's own NEON kernels: other rounding, same choices. What that does
+    to a Pi's speed is for `nomoat bench --ort-options none --ort-options mlas.disable_kleidiai=1`
+    on the board (emulated times say nothing)."""
+    prompt, first = f"{CHECK}/prompt1.json", f"{CHECK}/arm-rpi5-kleidiai.npz"
+    runs = {}
+    # The second run's logits are taken on the first run's tokens, so both score one sequence.
+    for name, spec, reference in (("kleidiai", "none", []),
+                                  ("mlas", "mlas.disable_kleidiai=1", ["--reference", first])):
+        with STEPS.step(f"guest: rpi5 greedy + logits, 1 prompt, {name} kernels"):
+            guest.run([PYTHON, f"{CHECK}/pi_guest.py", f"{CHECK}/rpi5", prompt, "8",
+                       f"{CHECK}/arm-rpi5-{name}.npz", "--ort-options", spec, *reference])
+        runs[name] = np.load(guest.path(f"{CHECK}/arm-rpi5-{name}.npz"))
+    a, b = runs["kleidiai"], runs["mlas"]
+    delta = np.abs(a["logits0"] - b["logits0"])
+    FINDINGS["rpi5_kleidiai_off"] = found = {"mean_abs_logit_diff": float(delta.mean()),
+                                             "max_abs_logit_diff": float(delta.max()),
+                                             "greedy_same": a["greedy0"].tolist() == b["greedy0"].tolist()}
+    print(json.dumps(found))
+    assert a["prompt0"].tolist() == b["prompt0"].tolist()
+    assert delta.mean() > 1e-3, found  # another kernel family ran
+    assert delta.mean() < 1.0, found  # and both are right: int8-activation noise (x86 vs arm: ~0.3)
+    assert (a["logits0"].argmax(-1) == b["logits0"].argmax(-1)).mean() >= 0.85, found
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

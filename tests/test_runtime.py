@@ -64,6 +64,38 @@ def test_missing_file_is_refused(bundle, tmp_path):
         Model.load(b)
 
 
+def test_ort_options_parse_into_session_config_entries():
+    from nomoat.runtime.onnx_session import parse_ort_options
+
+    assert parse_ort_options("") == parse_ort_options("none") == {}
+    assert parse_ort_options("mlas.disable_kleidiai=1, session.intra_op.allow_spinning=0") == {
+        "mlas.disable_kleidiai": "1", "session.intra_op.allow_spinning": "0"}
+    with pytest.raises(ValueError, match="'mlas.disable_kleidiai' is not KEY=VALUE"):
+        parse_ort_options("mlas.disable_kleidiai")
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        parse_ort_options("mlas.disable_kleidiai=")
+    with pytest.raises(ValueError, match="'disable_kleidiai' is not an ONNX Runtime session config key"):
+        parse_ort_options("disable_kleidiai=1")
+    with pytest.raises(ValueError, match="given twice"):
+        parse_ort_options("mlas.use_lut_gemm=1,mlas.use_lut_gemm=0")
+
+
+def test_ort_options_reach_the_session_and_override_nomoats_own(bundle):
+    model = Model.load(bundle, ort_options={"mlas.disable_kleidiai": "1", "session.intra_op.allow_spinning": "0"})
+    so = model.session.session.get_session_options()
+    assert so.get_session_config_entry("mlas.disable_kleidiai") == "1"
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert Model.load(bundle).session.session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "1"
+
+
+def test_cli_names_a_bad_ort_option(bundle):
+    result = subprocess.run([sys.executable, "-m", "nomoat", "generate", str(bundle), "--prompt", "hi",
+                             "--ort-options", "kleidiai=off"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "--ort-options: 'kleidiai' is not an ONNX Runtime session config key" in result.stderr
+
+
 def test_greedy_is_deterministic_and_sampling_follows_the_seed(bundle):
     model = Model.load(bundle)
     a = model.generate("hello there", 12, temperature=0)
