@@ -24,6 +24,7 @@ from .bench import BenchError, RoundResult, Stat, summarize, synthetic_prompt_id
 from .bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
 from .cli_generate import ort_options
 from .errors import BundleError
+from .onnx_session import format_ort_options
 
 NOMOAT_ENGINE = "nomoat.runtime.bench:NomoatEngine"
 
@@ -82,17 +83,13 @@ class Config:
     new_tokens: int
     prompt_lookup: int = 0  # drafted tokens per pass; 0 = plain decoding
     bundle: str = ""  # the bundle as the user named it, when several are compared ("" = the only one)
-    ort_options: tuple[tuple[str, str], ...] = ()  # ONNX Runtime session config entries
-
-    @property
-    def ort_spec(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.ort_options)
+    ort_options: tuple[tuple[str, str], ...] = ()  # ONNX Runtime session config entries, sorted
 
     @property
     def label(self) -> str:
         lookup = f", lookup {self.prompt_lookup}" if self.prompt_lookup else ""
         which = f"{self.bundle}: " if self.bundle else ""
-        ort = f", {self.ort_spec}" if self.ort_options else ""
+        ort = f", {format_ort_options(self.ort_options)}" if self.ort_options else ""
         return f"{which}{self.threads or 'default'} thr, {self.prompt_tokens}+{self.new_tokens} tok{lookup}{ort}"
 
 
@@ -107,7 +104,8 @@ def bench_bundles(args: argparse.Namespace) -> dict[str, Any]:
     prompts: list[int] = getattr(args, "prompt_tokens", [128])
     news: list[int] = getattr(args, "new_tokens", [128])
     lookup: int = getattr(args, "prompt_lookup", 0)
-    ort_choices = [tuple(d.items()) for d in getattr(args, "ort_options", [{}])]
+    # Sorted, so the same entries in another order are the same configuration.
+    ort_choices = [tuple(sorted(d.items())) for d in getattr(args, "ort_options", [{}])]
     check_counts(threads, prompts, news, args.rounds, args.warmup)
     if len(set(ort_choices)) < len(ort_choices):
         raise BenchError("the same --ort-options are given twice; to repeat a measurement, raise --rounds")
@@ -238,7 +236,7 @@ def format_table(report: dict[str, Any]) -> str:
     header = [*(["bundle"] if several else []), *(["ONNX Runtime options"] if ort else []),
               "threads", "prompt", "new", *(["lookup"] if lookup else []), *(c[0] for c in COLUMNS)]
     rows = [[*([r["bundle"]] if several else []),
-             *([",".join(f"{k}={v}" for k, v in r.get("ort_options", {}).items()) or "-"] if ort else []),
+             *([format_ort_options(r.get("ort_options", {}).items()) or "-"] if ort else []),
              str(r["threads"] or "default"), str(r["prompt_tokens"]), str(r["new_tokens"]),
              *([str(r.get("prompt_lookup") or "-")] if lookup else []),
              *(format_stat(r["summary"][metric], decimals) for _, metric, decimals in COLUMNS)]

@@ -9,6 +9,7 @@ The cache is indexed by position (gpt-fast style): rewinding a conversation is s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def parse_ort_options(spec: str) -> dict[str, str]:
             raise ValueError(f"ONNX Runtime option {key!r} is given twice")
         entries[key] = value
     return entries
+
+
+def format_ort_options(entries: Iterable[tuple[str, str]]) -> str:
+    """The `KEY=VALUE,...` form parse_ort_options reads."""
+    return ",".join(f"{key}={value}" for key, value in entries)
 
 
 def ort_session(path: Path, options: SessionOptions):

@@ -223,7 +223,7 @@ def test_rpi5_bundle_without_kleidiai_kernels_changes_the_numbers_not_the_answer
     """On an arm64 CPU with the int8 dot product (the guest is a Cortex-A76, as a Pi 5), ONNX
     Runtime's MLAS runs zero-point-free 4-bit matmuls (the rpi5 recipe's gate|up) and fp32 GEMMs
     on Arm's KleidiAI kernels. `--ort-options mlas.disable_kleidiai=1` must reach ONNX Runtime
-    there and switch them to MLAS's own NEON kernels: other rounding, same choices. What that does
+    there and switch them to MLAS's own NEON kernels: other rounding, the same clear choices. What that does
     to a Pi's speed is for `nomoat bench --ort-options none --ort-options mlas.disable_kleidiai=1`
     on the board (emulated times say nothing)."""
     prompt, first = f"{CHECK}/prompt1.json", f"{CHECK}/arm-rpi5-kleidiai.npz"
