@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+from nomoat.runtime.cli_generate import add_prompt_lookup_argument, ort_options
+
 log = logging.getLogger("pi_demo.serve")
 
 
@@ -27,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
     p.add_argument("--threads", type=int, default=None, help="CPU threads; None = the bundle's target")
+    p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
+                   help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1")
+    add_prompt_lookup_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,11 +48,12 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--max-queue must be 0 or more")
     api_key = args.api_key or os.environ.get("NOMOAT_API_KEY") or None
     try:
-        model = Model.load(args.bundle, threads=args.threads)
+        model = Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
     except BundleError as e:
         return _fail(str(e))
     config = ServerConfig(model_id=args.model_id or args.bundle.resolve().name, api_key=api_key,
-                          limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue))
+                          limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue),
+                          prompt_lookup=args.prompt_lookup)
     try:
         server = PiServer((args.host, args.port), App(model, config))
     except OSError as e:
@@ -58,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
     # to return, so it must run outside the (main) thread that serve_forever blocks.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     host, port = server.server_address[:2]
-    log.info("serving %s on http://%s:%d/v1 (max %d tokens per request, %d may wait)",
-             config.model_id, host, port, config.limits.max_tokens, config.limits.max_queue)
+    log.info("serving %s on http://%s:%d/v1 (max %d tokens per request, %d may wait%s)",
+             config.model_id, host, port, config.limits.max_tokens, config.limits.max_queue,
+             f"; greedy requests draft up to {config.prompt_lookup} tokens by prompt lookup"
+             if config.prompt_lookup else "")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

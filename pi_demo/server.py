@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from jinja2 import TemplateError
 from nomoat.runtime import ContextOverflowError, Model
+from nomoat.runtime.cli_generate import drafts_note
 
 from .openai_api import (
     ApiError,
@@ -48,6 +49,7 @@ class ServerConfig:
     model_id: str
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None
+    prompt_lookup: int = 0  # drafted tokens per pass for greedy requests (the same answers); 0 = off
 
 
 class App:
@@ -73,7 +75,7 @@ class App:
             raise bad_request(f"the prompt is {len(ids)} tokens; this model's context holds {model.max_context} "
                               "(prompt and answer together): shorten the conversation", param,
                               "context_length_exceeded")
-        return Job(ids, request.max_tokens, params, request.stop)
+        return Job(ids, request.max_tokens, params, request.stop, prompt_lookup=self.config.prompt_lookup)
 
     def submit(self, job: Job) -> None:
         try:
@@ -294,9 +296,9 @@ def _log_generation(reply: Reply, job: Job, seconds: float) -> None:
     if s is None:
         log.info("%s: stopped early (client gone or error) after %.2f s", reply.id, seconds)
         return
-    log.info("%s: prompt %d tokens (%d cached), %d generated; prefill %.0f tok/s, decode %.1f tok/s; %.2f s with "
-             "queueing", reply.id, s.prompt_tokens, s.cached_tokens, s.generated_tokens,
-             s.prefill_tokens_per_second, s.decode_tokens_per_second, seconds)
+    log.info("%s: prompt %d tokens (%d cached), %d generated; prefill %.0f tok/s, decode %.1f tok/s%s; %.2f s "
+             "with queueing", reply.id, s.prompt_tokens, s.cached_tokens, s.generated_tokens,
+             s.prefill_tokens_per_second, s.decode_tokens_per_second, drafts_note(s), seconds)
 
 
 class PiServer(ThreadingHTTPServer):

@@ -45,6 +45,7 @@ class Job:
     max_tokens: int
     params: SamplingParams
     stop: list[str] = field(default_factory=list)
+    prompt_lookup: int = 0  # Model.stream_ids drafts only for greedy requests, so a sampled one runs plain
     stats: GenerationStats | None = None  # set once results() is exhausted
     _events: SimpleQueue = field(default_factory=SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -126,7 +127,8 @@ class Worker:
         if job.cancelled:  # cancelled while it waited
             job._events.put(Cancelled("cancelled before it started"))
             return
-        events = self.model.stream_ids(job.prompt_ids, job.max_tokens, params=job.params, stop=job.stop)
+        events = self.model.stream_ids(job.prompt_ids, job.max_tokens, params=job.params, stop=job.stop,
+                                       prompt_lookup=job.prompt_lookup)
         try:
             for event in events:
                 if job.cancelled:

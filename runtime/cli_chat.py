@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_generate import add_sampling_arguments, sampling_kwargs
+from .cli_generate import add_sampling_arguments, drafts_note, sampling_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _stats_line(stats) -> str:
     return (f"[{stats.prefill_tokens} new prompt tokens ({stats.cached_tokens} cached) @ "
             f"{stats.prefill_tokens_per_second:.0f} tok/s, {stats.generated_tokens} tokens @ "
-            f"{stats.decode_tokens_per_second:.1f} tok/s]")
+            f"{stats.decode_tokens_per_second:.1f} tok/s{drafts_note(stats)}]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
             print(_stats_line(chat.stats), file=sys.stderr)
             continue
         try:
-            for event in chat.stream(text, args.max_new_tokens, **sampling_kwargs(args)):
+            for event in chat.stream(text, args.max_new_tokens, prompt_lookup=args.prompt_lookup,
+                                     **sampling_kwargs(args)):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             sys.stdout.write("\n")

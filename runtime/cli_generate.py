@@ -20,6 +20,24 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the bundle's target)")
     p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
                    help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1 (default: none)")
+    add_prompt_lookup_argument(p)
+
+
+def add_prompt_lookup_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-lookup", type=prompt_lookup, default=0, metavar="N",
+                   help="greedy only: draft up to N tokens per step from the context (speculative decoding; "
+                        "same output, faster on text that repeats its context; 0 = off)")
+
+
+def prompt_lookup(value: str) -> int:
+    """argparse type for --prompt-lookup: a count of drafted tokens, 0 for off."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of drafted tokens: give 0 (off) or more, e.g. 8")
+    return n
 
 
 def ort_options(spec: str) -> dict[str, str]:
@@ -43,9 +61,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="feed the prompt as-is, without the chat template")
     p.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
-    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
-                   help="greedy only: draft up to N tokens per step from the prompt (speculative decoding; "
-                        "same output, faster on text that repeats its context)")
     add_sampling_arguments(p)
 
 
@@ -68,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         s = model.last_stats
         print(f"prefill {s.prefill_tokens} tok @ {s.prefill_tokens_per_second:.1f} tok/s, decode "
               f"{s.generated_tokens} tok @ {s.decode_tokens_per_second:.1f} tok/s"
-              + (f", {s.accepted_tokens}/{s.drafted_tokens} drafted tokens accepted" if s.drafted_tokens else ""),
-              file=sys.stderr)
+              + drafts_note(s), file=sys.stderr)
     return 0
+
+
+def drafts_note(stats) -> str:
+    """', A/D drafted tokens accepted' after prompt-lookup decoding; '' when nothing was drafted."""
+    return f", {stats.accepted_tokens}/{stats.drafted_tokens} drafted tokens accepted" if stats.drafted_tokens else ""

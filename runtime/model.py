@@ -224,9 +224,11 @@ class Model:
 
         Each step feeds the last token plus up to `draft_tokens` drafted ones in one pass, keeps
         the drafts the model's argmax confirms and one more token of its own, and rewinds the
-        cache (a position counter) past the rejected drafts.
+        cache (a position counter) past the rejected drafts. How many it drafts follows how
+        well drafts from that kind of match have done so far (lookup.Drafter): checking a draft
+        costs a share of a decode step, so on text that does not repeat it drafts little.
         """
-        from .lookup import accepted_prefix, draft_from_context
+        from .lookup import Drafter, accepted_prefix
 
         stats = stats if stats is not None else GenerationStats()
         prompt_ids = list(prompt_ids)
@@ -239,6 +241,7 @@ class Model:
         stats.prefill_seconds = time.perf_counter() - start
         t_first = time.perf_counter()
         context = list(prompt_ids)
+        drafter = Drafter(draft_tokens)
         produced = 0
         while True:
             if next_token in self.stop_token_ids and not ignore_eos:
@@ -251,10 +254,11 @@ class Model:
             room = self.max_context - session.length - 1
             if produced >= max_new_tokens or room <= 0:
                 break
-            draft = draft_from_context(context, min(draft_tokens, room, max_new_tokens - produced))
-            logits = session.forward([next_token, *draft], all_logits=True)
-            predicted = [int(t) for t in logits.argmax(-1)]
+            draft = drafter.propose(context, min(room, max_new_tokens - produced))
+            logits = session.forward([next_token, *draft], all_logits=bool(draft))
+            predicted = [int(t) for t in np.atleast_2d(logits).argmax(-1)]
             n_ok = accepted_prefix(draft, predicted)
+            drafter.update(len(draft), n_ok)
             stats.drafted_tokens += len(draft)
             stats.accepted_tokens += n_ok
             session.truncate(session.length - (len(draft) - n_ok))
@@ -370,7 +374,9 @@ class Chat:
         return self.model.encode(rendered)
 
     def stream(self, text: str, max_new_tokens: int | None = None, *, stop: Sequence[str] = (),
-               **sampling: Any) -> Iterator[StreamEvent]:
+               prompt_lookup: int = 0, **sampling: Any) -> Iterator[StreamEvent]:
+        """Stream the answer to the next user message. prompt_lookup=N drafts from the whole
+        conversation, as Model.stream does from its prompt (greedy only; the same answer)."""
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
         answer: list[int] = []
@@ -378,7 +384,8 @@ class Chat:
             rendered = self.model.render(self.messages)
             ids = self._prompt_ids(rendered)
             params = self.model.sampling_params(**sampling)
-            for event in self.model.stream_ids(ids, max_new_tokens, params=params, stop=stop):
+            for event in self.model.stream_ids(ids, max_new_tokens, params=params, stop=stop,
+                                               prompt_lookup=prompt_lookup):
                 parts.append(event.text)
                 if event.token_id is not None:
                     answer.append(event.token_id)

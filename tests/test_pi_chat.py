@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 STATS = r"\[(\d+) new prompt tokens \((\d+) cached\) @ \d+ tok/s, (\d+) tokens @ [\d.]+ tok/s\]"
 PROMPT = "\n> "
 TURNS = ("Tell me about the quick brown fox and the lazy dog, please.", "And Paris?")
+REPEATING_TURNS = ("one two three one two three one two three", "one two three")  # prompt lookup finds drafts
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +25,18 @@ def bundle(tmp_path_factory) -> Path:
     return tiny_fp32_bundle(tmp_path_factory, max_context=256)
 
 
-@pytest.fixture
-def terminal(bundle):
+def start_chat(bundle: Path, *flags: str) -> Terminal:
     argv = [sys.executable, "-m", "pi_demo", "chat", str(bundle), "--temperature", "0", "--max-new-tokens", "12",
-            "--threads", "1"]
+            "--threads", "1", *flags]
     term = Terminal(argv, env={**os.environ, "PYTHONPATH": str(REPO), "TERM": "dumb"}, cwd=str(REPO))
     term.expect(r"/reset, /system TEXT, /stats, /quit", timeout=120)
     term.expect(PROMPT)
+    return term
+
+
+@pytest.fixture
+def terminal(bundle):
+    term = start_chat(bundle)
     yield term
     term.close()
 
@@ -89,3 +95,24 @@ def test_commands_and_ctrl_c_at_the_prompt(terminal):
     terminal.expect(STATS)
     terminal.sendline("/quit")
     assert terminal.wait() == 0
+
+
+def test_prompt_lookup_drafts_from_the_conversation_and_says_how_many_drafts_were_kept(bundle):
+    from nomoat.runtime import Model
+
+    term = start_chat(bundle, "--prompt-lookup", "4")
+    try:
+        seen = []
+        for text in REPEATING_TURNS:
+            term.sendline(text)
+            m = term.expect(r", (\d+)/(\d+) drafted tokens accepted\]")
+            seen.append((int(m[1]), int(m[2])))
+            term.expect(PROMPT)
+    finally:
+        term.close()
+    chat = Model.load(bundle, threads=1).chat()
+    expected = []
+    for text in REPEATING_TURNS:
+        chat.send(text, 12, temperature=0, prompt_lookup=4)
+        expected.append((chat.stats.accepted_tokens, chat.stats.drafted_tokens))
+    assert seen == expected and all(drafted > 0 for _, drafted in seen)

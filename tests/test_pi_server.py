@@ -47,9 +47,10 @@ def model(bundle):
 
 
 @contextmanager
-def running_server(model, limits: Limits = LIMITS, api_key: str | None = KEY) -> Iterator[PiServer]:
+def running_server(model, limits: Limits = LIMITS, api_key: str | None = KEY,
+                   prompt_lookup: int = 0) -> Iterator[PiServer]:
     """The server in a thread of this process."""
-    server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(MODEL_ID, limits, api_key)))
+    server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(MODEL_ID, limits, api_key, prompt_lookup)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -178,6 +179,28 @@ def test_seed_temperature_top_p_and_stop_are_honoured(base_url):
     stop = greedy[len(greedy) // 2:len(greedy) // 2 + 2]
     r = c.completions.create(model=MODEL_ID, prompt="Small models", max_tokens=24, temperature=0, stop=[stop])
     assert r.choices[0].text == greedy[:greedy.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_prompt_lookup_serves_the_same_greedy_answers_and_leaves_sampled_ones_alone(model, caplog):
+    messages = [{"role": "user", "content": "one two three four five six " * 3}]
+
+    def answers(server: PiServer) -> tuple[list[str], list[int]]:
+        texts, drafted = [], []
+        for sampling in ({"temperature": 0}, {"temperature": 0.8, "seed": 7}):
+            r = client(url_of(server)).chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24,
+                                                               **sampling)
+            texts.append(r.choices[0].message.content)
+            drafted.append(model.last_stats.drafted_tokens)  # one worker, one request at a time: this one's
+        return texts, drafted
+
+    with running_server(model) as server:
+        plain, plain_drafted = answers(server)
+    with caplog.at_level("INFO", logger="pi_demo.serve"), running_server(model, prompt_lookup=4) as server:
+        looked_up, drafted = answers(server)
+    assert looked_up == plain
+    assert plain_drafted == [0, 0]
+    assert drafted[0] > 0 and drafted[1] == 0  # the sampled request ran plain
+    assert "drafted tokens accepted" in caplog.text
 
 
 def test_eight_concurrent_clients_get_complete_unmixed_answers(model):
@@ -329,13 +352,15 @@ def test_request_parsing_refuses_wrong_types_with_the_field_named():
 
 def test_serve_command_binds_loopback_takes_the_key_from_the_environment_and_stops_on_sigterm(bundle):
     env = {**os.environ, "NOMOAT_API_KEY": "from-env", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pi_demo", "serve", str(bundle), "--port", "0", "--model-id", MODEL_ID]
+    cmd = [sys.executable, "-m", "pi_demo", "serve", str(bundle), "--port", "0", "--model-id", MODEL_ID,
+           "--prompt-lookup", "4", "--ort-options", "session.intra_op.allow_spinning=0"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
         while "serving" not in line:
             line = proc.stderr.readline()
             assert line, "the server exited before serving"
+        assert "greedy requests draft up to 4 tokens by prompt lookup" in line
         url = line.split(" on ")[1].split("/v1")[0]
         assert url.startswith("http://127.0.0.1:")
         assert ask_with_key(url, "from-env")

@@ -219,6 +219,34 @@ def test_prompt_lookup_decoding_gives_the_greedy_tokens_with_fewer_passes(bundle
     assert cached == (ids + fast)[: len(cached)] and len(cached) >= len(ids) + len(fast) - 1
 
 
+def test_a_chat_with_prompt_lookup_gives_the_same_turns_and_drafts_from_the_whole_conversation(bundle):
+    model = Model.load(bundle)
+    turns = ["one two three one two three", "one two"]  # the tiny bundle's context is 96 tokens
+
+    def converse(lookup: int) -> list[tuple[list[int], GenerationStats]]:
+        chat = model.chat(system="Repeat.")
+        return [(chat.send(text, 12, temperature=0, prompt_lookup=lookup).token_ids, chat.stats) for text in turns]
+
+    plain, drafted = converse(0), converse(4)
+    assert [ids for ids, _ in drafted] == [ids for ids, _ in plain]
+    assert all(stats.drafted_tokens == 0 for _, stats in plain)
+    assert all(stats.drafted_tokens > 0 for _, stats in drafted)
+    # The second turn still prefills only its new message: the rewound drafts left the cache exact
+    # (it may hold one token more than plain decoding's, which never feeds its last token).
+    assert drafted[1][1].cached_tokens >= plain[1][1].cached_tokens > len(model.encode(turns[0]))
+    first_prompt = model.prompt_ids(turns[0], system="Repeat.")
+    assert model.session.tokens[:len(first_prompt)] == first_prompt
+
+
+def test_prompt_lookup_is_a_count_of_drafted_tokens_on_the_command_line(bundle, capsys):
+    from nomoat.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(bundle), "--prompt", "hi", "--prompt-lookup", "-1"])
+    assert e.value.code == 2
+    assert "'-1' is not a number of drafted tokens: give 0 (off) or more" in capsys.readouterr().err
+
+
 def test_bench_engine_with_prompt_lookup_gives_the_plain_tokens_in_fewer_passes(bundle):
     from nomoat.runtime.bench import NomoatEngine
 
@@ -248,3 +276,29 @@ def test_draft_from_context_finds_the_latest_continuation():
     assert draft_from_context([1, 2, 3, 4], 3) == []
     assert draft_from_context([5, 6, 5], 3) == [6, 5]
     assert accepted_prefix([4, 5, 6], [4, 5, 9, 1]) == 2
+
+
+def test_the_drafter_stops_drafting_where_drafts_fail_and_goes_on_where_they_pass():
+    from nomoat.runtime.lookup import Drafter
+
+    drafter = Drafter(8, cost=0.25)
+    one_token_match = [5, 1, 2, 3, 4, 6, 7, 8, 9, 10, 5]  # only the last token occurred before
+    assert drafter.propose(one_token_match, 8) == [1, 2, 3, 4, 6, 7, 8, 9]  # untried: in full
+    lengths = [8]
+    for _ in range(3):
+        drafter.update(lengths[-1], 0)  # every draft rejected
+        lengths.append(len(drafter.propose(one_token_match, 8)))
+    # q = 1/2, 1/3, 1/4: the j-th draft while q**j >= 0.25, then none (plain steps)
+    assert lengths == [8, 2, 1, 0]
+    drafter.update(0, 0)  # a pass without drafts teaches nothing
+    assert drafter.acceptance(1) == 0.25
+
+    three_token_match = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]  # judged on its own record
+    assert drafter.propose(three_token_match, 8) == [4, 5, 6, 7, 8, 9, 1, 2]
+    drafter.update(8, 8)
+    assert drafter.propose(three_token_match, 3) == [4, 5, 6]  # the room left caps it
+    drafter.update(3, 1)  # with the prior's one: 10 accepted, 1 rejected, q = 10/11, q**8 = 0.47 >= 0.25
+    assert len(drafter.propose(three_token_match, 8)) == 8
+    assert drafter.propose([1, 2, 3, 4], 8) == []  # nothing to copy
+    with pytest.raises(ValueError, match="max_draft must be >= 1"):
+        Drafter(0)
