@@ -52,11 +52,11 @@ class Drafter:
     only while q**j >= cost. A match length whose drafts fail stops drafting, the others go on.
     """
 
-    def __init__(self, max_draft: int, cost: float = DRAFT_COST, max_ngram: int = 3):
+    def __init__(self, max_draft: int, cost: float | None = None, max_ngram: int = 3):
         if max_draft < 1:
             raise ValueError(f"max_draft must be >= 1, got {max_draft}")
         self.max_draft = max_draft
-        self.cost = cost
+        self.cost = DRAFT_COST if cost is None else cost  # 0: every draft as long as max_draft allows
         self.max_ngram = max_ngram
         # A prior of one accepted draft and nothing rejected: the first match of each length
         # is tried in full, and one rejection is enough to shorten the next.
@@ -70,7 +70,7 @@ class Drafter:
 
     def worth_drafting(self, n: int) -> int:
         q = self.acceptance(n)
-        if q >= 1.0:
+        if q >= 1.0 or self.cost <= 0.0:
             return self.max_draft
         if q <= self.cost:
             return 0

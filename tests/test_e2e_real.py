@@ -141,6 +141,42 @@ def test_multi_turn_chat_prefills_only_the_new_turn(pixel6_bundle):
     assert "Berlin" in second.text
 
 
+PARAGRAPH = ("The Raspberry Pi 5 has a quad-core Arm Cortex-A76 processor running at 2.4 GHz and up to 8 GB of "
+             "memory. It can run small language models locally, without sending any data to a server, which "
+             "keeps the conversation private and works without a network connection.")
+
+
+def test_prompt_lookup_copies_a_pasted_paragraph_in_fewer_passes(pixel6_bundle):
+    model = Model.load(pixel6_bundle)
+    chat = model.chat()
+    plain = chat.send(f"Copy this text exactly:\n\n{PARAGRAPH}", 64, temperature=0)
+    chat.reset()
+    drafted = chat.send(f"Copy this text exactly:\n\n{PARAGRAPH}", 64, temperature=0, prompt_lookup=8)
+    s = drafted.stats
+    assert drafted.text == plain.text and "Cortex-A76" in drafted.text
+    # Each pass yields one token of the model's own plus the drafts it accepted.
+    passes = s.generated_tokens - s.accepted_tokens
+    assert s.accepted_tokens >= s.generated_tokens / 2 and passes < s.generated_tokens / 2
+
+
+def test_prompt_lookup_drafts_little_where_the_answer_does_not_repeat_its_prompt(pixel6_bundle, monkeypatch):
+    import nomoat.runtime.lookup as lookup
+    from nomoat.runtime import GenerationStats
+
+    model = Model.load(pixel6_bundle)
+    ids = model.prompt_ids("Tell me a short story about a robot who learns to paint.")
+    counts = {}
+    for name, cost in (("fixed", 0.0), ("adaptive", lookup.DRAFT_COST)):  # cost 0: drafts as long as N allows
+        monkeypatch.setattr(lookup, "DRAFT_COST", cost)
+        stats = GenerationStats()
+        list(model.generate_tokens_lookahead(ids, 128, 8, ignore_eos=True, stats=stats))
+        counts[name] = (stats.drafted_tokens, stats.accepted_tokens)
+    (fixed_drafted, fixed_accepted), (drafted, accepted) = counts["fixed"], counts["adaptive"]
+    # Measured: 316 drafts checked for 52 kept with fixed-length drafts, 110 for 42 adaptive.
+    assert drafted < fixed_drafted / 2
+    assert accepted >= fixed_accepted * 0.6
+
+
 def test_bundle_survives_a_copy_and_refuses_damage(pixel6_bundle, tmp_path):
     copy = Path(shutil.copytree(pixel6_bundle, tmp_path / "copy"))
     assert "Paris" in Model.load(copy).generate("What is the capital of France?", 30).text

@@ -302,3 +302,4 @@ def test_the_drafter_stops_drafting_where_drafts_fail_and_goes_on_where_they_pas
     assert drafter.propose([1, 2, 3, 4], 8) == []  # nothing to copy
     with pytest.raises(ValueError, match="max_draft must be >= 1"):
         Drafter(0)
+    assert Drafter(8, cost=0.0).propose([1, 2, 3, 9, 1, 2, 3], 8) == [9, 1, 2, 3]  # cost 0: as long as allowed
