@@ -49,7 +49,7 @@ class ServerConfig:
     model_id: str
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None
-    prompt_lookup: int = 0  # drafted tokens per pass for greedy requests (the same answers); 0 = off
+    prompt_lookup: int = 0  # most drafted tokens per pass for greedy requests; 0 = off
 
 
 class App:

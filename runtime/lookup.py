@@ -36,17 +36,12 @@ def find_continuation(tokens: Sequence[int], max_draft: int, max_ngram: int = 3,
     return 0, []
 
 
-def draft_from_context(tokens: Sequence[int], max_draft: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
-    """Up to max_draft tokens that followed the latest earlier match of the sequence's tail."""
-    return find_continuation(tokens, max_draft, max_ngram, min_ngram)[1]
-
-
 class Drafter:
     """Drafts as long as they are likely to pay for themselves, learned during one generation.
 
     Drafts from a long match (the answer is copying its context) are mostly accepted; drafts
     from a one-token match in ordinary prose mostly are not, and checking them made a chat
-    answer ~20 % slower than plain decoding with eight of them. So each match length n keeps
+    answer 15-25 % slower than plain decoding with eight of them. So each match length n keeps
     its own count of accepted and rejected drafts (the first rejection ends a pass), giving q,
     the chance a draft is accepted given the one before it was; a pass drafts the j-th token
     only while q**j >= cost. A match length whose drafts fail stops drafting, the others go on.

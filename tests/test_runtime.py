@@ -269,12 +269,12 @@ def test_bench_engine_with_prompt_lookup_gives_the_plain_tokens_in_fewer_passes(
         NomoatEngine(str(bundle), prompt_lookup=-1)
 
 
-def test_draft_from_context_finds_the_latest_continuation():
-    from nomoat.runtime.lookup import accepted_prefix, draft_from_context
+def test_find_continuation_finds_the_latest_continuation_of_the_longest_match():
+    from nomoat.runtime.lookup import accepted_prefix, find_continuation
 
-    assert draft_from_context([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2) == [7, 5]
-    assert draft_from_context([1, 2, 3, 4], 3) == []
-    assert draft_from_context([5, 6, 5], 3) == [6, 5]
+    assert find_continuation([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2) == (3, [7, 5])
+    assert find_continuation([1, 2, 3, 4], 3) == (0, [])
+    assert find_continuation([5, 6, 5], 3) == (1, [6, 5])
     assert accepted_prefix([4, 5, 6], [4, 5, 9, 1]) == 2
 
 
