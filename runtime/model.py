@@ -262,6 +262,7 @@ class Model:
             stats.drafted_tokens += len(draft)
             stats.accepted_tokens += n_ok
             session.truncate(session.length - (len(draft) - n_ok))
+            stats.decode_seconds = time.perf_counter() - t_first  # the pass that confirmed the drafts
             for token in draft[:n_ok]:
                 if token in self.stop_token_ids and not ignore_eos:
                     return
