@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .help_format import DefaultsHelpFormatter
+
 # verb -> (module, one-line help). Converter verbs need `pip install 'nomoat[convert]'`.
 VERBS = {
     "convert": ("nomoat.converter.cli_convert", "turn a model (+ LoRA adapters) into a bundle for a device"),
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
               "pip install 'nomoat[convert]'", file=sys.stderr)
         return 2
     verb_parser = argparse.ArgumentParser(prog=f"nomoat {verb}", description=module.__doc__,
-                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                          formatter_class=DefaultsHelpFormatter)
     module.add_arguments(verb_parser)
     args = verb_parser.parse_args(argv[1:])
     return int(module.run(args) or 0)

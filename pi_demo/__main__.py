@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from nomoat.help_format import DefaultsHelpFormatter
+
 # command -> (module with add_arguments/run, one-line help). The chat is the runtime's own
 # `nomoat chat`: one REPL to maintain, and the Pi gets every fix made to it.
 COMMANDS = {
@@ -20,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module_name, help_) in COMMANDS.items():
         module = importlib.import_module(module_name)  # cheap (~0.1 s): nothing loads a model before run()
         command = sub.add_parser(name, help=help_, description=module.__doc__,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=DefaultsHelpFormatter)
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
     p.add_argument("--threads", type=int, default=None, help="CPU threads; None = the bundle's target")
     p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
-                   help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1")
+                   help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1 (default: none)")
     add_prompt_lookup_argument(p)
 
 

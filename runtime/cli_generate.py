@@ -26,7 +26,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 def add_prompt_lookup_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup", type=prompt_lookup, default=0, metavar="N",
                    help="greedy only: draft up to N tokens per step from the context (speculative decoding; "
-                        "same output, faster on text that repeats its context; 0 = off)")
+                        "greedy's output up to near-ties, faster on text that repeats its context; 0 = off)")
 
 
 def prompt_lookup(value: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -377,3 +378,13 @@ def test_serve_command_binds_loopback_takes_the_key_from_the_environment_and_sto
 def ask_with_key(url: str, key: str) -> str:
     return client(url, key).chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
                                                     max_tokens=4, temperature=0).choices[0].message.content
+
+
+def test_help_says_each_default_once(capsys):
+    from pi_demo.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--prompt-lookup N" in text and "(default: 0)" in text
+    assert re.search(r"\(default[^)]*\) \(default", text) is None, text

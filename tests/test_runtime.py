@@ -303,3 +303,16 @@ def test_the_drafter_stops_drafting_where_drafts_fail_and_goes_on_where_they_pas
     with pytest.raises(ValueError, match="max_draft must be >= 1"):
         Drafter(0)
     assert Drafter(8, cost=0.0).propose([1, 2, 3, 9, 1, 2, 3], 8) == [9, 1, 2, 3]  # cost 0: as long as allowed
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat", "bench", "convert", "deploy"])
+def test_help_says_each_default_once(verb, capsys):
+    import re
+
+    from nomoat.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: " in text  # argparse's own defaults are still shown ...
+    assert re.search(r"\(default[^)]*\) \(default", text) is None, text  # ... but not after the help's own
