@@ -152,10 +152,11 @@ def test_the_runtime_imports_on_arm64_without_torch(guest, installed):
     assert out[0] == "aarch64" and out[1] == "[]" and out[2] == installed["onnxruntime"]
 
 
-def _tokens_and_logits(guest, name: str, bundle: Path, n_prompts: int = len(PROMPTS)
+def _tokens_and_logits(guest, name: str, bundle: Path, n_prompts: int = len(PROMPTS), *guest_flags: str
                        ) -> tuple[np.lib.npyio.NpzFile, np.lib.npyio.NpzFile]:
     """Greedy tokens and teacher-forced logits of the first n_prompts prompts, on the host and in the guest
-    (1 or 3 prompts: an fp32 bundle takes ~150 s a prompt under emulation)."""
+    (1 or 3 prompts: an fp32 bundle takes ~150 s a prompt under emulation); guest_flags go to the
+    guest's pi_guest.py."""
     if n_prompts not in (1, len(PROMPTS)):
         raise ValueError(f"n_prompts is 1 or {len(PROMPTS)}")
     host_file = BUILD / f"host-{name}.npz"
@@ -166,7 +167,7 @@ def _tokens_and_logits(guest, name: str, bundle: Path, n_prompts: int = len(PROM
     shutil.copy(host_file, guest.path(f"{CHECK}/host-{name}.npz"))
     with STEPS.step(f"guest: greedy {TOKENS} tokens x {n_prompts} prompts + logits on the host's tokens, {name}"):
         guest.run([PYTHON, f"{CHECK}/pi_guest.py", f"{CHECK}/{name}", prompts_file, str(TOKENS),
-                   f"{CHECK}/arm-{name}.npz", "--reference", f"{CHECK}/host-{name}.npz"])
+                   f"{CHECK}/arm-{name}.npz", "--reference", f"{CHECK}/host-{name}.npz", *guest_flags])
     return np.load(host_file), np.load(guest.path(f"{CHECK}/arm-{name}.npz"))
 
 
@@ -187,11 +188,15 @@ def _compare(host, arm) -> dict[str, object]:
 
 
 def test_fp32_bundle_gives_the_hosts_greedy_tokens(guest, installed, bundles):
-    host, arm = _tokens_and_logits(guest, "fp32", bundles["fp32"])
+    host, arm = _tokens_and_logits(guest, "fp32", bundles["fp32"], len(PROMPTS), "--lookup", "8")
     FINDINGS["fp32"] = found = _compare(host, arm)
     for i in range(len(PROMPTS)):
         assert arm[f"greedy{i}"].tolist() == host[f"greedy{i}"].tolist(), found
     assert found["max_abs_logit_diff"] < 1e-3  # float summation order only
+    # Prompt lookup on arm: fp32 activations, so its batched check gives greedy's tokens exactly.
+    drafted, accepted = arm["lookup0_drafted_accepted"].tolist()
+    FINDINGS["fp32"]["lookup_drafted_accepted"] = [drafted, accepted]
+    assert arm["lookup0"].tolist() == arm["greedy0"].tolist() and drafted > 0
 
 
 def test_float16_cache_on_arm_kernels_stays_close_to_the_host(guest, installed, bundles):
