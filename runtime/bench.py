@@ -232,7 +232,7 @@ def machine_info() -> dict[str, object]:
 class NomoatEngine:
     """nomoat.runtime on an ONNX bundle, greedy, end-of-sequence ignored. With `prompt_lookup`
     > 0 it decodes with prompt-lookup speculative decoding, up to that many drafted tokens per
-    pass (the same tokens, fewer passes where the text repeats its context)."""
+    pass (greedy's tokens up to near-ties, fewer passes where the text repeats its context)."""
 
     def __init__(self, bundle: str, threads: int | None = None, name: str | None = None,
                  prompt_lookup: int = 0, ort_options: dict[str, str] | None = None):

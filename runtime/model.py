@@ -219,8 +219,9 @@ class Model:
     def generate_tokens_lookahead(self, prompt_ids: Sequence[int], max_new_tokens: int, draft_tokens: int = 4,
                                   ignore_eos: bool = False,
                                   stats: GenerationStats | None = None) -> Iterator[int]:
-        """Greedy generation with prompt-lookup speculative decoding: the same tokens as
-        generate_tokens at temperature 0, fewer forward passes when the text repeats its context.
+        """Greedy generation with prompt-lookup speculative decoding: generate_tokens' tokens at
+        temperature 0 (up to near-ties: the batched check can round differently from a one-token
+        step), in fewer forward passes when the text repeats its context.
 
         Each step feeds the last token plus up to `draft_tokens` drafted ones in one pass, keeps
         the drafts the model's argmax confirms and one more token of its own, and rewinds the
@@ -298,8 +299,8 @@ class Model:
         """Stream the answer to a prompt (a string, wrapped in the chat template unless raw,
         or a list of {"role", "content"} messages) as text deltas.
 
-        prompt_lookup=N drafts up to N tokens from the context per step (greedy only; same
-        output, fewer forward passes on text that repeats its context)."""
+        prompt_lookup=N drafts up to N tokens from the context per step (greedy only; greedy's
+        output up to near-ties, fewer forward passes on text that repeats its context)."""
         params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                       repetition_penalty=repetition_penalty, seed=seed)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
@@ -377,7 +378,7 @@ class Chat:
     def stream(self, text: str, max_new_tokens: int | None = None, *, stop: Sequence[str] = (),
                prompt_lookup: int = 0, **sampling: Any) -> Iterator[StreamEvent]:
         """Stream the answer to the next user message. prompt_lookup=N drafts from the whole
-        conversation, as Model.stream does from its prompt (greedy only; the same answer)."""
+        conversation, as Model.stream does from its prompt (greedy only)."""
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
         answer: list[int] = []
