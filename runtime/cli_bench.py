@@ -22,7 +22,7 @@ from typing import Any
 
 from .bench import BenchError, RoundResult, Stat, summarize, synthetic_prompt_ids
 from .bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
-from .cli_generate import ort_options
+from .cli_generate import ort_options, prompt_lookup
 from .errors import BundleError
 from .onnx_session import format_ort_options
 
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt length in tokens; repeatable (default: 128)")
     p.add_argument("--new-tokens", type=int, action="append", metavar="N", default=unset,
                    help="tokens generated per round, at least 2; repeatable (default: 128)")
-    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+    p.add_argument("--prompt-lookup", type=prompt_lookup, default=0, metavar="N",
                    help="also measure prompt-lookup speculative decoding with up to N drafted tokens per "
                         "pass, reported in rows of its own next to plain decoding (default: off)")
     p.add_argument("--ort-options", type=ort_options, action="append", metavar="KEY=VALUE[,...]", default=unset,
@@ -109,8 +109,6 @@ def bench_bundles(args: argparse.Namespace) -> dict[str, Any]:
     check_counts(threads, prompts, news, args.rounds, args.warmup)
     if len(set(ort_choices)) < len(ort_choices):
         raise BenchError("the same --ort-options are given twice; to repeat a measurement, raise --rounds")
-    if lookup < 0:
-        raise BenchError("--prompt-lookup must be >= 1 drafted tokens (or 0 for off)")
     if getattr(args, "plot", None):
         from .bench_plot import require_matplotlib
 

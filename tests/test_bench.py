@@ -341,8 +341,10 @@ def test_cli_refuses_the_same_bundle_twice(tmp_path, capsys):
 def test_cli_refuses_a_negative_prompt_lookup(tmp_path, capsys):
     from nomoat.__main__ import main
 
-    assert main(["bench", str(tmp_path), "--prompt-lookup", "-1"]) == 1
-    assert "--prompt-lookup must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", str(tmp_path), "--prompt-lookup", "-1"])
+    assert exit_.value.code == 2
+    assert "'-1' is not a number of drafted tokens: give 0 (off) or more" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
