@@ -252,10 +252,13 @@ class Model:
             stats.generated_tokens = produced
             stats.decode_seconds = time.perf_counter() - t_first
             yield next_token
+            # Positions left for drafts once next_token is in the cache; with none left next_token
+            # still runs alone, as plain decoding's last step does.
             room = self.max_context - session.length - 1
-            if produced >= max_new_tokens or room <= 0:
+            if produced >= max_new_tokens or room < 0:
                 break
-            draft = drafter.propose(context, min(room, max_new_tokens - produced))
+            limit = min(room, max_new_tokens - produced)
+            draft = drafter.propose(context, limit) if limit > 0 else []
             logits = session.forward([next_token, *draft], all_logits=bool(draft))
             predicted = [int(t) for t in np.atleast_2d(logits).argmax(-1)]
             n_ok = accepted_prefix(draft, predicted)

@@ -219,6 +219,16 @@ def test_prompt_lookup_decoding_gives_the_greedy_tokens_with_fewer_passes(bundle
     assert cached == (ids + fast)[: len(cached)] and len(cached) >= len(ids) + len(fast) - 1
 
 
+def test_prompt_lookup_fills_the_context_as_plain_decoding_does(bundle):
+    model = Model.load(bundle)
+    ids = model.encode("one two three four five six " * 8)[:model.max_context - 6]
+    plain = list(model.generate_tokens(ids, 30, ignore_eos=True))
+    fast = list(model.generate_tokens_lookahead(ids, 30, draft_tokens=4, ignore_eos=True))
+    # The last token plain decoding makes needs the cache's last position: lookup makes it too.
+    assert len(plain) == model.max_context - len(ids) + 1
+    assert fast == plain
+
+
 def test_a_chat_with_prompt_lookup_gives_the_same_turns_and_drafts_from_the_whole_conversation(bundle):
     model = Model.load(bundle)
     turns = ["one two three one two three", "one two"]  # the tiny bundle's context is 96 tokens
