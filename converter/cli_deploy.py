@@ -37,12 +37,14 @@ if TYPE_CHECKING:
 
 DEFAULT_SSH_REMOTE_DIR = "nomoat"  # relative: in the remote user's home folder
 
-BENCH_DEFAULTS = {"prompt_tokens": 128, "new_tokens": 128, "rounds": 3, "threads": None, "json": False,
-                  "bench_timeout": DEFAULT_TIMEOUT_S}
-BENCH_ONLY = ("prompt_tokens", "new_tokens", "rounds", "threads", "json", "bench_timeout")
+BENCH_DEFAULTS = {"prompt_tokens": 128, "new_tokens": 128, "rounds": 3, "threads": None, "prompt_lookup": 0,
+                  "json": False, "bench_timeout": DEFAULT_TIMEOUT_S}
+BENCH_ONLY = ("prompt_tokens", "new_tokens", "rounds", "threads", "prompt_lookup", "json", "bench_timeout")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nomoat.runtime.cli_generate import prompt_lookup
+
     p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
     transport = p.add_mutually_exclusive_group(required=True)
     transport.add_argument("--adb", action="store_true", help="deploy with adb to an Android device")
@@ -74,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens generated per round, at least 2 (default: 128)")
     b.add_argument("--rounds", type=int, default=unset, metavar="N", help="measured rounds (default: 3)")
     b.add_argument("--threads", type=int, default=unset, metavar="N", help="CPU threads (default: the bundle's)")
+    b.add_argument("--prompt-lookup", type=prompt_lookup, default=unset, metavar="N",
+                   help="also measure prompt-lookup decoding with up to N drafted tokens per pass, in rows of "
+                        "its own next to plain decoding, round by round (default: off)")
     b.add_argument("--json", action="store_true", default=unset,
                    help="print one JSON object (like `nomoat bench --json`, plus device_path) instead of the "
                         "path line and the table")
@@ -175,11 +180,12 @@ def run_bench(device: Device, device_path: str, args: argparse.Namespace) -> dic
     """The app's benchmark on the deployed bundle, as the report `nomoat bench` prints."""
     from .deploy_bench import bench_on_device, bench_report, device_machine
 
+    lookup = f", plain and with prompt lookup {args.prompt_lookup} in turn," if args.prompt_lookup else ""
     progress(f"benchmarking on {device.serial}: {args.rounds} rounds of {args.prompt_tokens}+{args.new_tokens} "
-             "tokens in the nomoat app ...")
+             f"tokens{lookup} in the nomoat app ...")
     # The deployed path, not the name: the app takes an absolute path as is, wherever --remote-dir put it.
     bench = bench_on_device(device, device_path, args.prompt_tokens, args.new_tokens, args.rounds, args.threads,
-                            timeout=args.bench_timeout, progress=progress)
+                            timeout=args.bench_timeout, progress=progress, prompt_lookup=args.prompt_lookup)
     report = bench_report(device_path, device_machine(device), bench, args.rounds, args.threads,
                           args.prompt_tokens, args.new_tokens)
     return {"device_path": device_path, "serial": device.serial, **report}
@@ -190,4 +196,5 @@ def run_ssh_bench(board: SshHost, device_path: str, args: argparse.Namespace) ->
     from .ssh_bench import bench_over_ssh
 
     return bench_over_ssh(board, device_path, args.bundle, args.prompt_tokens, args.new_tokens, args.rounds,
-                          args.threads, python=args.remote_python, progress=progress)
+                          args.threads, python=args.remote_python, progress=progress,
+                          prompt_lookup=args.prompt_lookup)

@@ -52,27 +52,32 @@ class AppBench:
 
 def bench_on_device(device: Device, bundle: str, prompt_tokens: int, new_tokens: int, rounds: int,
                     threads: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                    progress: Callable[[str], None] | None = None) -> AppBench:
+                    progress: Callable[[str], None] | None = None, prompt_lookup: int = 0) -> AppBench:
     """Start the app's benchmark on bundle (a path on the device, or a bundle name the app finds)
-    and wait for its rounds; a DeployError says what went wrong and what to do."""
+    and wait for its rounds; a DeployError says what went wrong and what to do. With prompt_lookup
+    the app runs each round plain, then with prompt lookup: twice the lines."""
     say = progress or (lambda _msg: None)
     shell(device, "logcat -c", "clearing the log (`logcat -c`)")  # only this run's lines count
-    start_app(device, bench_extras(bundle, prompt_tokens, new_tokens, rounds, threads))
+    start_app(device, bench_extras(bundle, prompt_tokens, new_tokens, rounds, threads, prompt_lookup))
     try:
-        lines = wait_for_rounds(device, rounds, timeout, say)
+        lines = wait_for_rounds(device, rounds * (2 if prompt_lookup else 1), timeout, say)
     except BaseException:  # timeout or Ctrl-C: do not leave the phone busy benchmarking
         stop_app(device)
         raise
+    if prompt_lookup and not any(line.get("prompt_lookup") for line in lines):
+        raise DeployError("the app measured no prompt-lookup rounds (an app older than --prompt-lookup); "
+                          "install the app built from this version of nomoat.")
     results = [round_result(line, prompt_tokens, new_tokens) for line in lines]
     return AppBench(results, lines)
 
 
 def bench_extras(bundle: str, prompt_tokens: int, new_tokens: int, rounds: int,
-                 threads: int | None) -> list[str]:
+                 threads: int | None, prompt_lookup: int = 0) -> list[str]:
     """The intent extras MainActivity reads; no threads extra means the bundle's own thread count."""
     extras = ["--es", "bundle", bundle, "--ez", "bench", "true", "--ei", "prompt_tokens", str(prompt_tokens),
               "--ei", "new_tokens", str(new_tokens), "--ei", "rounds", str(rounds)]
-    return extras + (["--ei", "threads", str(threads)] if threads is not None else [])
+    extras += ["--ei", "threads", str(threads)] if threads is not None else []
+    return extras + (["--ei", "prompt_lookup", str(prompt_lookup)] if prompt_lookup else [])
 
 
 def start_app(device: Device, extras: list[str]) -> None:
@@ -187,27 +192,39 @@ def device_machine(device: Device) -> dict[str, Any]:
 
 def bench_report(device_path: str, machine: dict[str, Any], bench: AppBench, rounds: int,
                  threads: int | None, prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
-    """The report `nomoat bench` prints (cli_bench.format_table reads it; --json prints it), one result."""
+    """The report `nomoat bench` prints (cli_bench.format_table reads it; --json prints it): one
+    result, or two (plain decoding, then prompt lookup) when the app's lines carry prompt_lookup."""
     from nomoat.runtime.bench import summarize
 
     first = bench.lines[0] if bench.lines else {}
     app_threads = first.get("threads") if first.get("threads") is not None else threads  # the bundle's, if asked none
+    lookups = sorted({int(line.get("prompt_lookup") or 0) for line in bench.lines}) or [0]
+    results = []
+    for lookup in lookups:
+        rounds_of = [r for r, line in zip(bench.rounds, bench.lines, strict=True)
+                     if int(line.get("prompt_lookup") or 0) == lookup]
+        lines_of = [line for line in bench.lines if int(line.get("prompt_lookup") or 0) == lookup]
+        results.append({
+            "label": f"{app_threads or 'default'} thr, {prompt_tokens}+{new_tokens} tok"
+                     + (f", lookup {lookup}" if lookup else ""),
+            "name": f"nomoat Android app ({APP_PACKAGE})",
+            "threads": app_threads,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "prompt_lookup": lookup,
+            **({"drafted_tokens": [line.get("drafted_tokens") for line in lines_of],
+                "accepted_tokens": [line.get("accepted_tokens") for line in lines_of]} if lookup else {}),
+            "verify_s": first.get("verify_s"),
+            "load_s": first.get("load_s"),
+            "summary": summarize(rounds_of).to_dict(),
+            "rounds": [r.to_dict() for r in rounds_of],
+        })
     return {
         "bundle": device_path,
         "machine": machine,
         "rounds": rounds,
         "warmup": 0,  # the app measures every round it runs
-        "results": [{
-            "label": f"{app_threads or 'default'} thr, {prompt_tokens}+{new_tokens} tok",
-            "name": f"nomoat Android app ({APP_PACKAGE})",
-            "threads": app_threads,
-            "prompt_tokens": prompt_tokens,
-            "new_tokens": new_tokens,
-            "verify_s": first.get("verify_s"),
-            "load_s": first.get("load_s"),
-            "summary": summarize(bench.rounds).to_dict(),
-            "rounds": [r.to_dict() for r in bench.rounds],
-        }],
+        "results": results,
     }
 
 

@@ -55,9 +55,10 @@ def worker_argv(board: SshHost, python: str, options: dict[str, Any]) -> list[st
 
 def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens: int, new_tokens: int,
                    rounds: int, threads: int | None, python: str = DEFAULT_REMOTE_PYTHON,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, prompt_lookup: int = 0) -> dict[str, Any]:
     """Measure the bundle deployed at device_path (a copy of the local `bundle`) on the board; the
-    report `nomoat bench` prints, plus where it ran."""
+    report `nomoat bench` prints, plus where it ran. prompt_lookup > 0 adds prompt-lookup decoding
+    with up to that many drafts a pass, in rows of its own, alternating with plain decoding."""
     from nomoat.runtime.bench import synthetic_prompt_ids
     from nomoat.runtime.bench_worker import WorkerProcess
     from nomoat.runtime.cli_bench import Config, measure_configs
@@ -67,13 +68,16 @@ def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens
     manifest = read_manifest(bundle, verify_files=False)
     # The prompt is cut here, from the local copy of the same tokenizer the board loads.
     prompt = synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, prompt_tokens)
-    config = Config(threads, prompt_tokens, new_tokens)
+    configs = [Config(threads, prompt_tokens, new_tokens, lookup) for lookup in ([0, prompt_lookup]
+                                                                              if prompt_lookup else [0])]
 
     def start_worker(c: Config) -> WorkerProcess:
-        options = {"bundle": device_path, "threads": c.threads, "name": f"nomoat on {board.name}"}
+        # prompt_lookup only when asked: a board's older nomoat need not know the option.
+        options = {"bundle": device_path, "threads": c.threads, "name": f"nomoat on {board.name}",
+                   **({"prompt_lookup": c.prompt_lookup} if c.prompt_lookup else {})}
         return WorkerProcess(c.label, worker_argv(board, python, options))
 
     say(f"benchmarking on {board.name}: {rounds} rounds of {prompt_tokens}+{new_tokens} tokens "
         f"after 1 warm-up, with {python} there ...")
-    report = measure_configs([config], lambda _config: prompt, start_worker, rounds, warmup=1)
+    report = measure_configs(configs, lambda _config: prompt, start_worker, rounds, warmup=1)
     return {"bundle": device_path, "device_path": device_path, "host": board.name, **report}

@@ -24,7 +24,7 @@ from nomoat.runtime.sampling import Sampler, SamplingParams
 pytestmark = pytest.mark.android
 
 JUNIT = [f"dev.nomoat.core.{name}" for name in
-         ("BundleTest", "SamplerTest", "StopsTest", "GeneratorTest", "ChatFormatTest")]
+         ("BundleTest", "SamplerTest", "StopsTest", "GeneratorTest", "ChatFormatTest", "LookupTest")]
 
 
 def test_junit_classes_pass():
@@ -254,3 +254,40 @@ def test_the_bench_prompt_is_the_hosts(tiny_bundle):
 
     out = kotlin_host.run_kotlin("dev.nomoat.core.BundleCli", str(tiny_bundle), "--bench-prompt=300")
     assert json.loads(out) == synthetic_prompt_ids(tiny_bundle / "tokenizer.json", 300)
+
+
+# -- prompt lookup ---------------------------------------------------------------------------
+
+
+def python_drafts(tokens: list[int], start: int, max_draft: int, cost: float) -> list[list[int]]:
+    """LookupCli's replay with runtime/lookup.py: propose, accept what the true continuation confirms, learn."""
+    from nomoat.runtime.lookup import Drafter, accepted_prefix
+
+    drafter = Drafter(max_draft, cost=cost)
+    drafts = []
+    for at in range(start, len(tokens)):
+        draft = drafter.propose(tokens[:at], len(tokens) - at)
+        drafter.update(len(draft), accepted_prefix(draft, tokens[at:at + len(draft)]))
+        drafts.append(draft)
+    return drafts
+
+
+def test_the_drafter_drafts_what_pythons_drafts():
+    rng = np.random.default_rng(7)
+    requests = []
+    for i in range(40):
+        # Few symbols and pasted runs: plenty of matches, some drafts kept, some rejected.
+        tokens = rng.integers(0, 3 + i % 6, size=int(rng.integers(20, 90))).tolist()
+        if i % 2:
+            at = int(rng.integers(5, len(tokens)))
+            tokens += tokens[at - 5:at + 10]
+        requests.append({"tokens": tokens, "start": int(rng.integers(1, 12)), "max_draft": int(rng.integers(1, 9)),
+                         "cost": [0.25, 0.0, 0.5][i % 3]})
+    out = kotlin_host.run_kotlin("dev.nomoat.core.LookupCli", input="".join(json.dumps(r) + "\n" for r in requests))
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert len(answers) == len(requests)
+    for request, answer in zip(requests, answers, strict=True):
+        expected = python_drafts(request["tokens"], request["start"], request["max_draft"], request["cost"])
+        assert answer["drafts"] == expected, request
+    # The replays exercised the drafter: drafts made, and some cut short by its record.
+    assert sum(len(d) for a in answers for d in a["drafts"]) > 200

@@ -344,7 +344,8 @@ def simulated_app(logged: list[dict] | None = None):
     """Stands in for the Kotlin app (MainActivity.bench), which cannot run here: the same rounds,
     measured with the Python runtime on the deployed bundle, logged with the keys the app writes
     (GenerationStats.toBenchJson, then round and peak_rss_bytes, then open()'s bundle, verify_s,
-    load_s, threads) and Android org.json's escaping of '/'. Each round line also goes to logged."""
+    load_s, threads) and Android org.json's escaping of '/'. Each round line also goes to logged.
+    With a prompt_lookup extra each round runs plain, then with lookup (prompt_lookup in its line)."""
 
     def app(extras: dict) -> object:
         from nomoat.runtime.bench import NomoatEngine, measure_once, synthetic_prompt_ids
@@ -355,20 +356,26 @@ def simulated_app(logged: list[dict] | None = None):
         t0 = time.perf_counter()
         manifest = read_manifest(bundle, verify_files=True)
         t1 = time.perf_counter()
-        engine = NomoatEngine(str(bundle), threads=threads)
-        engine.prepare()
+        lookup = extras.get("prompt_lookup", 0)
+        engines = {n: NomoatEngine(str(bundle), threads=threads, prompt_lookup=n) for n in ([0, lookup] if lookup
+                                                                                            else [0])}
+        for engine in engines.values():
+            engine.prepare()
         t2 = time.perf_counter()
         info = {"bundle": str(bundle), "verify_s": t1 - t0, "load_s": t2 - t1,
                 "threads": threads if threads is not None else manifest.target.get("threads")}
         prompt = synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, extras.get("prompt_tokens", 128))
         for i in range(extras.get("rounds", 1)):
-            r = measure_once(engine, prompt, extras.get("new_tokens", 64))
-            line = {"prompt_tokens": r.prompt_tokens, "cached_tokens": 0, "new_tokens": r.new_tokens,
-                    "ttft_s": r.ttft_s, "decode_s": r.decode_s, "ttft_ms": r.ttft_ms, "prefill_tps": r.prefill_tps,
-                    "decode_tps": r.decode_tps, "round": i, "peak_rss_bytes": r.peak_rss_bytes, **info}
-            if logged is not None:
-                logged.append(line)
-            yield org_json(line)
+            for n, engine in engines.items():
+                r = measure_once(engine, prompt, extras.get("new_tokens", 64))
+                line = {"prompt_tokens": r.prompt_tokens, "cached_tokens": 0, "new_tokens": r.new_tokens,
+                        "ttft_s": r.ttft_s, "decode_s": r.decode_s, "ttft_ms": r.ttft_ms,
+                        "prefill_tps": r.prefill_tps, "decode_tps": r.decode_tps, "drafted_tokens": 0,
+                        "accepted_tokens": 0, "round": i, "peak_rss_bytes": r.peak_rss_bytes,
+                        **({"prompt_lookup": n} if n else {}), **info}
+                if logged is not None:
+                    logged.append(line)
+                yield org_json(line)
         yield org_json({"done": True})
 
     return app
@@ -433,6 +440,31 @@ def test_bench_json_holds_the_rounds_and_defaults_to_the_bundles_threads(bundle,
     assert result["load_s"] == logged[0]["load_s"]
 
 
+def test_bench_with_prompt_lookup_reports_plain_and_lookup_rounds_apart(bundle, fake, remote, adb_server, capsys):
+    device, dev = fake
+    logged: list[dict] = []
+    device.install_app(simulated_app(logged))
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--json", "--prompt-lookup", "3")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert device.app_starts[0]["prompt_lookup"] == 3
+    # The app alternates plain and lookup rounds; each kind is its own row with its own rounds.
+    assert [line.get("prompt_lookup", 0) for line in logged] == [0, 3] * 3
+    plain, lookup = report["results"]
+    assert (plain["prompt_lookup"], lookup["prompt_lookup"]) == (0, 3)
+    assert [r["decode_s"] for r in plain["rounds"]] == [line["decode_s"] for line in logged[0::2]]
+    assert [r["decode_s"] for r in lookup["rounds"]] == [line["decode_s"] for line in logged[1::2]]
+    assert lookup["label"].endswith("lookup 3") and "lookup" not in plain["label"]
+
+
+def test_bench_with_prompt_lookup_refuses_an_app_that_measured_none(bundle, fake, remote, adb_server, capsys):
+    device, dev = fake
+    old_app = simulated_app()
+    device.install_app(lambda extras: old_app({k: v for k, v in extras.items() if k != "prompt_lookup"}))
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--prompt-lookup", "3")) == 2
+    err = capsys.readouterr().err
+    assert "no prompt-lookup rounds" in err and "install the app built from this version" in err
+
+
 def test_bench_error_from_the_app_exits_2_with_its_message(bundle, fake, remote, adb_server, capsys):
     device, dev = fake
 
@@ -482,6 +514,11 @@ def test_bench_request_is_checked_before_deploying(bundle, fake, remote, adb_ser
     assert "exceed the bundle's context of 96 tokens" in capsys.readouterr().err
     assert main(deploy_cli(bundle, dev.serial, adb_server, remote, "--rounds", "2", "--json")) == 2
     assert "--rounds, --json only apply with --bench" in capsys.readouterr().err
+    assert main(deploy_cli(bundle, dev.serial, adb_server, remote, "--prompt-lookup", "4")) == 2
+    assert "--prompt-lookup only apply with --bench" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(deploy_cli(bundle, dev.serial, adb_server, remote, "--bench", "--prompt-lookup", "-1"))
+    assert e.value.code == 2 and "'-1' is not a number of drafted tokens" in capsys.readouterr().err
     assert device.shell_log == [] and not remote.exists()
 
 

@@ -244,6 +244,15 @@ def test_bench_over_ssh_json_holds_rounds_measured_on_the_board(board, bundle, r
 
 
 @pytest.mark.ssh
+def test_bench_over_ssh_with_prompt_lookup_measures_it_next_to_plain_decoding(board, bundle, remote, capsys):
+    assert main(board.cli(bundle, remote, "--bench", "--prompt-tokens", "12", "--new-tokens", "6", "--rounds", "2",
+                          "--remote-python", sys.executable, "--json", "--prompt-lookup", "3")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["prompt_lookup"], len(r["rounds"])) for r in report["results"]] == [(0, 2), (3, 2)]
+    assert all(r["new_tokens"] == 6 for result in report["results"] for r in result["rounds"])
+
+
+@pytest.mark.ssh
 def test_bench_with_a_python_without_nomoat_fails_before_the_push(board, bundle, remote, tmp_path, capsys):
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)

@@ -29,10 +29,13 @@ import java.util.concurrent.Executors
  * A minimal chat screen over one bundle, plus a benchmark mode for `nomoat deploy --adb --bench`:
  *
  *     adb shell am start -W -n dev.nomoat.app/.MainActivity --es bundle smollm2 \
- *         --ez bench true --ei prompt_tokens 128 --ei new_tokens 64 --ei rounds 3 [--ei threads 4]
+ *         --ez bench true --ei prompt_tokens 128 --ei new_tokens 64 --ei rounds 3 [--ei threads 4] \
+ *         [--ei prompt_lookup 8]
  *
  * writes one JSON line per round to logcat with the tag `nomoat-bench` (runtime/bench.py RoundResult's
  * keys, plus load timings and peak RSS), then `{"done": true}` or `{"error": "..."}`, and finishes.
+ * `--ei prompt_lookup N` (chat or bench) drafts up to N tokens a pass from the context for greedy
+ * answers (Generator.generateTokens: greedy's tokens, fewer passes when the answer repeats its context).
  *
  * Bundles are looked for in the app's external files dir (`/sdcard/Android/data/dev.nomoat.app/files/<name>`)
  * and in `/data/local/tmp/nomoat/<name>` (where `nomoat deploy --adb` copies them; whether an app may read
@@ -51,11 +54,13 @@ class MainActivity : Activity() {
     private var chat: Chat? = null
     private var maxNewTokens = 256
     private var params = SamplingParams()
+    private var promptLookup = 0
 
     override fun onCreate(savedInstanceState: AndroidBundle?) {
         super.onCreate(savedInstanceState)
         buildScreen()
         val name = intent.getStringExtra("bundle")
+        promptLookup = intent.getIntExtra("prompt_lookup", 0).coerceAtLeast(0)
         if (intent.getBooleanExtra("bench", false)) {
             worker.execute { bench(name) }
         } else {
@@ -146,12 +151,13 @@ class MainActivity : Activity() {
             try {
                 val onDelta = { delta: String -> ui { transcript.append(delta); scroll.fullScroll(ScrollView.FOCUS_DOWN) } }
                 val gen = generator ?: throw IllegalStateException("no bundle loaded")
-                val result = chat?.send(text, maxNewTokens, params, onDelta = onDelta)
-                    ?: gen.generate(gen.encode(text), maxNewTokens, params, onDelta = onDelta)
+                val result = chat?.send(text, maxNewTokens, params, promptLookup = promptLookup, onDelta = onDelta)
+                    ?: gen.generate(gen.encode(text), maxNewTokens, params, promptLookup = promptLookup, onDelta = onDelta)
                 val s = result.stats
+                val drafts = if (s.draftedTokens > 0) ", ${s.acceptedTokens}/${s.draftedTokens} drafted tokens accepted" else ""
                 ui {
-                    status.text = String.format("%d prompt tokens (%d cached), first token %.0f ms, %.1f tok/s",
-                        s.promptTokens, s.cachedTokens, s.timeToFirstTokenSeconds * 1000, s.decodeTokensPerSecond)
+                    status.text = String.format("%d prompt tokens (%d cached), first token %.0f ms, %.1f tok/s%s",
+                        s.promptTokens, s.cachedTokens, s.timeToFirstTokenSeconds * 1000, s.decodeTokensPerSecond, drafts)
                 }
             } catch (e: Exception) {
                 ui { transcript.append("\n[${e.message}]\n") }
@@ -171,12 +177,17 @@ class MainActivity : Activity() {
             val info = open(name, threads)
             val gen = generator ?: throw IllegalStateException("no bundle loaded")
             val prompt = Bench.promptIds(gen.codec, promptTokens)
+            // With prompt lookup each round runs plain, then with lookup: the two alternate as on the host.
+            val lookups = if (promptLookup > 0) listOf(0, promptLookup) else listOf(0)
             for (round in 0 until rounds) {
-                gen.reset()
-                val result = gen.generate(prompt, newTokens, SamplingParams(), ignoreEos = true)
-                val line = result.stats.toBenchJson().put("round", round).put("peak_rss_bytes", peakRssBytes())
-                for (key in info.keys()) line.put(key, info.get(key))
-                Log.i(BENCH_TAG, line.toString())
+                for (lookup in lookups) {
+                    gen.reset()
+                    val result = gen.generate(prompt, newTokens, SamplingParams(), ignoreEos = true, promptLookup = lookup)
+                    val line = result.stats.toBenchJson().put("round", round).put("peak_rss_bytes", peakRssBytes())
+                    if (lookup > 0) line.put("prompt_lookup", lookup)
+                    for (key in info.keys()) line.put(key, info.get(key))
+                    Log.i(BENCH_TAG, line.toString())
+                }
             }
             Log.i(BENCH_TAG, JSONObject().put("done", true).toString())
         } catch (e: Exception) {

@@ -29,6 +29,8 @@ import java.nio.LongBuffer
  * Inputs per run (converter/onnx_graph.py): input_ids int64 [1, n]; seqlens_k int32 [1] = total - 1;
  * total_sequence_length int32 scalar = total; logits_index int64 [1] = n - 1 (only the last position's
  * logits are computed). Output logits float32 [1, 1, vocab] goes into one reused pinned buffer.
+ * [runAll] (prompt lookup's check of its drafts) asks for every position instead: logits_index
+ * 0 until n, logits [1, n, vocab] into a buffer of that run's own.
  *
  * Unverified assumptions, to check on a device first: that OrtSession.run(inputs, pinnedOutputs)
  * accepts one OnnxTensor as both an input and a pinned output (the C API's Run does; IOBinding in
@@ -101,6 +103,36 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
     }
 
     override fun run(ids: IntArray, startPos: Int): FloatArray {
+        lastIndex.put(0, (ids.size - 1).toLong())
+        runPass(ids, startPos, lastIndexTensor, pinned)
+        val out = FloatArray(vocab)
+        logitsBuffer.rewind()
+        logitsBuffer.get(out)
+        return out
+    }
+
+    override fun runAll(ids: IntArray, startPos: Int): Array<FloatArray> {
+        val n = ids.size
+        val indexBuffer = direct(8 * n).asLongBuffer()
+        for (i in 0 until n) indexBuffer.put(i.toLong())
+        indexBuffer.rewind()
+        val rowsBuffer = direct(4 * n * vocab).asFloatBuffer()
+        val index = OnnxTensor.createTensor(env, indexBuffer, longArrayOf(n.toLong()))
+        val rows = OnnxTensor.createTensor(env, rowsBuffer, longArrayOf(1, n.toLong(), vocab.toLong()))
+        try {
+            val outputs = LinkedHashMap<String, OnnxValue>(pinned)
+            outputs[onnx.ioName("logits")] = rows
+            runPass(ids, startPos, index, outputs)
+        } finally {
+            index.close()
+            rows.close()
+        }
+        rowsBuffer.rewind()
+        return Array(n) { FloatArray(vocab).also { row -> rowsBuffer.get(row) } }
+    }
+
+    /** One session run feeding [ids] at [startPos], with the logits rows [logitsIndex] names into [outputs]. */
+    private fun runPass(ids: IntArray, startPos: Int, logitsIndex: OnnxTensor, outputs: Map<String, OnnxValue>) {
         val n = ids.size
         require(n > 0) { "forward needs at least one token" }
         val end = startPos + n
@@ -113,24 +145,19 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
         idBuffer.rewind()
         seqlens.put(0, end - 1)
         total.put(0, end)
-        lastIndex.put(0, (n - 1).toLong())
         val inputIds = OnnxTensor.createTensor(env, idBuffer, longArrayOf(1, n.toLong()))
         try {
             val inputs = LinkedHashMap<String, OnnxTensor>(pastInputs)
             inputs[onnx.ioName("input_ids")] = inputIds
             inputs[onnx.ioName("seqlens_k")] = seqlensTensor
             inputs[onnx.ioName("total_sequence_length")] = totalTensor
-            inputs[onnx.ioName("logits_index")] = lastIndexTensor
-            // Every output is pinned, so the Result holds only tensors this object owns; it is not closed,
-            // which could close them too, and dropping it leaks nothing (ORT allocated no new output).
-            session.run(inputs, pinned)
+            inputs[onnx.ioName("logits_index")] = logitsIndex
+            // Every output is pinned, so the Result holds only tensors this object owns (or the caller
+            // closes); it is not closed, which could close them too, and dropping it leaks nothing.
+            session.run(inputs, outputs)
         } finally {
             inputIds.close()
         }
-        val out = FloatArray(vocab)
-        logitsBuffer.rewind()
-        logitsBuffer.get(out)
-        return out
     }
 
     override fun close() {

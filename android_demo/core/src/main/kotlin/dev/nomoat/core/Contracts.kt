@@ -36,4 +36,11 @@ interface Forward {
 
     /** Feed [ids] at positions [startPos] until startPos + ids.size - 1; the logits of the last position. */
     fun run(ids: IntArray, startPos: Int): FloatArray
+
+    /**
+     * As [run], but the logits of every fed position, [ids].size rows (prompt lookup checks its
+     * drafts with them). This default feeds one token at a time: the same logits in as many passes.
+     */
+    fun runAll(ids: IntArray, startPos: Int): Array<FloatArray> =
+        Array(ids.size) { i -> run(intArrayOf(ids[i]), startPos + i) }
 }

@@ -22,6 +22,9 @@ class GenerationStats {
     var firstTokenNanos = 0L
     /** When the last generated token was ready. */
     var lastTokenNanos = 0L
+    /** Prompt lookup: tokens drafted and checked, and how many of them the model confirmed. */
+    var draftedTokens = 0
+    var acceptedTokens = 0
 
     val prefillSeconds: Double get() = prefillNanos / 1e9
     val timeToFirstTokenSeconds: Double get() = firstTokenNanos / 1e9
@@ -47,6 +50,8 @@ class GenerationStats {
             .put("ttft_ms", ttft * 1000.0)
             .put("prefill_tps", if (ttft > 0) promptTokens / ttft else JSONObject.NULL)
             .put("decode_tps", if (generatedTokens > 1 && decodeSeconds > 0) decodeTokensPerSecond else JSONObject.NULL)
+            .put("drafted_tokens", draftedTokens)
+            .put("accepted_tokens", acceptedTokens)
     }
 }
 
@@ -108,6 +113,8 @@ class Generator(
      * complete and safe to show (never part of a character or of a possible stop string). Mirrors
      * Model.stream_ids: finish reason "stop" on a stop token or string (not shown) or a full context,
      * "length" at max new tokens. With [ignoreEos] stop tokens are generated like any other (benchmarks).
+     * [promptLookup] > 0 drafts up to that many tokens a pass from the context (greedy without a
+     * repetition penalty only; see [generateTokens]).
      */
     fun generate(
         promptIds: IntArray,
@@ -115,6 +122,7 @@ class Generator(
         params: SamplingParams = SamplingParams(),
         stop: List<String> = emptyList(),
         ignoreEos: Boolean = false,
+        promptLookup: Int = 0,
         onDelta: (String) -> Unit = {}
     ): Generation {
         val stats = GenerationStats()
@@ -128,7 +136,7 @@ class Generator(
             text.append(s)
             onDelta(s)
         }
-        generateTokens(promptIds, maxNewTokens, params, ignoreEos, stats) { token ->
+        generateTokens(promptIds, maxNewTokens, params, ignoreEos, stats, promptLookup) { token ->
             ids.add(token)
             val fed = stops.feed(detok.push(token))
             emit(fed.text)
@@ -147,6 +155,11 @@ class Generator(
     /**
      * The token loop (Model.generate_tokens): [onToken] gets each generated id and returns false to
      * stop. The stop token itself is not passed on. Stops at [maxNewTokens] or when the context is full.
+     *
+     * With [promptLookup] > 0 and plain greedy parameters it decodes with prompt lookup
+     * (Model.generate_tokens_lookahead): greedy's tokens up to near-ties (a pass over several
+     * positions can round differently from a one-token step), in fewer passes when the answer repeats
+     * its context. Sampled or penalized requests run plain: drafts checked by argmax would change them.
      */
     fun generateTokens(
         promptIds: IntArray,
@@ -154,19 +167,39 @@ class Generator(
         params: SamplingParams,
         ignoreEos: Boolean,
         stats: GenerationStats,
+        promptLookup: Int = 0,
         onToken: (Int) -> Boolean
     ) {
         require(promptIds.isNotEmpty()) { "the prompt is empty: give at least one token" }
         require(maxNewTokens >= 1) { "maxNewTokens must be at least 1, got $maxNewTokens" }
+        require(promptLookup >= 0) { "promptLookup must be >= 0 drafted tokens, got $promptLookup" }
         if (promptIds.size >= maxContext) {
             throw ContextOverflowException(
                 "the prompt has ${promptIds.size} tokens but the bundle's context holds $maxContext; " +
                     "shorten the prompt, reset the conversation, or convert with a larger --max-context.")
         }
-        val sampler = Sampler(params)
         val start = clock()
-        var logits = prefill(promptIds, stats)
+        val logits = prefill(promptIds, stats)
         stats.prefillNanos = clock() - start
+        if (promptLookup > 0 && params.greedy && params.repetitionPenalty == 1.0) {
+            decodeWithLookup(promptIds, logits, maxNewTokens, promptLookup, ignoreEos, stats, start, onToken)
+        } else {
+            decode(promptIds, logits, maxNewTokens, params, ignoreEos, stats, start, onToken)
+        }
+    }
+
+    private fun decode(
+        promptIds: IntArray,
+        prefillLogits: FloatArray,
+        maxNewTokens: Int,
+        params: SamplingParams,
+        ignoreEos: Boolean,
+        stats: GenerationStats,
+        start: Long,
+        onToken: (Int) -> Boolean
+    ) {
+        val sampler = Sampler(params)
+        var logits = prefillLogits
         // The penalty looks at the prompt too; the history grows only when a penalty reads it.
         val penalized = params.repetitionPenalty != 1.0
         val history = if (penalized) promptIds.copyOf(promptIds.size + maxNewTokens) else promptIds
@@ -183,6 +216,62 @@ class Generator(
             if (!onToken(token)) return
             if (generated >= maxNewTokens || length >= maxContext) break
             logits = step(intArrayOf(token))
+        }
+    }
+
+    /**
+     * Each pass feeds the last token plus up to [maxDraft] drafted ones, keeps the drafts the model's
+     * argmax confirms and one token more of its own, and forgets the rejected positions (the cache is
+     * indexed by position: the next pass overwrites them). How many it drafts follows how well drafts
+     * have done so far ([Drafter]), so on text that does not repeat it drafts little.
+     */
+    private fun decodeWithLookup(
+        promptIds: IntArray,
+        prefillLogits: FloatArray,
+        maxNewTokens: Int,
+        maxDraft: Int,
+        ignoreEos: Boolean,
+        stats: GenerationStats,
+        start: Long,
+        onToken: (Int) -> Boolean
+    ) {
+        val context = promptIds.copyOf(promptIds.size + maxNewTokens)
+        var size = promptIds.size
+        val drafter = Drafter(maxDraft)
+        var next = Sampler.argmax(prefillLogits)
+        var generated = 0
+        // Hands one token on; false when the answer ends with it (a stop token is not passed on).
+        fun produce(token: Int, at: Long): Boolean {
+            if (token in stopIds && !ignoreEos) return false
+            context[size++] = token
+            generated++
+            stats.generatedTokens = generated
+            stats.lastTokenNanos = at
+            if (generated == 1) stats.firstTokenNanos = at
+            return onToken(token)
+        }
+        if (!produce(next, clock() - start)) return
+        while (generated < maxNewTokens) {
+            // Positions left for drafts once `next` is in the cache; with none left `next` still runs
+            // alone, as plain decoding's last step does.
+            val room = maxContext - length - 1
+            if (room < 0) return
+            val limit = minOf(room, maxNewTokens - generated)
+            val draft = if (limit > 0) drafter.propose(context, size, limit) else IntArray(0)
+            val rows = stepAll(intArrayOf(next) + draft)
+            val predicted = IntArray(rows.size) { Sampler.argmax(rows[it]) }
+            val ok = Lookup.acceptedPrefix(draft, predicted)
+            drafter.update(draft.size, ok)
+            stats.draftedTokens += draft.size
+            stats.acceptedTokens += ok
+            length -= draft.size - ok
+            val confirmed = clock() - start // the accepted drafts are ready when their pass is
+            for (i in 0 until ok) {
+                if (!produce(draft[i], confirmed)) return
+            }
+            if (generated >= maxNewTokens) return
+            next = predicted[ok]
+            if (!produce(next, clock() - start)) return
         }
     }
 
@@ -206,18 +295,23 @@ class Generator(
         return logits ?: throw IllegalStateException("prefill ran no token") // cannot happen: common < size
     }
 
-    /** One forward appending [ids] to the cache (DecoderSession.forward). */
-    private fun step(ids: IntArray): FloatArray {
+    /** One forward appending [ids] to the cache (DecoderSession.forward); the last position's logits. */
+    private fun step(ids: IntArray): FloatArray = append(ids) { forward.run(ids, length) }
+
+    /** As [step], with the logits of every new position. */
+    private fun stepAll(ids: IntArray): Array<FloatArray> = append(ids) { forward.runAll(ids, length) }
+
+    private inline fun <T> append(ids: IntArray, run: () -> T): T {
         val total = length + ids.size
         if (total > maxContext) {
             throw ContextOverflowException(
                 "$total tokens do not fit in the bundle's context of $maxContext; shorten the prompt, " +
                     "start a new conversation, or convert with a larger --max-context.")
         }
-        val logits = forward.run(ids, length)
+        val out = run()
         System.arraycopy(ids, 0, cache, length, ids.size) // only once the run succeeded
         length = total
-        return logits
+        return out
     }
 
     companion object {
@@ -271,6 +365,7 @@ class Chat(val generator: Generator, val format: ChatFormat, system: String? = n
         maxNewTokens: Int,
         params: SamplingParams = SamplingParams(),
         stop: List<String> = emptyList(),
+        promptLookup: Int = 0,
         onDelta: (String) -> Unit = {}
     ): Generation {
         history.add(Message("user", userText))
@@ -280,7 +375,7 @@ class Chat(val generator: Generator, val format: ChatFormat, system: String? = n
         try {
             rendered = format.render(history)
             prompt = promptIds(rendered)
-            result = generator.generate(prompt, maxNewTokens, params, stop, onDelta = onDelta)
+            result = generator.generate(prompt, maxNewTokens, params, stop, promptLookup = promptLookup, onDelta = onDelta)
         } catch (e: Throwable) {
             history.removeAt(history.size - 1)
             throw e

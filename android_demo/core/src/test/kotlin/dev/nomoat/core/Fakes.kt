@@ -44,14 +44,28 @@ class FakeForward(override val maxContext: Int, private val next: (Int) -> Int) 
     val fedIds: Int get() = calls.sumBy { it.ids.size }
 
     override fun run(ids: IntArray, startPos: Int): FloatArray {
+        record(ids, startPos)
+        return logitsAfter(ids.last())
+    }
+
+    /** One pass over every id (as a real multi-position forward), not the interface's token-by-token default. */
+    override fun runAll(ids: IntArray, startPos: Int): Array<FloatArray> {
+        record(ids, startPos)
+        return Array(ids.size) { logitsAfter(ids[it]) }
+    }
+
+    private fun record(ids: IntArray, startPos: Int) {
         // A real KV cache can be rewound but not skipped ahead, and cannot grow past its capacity.
         if (startPos > cache.size) throw AssertionError("startPos $startPos skips cached positions (${cache.size})")
         if (startPos + ids.size > maxContext) throw AssertionError("run past the context: ${startPos + ids.size}")
         calls.add(Call(ids.toList(), startPos))
         while (cache.size > startPos) cache.removeAt(cache.size - 1)
         cache.addAll(ids.toList())
+    }
+
+    private fun logitsAfter(id: Int): FloatArray {
         val logits = FloatArray(Letters.VOCAB.size)
-        logits[next(ids.last())] = 10f
+        logits[next(id)] = 10f
         return logits
     }
 
