@@ -203,7 +203,6 @@ def bench_report(device_path: str, machine: dict[str, Any], bench: AppBench, rou
     for lookup in lookups:
         rounds_of = [r for r, line in zip(bench.rounds, bench.lines, strict=True)
                      if int(line.get("prompt_lookup") or 0) == lookup]
-        lines_of = [line for line in bench.lines if int(line.get("prompt_lookup") or 0) == lookup]
         results.append({
             "label": f"{app_threads or 'default'} thr, {prompt_tokens}+{new_tokens} tok"
                      + (f", lookup {lookup}" if lookup else ""),
@@ -212,8 +211,6 @@ def bench_report(device_path: str, machine: dict[str, Any], bench: AppBench, rou
             "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens,
             "prompt_lookup": lookup,
-            **({"drafted_tokens": [line.get("drafted_tokens") for line in lines_of],
-                "accepted_tokens": [line.get("accepted_tokens") for line in lines_of]} if lookup else {}),
             "verify_s": first.get("verify_s"),
             "load_s": first.get("load_s"),
             "summary": summarize(rounds_of).to_dict(),

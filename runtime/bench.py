@@ -72,6 +72,10 @@ class RoundResult:
     # CPU seconds the process used in the round (all threads). Well below threads x wall time
     # means something else had the cores: the round measured contention, not the engine.
     cpu_s: float | None = None
+    # Prompt lookup: tokens drafted and checked in the round, and how many the model kept (None
+    # for plain decoding and for engines that do not say).
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
 
     @property
     def prefill_tps(self) -> float:
@@ -104,7 +108,8 @@ class RoundResult:
     def from_dict(cls, d: dict) -> RoundResult:
         return cls(prompt_tokens=int(d["prompt_tokens"]), new_tokens=int(d["new_tokens"]),
                    ttft_s=float(d["ttft_s"]), decode_s=float(d["decode_s"]),
-                   peak_rss_bytes=d.get("peak_rss_bytes"), cpu_s=d.get("cpu_s"))
+                   peak_rss_bytes=d.get("peak_rss_bytes"), cpu_s=d.get("cpu_s"),
+                   drafted_tokens=d.get("drafted_tokens"), accepted_tokens=d.get("accepted_tokens"))
 
 
 def measure_once(engine: Engine, prompt_ids: Sequence[int], new_tokens: int,
@@ -128,9 +133,12 @@ def measure_once(engine: Engine, prompt_ids: Sequence[int], new_tokens: int,
         raise BenchError(f"{engine.name} generated {count} tokens instead of {new_tokens}; an engine "
                          "under test must ignore end-of-sequence and run the full count "
                          "(is its context too small?)")
+    # An engine that drafts may say how its drafts did (NomoatEngine.draft_counts).
+    counts = engine.draft_counts() if callable(getattr(engine, "draft_counts", None)) else None
+    drafted, accepted = counts if counts is not None else (None, None)
     return RoundResult(prompt_tokens=len(prompt_ids), new_tokens=new_tokens, ttft_s=t_first - start,
                        decode_s=t_last - t_first, peak_rss_bytes=peak_rss_bytes(),
-                       cpu_s=time.process_time() - cpu_start)
+                       cpu_s=time.process_time() - cpu_start, drafted_tokens=drafted, accepted_tokens=accepted)
 
 
 def peak_rss_bytes() -> int:
@@ -244,6 +252,7 @@ class NomoatEngine:
         self.prompt_lookup = prompt_lookup
         self.ort_options = dict(ort_options or {})
         self.model = None
+        self._stats = None  # the last run's GenerationStats, for draft_counts
 
     def prepare(self) -> None:
         from .model import Model
@@ -254,8 +263,12 @@ class NomoatEngine:
         from .sampling import SamplingParams
 
         if self.prompt_lookup:
+            from .model import GenerationStats
+
+            self._stats = GenerationStats()
             yield from self.model.generate_tokens_lookahead(list(prompt_ids), new_tokens,
-                                                            draft_tokens=self.prompt_lookup, ignore_eos=True)
+                                                            draft_tokens=self.prompt_lookup, ignore_eos=True,
+                                                            stats=self._stats)
         else:
             yield from self.model.generate_tokens(list(prompt_ids), new_tokens, params=SamplingParams(),
                                                   ignore_eos=True)
@@ -263,6 +276,12 @@ class NomoatEngine:
     def reset(self) -> None:
         # The model reuses the cached prefix of a repeated prompt: without this, prefill is free.
         self.model.session.reset()
+
+    def draft_counts(self) -> tuple[int, int] | None:
+        """(drafted, accepted) tokens of the last run with prompt lookup; None for plain decoding."""
+        if not self.prompt_lookup or self._stats is None:
+            return None
+        return self._stats.drafted_tokens, self._stats.accepted_tokens
 
     def model_bytes(self) -> int | None:
         onnx = self.model.manifest.onnx

@@ -222,6 +222,19 @@ def format_stat(stat: Stat | dict | None, decimals: int) -> str:
     return f"{s.median:.{decimals}f} ({s.min:.{decimals}f}–{s.max:.{decimals}f})"
 
 
+def format_drafts(result: dict[str, Any]) -> str:
+    """'kept/drafted' tokens a round (the mean over rounds) of a prompt-lookup row; '-' elsewhere.
+
+    Greedy decoding drafts the same way every round, so this is usually each round's own count;
+    with the cost of a draft on the device it says whether drafting pays there."""
+    rounds = [r for r in result.get("rounds", []) if r.get("drafted_tokens") is not None]
+    if not result.get("prompt_lookup") or not rounds:
+        return "-"
+    drafted = sum(r["drafted_tokens"] for r in rounds) / len(rounds)
+    kept = sum(r["accepted_tokens"] for r in rounds) / len(rounds)
+    return f"{kept:.0f}/{drafted:.0f}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     machine = report["machine"]
     bundles = report.get("bundles") or [report["bundle"]]
@@ -232,11 +245,12 @@ def format_table(report: dict[str, Any]) -> str:
     several = any(r.get("bundle") for r in report["results"])
     ort = any(r.get("ort_options") for r in report["results"])
     header = [*(["bundle"] if several else []), *(["ONNX Runtime options"] if ort else []),
-              "threads", "prompt", "new", *(["lookup"] if lookup else []), *(c[0] for c in COLUMNS)]
+              "threads", "prompt", "new", *(["lookup", "drafts kept"] if lookup else []),
+              *(c[0] for c in COLUMNS)]
     rows = [[*([r["bundle"]] if several else []),
              *([format_ort_options(r.get("ort_options", {}).items()) or "-"] if ort else []),
              str(r["threads"] or "default"), str(r["prompt_tokens"]), str(r["new_tokens"]),
-             *([str(r.get("prompt_lookup") or "-")] if lookup else []),
+             *([str(r.get("prompt_lookup") or "-"), format_drafts(r)] if lookup else []),
              *(format_stat(r["summary"][metric], decimals) for _, metric, decimals in COLUMNS)]
             for r in report["results"]]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

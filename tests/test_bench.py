@@ -22,7 +22,7 @@ from nomoat.runtime.bench import (
     synthetic_prompt_ids,
 )
 from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
-from nomoat.runtime.cli_bench import Config, format_table, measure_configs
+from nomoat.runtime.cli_bench import Config, format_drafts, format_table, measure_configs
 
 TESTS = Path(__file__).parent
 MB = 1_000_000
@@ -273,6 +273,20 @@ def test_prompt_lookup_rows_stand_apart_from_plain_ones():
     # Without lookup rows the table keeps its columns.
     assert "lookup" not in format_table({"bundle": "fake", **measure_configs(
         configs[:1], lambda c: list(range(16)), _sleepy_worker, rounds=1, warmup=0, pause_s=0)})
+
+
+def test_lookup_rows_say_how_many_drafts_were_kept_a_round():
+    def row(lookup: int, counts: list[tuple[int, int] | None]) -> dict:
+        rounds = [RoundResult(16, 4, 0.1, 0.1, drafted_tokens=c[0] if c else None,
+                              accepted_tokens=c[1] if c else None).to_dict() for c in counts]
+        return {"prompt_lookup": lookup, "rounds": rounds}
+
+    assert format_drafts(row(8, [(10, 6), (20, 14)])) == "10/15"  # kept/drafted, the mean of the rounds
+    assert format_drafts(row(0, [None, None])) == "-"
+    assert format_drafts(row(8, [None])) == "-"  # a peer that does not say
+    # Rounds travel as JSON (worker, adb): the counts survive it.
+    r = RoundResult(16, 4, 0.1, 0.1, drafted_tokens=7, accepted_tokens=3)
+    assert RoundResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
 
 
 def test_bundles_compared_in_one_run_keep_their_rows_apart():

@@ -370,8 +370,9 @@ def simulated_app(logged: list[dict] | None = None):
                 r = measure_once(engine, prompt, extras.get("new_tokens", 64))
                 line = {"prompt_tokens": r.prompt_tokens, "cached_tokens": 0, "new_tokens": r.new_tokens,
                         "ttft_s": r.ttft_s, "decode_s": r.decode_s, "ttft_ms": r.ttft_ms,
-                        "prefill_tps": r.prefill_tps, "decode_tps": r.decode_tps, "drafted_tokens": 0,
-                        "accepted_tokens": 0, "round": i, "peak_rss_bytes": r.peak_rss_bytes,
+                        "prefill_tps": r.prefill_tps, "decode_tps": r.decode_tps,
+                        "drafted_tokens": r.drafted_tokens or 0, "accepted_tokens": r.accepted_tokens or 0,
+                        "round": i, "peak_rss_bytes": r.peak_rss_bytes,
                         **({"prompt_lookup": n} if n else {}), **info}
                 if logged is not None:
                     logged.append(line)
@@ -444,7 +445,9 @@ def test_bench_with_prompt_lookup_reports_plain_and_lookup_rounds_apart(bundle, 
     device, dev = fake
     logged: list[dict] = []
     device.install_app(simulated_app(logged))
-    assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--json", "--prompt-lookup", "3")) == 0
+    # 32 + 32 tokens: enough for the tiny model's answer to repeat itself, so drafts are made and kept.
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--json", "--prompt-lookup", "3",
+                          "--prompt-tokens", "32", "--new-tokens", "32")) == 0
     report = json.loads(capsys.readouterr().out)
     assert device.app_starts[0]["prompt_lookup"] == 3
     # The app alternates plain and lookup rounds; each kind is its own row with its own rounds.
@@ -454,6 +457,13 @@ def test_bench_with_prompt_lookup_reports_plain_and_lookup_rounds_apart(bundle, 
     assert [r["decode_s"] for r in plain["rounds"]] == [line["decode_s"] for line in logged[0::2]]
     assert [r["decode_s"] for r in lookup["rounds"]] == [line["decode_s"] for line in logged[1::2]]
     assert lookup["label"].endswith("lookup 3") and "lookup" not in plain["label"]
+    # The app's draft counts reach the rounds, and the table's "drafts kept" column.
+    assert [r["drafted_tokens"] for r in lookup["rounds"]] == [line["drafted_tokens"] for line in logged[1::2]]
+    assert sum(line["accepted_tokens"] for line in logged[1::2]) > 0
+    assert all(line["drafted_tokens"] == 0 for line in logged[0::2])
+    from nomoat.runtime.cli_bench import format_drafts, format_table
+
+    assert format_drafts(lookup) != "-" and format_drafts(lookup) in format_table(report)
 
 
 def test_bench_with_prompt_lookup_refuses_an_app_that_measured_none(bundle, fake, remote, adb_server, capsys):

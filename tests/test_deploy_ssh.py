@@ -249,6 +249,10 @@ def test_bench_over_ssh_with_prompt_lookup_measures_it_next_to_plain_decoding(bo
                           "--remote-python", sys.executable, "--json", "--prompt-lookup", "3")) == 0
     report = json.loads(capsys.readouterr().out)
     assert [(r["prompt_lookup"], len(r["rounds"])) for r in report["results"]] == [(0, 2), (3, 2)]
+    plain, lookup = report["results"]
+    # The board's worker counts the lookup rounds' drafts; plain rounds have none to count.
+    assert all(r["drafted_tokens"] is not None for r in lookup["rounds"])
+    assert all(r["drafted_tokens"] is None for r in plain["rounds"])
     assert all(r["new_tokens"] == 6 for result in report["results"] for r in result["rounds"])
 
 

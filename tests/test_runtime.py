@@ -279,6 +279,24 @@ def test_bench_engine_with_prompt_lookup_gives_the_plain_tokens_in_fewer_passes(
         NomoatEngine(str(bundle), prompt_lookup=-1)
 
 
+def test_a_bench_round_with_prompt_lookup_says_how_many_drafts_were_kept(bundle):
+    from nomoat.runtime.bench import NomoatEngine, RoundResult, measure_once
+
+    ids = Model.load(bundle).encode("one two three four five six " * 4)[:60]
+    engine = NomoatEngine(str(bundle), prompt_lookup=4)
+    engine.prepare()
+    stats = GenerationStats()
+    engine.model.session.reset()
+    list(engine.model.generate_tokens_lookahead(ids, 30, draft_tokens=4, ignore_eos=True, stats=stats))
+    expected = stats.drafted_tokens, stats.accepted_tokens
+    result = measure_once(engine, ids, 30)
+    assert (result.drafted_tokens, result.accepted_tokens) == expected and expected[0] > 0
+    assert RoundResult.from_dict(result.to_dict()) == result
+    plain = NomoatEngine(str(bundle))
+    plain.prepare()
+    assert measure_once(plain, ids, 8).drafted_tokens is None  # plain decoding drafts nothing to count
+
+
 def test_find_continuation_finds_the_latest_continuation_of_the_longest_match():
     from nomoat.runtime.lookup import accepted_prefix, find_continuation
 
