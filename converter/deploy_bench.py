@@ -198,11 +198,10 @@ def bench_report(device_path: str, machine: dict[str, Any], bench: AppBench, rou
 
     first = bench.lines[0] if bench.lines else {}
     app_threads = first.get("threads") if first.get("threads") is not None else threads  # the bundle's, if asked none
-    lookups = sorted({int(line.get("prompt_lookup") or 0) for line in bench.lines}) or [0]
+    kinds = [int(line.get("prompt_lookup") or 0) for line in bench.lines]  # 0: a plain round
     results = []
-    for lookup in lookups:
-        rounds_of = [r for r, line in zip(bench.rounds, bench.lines, strict=True)
-                     if int(line.get("prompt_lookup") or 0) == lookup]
+    for lookup in sorted(set(kinds)) or [0]:
+        rounds_of = [r for r, kind in zip(bench.rounds, kinds, strict=True) if kind == lookup]
         results.append({
             "label": f"{app_threads or 'default'} thr, {prompt_tokens}+{new_tokens} tok"
                      + (f", lookup {lookup}" if lookup else ""),

@@ -68,8 +68,8 @@ def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens
     manifest = read_manifest(bundle, verify_files=False)
     # The prompt is cut here, from the local copy of the same tokenizer the board loads.
     prompt = synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, prompt_tokens)
-    configs = [Config(threads, prompt_tokens, new_tokens, lookup) for lookup in ([0, prompt_lookup]
-                                                                              if prompt_lookup else [0])]
+    lookups = [0, prompt_lookup] if prompt_lookup else [0]
+    configs = [Config(threads, prompt_tokens, new_tokens, lookup) for lookup in lookups]
 
     def start_worker(c: Config) -> WorkerProcess:
         # prompt_lookup only when asked: a board's older nomoat need not know the option.

@@ -74,6 +74,9 @@ class Drafter:
 
     def propose(self, context: Sequence[int], limit: int) -> list[int]:
         """Drafts to check after `context` (at most `limit`); [] for a plain decode step."""
+        if limit < 1:  # no room left (the context or the answer is full): nothing to search for
+            self._last_n = 0
+            return []
         self._last_n, follow = find_continuation(context, min(limit, self.max_draft), self.max_ngram)
         return follow[:self.worth_drafting(self._last_n)] if self._last_n else []
 

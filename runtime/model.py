@@ -257,8 +257,7 @@ class Model:
             room = self.max_context - session.length - 1
             if produced >= max_new_tokens or room < 0:
                 break
-            limit = min(room, max_new_tokens - produced)
-            draft = drafter.propose(context, limit) if limit > 0 else []
+            draft = drafter.propose(context, min(room, max_new_tokens - produced))
             logits = session.forward([next_token, *draft], all_logits=bool(draft))
             predicted = [int(t) for t in np.atleast_2d(logits).argmax(-1)]
             n_ok = accepted_prefix(draft, predicted)

@@ -331,6 +331,7 @@ def test_the_drafter_stops_drafting_where_drafts_fail_and_goes_on_where_they_pas
     with pytest.raises(ValueError, match="max_draft must be >= 1"):
         Drafter(0)
     assert Drafter(8, cost=0.0).propose([1, 2, 3, 9, 1, 2, 3], 8) == [9, 1, 2, 3]  # cost 0: as long as allowed
+    assert Drafter(8).propose(three_token_match, 0) == []  # no room left: a plain step
 
 
 @pytest.mark.parametrize("verb", ["generate", "chat", "bench", "convert", "deploy"])

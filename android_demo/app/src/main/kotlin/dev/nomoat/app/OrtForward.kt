@@ -30,7 +30,8 @@ import java.nio.LongBuffer
  * total_sequence_length int32 scalar = total; logits_index int64 [1] = n - 1 (only the last position's
  * logits are computed). Output logits float32 [1, 1, vocab] goes into one reused pinned buffer.
  * [runAll] (prompt lookup's check of its drafts) asks for every position instead: logits_index
- * 0 until n, logits [1, n, vocab] into a buffer of that run's own.
+ * 0 until n, logits [1, n, vocab] into a pinned buffer kept per pass length n (at most 1 + the
+ * drafts a pass, ~0.2 MB a position for SmolLM2), so a lookup pass allocates no native memory.
  *
  * Unverified assumptions, to check on a device first: that OrtSession.run(inputs, pinnedOutputs)
  * accepts one OnnxTensor as both an input and a pinned output (the C API's Run does; IOBinding in
@@ -59,6 +60,7 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
     private val total: IntBuffer = direct(4).asIntBuffer()
     private val lastIndex: LongBuffer = direct(8).asLongBuffer()
     private val seqlensTensor: OnnxTensor
+    private val allLogits = HashMap<Int, AllLogits>() // runAll's index and output, by pass length
     private val totalTensor: OnnxTensor
     private val lastIndexTensor: OnnxTensor
 
@@ -113,22 +115,31 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
 
     override fun runAll(ids: IntArray, startPos: Int): Array<FloatArray> {
         val n = ids.size
-        val indexBuffer = direct(8 * n).asLongBuffer()
-        for (i in 0 until n) indexBuffer.put(i.toLong())
-        indexBuffer.rewind()
-        val rowsBuffer = direct(4 * n * vocab).asFloatBuffer()
-        val index = OnnxTensor.createTensor(env, indexBuffer, longArrayOf(n.toLong()))
-        val rows = OnnxTensor.createTensor(env, rowsBuffer, longArrayOf(1, n.toLong(), vocab.toLong()))
-        try {
-            val outputs = LinkedHashMap<String, OnnxValue>(pinned)
-            outputs[onnx.ioName("logits")] = rows
-            runPass(ids, startPos, index, outputs)
-        } finally {
-            index.close()
-            rows.close()
+        val pass = allLogits.getOrPut(n) { AllLogits(n) }
+        runPass(ids, startPos, pass.index, pass.outputs)
+        pass.rows.rewind()
+        return Array(n) { FloatArray(vocab).also { row -> pass.rows.get(row) } }
+    }
+
+    /** logits_index = 0 until [n] and a pinned [1, n, vocab] logits buffer, with the other outputs pinned as for [run]. */
+    private inner class AllLogits(n: Int) {
+        val index: OnnxTensor
+        val rows: FloatBuffer = direct(4 * n * vocab).asFloatBuffer()
+        val rowsTensor: OnnxTensor = OnnxTensor.createTensor(env, rows, longArrayOf(1, n.toLong(), vocab.toLong()))
+        val outputs = LinkedHashMap<String, OnnxValue>(pinned)
+
+        init {
+            val positions = direct(8 * n).asLongBuffer()
+            for (i in 0 until n) positions.put(i.toLong())
+            positions.rewind()
+            index = OnnxTensor.createTensor(env, positions, longArrayOf(n.toLong()))
+            outputs[onnx.ioName("logits")] = rowsTensor
         }
-        rowsBuffer.rewind()
-        return Array(n) { FloatArray(vocab).also { row -> rowsBuffer.get(row) } }
+
+        fun close() {
+            index.close()
+            rowsTensor.close()
+        }
     }
 
     /** One session run feeding [ids] at [startPos], with the logits rows [logitsIndex] names into [outputs]. */
@@ -152,8 +163,8 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
             inputs[onnx.ioName("seqlens_k")] = seqlensTensor
             inputs[onnx.ioName("total_sequence_length")] = totalTensor
             inputs[onnx.ioName("logits_index")] = logitsIndex
-            // Every output is pinned, so the Result holds only tensors this object owns (or the caller
-            // closes); it is not closed, which could close them too, and dropping it leaks nothing.
+            // Every output is pinned, so the Result holds only tensors this object owns; it is not closed,
+            // which could close them too, and dropping it leaks nothing (ORT allocated no new output).
             session.run(inputs, outputs)
         } finally {
             inputIds.close()
@@ -167,6 +178,7 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
         seqlensTensor.close()
         totalTensor.close()
         lastIndexTensor.close()
+        for (pass in allLogits.values) pass.close()
     }
 
     private companion object {

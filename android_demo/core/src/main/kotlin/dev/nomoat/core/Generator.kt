@@ -256,8 +256,7 @@ class Generator(
             // alone, as plain decoding's last step does.
             val room = maxContext - length - 1
             if (room < 0) return
-            val limit = minOf(room, maxNewTokens - generated)
-            val draft = if (limit > 0) drafter.propose(context, size, limit) else IntArray(0)
+            val draft = drafter.propose(context, size, minOf(room, maxNewTokens - generated))
             val rows = stepAll(intArrayOf(next) + draft)
             val predicted = IntArray(rows.size) { Sampler.argmax(rows[it]) }
             val ok = Lookup.acceptedPrefix(draft, predicted)

@@ -87,6 +87,10 @@ class Drafter(val maxDraft: Int, val cost: Double = Lookup.DRAFT_COST, val maxNg
 
     /** Drafts to check after [context][0, size) (at most [limit]); empty for a plain decode step. */
     fun propose(context: IntArray, size: Int, limit: Int): IntArray {
+        if (limit < 1) { // no room left (the context or the answer is full): nothing to search for
+            lastN = 0
+            return IntArray(0)
+        }
         val match = Lookup.findContinuation(context, size, minOf(limit, maxDraft), maxNgram)
         lastN = match.n
         if (lastN == 0) return match.follow

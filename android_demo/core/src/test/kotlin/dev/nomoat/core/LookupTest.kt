@@ -57,6 +57,7 @@ class LookupTest {
         val threeTokenMatch = ids(1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3) // judged on its own record
         assertArrayEquals(ids(4, 5, 6, 7, 8, 9, 1, 2), drafter.propose(threeTokenMatch, threeTokenMatch.size, 8))
         assertArrayEquals(ids(4, 5), drafter.propose(threeTokenMatch, threeTokenMatch.size, 2)) // the room left
+        assertArrayEquals(ids(), drafter.propose(threeTokenMatch, threeTokenMatch.size, 0)) // none left: a plain step
         val always = Drafter(8, cost = 0.0)
         assertArrayEquals(ids(9, 1, 2, 3), always.propose(ids(1, 2, 3, 9, 1, 2, 3), 7, 8))
         try {
