@@ -33,6 +33,7 @@ from nomoat.runtime.bench import BenchError, RoundResult, summarize, synthetic_p
 from nomoat.runtime.bench_plot import plot_summaries, require_matplotlib
 from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
 from nomoat.runtime.chat_template import ChatTemplate, as_messages
+from nomoat.runtime.cli_bench import drafts_kept
 from nomoat.runtime.errors import BundleError
 from nomoat.runtime.manifest import Manifest, read_manifest
 
@@ -209,19 +210,22 @@ def _with_range(result: dict[str, Any], metric: str, fmt: str) -> str:
     return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
 
 
-def markdown_table(results: list[dict[str, Any]]) -> str:
-    """One row per system and thread count; ratios against llama.cpp Q4_0 at the same threads."""
+def markdown_table(results: list[dict[str, Any]], prompt_lookup: int = 0) -> str:
+    """One row per system and thread count; ratios against llama.cpp Q4_0 at the same threads.
+    A prompt-lookup run adds the drafted tokens kept a round where a system counts them (nomoat)."""
+    lookup_head, lookup_rule = (" drafts kept |", "---|") if prompt_lookup else ("", "")
     lines = ["| system | threads | file MB | prefill t/s | decode t/s | TTFT ms | peak RSS MB "
-             "| decode × | prefill × | TTFT × | RSS × |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| decode × | prefill × | TTFT × | RSS × |{lookup_head}",
+             f"|---|---|---|---|---|---|---|---|---|---|---|{lookup_rule}"]
     for r in results:
         base = next(b for b in results if b["system"] == BASELINE and b["threads"] == r["threads"])
         ratios = [_median(r, m) / _median(base, m) for m in RATIO_METRICS]
         name = r["system"] if r["answer_ok"] else f"{r['system']} (wrong answer!)"
+        drafts = f" {drafts_kept(r['rounds'])} |" if prompt_lookup else ""
         lines.append(f"| {name} | {r['threads']} | {r['model_bytes'] / 1e6:.0f} "
                      f"| {_with_range(r, 'prefill_tps', '.0f')} | {_with_range(r, 'decode_tps', '.1f')} "
                      f"| {_with_range(r, 'ttft_ms', '.0f')} | {_median(r, 'peak_rss_mb'):.0f} | "
-                     + " | ".join(f"{x:.2f}×" for x in ratios) + " |")
+                     + " | ".join(f"{x:.2f}×" for x in ratios) + f" |{drafts}")
     return "\n".join(lines)
 
 
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
               "load_average_after": os.getloadavg()[0], "read_bandwidth_bytes_per_s": bandwidth,
               "weight_bytes_per_token": bytes_read, "results": results}
     print(f"\n{report_heading(report)}\n")
-    print(markdown_table(results))
+    print(markdown_table(results, args.prompt_lookup))
     if args.prompt_lookup:
         print("\n" + lookup_agreement(results, args.new_tokens))
     print("\nDecode against the memory-bandwidth ceiling (read bandwidth measured here / weight bytes one "

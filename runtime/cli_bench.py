@@ -227,8 +227,14 @@ def format_drafts(result: dict[str, Any]) -> str:
 
     Greedy decoding drafts the same way every round, so this is usually each round's own count;
     with the cost of a draft on the device it says whether drafting pays there."""
-    rounds = [r for r in result.get("rounds", []) if r.get("drafted_tokens") is not None]
-    if not result.get("prompt_lookup") or not rounds:
+    return drafts_kept(result.get("rounds", [])) if result.get("prompt_lookup") else "-"
+
+
+def drafts_kept(rounds: list[dict[str, Any]]) -> str:
+    """'kept/drafted' tokens a round, the mean over the rounds that counted them; '-' if none did
+    (plain decoding, or a peer whose drafter does not say)."""
+    rounds = [r for r in rounds if r.get("drafted_tokens") is not None]
+    if not rounds:
         return "-"
     drafted = sum(r["drafted_tokens"] for r in rounds) / len(rounds)
     kept = sum(r["accepted_tokens"] for r in rounds) / len(rounds)

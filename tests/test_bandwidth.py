@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import onnx
@@ -11,7 +12,7 @@ from nomoat.converter.convert import ConvertOptions, convert
 from tiny_models import make_tiny_hf_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bandwidth import bytes_per_token, ceiling_table, read_bandwidth  # noqa: E402
+from bandwidth import _int8_packed_size, bytes_per_token, ceiling_table, read_bandwidth  # noqa: E402
 
 
 def _sizes(bundle: Path) -> dict[str, int]:
@@ -34,7 +35,33 @@ def test_a_token_reads_every_weight_but_the_embedding_table(tmp_path, tie):
     assert lookup_only  # scales and zero points at least
     if tie:  # the lookup reads the LM head's codes, which the LM head reads anyway
         assert "model.embed_tokens.weight_Q4" not in sizes
-    assert bytes_per_token(bundle) == sum(sizes.values()) - sum(sizes[n] for n in lookup_only)
+    # MatMulNBits weights count as ONNX Runtime pre-packs them for int8 activations: 24 bytes a
+    # 32-weight block (codes, float32 scale, float32 block sum) in place of the file's codes,
+    # scales and zero points.
+    model_nodes = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node
+    matmuls = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} | {"inputs": n.input[1:4]}
+               for n in model_nodes if n.op_type == "MatMulNBits"]
+    assert matmuls and all(m["accuracy_level"] == 4 and m["block_size"] == 32 for m in matmuls)
+    file_bytes = sum(sizes[i] for m in matmuls for i in m["inputs"] if i)
+    packed_bytes = sum(m["N"] * (m["K"] // 32) * 24 for m in matmuls)
+    expected = sum(sizes.values()) - sum(sizes[n] for n in lookup_only) - file_bytes + packed_bytes
+    assert bytes_per_token(bundle) == expected
+    assert packed_bytes > file_bytes  # the block sums cost more than the zero points they replace
+
+
+def _matmul_nbits(**attrs) -> onnx.NodeProto:
+    return onnx.helper.make_node("MatMulNBits", ["a", "b", "s", "z"], ["y"], domain="com.microsoft", **attrs)
+
+
+def test_packed_size_of_one_matmul():
+    # N=8 outputs, K=100 inputs in blocks of 32: 4 blocks a row (the last one padded), 24 bytes each.
+    node = _matmul_nbits(K=100, N=8, bits=4, block_size=32, accuracy_level=4)
+    assert _int8_packed_size(node) == 8 * 4 * 24
+    # Blocks of 64: 32 bytes of codes and 8 of scale and sum.
+    assert _int8_packed_size(_matmul_nbits(K=128, N=3, bits=4, block_size=64, accuracy_level=4)) == 3 * 2 * 40
+    # float activations (level 0) and 8-bit codes keep their file layout
+    assert _int8_packed_size(_matmul_nbits(K=64, N=8, bits=4, block_size=32)) is None
+    assert _int8_packed_size(_matmul_nbits(K=64, N=8, bits=8, block_size=32, accuracy_level=4)) is None
 
 
 def test_ceiling_table_divides_bandwidth_by_bytes():
@@ -46,3 +73,15 @@ def test_ceiling_table_divides_bandwidth_by_bytes():
 def test_read_bandwidth_is_a_plausible_rate():
     bw = read_bandwidth(1, megabytes=64, passes=2)
     assert 1e8 < bw < 1e12  # between 0.1 GB/s and 1 TB/s
+
+
+def test_read_bandwidth_takes_the_fastest_kernel():
+    # A kernel bound by its own arithmetic must not set the ceiling: fakes with known sleeps.
+    def slow(chunk):
+        time.sleep(0.04)
+
+    def fast(chunk):
+        time.sleep(0.01)
+
+    bw = read_bandwidth(1, megabytes=8, passes=2, kernels=(slow, fast))
+    assert 8 * 2**20 / 0.02 < bw <= 8 * 2**20 / 0.01  # the fast kernel's rate, not the slow one's

@@ -81,3 +81,23 @@ def test_genai_graph_row_runs_genais_files_in_plain_runs_only(tmp_path):
     assert options == {"model_dir": str(PEERS["ONNX Runtime GenAI int4"]), "threads": 2, "context": 2048}
     lookup = run.systems(tmp_path / "int4", PEERS, threads=2, context=2048, prompt_lookup=8, genai_graph=True)
     assert run.GENAI_GRAPH not in [label for label, _, _ in lookup]
+
+
+def _result(system: str, counts: list[tuple[int, int] | None]) -> dict:
+    summary = {m: {"median": 10.0, "min": 9.0, "max": 11.0}
+               for m in ("prefill_tps", "decode_tps", "ttft_ms", "peak_rss_mb")}
+    rounds = [{"drafted_tokens": c[0] if c else None, "accepted_tokens": c[1] if c else None} for c in counts]
+    return {"system": system, "threads": 1, "model_bytes": 90e6, "answer_ok": True, "summary": summary,
+            "rounds": rounds}
+
+
+def test_lookup_table_shows_the_drafts_each_system_kept():
+    results = [_result("llama.cpp Q4_0", [None, None]), _result("nomoat int4 + lookup 8", [(40, 30), (60, 50)]),
+               _result("llama.cpp Q4_0 + lookup 8", [None, None])]  # llama.cpp's drafter does not say
+    rows = run.markdown_table(results, prompt_lookup=8).splitlines()
+    assert rows[0].endswith("| drafts kept |") and rows[1].count("---") == 12
+    assert rows[3].endswith("| 1.00× | 40/50 |")  # kept / drafted, means over the rounds
+    assert rows[2].endswith("| 1.00× | - |") and rows[4].endswith("| - |")
+    # a plain run's table has no such column
+    assert "drafts" not in run.markdown_table(results[:1])
+    assert run.markdown_table(results[:1]).splitlines()[2].endswith("| 1.00× |")
