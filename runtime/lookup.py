@@ -12,10 +12,11 @@ import math
 from collections.abc import Sequence
 
 # A drafted token is checked in the same pass as the real one, but not for free: on the CPUs
-# measured, each one added ~0.2-0.25 of a one-token decode step (SmolLM2-135M int4, Intel
+# measured, each one added ~0.15-0.3 of a one-token decode step (SmolLM2-135M int4, Intel
 # AVX-512 host, 1 thread: 12.0 ms for one token, 14.3 with one draft, 24.4 with four, 37.0
 # with eight; 2 threads 7.6 / 9.0 / 13.8 / 20.9; on an AMD EPYC, Zen 4, 0.19 / 0.25 / 0.26 of
-# a step per draft with one / four / eight at 1 and 2 threads alike). The j-th draft of a pass
+# a step per draft with one / four / eight at 1 and 2 threads alike; on a Zen 5, 0.20 / 0.31 /
+# 0.30 at 1 thread, 0.14 / 0.21 / 0.21 at 2). The j-th draft of a pass
 # pays only if the chance that it and every draft before it are accepted is at least that share.
 DRAFT_COST = 0.25
 
