@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:  # a worker died or an engine stopped early: say which, no traceback
         raise SystemExit(f"benchmarks/run.py: {e}") from None
     # After the workers are gone, so nothing else competes for memory.
-    bandwidth = {t: read_bandwidth(t) for t in threads}
+    bandwidth = {t: read_bandwidth(t, megabytes=512) for t in threads}
     bytes_read = {label: _bytes_per_token(path) for label, path in
                   [(f"nomoat {args.bundle.name}", args.bundle), *peers.items()]}
     if args.genai_graph:  # GenAI's own files

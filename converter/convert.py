@@ -171,8 +171,9 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
            eval_text: tuple[str, str] | None, opts: ConvertOptions) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export, write the staged manifest, verify; return the manifest and the report (without timing)."""
     from .bundle import CHAT_TEMPLATE_FILE, TOKENIZER_FILE
-    from .export_onnx import export_onnx
+    from .export_onnx import MODEL_FILE, export_onnx
     from .tokenizer_json import bundle_tokenizer_json
+    from .weight_bytes import weight_bytes_per_token
 
     quant = recipe.quant_recipe()
     reference = _Reference(ckpt)  # the fp32 transformers model, built once for calibrate and verify
@@ -198,6 +199,7 @@ def _build(ckpt, adapters, recipe: Recipe, target: Target, estimate: MemoryEstim
         (staging / CHAT_TEMPLATE_FILE).write_text(ckpt.tokenizer.chat_template, encoding="utf-8")
         template_file = CHAT_TEMPLATE_FILE
     manifest = _manifest_dict(ckpt, adapters, recipe, target, estimate, template_file, exported.min_onnxruntime, opts)
+    manifest["onnx"]["weight_bytes_per_token"] = weight_bytes_per_token(staging / MODEL_FILE)
     _write_manifest(staging, manifest)  # without hashes yet: verify loads the staged bundle
 
     report: dict[str, Any] = {"memory_estimate": estimate.to_dict(), "ops": exported.ops,

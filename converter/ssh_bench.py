@@ -9,8 +9,9 @@ nomoat` for the Python that --remote-python names).
 
 from __future__ import annotations
 
+import json
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,25 @@ def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens
                    **({"prompt_lookup": c.prompt_lookup} if c.prompt_lookup else {})}
         return WorkerProcess(c.label, worker_argv(board, python, options))
 
+    def board_bandwidth(threads: Sequence[int]) -> dict[int, float]:
+        return read_bandwidth_over_ssh(board, python, threads, say)
+
     say(f"benchmarking on {board.name}: {rounds} rounds of {prompt_tokens}+{new_tokens} tokens "
         f"after 1 warm-up, with {python} there ...")
-    report = measure_configs(configs, lambda _config: prompt, start_worker, rounds, warmup=1)
+    report = measure_configs(configs, lambda _config: prompt, start_worker, rounds, warmup=1, probe=board_bandwidth)
     return {"bundle": device_path, "device_path": device_path, "host": board.name, **report}
+
+
+def read_bandwidth_over_ssh(board: SshHost, python: str, threads: Sequence[int],
+                            say: Callable[[str], None]) -> dict[int, float]:
+    """The board's read bandwidth at each thread count (nomoat.runtime.bandwidth run there), for
+    the decode-against-ceiling column; {} with a warning if it cannot be had: the rounds matter more."""
+    command = f"{python} -m nomoat.runtime.bandwidth {' '.join(str(int(t)) for t in threads)}"
+    out, status = board.shell(command, timeout=300)
+    try:
+        if status != 0:
+            raise ValueError(last_line(out))
+        return {int(t): float(bw) for t, bw in json.loads(last_line(out)).items()}
+    except (ValueError, AttributeError) as e:
+        say(f"warning: could not measure the read bandwidth on {board.name} ({e}); the table has no ceiling column")
+        return {}

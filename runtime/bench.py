@@ -12,6 +12,7 @@ The first token comes out of prefill, so decode counts only the tokens after it.
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -58,6 +59,10 @@ class Engine(Protocol):
 
     def model_bytes(self) -> int | None:
         """Size on disk of the weights this engine loaded (None if unknown)."""
+
+    # Optional, for the bandwidth ceiling (engines without them get no ceiling):
+    #   weight_bytes_per_token() -> int | None: bytes of weights one decode step reads
+    #   threads_used() -> int: the threads it decodes with
 
 
 @dataclass(frozen=True)
@@ -219,8 +224,6 @@ def synthetic_prompt_ids(tokenizer_file: str | Path, n: int) -> list[int]:
 
 def machine_info() -> dict[str, object]:
     """Where a measurement ran, for the report (the worker sends its own: it may be a phone)."""
-    import os
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -282,6 +285,14 @@ class NomoatEngine:
         if not self.prompt_lookup or self._stats is None:
             return None
         return self._stats.drafted_tokens, self._stats.accepted_tokens
+
+    def weight_bytes_per_token(self) -> int | None:
+        return self.model.manifest.onnx.weight_bytes_per_token  # None for bundles older than the count
+
+    def threads_used(self) -> int:
+        # Model.load's own rule: the request, else the bundle's target, else ONNX Runtime's
+        # default of one thread per core.
+        return self.threads or self.model.manifest.target.get("threads") or os.cpu_count() or 1
 
     def model_bytes(self) -> int | None:
         onnx = self.model.manifest.onnx

@@ -64,9 +64,12 @@ def serve(engine: Engine, commands: IO[str], replies: IO[str]) -> None:
     """Prepare the engine, announce it, then answer round commands until quit or EOF."""
     start = time.perf_counter()
     engine.prepare()
+    # The bandwidth ceiling's inputs, from engines that know them (nomoat's; not the peers').
+    ceiling = {key: getattr(engine, key)() for key in ("weight_bytes_per_token", "threads_used")
+               if hasattr(engine, key)}
     _send(replies, {"event": "ready", "name": engine.name, "model_bytes": engine.model_bytes(),
                     "load_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
-                    "machine": machine_info()})
+                    "machine": machine_info(), **ceiling})
     for line in commands:
         message = json.loads(line)
         if message["cmd"] == "quit":

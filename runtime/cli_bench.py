@@ -6,7 +6,9 @@ configurations so machine drift spreads evenly: several bundles on one command l
 their recipes, several --ort-options an A/B of ONNX Runtime's kernels (e.g. KleidiAI on and off).
 Generation always runs the full --new-tokens (end-of-sequence is ignored) and the KV cache is
 emptied before every round. The prompt is fixed prose cut to exactly --prompt-tokens tokens.
-Reported: median and min–max over the rounds.
+Reported: median and min–max over the rounds, and decode against the memory-bandwidth ceiling:
+this machine's read bandwidth (measured before the rounds, at each thread count) over the bytes
+of weights a token reads (counted into the bundle by the converter).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: none)")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds per configuration")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds per configuration first")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip measuring the memory bandwidth (a 256 MB buffer read for a few seconds) and the "
+                        "decode-against-ceiling column")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", type=Path, metavar="PNG", default=unset,
                    help="also draw a chart to this PNG file (needs matplotlib)")
@@ -139,23 +144,40 @@ def bench_bundles(args: argparse.Namespace) -> dict[str, Any]:
     # the rows of one configuration stand together.
     lookups = [0, lookup] if lookup else [0]
     configs = [Config(*c) for c in itertools.product(threads, prompts, news, lookups, names, ort_choices)]
+    probe = None if getattr(args, "no_ceiling", False) else local_bandwidth
     report = measure_configs(configs, lambda c: prompt_ids[c.bundle, c.prompt_tokens], start_worker,
-                             args.rounds, args.warmup)
+                             args.rounds, args.warmup, probe=probe)
     # "bundle" stays for one bundle, as `nomoat deploy --bench` reports it too.
     return {**({"bundle": listed[0]} if len(listed) == 1 else {}), "bundles": listed, **report}
 
 
+def local_bandwidth(threads: Sequence[int]) -> dict[int, float]:
+    """Read bandwidth of this machine at each thread count, bytes/s."""
+    from .bandwidth import read_bandwidth
+
+    return {t: read_bandwidth(t) for t in threads}
+
+
 def measure_configs(configs: Sequence[Config], prompt_for: Callable[[Config], list[int]],
                     make_worker: Callable[[Config], WorkerProcess], rounds: int, warmup: int,
-                    pause_s: float = 0.25) -> dict[str, Any]:
-    """Start one worker per configuration, alternate rounds between them; return the report."""
+                    pause_s: float = 0.25,
+                    probe: Callable[[Sequence[int]], dict[int, float]] | None = None) -> dict[str, Any]:
+    """Start one worker per configuration, alternate rounds between them; return the report.
+    With a probe, the read bandwidth where the workers run is measured after they have loaded
+    (at the thread counts of those that know their bytes a token) and before the first round."""
     jobs: list[Job] = []
+    bandwidth: dict[int, float] = {}
     try:
         for config in configs:
             worker = make_worker(config)
             jobs.append(Job(worker, prompt_for(config), config.new_tokens))
             print(f"loading {worker.label} ...", file=sys.stderr)
             worker.start()
+        threads = sorted({job.worker.ready["threads_used"] for job in jobs
+                          if job.worker.ready.get("weight_bytes_per_token") and job.worker.ready.get("threads_used")})
+        if probe and threads:
+            print(f"measuring read bandwidth at {', '.join(map(str, threads))} thread(s) ...", file=sys.stderr)
+            bandwidth = probe(threads)
         run_alternating(jobs, rounds, warmup, pause_s, on_round=_print_progress)
     finally:
         for job in jobs:
@@ -164,6 +186,7 @@ def measure_configs(configs: Sequence[Config], prompt_for: Callable[[Config], li
         "machine": jobs[0].worker.ready.get("machine", {}),
         "rounds": rounds,
         "warmup": warmup,
+        **({"read_bandwidth_bytes_per_s": {str(t): bw for t, bw in bandwidth.items()}} if bandwidth else {}),
         "results": [_job_report(job, config) for job, config in zip(jobs, configs, strict=True)],
     }
 
@@ -198,6 +221,8 @@ def _job_report(job: Job, config: Config) -> dict[str, Any]:
         "prompt_lookup": config.prompt_lookup,
         **({"ort_options": dict(config.ort_options)} if config.ort_options else {}),
         "model_bytes": ready.get("model_bytes"),
+        "weight_bytes_per_token": ready.get("weight_bytes_per_token"),
+        "threads_used": ready.get("threads_used"),
         "load_s": ready.get("load_s"),
         "summary": summarize(job.rounds).to_dict(),
         "rounds": [r.to_dict() for r in job.rounds],
@@ -250,16 +275,40 @@ def format_table(report: dict[str, Any]) -> str:
     lookup = any(r.get("prompt_lookup") for r in report["results"])
     several = any(r.get("bundle") for r in report["results"])
     ort = any(r.get("ort_options") for r in report["results"])
+    bandwidth = report.get("read_bandwidth_bytes_per_s") or {}
     header = [*(["bundle"] if several else []), *(["ONNX Runtime options"] if ort else []),
               "threads", "prompt", "new", *(["lookup", "drafts kept"] if lookup else []),
-              *(c[0] for c in COLUMNS)]
+              *(c[0] for c in COLUMNS), *(["of ceiling"] if bandwidth else [])]
     rows = [[*([r["bundle"]] if several else []),
              *([format_ort_options(r.get("ort_options", {}).items()) or "-"] if ort else []),
              str(r["threads"] or "default"), str(r["prompt_tokens"]), str(r["new_tokens"]),
              *([str(r.get("prompt_lookup") or "-"), format_drafts(r)] if lookup else []),
-             *(format_stat(r["summary"][metric], decimals) for _, metric, decimals in COLUMNS)]
+             *(format_stat(r["summary"][metric], decimals) for _, metric, decimals in COLUMNS),
+             *([format_of_ceiling(r, bandwidth)] if bandwidth else [])]
             for r in report["results"]]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in [header, *rows]]
-    return "\n".join([head, "", *lines])
+    return "\n".join([head, "", *lines, *([ceiling_note(report)] if bandwidth else [])])
+
+
+def decode_ceiling(result: dict[str, Any], bandwidth: dict[str, float]) -> float | None:
+    """Tokens/s that reading every weight once a token allows at the row's threads; None if unknown."""
+    per_token = result.get("weight_bytes_per_token")
+    bw = bandwidth.get(str(result.get("threads_used")))
+    return bw / per_token if per_token and bw else None
+
+
+def format_of_ceiling(result: dict[str, Any], bandwidth: dict[str, float]) -> str:
+    ceiling = decode_ceiling(result, bandwidth)
+    return "-" if ceiling is None else f"{result['summary']['decode_tps']['median'] / ceiling:.0%}"
+
+
+def ceiling_note(report: dict[str, Any]) -> str:
+    """What 'of ceiling' divides by: the bandwidth read here and the bytes a token reads."""
+    bandwidth = report["read_bandwidth_bytes_per_s"]
+    reads = ", ".join(f"{bw / 1e9:.1f} GB/s at {t} thread{'s' if t != '1' else ''}" for t, bw in bandwidth.items())
+    sizes = sorted({r["weight_bytes_per_token"] for r in report["results"] if r.get("weight_bytes_per_token")})
+    return (f"\nof ceiling: median decode against read bandwidth / weight bytes a token (read here: {reads}; "
+            f"{' and '.join(f'{n / 1e6:.0f}' for n in sizes)} MB of weights a token, as ONNX Runtime holds them). "
+            "Past 100 % only with prompt lookup, which checks several tokens a pass.")

@@ -61,18 +61,24 @@ class OnnxBackend:
     # The oldest ONNX Runtime whose kernels run the graph (converter/ort_floor.py); bundles
     # written before the converter recorded it leave it out.
     min_onnxruntime: str | None = None
+    # Bytes of weights one decode step reads, as ONNX Runtime holds them (converter/weight_bytes.py):
+    # what `nomoat bench` sets against the device's read bandwidth. Absent in older bundles.
+    weight_bytes_per_token: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OnnxBackend:
         floor = d.get("min_onnxruntime")
         if floor is not None and not _VERSION.match(str(floor)):
             raise ValueError(f"onnx.min_onnxruntime {floor!r} is not a version like 1.23.0")
+        per_token = d.get("weight_bytes_per_token")
+        if per_token is not None and (isinstance(per_token, bool) or not isinstance(per_token, int) or per_token < 1):
+            raise ValueError(f"onnx.weight_bytes_per_token {per_token!r} is not a positive number of bytes")
         kv_dtype = d.get("kv_dtype", "float32")
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"onnx.kv_dtype {kv_dtype!r} is not one this runtime keeps a cache in "
                              f"({', '.join(KV_DTYPES)})")
         return cls(model_file=d["model_file"], data_file=d.get("data_file"), io=dict(d["io"]),
-                   kv_dtype=kv_dtype, min_onnxruntime=floor)
+                   kv_dtype=kv_dtype, min_onnxruntime=floor, weight_bytes_per_token=per_token)
 
     def check_onnxruntime(self, installed: str) -> None:
         """Refuse to run on an ONNX Runtime older than the graph needs, naming the fix."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import onnx
 import pytest
 from nomoat.converter.convert import ConvertOptions, convert
+from nomoat.runtime.manifest import OnnxBackend, read_manifest
 from tiny_models import make_tiny_hf_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bandwidth import _int8_packed_size, bytes_per_token, ceiling_table, read_bandwidth  # noqa: E402
+from bandwidth import bytes_per_token, ceiling_table, int8_packed_size, read_bandwidth  # noqa: E402
 
 
 def _sizes(bundle: Path) -> dict[str, int]:
@@ -46,6 +48,8 @@ def test_a_token_reads_every_weight_but_the_embedding_table(tmp_path, tie):
     packed_bytes = sum(m["N"] * (m["K"] // 32) * 24 for m in matmuls)
     expected = sum(sizes.values()) - sum(sizes[n] for n in lookup_only) - file_bytes + packed_bytes
     assert bytes_per_token(bundle) == expected
+    # the converter writes the same count into the manifest, for devices without the onnx package
+    assert read_manifest(bundle).onnx.weight_bytes_per_token == expected
     assert packed_bytes > file_bytes  # the block sums cost more than the zero points they replace
 
 
@@ -56,12 +60,12 @@ def _matmul_nbits(**attrs) -> onnx.NodeProto:
 def test_packed_size_of_one_matmul():
     # N=8 outputs, K=100 inputs in blocks of 32: 4 blocks a row (the last one padded), 24 bytes each.
     node = _matmul_nbits(K=100, N=8, bits=4, block_size=32, accuracy_level=4)
-    assert _int8_packed_size(node) == 8 * 4 * 24
+    assert int8_packed_size(node) == 8 * 4 * 24
     # Blocks of 64: 32 bytes of codes and 8 of scale and sum.
-    assert _int8_packed_size(_matmul_nbits(K=128, N=3, bits=4, block_size=64, accuracy_level=4)) == 3 * 2 * 40
+    assert int8_packed_size(_matmul_nbits(K=128, N=3, bits=4, block_size=64, accuracy_level=4)) == 3 * 2 * 40
     # float activations (level 0) and 8-bit codes keep their file layout
-    assert _int8_packed_size(_matmul_nbits(K=64, N=8, bits=4, block_size=32)) is None
-    assert _int8_packed_size(_matmul_nbits(K=64, N=8, bits=8, block_size=32, accuracy_level=4)) is None
+    assert int8_packed_size(_matmul_nbits(K=64, N=8, bits=4, block_size=32)) is None
+    assert int8_packed_size(_matmul_nbits(K=64, N=8, bits=8, block_size=32, accuracy_level=4)) is None
 
 
 def test_ceiling_table_divides_bandwidth_by_bytes():
@@ -85,3 +89,28 @@ def test_read_bandwidth_takes_the_fastest_kernel():
 
     bw = read_bandwidth(1, megabytes=8, passes=2, kernels=(slow, fast))
     assert 8 * 2**20 / 0.02 < bw <= 8 * 2**20 / 0.01  # the fast kernel's rate, not the slow one's
+
+
+def test_bandwidth_command_prints_one_json_line(capsys):
+    from nomoat.runtime.bandwidth import main
+
+    assert main(["1", "2", "--megabytes", "8"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1
+    rates = json.loads(out)
+    assert list(rates) == ["1", "2"] and all(1e8 < r < 1e12 for r in rates.values())
+    with pytest.raises(SystemExit):
+        main(["0"])
+
+
+@pytest.mark.parametrize("bad", [0, -5, "90 MB", 1.5, True])
+def test_manifest_refuses_a_count_that_is_not_bytes(bad):
+    d = {"model_file": "model.onnx", "data_file": None, "io": {}, "weight_bytes_per_token": bad}
+    with pytest.raises(ValueError, match="weight_bytes_per_token"):
+        OnnxBackend.from_dict(d)
+
+
+def test_manifest_without_the_count_is_an_older_bundle():
+    d = {"model_file": "model.onnx", "data_file": None, "io": {}}
+    assert OnnxBackend.from_dict(d).weight_bytes_per_token is None
+    assert OnnxBackend.from_dict({**d, "weight_bytes_per_token": 101_525_240}).weight_bytes_per_token == 101_525_240

@@ -22,7 +22,7 @@ from nomoat.runtime.bench import (
     synthetic_prompt_ids,
 )
 from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
-from nomoat.runtime.cli_bench import Config, format_drafts, format_table, measure_configs
+from nomoat.runtime.cli_bench import Config, decode_ceiling, format_drafts, format_table, measure_configs
 
 TESTS = Path(__file__).parent
 MB = 1_000_000
@@ -57,6 +57,20 @@ class SleepyEngine:
 
     def model_bytes(self) -> int | None:
         return 1234
+
+
+class CeilingEngine(SleepyEngine):
+    """A SleepyEngine that knows what the bandwidth ceiling needs: its bytes a token and threads."""
+
+    def __init__(self, threads: int = 1, **options):
+        super().__init__(**options)
+        self.threads = threads
+
+    def weight_bytes_per_token(self) -> int:
+        return 10 * MB
+
+    def threads_used(self) -> int:
+        return self.threads
 
 
 class ManualClock:
@@ -262,6 +276,42 @@ def test_report_is_one_json_object_and_a_table(capsys):
     assert "prefill tok/s" in table and len(table.splitlines()) == 5
 
 
+def _ceiling_worker(config: Config) -> WorkerProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    options = {"threads": config.threads, "per_token_s": 0.005}
+    return WorkerProcess(config.label, local_worker_argv("test_bench:CeilingEngine", options), env=env)
+
+
+def test_decode_is_set_against_the_bandwidth_measured_at_each_rows_threads():
+    probed = []
+
+    def probe(threads):
+        probed.append(list(threads))
+        return {t: t * 1e9 for t in threads}  # 1 GB/s a thread: ceilings of 100 and 200 tokens/s
+
+    configs = [Config(1, 16, 4), Config(2, 16, 4), Config(2, 32, 4)]
+    report = measure_configs(configs, lambda c: list(range(c.prompt_tokens)), _ceiling_worker, rounds=2,
+                             warmup=0, pause_s=0, probe=probe)
+    assert probed == [[1, 2]]  # once, before the rounds, at each thread count
+    report = json.loads(json.dumps({"bundle": "fake", **report}))
+    assert report["read_bandwidth_bytes_per_s"] == {"1": 1e9, "2": 2e9}
+    assert [decode_ceiling(r, report["read_bandwidth_bytes_per_s"]) for r in report["results"]] == [100, 200, 200]
+    lines = format_table(report).splitlines()
+    assert lines[2].endswith("of ceiling")
+    for line, r, ceiling in zip(lines[3:6], report["results"], [100, 200, 200], strict=True):
+        # ~200 tokens/s of 5 ms sleeps: about twice the 1-thread ceiling, the 2-thread one
+        assert line.endswith(f"{r['summary']['decode_tps']['median'] / ceiling:.0%}")
+    assert "1.0 GB/s at 1 thread, 2.0 GB/s at 2 threads" in lines[-1] and "10 MB of weights a token" in lines[-1]
+
+
+def test_no_ceiling_without_an_engine_that_counts_its_bytes():
+    probed = []
+    report = measure_configs([Config(1, 16, 4)], lambda c: list(range(16)), _sleepy_worker, rounds=1, warmup=0,
+                             pause_s=0, probe=lambda threads: probed.append(threads) or {1: 1e9})
+    assert probed == [] and "read_bandwidth_bytes_per_s" not in report
+    assert "ceiling" not in format_table({"bundle": "fake", **report})
+
+
 def test_prompt_lookup_rows_stand_apart_from_plain_ones():
     configs = [Config(1, 16, 4), Config(1, 16, 4, prompt_lookup=3)]
     report = measure_configs(configs, lambda c: list(range(16)), _sleepy_worker, rounds=1, warmup=0, pause_s=0)
@@ -380,6 +430,16 @@ def test_cli_json_on_a_real_bundle(tiny_bundle, tmp_path):
         assert r["prompt_tokens"] == 16 and r["new_tokens"] == 4 and len(r["rounds"]) == 2
         assert r["model_bytes"] > 0
         assert r["summary"]["peak_rss_mb"]["median"] > 10
+    # The ceiling: the bundle's own count of its bytes a token, this machine's bandwidth at each
+    # row's threads, measured in the parent (so no worker's peak RSS holds the probe's buffer).
+    per_token = json.loads((tiny_bundle / "manifest.json").read_text())["onnx"]["weight_bytes_per_token"]
+    assert [(r["weight_bytes_per_token"], r["threads_used"]) for r in report["results"]] == [(per_token, 1),
+                                                                                             (per_token, 2)]
+    assert set(report["read_bandwidth_bytes_per_s"]) == {"1", "2"}
+    assert all(r["summary"]["peak_rss_mb"]["median"] < 200 for r in report["results"])
+    cmd.append("--no-ceiling")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "read_bandwidth_bytes_per_s" not in json.loads(out.stdout), out.stderr
 
 
 @pytest.mark.slow  # the tiny bundle, as above
@@ -410,7 +470,8 @@ def test_cli_compares_bundles_in_alternating_rounds(tiny_bundle, tmp_path):
     assert rounds == [f"{b}: 1 thr, 16+4 tok" for b in (tiny_bundle, copy)] * 2
     table = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
-    assert [line.split()[0] for line in table.stdout.splitlines()[2:]] == ["bundle", str(tiny_bundle), str(copy)]
+    rows = table.stdout.split("\n\n")[1].splitlines()  # the table between its heading and the ceiling's note
+    assert [line.split()[0] for line in rows] == ["bundle", str(tiny_bundle), str(copy)]
 
 
 @pytest.mark.slow  # the tiny bundle, as above

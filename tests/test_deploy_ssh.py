@@ -221,10 +221,13 @@ def test_bench_over_ssh_runs_nomoat_bench_there_and_prints_its_table(board, bund
     assert lines[0] == deployed and lines[1] == ""
     assert lines[2].startswith(f"nomoat bench {deployed} on ") and "3 rounds after 1 warm-up" in lines[2]
     assert lines[4].split()[:3] == ["threads", "prompt", "new"] and lines[5].split()[:3] == ["1", "16", "8"]
+    assert lines[4].endswith("of ceiling") and lines[5].endswith("%")  # the board's own bandwidth
+    assert "GB/s at 1 thread" in out
     assert "round 3:" in err
-    # The runtime check and the worker both started behind sshd, not as children of this process.
+    # The runtime check, the worker and the bandwidth probe all started behind sshd, not as
+    # children of this process.
     starts = (tmp_path / "starts.log").read_text().splitlines()
-    assert len(starts) == 2 and all(f"127.0.0.1 {board.port}" in s for s in starts), starts
+    assert len(starts) == 3 and all(f"127.0.0.1 {board.port}" in s for s in starts), starts
 
 
 @pytest.mark.ssh
@@ -241,6 +244,35 @@ def test_bench_over_ssh_json_holds_rounds_measured_on_the_board(board, bundle, r
         assert r["prompt_tokens"] == 12 and r["new_tokens"] == 6
         assert r["decode_tps"] > 0 and r["prefill_tps"] > 0 and r["peak_rss_bytes"] > 0
     assert report["machine"]["cpus"] == os.cpu_count()
+    # The ceiling's inputs: the bundle's count and the board's bandwidth at the worker's threads.
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert result["weight_bytes_per_token"] == manifest["onnx"]["weight_bytes_per_token"]
+    assert list(report["read_bandwidth_bytes_per_s"]) == [str(result["threads_used"])]
+    assert report["read_bandwidth_bytes_per_s"][str(result["threads_used"])] > 1e8
+
+
+def test_a_board_without_the_bandwidth_probe_loses_only_the_ceiling():
+    from nomoat.converter.ssh_bench import read_bandwidth_over_ssh
+
+    class Board:
+        name = "pi"
+
+        def __init__(self, reply):
+            self.reply, self.commands = reply, []
+
+        def shell(self, command, timeout=None):
+            self.commands.append(command)
+            return self.reply
+
+    said = []
+    old = Board(("/usr/bin/python3: No module named nomoat.runtime.bandwidth", 1))
+    assert read_bandwidth_over_ssh(old, "python3", [1, 4], said.append) == {}
+    assert old.commands == ["python3 -m nomoat.runtime.bandwidth 1 4"]
+    assert "No module named nomoat.runtime.bandwidth" in said[0] and "no ceiling column" in said[0]
+    garbled = Board(("Traceback ...\nnot json", 0))
+    assert read_bandwidth_over_ssh(garbled, "python3", [1], said.append) == {} and len(said) == 2
+    ok = Board(('{"1": 4.5e9, "4": 9e9}', 0))
+    assert read_bandwidth_over_ssh(ok, "python3", [1, 4], said.append) == {1: 4.5e9, 4: 9e9} and len(said) == 2
 
 
 @pytest.mark.ssh

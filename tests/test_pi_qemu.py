@@ -152,6 +152,15 @@ def test_the_runtime_imports_on_arm64_without_torch(guest, installed):
     assert out[0] == "aarch64" and out[1] == "[]" and out[2] == installed["onnxruntime"]
 
 
+def test_bandwidth_probe_runs_on_arm64(guest, installed):
+    # What `nomoat bench` and `nomoat deploy --ssh --bench` run on a board for the ceiling column
+    # (emulated here: the number says nothing of a Pi, the command and its output format do).
+    with STEPS.step("guest: python -m nomoat.runtime.bandwidth"):
+        out = guest.run([PYTHON, "-m", "nomoat.runtime.bandwidth", "1", "2", "--megabytes", "16"]).stdout
+    rates = json.loads(out.strip().splitlines()[-1])
+    assert list(rates) == ["1", "2"] and all(r > 1e6 for r in rates.values())
+
+
 def _tokens_and_logits(guest, name: str, bundle: Path, n_prompts: int = len(PROMPTS), *guest_flags: str
                        ) -> tuple[np.lib.npyio.NpzFile, np.lib.npyio.NpzFile]:
     """Greedy tokens and teacher-forced logits of the first n_prompts prompts, on the host and in the guest
