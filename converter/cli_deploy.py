@@ -186,8 +186,11 @@ def run_bench(device: Device, device_path: str, args: argparse.Namespace) -> dic
     # The deployed path, not the name: the app takes an absolute path as is, wherever --remote-dir put it.
     bench = bench_on_device(device, device_path, args.prompt_tokens, args.new_tokens, args.rounds, args.threads,
                             timeout=args.bench_timeout, progress=progress, prompt_lookup=args.prompt_lookup)
+    from nomoat.runtime.manifest import read_manifest
+
+    per_token = read_manifest(args.bundle, verify_files=False).onnx.weight_bytes_per_token
     report = bench_report(device_path, device_machine(device), bench, args.rounds, args.threads,
-                          args.prompt_tokens, args.new_tokens)
+                          args.prompt_tokens, args.new_tokens, weight_bytes_per_token=per_token)
     return {"device_path": device_path, "serial": device.serial, **report}
 
 

@@ -191,13 +191,18 @@ def device_machine(device: Device) -> dict[str, Any]:
 
 
 def bench_report(device_path: str, machine: dict[str, Any], bench: AppBench, rounds: int,
-                 threads: int | None, prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
+                 threads: int | None, prompt_tokens: int, new_tokens: int,
+                 weight_bytes_per_token: int | None = None) -> dict[str, Any]:
     """The report `nomoat bench` prints (cli_bench.format_table reads it; --json prints it): one
-    result, or two (plain decoding, then prompt lookup) when the app's lines carry prompt_lookup."""
+    result, or two (plain decoding, then prompt lookup) when the app's lines carry prompt_lookup.
+    With the bundle's bytes a token and the phone's read bandwidth (which the app measures before
+    its rounds), decode is set against the phone's ceiling, as `nomoat bench` does."""
     from nomoat.runtime.bench import summarize
 
     first = bench.lines[0] if bench.lines else {}
     app_threads = first.get("threads") if first.get("threads") is not None else threads  # the bundle's, if asked none
+    bandwidth, probe_threads = first.get("read_bandwidth_bytes_per_s"), first.get("bandwidth_threads")
+    ceiling = bool(bandwidth and probe_threads and weight_bytes_per_token)
     kinds = [int(line.get("prompt_lookup") or 0) for line in bench.lines]  # 0: a plain round
     results = []
     for lookup in sorted(set(kinds)) or [0]:
@@ -212,6 +217,7 @@ def bench_report(device_path: str, machine: dict[str, Any], bench: AppBench, rou
             "prompt_lookup": lookup,
             "verify_s": first.get("verify_s"),
             "load_s": first.get("load_s"),
+            **({"weight_bytes_per_token": weight_bytes_per_token, "threads_used": probe_threads} if ceiling else {}),
             "summary": summarize(rounds_of).to_dict(),
             "rounds": [r.to_dict() for r in rounds_of],
         })
@@ -220,6 +226,7 @@ def bench_report(device_path: str, machine: dict[str, Any], bench: AppBench, rou
         "machine": machine,
         "rounds": rounds,
         "warmup": 0,  # the app measures every round it runs
+        **({"read_bandwidth_bytes_per_s": {str(probe_threads): bandwidth}} if ceiling else {}),
         "results": results,
     }
 

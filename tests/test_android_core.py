@@ -24,7 +24,7 @@ from nomoat.runtime.sampling import Sampler, SamplingParams
 pytestmark = pytest.mark.android
 
 JUNIT = [f"dev.nomoat.core.{name}" for name in
-         ("BundleTest", "SamplerTest", "StopsTest", "GeneratorTest", "ChatFormatTest", "LookupTest")]
+         ("BundleTest", "SamplerTest", "StopsTest", "GeneratorTest", "ChatFormatTest", "LookupTest", "BandwidthTest")]
 
 
 def test_junit_classes_pass():
@@ -291,3 +291,17 @@ def test_the_drafter_drafts_what_pythons_drafts():
         assert answer["drafts"] == expected, request
     # The replays exercised the drafter: drafts made, and some cut short by its record.
     assert sum(len(d) for a in answers for d in a["drafts"]) > 200
+
+
+# -- the bandwidth probe ---------------------------------------------------------------------
+
+
+def test_kotlin_bandwidth_probe_reads_memory_as_the_python_one_does():
+    # The app's probe (Bandwidth.kt, JIT-compiled loops) against runtime/bandwidth.py (numpy) on
+    # this machine: the same method, so the same memory within the noise; a probe bound by its
+    # own loop, or reading a cache, would be off by far more than 2x.
+    from nomoat.runtime.bandwidth import read_bandwidth
+
+    kotlin = json.loads(kotlin_host.run_kotlin("dev.nomoat.core.BandwidthCli", "1").strip())["1"]
+    python = read_bandwidth(1)
+    assert 0.5 < kotlin / python < 2.0, (kotlin, python)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -348,6 +349,7 @@ def simulated_app(logged: list[dict] | None = None):
     With a prompt_lookup extra each round runs plain, then with lookup (prompt_lookup in its line)."""
 
     def app(extras: dict) -> object:
+        from nomoat.runtime.bandwidth import read_bandwidth
         from nomoat.runtime.bench import NomoatEngine, measure_once, synthetic_prompt_ids
         from nomoat.runtime.manifest import read_manifest
 
@@ -364,6 +366,10 @@ def simulated_app(logged: list[dict] | None = None):
         t2 = time.perf_counter()
         info = {"bundle": str(bundle), "verify_s": t1 - t0, "load_s": t2 - t1,
                 "threads": threads if threads is not None else manifest.target.get("threads")}
+        # The app's bandwidth probe (Bandwidth.readBytesPerSecond at its threads, before the rounds).
+        probe_threads = info["threads"] or os.cpu_count()
+        info |= {"read_bandwidth_bytes_per_s": read_bandwidth(probe_threads, megabytes=16),
+                 "bandwidth_threads": probe_threads}
         prompt = synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, extras.get("prompt_tokens", 128))
         for i in range(extras.get("rounds", 1)):
             for n, engine in engines.items():
@@ -419,8 +425,13 @@ def test_bench_prints_the_apps_rounds_as_a_table(bundle, fake, remote, adb_serve
     expected = ["2", "16", "8", stat_text([r["prefill_tps"] for r in logged], 1),
                 stat_text([r["decode_tps"] for r in logged], 1), stat_text([r["ttft_ms"] for r in logged], 0),
                 stat_text([r["peak_rss_bytes"] / 1e6 for r in logged], 0)]
+    # ... and decode against the phone's ceiling: its bandwidth over the bundle's bytes a token.
+    per_token = json.loads((bundle / "manifest.json").read_text())["onnx"]["weight_bytes_per_token"]
+    ceiling = logged[0]["read_bandwidth_bytes_per_s"] / per_token
+    expected.append(f"{statistics.median(r['decode_tps'] for r in logged) / ceiling:.0%}")
+    assert lines[4].endswith("of ceiling")
     assert re.split(r"\s{2,}", lines[5].strip()) == expected
-    assert len(lines) == 6
+    assert "read here: " in lines[7] and "GB/s at 2 threads" in lines[7] and len(lines) == 9
     assert "round 3/3 on the phone" in err
 
 
@@ -439,6 +450,26 @@ def test_bench_json_holds_the_rounds_and_defaults_to_the_bundles_threads(bundle,
     assert result["summary"]["decode_tps"]["median"] == statistics.median(r["decode_tps"] for r in logged)
     assert result["threads"] == logged[0]["threads"]
     assert result["load_s"] == logged[0]["load_s"]
+    probe = logged[0]["bandwidth_threads"]
+    assert report["read_bandwidth_bytes_per_s"] == {str(probe): logged[0]["read_bandwidth_bytes_per_s"]}
+    assert result["threads_used"] == probe
+    per_token = json.loads((bundle / "manifest.json").read_text())["onnx"]["weight_bytes_per_token"]
+    assert result["weight_bytes_per_token"] == per_token
+
+
+def test_bench_report_without_the_apps_probe_has_no_ceiling():
+    from nomoat.converter.deploy_bench import AppBench, bench_report
+    from nomoat.runtime.bench import RoundResult
+
+    r = RoundResult(prompt_tokens=16, new_tokens=8, ttft_s=0.1, decode_s=0.7, peak_rss_bytes=10**8)
+    line = {**r.to_dict(), "threads": 4}  # an app from before the probe
+    report = bench_report("/x", {}, AppBench([r], [line]), 1, None, 16, 8, weight_bytes_per_token=10**8)
+    assert "read_bandwidth_bytes_per_s" not in report and "threads_used" not in report["results"][0]
+    probed = {**line, "read_bandwidth_bytes_per_s": 2e10, "bandwidth_threads": 4}
+    report = bench_report("/x", {}, AppBench([r], [probed]), 1, None, 16, 8, weight_bytes_per_token=10**8)
+    assert report["read_bandwidth_bytes_per_s"] == {"4": 2e10} and report["results"][0]["threads_used"] == 4
+    # a bundle older than the count: the phone's bandwidth alone sets no ceiling
+    assert "read_bandwidth_bytes_per_s" not in bench_report("/x", {}, AppBench([r], [probed]), 1, None, 16, 8)
 
 
 def test_bench_with_prompt_lookup_reports_plain_and_lookup_rounds_apart(bundle, fake, remote, adb_server, capsys):

@@ -14,6 +14,7 @@ import android.widget.EditText
 import android.widget.LinearLayout
 import android.widget.ScrollView
 import android.widget.TextView
+import dev.nomoat.core.Bandwidth
 import dev.nomoat.core.Bench
 import dev.nomoat.core.Bundle
 import dev.nomoat.core.Chat
@@ -176,6 +177,16 @@ class MainActivity : Activity() {
             val threads = intent.getIntExtra("threads", 0).takeIf { it > 0 }
             val info = open(name, threads)
             val gen = generator ?: throw IllegalStateException("no bundle loaded")
+            // For the host's decode-against-ceiling column: this phone's read bandwidth at the app's
+            // threads, once, before the rounds. 64 MB is far past a phone's caches (a Pixel 6: 4 MB of
+            // L3, 8 MB of system cache) and well within an app's Java heap; without it, no column.
+            val probeThreads = (info.opt("threads") as? Int) ?: Runtime.getRuntime().availableProcessors()
+            try {
+                info.put("read_bandwidth_bytes_per_s", Bandwidth.readBytesPerSecond(probeThreads, megabytes = 64))
+                    .put("bandwidth_threads", probeThreads)
+            } catch (e: OutOfMemoryError) {
+                Log.w(BENCH_TAG, "no memory for the bandwidth probe: the table will have no ceiling column")
+            }
             val prompt = Bench.promptIds(gen.codec, promptTokens)
             // With prompt lookup each round runs plain, then with lookup: the two alternate as on the host.
             val lookups = if (promptLookup > 0) listOf(0, promptLookup) else listOf(0)
