@@ -309,6 +309,6 @@ def ceiling_note(report: dict[str, Any]) -> str:
     bandwidth = report["read_bandwidth_bytes_per_s"]
     reads = ", ".join(f"{bw / 1e9:.1f} GB/s at {t} thread{'s' if t != '1' else ''}" for t, bw in bandwidth.items())
     sizes = sorted({r["weight_bytes_per_token"] for r in report["results"] if r.get("weight_bytes_per_token")})
-    return (f"\nof ceiling: median decode / (read bandwidth / weight bytes a token); read here: {reads}\n"
+    return (f"\nof ceiling: median decode / (read bandwidth / weight bytes a token); read where the rounds ran: {reads}\n"
             f"{' and '.join(f'{n / 1e6:.0f}' for n in sizes)} MB of weights a token, as ONNX Runtime holds them; "
             "past 100 % only with prompt lookup, which checks several tokens a pass")

@@ -302,7 +302,7 @@ def test_decode_is_set_against_the_bandwidth_measured_at_each_rows_threads():
         # ~200 tokens/s of 5 ms sleeps: about twice the 1-thread ceiling, the 2-thread one
         assert line.endswith(f"{r['summary']['decode_tps']['median'] / ceiling:.0%}")
     note = "\n".join(lines[-2:])
-    assert "read here: 1.0 GB/s at 1 thread, 2.0 GB/s at 2 threads" in note and "10 MB of weights a token" in note
+    assert "read where the rounds ran: 1.0 GB/s at 1 thread, 2.0 GB/s at 2 threads" in note and "10 MB of weights a token" in note
 
 
 def test_no_ceiling_without_an_engine_that_counts_its_bytes():

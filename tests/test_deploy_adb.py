@@ -431,7 +431,7 @@ def test_bench_prints_the_apps_rounds_as_a_table(bundle, fake, remote, adb_serve
     expected.append(f"{statistics.median(r['decode_tps'] for r in logged) / ceiling:.0%}")
     assert lines[4].endswith("of ceiling")
     assert re.split(r"\s{2,}", lines[5].strip()) == expected
-    assert "read here: " in lines[7] and "GB/s at 2 threads" in lines[7] and len(lines) == 9
+    assert "read where the rounds ran: " in lines[7] and "GB/s at 2 threads" in lines[7] and len(lines) == 9
     assert "round 3/3 on the phone" in err
 
 
