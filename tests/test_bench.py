@@ -302,7 +302,22 @@ def test_decode_is_set_against_the_bandwidth_measured_at_each_rows_threads():
         # ~200 tokens/s of 5 ms sleeps: about twice the 1-thread ceiling, the 2-thread one
         assert line.endswith(f"{r['summary']['decode_tps']['median'] / ceiling:.0%}")
     note = "\n".join(lines[-2:])
-    assert "read where the rounds ran: 1.0 GB/s at 1 thread, 2.0 GB/s at 2 threads" in note and "10 MB of weights a token" in note
+    assert "read where the rounds ran: 1.0 GB/s at 1 thread, 2.0 GB/s at 2 threads" in note
+    assert "10 MB of weights a token" in note
+
+
+def test_a_probe_without_memory_costs_the_column_not_the_run(monkeypatch, capsys):
+    import nomoat.runtime.bandwidth as bandwidth
+    from nomoat.runtime.cli_bench import local_bandwidth
+
+    def no_memory(threads, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(bandwidth, "read_bandwidth", no_memory)
+    report = measure_configs([Config(1, 16, 4)], lambda c: list(range(16)), _ceiling_worker, rounds=1, warmup=0,
+                             pause_s=0, probe=local_bandwidth)
+    assert "read_bandwidth_bytes_per_s" not in report and len(report["results"][0]["rounds"]) == 1
+    assert "no memory for the bandwidth probe" in capsys.readouterr().err
 
 
 def test_no_ceiling_without_an_engine_that_counts_its_bytes():
