@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nomoat.converter.weight_bytes import int8_packed_size, weight_bytes_per_token
-from nomoat.runtime.bandwidth import READ_KERNELS, read_bandwidth
-
-__all__ = ["READ_KERNELS", "bytes_per_token", "ceiling_table", "int8_packed_size", "read_bandwidth"]
+from nomoat.converter.weight_bytes import weight_bytes_per_token
 
 
 def bytes_per_token(bundle: Path) -> int:

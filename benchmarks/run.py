@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import default_gguf, peer_artifacts
-from bandwidth import bytes_per_token, ceiling_table, read_bandwidth
+from bandwidth import bytes_per_token, ceiling_table
+from nomoat.runtime.bandwidth import read_bandwidth
 from nomoat.runtime.bench import BenchError, RoundResult, summarize, synthetic_prompt_ids
 from nomoat.runtime.bench_plot import plot_summaries, require_matplotlib
 from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating

@@ -97,6 +97,6 @@ def read_bandwidth_over_ssh(board: SshHost, python: str, threads: Sequence[int],
         if status != 0:
             raise ValueError(last_line(out))
         return {int(t): float(bw) for t, bw in json.loads(last_line(out)).items()}
-    except (ValueError, AttributeError) as e:
+    except (ValueError, AttributeError, TypeError) as e:  # a failed run, not JSON, not a map of rates
         say(f"warning: could not measure the read bandwidth on {board.name} ({e}); the table has no ceiling column")
         return {}

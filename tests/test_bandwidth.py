@@ -10,11 +10,13 @@ from pathlib import Path
 import onnx
 import pytest
 from nomoat.converter.convert import ConvertOptions, convert
+from nomoat.converter.weight_bytes import int8_packed_size
+from nomoat.runtime.bandwidth import read_bandwidth
 from nomoat.runtime.manifest import OnnxBackend, read_manifest
 from tiny_models import make_tiny_hf_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bandwidth import bytes_per_token, ceiling_table, int8_packed_size, read_bandwidth  # noqa: E402
+from bandwidth import bytes_per_token, ceiling_table  # noqa: E402
 
 
 def _sizes(bundle: Path) -> dict[str, int]:

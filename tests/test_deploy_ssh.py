@@ -271,8 +271,11 @@ def test_a_board_without_the_bandwidth_probe_loses_only_the_ceiling():
     assert "No module named nomoat.runtime.bandwidth" in said[0] and "no ceiling column" in said[0]
     garbled = Board(("Traceback ...\nnot json", 0))
     assert read_bandwidth_over_ssh(garbled, "python3", [1], said.append) == {} and len(said) == 2
+    for reply in ('[4.5e9]', '{"1": null}'):  # JSON, but not a map of rates
+        assert read_bandwidth_over_ssh(Board((reply, 0)), "python3", [1], said.append) == {}
+    assert len(said) == 4
     ok = Board(('{"1": 4.5e9, "4": 9e9}', 0))
-    assert read_bandwidth_over_ssh(ok, "python3", [1, 4], said.append) == {1: 4.5e9, 4: 9e9} and len(said) == 2
+    assert read_bandwidth_over_ssh(ok, "python3", [1, 4], said.append) == {1: 4.5e9, 4: 9e9} and len(said) == 4
 
 
 @pytest.mark.ssh

@@ -10,7 +10,8 @@ import java.util.concurrent.Executors
  * bound by its own arithmetic would understate the memory).
  */
 object Bandwidth {
-    /** Far past a phone's last-level cache, small enough to allocate in an app's heap budget. */
+    /** runtime/bandwidth.py's buffer, for the host-JVM cross-check; the app passes 64 MB, which is
+     * still far past a phone's caches and fits an app's Java heap. */
     const val DEFAULT_MEGABYTES = 256
 
     /** One reduction over data[from until to]; its result is kept so the JIT cannot drop the loop. */
