@@ -90,7 +90,7 @@ def bench(session: nox.Session) -> None:
     diagnostic row). Three runs: a 128-token prompt with 128 new tokens, a
     1,024-token prompt with 64, and prompt-lookup decoding (256 + 128, up to 8 drafted tokens) next
     to plain decoding. Results: the tables on stdout, every number in build/bench/results.json,
-    results-long.json and results-lookup.json.
+    results-long.json and results-lookup.json, and the first run's chart in build/bench/results.png.
     """
     _install(session)
     # llama.cpp is compiled for this CPU (-march=native) but without Intel AMX: on the AMX host of
@@ -115,7 +115,7 @@ def bench(session: nox.Session) -> None:
         bundle_cache.stamp_of(Path(bundle)).write_text(fingerprint)
     session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
                 "--prompt-tokens", "128", "--new-tokens", "128", "--json", "build/bench/results.json",
-                *session.posargs)
+                "--plot", "build/bench/results.png", *session.posargs)
     # A long prompt too: chunked prefill, attention over a long cache and the arena's peak show there.
     session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
                 "--prompt-tokens", "1024", "--new-tokens", "64", "--rounds", "3",

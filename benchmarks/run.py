@@ -308,7 +308,9 @@ def plot_report(report: dict[str, Any], out: Path) -> None:
                 summarize([RoundResult.from_dict(x) for x in r["rounds"]])) for r in report["results"]]
     title = (f"{Path(report['source']).name}: {report['prompt_tokens']}-token prompt, {report['new_tokens']} "
              f"tokens; median and min–max of {report['rounds']} rounds")
-    plot_summaries(entries, out, title, groups=[r["system"] for r in report["results"]])
+    bandwidth, bytes_read = report["read_bandwidth_bytes_per_s"], report["weight_bytes_per_token"]
+    plot_summaries(entries, out, title, groups=[r["system"] for r in report["results"]],
+                   ceilings=[bandwidth[r["threads"]] / bytes_read[r["system"]] for r in report["results"]])
 
 
 if __name__ == "__main__":

@@ -29,9 +29,26 @@ def require_matplotlib() -> None:
 
 
 def plot_summaries(entries: Sequence[tuple[str, Summary]], out: str | Path, title: str,
-                   groups: Sequence[str] | None = None) -> Path:
+                   groups: Sequence[str] | None = None,
+                   ceilings: Sequence[float | None] | None = None) -> Path:
     """Draw a 2x2 bar chart (medians, min–max whiskers, values printed on the bars) to a PNG.
-    Entries with the same group (e.g. one system at several thread counts) share a color."""
+    Entries with the same group (e.g. one system at several thread counts) share a color.
+    `ceilings` (decode tokens/s that the read bandwidth allows, per entry; None where unknown)
+    are drawn as dashed marks over the decode bars."""
+    fig = draw_summaries(entries, title, groups, ceilings)
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def draw_summaries(entries: Sequence[tuple[str, Summary]], title: str, groups: Sequence[str] | None = None,
+                   ceilings: Sequence[float | None] | None = None):  # -> matplotlib Figure
+    """The figure plot_summaries saves."""
+    if ceilings is not None and len(ceilings) != len(entries):
+        raise ValueError(f"{len(ceilings)} ceilings for {len(entries)} entries")
     require_matplotlib()
     import matplotlib
 
@@ -49,8 +66,11 @@ def plot_summaries(entries: Sequence[tuple[str, Summary]], out: str | Path, titl
         below = [s.median - s.min if s else 0.0 for s in stats]
         above = [s.max - s.median if s else 0.0 for s in stats]
         ax.bar(range(len(entries)), medians, color=colors, yerr=[below, above], capsize=4)
-        top = max((s.max for s in stats if s), default=1.0) * 1.2
+        marks = [(x, c) for x, c in enumerate(ceilings or []) if c] if metric == "decode_tps" else []
+        top = max([*(s.max for s in stats if s), *(c for _, c in marks)], default=1.0) * 1.2
         ax.set_ylim(0, top)
+        if marks:
+            draw_ceilings(ax, marks)
         # Values at the foot of the bars, where the min–max whiskers never reach.
         for x, (median, stat) in enumerate(zip(medians, stats, strict=True)):
             ax.text(x, top * 0.02, f"{median:.0f}" if stat else "n/a", ha="center", va="bottom",
@@ -60,7 +80,15 @@ def plot_summaries(entries: Sequence[tuple[str, Summary]], out: str | Path, titl
         ax.grid(axis="y", alpha=0.3)
     # A title of several bundle paths is wider than the chart: wrap it rather than clip it.
     fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 11)), fontsize=11)
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
+
+
+def draw_ceilings(ax, marks: Sequence[tuple[int, float]]) -> None:
+    """A dashed mark over each bar at its ceiling, with its value: how far decode is from what the
+    memory bandwidth allows, next to the bar rather than in a note below the chart."""
+    xs, ys = zip(*marks, strict=True)
+    ax.hlines(ys, [x - 0.4 for x in xs], [x + 0.4 for x in xs], colors="black", linestyles="dashed",
+              label="read-bandwidth ceiling")
+    for x, y in marks:
+        ax.text(x, y, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.legend(loc="upper right", fontsize=7)

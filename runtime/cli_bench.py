@@ -73,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
         entries = [(r["label"], summarize([RoundResult.from_dict(x) for x in r["rounds"]]))
                    for r in report["results"]]
         machine = report["machine"]
+        bandwidth = report.get("read_bandwidth_bytes_per_s") or {}
         out = plot_summaries(entries, args.plot, f"nomoat bench {' '.join(report['bundles'])} — "
-                             f"{machine['cpu']}, {report['rounds']} rounds (median, min–max)")
+                             f"{machine['cpu']}, {report['rounds']} rounds (median, min–max)",
+                             ceilings=[decode_ceiling(r, bandwidth) for r in report["results"]])
         print(f"chart written to {out}", file=sys.stderr)
     return 0
 

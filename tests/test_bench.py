@@ -306,6 +306,24 @@ def test_decode_is_set_against_the_bandwidth_measured_at_each_rows_threads():
     assert "10 MB of weights a token" in note
 
 
+def test_cli_chart_gets_each_rows_ceiling(monkeypatch, capsys, tmp_path):
+    import argparse
+
+    import nomoat.runtime.bench_plot as bench_plot
+    import nomoat.runtime.cli_bench as cli_bench
+
+    report = measure_configs([Config(1, 16, 4), Config(2, 16, 4)], lambda c: list(range(16)), _ceiling_worker,
+                             rounds=1, warmup=0, pause_s=0, probe=lambda threads: {1: 1e9, 2: 3e9})
+    monkeypatch.setattr(cli_bench, "bench_bundles", lambda args: {"bundle": "fake", "bundles": ["fake"], **report})
+    drawn = {}
+    monkeypatch.setattr(bench_plot, "plot_summaries",
+                        lambda entries, out, title, **kw: drawn.update(entries=entries, out=out, **kw) or out)
+    assert cli_bench.run(argparse.Namespace(json=False, plot=tmp_path / "c.png")) == 0
+    assert drawn["ceilings"] == [100, 300]  # 1 and 3 GB/s over the engine's 10 MB a token
+    assert len(drawn["entries"]) == 2 and drawn["out"] == tmp_path / "c.png"
+    assert "of ceiling" in capsys.readouterr().out
+
+
 def test_a_probe_without_memory_costs_the_column_not_the_run(monkeypatch, capsys):
     import nomoat.runtime.bandwidth as bandwidth
     from nomoat.runtime.cli_bench import local_bandwidth
@@ -528,6 +546,27 @@ def test_plot_writes_a_png(tmp_path):
     s = summarize([_round(0.1, 1.0, rss=100 * MB), _round(0.2, 1.2, rss=110 * MB)])
     out = plot_summaries([("a", s), ("b", s)], tmp_path / "chart.png", "test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_marks_each_decode_bar_with_its_ceiling():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from nomoat.runtime.bench_plot import draw_summaries
+
+    s = summarize([_round(0.1, 1.0, rss=100 * MB), _round(0.2, 1.2, rss=110 * MB)])
+    fig = draw_summaries([("a", s), ("b", s), ("c", s)], "test", ceilings=[500.0, None, 800.0])
+    decode, *others = fig.axes
+    assert decode.get_title().startswith("Decode")
+    (marks,) = decode.collections[1:]  # after the whiskers: one dashed mark per known ceiling, none for "b"
+    segments = [value for seg in marks.get_segments() for value in seg.ravel()]
+    assert segments == pytest.approx([-0.4, 500, 0.4, 500, 1.6, 800, 2.4, 800])  # (x0, y, x1, y) each
+    assert decode.get_ylim()[1] >= 800  # the highest mark stays in view above bars far below it
+    assert {"500", "800"} <= {t.get_text() for t in decode.texts}
+    assert decode.get_legend().get_texts()[0].get_text() == "read-bandwidth ceiling"
+    assert all(ax.get_legend() is None and len(ax.collections) <= 1 for ax in others)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="2 ceilings for 3 entries"):
+        draw_summaries([("a", s), ("b", s), ("c", s)], "test", ceilings=[1.0, 2.0])
 
 
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch):

@@ -101,3 +101,20 @@ def test_lookup_table_shows_the_drafts_each_system_kept():
     # a plain run's table has no such column
     assert "drafts" not in run.markdown_table(results[:1])
     assert run.markdown_table(results[:1]).splitlines()[2].endswith("| 1.00× |")
+
+
+def test_chart_marks_each_row_with_the_ceiling_of_its_system_and_threads(monkeypatch, tmp_path):
+    drawn = {}
+    monkeypatch.setattr(run, "plot_summaries", lambda entries, out, title, **kw: drawn.update(entries=entries, **kw))
+    rounds = [{"prompt_tokens": 16, "new_tokens": 5, "ttft_s": 0.1, "decode_s": 0.04}]
+    results = [{"system": s, "threads": t, "rounds": rounds}
+               for t in (1, 2) for s in ("nomoat int4", "llama.cpp Q4_0")]
+    report = {"source": "/x/model.gguf", "prompt_tokens": 16, "new_tokens": 5, "rounds": 1, "results": results,
+              "read_bandwidth_bytes_per_s": {1: 40e9, 2: 60e9},
+              "weight_bytes_per_token": {"nomoat int4": 100e6, "llama.cpp Q4_0": 80e6}}
+    run.plot_report(report, tmp_path / "chart.png")
+    assert [label for label, _ in drawn["entries"]] == ["nomoat int4, 1 thr", "llama.cpp Q4_0, 1 thr",
+                                                        "nomoat int4, 2 thr", "llama.cpp Q4_0, 2 thr"]
+    assert drawn["ceilings"] == [400, 500, 600, 750]  # bandwidth at the row's threads / its system's bytes
+    assert drawn["groups"] == ["nomoat int4", "llama.cpp Q4_0"] * 2
+    assert drawn["entries"][0][1].decode_tps.median == 100  # 4 tokens in 40 ms
