@@ -43,17 +43,19 @@ def slow(session: nox.Session) -> None:
 @nox.session
 def android(session: nox.Session) -> None:
     """The Android app's plain-Kotlin core on the host JVM (junit4, cross-checked with the Python
-    runtime) and `nomoat deploy --adb` against the real adb client and server, with a device
-    simulated on loopback. Needs Debian's kotlin, junit4, libandroid-json-java and adb
-    (`.ci/run` installs them); no Android SDK, no phone."""
+    runtime), its shell type-checked against declarations of the Android and ONNX Runtime APIs
+    (android_demo/apicheck), and `nomoat deploy --adb` against the real adb client and server, with
+    a device simulated on loopback. Needs a JDK (javac) and Debian's kotlin, junit4,
+    libandroid-json-java and adb (`.ci/run` installs them); no Android SDK, no phone."""
     import shutil
     from pathlib import Path
 
-    missing = [tool for tool in ("kotlinc", "java", "adb") if not shutil.which(tool)]
+    missing = [tool for tool in ("kotlinc", "java", "javac", "adb") if not shutil.which(tool)]
     missing += [jar for jar in ("/usr/share/java/junit4.jar", "/usr/share/java/com.android.json.jar")
                 if not Path(jar).is_file()]
     if missing:
-        session.error(f"missing {', '.join(missing)}: apt-get install kotlin junit4 libandroid-json-java adb")
+        session.error(f"missing {', '.join(missing)}: apt-get install kotlin junit4 libandroid-json-java adb "
+                      "default-jdk-headless")
     _install(session)
     session.run("pytest", "-q", "-rs", "-m", "android", *session.posargs)
 

@@ -1,7 +1,9 @@
 package dev.nomoat.app
 
-// NEVER BUILT OR RUN: written without an Android SDK at hand; the logic it calls (dev.nomoat.core) is
-// compiled and tested on the host JVM, this screen and its Android API calls are not.
+// NEVER BUILT INTO AN APK OR RUN: written without an Android SDK at hand. Only type-checked: kotlinc
+// compiles it on the host against hand-written declarations of the Android members it calls
+// (android_demo/apicheck, tests/test_android_shell.py), not against the real android.jar. The logic it
+// calls (dev.nomoat.core) is compiled and tested on the host JVM; this screen never ran.
 
 import android.app.Activity
 import android.os.Bundle as AndroidBundle

@@ -1,8 +1,10 @@
 package dev.nomoat.app
 
-// NEVER BUILT OR RUN: this machine has no Android SDK and no ONNX Runtime for Java, so this file was
-// written against the ONNX Runtime Java API documentation (1.16+, for pinned outputs) and never
-// compiled. It mirrors runtime/onnx_session.py, which is what the host tests exercise.
+// NEVER BUILT INTO AN APK OR RUN: this machine has no Android SDK and no ONNX Runtime for Java. Written
+// against the ONNX Runtime Java API (1.16+, for pinned outputs) and only type-checked: kotlinc compiles it
+// on the host against hand-written declarations of the members it calls, taken from ONNX Runtime's Java
+// sources (android_demo/apicheck, tests/test_android_shell.py), not against the real AAR. It mirrors
+// runtime/onnx_session.py, which is what the host tests exercise.
 
 import ai.onnxruntime.OnnxTensor
 import ai.onnxruntime.OnnxValue
@@ -47,6 +49,7 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
     private val vocab = manifest.model.vocabSize
 
     private val env: OrtEnvironment = OrtEnvironment.getEnvironment()
+    private val options = OrtSession.SessionOptions() // native; closed after the session that uses it
     private val session: OrtSession
 
     private val kv = ArrayList<OnnxTensor>() // keep them alive as long as the session uses them
@@ -69,7 +72,7 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
             throw BundleException("this app keeps the KV cache in float32; the bundle's is ${onnx.kvDtype}: " +
                 "re-convert with --kv-dtype float32.")
         }
-        val options = OrtSession.SessionOptions().apply {
+        with(options) {
             setOptimizationLevel(OrtSession.SessionOptions.OptLevel.ALL_OPT)
             setExecutionMode(OrtSession.SessionOptions.ExecutionMode.SEQUENTIAL)
             setInterOpNumThreads(1)
@@ -163,8 +166,8 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
             inputs[onnx.ioName("seqlens_k")] = seqlensTensor
             inputs[onnx.ioName("total_sequence_length")] = totalTensor
             inputs[onnx.ioName("logits_index")] = logitsIndex
-            // Every output is pinned, so the Result holds only tensors this object owns; it is not closed,
-            // which could close them too, and dropping it leaks nothing (ORT allocated no new output).
+            // Every output is pinned, so the Result owns no value (ORT allocated no new output, and
+            // Result.close() leaves pinned outputs open): dropping it unclosed leaks nothing.
             session.run(inputs, outputs)
         } finally {
             inputIds.close()
@@ -173,6 +176,7 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
 
     override fun close() {
         session.close()
+        options.close()
         for (t in kv) t.close()
         logits.close()
         seqlensTensor.close()
