@@ -2,13 +2,14 @@
 
 Parsing follows what OpenAI's API accepts and how it refuses: a field of the wrong type or out of
 range is a 400 naming the field (`param`), an unknown model a 404 `model_not_found`. Fields this
-server cannot honour (n > 1, logprobs, tools, ...) are refused rather than silently ignored, so a
-client never gets an answer to a question it did not ask. Sampling fields the client leaves out
-take the bundle's generation defaults (a bundle converted from an instruct model says greedy),
-not OpenAI's temperature 1.0.
+server cannot honour (n > 1, logprobs, logit_bias, tools, ...) are refused rather than silently
+ignored, so a client never gets an answer to a question it did not ask. Sampling fields the
+client leaves out take the bundle's generation defaults (a bundle converted from an instruct
+model says greedy), not OpenAI's temperature 1.0.
 
 Beyond OpenAI, the fields llama.cpp's and vLLM's servers take are accepted too: top_k, min_p,
-repetition_penalty (OpenAI's client sends them with `extra_body`).
+repetition_penalty (OpenAI's client sends them with `extra_body`); a top_k of 0 or less (vLLM's -1)
+means off, as in llama.cpp's server.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class GenerationRequest:
 # Fields that change what OpenAI would answer -> the values that mean "not used" (accepted).
 _NEUTRAL = {"logprobs": (None, False), "echo": (None, False), "tools": (None, []), "functions": (None, []),
             "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "n": (None, 1), "best_of": (None, 1),
-            "top_logprobs": (None, 0), "suffix": (None, "")}
+            "top_logprobs": (None, 0), "suffix": (None, ""), "logit_bias": (None, {})}
 _ROLES = {"system", "user", "assistant", "developer"}
 
 
@@ -175,6 +176,8 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         value = _optional(body, name, type_)
         if value is None:
             continue
+        if name == "top_k" and value < 0:
+            value = 0  # vLLM's "off" is -1, llama.cpp's server takes any value <= 0; ours is 0
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise bad_request(f"'{name}' must be {bounds}, got {value}", name)

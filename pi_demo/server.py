@@ -5,7 +5,8 @@ keep patched) and because the handler threads do little: they parse, tokenize, c
 and wait for the Worker, which does the one thing that costs (see worker.py).
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream: true` as
-server-sent events), GET /v1/models, GET /v1/models/{id}, GET /health (no key needed).
+server-sent events), GET /v1/models, GET /v1/models/{id}, GET /health (no key needed); HEAD
+wherever GET goes. Any other method is a 405 (or a 404 off the routes) with OpenAI's error body.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import select
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from jinja2 import TemplateError
 from nomoat.runtime import ContextOverflowError, Model
@@ -36,11 +39,12 @@ from .openai_api import (
     parse_completion,
     usage,
 )
-from .worker import Cancelled, Job, QueueFull, ShuttingDown, Worker
+from .worker import Cancelled, ClientGone, Job, QueueFull, ShuttingDown, Worker
 
 log = logging.getLogger("pi_demo.serve")
 
-ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+ROUTES = {"/health": "GET, HEAD", "/v1/models": "GET, HEAD", "/v1/chat/completions": "POST",
+          "/v1/completions": "POST"}  # path -> the methods it takes (the Allow header of a 405)
 DRAIN_LIMIT = 16 << 20  # a refused body up to this size is read and dropped, so the client sees our error
 
 
@@ -110,9 +114,18 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._route({"/health": self._health, "/v1/models": self._models})
 
+    do_HEAD = do_GET  # the same answer without its body (_send_json leaves it out)
+
     def do_POST(self) -> None:
         self._route({"/v1/chat/completions": partial(self._generate, parse_chat),
                      "/v1/completions": partial(self._generate, parse_completion)})
+
+    def __getattr__(self, name: str) -> Any:
+        # http.server answers a method without a do_<METHOD> with its own 501 HTML page; ours get
+        # the JSON error of a wrong method (405 with Allow) or of an unknown path (404).
+        if name.startswith("do_"):
+            return partial(self._route, {})
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
@@ -123,12 +136,14 @@ class Handler(BaseHTTPRequestHandler):
         self._body_read = False
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
-            action = routes.get(path)
-            if action is None and self.command == "GET" and path.startswith("/v1/models/"):
-                action = partial(self._model, path.removeprefix("/v1/models/"))
-            if action is None and path in ROUTES:
-                raise ApiError(405, f"{path} takes {ROUTES[path]}, not {self.command}", code="method_not_allowed",
-                               headers={"Allow": ROUTES[path]})
+            action, allowed = routes.get(path), ROUTES.get(path)
+            if path.startswith("/v1/models/"):
+                allowed = ROUTES["/v1/models"]
+                if self.command in ("GET", "HEAD"):  # OpenAI's client percent-encodes the id ("org%2Fmodel")
+                    action = partial(self._model, unquote(path.removeprefix("/v1/models/")))
+            if action is None and allowed:
+                raise ApiError(405, f"{path} takes {allowed}, not {self.command}", code="method_not_allowed",
+                               headers={"Allow": allowed})
             if action is None:
                 raise ApiError(404, f"no route {self.command} {path}", code="not_found")
             if path != "/health":  # monitoring needs no key
@@ -136,8 +151,8 @@ class Handler(BaseHTTPRequestHandler):
             action()
         except ApiError as e:
             self._send_json(e.status, e.body(), e.headers)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client went away or stalled: nobody to answer
+        except (ConnectionError, TimeoutError):  # BrokenPipeError, ConnectionResetError, ClientGone, ...
+            self.close_connection = True  # the client went away or stalled: nobody to answer, nothing more to write
 
     def _authorize(self) -> None:
         key = self.server.app.config.api_key
@@ -176,7 +191,8 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        if self.command == "POST" and not self._body_read:
+        declares_body = "Content-Length" in self.headers or "Transfer-Encoding" in self.headers
+        if (self.command == "POST" or declares_body) and not self._body_read:
             self._discard_body()
         data = json.dumps(body).encode()
         self.send_response(status)
@@ -187,7 +203,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # HEAD: GET's headers, Content-Length included, and no body
+            self.wfile.write(data)
 
     def _discard_body(self) -> None:
         """Read and drop a body we refuse (wrong key, too large) before answering.
@@ -213,6 +230,15 @@ class Handler(BaseHTTPRequestHandler):
         payload = data if isinstance(data, str) else json.dumps(data)
         self.wfile.write(f"data: {payload}\n\n".encode())
 
+    def _client_gone(self) -> bool:
+        """Has the client closed its end? (A client waiting for its answer sends nothing, so a
+        readable socket with nothing to read is the end of the connection.)"""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset by the peer, or already closed
+            return True
+
     # -- routes ------------------------------------------------------------------------------------
 
     def _health(self) -> None:
@@ -236,30 +262,38 @@ class Handler(BaseHTTPRequestHandler):
         reply = Reply.new(request.kind, app.config.model_id)
         queued = time.perf_counter()
         app.submit(job)
+        gone = False
         try:
             if request.stream:
                 self._stream(job, reply, request.include_usage)
             else:
                 self._whole(job, reply)
+        except ConnectionError:  # the client hung up: noticed while waiting, or a write to it failed
+            gone = True
+            raise
         finally:
             job.cancel()  # stops the generation if we left early (client gone); harmless after the end
-            _log_generation(reply, job, time.perf_counter() - queued)
+            _log_generation(reply, job, time.perf_counter() - queued, gone)
 
     def _whole(self, job: Job, reply: Reply) -> None:
         parts, reason = [], "length"
         try:
-            for event in job.results():
+            for event in job.results(self._client_gone):
                 parts.append(event.text)
                 reason = event.finish_reason or reason
+        except ClientGone:
+            raise
         except Exception as e:  # raised in the worker on this request's behalf
             raise generation_error(e) from e
         self._send_json(200, reply.whole("".join(parts), reason, _usage(job)))
 
     def _stream(self, job: Job, reply: Reply, include_usage: bool) -> None:
-        events = job.results()
+        events = job.results(self._client_gone)  # a client that leaves while in line is noticed before its prefill
         try:
             # Wait for the first event before the 200 goes out: an error in prefill is still an HTTP error.
             first = next(events, None)
+        except ClientGone:
+            raise
         except Exception as e:  # raised in the worker on this request's behalf
             raise generation_error(e) from e
         self.send_response(200)
@@ -277,6 +311,8 @@ class Handler(BaseHTTPRequestHandler):
                 if event.text:
                     self._send_event(reply.chunk(event.text))
                 reason = event.finish_reason or reason
+        except ConnectionError:  # the client hung up (a write failed, or ClientGone): nothing more to write
+            raise
         except Exception as e:  # the 200 is out: report the error in the stream, as OpenAI does
             self._send_event(generation_error(e).body())
             return
@@ -291,14 +327,16 @@ def _usage(job: Job) -> dict[str, Any]:
     return usage(s.prompt_tokens, s.generated_tokens, s.cached_tokens) if s else usage(len(job.prompt_ids), 0, 0)
 
 
-def _log_generation(reply: Reply, job: Job, seconds: float) -> None:
+def _log_generation(reply: Reply, job: Job, seconds: float, client_gone: bool = False) -> None:
     s = job.stats
     if s is None:
-        log.info("%s: stopped early (client gone or error) after %.2f s", reply.id, seconds)
+        why = "the client hung up; its generation is cancelled" if client_gone else "stopped early (error)"
+        log.info("%s: %s after %.2f s", reply.id, why, seconds)
         return
     log.info("%s: prompt %d tokens (%d cached), %d generated; prefill %.0f tok/s, decode %.1f tok/s%s; %.2f s "
-             "with queueing", reply.id, s.prompt_tokens, s.cached_tokens, s.generated_tokens,
-             s.prefill_tokens_per_second, s.decode_tokens_per_second, drafts_note(s), seconds)
+             "with queueing%s", reply.id, s.prompt_tokens, s.cached_tokens, s.generated_tokens,
+             s.prefill_tokens_per_second, s.decode_tokens_per_second, drafts_note(s), seconds,
+             "; the client hung up before the answer reached it" if client_gone else "")
 
 
 class PiServer(ThreadingHTTPServer):

@@ -12,10 +12,11 @@ rather than letting requests pile up for minutes on a small board.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 
 from nomoat.runtime import GenerationStats, Model, SamplingParams, StreamEvent
 
@@ -30,6 +31,10 @@ class ShuttingDown(Exception):
 
 class Cancelled(Exception):
     """The job was cancelled (client gone, or shutdown) before its answer was complete."""
+
+
+class ClientGone(ConnectionAbortedError):
+    """The client that asked for the job hung up; the job is cancelled."""
 
 
 @dataclass
@@ -58,10 +63,28 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def results(self) -> Iterator[StreamEvent]:
-        """The events as the worker produces them; re-raises the generation's error, if any."""
+    def results(self, client_gone: Callable[[], bool] | None = None, every: float = 0.2) -> Iterator[StreamEvent]:
+        """The events as the worker produces them; re-raises the generation's error, if any.
+
+        With client_gone, asks it at least every `every` seconds, while the job waits in line as
+        while it generates; once it says yes, cancels the job and raises ClientGone.
+        """
+        check_at = time.monotonic() + every
         while True:
-            item = self._events.get()
+            if client_gone is None:
+                item = self._events.get()
+            else:
+                try:
+                    item = self._events.get(timeout=max(0.0, check_at - time.monotonic()))
+                except Empty:
+                    item = None
+                if time.monotonic() >= check_at:
+                    if client_gone():
+                        self.cancel()
+                        raise ClientGone("the client hung up")
+                    check_at = time.monotonic() + every
+                if item is None:
+                    continue
             if isinstance(item, _Finished):
                 self.stats = item.stats
                 return

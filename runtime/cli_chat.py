@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_generate import add_sampling_arguments, drafts_note, sampling_kwargs
+from .cli_generate import add_sampling_arguments, drafts_note, is_template_error, sampling_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
             chat.reset(system=args.system)
             print("[conversation reset]", file=sys.stderr)
             continue
-        if text.startswith("/system"):
-            args.system = text.removeprefix("/system").strip() or None
+        command, *rest = text.split(None, 1)  # "/systemd keeps restarting" is a message, not /system
+        if command == "/system":
+            args.system = rest[0] if rest else None
             chat.reset(system=args.system)
             print("[system message set; conversation reset]", file=sys.stderr)
             continue
@@ -75,3 +76,8 @@ def run(args: argparse.Namespace) -> int:
             print("\n[stopped]", file=sys.stderr)
         except ContextOverflowError as e:
             print(f"\n[{e} Type /reset to start over.]", file=sys.stderr)
+        except Exception as e:  # the template refused the conversation (e.g. a system message): the turn only
+            if not is_template_error(e):
+                raise
+            hint = "; /system alone drops the system message" if args.system else ""
+            print(f"[the chat template failed: {e}{hint}]", file=sys.stderr)

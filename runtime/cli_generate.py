@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate (default: bundle's)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: bundle's)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p x the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off; 1.1 discourages repeats")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--max-new-tokens", type=token_count, default=None,
+                   help="most tokens to generate (default: bundle's)")
+    p.add_argument("--temperature", type=sampling_value("temperature", float), default=None,
+                   help="0 = greedy (default: bundle's)")
+    p.add_argument("--top-k", type=sampling_value("top_k", int), default=None,
+                   help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=sampling_value("top_p", float), default=None, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=sampling_value("min_p", float), default=None,
+                   help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=sampling_value("repetition_penalty", float), default=None,
+                   help="1 = off; 1.1 discourages repeats")
+    p.add_argument("--seed", type=sampling_value("seed", int), default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT appears; repeatable")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the bundle's target)")
     p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
@@ -38,6 +44,38 @@ def prompt_lookup(value: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of drafted tokens: give 0 (off) or more, e.g. 8")
     return n
+
+
+def token_count(value: str) -> int:
+    """argparse type for --max-new-tokens: 1 or more."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of tokens: give 1 or more")
+    return n
+
+
+def sampling_value(name: str, kind: type) -> Callable[[str], float | int]:
+    """argparse type for a sampling flag: a value SamplingParams refuses (--temperature -1) is a
+    usage error that says why, at start rather than at the first answer."""
+
+    def parse(value: str) -> float | int:
+        from .sampling import SamplingParams
+
+        try:
+            number = kind(value)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+        try:
+            SamplingParams(**{name: number})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return number
+
+    return parse
 
 
 def ort_options(spec: str) -> dict[str, str]:
@@ -78,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
     except (BundleError, ContextOverflowError, ValueError) as e:
         print(f"nomoat generate: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not is_template_error(e):
+            raise
+        print(f"nomoat generate: error: the chat template failed: {e}", file=sys.stderr)
+        return 1
     sys.stdout.write("\n")
     if args.stats:
         s = model.last_stats
@@ -85,6 +128,13 @@ def run(args: argparse.Namespace) -> int:
               f"{s.generated_tokens} tok @ {s.decode_tokens_per_second:.1f} tok/s"
               + drafts_note(s), file=sys.stderr)
     return 0
+
+
+def is_template_error(error: BaseException) -> bool:
+    """Did the bundle's chat template fail (its own raise_exception, e.g. "System role not
+    supported", or a Jinja error)? Without importing jinja2 (~3 MB) when nothing rendered."""
+    jinja2 = sys.modules.get("jinja2")
+    return jinja2 is not None and isinstance(error, jinja2.TemplateError)
 
 
 def drafts_note(stats) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,9 @@ class GenerationStats:
     decode_seconds: float = 0.0
     drafted_tokens: int = 0  # prompt-lookup decoding: tokens proposed ...
     accepted_tokens: int = 0  # ... and confirmed by the model
+    # The answer ended at a stop token (finish_reason "stop"), not at max_new_tokens or a full
+    # context ("length", as OpenAI's API says for both).
+    stop_token: bool = False
 
     @property
     def time_to_first_token(self) -> float:
@@ -68,6 +72,7 @@ class StreamEvent:
     text: str  # new text since the previous event (may be empty while a character is incomplete)
     token_id: int | None
     finish_reason: str | None = None  # "stop" | "length" on the last event
+    stats: GenerationStats | None = None  # on the last event: this request's own (last_stats may be another's)
 
 
 @dataclass
@@ -102,6 +107,7 @@ class Model:
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self.last_stats = GenerationStats()
         self._lock = threading.Lock()
+        self._lock_owner: int | None = None  # the thread inside _exclusive(), to refuse re-entry
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, verify_checksums: bool = True,
@@ -178,15 +184,18 @@ class Model:
         return SamplingParams.from_dict({**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def generate_tokens(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
-                        ignore_eos: bool = False, stats: GenerationStats | None = None) -> Iterator[int]:
+                        ignore_eos: bool = False, stats: GenerationStats | None = None,
+                        extra_stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
         """Yield generated token ids. The KV cache is reused for the longest common prefix.
 
-        Stops at a stop token (not yielded) unless ignore_eos, at max_new_tokens, or when the
-        context is full. Hold the model's lock while iterating (stream/generate do).
+        Stops at a stop token (the bundle's, or one of extra_stop_ids; not yielded) unless
+        ignore_eos, at max_new_tokens, or when the context is full. Hold the model's lock while
+        iterating (stream/generate do).
         """
         params = params or SamplingParams()
         stats = stats if stats is not None else GenerationStats()
         prompt_ids = list(prompt_ids)
+        _check_max_new_tokens(max_new_tokens)
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         if len(prompt_ids) >= self.max_context:
@@ -195,6 +204,7 @@ class Model:
                 "shorten the prompt, reset the conversation, or convert with a larger --max-context."
             )
         sampler = Sampler(params)
+        stop_ids = self.stop_token_ids | extra_stop_ids
         session = self.session
         start = time.perf_counter()
         logits = self._prefill(prompt_ids, stats)
@@ -205,7 +215,8 @@ class Model:
         while True:
             token = sampler.sample(logits, np.concatenate([history, np.asarray(generated, np.int64)])
                                    if params.repetition_penalty != 1.0 else history)
-            if token in self.stop_token_ids and not ignore_eos:
+            if token in stop_ids and not ignore_eos:
+                stats.stop_token = True
                 break
             generated.append(token)
             stats.generated_tokens = len(generated)
@@ -217,8 +228,8 @@ class Model:
         stats.decode_seconds = time.perf_counter() - t_first
 
     def generate_tokens_lookahead(self, prompt_ids: Sequence[int], max_new_tokens: int, draft_tokens: int = 4,
-                                  ignore_eos: bool = False,
-                                  stats: GenerationStats | None = None) -> Iterator[int]:
+                                  ignore_eos: bool = False, stats: GenerationStats | None = None,
+                                  extra_stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
         """Greedy generation with prompt-lookup speculative decoding: generate_tokens' tokens at
         temperature 0 (up to near-ties: the batched check can round differently from a one-token
         step), in fewer forward passes when the text repeats its context.
@@ -233,9 +244,12 @@ class Model:
 
         stats = stats if stats is not None else GenerationStats()
         prompt_ids = list(prompt_ids)
+        _check_max_new_tokens(max_new_tokens)
         if not prompt_ids or len(prompt_ids) >= self.max_context:
-            yield from self.generate_tokens(prompt_ids, max_new_tokens, ignore_eos=ignore_eos, stats=stats)
+            yield from self.generate_tokens(prompt_ids, max_new_tokens, ignore_eos=ignore_eos, stats=stats,
+                                            extra_stop_ids=extra_stop_ids)
             return
+        stop_ids = self.stop_token_ids | extra_stop_ids
         session = self.session
         start = time.perf_counter()
         next_token = int(np.argmax(self._prefill(prompt_ids, stats)))
@@ -245,7 +259,8 @@ class Model:
         drafter = Drafter(draft_tokens)
         produced = 0
         while True:
-            if next_token in self.stop_token_ids and not ignore_eos:
+            if next_token in stop_ids and not ignore_eos:
+                stats.stop_token = True
                 break
             context.append(next_token)
             produced += 1
@@ -267,7 +282,8 @@ class Model:
             session.truncate(session.length - (len(draft) - n_ok))
             stats.decode_seconds = time.perf_counter() - t_first  # the pass that confirmed the drafts
             for token in draft[:n_ok]:
-                if token in self.stop_token_ids and not ignore_eos:
+                if token in stop_ids and not ignore_eos:
+                    stats.stop_token = True
                     return
                 context.append(token)
                 produced += 1
@@ -313,29 +329,57 @@ class Model:
                    prompt_lookup: int = 0) -> Iterator[StreamEvent]:
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
+        _check_max_new_tokens(max_new)
         stats = GenerationStats()
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(stop)  # a bare string is one stop string
-        count = 0
-        with self._lock:
+        # The detokenizer drops special tokens from the text, so a stop string that is one
+        # ("<|im_start|>", "<|endoftext|>") would never match there: it stops as a token instead.
+        special_stops = self._special_token_ids([stop] if isinstance(stop, str) else stop)
+        with self._exclusive():
             try:
                 plain_greedy = params is None or (params.greedy and params.repetition_penalty == 1.0)
-                tokens = (self.generate_tokens_lookahead(prompt_ids, max_new, prompt_lookup, stats=stats)
+                tokens = (self.generate_tokens_lookahead(prompt_ids, max_new, prompt_lookup, stats=stats,
+                                                         extra_stop_ids=special_stops)
                           if prompt_lookup > 0 and plain_greedy
-                          else self.generate_tokens(prompt_ids, max_new, params, stats=stats))
+                          else self.generate_tokens(prompt_ids, max_new, params, stats=stats,
+                                                    extra_stop_ids=special_stops))
                 for token in tokens:
-                    count += 1
                     text, stopped = stops.feed(detok.add(token))
                     if stopped:
-                        yield StreamEvent(text, token, "stop")
+                        yield StreamEvent(text, token, "stop", stats)
                         return
                     yield StreamEvent(text, token)
                 text, stopped = stops.feed(detok.flush())
                 tail = "" if stopped else stops.flush()
-                reason = "stop" if stopped or count < max_new else "length"
-                yield StreamEvent(text + tail, None, reason)
+                # "length" at max_new_tokens and at a full context alike, as OpenAI's API has it.
+                reason = "stop" if stopped or stats.stop_token else "length"
+                yield StreamEvent(text + tail, None, reason, stats)
             finally:
                 self.last_stats = stats
+
+    def _special_token_ids(self, strings: Sequence[str]) -> frozenset[int]:
+        """The ids of those strings that are each one special token (dropped from decoded text)."""
+        ids = set()
+        for text in strings:
+            token = self.tokenizer.token_to_id(text)
+            if token is not None and self.tokenizer.decode([token], skip_special_tokens=True) == "":
+                ids.add(token)
+        return frozenset(ids)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The model's lock, for one request at a time. The same thread asking again while it holds
+        it (a stream left open, then another request) would wait for itself forever: refused."""
+        if self._lock_owner == threading.get_ident():
+            raise RuntimeError("this thread has a stream of this model still open: read it to the end or "
+                               "close() it before the next request")
+        with self._lock:
+            self._lock_owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._lock_owner = None
 
     def generate(self, prompt: str | Messages, max_new_tokens: int | None = None, **kwargs: Any) -> Completion:
         """Like stream(), but return the whole completion at once."""
@@ -343,7 +387,7 @@ class Model:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits for every position of `ids` from an empty cache: [len(ids), vocab] (for perplexity)."""
-        with self._lock:
+        with self._exclusive():
             self.session.reset()
             out = self.session.forward(list(ids), all_logits=True)
             self.session.reset()
@@ -384,6 +428,7 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
         answer: list[int] = []
+        done = False
         try:
             rendered = self.model.render(self.messages)
             ids = self._prompt_ids(rendered)
@@ -393,14 +438,18 @@ class Chat:
                 parts.append(event.text)
                 if event.token_id is not None:
                     answer.append(event.token_id)
+                if event.finish_reason is not None:
+                    # The answer is whole: kept before the caller sees its end, so a caller that
+                    # stops reading at the finish_reason still has the turn in the history.
+                    self.messages.append({"role": "assistant", "content": "".join(parts)})
+                    self._ids = ids + answer
+                    self._text = rendered + self.model.tokenizer.decode(answer, skip_special_tokens=False)
+                    done = True
                 yield event
         except BaseException:
-            # An interrupted or failed turn leaves no half-answer in the history.
-            self.messages.pop()
+            if not done:  # an interrupted or failed turn leaves no half-answer in the history
+                self.messages.pop()
             raise
-        self.messages.append({"role": "assistant", "content": "".join(parts)})
-        self._ids = ids + answer
-        self._text = rendered + self.model.tokenizer.decode(answer, skip_special_tokens=False)
 
     def send(self, text: str, max_new_tokens: int | None = None, **kwargs: Any) -> Completion:
         return _collect(self.stream(text, max_new_tokens, **kwargs), self.model)
@@ -411,14 +460,20 @@ class Chat:
 
 
 def _collect(events: Iterator[StreamEvent], model: Model) -> Completion:
-    """Drain a stream into one Completion (the stats are read once the stream has finished)."""
-    parts, ids, reason = [], [], "length"
+    """Drain a stream into one Completion, with the stats its last event carries."""
+    parts, ids, reason, stats = [], [], "length", None
     for event in events:
         parts.append(event.text)
         if event.token_id is not None:
             ids.append(event.token_id)
         reason = event.finish_reason or reason
-    return Completion("".join(parts), ids, reason, model.last_stats)
+        stats = event.stats or stats
+    return Completion("".join(parts), ids, reason, stats or model.last_stats)
+
+
+def _check_max_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -116,3 +116,20 @@ def test_prompt_lookup_drafts_from_the_conversation_and_says_how_many_drafts_wer
         chat.send(text, 12, temperature=0, prompt_lookup=4)
         expected.append((chat.stats.accepted_tokens, chat.stats.drafted_tokens))
     assert seen == expected and all(drafted > 0 for _, drafted in seen)
+
+
+def test_a_message_that_starts_like_a_command_is_a_message(terminal, bundle):
+    from nomoat.runtime import Model
+
+    terminal.sendline(TURNS[0])
+    terminal.expect(STATS)
+    terminal.expect(PROMPT)
+    terminal.sendline("/systemd keeps restarting nginx")
+    match = terminal.expect(STATS + r"|\[system message set")
+    assert match[1] is not None, "/systemd was taken for /system"
+    chat = Model.load(bundle, threads=1).chat()
+    for text in (TURNS[0], "/systemd keeps restarting nginx"):
+        chat.send(text, 12, temperature=0)
+    # an answer in the same conversation: the first turn came from the cache
+    assert stats_of(match) == (chat.stats.prefill_tokens, chat.stats.cached_tokens, chat.stats.generated_tokens)
+    assert stats_of(match)[1] > 0

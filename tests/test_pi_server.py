@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # pi_demo is a folder copied to the Pi next to the bundle, not an installed package
 
 from pi_demo.openai_api import ApiError, Limits, parse_chat  # noqa: E402
-from pi_demo.server import App, PiServer, ServerConfig  # noqa: E402
+from pi_demo.server import App, Handler, PiServer, ServerConfig  # noqa: E402
 
 KEY = "test-key"
 LIMITS = Limits(max_tokens=64, max_body_bytes=16 << 10, max_queue=8)
@@ -49,9 +51,9 @@ def model(bundle):
 
 @contextmanager
 def running_server(model, limits: Limits = LIMITS, api_key: str | None = KEY,
-                   prompt_lookup: int = 0) -> Iterator[PiServer]:
+                   prompt_lookup: int = 0, model_id: str = MODEL_ID) -> Iterator[PiServer]:
     """The server in a thread of this process."""
-    server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(MODEL_ID, limits, api_key, prompt_lookup)))
+    server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(model_id, limits, api_key, prompt_lookup)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -115,6 +117,24 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def jobs_of(server: PiServer) -> list:
+    """The jobs the server submits to its worker from now on, in order."""
+    app, jobs = server.app, []
+    submit = app.submit
+    app.submit = lambda job: (jobs.append(job), submit(job))[1]
+    return jobs
+
+
+def raw_request(base_url: str, path: str, body: dict) -> socket.socket:
+    """POST `body` on a bare socket, so a test can hang up whenever it likes; the answer is left unread."""
+    host, port = base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    data = json.dumps({"model": MODEL_ID, **body}).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
 
 
 # -- answers -------------------------------------------------------------------------------------
@@ -329,6 +349,124 @@ def test_a_client_that_hangs_up_mid_stream_does_not_disturb_the_next(base_url):
     stream.close()
     assert ask(base_url, "Tell me about the fox.", stream=False) == ask(base_url, "Tell me about the fox.", True)
     wait_for(lambda: not health(base_url)["generating"])
+
+
+def test_a_client_that_hangs_up_before_its_answer_cancels_its_generation_or_its_place_in_line(model):
+    prompt = {"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0}  # greedy: 64 tokens, no stop
+    with running_server(model) as server:
+        url, jobs = url_of(server), jobs_of(server)
+        with model_held(model) as release:
+            whole = raw_request(url, "/v1/completions", prompt)  # not streamed: nothing is written until the end
+            wait_for(lambda: health(url)["generating"])
+            streamed = raw_request(url, "/v1/completions", {**prompt, "stream": True})
+            wait_for(lambda: health(url)["waiting"] == 1)
+            whole.close()
+            streamed.close()
+            # Both are noticed while the model is still held: the running job before its first token,
+            # the waiting one before its prefill.
+            wait_for(lambda: len(jobs) == 2 and all(job.cancelled for job in jobs), timeout=10)
+            release()
+        wait_for(lambda: health(url) | {"status": 0} == {"status": 0, "model": MODEL_ID, "generating": False,
+                                                       "waiting": 0, "max_queue": LIMITS.max_queue})
+        # The last generation was the first request's (the second never ran), and it stopped at once.
+        assert model.last_stats.prompt_tokens == len(model.encode("Once upon a time"))
+        assert model.last_stats.generated_tokens <= 2
+        assert ask(url, "Tell me about the fox.", stream=False)  # and the server goes on
+
+
+def test_a_streaming_client_that_hangs_up_is_not_an_error_and_gets_nothing_more(model, monkeypatch, caplog):
+    # Only the write to the closed socket tells the server here (the check of the socket while
+    # waiting is turned off), and the answer is held after its first token until the client is gone.
+    monkeypatch.setattr(Handler, "_client_gone", lambda self: False, raising=False)
+    go_on = threading.Event()
+    stream_ids = model.stream_ids
+
+    def held_after_the_first_token(*args, **kwargs):
+        events = stream_ids(*args, **kwargs)
+        try:
+            for i, event in enumerate(events):
+                if i == 1:
+                    go_on.wait(30)
+                yield event
+        finally:
+            events.close()
+
+    monkeypatch.setattr(model, "stream_ids", held_after_the_first_token)
+    with caplog.at_level("INFO", logger="pi_demo.serve"), running_server(model) as server:
+        url, jobs = url_of(server), jobs_of(server)
+        sock = raw_request(url, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 64,
+                                                    "temperature": 0, "stream": True})
+        head = b""
+        while b"\r\n" not in head:
+            head += sock.recv(64)
+        assert head.startswith(b"HTTP/1.1 200")
+        sock.close()  # with the rest of the answer unread
+        go_on.set()
+        wait_for(lambda: len(jobs) == 1 and jobs[0].cancelled and not health(url)["generating"])
+        wait_for(lambda: "the client hung up" in caplog.text)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+@pytest.mark.parametrize("model_id", ["org/model", "my model"])  # a Hugging Face name; a space
+def test_a_model_id_that_needs_percent_encoding_can_be_retrieved(model, model_id):
+    with running_server(model, model_id=model_id) as server:
+        c = client(url_of(server))
+        assert [m.id for m in c.models.list().data] == [model_id]
+        assert c.models.retrieve(model_id).id == model_id
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("org/other")
+
+
+def test_head_is_get_without_a_body_and_other_methods_get_a_json_405(base_url):
+    host, port = base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+
+    def call(method: str, path: str, body: bytes | None = None) -> tuple[http.client.HTTPResponse, bytes]:
+        conn.request(method, path, body=body, headers={"Authorization": f"Bearer {KEY}"})
+        response = conn.getresponse()
+        return response, response.read()
+
+    response, body = call("HEAD", "/health")
+    assert response.status == 200 and body == b"" and response.headers["Content-Type"] == "application/json"
+    assert int(response.headers["Content-Length"]) == len(json.dumps(health(base_url)).encode())
+    response, body = call("HEAD", "/v1/models")
+    assert response.status == 200 and body == b""
+    for method, path, allow in [("OPTIONS", "/v1/chat/completions", "POST"), ("HEAD", "/v1/completions", "POST"),
+                                ("DELETE", f"/v1/models/{MODEL_ID}", "GET, HEAD"), ("POST", "/health", "GET, HEAD"),
+                                ("PUT", "/v1/models", "GET, HEAD")]:
+        response, body = call(method, path, b"{}" if method == "PUT" else None)
+        assert (response.status, response.headers["Allow"]) == (405, allow), (method, path)
+        if method != "HEAD":
+            _assert_openai_error(json.loads(body), "method_not_allowed")
+    response, body = call("PATCH", "/nowhere", b"{}")
+    assert response.status == 404
+    _assert_openai_error(json.loads(body), "not_found")
+    response, body = call("GET", "/health")  # the same connection: the refused bodies were read, not left in it
+    assert response.status == 200 and json.loads(body)["status"] == "ok"
+    conn.close()
+
+
+def test_logit_bias_is_refused_and_vllms_top_k_of_minus_one_means_off(base_url):
+    messages = [{"role": "user", "content": "hi"}]
+
+    def parse(**body):
+        return parse_chat({"messages": messages, **body}, MODEL_ID, LIMITS, 16)
+
+    with pytest.raises(ApiError) as info:
+        parse(logit_bias={"50": -100})
+    assert (info.value.param, info.value.code) == ("logit_bias", "unsupported_parameter")
+    assert parse(logit_bias={}).sampling == parse(logit_bias=None).sampling == {}
+    assert parse(top_k=-1).sampling == parse(top_k=0).sampling == {"top_k": 0}
+    with pytest.raises(ApiError) as info:
+        parse(top_k=1.5)
+    assert info.value.param == "top_k"
+    c = client(base_url)
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model=MODEL_ID, prompt="The quick brown", max_tokens=4, logit_bias={"50": -100})
+    _assert_openai_error(info.value.response.json(), "unsupported_parameter", "logit_bias")
+    greedy = c.completions.create(model=MODEL_ID, prompt="The quick brown", max_tokens=8, temperature=0)
+    assert c.completions.create(model=MODEL_ID, prompt="The quick brown", max_tokens=8, temperature=0,
+                                extra_body={"top_k": -1}).choices[0].text == greedy.choices[0].text
 
 
 def test_request_parsing_refuses_wrong_types_with_the_field_named():

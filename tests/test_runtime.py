@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,61 @@ def test_cli_names_a_bad_ort_option(bundle):
     assert "--ort-options: 'kleidiai' is not an ONNX Runtime session config key" in result.stderr
 
 
+NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                      "{{ raise_exception('System role not supported') }}{% endif %}"
+                      "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _with_template(bundle: Path, tmp_path: Path, template: str) -> Path:
+    """A copy of the bundle with another chat template (and its sha256 in the manifest)."""
+    from nomoat.runtime.manifest import sha256_file
+
+    b = _copy(bundle, tmp_path)
+    (b / "chat_template.jinja").write_text(template)
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["chat_template.jinja"] = sha256_file(b / "chat_template.jinja")
+    (b / "manifest.json").write_text(json.dumps(m))
+    return b
+
+
+def _nomoat(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "nomoat", *args], input=stdin.encode(), capture_output=True,
+                            timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    # decoded by hand: text=True would turn a "\r" the tiny model writes into "\n"
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
+
+
+def test_a_template_that_refuses_the_prompt_is_a_one_line_error_and_the_chat_goes_on(bundle, tmp_path):
+    b = _with_template(bundle, tmp_path, NO_SYSTEM_TEMPLATE)
+    result = _nomoat("generate", str(b), "--prompt", "hi", "--system", "Be brief.")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "nomoat generate: error: the chat template failed: System role not supported\n"
+
+    result = _nomoat("chat", str(b), "--system", "Be brief.", "--temperature", "0", "--max-new-tokens", "8",
+                     stdin="hi\nhello\n/system\nhi\n")
+    assert result.returncode == 0, result.stderr
+    refusal = "[the chat template failed: System role not supported; /system alone drops the system message]\n"
+    assert result.stderr == refusal * 2 + "[system message set; conversation reset]\n"
+    assert result.stdout == Model.load(b).chat().send("hi", 8, temperature=0).text + "\n"  # the one answer
+
+
+@pytest.mark.parametrize(("flag", "value", "why"), [
+    ("--temperature", "-1", "temperature must be >= 0"), ("--top-p", "0", "top_p must be in (0, 1]"),
+    ("--top-k", "-2", "top_k must be >= 0"), ("--min-p", "1.5", "min_p must be in [0, 1]"),
+    ("--repetition-penalty", "0", "repetition_penalty must be > 0"), ("--seed", "-3", "seed must be a non-negative"),
+    ("--temperature", "nan", "temperature must be a finite number"), ("--top-k", "1.5", "'1.5' is not an integer"),
+    ("--max-new-tokens", "0", "'0' is not a number of tokens: give 1 or more"),
+])
+def test_a_bad_sampling_flag_is_a_usage_error_that_names_it(bundle, flag, value, why):
+    for verb in (["chat", str(bundle)], ["generate", str(bundle), "--prompt", "hi"]):
+        result = _nomoat(*verb, flag, value, stdin="hi\n")
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        assert f"error: argument {flag}: {why}" in result.stderr.splitlines()[-1], result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_greedy_is_deterministic_and_sampling_follows_the_seed(bundle):
     model = Model.load(bundle)
     a = model.generate("hello there", 12, temperature=0)
@@ -174,6 +230,97 @@ def test_generation_stops_at_the_context_limit(bundle):
     ids = model.encode("word " * 40)[:90]
     out = list(model.generate_tokens(ids, 50, ignore_eos=True))
     assert len(out) == 96 - 90 + 1  # the last token is sampled from the full cache, not fed back
+
+
+def test_an_answer_cut_off_by_the_context_ends_with_length_and_one_at_a_stop_token_with_stop(bundle):
+    model = Model.load(bundle)
+    ids = model.encode("word " * 40)[:90]
+    first = next(model.generate_tokens(ids, 1, ignore_eos=True))
+    for lookup in (0, 4):
+        # The tiny model never says its stop token on this prompt (greedy): the context ends the answer.
+        events = list(model.stream_ids(ids, 50, stop=(), prompt_lookup=lookup))
+        assert events[-1].finish_reason == "length" and model.session.length == 96, lookup
+        assert not events[-1].stats.stop_token
+        assert len([e for e in events if e.token_id is not None]) == 96 - 90 + 1
+        # A stop token ends it with "stop": here the first token the model picks, made a stop token.
+        stats = GenerationStats()
+        tokens = (model.generate_tokens_lookahead(ids, 50, 4, stats=stats, extra_stop_ids=frozenset({first}))
+                  if lookup else model.generate_tokens(ids, 50, stats=stats, extra_stop_ids=frozenset({first})))
+        assert list(tokens) == [] and stats.stop_token, lookup
+    assert model.generate("word " * 10, 3, temperature=0, raw=True).finish_reason == "length"
+
+
+def test_max_new_tokens_below_one_is_refused(bundle):
+    model = Model.load(bundle)
+    for n in (0, -5):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be at least 1, got {n}"):
+            model.generate("hi", n)
+        with pytest.raises(ValueError, match="at least 1"):
+            next(model.generate_tokens([1, 2], n))
+        with pytest.raises(ValueError, match="at least 1"):
+            next(model.generate_tokens_lookahead([1, 2], n))
+
+
+def test_a_stop_string_that_is_a_special_token_is_matched_as_a_token(bundle):
+    # The detokenizer leaves special tokens out of the text, where a stop string could never see them.
+    model = Model.load(bundle)
+    ids = {t: model.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    assert model._special_token_ids(["<|im_start|>", "<|endoftext|>", "hello", "<|im_start|>x"]) == {
+        ids["<|im_start|>"], ids["<|endoftext|>"]}
+    # Sampled answers of the tiny model say special tokens now and then: find one that does.
+    for seed in range(200):
+        full = model.generate("tell me a story", 40, raw=True, temperature=1.5, seed=seed, stop=[])
+        said = [t for t in SPECIAL_TOKENS if ids[t] in full.token_ids and ids[t] not in model.stop_token_ids]
+        if said:
+            break
+    else:
+        pytest.skip("no sampled answer said a special token")
+    cut = model.generate("tell me a story", 40, raw=True, temperature=1.5, seed=seed, stop=[said[0]])
+    assert cut.finish_reason == "stop"
+    assert cut.token_ids == full.token_ids[:full.token_ids.index(ids[said[0]])]
+
+
+def test_a_second_request_from_a_thread_with_an_open_stream_is_refused_not_a_deadlock(bundle):
+    import signal
+
+    def waited(signum, frame):
+        raise TimeoutError("the second request waited for the lock its own thread holds")
+
+    model = Model.load(bundle)
+    stream = model.stream("hi", 8, temperature=0)
+    next(stream)
+    previous = signal.signal(signal.SIGALRM, waited)  # a deadlock fails the test instead of hanging it
+    signal.alarm(20)
+    try:
+        with pytest.raises(RuntimeError, match="still open: read it to the end or close"):
+            model.generate("hello", 4, temperature=0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    stream.close()
+    assert model.generate("hello", 4, temperature=0).token_ids  # the lock was let go
+
+
+def test_each_completion_keeps_its_own_stats(bundle):
+    model = Model.load(bundle)
+    events = list(model.stream("hi", 5, temperature=0))
+    stats = events[-1].stats
+    assert stats.generated_tokens == len([e for e in events if e.token_id is not None])
+    model.generate("a much longer prompt than the first one", 2, temperature=0)
+    assert model.last_stats is not stats and stats.generated_tokens == len(events) - 1
+
+
+def test_a_chat_keeps_a_whole_turn_when_the_caller_stops_at_its_end(bundle):
+    model = Model.load(bundle)
+    chat = model.chat()
+    for event in chat.stream("hi", 5, temperature=0):
+        if event.finish_reason:
+            break
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    stream = chat.stream("again", 5, temperature=0)
+    next(stream)
+    stream.close()  # before its end: the half turn is not kept
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
 
 
 def test_logits_for_all_positions_match_last_position(bundle):

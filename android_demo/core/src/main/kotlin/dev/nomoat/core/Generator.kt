@@ -25,6 +25,8 @@ class GenerationStats {
     /** Prompt lookup: tokens drafted and checked, and how many of them the model confirmed. */
     var draftedTokens = 0
     var acceptedTokens = 0
+    /** The answer ended at a stop token (finish reason "stop"), not at max new tokens or a full context. */
+    var stopToken = false
 
     val prefillSeconds: Double get() = prefillNanos / 1e9
     val timeToFirstTokenSeconds: Double get() = firstTokenNanos / 1e9
@@ -58,8 +60,8 @@ class GenerationStats {
 /** A finished request: the text shown, the generated ids (stop token excluded), why it ended, what it cost. */
 class Generation(val text: String, val tokenIds: IntArray, val finishReason: String, val stats: GenerationStats) {
     companion object {
-        const val STOP = "stop" // a stop token, a stop string, or the context filled up
-        const val LENGTH = "length" // max new tokens reached
+        const val STOP = "stop" // a stop token or a stop string
+        const val LENGTH = "length" // max new tokens reached, or the context filled up (as OpenAI's API says)
     }
 }
 
@@ -111,8 +113,8 @@ class Generator(
     /**
      * Generate up to [maxNewTokens] tokens after [promptIds]; [onDelta] gets the text as it becomes
      * complete and safe to show (never part of a character or of a possible stop string). Mirrors
-     * Model.stream_ids: finish reason "stop" on a stop token or string (not shown) or a full context,
-     * "length" at max new tokens. With [ignoreEos] stop tokens are generated like any other (benchmarks).
+     * Model.stream_ids: finish reason "stop" on a stop token or string (not shown), "length" at max new
+     * tokens or a full context. With [ignoreEos] stop tokens are generated like any other (benchmarks).
      * [promptLookup] > 0 drafts up to that many tokens a pass from the context (greedy without a
      * repetition penalty only; see [generateTokens]).
      */
@@ -147,7 +149,7 @@ class Generator(
         } else {
             val fed = stops.feed(detok.flush())
             emit(fed.text + if (fed.stopped) "" else stops.flush())
-            if (fed.stopped || ids.size < maxNewTokens) Generation.STOP else Generation.LENGTH
+            if (fed.stopped || stats.stopToken) Generation.STOP else Generation.LENGTH
         }
         return Generation(text.toString(), ids.toIntArray(), reason, stats)
     }
@@ -207,7 +209,10 @@ class Generator(
         var generated = 0
         while (true) {
             val token = sampler.sample(logits, if (penalized) history.copyOf(n) else promptIds)
-            if (token in stopIds && !ignoreEos) break
+            if (token in stopIds && !ignoreEos) {
+                stats.stopToken = true
+                break
+            }
             if (penalized) history[n++] = token
             generated++
             stats.generatedTokens = generated
@@ -242,7 +247,10 @@ class Generator(
         var generated = 0
         // Hands one token on; false when the answer ends with it (a stop token is not passed on).
         fun produce(token: Int, at: Long): Boolean {
-            if (token in stopIds && !ignoreEos) return false
+            if (token in stopIds && !ignoreEos) {
+                stats.stopToken = true
+                return false
+            }
             context[size++] = token
             generated++
             stats.generatedTokens = generated

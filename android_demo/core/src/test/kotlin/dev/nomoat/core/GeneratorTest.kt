@@ -89,7 +89,7 @@ class GeneratorTest {
         val result = generator(forward).generate(IntArray(6) { it }, 10)
         assertEquals("ghi", result.text) // the third token fills position 8: it is shown, never fed
         assertEquals(8, forward.cache.size)
-        assertEquals(Generation.STOP, result.finishReason) // as runtime/model.py: fewer than max new tokens
+        assertEquals(Generation.LENGTH, result.finishReason) // as runtime/model.py and OpenAI: cut off, not finished
     }
 
     @Test

@@ -135,7 +135,8 @@ class LookupTest {
         val fast = generator(FakeForward.endless(maxContext = 60)).generate(prompt, 30, ignoreEos = true, promptLookup = 4)
         assertEquals(60 - prompt.size + 1, plain.tokenIds.size) // the last token needs the last position
         assertArrayEquals(plain.tokenIds, fast.tokenIds)
-        assertEquals(Generation.STOP, fast.finishReason)
+        assertEquals(Generation.LENGTH, plain.finishReason) // cut off by the context, not finished
+        assertEquals(Generation.LENGTH, fast.finishReason)
     }
 
     @Test
