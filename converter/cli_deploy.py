@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"~/{DEFAULT_SSH_REMOTE_DIR} over ssh, where a relative path is taken from the home folder)")
     p.add_argument("--name", default=None,
                    help="folder name of the bundle on the device; None: the bundle folder's name")
+    p.add_argument("--force", action="store_true",
+                   help="replace REMOTE_DIR/NAME even if it is not a bundle (has no manifest.json): what it holds "
+                        "is deleted; without it such a folder is refused before anything is copied")
     p.add_argument("--adb-port", type=int, default=None, metavar="PORT",
                    help="port of the adb server to use (adb -P); None: adb's own (5037 or $ANDROID_ADB_SERVER_PORT)")
     b = p.add_argument_group("benchmark on the device (--bench; needs the nomoat Android app installed on a phone, "
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
             check_remote_runtime(device, args.remote_python)  # before the push, too
         result = deploy_bundle(args.bundle, device, remote_dir, args.name, progress=progress,
-                               android_app=not args.ssh)
+                               android_app=not args.ssh, force=args.force)
         progress(f"deployed {len(result.files)} files, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s "
                  f"({result.mb_per_s:.1f} MB/s) to {result.serial}")
         if not getattr(args, "json", False):
@@ -132,8 +135,15 @@ def connect(args: argparse.Namespace) -> tuple[Device | SshHost, str]:
 
         from .ssh import connect as ssh_connect
 
-        board = ssh_connect(args.ssh, args.ssh_config)
         remote_dir = args.remote_dir or DEFAULT_SSH_REMOTE_DIR
+        if remote_dir.startswith("~") and remote_dir != "~" and not remote_dir.startswith("~/"):
+            from .deploy import DeployError
+
+            # ~user/dir: another user's home, which only the remote shell could look up; taken as a relative
+            # path it would land in $HOME/~user/dir.
+            raise DeployError(f"--remote-dir {remote_dir!r}: only ~ and ~/... (your home folder on the board) are "
+                              "expanded, not ~user; give that folder's absolute path instead.")
+        board = ssh_connect(args.ssh, args.ssh_config)
         if remote_dir == "~" or remote_dir.startswith("~/"):  # as a user would type it; no shell expands it here
             remote_dir = remote_dir[2:]
         return board, remote_dir if remote_dir.startswith("/") else posixpath.join(board.home(), remote_dir)

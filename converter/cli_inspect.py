@@ -25,44 +25,60 @@ def run(args: argparse.Namespace) -> int:
     from nomoat.runtime.errors import BundleError
 
     try:
-        manifest, report, files_ok = read_bundle(args.bundle, check=not args.no_check)
+        manifest, report, files_ok, problems = read_bundle(args.bundle, check=not args.no_check)
     except BundleError as e:
         print(f"nomoat inspect: error: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({"manifest": manifest, "report": report, "files_ok": files_ok}, indent=2))
     else:
-        print(describe(args.bundle, manifest, report, files_ok))
+        print(describe(args.bundle, manifest, report, files_ok, checked=not args.no_check))
+    if files_ok is False:  # shown above, and an exit status a script can test
+        print(f"nomoat inspect: error: {args.bundle} is damaged: {' '.join(problems)}", file=sys.stderr)
+        return 1
     return 0
 
 
-def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[str, Any], bool | None]:
-    """(manifest, report, files match their sha256 — None when not checked). Raises BundleError."""
+def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[str, Any], bool | None, list[str]]:
+    """(manifest, report, files_ok, problems): files_ok is False when a file does not match its sha256
+    or report.json cannot be read (then report is {}), None when the sha256 were not checked and
+    report.json reads; problems says what is damaged. Raises BundleError for a manifest it cannot read."""
     from nomoat.runtime.errors import BundleError
     from nomoat.runtime.manifest import check_files, read_manifest
 
-    manifest = read_manifest(bundle, verify_files=False)  # refuses unknown format versions
+    manifest = read_manifest(bundle, verify_files=False)  # refuses unknown format versions and a bad manifest
     raw = json.loads((Path(bundle) / "manifest.json").read_text())
-    report_file = Path(bundle) / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    files_ok = None
-    if check:
+    files_ok, problems = None, []
+    if check:  # before report.json is read: a truncated one is a damaged file, not a parse error
         try:
             check_files(Path(bundle), manifest.files)
             files_ok = True
-        except BundleError:
-            files_ok = False
-    return raw, report, files_ok
+        except BundleError as e:
+            files_ok, problems = False, [str(e)]
+    report_file = Path(bundle) / "report.json"
+    report: dict[str, Any] = {}
+    if report_file.is_file():
+        try:
+            report = json.loads(report_file.read_text())
+            if not isinstance(report, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            advice = "" if problems else "; copy the bundle again or re-convert."  # said once is enough
+            problems.append(f"report.json cannot be read ({e}){advice}")
+            report, files_ok = {}, False
+    return raw, report, files_ok, problems
 
 
-def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: bool | None) -> str:
+def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: bool | None,
+             checked: bool = True) -> str:
     from .verify import format_quality_table
 
     target = m.get("target", {})
     recipe = target.get("recipe", {})
     estimate = target.get("memory_estimate") or report.get("memory_estimate")
     lines = [
-        f"bundle     {bundle} (format {m['format_version']}, {len(m['files'])} files, {_files_status(files_ok)})",
+        f"bundle     {bundle} (format {m['format_version']}, {len(m['files'])} files, "
+        f"{_files_status(files_ok, checked)})",
         f"model      {_model_line(m['model'])}",
         f"source     {_source_line(m.get('source', {}))}",
         f"target     {target.get('name', '?')}: {target.get('description', '')}",
@@ -91,7 +107,9 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
     return "\n".join(lines)
 
 
-def _files_status(ok: bool | None) -> str:
+def _files_status(ok: bool | None, checked: bool) -> str:
+    if ok is False and not checked:  # report.json unreadable, found without the sha256 check
+        return "DAMAGED: report.json unreadable, copy the bundle again"
     return {True: "sha256 ok", False: "SHA256 MISMATCH: copy the bundle again", None: "sha256 not checked"}[ok]
 
 

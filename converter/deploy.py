@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from .transport import TransportError, last_line
+from .ssh import Reply
+from .transport import TransportError
 
 if TYPE_CHECKING:
     from .adb import Device
     from .ssh import SshHost
 
-    Target = Device | SshHost  # both offer name, shell() and push()
+    Target = Device | SshHost  # both offer name, shell() and push(); see run() for what shell() returns
 
 DEFAULT_REMOTE_DIR = "/data/local/tmp/nomoat"  # writable by adb's shell user on every phone, no root
 MANIFEST_NAME = "manifest.json"
@@ -61,13 +62,16 @@ class DeployResult:
 
 
 def deploy_bundle(bundle: Path, device: Target, remote_dir: str = DEFAULT_REMOTE_DIR, name: str | None = None,
-                  progress: Callable[[str], None] | None = None, android_app: bool = True) -> DeployResult:
+                  progress: Callable[[str], None] | None = None, android_app: bool = True,
+                  force: bool = False) -> DeployResult:
     """Push bundle to REMOTE_DIR/NAME on device (NAME: the bundle folder's name); see the module doc.
 
     android_app: the bundle is for the nomoat Android app, which runs as its own user and keeps
     the KV cache in float32 (so refuse what it cannot load, and make the files readable to it);
     False for a board whose Python runtime (`pip install nomoat`) loads the bundle as the user
     who deployed it.
+    force: replace REMOTE_DIR/NAME even when it is not a bundle (no manifest.json in it); without
+    it such a folder (or file) is refused before anything is copied, as the user's own files.
     """
     bundle = Path(bundle)
     say = progress or (lambda _msg: None)
@@ -78,6 +82,8 @@ def deploy_bundle(bundle: Path, device: Target, remote_dir: str = DEFAULT_REMOTE
     target = posixpath.join(remote_dir, name)
 
     recover_interrupted_deploy(device, remote_dir, name)
+    if not force:
+        check_replaceable(device, target)
     check_free_space(device, remote_dir, sum(f.size for f in files))
     staging = posixpath.join(remote_dir, f".{name}.partial-{secrets.token_hex(4)}")
     try:
@@ -88,7 +94,7 @@ def deploy_bundle(bundle: Path, device: Target, remote_dir: str = DEFAULT_REMOTE
         flush_to_storage(device)
         if android_app:
             make_readable(device, staging)
-        swap_in(device, staging, target)
+        swap_in(device, staging, target, force)
     except BaseException:  # Ctrl-C too: never leave a staging folder behind
         remove_quietly(device, staging)
         raise
@@ -145,15 +151,26 @@ def check_app_can_load(bundle: Path, manifest) -> None:
 # --- on the device ---
 
 
+def run(device: Target, command: str, timeout: float | None = 600) -> Reply:
+    """Run command on the device: (stdout, stderr, exit status). ssh keeps stderr apart (a board's
+    login shell may print notices there, which must not reach what is parsed); adb's shell has one
+    stream on old phones, so there stderr is in stdout and err is ''."""
+    reply = device.shell(command, timeout=timeout)
+    if isinstance(reply, Reply):
+        return reply
+    out, status = reply
+    return Reply(out, "", status)
+
+
 def shell(device: Target, command: str, what: str) -> str:
-    """Run command on the device; its output, or a DeployError saying what failed."""
+    """Run command on the device; its stdout, or a DeployError saying what failed."""
     try:
-        out, status = device.shell(command)
+        reply = run(device, command)
     except TransportError as e:
         raise DeployError(str(e)) from e
-    if status != 0:
-        raise DeployError(f"{what} failed on {device.name} (exit {status}): {last_line(out)}")
-    return out
+    if reply.status != 0:
+        raise DeployError(f"{what} failed on {device.name} (exit {reply.status}): {reply.error()}")
+    return reply.out
 
 
 def recover_interrupted_deploy(device: Target, remote_dir: str, name: str) -> None:
@@ -166,6 +183,35 @@ def recover_interrupted_deploy(device: Target, remote_dir: str, name: str) -> No
           f'if [ -d "$o" ]; then mv "$o" {shlex.quote(name)}; break; fi; done; fi; '
           f"rm -rf {partial}* {old}*",
           "cleaning up after an earlier interrupted deploy")
+
+
+# What check_replaceable's and swap_in's commands exit with when the target is there but not a bundle.
+NOT_A_BUNDLE = 3
+
+
+def _not_a_bundle_test(target: str) -> str:
+    """A shell test that holds when target exists (even as a dangling link) but holds no manifest.json:
+    the user's own folder or file, not a bundle deployed before."""
+    t = shlex.quote(target)
+    return f"{{ [ -e {t} ] || [ -L {t} ]; }} && ! [ -f {shlex.quote(posixpath.join(target, MANIFEST_NAME))} ]"
+
+
+def check_replaceable(device: Target, target: str) -> None:
+    """Refuse, before anything is copied, to replace a REMOTE_DIR/NAME that is not a bundle: the swap
+    removes what was there, and `--remote-dir /home/pi --name Documents` must not wipe a user's files."""
+    try:
+        reply = run(device, f"if {_not_a_bundle_test(target)}; then exit {NOT_A_BUNDLE}; fi", timeout=60)
+    except TransportError as e:
+        raise DeployError(str(e)) from e
+    if reply.status == NOT_A_BUNDLE:
+        raise DeployError(not_a_bundle_message(device, target))
+    if reply.status != 0:
+        raise DeployError(f"checking {target} failed on {device.name} (exit {reply.status}): {reply.error()}")
+
+
+def not_a_bundle_message(device: Target, target: str) -> str:
+    return (f"{target} on {device.name} exists and is not a bundle (it has no {MANIFEST_NAME}); deploying there "
+            "would delete what it holds. Pick another --name or --remote-dir, or pass --force to replace it.")
 
 
 def check_free_space(device: Target, remote_dir: str, needed: int) -> None:
@@ -234,9 +280,10 @@ def verify_on_device(device: Target, staging: str, files: list[BundleFile]) -> N
 
 def _sha256sum(device: Target, staging: str, args: str) -> tuple[str, int]:
     try:
-        return device.shell(f"cd {shlex.quote(staging)} && sha256sum {args}")
+        reply = run(device, f"cd {shlex.quote(staging)} && sha256sum {args}")
     except TransportError as e:
         raise DeployError(str(e)) from e
+    return reply.out, reply.status
 
 
 def parse_sha256sum(text: str) -> dict[str, str]:
@@ -264,24 +311,34 @@ def make_readable(device: Target, staging: str) -> None:
     shell(device, f"chmod -R a+rX {shlex.quote(staging)}", "making the bundle readable for the app")
 
 
-def swap_in(device: Target, staging: str, target: str) -> None:
+def swap_in(device: Target, staging: str, target: str, force: bool = False) -> None:
     """Replace target by staging: the old bundle is moved aside, the new one renamed in, the old removed.
 
     A folder cannot be renamed over a non-empty one, so this is two renames with the old bundle
-    kept until the second one succeeded (and put back if it failed).
+    kept until the second one succeeded (and put back if it failed). Unless force, a target that
+    is not a bundle is left alone here too (check_replaceable refused it before the copy; this
+    covers one made since).
     """
     old = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.old-{secrets.token_hex(4)}")
     t, s, o = shlex.quote(target), shlex.quote(staging), shlex.quote(old)
-    shell(device,
-          f"if [ -e {t} ]; then mv {t} {o} || exit 1; fi; "
-          f"if mv {s} {t}; then rm -rf {o}; else if [ -e {o} ]; then mv {o} {t}; fi; exit 1; fi",
-          f"moving the checked bundle into {target}")
+    guard = "" if force else f"if {_not_a_bundle_test(target)}; then exit {NOT_A_BUNDLE}; fi; "
+    try:
+        reply = run(device,
+                    f"{guard}if [ -e {t} ] || [ -L {t} ]; then mv {t} {o} || exit 1; fi; "
+                    f"if mv {s} {t}; then rm -rf {o}; else if [ -e {o} ]; then mv {o} {t}; fi; exit 1; fi")
+    except TransportError as e:
+        raise DeployError(str(e)) from e
+    if reply.status == NOT_A_BUNDLE and not force:
+        raise DeployError(not_a_bundle_message(device, target))
+    if reply.status != 0:
+        raise DeployError(f"moving the checked bundle into {target} failed on {device.name} "
+                          f"(exit {reply.status}): {reply.error()}")
 
 
 def remove_quietly(device: Target, path: str) -> None:
     """Best effort: the error that got us here matters more than one from cleaning up."""
     try:
-        device.shell(f"rm -rf {shlex.quote(path)}", timeout=60)
+        run(device, f"rm -rf {shlex.quote(path)}", timeout=60)
     except TransportError:
         pass
 

@@ -4,7 +4,9 @@ a Raspberry Pi: run commands with their exit status, copy files, start a benchma
 Going through the user's own ssh means their keys, agent, ~/.ssh/config host aliases and
 known hosts; nothing here speaks the protocol. Every command runs with BatchMode, so a password
 or host-key prompt fails at once with a message instead of waiting on a terminal nobody watches,
-and under `sh -c`, so it means the same whatever the remote user's login shell is.
+and under `sh -c`, so it means the same whatever the remote user's login shell is; with
+keepalives, so a board that drops off the network is given up instead of waited on; and its
+stdout and stderr apart, so what the login shell says on stderr is never parsed.
 """
 
 from __future__ import annotations
@@ -16,17 +18,28 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .transport import TransportError, last_line
 
 # ssh exits with 255 when it could not connect or log in (a remote command's own status otherwise).
 SSH_FAILED = 255
+# A board that drops off the network mid-copy or mid-benchmark is given up after about a minute
+# (4 unanswered probes 15 s apart) instead of leaving ssh waiting on a dead TCP connection.
+KEEPALIVE = ("-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
 
 # What ssh says when it cannot get in, with what to do about it.
 _FIXES = (
     ("Permission denied", "ssh could not log in without a password (nomoat runs it with BatchMode): install your "
                           "key on the board with `ssh-copy-id {host}`, or name the key for this host in "
                           "~/.ssh/config (or in a file given with --ssh-config)"),
+    # Before "Host key verification failed", which ssh prints for this too: here connecting once does not help,
+    # ssh refuses a changed key until the old one is removed.
+    ("REMOTE HOST IDENTIFICATION HAS CHANGED", "the board's host key is not the one this computer knows for it. If "
+                                               "the board was reinstalled (a fresh Raspberry Pi OS image makes new "
+                                               "keys), remove the old key with `{keygen}` and connect once with "
+                                               "`ssh {host}` to accept the new one; if it was not, someone may be "
+                                               "intercepting the connection: do not go on"),
     ("Host key verification failed", "this computer does not know the board's host key yet: connect once with "
                                      "`ssh {host}` and accept it"),
     ("Could not resolve hostname", "check the host name (a Raspberry Pi is often raspberrypi.local) or use its "
@@ -40,6 +53,20 @@ _FIXES = (
 
 class SshError(TransportError):
     """ssh is missing, the board cannot be reached or logged into, or a copy failed."""
+
+
+class Reply(NamedTuple):
+    """What a command on the board printed and its exit status. stdout and stderr are kept apart:
+    a login shell's own notices (`bash: warning: setlocale: ...`) go to stderr and must not end up
+    in what is parsed; stderr is for the error messages."""
+
+    out: str
+    err: str
+    status: int
+
+    def error(self) -> str:
+        """The line that says what went wrong: stderr's last, else stdout's."""
+        return last_line(self.err) if self.err.strip() else last_line(self.out)
 
 
 @dataclass(frozen=True)
@@ -56,14 +83,14 @@ class SshHost:
 
     def command(self, remote: str) -> list[str]:
         """The argv that runs the POSIX shell command `remote` on the board, stdin and stdout passed through."""
-        options = [*(["-F", self.config] if self.config else []), "-T", "-o", "BatchMode=yes"]
+        options = [*(["-F", self.config] if self.config else []), "-T", "-o", "BatchMode=yes", *KEEPALIVE]
         # "--" before the host: a host that starts with "-" cannot be read as an option.
         return [self.ssh, *options, "--", self.host, f"sh -c {shlex.quote(remote)}"]
 
-    def shell(self, command: str, timeout: float | None = 600) -> tuple[str, int]:
-        """Run command with the board's sh; (stdout and stderr, exit status)."""
+    def shell(self, command: str, timeout: float | None = 600) -> Reply:
+        """Run command with the board's sh; (stdout, stderr, exit status)."""
         result = self._run(command, timeout=timeout)
-        return result.stdout + result.stderr, result.returncode
+        return Reply(result.stdout, result.stderr, result.returncode)
 
     def push(self, local: Path, remote: str, timeout: float | None = None) -> None:
         """Copy one file to the board, creating its folder; `cat` on the far side, so the board needs
@@ -77,10 +104,10 @@ class SshHost:
 
     def home(self) -> str:
         """The remote user's home folder (relative --remote-dir paths are taken from it)."""
-        out, status = self.shell('printf "%s" "$HOME"', timeout=60)
-        if status != 0 or not out.startswith("/"):
-            raise SshError(f"could not read $HOME on {self.host} ({last_line(out)}); pass an absolute --remote-dir.")
-        return out
+        reply = self.shell('printf "%s" "$HOME"', timeout=60)
+        if reply.status != 0 or not reply.out.startswith("/"):
+            raise SshError(f"could not read $HOME on {self.host} ({reply.error()}); pass an absolute --remote-dir.")
+        return reply.out
 
     def _run(self, command: str, stdin=subprocess.DEVNULL, timeout: float | None = 600) -> subprocess.CompletedProcess:
         try:
@@ -100,11 +127,23 @@ class SshHost:
 
 def connection_failure(host: str, stderr: str) -> str:
     """ssh's reason for failing, and the fix for it."""
-    said = last_line(stderr)
+    said = last_line(stderr).rstrip(".")  # "Host key verification failed." then ". " would say it twice
+    # ssh names the known_hosts file and the entry to remove when the key changed ("remove with:").
+    keygen = re.search(r"^\s*(ssh-keygen -f .+ -R .+?)\s*$", stderr, re.M)
     for pattern, fix in _FIXES:
         if re.search(pattern, stderr, re.I):
-            return f"ssh to {host} failed: {said}. {fix.format(host=host)}."
+            fix = fix.format(host=host, keygen=keygen.group(1) if keygen else
+                             f"ssh-keygen -R {shlex.quote(known_hosts_name(host))}")
+            return f"ssh to {host} failed: {said}. {fix}."
     return f"ssh to {host} failed: {said}. Check that `ssh {host} true` works in a terminal."
+
+
+def known_hosts_name(host: str) -> str:
+    """How known_hosts names the board of --ssh HOST: without the user, "[host]:port" for another port
+    than 22 (a Host alias stays as it is: only ssh's config knows its HostName)."""
+    rest = host.removeprefix("ssh://").rsplit("@", 1)[-1]
+    name, _, port = rest.rpartition(":") if host.startswith("ssh://") and ":" in rest else (rest, "", "")
+    return f"[{name}]:{port}" if port and port != "22" else name
 
 
 def find_ssh() -> str:

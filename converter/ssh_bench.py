@@ -30,15 +30,16 @@ def check_remote_runtime(board: SshHost, python: str) -> None:
 
     # `python` is a command, not a path (like rsync's --rsync-path): "~/venv/bin/python" or "nice python3" work.
     probe = f"import importlib.metadata as m, {WORKER_MODULE}, onnxruntime; print(m.version('nomoat'))"
-    out, status = board.shell(f"{python} -c {shlex.quote(probe)}", timeout=120)
-    if status == 127:
+    reply = board.shell(f"{python} -c {shlex.quote(probe)}", timeout=120)
+    if reply.status == 127:
         raise DeployError(f"{python!r} is not a command on {board.name}: install Python 3 there, or pass "
                           "--remote-python with the Python that has nomoat (e.g. ~/nomoat-venv/bin/python).")
-    if status != 0:
-        raise DeployError(f"{python} on {board.name} cannot run nomoat's benchmark ({last_line(out)}): "
+    if reply.status != 0:
+        raise DeployError(f"{python} on {board.name} cannot run nomoat's benchmark ({reply.error()}): "
                           f"`{python} -m pip install nomoat` there (README, \"Raspberry Pi\"), or pass "
                           "--remote-python with the Python that has it.")
-    here, there = version("nomoat"), last_line(out)
+    # stdout's last line: a wrapper or an environment manager may print a notice before it.
+    here, there = version("nomoat"), last_line(reply.out)
     if there != here:
         raise DeployError(f"{board.name} has nomoat {there} and this computer {here}; install the same release "
                           f"on both (`{python} -m pip install nomoat=={here}` there) so the benchmark's messages "
@@ -92,11 +93,11 @@ def read_bandwidth_over_ssh(board: SshHost, python: str, threads: Sequence[int],
     """The board's read bandwidth at each thread count (nomoat.runtime.bandwidth run there), for
     the decode-against-ceiling column; {} with a warning if it cannot be had: the rounds matter more."""
     command = f"{python} -m nomoat.runtime.bandwidth {' '.join(str(int(t)) for t in threads)}"
-    out, status = board.shell(command, timeout=300)
+    reply = board.shell(command, timeout=300)
     try:
-        if status != 0:
-            raise ValueError(last_line(out))
-        return {int(t): float(bw) for t, bw in json.loads(last_line(out)).items()}
+        if reply.status != 0:
+            raise ValueError(reply.error())
+        return {int(t): float(bw) for t, bw in json.loads(last_line(reply.out)).items()}
     except (ValueError, AttributeError, TypeError) as e:  # a failed run, not JSON, not a map of rates
         say(f"warning: could not measure the read bandwidth on {board.name} ({e}); the table has no ceiling column")
         return {}

@@ -116,6 +116,7 @@ class WorkerProcess:
         self.ready: dict[str, Any] = {}
         self._proc: subprocess.Popen | None = None
         self._stderr: IO[bytes] | None = None
+        self._noise: list[str] = []  # lines on stdout before the ready message that were no message
 
     def start(self) -> dict[str, Any]:
         """Start the process and wait until the engine is loaded; return its ready message."""
@@ -171,10 +172,20 @@ class WorkerProcess:
         proc.stdin.flush()
 
     def _receive(self, event: str) -> dict[str, Any]:
-        line = self._proc.stdout.readline()
-        if not line:
-            raise BenchError(self._died_message())
-        message = json.loads(line)
+        while True:
+            line = self._proc.stdout.readline()
+            if not line:
+                raise BenchError(self._died_message())
+            message = _message(line)
+            if message is not None:
+                break
+            if self.ready:
+                # Once ready, the worker's stdout is its own protocol stream (fd 1 went to stderr).
+                raise BenchError(f"worker {self.label} printed {line.strip()[:200]!r} on its protocol stream "
+                                 f"while {event!r} was expected; something else writes to its stdout")
+            # Before the ready message, a line that is no message is whatever ran before the worker
+            # took stdout over: a wrapper script, conda or pyenv noting the environment, a login shell.
+            self._noise.append(line.rstrip("\n"))
         if message.get("event") != event:
             raise BenchError(f"worker {self.label} sent {message!r} while {event!r} was expected")
         return message
@@ -185,7 +196,17 @@ class WorkerProcess:
         if self._stderr is not None:
             self._stderr.seek(0)
             tail = self._stderr.read().decode(errors="replace")[-3000:]
-        return f"worker {self.label} ({' '.join(self.argv[:4])} ...) exited with code {code}:\n{tail}"
+        noise = f"before it, on stdout: {' | '.join(self._noise)[-500:]}\n" if self._noise else ""
+        return f"worker {self.label} ({' '.join(self.argv[:4])} ...) exited with code {code}:\n{noise}{tail}"
+
+
+def _message(line: str) -> dict[str, Any] | None:
+    """The worker's message on this line; None for a line that is not one (not a JSON object)."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
 
 
 @dataclass

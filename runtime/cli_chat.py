@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli_generate import add_sampling_arguments, drafts_note, is_template_error, sampling_kwargs
+from .cli_generate import add_sampling_arguments, drafts_note, is_template_error, load_model, sampling_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,10 +26,9 @@ def _stats_line(stats) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .errors import BundleError, ContextOverflowError
-    from .model import Model
 
     try:
-        model = Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
+        model = load_model("chat", args)
     except BundleError as e:
         print(f"nomoat chat: error: {e}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="1 = off; 1.1 discourages repeats")
     p.add_argument("--seed", type=sampling_value("seed", int), default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT appears; repeatable")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the bundle's target)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the bundle's target)")
     p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
                    help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1 (default: none)")
     add_prompt_lookup_argument(p)
@@ -46,15 +46,25 @@ def prompt_lookup(value: str) -> int:
     return n
 
 
-def token_count(value: str) -> int:
-    """argparse type for --max-new-tokens: 1 or more."""
+def _at_least_one(value: str, what: str) -> int:
     try:
         n = int(value)
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of tokens: give 1 or more")
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of {what}: give 1 or more")
     return n
+
+
+def token_count(value: str) -> int:
+    """argparse type for --max-new-tokens: 1 or more."""
+    return _at_least_one(value, "tokens")
+
+
+def thread_count(value: str) -> int:
+    """argparse type for --threads: 1 or more (0 would quietly mean ONNX Runtime's default, all cores; as in
+    `nomoat bench`, it is refused)."""
+    return _at_least_one(value, "threads")
 
 
 def sampling_value(name: str, kind: type) -> Callable[[str], float | int]:
@@ -88,6 +98,29 @@ def ort_options(spec: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def load_model(verb: str, args: argparse.Namespace):
+    """Model.load with the CLI's --threads and --ort-options; an option ONNX Runtime refuses when it
+    creates the session (the key has the right shape, the value is not one it takes) is a one-line
+    usage error, exit 2 like the --ort-options argparse refuses, rather than its traceback."""
+    from .model import Model
+    from .onnx_session import format_ort_options
+
+    try:
+        return Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
+    except Exception as e:
+        if not args.ort_options or not is_onnxruntime_error(e):
+            raise
+        said = " ".join(str(e).split())  # its message can span lines
+        print(f"nomoat {verb}: error: ONNX Runtime refused --ort-options "
+              f"{format_ort_options(args.ort_options.items())}: {said}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def is_onnxruntime_error(error: BaseException) -> bool:
+    """An exception ONNX Runtime raised (Fail, InvalidArgument, ...: its pybind11 classes derive from Exception)."""
+    return type(error).__module__.startswith("onnxruntime")
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
@@ -104,11 +137,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .errors import BundleError, ContextOverflowError
-    from .model import Model
 
+    if args.raw and args.system is not None:
+        # The system message goes into the chat template, which --raw skips: it would be dropped without a word.
+        print("nomoat generate: error: --system needs the chat template, which --raw skips; drop one of them "
+              "(with --raw, write the instructions into the prompt itself)", file=sys.stderr)
+        return 2
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
-        model = Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
+        model = load_model("generate", args)
         for event in model.stream(prompt, args.max_new_tokens, system=args.system, raw=args.raw,
                                   prompt_lookup=args.prompt_lookup, **sampling_kwargs(args)):
             sys.stdout.write(event.text)

@@ -253,6 +253,32 @@ def test_worker_failure_is_reported_with_its_stderr():
         WorkerProcess("broken", local_worker_argv("nomoat.runtime.bench:NoSuchEngine", {})).start()
 
 
+def test_lines_before_the_ready_message_are_skipped():
+    """A wrapper, conda or pyenv printing a notice on stdout before the worker starts (a board's python)."""
+    worker = _worker("noisy")
+    worker.argv = ["sh", "-c", 'echo "conda: base environment activated"; echo; echo "[1, 2]"; exec "$@"', "sh",
+                   *worker.argv]
+    with worker:
+        assert worker.ready["name"] == "sleepy"
+        assert worker.generate([5, 6], 4) == [0, 1, 2, 3]
+
+
+def test_a_line_that_is_no_message_after_ready_is_a_one_line_error():
+    fake = ("import json, sys; print(json.dumps({'event': 'ready', 'name': 'x'}), flush=True); "
+            "sys.stdin.readline(); print('oops, not JSON', flush=True); sys.stdin.readline()")
+    with WorkerProcess("garbled", [sys.executable, "-c", fake]) as worker:
+        with pytest.raises(BenchError) as e:
+            worker.measure([1, 2], 2)
+    said = str(e.value)
+    assert "\n" not in said and "worker garbled printed 'oops, not JSON'" in said and "'round' was expected" in said
+
+
+def test_a_worker_that_dies_after_a_notice_shows_the_notice():
+    worker = WorkerProcess("broken", ["sh", "-c", 'echo "pyenv: python3: command not found"; exit 127'])
+    with pytest.raises(BenchError, match="exited with code 127:\nbefore it, on stdout: pyenv: python3: command"):
+        worker.start()
+
+
 # -- the CLI -------------------------------------------------------------------------------
 
 def _sleepy_worker(config: Config) -> WorkerProcess:

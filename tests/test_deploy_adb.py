@@ -220,6 +220,29 @@ def test_leftovers_of_a_killed_deploy_are_recovered(bundle, padded_bundle, fake,
     assert tree_hashes(remote / "tiny-bundle") == before
 
 
+def test_a_folder_that_is_not_a_bundle_is_refused_before_anything_is_pushed(bundle, fake, remote, adb_server,
+                                                                            capsys):
+    """REMOTE_DIR/NAME without a manifest.json is someone's files, not a bundle deployed before: the swap would
+    delete them. Refused before a push, unless --force."""
+    device, dev = fake
+    photos = remote / "Photos"
+    photos.mkdir(parents=True)
+    (photos / "holiday.jpg").write_bytes(b"\xff\xd8 a photo")
+    assert main(deploy_cli(bundle, dev.serial, adb_server, remote, "--name", "Photos")) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert f"{photos} on {dev.serial} exists and is not a bundle (it has no manifest.json)" in err and "--force" in err
+    assert not [e for e in device.events if e[0] == "SEND"]  # nothing was pushed
+    assert (photos / "holiday.jpg").read_bytes() == b"\xff\xd8 a photo"
+    assert sorted(p.name for p in remote.iterdir()) == ["Photos"]  # no staging folder
+    # A bundle deployed before (it has its manifest.json) is replaced as ever, and --force replaces the folder.
+    deploy_bundle(bundle, dev, str(remote), name="tiny")
+    deploy_bundle(bundle, dev, str(remote), name="tiny")
+    assert main(deploy_cli(bundle, dev.serial, adb_server, remote, "--name", "Photos", "--force")) == 0
+    assert tree_hashes(photos) == tree_hashes(bundle)
+    assert sorted(p.name for p in remote.iterdir()) == ["Photos", "tiny"]
+
+
 def test_not_enough_space_is_a_clear_error_and_nothing_is_pushed(bundle, fake, remote):
     device, dev = fake
     device.df_output = ("Filesystem      1K-blocks    Used Available Use% Mounted on\n"

@@ -26,10 +26,12 @@ from pathlib import Path
 import pytest
 from nomoat.__main__ import main
 from nomoat.converter.deploy import DeployError, deploy_bundle
-from nomoat.converter.ssh import SshError, SshHost, connect
+from nomoat.converter.ssh import Reply, SshError, SshHost, connect, connection_failure
 
 SSHD = "/usr/sbin/sshd"
 ALIAS = "nomoat-board"
+# What bash prints on stderr at each login on a board whose locale is not generated (LC_ALL sent by the client).
+LOCALE_WARNING = "-bash: warning: setlocale: LC_ALL: cannot change locale (en_GB.UTF-8)"
 
 
 def free_port() -> int:
@@ -62,8 +64,9 @@ def client_config(folder: Path, port: int, key: Path, known_hosts: Path, name: s
 
 
 class Board:
-    def __init__(self, folder: Path, port: int, config: Path, process: subprocess.Popen):
+    def __init__(self, folder: Path, port: int, config: Path, process: subprocess.Popen, noisy_config: Path):
         self.folder, self.port, self.config, self.process = folder, port, config, process
+        self.noisy_config = noisy_config  # logs in with a key whose session prints LOCALE_WARNING on stderr first
 
     def cli(self, bundle: Path, remote: Path | str, *extra: str) -> list[str]:
         return ["deploy", str(bundle), "--ssh", ALIAS, "--ssh-config", str(self.config),
@@ -81,7 +84,12 @@ def board(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sshd")
     keygen(folder / "host_key")
     keygen(folder / "client_key")
-    shutil.copy(folder / "client_key.pub", folder / "authorized_keys")
+    keygen(folder / "noisy_key")
+    # The noisy key's sessions run a forced command that prints bash's locale warning on stderr, then the
+    # command asked for: a login shell that complains at every login, whatever the login shell is.
+    forced = f"echo '{LOCALE_WARNING}' >&2; eval \\\"$SSH_ORIGINAL_COMMAND\\\""
+    (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text()
+                                            + f'command="{forced}" ' + (folder / "noisy_key.pub").read_text())
     port = free_port()
     (folder / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\nPidFile {folder / 'sshd.pid'}\n"
@@ -103,8 +111,9 @@ def board(tmp_path_factory):
                 pytest.fail(f"sshd did not start: {(folder / 'sshd.log').read_text()}")
             time.sleep(0.1)
     config = client_config(folder, port, folder / "client_key", folder / "known_hosts")
+    noisy = client_config(folder, port, folder / "noisy_key", folder / "known_hosts", name="ssh_config_noisy")
     try:
-        yield Board(folder, port, config, process)
+        yield Board(folder, port, config, process, noisy)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -265,17 +274,20 @@ def test_a_board_without_the_bandwidth_probe_loses_only_the_ceiling():
             return self.reply
 
     said = []
-    old = Board(("/usr/bin/python3: No module named nomoat.runtime.bandwidth", 1))
+    old = Board(Reply("", "/usr/bin/python3: No module named nomoat.runtime.bandwidth\n", 1))
     assert read_bandwidth_over_ssh(old, "python3", [1, 4], said.append) == {}
     assert old.commands == ["python3 -m nomoat.runtime.bandwidth 1 4"]
     assert "No module named nomoat.runtime.bandwidth" in said[0] and "no ceiling column" in said[0]
-    garbled = Board(("Traceback ...\nnot json", 0))
+    garbled = Board(Reply("not json\n", "", 0))
     assert read_bandwidth_over_ssh(garbled, "python3", [1], said.append) == {} and len(said) == 2
     for reply in ('[4.5e9]', '{"1": null}'):  # JSON, but not a map of rates
-        assert read_bandwidth_over_ssh(Board((reply, 0)), "python3", [1], said.append) == {}
+        assert read_bandwidth_over_ssh(Board(Reply(reply, "", 0)), "python3", [1], said.append) == {}
     assert len(said) == 4
-    ok = Board(('{"1": 4.5e9, "4": 9e9}', 0))
+    ok = Board(Reply('{"1": 4.5e9, "4": 9e9}', "", 0))
     assert read_bandwidth_over_ssh(ok, "python3", [1, 4], said.append) == {1: 4.5e9, 4: 9e9} and len(said) == 4
+    # The rates are read from stdout alone: a login shell's warning on stderr does not cost the column.
+    warned = Board(Reply('{"1": 4.5e9}\n', f"{LOCALE_WARNING}\n", 0))
+    assert read_bandwidth_over_ssh(warned, "python3", [1], said.append) == {1: 4.5e9} and len(said) == 4
 
 
 @pytest.mark.ssh
@@ -358,9 +370,158 @@ def test_no_server_listening_is_refused_with_the_fix(board, bundle, tmp_path, ca
 @pytest.mark.ssh
 def test_shell_reports_output_and_exit_status(board):
     host = board.host()
-    assert host.shell("echo out; echo err >&2; exit 3") == ("out\nerr\n", 3)
+    assert host.shell("echo out; echo err >&2; exit 3") == Reply("out\n", "err\n", 3)
     # Under sh whatever the login shell: POSIX syntax, quotes passed through intact.
-    assert host.shell("x='a b'; printf '%s|' \"$x\" \"it's\"") == ("a b|it's|", 0)
+    assert host.shell("x='a b'; printf '%s|' \"$x\" \"it's\"") == Reply("a b|it's|", "", 0)
+
+
+@pytest.mark.ssh
+def test_a_login_shell_that_warns_on_stderr_garbles_nothing(board, bundle, capsys):
+    """A board whose login prints `bash: warning: setlocale: ...` on stderr: $HOME, the version check, the
+    copy's checks and the bandwidth probe read stdout only; stderr is kept for the error messages."""
+    noisy = connect(ALIAS, str(board.noisy_config))
+    reply = noisy.shell("echo out; echo err >&2; exit 3")
+    assert (reply.out, reply.status) == ("out\n", 3)
+    assert reply.err == f"{LOCALE_WARNING}\nerr\n" and reply.error() == "err"
+    home = board.host().home()
+    assert noisy.home() == home
+    relative = f".cache/nomoat-noisy-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        assert main(["deploy", str(bundle), "--ssh", ALIAS, "--ssh-config", str(board.noisy_config),
+                     "--remote-dir", f"~/{relative}", "--bench", "--prompt-tokens", "8", "--new-tokens", "4",
+                     "--rounds", "1", "--threads", "1", "--remote-python", sys.executable, "--json"]) == 0
+        out, err = capsys.readouterr()
+        report = json.loads(out)
+        assert report["device_path"] == str(Path(home) / relative / "tiny-bundle")  # not $HOME + the warning
+        assert tree_hashes(Path(report["device_path"])) == tree_hashes(bundle)
+        assert report["read_bandwidth_bytes_per_s"]["1"] > 1e8  # the ceiling column is there
+        assert "warning: could not measure" not in err
+    finally:
+        shutil.rmtree(Path(home) / relative, ignore_errors=True)
+    with pytest.raises(DeployError, match=r"checking .* failed on nomoat-board \(exit 1\): .*denied$"):
+        from nomoat.converter.deploy import shell
+
+        shell(noisy, "echo 'cannot write: permission denied' >&2; exit 1", "checking the board")
+
+
+@pytest.mark.ssh
+def test_a_folder_that_is_not_a_bundle_is_refused_before_the_copy(board, bundle, remote, monkeypatch, capsys):
+    """`--remote-dir /home/pi --name Documents` must not wipe the user's Documents; a bundle deployed before
+    is replaced as ever, and --force replaces the folder all the same."""
+    documents = remote / "Documents"
+    documents.mkdir(parents=True)
+    (documents / "thesis.tex").write_text("three years of work")
+    (remote / "notes.txt").write_text("a file, not a folder")
+    real_push, pushed = SshHost.push, []
+
+    def counting_push(self, local, remote_path, timeout=None):
+        pushed.append(local.name)
+        real_push(self, local, remote_path, timeout)
+
+    monkeypatch.setattr(SshHost, "push", counting_push)
+    for name in ("Documents", "notes.txt"):
+        assert main(board.cli(bundle, remote, "--name", name)) == 2
+        err = capsys.readouterr().err
+        assert f"{remote / name} on {ALIAS} exists and is not a bundle (it has no manifest.json)" in err
+        assert "--force" in err and len(err.strip().splitlines()) == 1
+    assert pushed == []  # refused before anything was copied
+    assert (documents / "thesis.tex").read_text() == "three years of work"
+    assert (remote / "notes.txt").read_text() == "a file, not a folder"
+    assert sorted(p.name for p in remote.iterdir()) == ["Documents", "notes.txt"]  # no staging folder
+    assert main(board.cli(bundle, remote, "--name", "Documents", "--force")) == 0
+    assert tree_hashes(documents) == tree_hashes(bundle)
+    assert sorted(p.name for p in remote.iterdir()) == ["Documents", "notes.txt"]
+
+
+@pytest.mark.ssh
+def test_a_python_that_prints_on_stdout_before_the_worker_does_not_break_the_bench(board, bundle, remote, tmp_path,
+                                                                                  capsys):
+    """A conda or pyenv notice, or a wrapper's echo, on stdout before the worker's ready message."""
+    python = tmp_path / "noisy-python"
+    python.write_text(f'#!/bin/sh\necho "conda: base environment activated"\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    assert main(board.cli(bundle, remote, "--bench", "--prompt-tokens", "8", "--new-tokens", "4", "--rounds", "1",
+                          "--threads", "1", "--remote-python", str(python), "--json")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [len(r["rounds"]) for r in report["results"]] == [1]
+    assert report["read_bandwidth_bytes_per_s"]  # the probe's last line is still its JSON
+
+
+@pytest.mark.ssh
+def test_a_changed_host_key_says_how_to_remove_the_old_one(board, tmp_path):
+    keygen(tmp_path / "old_host_key")
+    old = (tmp_path / "old_host_key.pub").read_text().split()
+    (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{board.port} {old[0]} {old[1]}\n")
+    config = client_config(tmp_path, board.port, board.folder / "client_key", tmp_path / "known_hosts")
+    with pytest.raises(SshError) as e:
+        connect(ALIAS, str(config))
+    said = str(e.value)
+    assert said.startswith(f"ssh to {ALIAS} failed: Host key verification failed. the board's host key")
+    assert f'-R "[127.0.0.1]:{board.port}"' in said and "reinstalled" in said and "intercepting" in said
+    assert "and accept it" not in said  # the unknown-key advice, which ssh refuses here
+
+
+# ssh's own words (OpenSSH 9.2) when the known key differs from the board's, e.g. after re-imaging a Pi.
+CHANGED_KEY = """\
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!
+Someone could be eavesdropping on you right now (man-in-the-middle attack)!
+It is also possible that a host key has just been changed.
+The fingerprint for the ED25519 key sent by the remote host is
+SHA256:zc+8pXAI15hYniDj7imGvGDxMGbmllapYKfZhXycZdI.
+Please contact your system administrator.
+Add correct host key in /home/me/.ssh/known_hosts to get rid of this message.
+Offending ED25519 key in /home/me/.ssh/known_hosts:7
+  remove with:
+  ssh-keygen -f "/home/me/.ssh/known_hosts" -R "raspberrypi.local"
+Host key for raspberrypi.local has changed and you have requested strict checking.
+Host key verification failed.
+"""
+
+
+def test_a_changed_host_key_gets_its_own_fix_not_the_unknown_key_one():
+    said = connection_failure("pi@raspberrypi.local", CHANGED_KEY)
+    assert said.startswith("ssh to pi@raspberrypi.local failed: Host key verification failed. the board's")
+    assert "failed.." not in said
+    assert 'remove the old key with `ssh-keygen -f "/home/me/.ssh/known_hosts" -R "raspberrypi.local"`' in said
+    assert "reinstalled" in said and "someone may be intercepting the connection" in said
+    assert "and accept it" not in said
+    # Without ssh's "remove with:" line, the generic command; an unknown key keeps its own advice.
+    without = CHANGED_KEY.replace('  ssh-keygen -f "/home/me/.ssh/known_hosts" -R "raspberrypi.local"\n', "")
+    assert "`ssh-keygen -R raspberrypi.local`" in connection_failure("pi@raspberrypi.local", without)
+    assert "`ssh-keygen -R '[pi.lan]:2222'`" in connection_failure("ssh://me@pi.lan:2222", without)
+    assert "`ssh-keygen -R pi`" in connection_failure("pi", without)
+    unknown = connection_failure("pi", "No ED25519 host key is known for pi and you have requested strict "
+                                       "checking.\nHost key verification failed.\n")
+    assert unknown == ("ssh to pi failed: Host key verification failed. this computer does not know the board's "
+                       "host key yet: connect once with `ssh pi` and accept it.")
+
+
+def test_every_ssh_command_carries_keepalives(monkeypatch, tmp_path):
+    """A board that drops off Wi-Fi mid-copy or mid-benchmark: ssh gives up after 4 unanswered probes 15 s apart."""
+    from nomoat.converter import ssh as ssh_module
+    from nomoat.converter.ssh_bench import worker_argv
+
+    ran = []
+
+    def fake_run(argv, **kwargs):
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 0, b"/home/pi", b"")
+
+    monkeypatch.setattr(ssh_module.subprocess, "run", fake_run)
+    host = SshHost(host="pi", ssh="/usr/bin/ssh", config="/tmp/cfg")
+    host.shell("true")
+    host.home()
+    (tmp_path / "f").write_bytes(b"x")
+    host.push(tmp_path / "f", "/home/pi/nomoat/f")
+    ran.append(worker_argv(host, "python3", {"bundle": "/home/pi/nomoat/b"}))
+    assert len(ran) == 4
+    for argv in ran:
+        options = argv[:argv.index("--")]
+        pairs = {options[i + 1] for i, o in enumerate(options) if o == "-o"}
+        assert {"ServerAliveInterval=15", "ServerAliveCountMax=4", "BatchMode=yes"} <= pairs, argv
 
 
 # -- flag checks: refused before any connection, no sshd needed --
@@ -378,6 +539,16 @@ def test_flags_of_the_other_transport_are_refused(bundle, extra, message, capsys
     monkeypatch.setenv("PATH", "/nonexistent")  # neither adb nor ssh may be run for these
     assert main(["deploy", str(bundle), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("remote_dir", ["~root/nomoat", "~pi", "~other/"])
+def test_a_remote_dir_in_another_users_home_is_refused(bundle, remote_dir, capsys, monkeypatch):
+    """~user is not expanded (no shell sees --remote-dir): it would become $HOME/~user/...; refused before ssh runs."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert main(["deploy", str(bundle), "--ssh", "pi", "--remote-dir", remote_dir]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"nomoat deploy: error: --remote-dir {remote_dir!r}: only ~ and ~/... (your home folder on the "
+                   "board) are expanded, not ~user; give that folder's absolute path instead.\n")
 
 
 def test_adb_and_ssh_are_exclusive(bundle, capsys):

@@ -97,6 +97,25 @@ def test_cli_names_a_bad_ort_option(bundle):
     assert "--ort-options: 'kleidiai' is not an ONNX Runtime session config key" in result.stderr
 
 
+def test_a_value_onnx_runtime_refuses_is_a_one_line_error(bundle):
+    """The key has the right shape (nomoat's check), the value is not one ONNX Runtime takes."""
+    for verb in (["generate", str(bundle), "--prompt", "hi"], ["chat", str(bundle)]):
+        result = _nomoat(*verb, "--ort-options", "session.qdq_matmulnbits_accuracy_level=banana", stdin="hi\n")
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        assert "Traceback" not in result.stderr
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith(f"nomoat {verb[0]}: error: ONNX Runtime refused --ort-options "
+                               "session.qdq_matmulnbits_accuracy_level=banana: "), result.stderr
+
+
+def test_raw_with_a_system_message_is_refused(bundle):
+    """--raw skips the chat template, which is where the system message goes: it would be dropped silently."""
+    result = _nomoat("generate", str(bundle), "--prompt", "hi", "--raw", "--system", "Answer in French.")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("nomoat generate: error: --system needs the chat template, which --raw skips; drop one "
+                             "of them (with --raw, write the instructions into the prompt itself)\n")
+
+
 NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                       "{{ raise_exception('System role not supported') }}{% endif %}"
                       "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
@@ -143,6 +162,8 @@ def test_a_template_that_refuses_the_prompt_is_a_one_line_error_and_the_chat_goe
     ("--repetition-penalty", "0", "repetition_penalty must be > 0"), ("--seed", "-3", "seed must be a non-negative"),
     ("--temperature", "nan", "temperature must be a finite number"), ("--top-k", "1.5", "'1.5' is not an integer"),
     ("--max-new-tokens", "0", "'0' is not a number of tokens: give 1 or more"),
+    ("--threads", "0", "'0' is not a number of threads: give 1 or more"),
+    ("--threads", "-3", "'-3' is not a number of threads: give 1 or more"),
 ])
 def test_a_bad_sampling_flag_is_a_usage_error_that_names_it(bundle, flag, value, why):
     for verb in (["chat", str(bundle)], ["generate", str(bundle), "--prompt", "hi"]):
