@@ -8,11 +8,14 @@ touches an existing one (which is only replaced with --force, after the new one 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from nomoat.runtime.manifest import MANIFEST_NAME, Manifest, sha256_file
@@ -24,25 +27,127 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 REPORT_FILE = "report.json"
 
 
-def check_destination(out: Path, force: bool) -> None:
-    """Refuse an existing output before any work starts (unless --force)."""
+def check_destination(out: Path, force: bool, sources: Iterable[tuple[str, str | Path]] = (),
+                      only_bundles: bool = False) -> Path:
+    """Refuse an existing output before any work starts (unless --force); return it as an absolute path.
+
+    `sources` are (flag, path) pairs of what the conversion reads (--model, --lora): an output that is,
+    holds or lies inside one of them is refused, since replacing it would delete the source. With
+    `only_bundles`, --force replaces only an empty folder or a bundle (one holding manifest.json).
+    """
+    out = Path(os.path.abspath(out))  # '.' and '..' get a name and a parent; symlinks stay as they are
+    if out.resolve() == Path.cwd().resolve() or not out.name:
+        what = "the working directory" if out.name else "the root folder"
+        raise ConversionError(f"--out {out} is {what}, and a bundle replaces its folder whole; name a new "
+                              "folder, e.g. --out ./bundle.")
+    for flag, source in sources:
+        src = Path(source).expanduser()
+        if not src.exists():
+            continue  # a hub id: the load stage resolves it into the Hugging Face cache
+        real, src_real = out.resolve(), src.resolve()
+        where = ("is" if real == src_real else "is inside" if real.is_relative_to(src_real)
+                 else "contains" if src_real.is_relative_to(real) else None)
+        if where:
+            raise ConversionError(f"--out {out} {where} {flag} {source}; writing the bundle there would replace "
+                                  f"the {'model' if flag == '--model' else 'adapter'}'s files. Choose an --out "
+                                  "outside it.")
     if out.exists() and not force:
         raise ConversionError(f"output {out} already exists; choose another --out or pass --force to replace it.")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output {out} exists and is not a directory; remove it or choose another --out.")
+    if out.is_dir() and only_bundles and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ConversionError(f"--force replaces only a bundle or an empty folder, and {out} holds other files "
+                              f"(no {MANIFEST_NAME}); choose another --out, or empty that folder yourself.")
     if not out.parent.exists():
         raise ConversionError(f"the parent folder of {out} does not exist; create it first.")
+    return out
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a conversion, raised like Ctrl-C's KeyboardInterrupt so that the same
+    cleanup runs (the staging folder is removed) and no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def report_interrupt(command: str, e: KeyboardInterrupt) -> int:
+    """One line on stderr for Ctrl-C, SIGTERM or SIGHUP (Interrupted); the exit status, 128 + the signal."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    # Ctrl-C: a new line first, after the terminal's echoed ^C
+    how = f"\nnomoat {command}: interrupted" if signum == signal.SIGINT else \
+        f"nomoat {command}: stopped by {signal.Signals(signum).name}"
+    print(f"{how}; nothing was written", file=sys.stderr)
+    return 128 + signum
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP (a timeout, a CI cancel, a closed terminal) raise Interrupted
+    instead of killing the process, which would leave the staging folder behind. Only signals left at
+    their default action are taken (a SIGHUP that nohup ignores stays ignored); the old handlers come
+    back after. Outside the main thread Python cannot set handlers, and nothing changes."""
+    import threading
+
+    def _raise(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            signum = getattr(signal, name, None)
+            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+                saved[signum] = signal.signal(signum, _raise)
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+_STAGING_INFIX = ".tmp-"
 
 
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
-    """A temp dir on the same filesystem as `out`, removed if the block fails."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    """A temp dir on the same filesystem as `out`, removed if the block fails.
+
+    Its name holds this process's id (`.OUT.tmp-PID-xxxx`), so a later conversion can tell a folder
+    left by a killed one (remove_stale_staging) from one still being written.
+    """
+    out = Path(os.path.abspath(out))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING_INFIX}{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging folders of `out` whose process is gone (killed before it could clean up)."""
+    out = Path(os.path.abspath(out))
+    removed = []
+    prefix = f".{out.name}{_STAGING_INFIX}"
+    for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -66,9 +171,22 @@ def _sync_files(folder: Path) -> None:
                 os.close(fd)
 
 
+def _open_permissions(folder: Path) -> None:
+    """What a plain mkdir and open would have given (0777 / 0666 less the umask): mkdtemp makes the
+    folder 0700, and some writers make files 0600, which a service running as another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
 def move_into_place(staging: Path, out: Path, force: bool) -> Path:
     """One rename; an existing `out` (allowed by --force) is moved aside first and removed after."""
+    out = Path(os.path.abspath(out))
     _sync_files(staging)
+    _open_permissions(staging)
     if not out.exists():
         staging.rename(out)
         return out

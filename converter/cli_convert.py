@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default per quant: {_gate_defaults()})")
     p.add_argument("--skip-verify", action="store_true",
                    help="skip the quality check (recorded in report.json and shown by `nomoat inspect`)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it is a bundle (holds manifest.json) or an empty folder")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -93,4 +94,8 @@ def run(args: argparse.Namespace) -> int:
     except ConversionError as e:
         print(f"nomoat convert: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (bundle.Interrupted): the staging folder is gone
+        from .bundle import report_interrupt
+
+        return report_interrupt("convert", e)
     return 0

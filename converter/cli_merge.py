@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split model.safetensors into shards of at most this size (e.g. 500MB, 2GB)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true",
+                   help=f"replace --out if it is an earlier merge's folder (holds {REPORT_FILE}) or empty")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -39,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     except ConversionError as e:
         print(f"nomoat merge: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (bundle.Interrupted): the staging folder is gone
+        from .bundle import report_interrupt
+
+        return report_interrupt("merge", e)
     return 0
 
 
@@ -53,23 +58,37 @@ def parse_size(text: str) -> int:
 def merge_to_hf_dir(model: str | Path, loras: list[AdapterRef], out: Path, force: bool = False,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
     """Load, merge, and write the HF folder atomically (temp folder beside `out`, then one rename)."""
-    from .bundle import check_destination, move_into_place, staging_dir, write_json
+    from .bundle import (
+        check_destination,
+        move_into_place,
+        remove_stale_staging,
+        signals_interrupt,
+        staging_dir,
+        write_json,
+    )
     from .load import load_checkpoint
     from .merge import merge_adapters
 
-    out = Path(out)
-    check_destination(out, force)
-    _progress(f"load {model}", progress)
-    ckpt = load_checkpoint(model)
-    reports = []
-    if loras:
-        _progress(f"merge {len(loras)} LoRA adapter(s) in fp32", progress)
-        reports = merge_adapters(ckpt, loras)
-    with staging_dir(out) as staging:
-        _progress(f"write {out}", progress)
-        write_hf_dir(ckpt, staging, max_shard_bytes)
-        write_json(staging / REPORT_FILE, {"source": ckpt.source, "adapters": [r.to_dict() for r in reports]})
-        move_into_place(staging, out, force)
+    # The model and the adapters are what --force would otherwise delete when --out names them.
+    sources = [("--model", model), *(("--lora", ref.path) for ref in loras)]
+    out = check_destination(Path(out), force, sources=sources)
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_FILE).is_file():
+        raise ConversionError(f"--force replaces only an earlier merge's folder (with its {REPORT_FILE}) or an "
+                              f"empty one, and {out} holds other files; choose another --out, or empty it yourself.")
+    with signals_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: the staging folder goes with them
+        for stale in remove_stale_staging(out):
+            _progress(f"removed {stale.name}, left by a merge that was killed", progress)
+        _progress(f"load {model}", progress)
+        ckpt = load_checkpoint(model)
+        reports = []
+        if loras:
+            _progress(f"merge {len(loras)} LoRA adapter(s) in fp32", progress)
+            reports = merge_adapters(ckpt, loras)
+        with staging_dir(out) as staging:
+            _progress(f"write {out}", progress)
+            write_hf_dir(ckpt, staging, max_shard_bytes)
+            write_json(staging / REPORT_FILE, {"source": ckpt.source, "adapters": [r.to_dict() for r in reports]})
+            move_into_place(staging, out, force)
     return out
 
 

@@ -94,28 +94,41 @@ def fit_recipe(spec: ModelSpec, recipe: Recipe, target: Target, mode: str) -> tu
 
 
 def convert(opts: ConvertOptions) -> Path:
-    """Run every stage and return the bundle path. Raises ConversionError on bad input."""
+    """Run every stage and return the bundle path. Raises ConversionError on bad input, and
+    KeyboardInterrupt on Ctrl-C (bundle.Interrupted, a subclass, on SIGTERM/SIGHUP) with nothing written."""
+    from .bundle import signals_interrupt
+
+    with signals_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: the staging folder goes with them
+        _convert(opts)
+    return Path(opts.out)
+
+
+def _convert(opts: ConvertOptions) -> None:
     import time
 
-    from .bundle import check_destination, staging_dir
+    from .bundle import check_destination, remove_stale_staging, staging_dir
     from .load import load_checkpoint
     from .merge import merge_adapters
     from .peek import peek_spec
     from .verify import read_eval_text
 
-    out = Path(opts.out)
-    check_destination(out, opts.force)
+    sources = [("--model", opts.model), *(("--lora", ref.path) for ref in opts.loras)]
+    out = check_destination(Path(opts.out), opts.force, sources=sources, only_bundles=True)
     target, recipe = plan(opts)
     eval_text = None if opts.skip_verify else read_eval_text(opts.eval_text)  # a bad path fails before any work
     t0 = _T0[0] = time.perf_counter()
+    for stale in remove_stale_staging(out):
+        _stage(f"removed {stale.name}, left behind by a conversion that was killed", opts.progress)
     _stage(f"plan for {target.name}: {_describe(recipe)}", opts.progress)
 
     spec = peek_spec(opts.model)
     if spec is not None:  # refuse what cannot fit before reading any weights
+        spec.check_exportable()
         recipe, _ = fit_recipe(spec, recipe, target, opts.fit)
 
     _stage(f"load {opts.model}", opts.progress)
     ckpt = load_checkpoint(opts.model)
+    ckpt.spec.check_exportable()
     _check_chat_template(ckpt.tokenizer)
     adapters = []
     if opts.loras:
@@ -136,7 +149,6 @@ def convert(opts: ConvertOptions) -> Path:
         from .verify import format_quality_table
 
         print(format_quality_table(report["quality"]), file=sys.stderr, flush=True)
-    return out
 
 
 def _describe(recipe: Recipe) -> str:

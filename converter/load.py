@@ -83,6 +83,13 @@ def _unrecognised_dir_message(p: Path, names: list[str], ggufs: list[str]) -> st
         )
     if "config.json" in names:
         return f"{p} has config.json but no *.safetensors weights; the download is incomplete: fetch them."
+    if any(n.startswith("consolidated") and n.endswith(".safetensors") for n in names):
+        return (
+            f"{p} is in Mistral's native layout (params.json + consolidated.safetensors), which nomoat does not "
+            "read. Download the model's Hugging Face files instead (config.json, model*.safetensors and the "
+            "tokenizer files, e.g. `hf download REPO --include 'config.json' 'model*.safetensors' 'tokenizer*' "
+            "--local-dir DIR`) and point --model at that folder."
+        )
     if "params.json" in names:
         return f"{p} has params.json but no consolidated.*.pth weights; copy the Meta weights next to it."
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "nothing"

@@ -180,6 +180,12 @@ def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> Mode
             "use a model without rope scaling."
         )
     rope_theta = float(key("rope.freq_base", 10000.0))
+    biased = sorted({m[2] for name in raw if (m := _BLOCK.fullmatch(name)) and m[2].endswith(".bias")})
+    if biased and arch != "qwen2":
+        raise ConversionError(
+            f"the GGUF's {arch} blocks carry biases ({', '.join(biased)}); nomoat converts LLaMA blocks without "
+            "biases (and Qwen2's q/k/v biases). Use a GGUF of a model without them."
+        )
     return ModelSpec(
         architecture=arch,
         # the embedding's rows are the truth: llama.cpp may pad the vocabulary metadata
@@ -194,6 +200,9 @@ def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> Mode
         rope_theta=rope_theta,
         max_position_embeddings=int(key("context_length", 2048)),
         tie_word_embeddings="output.weight" not in raw,
+        # Qwen2 has q/k/v biases (transformers' Qwen2 always does: the reference needs them too); the load
+        # refuses a qwen2 GGUF without them, as it does a Hugging Face Qwen2 folder.
+        attention_bias=arch == "qwen2",
         rope_scaling=_llama3_scaling(raw[_ROPE_FREQS], head_dim, rope_theta) if _ROPE_FREQS in raw else None,
     )
 

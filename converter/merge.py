@@ -25,7 +25,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from .errors import ConversionError
@@ -95,6 +95,9 @@ class AdapterReport:
     modules: list[str] = field(default_factory=list)  # LoRA/DoRA-updated modules
     replaced: list[str] = field(default_factory=list)  # modules given full new weights
     notices: list[str] = field(default_factory=list)
+    # The adapter folder's own chat template (TRL saves the tokenizer next to the adapter): a file the
+    # merge does not use, the bundle keeping the base model's template.
+    ignored_chat_template: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -175,6 +178,9 @@ def merge_adapters(ckpt: Checkpoint, adapters: list[AdapterRef],
     """
     parsed = [read_adapter(ref, ckpt) for ref in adapters]
     for adapter in parsed:
+        for message in adapter.report.notices:  # what reading found; the merge's own come as they happen
+            notify(message)
+    for adapter in parsed:
         _apply(ckpt, adapter, notify)
     return [adapter.report for adapter in parsed]
 
@@ -211,6 +217,8 @@ def _validate(updates: list[Update], ckpt: Checkpoint, report: AdapterReport) ->
         raise ConversionError(f"{report.path}: the adapter holds no LoRA weights and no replacement weights.")
     # In the model's own order, so "the first bad module" is the one nearest the input.
     order = {name: i for i, name in enumerate([*ckpt.spec.expected_shapes(), LM_HEAD])}
+    for u in updates:  # a resized vocabulary first: its message says what to do, a shape mismatch would not
+        _check_vocabulary(u.target, u.delta_shape(), ckpt, report.path)
     for u in sorted(updates, key=lambda u: order.get(u.target, len(order))):
         module = u.target.removesuffix(".weight")
         current = _current(ckpt, u.target)
@@ -315,7 +323,11 @@ _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?!weight$|bias$)[^.]+)?(?:\.weight)?$"
 )
-_SAVED_COPY = re.compile(r"^(?P<module>.+)\.(?:base_layer|modules_to_save\.[^.]+)\.(?P<param>weight|bias)$")
+# Copies of whole layers: base_layer (the base weight under a LoRA), modules_to_save (the trained full
+# weight; PEFT drops the adapter's name from `modules_to_save.default` when the embedding layers are saved
+# whole, as after resize_token_embeddings), original_module (the base weight the training started from).
+_SAVED_COPY = re.compile(r"^(?P<module>.+)\.(?P<kind>base_layer|modules_to_save(?:\.[^.]+)?|original_module)"
+                         r"\.(?P<param>weight|bias)$")
 
 
 def _read_peft(path: Path, ckpt: Checkpoint) -> tuple[AdapterReport, list[Update]]:
@@ -335,6 +347,8 @@ def _read_peft(path: Path, ckpt: Checkpoint) -> tuple[AdapterReport, list[Update
                               "ignores it for LLaMA's nn.Linear layers too.")
     lora, replacements = _group_peft_keys(tensors, ckpt, path)
     _check_config_targets(config, ckpt, path)
+    _note_chat_template(path, ckpt, report)
+    _note_base_model(path, ckpt, report)
     updates: list[Update] = [_lora_update(module, parts, config, report, path) for module, parts in lora.items()]
     return report, updates + replacements
 
@@ -430,8 +444,26 @@ def _group_peft_keys(tensors: dict[str, Any], ckpt: Checkpoint,
                 f"{path}: adapter key {key!r} matches no weight of this {ckpt.spec.architecture} model and is not a "
                 "LoRA weight; the adapter was made for another model or by a tool nomoat does not know."
             )
+        if m and m["kind"] == "original_module":
+            _check_vocabulary(target, tuple(value.shape), ckpt, path)  # the base it started from: its size tells
+            continue
         replacements.append(Replacement(target, value.float()))
     return lora, replacements
+
+
+def _check_vocabulary(target: str, shape: tuple[int, ...], ckpt: Checkpoint, path: Path | str) -> None:
+    """An embedding or LM head of another row count than the model's (`shape` as the tensor is stored):
+    the adapter was trained after resize_token_embeddings, with a tokenizer of its own."""
+    current = _current(ckpt, target)
+    if target not in (EMBED, LM_HEAD) or current is None or len(shape) != 2:
+        return
+    rows, cols = (int(d) for d in shape)
+    if cols == current.shape[1] and rows != current.shape[0]:
+        raise ConversionError(
+            f"{path}: the adapter changed the vocabulary ({current.shape[0]} -> {rows} rows of "
+            f"{target.removesuffix('.weight')}): merge it with PEFT together with its tokenizer (merge_and_unload, "
+            "save_pretrained) and convert that folder."
+        )
 
 
 def _resolve_tensor(name: str, ckpt: Checkpoint) -> str | None:
@@ -491,6 +523,63 @@ def _rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     """PEFT's get_pattern_key: the first key whose regex matches the end of the module name."""
     return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+
+
+def _note_chat_template(path: Path, ckpt: Checkpoint, report: AdapterReport) -> None:
+    """An adapter folder with a chat template of its own (TRL's SFTTrainer saves the tokenizer it trained
+    with next to the adapter): a merge moves weights only, so say that the bundle keeps the base's."""
+    from .load_hf import read_chat_template
+
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    template = read_chat_template(path, config if isinstance(config, dict) else {})
+    if not template or template == ckpt.tokenizer.chat_template:
+        return
+    name = "chat_template.jinja" if (path / "chat_template.jinja").exists() else "tokenizer_config.json"
+    report.ignored_chat_template = str(path / name)
+    kept = "the base model's chat template" if ckpt.tokenizer.chat_template else \
+        "the base model's tokenizer, which has no chat template (ChatML at run time)"
+    report.notices.append(
+        f"{path / name} holds a chat template of its own, unlike the base model's; the merge uses only the "
+        f"adapter's weights, so the bundle keeps {kept}. To ship the adapter's template, `nomoat merge` the "
+        "adapter, copy its tokenizer files into the merged folder and convert that folder."
+    )
+
+
+def _note_base_model(path: Path, ckpt: Checkpoint, report: AdapterReport) -> None:
+    """adapter_config.json naming another base model than the one converted: worth a word, not a refusal
+    (the same model sits at different local paths, and a fine-tune of it fits as well)."""
+    named, model_path = report.base_model, ckpt.source.get("path")
+    if not named or not model_path:
+        return
+    theirs = _loose_name(PurePath(str(named).rstrip("/\\")).name)
+    ours = _model_names(Path(str(model_path)))
+    if not theirs or not ours or any(_names_match(theirs, name) for name in ours):
+        return
+    report.notices.append(
+        f"{path}: adapter_config.json says the adapter was trained on {named!r}, but the model converted is "
+        f"{model_path}; if that is another model, the merged weights fit by shape but are wrong."
+    )
+
+
+def _model_names(path: Path) -> set[str]:
+    """Loose names of the model at `path`: its folder or file name, and the repo of a Hugging Face cache
+    snapshot (hub/models--ORG--NAME/snapshots/<commit>)."""
+    names = {path.stem if path.suffix.lower() == ".gguf" else path.name}
+    names |= {part.split("--")[-1] for part in path.parts if part.startswith("models--")}
+    return {n for n in map(_loose_name, names) if n}
+
+
+def _loose_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _names_match(a: str, b: str) -> bool:
+    """Equal, or one inside the other (a GGUF's name adds its quantization: smollm2135minstructq80)."""
+    short, long = sorted((a, b), key=len)
+    return short == long or (len(short) >= 4 and short in long)
 
 
 def _check_config_targets(config: dict[str, Any], ckpt: Checkpoint, path: Path) -> None:

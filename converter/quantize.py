@@ -43,6 +43,7 @@ QUANT_TYPES = ("fp32", "int8", "int4")
 # gptq: each channel's rounding error pushed onto the channels not yet quantized (gptq.py), with
 # the imatrix search choosing each block's grid.
 ALGORITHMS = ("imatrix", "gptq", "mse", "rtn")
+SMOOTHING_ALGORITHMS = ("imatrix", "gptq")  # the ones with a calibration to smooth by
 EMBEDDING_NODE = "embed_tokens"
 LM_HEAD_NODE = "lm_head"
 # The linear layers by role, as the graph names them (layers.N.attn.qkv_proj, ..., lm_head).
@@ -102,7 +103,7 @@ class QuantRecipe:
     @property
     def smooths(self) -> bool:
         """Whether the smooth stage runs: it needs the calibration's importance, and 8 bits gain nothing."""
-        return self.smoothing and self.weights == "int4" and self.algorithm in ("imatrix", "gptq")
+        return self.smoothing and self.weights == "int4" and self.algorithm in SMOOTHING_ALGORITHMS
 
     @property
     def bits(self) -> int:

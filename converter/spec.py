@@ -15,6 +15,10 @@ from .errors import ConversionError
 # model_type values whose decoder is the LLaMA block we export (RMSNorm, rotate-half
 # RoPE, SwiGLU MLP, grouped-query attention). Anything else is refused by name.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# ONNX Runtime's GroupQueryAttention (CPU, rotary inside), which every bundle runs attention with, takes
+# head sizes that are multiples of 16 only: with onnxruntime 1.32, head_dim 8, 20, 24 and 40 fail at run
+# time ("head_size shall be a multiple of 16"), 16, 32, 48, 64, 80, 96, 112, 128, 160, 256 and 512 run.
+ONNX_HEAD_DIM_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,16 @@ class ModelSpec:
             )
         if self.head_dim % 2:
             raise ConversionError(f"head_dim {self.head_dim} is odd; rotary embeddings need an even size.")
+
+    def check_exportable(self) -> None:
+        """Refuse a model the ONNX export cannot run, before any weights are read (`nomoat merge` needs no ONNX)."""
+        if self.head_dim % ONNX_HEAD_DIM_MULTIPLE:
+            raise ConversionError(
+                f"head_dim {self.head_dim} is not supported: ONNX Runtime's GroupQueryAttention, which a bundle "
+                f"runs attention with, takes head sizes that are multiples of {ONNX_HEAD_DIM_MULTIPLE} only "
+                "(16, 32, 48, 64, 80, 96, 128, ...; LLaMA, Mistral and Qwen2 models use 64 or 128). "
+                "This model cannot be converted."
+            )
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelSpec:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -54,12 +54,14 @@ class QualityReport:
     ppl_increase_percent: float
     mean_kl: float
     top1_agreement: float
-    greedy_tokens_per_prompt: int
-    greedy_agreement: float  # share of prompts whose greedy continuation matches exactly
-    greedy_first_divergence: list[int]  # per prompt: index of the first differing token (-1 = none)
+    greedy_tokens_per_prompt: int  # asked for; a prompt near the end of the context gets fewer
+    greedy_agreement: float  # share of the prompts checked whose greedy continuation matches exactly
+    greedy_first_divergence: list[int]  # per prompt checked: index of the first differing token (-1 = none)
     max_ppl_increase_percent: float
     passed: bool
     seconds: float
+    greedy_tokens: list[int] = field(default_factory=list)  # per prompt checked: tokens compared (fit the context)
+    greedy_skipped: list[str] = field(default_factory=list)  # prompts that do not fit --max-context, with why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,16 +139,27 @@ def _perplexity_stats(model, reference, windows: list[list[int]]) -> LogitStats:
     return stats
 
 
-def _greedy_divergences(model, reference, n_tokens: int) -> list[int]:
+def _greedy_divergences(model, reference, n_tokens: int) -> tuple[list[int], list[int], list[str]]:
+    """(first divergence, tokens compared) per prompt that fits the context, and the prompts that do not.
+
+    A prompt and its continuation must fit the bundle's context: the continuation is cut to the room
+    left, and a prompt that leaves none is skipped (a --max-context below the chat prompts' length).
+    """
     from .reference import greedy_tokens as reference_greedy
 
-    divergences = []
+    divergences, lengths, skipped = [], [], []
     for prompt in GREEDY_PROMPTS:
         prompt_ids = model.prompt_ids(prompt)
-        ref_out = reference_greedy(reference, prompt_ids, n_tokens)
-        got = list(model.generate_tokens(prompt_ids, n_tokens, ignore_eos=True))
+        n = min(n_tokens, model.max_context - len(prompt_ids))
+        if n < 1:
+            skipped.append(f"{prompt!r}: {len(prompt_ids)} tokens with the chat template, and the context holds "
+                           f"{model.max_context}")
+            continue
+        ref_out = reference_greedy(reference, prompt_ids, n)
+        got = list(model.generate_tokens(prompt_ids, n, ignore_eos=True))
         divergences.append(next((i for i, (a, b) in enumerate(zip(ref_out, got, strict=False)) if a != b), -1))
-    return divergences
+        lengths.append(n)
+    return divergences, lengths, skipped
 
 
 def _split_cores() -> tuple[int, int]:
@@ -171,16 +184,23 @@ def verify_bundle(bundle_dir: Path, reference, quant: str, eval_text: str | None
 
     start = time.perf_counter()
     torch_threads, ort_threads = _split_cores()
-    model = Model.load(bundle_dir, threads=ort_threads, verify_checksums=False)
-    ids = model.encode(default_eval_text() if eval_text is None else eval_text, add_bos=None)[:max_eval_tokens]
-    if len(ids) < 16:
-        raise ConversionError(f"the evaluation text is only {len(ids)} tokens; give at least a paragraph.")
-    window = min(window, model.max_context)
     saved = torch.get_num_threads()
-    torch.set_num_threads(torch_threads)
     try:
+        model = Model.load(bundle_dir, threads=ort_threads, verify_checksums=False)
+        ids = model.encode(default_eval_text() if eval_text is None else eval_text, add_bos=None)[:max_eval_tokens]
+        if len(ids) < 16:
+            raise ConversionError(f"the evaluation text is only {len(ids)} tokens; give at least a paragraph.")
+        window = min(window, model.max_context)
+        torch.set_num_threads(torch_threads)
         ppl_ref, ppl_got, kl, top1 = _perplexity_stats(model, reference, eval_windows(ids, window)).result()
-        divergences = _greedy_divergences(model, reference, greedy_tokens)
+        divergences, lengths, skipped = _greedy_divergences(model, reference, greedy_tokens)
+    except ConversionError:
+        raise
+    except Exception as e:  # ONNX Runtime, the runtime or torch: name it instead of a traceback
+        raise ConversionError(
+            f"the quality check failed with {type(e).__name__}: {e}. No bundle was written. This is a bug in "
+            "nomoat or ONNX Runtime for this model: please report it (--skip-verify writes the bundle unchecked)."
+        ) from e
     finally:
         torch.set_num_threads(saved)
 
@@ -190,9 +210,10 @@ def verify_bundle(bundle_dir: Path, reference, quant: str, eval_text: str | None
         eval_source=eval_source, eval_tokens=len(ids), eval_window=window, ppl_reference=ppl_ref,
         ppl_bundle=ppl_got, ppl_increase_percent=increase, mean_kl=kl, top1_agreement=top1,
         greedy_tokens_per_prompt=greedy_tokens,
-        greedy_agreement=sum(d == -1 for d in divergences) / len(divergences),
+        greedy_agreement=sum(d == -1 for d in divergences) / max(len(divergences), 1),
         greedy_first_divergence=divergences, max_ppl_increase_percent=limit,
         passed=bool(np.isfinite(ppl_got)) and increase <= limit, seconds=round(time.perf_counter() - start, 1),
+        greedy_tokens=lengths, greedy_skipped=skipped,
     )
     if not report.passed:
         raise ConversionError(
@@ -209,7 +230,16 @@ def greedy_same(q: dict) -> str:
     A count, not a percentage: "0%" read like a failure, where near-ties part greedy paths early
     in every int4 model."""
     divergences = q["greedy_first_divergence"]
+    if not divergences:
+        return "not checked"
     return f"{sum(d == -1 for d in divergences)} of {len(divergences)} same"
+
+
+def _greedy_tokens_label(q: dict) -> str:
+    """'32 tokens', or '15-32 tokens' when the context cut some continuations short."""
+    lengths = q.get("greedy_tokens") or [q["greedy_tokens_per_prompt"]]
+    low, high = min(lengths), max(lengths)
+    return f"{high} tokens" if low == high else f"{low}-{high} tokens"
 
 
 def format_quality_table(q: dict) -> str:
@@ -217,6 +247,9 @@ def format_quality_table(q: dict) -> str:
     if q.get("skipped"):
         return "quality    not verified (--skip-verify)"
     div = ", ".join("same" if d == -1 else f"differs at {d}" for d in q["greedy_first_divergence"])
+    skipped = q.get("greedy_skipped") or []
+    if skipped:
+        div += f"{', ' if div else ''}{len(skipped)} prompt(s) longer than the context skipped"
     verdict = "passed" if q["passed"] else "FAILED"
     return "\n".join([
         f"quality    {q['eval_tokens']} tokens of {q['eval_source']} text (windows of {q['eval_window']}), "
@@ -226,6 +259,6 @@ def format_quality_table(q: dict) -> str:
         f"{q['ppl_increase_percent']:+8.2f}%  (limit +{q['max_ppl_increase_percent']:g}%: {verdict})",
         f"           {'mean KL':18} {'':>10} {q['mean_kl']:10.4f}",
         f"           {'top-1 agreement':18} {'':>10} {q['top1_agreement']:10.1%}",
-        f"           {'greedy, ' + str(q['greedy_tokens_per_prompt']) + ' tokens':18} {'':>10}"
+        f"           {'greedy, ' + _greedy_tokens_label(q):18} {'':>10}"
         f"{greedy_same(q):>11}  ({div})",
     ])

@@ -226,6 +226,27 @@ def test_qwen2_gguf_is_not_unpermuted_and_keeps_biases(qwen2_dir, tmp_path):
     assert_same_logits(ckpt, qwen2_dir)
 
 
+def test_qwen2_gguf_bundle_keeps_the_attention_biases(qwen2_dir, tmp_path):
+    """The spec must say attention_bias, or the ONNX graph leaves the q/k/v biases out: another model."""
+    import numpy as np
+    from nomoat.converter.convert import ConvertOptions, convert
+    from nomoat.runtime import Model
+
+    gguf = write_gguf_from_hf(qwen2_dir, tmp_path / "qwen2.gguf")
+    bundle = convert(ConvertOptions(model=str(gguf), out=tmp_path / "b", quant="fp32", max_context=64,
+                                    progress=False, skip_verify=True))
+    np.testing.assert_allclose(Model.load(bundle).logits(PROMPT_IDS),
+                               logits(reference_model(qwen2_dir), PROMPT_IDS).numpy(), atol=1e-4, rtol=1e-4)
+    assert load_checkpoint(gguf).spec == ModelSpec.from_hf_config(json.loads((qwen2_dir / "config.json").read_text()))
+
+
+def test_llama_gguf_with_attention_biases_is_refused(qwen2_dir, tmp_path):
+    # llama.cpp's 'llama' blocks may carry q/k/v biases; exported without them it would be another model
+    gguf = write_gguf_from_hf(qwen2_dir, tmp_path / "biased-llama.gguf", architecture="llama")
+    with pytest.raises(ConversionError, match=r"llama blocks carry biases \(attn_k.bias, attn_q.bias, attn_v.bias\)"):
+        load_checkpoint(gguf)
+
+
 def test_gguf_llama3_rope_freqs_become_rope_scaling(tmp_path):
     llama3 = {
         "rope_type": "llama3",
@@ -375,6 +396,21 @@ def test_meta_dir_without_tokenizer_is_refused(tmp_path, llama_dir):
     (meta / "tokenizer.json").unlink()
     with pytest.raises(ConversionError, match="no tokenizer.json .* put it next to consolidated"):
         load_checkpoint(meta)
+
+
+def test_mistral_native_layout_asks_for_the_hugging_face_files(tmp_path):
+    """mistral-inference's download: params.json + consolidated.safetensors + tokenizer.model.v3, no .pth."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128,
+                                                      "n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5,
+                                                      "vocab_size": 400, "rope_theta": 1e6}))
+    save_file({"tok_embeddings.weight": torch.zeros(400, 64)}, str(tmp_path / "consolidated.safetensors"))
+    (tmp_path / "tokenizer.model.v3").write_bytes(b"")
+    with pytest.raises(ConversionError, match=r"Mistral's native layout .* Hugging Face files instead \(config\.json, "
+                                              r"model\*\.safetensors") as e:
+        load_checkpoint(tmp_path)
+    assert ".pth" not in str(e.value)
 
 
 def test_unrecognised_directory_lists_what_it_found(tmp_path):

@@ -21,7 +21,14 @@ from nomoat.converter.merge import AdapterRef, merge_adapters
 from nomoat.converter.reference import reference_model
 from nomoat.runtime import Model
 from nomoat.runtime.manifest import sha256_file
-from tiny_models import gguf_name, half_to_interleaved_rotary, make_tiny_hf_dir, read_config, write_gguf_from_hf
+from tiny_models import (
+    CHATML_TEMPLATE,
+    gguf_name,
+    half_to_interleaved_rotary,
+    make_tiny_hf_dir,
+    read_config,
+    write_gguf_from_hf,
+)
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Merged and reference logits are both fp32 products of the same weights, summed in another order.
@@ -52,21 +59,24 @@ def _base(model_dir: Path):
 
 
 def _adapter(base_dir: Path, out: Path, seed: int = 0, r: int = 4, targets=tuple(LINEAR), safe: bool = True,
-             **config) -> Path:
+             save_embedding_layers: bool | str = "auto", resize: int = 0, **config) -> Path:
     """A PEFT adapter with every trainable part random, as if trained (init_lora_weights=False
     randomises A and B; DoRA magnitudes and modules_to_save copies are perturbed here)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, **config)
-    model = get_peft_model(_base(base_dir), cfg)
+    base = _base(base_dir)
+    if resize:  # tokens added before training (resize_token_embeddings), as for new chat/special tokens
+        base.resize_token_embeddings(base.config.vocab_size + resize, mean_resizing=False)
+    model = get_peft_model(base, cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name or "modules_to_save" in name:
                 p.mul_(1 + 0.2 * torch.randn_like(p))
             elif "lora_" in name:
                 p.mul_(0.5)  # a trained-size update: visible in the logits, not swamping the base
-    model.save_pretrained(out, safe_serialization=safe)
+    model.save_pretrained(out, safe_serialization=safe, save_embedding_layers=save_embedding_layers)
     return out
 
 
@@ -129,6 +139,58 @@ def test_merge_equals_peft_merge_and_unload(untied, tmp_path, kind):
     if kind == "embed_and_lm_head":
         # PEFT saves the unchanged base embedding and LM head next to an embedding LoRA: not a replacement
         assert report.replaced == [] and {"model.embed_tokens", "lm_head"} <= set(report.modules)
+
+
+def test_modules_to_save_saved_whole_replace_the_weights_like_peft(untied, tmp_path):
+    """With the embedding layers saved whole (PEFT does it by itself after resize_token_embeddings), the
+    trained copies come as `modules_to_save.weight` (no adapter name) next to `original_module.weight`."""
+    from safetensors.torch import load_file
+
+    adapter = _adapter(untied, tmp_path / "a", targets=["q_proj"], modules_to_save=["lm_head", "embed_tokens"],
+                       save_embedding_layers=True)
+    keys = load_file(adapter / "adapter_model.safetensors")
+    assert {"base_model.model.lm_head.modules_to_save.weight", "base_model.model.lm_head.original_module.weight",
+            "base_model.model.model.embed_tokens.modules_to_save.weight"} <= set(keys)
+    _, report = _assert_merge_equals(untied, adapter)
+    assert sorted(report.replaced) == ["lm_head", "model.embed_tokens"] and report.modules == [
+        f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+
+
+@pytest.mark.parametrize("kind", [{"targets": ["q_proj"], "modules_to_save": ["lm_head", "embed_tokens"]},
+                                  {"targets": ["q_proj", "lm_head"]}])
+def test_adapter_trained_on_a_resized_vocabulary_is_refused_with_the_way_out(untied, tmp_path, kind):
+    adapter = _adapter(untied, tmp_path / "a", resize=8, **kind)
+    _assert_refused(untied, tmp_path, adapter, r"the adapter changed the vocabulary \(400 -> 408 rows of "
+                    r"(lm_head|model.embed_tokens)\): merge it with PEFT together with its tokenizer "
+                    r"\(merge_and_unload, save_pretrained\) and convert that folder")
+
+
+def test_adapters_own_chat_template_and_base_model_are_noticed(untied, tmp_path):
+    """TRL's SFTTrainer saves the tokenizer (and its chat template) next to the adapter: the bundle keeps the
+    base model's template, and says so; an adapter naming another base model gets a word too."""
+    adapter = _adapter(untied, tmp_path / "a", targets=["q_proj"])
+    notes: list[str] = []
+    _, (report,) = _ours(untied, AdapterRef(adapter), notes=notes)
+    assert notes == [] and report.ignored_chat_template is None  # trained on this very folder, no tokenizer
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>{% endfor %}"
+    (adapter / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "<|im_end|>"}))
+    _edit_config(adapter, base_model_name_or_path="SomeOrg/Another-Model-7B")
+    out = _convert(untied, tmp_path / "b", [AdapterRef(adapter)])
+    assert (out / "chat_template.jinja").read_text() == CHATML_TEMPLATE  # the base model's
+    recorded = json.loads((out / "report.json").read_text())["adapters"][0]
+    assert recorded["ignored_chat_template"] == str(adapter / "tokenizer_config.json")
+    notices = recorded["notices"]
+    assert any(f"{adapter / 'tokenizer_config.json'} holds a chat template of its own" in n
+               and "the bundle keeps the base model's chat template" in n for n in notices)
+    assert any("trained on 'SomeOrg/Another-Model-7B'" in n for n in notices)
+
+    # The same repo under another local path, a hub cache snapshot, a GGUF named after it: no word.
+    (adapter / "tokenizer_config.json").unlink()
+    for named in ("/elsewhere/hf", "nomoat-test/hf", "org/HF"):
+        _edit_config(adapter, base_model_name_or_path=named)
+        _, (report,) = _ours(untied, AdapterRef(adapter))
+        assert report.notices == [], named
 
 
 def test_fan_in_fan_out_is_ignored_for_linear_layers_like_peft(untied, tmp_path):
@@ -516,10 +578,20 @@ def test_merge_writes_shards_and_replaces_only_with_force(untied, tmp_path):
     (out / "keep.txt").write_text("user data")
     assert _nomoat("merge", "--model", str(untied), "--lora", str(adapter), "--out", str(out), "--quiet") == 1
     assert (out / "keep.txt").read_text() == "user data"
+    # --force replaces an earlier merge, not a folder of other files, nor the model or an adapter.
+    with pytest.raises(ConversionError, match="replaces only an earlier merge's folder"):
+        merge_to_hf_dir(untied, [AdapterRef(adapter)], out, force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "user data"
+    for target, flag in ((untied, "--model"), (adapter, "--lora"), (untied / "sub", "--model")):
+        with pytest.raises(ConversionError, match=f"is(?: inside)? {flag}"):
+            merge_to_hf_dir(untied, [AdapterRef(adapter)], target, force=True, progress=False)
+    assert (untied / "config.json").is_file() and any(adapter.iterdir())
+    (out / "keep.txt").unlink()
+    merge_to_hf_dir(untied, [AdapterRef(adapter)], out, force=True, progress=False)  # an empty folder
     merge_to_hf_dir(untied, [AdapterRef(adapter)], out, force=True, max_shard_bytes=60_000, progress=False)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").is_file()
     ids = _ids(400)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     np.testing.assert_allclose(_logits(hf, ids), _logits(_peft(untied, adapter, True), ids), **TOL)
@@ -536,3 +608,19 @@ def test_merge_with_a_bad_adapter_writes_nothing(untied, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nomoat merge: error:" in err and "rank 4 in its weights but 16" in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+def test_a_merge_stopped_by_sigterm_leaves_nothing_and_says_so(untied, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from nomoat.converter import cli_merge
+    from nomoat.converter.bundle import Interrupted
+
+    def killed_mid_write(ckpt, folder, max_shard_bytes):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(cli_merge, "write_hf_dir", killed_mid_write)
+    assert _nomoat("merge", "--model", str(untied), "--out", str(tmp_path / "merged"), "--quiet") == 143
+    assert capsys.readouterr().err.strip() == "nomoat merge: stopped by SIGTERM; nothing was written"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged") or p.name == "merged"]

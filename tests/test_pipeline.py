@@ -268,15 +268,118 @@ def test_unknown_target_is_refused(tiny_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_needs_force(tiny_dir, fp32_bundle, tmp_path):
+def test_existing_output_needs_force_and_force_replaces_only_a_bundle(tiny_dir, fp32_bundle, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(ConversionError, match="already exists.*--force"):
         _convert(tiny_dir, out)
+    with pytest.raises(ConversionError, match=f"--force replaces only a bundle or an empty folder, and {out} holds"):
+        _convert(tiny_dir, out, force=True)
     assert (out / "keep.txt").read_text() == "user data"
-    _convert(tiny_dir, out, force=True)
-    assert (out / "manifest.json").is_file() and not (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    _convert(tiny_dir, out, force=True)  # an empty folder
+    assert (out / "manifest.json").is_file()
+    _convert(tiny_dir, out, force=True, max_context=64)  # a bundle
+    assert json.loads((out / "manifest.json").read_text())["max_context"] == 64
+
+
+def test_out_that_is_holds_or_lies_in_the_model_or_an_adapter_is_refused(tmp_path, monkeypatch):
+    model = make_tiny_hf_dir(tmp_path / "models" / "m")
+    adapter = tmp_path / "adapter"  # checked before any adapter is read: any folder does
+    adapter.mkdir()
+    before = sorted(p.name for p in model.iterdir())
+    for out, match in [(model, "is --model"), (model.parent, "contains --model"), (model / "onnx", "is inside --model"),
+                       (adapter, "is --lora"), (tmp_path, "contains --model")]:
+        with pytest.raises(ConversionError, match=f"--out {out} {match} .*Choose an --out outside it"):
+            _convert(model, out, force=True, loras=[AdapterRef(adapter)])
+    assert sorted(p.name for p in model.iterdir()) == before
+    monkeypatch.chdir(tmp_path / "models")
+    with pytest.raises(ConversionError, match="is the working directory"):
+        _convert(model, Path("."), force=True)
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_bundle_is_readable_by_other_users(tiny_dir, tmp_path):
+    """mkdtemp makes the staging folder 0700: the bundle gets what mkdir and open give (0777/0666 less umask)."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        out = _convert(tiny_dir, tmp_path / "b")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p.name: 0o640 for p in out.iterdir()}
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_removes_the_staging_folder(tiny_dir, fp32_bundle, tmp_path, monkeypatch):
+    import os
+    import shutil
+    import signal
+    import time
+
+    from nomoat.converter import convert as convert_module
+    from nomoat.converter.bundle import Interrupted
+
+    out = Path(shutil.copytree(fp32_bundle, tmp_path / "b"))
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(*args, **kwargs):  # SIGTERM arrives when the bundle is staged, just before it replaces the old one
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at once and raises out of the sleep
+        raise AssertionError("SIGTERM did not interrupt the conversion")
+
+    monkeypatch.setattr(convert_module, "_package", killed)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as e:
+        _convert(tiny_dir, out, force=True)
+    assert isinstance(e.value, KeyboardInterrupt) and e.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored after the conversion
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging folder left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # the old bundle untouched
+
+
+def test_interrupted_cli_prints_one_line_and_exits_128_plus_the_signal(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from nomoat.__main__ import main as nomoat_main
+    from nomoat.converter import convert as convert_module
+    from nomoat.converter.bundle import Interrupted
+
+    for error, code, line in [(KeyboardInterrupt(), 130, "nomoat convert: interrupted; nothing was written"),
+                              (Interrupted(signal.SIGTERM), 143, "nomoat convert: stopped by SIGTERM; nothing was "
+                                                                 "written")]:
+        def interrupted(opts, error=error):
+            raise error
+
+        monkeypatch.setattr(convert_module, "convert", interrupted)
+        assert nomoat_main(["convert", "--model", "m", "--out", str(tmp_path / "b")]) == code
+        assert capsys.readouterr().err.strip() == line
+
+
+def test_staging_folders_of_killed_conversions_are_removed(tiny_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".b.tmp-{int(dead.stdout)}-x1y2"  # its process is gone: SIGKILL, a power cut
+    live = tmp_path / f".b.tmp-{os.getppid()}-a3b4"  # a conversion still running
+    other = tmp_path / ".b.tmp-abc123"  # no process id: not ours to judge
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "model.onnx.data").write_bytes(b"x" * 100)
+    _convert(tiny_dir, tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b", live.name, other.name])
+
+
+def test_head_dim_onnx_runtime_cannot_run_is_refused_before_the_weights_are_read(tmp_path):
+    model = make_tiny_hf_dir(tmp_path / "hd24", head_dim=24)  # GroupQueryAttention wants multiples of 16
+    (model / "model.safetensors").unlink()
+    _assert_refused(tmp_path, tmp_path / "out", r"head_dim 24 is not supported: .* multiples of 16 only \(16, 32, 48",
+                    model=model)
 
 
 def test_unsupported_gguf_architecture_is_refused(tmp_path):

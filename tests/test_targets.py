@@ -170,15 +170,74 @@ def test_overrides_land_in_the_manifest_and_inspect_shows_them(tiny_dir, tmp_pat
     assert data["report"]["quality"] == {"skipped": True}
 
 
+@pytest.mark.parametrize("flags,match", [
+    ({"quant": "int8", "smoothing": True}, r"--smoothing has no effect with --quant int8: .* Drop --smoothing, or use "
+                                           r"--quant int4"),
+    ({"algorithm": "mse", "smoothing": True}, r"--smoothing has no effect with --algorithm mse: .* Drop --smoothing, "
+                                              r"or use --algorithm imatrix"),
+    ({"algorithm": "rtn", "smoothing": True}, r"--smoothing has no effect with --algorithm rtn"),
+    ({"quant": "int8", "lm_head_bits": 4}, r"--lm-head-bits 4 has no effect with --quant int8: an int8 model's LM "
+                                           r"head is never below 8 bits. Drop --lm-head-bits, or use --quant int4"),
+    ({"quant": "fp32", "algorithm": "gptq"}, r"--algorithm gptq has no effect with --quant fp32: nothing is rounded. "
+                                             r"Drop --algorithm, or choose --quant int8 or int4"),
+    ({"quant": "fp32", "symmetric": ("qkv",)}, r"--symmetric qkv has no effect with --quant fp32"),
+    ({"quant": "fp32", "lm_head_bits": 8, "block_size": 64},
+     r"--block-size 64 and --lm-head-bits 8 have no effect with --quant fp32: .* Drop --block-size and --lm-head-bits"),
+    ({"quant": "fp32", "smoothing": True}, r"--smoothing has no effect with --quant fp32"),
+])
+def test_flags_that_would_do_nothing_are_refused_before_any_work(tmp_path, flags, match):
+    with pytest.raises(ConversionError, match=match):
+        convert(ConvertOptions(model=str(tmp_path / "never-read"), out=tmp_path / "b", progress=False, **flags))
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    {"quant": "int8", "lm_head_bits": 8}, {"quant": "int8", "smoothing": False}, {"quant": "fp32", "symmetric": ()},
+    {"quant": "int4", "algorithm": "gptq", "smoothing": True}, {"quant": "int8", "algorithm": "mse"},
+])
+def test_flags_that_take_effect_or_say_off_are_accepted(flags):
+    from nomoat.converter.convert import plan
+
+    for name in registry_names():
+        _, recipe = plan(ConvertOptions(model="m", out=Path("b"), target=name, **flags))
+        assert set(recipe.overrides) == {"weights" if k == "quant" else k for k in flags}
+
+
 def test_inspect_flags_a_damaged_bundle_and_refuses_a_non_bundle(tiny_dir, tmp_path, capsys):
     out = convert(ConvertOptions(model=str(tiny_dir), out=tmp_path / "b", quant="fp32", max_context=64,
                                  progress=False, skip_verify=True))
     with open(out / "tokenizer.json", "a") as f:
         f.write(" ")
-    assert nomoat_main(["inspect", str(out)]) == 0
-    assert "SHA256 MISMATCH" in capsys.readouterr().out
+    assert nomoat_main(["inspect", str(out)]) == 1  # shown, and an exit status a script can test
+    text, err = capsys.readouterr()
+    assert "SHA256 MISMATCH" in text
+    assert err == (f"nomoat inspect: error: {out} is damaged: bundle file tokenizer.json does not match its sha256 "
+                   "in manifest.json (damaged or partly copied); copy the bundle again or re-convert.\n")
+    assert nomoat_main(["inspect", str(out), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["files_ok"] is False
+    assert nomoat_main(["inspect", str(out), "--no-check"]) == 0  # not checked: nothing known to be wrong
     assert nomoat_main(["inspect", str(tmp_path)]) == 1
     assert "not a nomoat bundle" in capsys.readouterr().err
+
+
+def test_inspect_reports_a_truncated_report_json_as_damage(tiny_dir, tmp_path, capsys):
+    """report.json is a listed file: cut short (a partial copy), it is a sha256 mismatch, not a JSON traceback."""
+    out = convert(ConvertOptions(model=str(tiny_dir), out=tmp_path / "b", quant="fp32", max_context=64,
+                                 progress=False, skip_verify=True))
+    (out / "report.json").write_text((out / "report.json").read_text()[:20])
+    assert nomoat_main(["inspect", str(out)]) == 1
+    text, err = capsys.readouterr()
+    assert "SHA256 MISMATCH" in text.splitlines()[0] and "model      llama" in text
+    assert err.startswith(f"nomoat inspect: error: {out} is damaged: bundle file report.json does not match")
+    assert "report.json cannot be read (" in err and len(err.splitlines()) == 1
+    assert nomoat_main(["inspect", str(out), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["files_ok"] is False and data["report"] == {}
+    # Unchecked, report.json that does not parse is damage all the same.
+    assert nomoat_main(["inspect", str(out), "--no-check"]) == 1
+    text, err = capsys.readouterr()
+    assert "DAMAGED: report.json unreadable" in text.splitlines()[0]
+    assert "report.json cannot be read (" in err and "copy the bundle again or re-convert." in err
 
 
 def test_targets_command(capsys):

@@ -19,6 +19,7 @@ from nomoat.converter.convert import CORRUPT_WEIGHTS_ENV, ConvertOptions, conver
 from nomoat.converter.errors import ConversionError
 from nomoat.converter.verify import (
     DEFAULT_MAX_PPL_INCREASE,
+    GREEDY_PROMPTS,
     LogitStats,
     compare_logits,
     default_eval_text,
@@ -153,6 +154,37 @@ def test_eval_text_option_report_and_table(trained_tiny, short_text, tmp_path, c
     table = err[err.index("quality    "):]
     for row in ("perplexity", "mean KL", "top-1 agreement", "greedy, 32 tokens", "limit +30%: passed"):
         assert row in table
+
+
+def test_greedy_check_fits_the_context_and_reports_what_it_skipped(tmp_path, short_text, capsys):
+    """Each prompt with its continuation must fit --max-context: the continuation is cut to the room left,
+    and a prompt longer than the context is skipped and named (it was a ContextOverflowError traceback)."""
+    from nomoat.runtime import Model
+
+    model = make_tiny_hf_dir(tmp_path / "m")
+    bundle = _convert(model, tmp_path / "b", quant="fp32", eval_text=short_text, max_context=48, progress=True)
+    q = json.loads((bundle / "report.json").read_text())["quality"]
+    lengths = [len(Model.load(bundle).prompt_ids(p)) for p in GREEDY_PROMPTS]
+    fits = [n for n in lengths if n < 48]
+    assert 0 < len(fits) < len(lengths)  # the tiny tokenizer's prompts: some fit, one does not
+    assert q["greedy_tokens"] == [min(32, 48 - n) for n in fits] and len(q["greedy_first_divergence"]) == len(fits)
+    assert len(q["greedy_skipped"]) == len(lengths) - len(fits) and "the context holds 48" in q["greedy_skipped"][0]
+    assert q["greedy_agreement"] == 1.0 and q["passed"]  # fp32: the same tokens
+    assert "prompt(s) longer than the context skipped" in capsys.readouterr().err
+
+
+def test_an_error_inside_verify_is_a_conversion_error_that_names_it(tmp_path, short_text, monkeypatch):
+    from nomoat.runtime import Model
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("onnxruntime says no")
+
+    monkeypatch.setattr(Model, "generate_tokens", broken)
+    out = tmp_path / "b"
+    with pytest.raises(ConversionError, match="quality check failed with RuntimeError: onnxruntime says no. "
+                                              "No bundle was written"):
+        _convert(make_tiny_hf_dir(tmp_path / "m"), out, quant="fp32", eval_text=short_text, max_context=64)
+    assert not out.exists() and not list(tmp_path.glob(".b.tmp-*"))
 
 
 def test_unreadable_eval_text_is_refused_before_any_work(tmp_path):

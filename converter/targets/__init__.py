@@ -76,7 +76,39 @@ class Recipe:
         unknown = set(given) - set(self.__dataclass_fields__)
         if unknown:
             raise ConversionError(f"unknown recipe fields: {', '.join(sorted(unknown))}")
-        return replace(self, **given, overrides=tuple(sorted(set(self.overrides) | set(given))))
+        recipe = replace(self, **given, overrides=tuple(sorted(set(self.overrides) | set(given))))
+        recipe._refuse_idle_flags(set(given))
+        return recipe
+
+    def _refuse_idle_flags(self, given: set[str]) -> None:
+        """A flag the user gave that would do nothing with the rest of the recipe is refused, not recorded
+        as if applied (the recipe's own defaults are left alone: an int8 model keeps an 8-bit head)."""
+        from ..quantize import SMOOTHING_ALGORITHMS
+
+        self.quant_recipe()  # a bad value (--block-size 48, --lm-head-bits 3) gets its own message first
+        weights = f"--quant {self.weights}" if "weights" in given else f"the recipe's {self.weights} weights"
+        if self.weights == "fp32":
+            idle = {"algorithm": f"--algorithm {self.algorithm}", "block_size": f"--block-size {self.block_size}",
+                    "lm_head_bits": f"--lm-head-bits {self.lm_head_bits}",
+                    "smoothing": "--smoothing" if self.smoothing else "",
+                    "symmetric": f"--symmetric {','.join(self.symmetric)}" if self.symmetric else ""}
+            flags = [flag for name, flag in idle.items() if name in given and flag]
+            if flags:
+                names = " and ".join(flag.split()[0] for flag in flags)
+                raise ConversionError(f"{' and '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect with "
+                                      f"{weights}: nothing is rounded. Drop {names}, or choose --quant int8 or int4.")
+        if "smoothing" in given and self.smoothing and self.weights == "int8":
+            raise ConversionError(f"--smoothing has no effect with {weights}: it smooths only 4-bit weights, where a "
+                                  "block's grid is coarse. Drop --smoothing, or use --quant int4.")
+        if "smoothing" in given and self.smoothing and self.algorithm not in SMOOTHING_ALGORITHMS:
+            algorithm = f"--algorithm {self.algorithm}" if "algorithm" in given else \
+                f"the recipe's algorithm {self.algorithm}"
+            raise ConversionError(f"--smoothing has no effect with {algorithm}: it scales channels by the "
+                                  f"activations only {' and '.join(SMOOTHING_ALGORITHMS)} calibrate. Drop --smoothing, "
+                                  "or use --algorithm imatrix.")
+        if "lm_head_bits" in given and self.weights == "int8" and self.lm_head_bits < 8:
+            raise ConversionError(f"--lm-head-bits {self.lm_head_bits} has no effect with {weights}: an int8 model's "
+                                  "LM head is never below 8 bits. Drop --lm-head-bits, or use --quant int4.")
 
     def adjusted(self, reason: str, **values: Any) -> Recipe:
         """The recipe with values the converter chose (not the user), and why."""
