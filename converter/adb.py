@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .transport import TransportError, last_line
+from .transport import Reply, TransportError, last_line
 
 # Old phones (adbd without the shell_v2 feature) always report exit status 0 for `adb shell`,
 # so every command echoes its own status after this marker and we parse it back.
@@ -54,8 +54,8 @@ class Device:
         """How messages name the device (deploy.py speaks to an ssh host the same way)."""
         return self.serial
 
-    def shell(self, command: str, timeout: float | None = 600) -> tuple[str, int]:
-        """Run command with the device's /system/bin/sh; (stdout and stderr, exit status)."""
+    def shell(self, command: str, timeout: float | None = 600) -> Reply:
+        """Run command with the device's /system/bin/sh; (stdout, stderr, exit status)."""
         result = run_adb(self.adb, self.server_port, ["-s", self.serial, "shell",
                                                       f"( {command} ); echo \"{_STATUS_MARKER}$?\""], timeout=timeout)
         out = result.stdout.replace("\r\n", "\n")  # old devices run the shell on a pty
@@ -64,7 +64,7 @@ class Device:
             raise AdbError(f"`adb shell` on {self.serial} failed (exit {result.returncode}): "
                            f"{last_line(out + result.stderr)}. Check the connection with `adb devices`.")
         # Newer devices (shell_v2) keep stderr apart; older ones mix it into stdout already.
-        return out[:match.start()] + result.stderr.replace("\r\n", "\n"), int(match.group(1))
+        return Reply(out[:match.start()], result.stderr.replace("\r\n", "\n"), int(match.group(1)))
 
     def push(self, local: Path, remote: str, timeout: float | None = None) -> None:
         """Copy one file to the device (adb creates the remote parent folders)."""

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from .ssh import Reply
 from .transport import TransportError
 
 if TYPE_CHECKING:
     from .adb import Device
     from .ssh import SshHost
 
-    Target = Device | SshHost  # both offer name, shell() and push(); see run() for what shell() returns
+    Target = Device | SshHost  # both offer name, shell() (a transport.Reply) and push()
 
 DEFAULT_REMOTE_DIR = "/data/local/tmp/nomoat"  # writable by adb's shell user on every phone, no root
 MANIFEST_NAME = "manifest.json"
@@ -151,21 +150,10 @@ def check_app_can_load(bundle: Path, manifest) -> None:
 # --- on the device ---
 
 
-def run(device: Target, command: str, timeout: float | None = 600) -> Reply:
-    """Run command on the device: (stdout, stderr, exit status). ssh keeps stderr apart (a board's
-    login shell may print notices there, which must not reach what is parsed); adb's shell has one
-    stream on old phones, so there stderr is in stdout and err is ''."""
-    reply = device.shell(command, timeout=timeout)
-    if isinstance(reply, Reply):
-        return reply
-    out, status = reply
-    return Reply(out, "", status)
-
-
 def shell(device: Target, command: str, what: str) -> str:
     """Run command on the device; its stdout, or a DeployError saying what failed."""
     try:
-        reply = run(device, command)
+        reply = device.shell(command)
     except TransportError as e:
         raise DeployError(str(e)) from e
     if reply.status != 0:
@@ -200,7 +188,7 @@ def check_replaceable(device: Target, target: str) -> None:
     """Refuse, before anything is copied, to replace a REMOTE_DIR/NAME that is not a bundle: the swap
     removes what was there, and `--remote-dir /home/pi --name Documents` must not wipe a user's files."""
     try:
-        reply = run(device, f"if {_not_a_bundle_test(target)}; then exit {NOT_A_BUNDLE}; fi", timeout=60)
+        reply = device.shell(f"if {_not_a_bundle_test(target)}; then exit {NOT_A_BUNDLE}; fi", timeout=60)
     except TransportError as e:
         raise DeployError(str(e)) from e
     if reply.status == NOT_A_BUNDLE:
@@ -280,7 +268,7 @@ def verify_on_device(device: Target, staging: str, files: list[BundleFile]) -> N
 
 def _sha256sum(device: Target, staging: str, args: str) -> tuple[str, int]:
     try:
-        reply = run(device, f"cd {shlex.quote(staging)} && sha256sum {args}")
+        reply = device.shell(f"cd {shlex.quote(staging)} && sha256sum {args}")
     except TransportError as e:
         raise DeployError(str(e)) from e
     return reply.out, reply.status
@@ -323,9 +311,8 @@ def swap_in(device: Target, staging: str, target: str, force: bool = False) -> N
     t, s, o = shlex.quote(target), shlex.quote(staging), shlex.quote(old)
     guard = "" if force else f"if {_not_a_bundle_test(target)}; then exit {NOT_A_BUNDLE}; fi; "
     try:
-        reply = run(device,
-                    f"{guard}if [ -e {t} ] || [ -L {t} ]; then mv {t} {o} || exit 1; fi; "
-                    f"if mv {s} {t}; then rm -rf {o}; else if [ -e {o} ]; then mv {o} {t}; fi; exit 1; fi")
+        reply = device.shell(f"{guard}if [ -e {t} ] || [ -L {t} ]; then mv {t} {o} || exit 1; fi; "
+                             f"if mv {s} {t}; then rm -rf {o}; else if [ -e {o} ]; then mv {o} {t}; fi; exit 1; fi")
     except TransportError as e:
         raise DeployError(str(e)) from e
     if reply.status == NOT_A_BUNDLE and not force:
@@ -338,7 +325,7 @@ def swap_in(device: Target, staging: str, target: str, force: bool = False) -> N
 def remove_quietly(device: Target, path: str) -> None:
     """Best effort: the error that got us here matters more than one from cleaning up."""
     try:
-        run(device, f"rm -rf {shlex.quote(path)}", timeout=60)
+        device.shell(f"rm -rf {shlex.quote(path)}", timeout=60)
     except TransportError:
         pass
 

@@ -181,8 +181,8 @@ def check_bench_request(bundle: Path, prompt_tokens: int, new_tokens: int, round
 
 def device_machine(device: Device) -> dict[str, Any]:
     """Where the app measured, in runtime/bench.py machine_info's keys that the table shows."""
-    out, _ = device.shell('echo "model=$(getprop ro.product.model)"; echo "soc=$(getprop ro.soc.model)"; '
-                          'echo "cpus=$(nproc)"', timeout=30)
+    out = device.shell('echo "model=$(getprop ro.product.model)"; echo "soc=$(getprop ro.soc.model)"; '
+                       'echo "cpus=$(nproc)"', timeout=30).out
     values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     cpus = values.get("cpus", "").strip()
     model, soc = values.get("model", "").strip(), values.get("soc", "").strip()

@@ -18,9 +18,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-from .transport import TransportError, last_line
+from .transport import Reply, TransportError, last_line
 
 # ssh exits with 255 when it could not connect or log in (a remote command's own status otherwise).
 SSH_FAILED = 255
@@ -53,20 +52,6 @@ _FIXES = (
 
 class SshError(TransportError):
     """ssh is missing, the board cannot be reached or logged into, or a copy failed."""
-
-
-class Reply(NamedTuple):
-    """What a command on the board printed and its exit status. stdout and stderr are kept apart:
-    a login shell's own notices (`bash: warning: setlocale: ...`) go to stderr and must not end up
-    in what is parsed; stderr is for the error messages."""
-
-    out: str
-    err: str
-    status: int
-
-    def error(self) -> str:
-        """The line that says what went wrong: stderr's last, else stdout's."""
-        return last_line(self.err) if self.err.strip() else last_line(self.out)
 
 
 @dataclass(frozen=True)

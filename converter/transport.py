@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 
 class TransportError(Exception):
     """The transport program is missing, the device cannot be reached, or a command could not be
     run there; the message says what to do. AdbError and SshError are the two kinds."""
+
+
+class Reply(NamedTuple):
+    """What a command on the device printed and its exit status. stdout and stderr are kept apart
+    where the transport can (ssh; adb on phones with shell_v2): a board's login shell says its own
+    notices (`bash: warning: setlocale: ...`) on stderr, which must not end up in what is parsed;
+    stderr is for the error messages."""
+
+    out: str
+    err: str
+    status: int
+
+    def error(self) -> str:
+        """The line that says what went wrong: stderr's last, else stdout's."""
+        return last_line(self.err) if self.err.strip() else last_line(self.out)
 
 
 def last_line(text: str) -> str:

@@ -57,11 +57,7 @@ def compile_core() -> Path:
     """A jar with the core and its tests (kotlin runtime included), rebuilt when a source changes."""
     require_tools()
     files = sources("main") + sources("test")
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(str(f.relative_to(CORE)).encode())
-        digest.update(f.read_bytes())
-    jar = CACHE / f"core-{digest.hexdigest()[:16]}.jar"
+    jar = CACHE / f"core-{_digest(*((str(f.relative_to(CORE)), f.read_bytes()) for f in files))}.jar"
     if jar.is_file():
         return jar
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from nomoat.__main__ import main
 from nomoat.converter.deploy import DeployError, deploy_bundle
-from nomoat.converter.ssh import Reply, SshError, SshHost, connect, connection_failure
+from nomoat.converter.ssh import SshError, SshHost, connect, connection_failure
+from nomoat.converter.transport import Reply
 
 SSHD = "/usr/sbin/sshd"
 ALIAS = "nomoat-board"

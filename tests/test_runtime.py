@@ -288,14 +288,15 @@ def test_a_stop_string_that_is_a_special_token_is_matched_as_a_token(bundle):
     ids = {t: model.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     assert model._special_token_ids(["<|im_start|>", "<|endoftext|>", "hello", "<|im_start|>x"]) == {
         ids["<|im_start|>"], ids["<|endoftext|>"]}
-    # Sampled answers of the tiny model say special tokens now and then: find one that does.
+    # Sampled answers of the tiny model say special tokens now and then (about one seed in five, the
+    # first at seed 0 here): find one that does.
     for seed in range(200):
         full = model.generate("tell me a story", 40, raw=True, temperature=1.5, seed=seed, stop=[])
         said = [t for t in SPECIAL_TOKENS if ids[t] in full.token_ids and ids[t] not in model.stop_token_ids]
         if said:
             break
     else:
-        pytest.skip("no sampled answer said a special token")
+        pytest.fail("no sampled answer of 200 said a special token: the test needs another prompt or temperature")
     cut = model.generate("tell me a story", 40, raw=True, temperature=1.5, seed=seed, stop=[said[0]])
     assert cut.finish_reason == "stop"
     assert cut.token_ids == full.token_ids[:full.token_ids.index(ids[said[0]])]
