@@ -169,16 +169,31 @@ def _max_positions(params: dict[str, Any], rope_theta: float) -> int:
     return 8192 if rope_theta >= 500000 else 4096  # Llama 3 / Llama 2
 
 
+# (dim, n_layers) of Llama 3.2 1B and 3B: their params.json says only "use_scaled_rope", but they
+# were trained with factor 32 (Hugging Face's config.json for them says so; Meta confirmed it in
+# meta-llama/llama-models#166, whose reference code hard-codes 3.1's 8).
+_LLAMA_3_2_SMALL = {(2048, 16), (3072, 28)}
+
+
 def _rope_scaling(params: dict[str, Any]) -> RopeScaling | None:
     if not params.get("use_scaled_rope"):
         return None
-    # The defaults are llama-models' apply_scaling constants (Llama 3.1); 3.2 sets its factor.
+    # The other defaults are llama-models' apply_scaling constants, the same for 3.1 and 3.2.
     return RopeScaling(
-        factor=float(params.get("rope_scaling_factor") or 8.0),
+        factor=_rope_factor(params),
         low_freq_factor=float(params.get("low_freq_factor") or 1.0),
         high_freq_factor=float(params.get("high_freq_factor") or 4.0),
         original_max_position_embeddings=int(params.get("original_max_position_embeddings") or 8192),
     )
+
+
+def _rope_factor(params: dict[str, Any]) -> float:
+    for key in ("rope_scaling_factor", "rope_scale_factor"):  # llama-models' and ExecuTorch's name
+        if params.get(key):
+            return float(params[key])
+    if (int(params["dim"]), int(params["n_layers"])) in _LLAMA_3_2_SMALL:
+        return 32.0
+    return 8.0  # Llama 3.1, 3.2 11B / 90B, 3.3
 
 
 def hf_tensors(state: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 from nomoat.converter.errors import ConversionError
 from nomoat.converter.load import load_checkpoint
 from nomoat.converter.load_gguf import tokenizer_from_gguf
+from nomoat.converter.load_meta import spec_from_params
 from nomoat.converter.spec import ModelSpec
 from tiny_models import (
     CHATML_TEMPLATE,
@@ -294,6 +295,31 @@ def test_meta_tokenizer_defaults(tmp_path, llama_dir):
     assert tok.bos_token_id == vocab.token_to_id("<s>")
     assert tok.add_bos_token is True  # Meta's reference code always starts with BOS
     assert tok.chat_template is None
+
+
+def _llama3_params(dim: int, layers: int, **extra) -> dict:
+    return {"dim": dim, "n_layers": layers, "n_heads": dim // 64, "n_kv_heads": 8, "vocab_size": 128256,
+            "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True, **extra}
+
+
+@pytest.mark.parametrize(
+    ("params", "factor"),
+    [
+        (_llama3_params(2048, 16), 32.0),  # Llama 3.2 1B: params.json has no factor; HF's config says 32
+        (_llama3_params(3072, 28), 32.0),  # Llama 3.2 3B
+        (_llama3_params(4096, 32), 8.0),  # Llama 3.1 8B
+        (_llama3_params(2048, 16, rope_scale_factor=16), 16.0),  # a factor params.json states wins
+        (_llama3_params(4096, 32, rope_scaling_factor=32), 32.0),
+    ],
+)
+def test_meta_llama3_rope_factor(params, factor):
+    dim = params["dim"]
+    # shapes only: meta-device tensors cost no memory
+    state = {"tok_embeddings.weight": torch.empty(128256, dim, device="meta"),
+             "layers.0.feed_forward.w1.weight": torch.empty(4 * dim, dim, device="meta")}
+    spec = spec_from_params(params, state)
+    assert spec.rope_scaling.factor == factor
+    assert spec.to_hf_config()["rope_scaling"]["factor"] == factor
 
 
 # --- bad input -------------------------------------------------------------------------
