@@ -25,6 +25,7 @@ from .transport import Reply, TransportError, last_line
 SSH_FAILED = 255
 # A board that drops off the network mid-copy or mid-benchmark is given up after about a minute
 # (4 unanswered probes 15 s apart) instead of leaving ssh waiting on a dead TCP connection.
+# Only when the user's ssh config sets no ServerAliveInterval for the host: -o would override theirs.
 KEEPALIVE = ("-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
 
 # What ssh says when it cannot get in, with what to do about it.
@@ -61,6 +62,7 @@ class SshHost:
     host: str  # [user@]host, ssh://[user@]host[:port], or a Host alias from the ssh config
     ssh: str  # path of the ssh program
     config: str | None = None  # ssh -F FILE instead of ~/.ssh/config
+    keepalive: tuple[str, ...] = KEEPALIVE  # () when the config sets its own
 
     @property
     def name(self) -> str:
@@ -68,7 +70,7 @@ class SshHost:
 
     def command(self, remote: str) -> list[str]:
         """The argv that runs the POSIX shell command `remote` on the board, stdin and stdout passed through."""
-        options = [*(["-F", self.config] if self.config else []), "-T", "-o", "BatchMode=yes", *KEEPALIVE]
+        options = [*(["-F", self.config] if self.config else []), "-T", "-o", "BatchMode=yes", *self.keepalive]
         # "--" before the host: a host that starts with "-" cannot be read as an option.
         return [self.ssh, *options, "--", self.host, f"sh -c {shlex.quote(remote)}"]
 
@@ -146,6 +148,19 @@ def connect(host: str, config: str | None = None) -> SshHost:
         raise SshError(f"--ssh {host!r} is not a host: give [user@]host or a Host alias from your ssh config.")
     if config is not None and not Path(config).is_file():
         raise SshError(f"--ssh-config {config} is not a file; point it at an ssh config file or drop it.")
-    board = SshHost(host=host, ssh=find_ssh(), config=config)
+    ssh = find_ssh()
+    board = SshHost(host=host, ssh=ssh, config=config, keepalive=keepalive_options(ssh, host, config))
     board.shell("true", timeout=60)  # raises SshError with ssh's reason and its fix
     return board
+
+
+def keepalive_options(ssh: str, host: str, config: str | None = None) -> tuple[str, ...]:
+    """KEEPALIVE, unless the ssh config already sets a ServerAliveInterval for this host: then theirs
+    stands. `ssh -G` prints the options ssh would use, without connecting."""
+    argv = [ssh, "-G", *(["-F", config] if config else []), "--", host]
+    try:
+        printed = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return KEEPALIVE
+    match = re.search(r"^serveraliveinterval (\d+)$", printed.stdout, re.MULTILINE)
+    return () if match and int(match.group(1)) > 0 else KEEPALIVE

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from nomoat.__main__ import main
 from nomoat.converter.deploy import DeployError, deploy_bundle
-from nomoat.converter.ssh import SshError, SshHost, connect, connection_failure
+from nomoat.converter.ssh import KEEPALIVE, SshError, SshHost, connect, connection_failure, keepalive_options
 from nomoat.converter.transport import Reply
 
 SSHD = "/usr/sbin/sshd"
@@ -523,6 +523,19 @@ def test_every_ssh_command_carries_keepalives(monkeypatch, tmp_path):
         options = argv[:argv.index("--")]
         pairs = {options[i + 1] for i, o in enumerate(options) if o == "-o"}
         assert {"ServerAliveInterval=15", "ServerAliveCountMax=4", "BatchMode=yes"} <= pairs, argv
+
+
+@pytest.mark.ssh
+def test_keepalives_give_way_to_the_users_own(board, tmp_path):
+    """-o on the command line beats ~/.ssh/config: a user who set ServerAliveInterval for a host keeps it."""
+    assert connect(ALIAS, str(board.config)).keepalive == KEEPALIVE  # the board's Host sets none
+    config = tmp_path / "ssh_config"
+    config.write_text(board.config.read_text() + f"\nHost {ALIAS}\n  ServerAliveInterval 5\n", encoding="utf-8")
+    assert keepalive_options("ssh", "other", str(config)) == KEEPALIVE
+    own = connect(ALIAS, str(config))
+    assert own.keepalive == ()
+    assert not any(a.startswith("ServerAlive") for a in own.command("true")), own.command("true")
+    assert own.shell("echo up").out == "up\n"
 
 
 # -- flag checks: refused before any connection, no sshd needed --
