@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,8 +118,18 @@ def load_model(verb: str, args: argparse.Namespace):
 
 
 def is_onnxruntime_error(error: BaseException) -> bool:
-    """An exception ONNX Runtime raised (Fail, InvalidArgument, ...: its pybind11 classes derive from Exception)."""
-    return type(error).__module__.startswith("onnxruntime")
+    """An exception ONNX Runtime raised: its pybind11 classes (Fail, InvalidArgument, ...), or the plain
+    RuntimeError its ORT_ENFORCE checks become (e.g. session.intra_op_thread_affinities=abc), told
+    apart by the innermost frame of its traceback lying in the onnxruntime package."""
+    if type(error).__module__.startswith("onnxruntime"):
+        return True
+    if not isinstance(error, RuntimeError) or error.__traceback__ is None:
+        return False
+    import onnxruntime
+
+    package = Path(onnxruntime.__file__).parent
+    innermost = traceback.extract_tb(error.__traceback__)[-1]
+    return Path(innermost.filename).is_relative_to(package)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

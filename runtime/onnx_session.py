@@ -76,7 +76,9 @@ def ort_session(path: Path, options: SessionOptions):
     config = {"session.intra_op.allow_spinning": "1" if options.spin else "0", **dict(options.ort_config)}
     for key, value in config.items():
         so.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    # No fallback: with the CPU provider alone its retry creates the same failing session a second
+    # time, after printing "EP Error" banners on stdout (the generated text's stream).
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"], enable_fallback=0)
 
 
 class DecoderSession:

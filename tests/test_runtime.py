@@ -97,15 +97,28 @@ def test_cli_names_a_bad_ort_option(bundle):
     assert "--ort-options: 'kleidiai' is not an ONNX Runtime session config key" in result.stderr
 
 
-def test_a_value_onnx_runtime_refuses_is_a_one_line_error(bundle):
+@pytest.mark.parametrize("option", [
+    "session.qdq_matmulnbits_accuracy_level=banana",  # ONNX Runtime raises its own Fail
+    "session.intra_op_thread_affinities=abc",  # a failed ORT_ENFORCE: a plain RuntimeError
+])
+def test_a_value_onnx_runtime_refuses_is_a_one_line_error(bundle, option):
     """The key has the right shape (nomoat's check), the value is not one ONNX Runtime takes."""
     for verb in (["generate", str(bundle), "--prompt", "hi"], ["chat", str(bundle)]):
-        result = _nomoat(*verb, "--ort-options", "session.qdq_matmulnbits_accuracy_level=banana", stdin="hi\n")
+        result = _nomoat(*verb, "--ort-options", option, stdin="hi\n")
         assert (result.returncode, result.stdout) == (2, ""), result.stderr
         assert "Traceback" not in result.stderr
         last = result.stderr.splitlines()[-1]
-        assert last.startswith(f"nomoat {verb[0]}: error: ONNX Runtime refused --ort-options "
-                               "session.qdq_matmulnbits_accuracy_level=banana: "), result.stderr
+        assert last.startswith(f"nomoat {verb[0]}: error: ONNX Runtime refused --ort-options {option}: "), \
+            result.stderr
+
+
+def test_a_runtime_error_outside_onnx_runtime_is_not_taken_for_its_refusal():
+    from nomoat.runtime.cli_generate import is_onnxruntime_error
+
+    try:
+        raise RuntimeError("ours")
+    except RuntimeError as e:
+        assert not is_onnxruntime_error(e)
 
 
 def test_raw_with_a_system_message_is_refused(bundle):
