@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from nomoat.runtime.cli_generate import add_prompt_lookup_argument, ort_options
+from nomoat.runtime.cli_generate import add_prompt_lookup_argument, ort_options, refused_ort_options
 
 log = logging.getLogger("pi_demo.serve")
 
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nomoat.runtime import BundleError, Model
+    from nomoat.runtime import BundleError, Model, OrtOptionsError
 
     from .openai_api import Limits
     from .server import App, PiServer, ServerConfig
@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         model = Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
     except BundleError as e:
         return _fail(str(e))
+    except OrtOptionsError as e:
+        return _fail(refused_ort_options(e))
     config = ServerConfig(model_id=args.model_id or args.bundle.resolve().name, api_key=api_key,
                           limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue),
                           prompt_lookup=args.prompt_lookup)

@@ -3,7 +3,7 @@
 Imports numpy, onnxruntime, tokenizers and jinja2 only; never torch or transformers.
 """
 
-from .errors import BundleError, ContextOverflowError
+from .errors import BundleError, ContextOverflowError, OrtOptionsError
 from .model import Chat, Completion, GenerationStats, Model, StreamEvent
 from .sampling import SamplingParams
 
@@ -14,6 +14,7 @@ __all__ = [
     "ContextOverflowError",
     "GenerationStats",
     "Model",
+    "OrtOptionsError",
     "SamplingParams",
     "StreamEvent",
 ]

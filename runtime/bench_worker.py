@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .bench import BenchError, Engine, RoundResult, machine_info, measure_once, peak_rss_bytes
+from .errors import BundleError, OrtOptionsError
 
 # -- the worker side -----------------------------------------------------------------------
 
@@ -92,7 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--options", default="{}", help="JSON object of keyword arguments for the factory")
     args = parser.parse_args(argv)
     replies = _protocol_stream()
-    serve(load_engine(args.engine, json.loads(args.options)), sys.stdin, replies)
+    try:
+        serve(load_engine(args.engine, json.loads(args.options)), sys.stdin, replies)
+    except (BenchError, BundleError, OrtOptionsError) as e:
+        # A problem the user can fix: its one line reaches them through the parent, not a traceback.
+        print(e, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,33 +102,19 @@ def load_model(verb: str, args: argparse.Namespace):
     """Model.load with the CLI's --threads and --ort-options; an option ONNX Runtime refuses when it
     creates the session (the key has the right shape, the value is not one it takes) is a one-line
     usage error, exit 2 like the --ort-options argparse refuses, rather than its traceback."""
+    from .errors import OrtOptionsError
     from .model import Model
-    from .onnx_session import format_ort_options
 
     try:
         return Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
-    except Exception as e:
-        if not args.ort_options or not is_onnxruntime_error(e):
-            raise
-        said = " ".join(str(e).split())  # its message can span lines
-        print(f"nomoat {verb}: error: ONNX Runtime refused --ort-options "
-              f"{format_ort_options(args.ort_options.items())}: {said}", file=sys.stderr)
+    except OrtOptionsError as e:
+        print(f"nomoat {verb}: error: {refused_ort_options(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def is_onnxruntime_error(error: BaseException) -> bool:
-    """An exception ONNX Runtime raised: its pybind11 classes (Fail, InvalidArgument, ...), or the plain
-    RuntimeError its ORT_ENFORCE checks become (e.g. session.intra_op_thread_affinities=abc), told
-    apart by the innermost frame of its traceback lying in the onnxruntime package."""
-    if type(error).__module__.startswith("onnxruntime"):
-        return True
-    if not isinstance(error, RuntimeError) or error.__traceback__ is None:
-        return False
-    import onnxruntime
-
-    package = Path(onnxruntime.__file__).parent
-    innermost = traceback.extract_tb(error.__traceback__)[-1]
-    return Path(innermost.filename).is_relative_to(package)
+def refused_ort_options(error) -> str:
+    """The CLIs' words for an OrtOptionsError."""
+    return f"ONNX Runtime refused --ort-options {error.options}: {error.reason}"
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .detokenizer import IncrementalDetokenizer
-from .errors import BundleError, ContextOverflowError
+from .errors import BundleError, ContextOverflowError, OrtOptionsError
 from .manifest import Manifest, read_manifest
 from .messages import as_messages
-from .onnx_session import DecoderSession, SessionOptions
+from .onnx_session import DecoderSession, SessionOptions, format_ort_options, is_onnxruntime_error
 from .pages import trim_heap
 from .sampling import Sampler, SamplingParams
 from .stops import StopMatcher
@@ -127,8 +127,13 @@ class Model:
         threads = threads if threads is not None else manifest.target.get("threads")
         # The session first: pre-packing the weights is the load's memory peak, and it should not
         # stack on the tokenizer's (parsing tokenizer.json leaves heap holes: ~6 MB for SmolLM2, trimmed below).
-        session = DecoderSession(bundle, manifest, SessionOptions(
-            threads=threads, ort_config=tuple((ort_options or {}).items())))
+        ort_config = tuple((ort_options or {}).items())
+        try:
+            session = DecoderSession(bundle, manifest, SessionOptions(threads=threads, ort_config=ort_config))
+        except Exception as e:
+            if not ort_config or not is_onnxruntime_error(e):
+                raise
+            raise OrtOptionsError(format_ort_options(ort_config), " ".join(str(e).split())) from e
         tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.tokenizer_file))
         trim_heap()
         return cls(bundle, manifest, session, tokenizer, prefill_chunk=prefill_chunk)

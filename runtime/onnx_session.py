@@ -9,6 +9,7 @@ The cache is indexed by position (gpt-fast style): rewinding a conversation is s
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,21 @@ def ort_session(path: Path, options: SessionOptions):
     # No fallback: with the CPU provider alone its retry creates the same failing session a second
     # time, after printing "EP Error" banners on stdout (the generated text's stream).
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"], enable_fallback=0)
+
+
+def is_onnxruntime_error(error: BaseException) -> bool:
+    """An exception ONNX Runtime raised: its pybind11 classes (Fail, InvalidArgument, ...), or the plain
+    RuntimeError its ORT_ENFORCE checks become (e.g. session.intra_op_thread_affinities=abc), told
+    apart by the innermost frame of its traceback lying in the onnxruntime package."""
+    if type(error).__module__.startswith("onnxruntime"):
+        return True
+    if not isinstance(error, RuntimeError) or error.__traceback__ is None:
+        return False
+    import onnxruntime
+
+    package = Path(onnxruntime.__file__).parent
+    innermost = traceback.extract_tb(error.__traceback__)[-1]
+    return Path(innermost.filename).is_relative_to(package)
 
 
 class DecoderSession:

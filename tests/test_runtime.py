@@ -112,8 +112,31 @@ def test_a_value_onnx_runtime_refuses_is_a_one_line_error(bundle, option):
             result.stderr
 
 
+def test_a_value_onnx_runtime_refuses_is_one_line_in_serve_and_bench_and_an_error_of_its_own(bundle):
+    """The same refusal through pi_demo serve, nomoat bench (its worker) and the SDK."""
+    from nomoat.runtime import Model, OrtOptionsError
+
+    option = "session.intra_op_thread_affinities=abc"
+    repo = Path(__file__).resolve().parents[1]
+    serve = subprocess.run([sys.executable, "-m", "pi_demo", "serve", str(bundle), "--port", "0", "--ort-options",
+                            option], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(repo)})
+    assert (serve.returncode, serve.stdout) == (1, ""), serve.stderr
+    assert "Traceback" not in serve.stderr
+    assert serve.stderr.splitlines()[-1].startswith(
+        f"pi_demo serve: error: ONNX Runtime refused --ort-options {option}: "), serve.stderr
+    bench = _nomoat("bench", str(bundle), "--prompt-tokens", "8", "--new-tokens", "2", "--rounds", "1",
+                    "--no-ceiling", "--ort-options", option)
+    assert (bench.returncode, bench.stdout) == (1, ""), bench.stderr
+    assert "Traceback" not in bench.stderr
+    assert f"ONNX Runtime refused the session options {option}: " in bench.stderr
+    with pytest.raises(OrtOptionsError) as refused:
+        Model.load(bundle, ort_options={"session.intra_op_thread_affinities": "abc"})
+    assert refused.value.options == option and "Processor id must consist of only digits" in refused.value.reason
+
+
 def test_a_runtime_error_outside_onnx_runtime_is_not_taken_for_its_refusal():
-    from nomoat.runtime.cli_generate import is_onnxruntime_error
+    from nomoat.runtime.onnx_session import is_onnxruntime_error
 
     try:
         raise RuntimeError("ours")
