@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConversionError
+from .gguf_pretokenizer import set_pre_tokenizer
 from .load_hf import END_OF_TURN_TOKENS, end_of_turn_ids
 from .load_meta import interleaved_to_half_rotary
 from .spec import Checkpoint, ModelSpec, RopeScaling, TokenizerInfo
@@ -387,4 +388,6 @@ def _build_tokenizer_json(arch: str, tokenizer_dict: dict[str, Any]) -> str:
             f"{tokenizer_dict.get('tokenizer_type')!r}): {e}. "
             "Convert from the Hugging Face checkpoint instead."
         ) from e
+    if tokenizer_dict.get("tokenizer_type") == "gpt2":  # byte-level BPE: the split is nomoat's (gguf_pretokenizer.py)
+        set_pre_tokenizer(tokenizer, tokenizer_dict.get("pre_tokenizer_type"))
     return tokenizer.to_str()

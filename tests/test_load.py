@@ -195,6 +195,71 @@ def test_gguf_tokenizer_encodes_like_the_original(llama_dir, llama_gguf):
         assert rebuilt.decode(ids, skip_special_tokens=False) == text
 
 
+# The splits of the original tokenizers, as their tokenizer.json files spell them: the oracle the
+# GGUF rebuild (converter/gguf_pretokenizer.py) is checked against.
+_ORIGINAL_SPLITS = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+_SPLIT_CORPUS = ["def f(self, x):\n    return self.value + 12345", "(self.items) and (self.keys)",
+                 "IT'S DON'T WON'T it's", "In 2024 there were 1234567 people.", "print(\"hello world\")",
+                 "caf\u00e9 cafe\u0301 na\u00efve"] * 40
+
+
+def _original_byte_level_bpe(pre: str):
+    """A byte-level BPE trained with the split the tokenizer named `pre` uses (its merges depend on it)."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if pre in _ORIGINAL_SPLITS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_ORIGINAL_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_SPLIT_CORPUS, trainers.BpeTrainer(
+        vocab_size=420, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return tok
+
+
+def _gguf_tokenizer_dict(tok, pre: str) -> dict:
+    """The vocabulary as llama.cpp's converter stores it (keys as load_gguf maps them)."""
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    return {"tokenizer_type": "gpt2", "pre_tokenizer_type": pre,
+            "tokens": [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])],
+            "merges": [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]],
+            "token_type": [3 if t == "<|endoftext|>" else 1 for t in sorted(vocab, key=vocab.get)]}
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm", "gpt-2"])
+def test_gguf_byte_level_tokenizer_splits_as_its_pre_tokenizer_says(pre):
+    """Whatever transformers does with tokenizer.ggml.pre (4.x ignores it), the bundle splits like the original."""
+    from nomoat.converter.load_gguf import _build_tokenizer_json
+
+    original = _original_byte_level_bpe(pre)
+    rebuilt = Tokenizer.from_str(_build_tokenizer_json("llama", _gguf_tokenizer_dict(original, pre)))
+    for text in [*_SPLIT_CORPUS[:6], "return self.value + 12345", "IT'S (self.items)", "x 42 y\n\n  z"]:
+        assert rebuilt.encode(text).tokens == original.encode(text).tokens, text
+
+
+def test_gguf_with_a_pre_tokenizer_nomoat_does_not_know_is_refused():
+    from nomoat.converter.load_gguf import _build_tokenizer_json
+
+    tokenizer_dict = _gguf_tokenizer_dict(_original_byte_level_bpe("gpt-2"), "deepseek-llm")
+    with pytest.raises(ConversionError, match="splits text as 'deepseek-llm'.*Hugging Face folder"):
+        _build_tokenizer_json("llama", tokenizer_dict)
+
+
 def test_gguf_sentencepiece_tokenizer_encodes_like_sentencepiece():
     import sentencepiece as spm
 
