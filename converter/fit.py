@@ -148,7 +148,8 @@ def _embedding_tables(spec: ModelSpec, quant: QuantRecipe) -> dict[str, int]:
 
 def resident_weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int, kv_dtype: str = "float32") -> int:
     """weight_bytes with each table the embedding lookup reads counted only for the pages of the
-    rows a full context can look up (at most one page per row per table)."""
+    rows a full context can look up (the pages of a row per table: one for rows up to a page, more
+    for wider ones, e.g. an fp32 row of 2,048 values is two)."""
     rows = min(spec.vocab_size, max_context)
     read = dict(_embedding_tables(spec, quant))
     if _reads_lm_head_codes(spec, quant):
@@ -156,8 +157,12 @@ def resident_weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int,
         # come back where rows are looked up.
         read["lm_head_codes"] = spec.vocab_size * spec.hidden_size // 2
     stored_only = sum(_embedding_tables(spec, quant).values())
-    looked_up = sum(min(size, rows * PAGE_BYTES) for size in read.values())
+    looked_up = sum(min(size, rows * _pages_per_row(size, spec.vocab_size) * PAGE_BYTES) for size in read.values())
     return weight_bytes(spec, quant, max_context, kv_dtype) - stored_only + looked_up
+
+
+def _pages_per_row(table_bytes: int, rows: int) -> int:
+    return max(1, -(-table_bytes // rows // PAGE_BYTES))
 
 
 def lm_head_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:

@@ -210,8 +210,8 @@ def test_resident_weights_count_only_the_embedding_rows_a_full_context_looks_up(
     spec = peek_spec(_config_only(tmp_path / "m", LLAMA2_7B))  # 32,000 x 4,096, untied
     target = load_target("rpi5-16gb")
     int8 = estimate_memory(spec, target.recipe.with_overrides(weights="int8", max_context=1024), target)
-    # the fp32 table (512 MB) is handed back; 1,024 looked-up rows bring back a page each at most
-    assert int8.weights - int8.resident_weights == 32000 * 4096 * 4 - 1024 * 4096
+    # the fp32 table (512 MB) is handed back; 1,024 looked-up rows of 16 KiB bring back 4 pages each
+    assert int8.weights - int8.resident_weights == 32000 * 4096 * 4 - 1024 * 4 * 4096
     assert int8.total == int8.runtime + int8.resident_weights + int8.kv_cache + int8.activations
     int4 = estimate_memory(spec, target.recipe.with_overrides(weights="int4", max_context=1024), target)
     # its own 4-bit table: codes and scales mostly handed back, the 2 MB of zero points all touched
