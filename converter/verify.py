@@ -5,7 +5,8 @@ the next-token distributions, top-1 agreement; and greedy agreement over generat
 on a few prompts. Over the threshold, the conversion fails and no bundle is written.
 
 The text is cut into windows of EVAL_WINDOW tokens, each run from an empty cache by both
-models (the usual non-overlapping perplexity). Statistics are accumulated window by window:
+models (the usual non-overlapping perplexity), the bundle the way generation runs it
+(DECODE_TAIL). Statistics are accumulated window by window:
 the logits of the whole default text at once would take 4,750 x 49,152 x 8 bytes = 1.9 GB.
 """
 
@@ -36,6 +37,11 @@ DEFAULT_MAX_PPL_INCREASE = {"fp32": 0.5, "int8": 3.0, "int4": 30.0}
 # SmolLM2-135M on this 2-core machine while other jobs were running.
 EVAL_WINDOW = 512
 MAX_EVAL_TOKENS = 8192  # a long --eval-text is cut here to keep the stage bounded
+# The bundle runs each window as generation would: prefill chunks on its cache, then its last
+# DECODE_TAIL tokens one decode step each (positions up to EVAL_WINDOW deep), so a fault in the
+# cache or the decode path fails the gate as a fault in the weights does; one graph run over the
+# window would not touch either. ~2 s more for SmolLM2 (10 windows).
+DECODE_TAIL = 64
 GREEDY_TOKENS = 32
 GREEDY_PROMPTS = (
     "What is the capital of France?",
@@ -134,7 +140,7 @@ def _perplexity_stats(model, reference, windows: list[list[int]]) -> LogitStats:
     for w in windows:
         with torch.no_grad():
             ref = reference(torch.tensor([w])).logits[0].float().numpy()
-        got = model.logits(w)
+        got = model.logits(w, decode_tail=DECODE_TAIL)
         stats.add(ref[:-1], got[:-1], np.asarray(w[1:]))
     return stats
 

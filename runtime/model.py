@@ -390,13 +390,28 @@ class Model:
         """Like stream(), but return the whole completion at once."""
         return _collect(self.stream(prompt, max_new_tokens, **kwargs), self)
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Logits for every position of `ids` from an empty cache: [len(ids), vocab] (for perplexity)."""
+    def logits(self, ids: Sequence[int], decode_tail: int | None = None) -> np.ndarray:
+        """Logits for every position of `ids` from an empty cache: [len(ids), vocab] (for perplexity).
+
+        In one graph run by default. With decode_tail the way generation gets them: the head in
+        prefill_chunk-sized runs on the growing cache, then the last decode_tail tokens one decode
+        step each, so these paths (the cache, the one-token binding) are what is measured; the
+        verify stage checks them against the reference this way."""
+        ids = list(ids)
         with self._exclusive():
-            self.session.reset()
-            out = self.session.forward(list(ids), all_logits=True)
-            self.session.reset()
-            return out
+            session = self.session
+            session.reset()
+            try:
+                if decode_tail is None:
+                    return session.forward(ids, all_logits=True)
+                head = max(1, len(ids) - decode_tail)
+                parts = [session.forward(ids[i:min(i + self.prefill_chunk, head)], all_logits=True)
+                         for i in range(0, head, self.prefill_chunk)]
+                # a decode step writes into a buffer it reuses: copied out
+                parts += [session.forward([t])[None].copy() for t in ids[head:]]
+                return np.concatenate(parts)
+            finally:
+                session.reset()
 
     def chat(self, system: str | None = None) -> Chat:
         return Chat(self, system)

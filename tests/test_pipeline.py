@@ -67,6 +67,10 @@ def test_chunked_prefill_and_decode_equal_one_pass(fp32_bundle):
     s.reset()
     s.forward(ids[:-1])
     np.testing.assert_allclose(s.forward(ids[-1:]), full[-1], atol=1e-5)
+    # logits() the way generation runs (what verify measures): chunks of 6, then 5 decode steps.
+    chunked = Model.load(fp32_bundle, prefill_chunk=6)
+    np.testing.assert_allclose(chunked.logits(ids, decode_tail=5), full, atol=1e-5)
+    np.testing.assert_allclose(chunked.logits(ids[:3], decode_tail=5), full[:3], atol=1e-5)
 
 
 def test_greedy_generation_matches_transformers(tiny_dir, fp32_bundle):

@@ -142,6 +142,21 @@ def test_gate_passes_a_normal_export_and_fails_a_broken_one(trained_tiny, short_
     assert not out.exists() and not list(tmp_path.glob(".broken*"))
 
 
+def test_gate_fails_an_export_whose_cache_path_is_wrong(trained_tiny, short_text, tmp_path, monkeypatch):
+    """Right from an empty cache, wrong once the cache holds tokens: only the way generation runs shows it."""
+    from nomoat.runtime.onnx_session import DecoderSession
+
+    forward = DecoderSession.forward
+
+    def wrong_after_the_first_run(self, ids, all_logits=False):
+        logits = forward(self, ids, all_logits)
+        return logits if self.length == len(ids) else np.roll(logits, 1, axis=-1)
+
+    monkeypatch.setattr(DecoderSession, "forward", wrong_after_the_first_run)
+    with pytest.raises(ConversionError, match="^quality gate failed: perplexity"):
+        _convert(trained_tiny, tmp_path / "b", quant="fp32", eval_text=short_text)
+
+
 def test_eval_text_option_report_and_table(trained_tiny, short_text, tmp_path, capsys):
     from tokenizers import Tokenizer
 
