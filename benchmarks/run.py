@@ -213,7 +213,7 @@ def _with_range(result: dict[str, Any], metric: str, fmt: str) -> str:
 
 def markdown_table(results: list[dict[str, Any]], prompt_lookup: int = 0) -> str:
     """One row per system and thread count; ratios against llama.cpp Q4_0 at the same threads.
-    A prompt-lookup run adds the drafted tokens kept a round where a system counts them (nomoat)."""
+    A prompt-lookup run adds the drafted tokens kept a round where a system counts them (nomoat, GenAI)."""
     lookup_head, lookup_rule = (" drafts kept |", "---|") if prompt_lookup else ("", "")
     lines = ["| system | threads | file MB | prefill t/s | decode t/s | TTFT ms | peak RSS MB "
              f"| decode × | prefill × | TTFT × | RSS × |{lookup_head}",

@@ -91,6 +91,22 @@ def _result(system: str, counts: list[tuple[int, int] | None]) -> dict:
             "rounds": rounds}
 
 
+def test_table_ratios_are_each_system_over_llama_cpp_at_the_same_threads():
+    def result(system, threads, prefill, decode, ttft, rss):
+        summary = {m: {"median": v, "min": v, "max": v} for m, v in
+                   (("prefill_tps", prefill), ("decode_tps", decode), ("ttft_ms", ttft), ("peak_rss_mb", rss))}
+        return {"system": system, "threads": threads, "model_bytes": 90e6, "answer_ok": True, "summary": summary,
+                "rounds": []}
+
+    results = [result("llama.cpp Q4_0", 1, 1000, 200, 100, 250), result("nomoat int4", 1, 1500, 300, 80, 200),
+               result("llama.cpp Q4_0", 2, 2000, 400, 50, 260), result("nomoat int4", 2, 1000, 200, 100, 130)]
+    ratios = [line.split("|")[8:12] for line in run.markdown_table(results).splitlines()[2:]]
+    # decode, prefill, TTFT, RSS: above 1 is faster for the rates, below 1 is better for TTFT and RSS
+    assert [[x.strip() for x in row] for row in ratios] == [
+        ["1.00×"] * 4, ["1.50×", "1.50×", "0.80×", "0.80×"],
+        ["1.00×"] * 4, ["0.50×", "0.50×", "2.00×", "0.50×"]]
+
+
 def test_lookup_table_shows_the_drafts_each_system_kept():
     results = [_result("llama.cpp Q4_0", [None, None]), _result("nomoat int4 + lookup 8", [(40, 30), (60, 50)]),
                _result("llama.cpp Q4_0 + lookup 8", [None, None])]  # llama.cpp's drafter does not say

@@ -76,3 +76,56 @@ def test_genai_graph_engine_refuses_to_run_past_its_kv_buffer(tmp_path):
     engine.prepare()
     with pytest.raises(ValueError, match="exceed the KV buffer of 8"):
         list(engine.run([1, 2, 3, 4, 5, 6], 4))
+
+
+# -- how the peers are configured: what makes the comparison fair, checked without the libraries --
+
+
+def test_llama_cpp_runs_as_llama_cpp_does_by_default_and_holds_its_weights_in_memory(monkeypatch, tmp_path):
+    """Flash attention on (llama.cpp's own "auto" turns it on here; llama-cpp-python's default is off),
+    no mmap (else the GGUF's file pages count in its RSS), the bench's threads for batches and tokens."""
+    import types
+
+    made = {}
+    module = types.ModuleType("llama_cpp")
+    module.Llama = lambda **kwargs: made.update(kwargs)
+    speculative = types.ModuleType("llama_cpp.llama_speculative")
+    speculative.LlamaPromptLookupDecoding = lambda num_pred_tokens: ("drafter", num_pred_tokens)
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_speculative", speculative)
+    peers.LlamaCppEngine(str(tmp_path / "m.gguf"), threads=2, context=2048, prompt_lookup=8).prepare()
+    assert made["flash_attn"] is True and made["use_mmap"] is False
+    assert (made["n_threads"], made["n_threads_batch"], made["n_ctx"]) == (2, 2, 2048)
+    assert made["draft_model"] == ("drafter", 8)
+
+
+def test_genai_runs_with_the_benchs_threads(monkeypatch, tmp_path):
+    import types
+
+    overlays = []
+
+    class Config:
+        def __init__(self, folder):
+            self.folder = folder
+
+        def overlay(self, text):
+            overlays.append(json.loads(text))
+
+    module = types.ModuleType("onnxruntime_genai")
+    module.Config, module.Model = Config, lambda config: config
+    module.GeneratorParams = lambda model: types.SimpleNamespace(set_search_options=lambda **kw: None)
+    module.Generator = lambda model, params: None
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", module)
+    peers.OrtGenAIEngine(str(tmp_path), threads=2, context=2048).prepare()
+    assert overlays == [{"model": {"decoder": {"session_options": {"intra_op_num_threads": 2,
+                                                                   "inter_op_num_threads": 1}}}}]
+
+
+def test_genai_says_how_its_drafts_did_from_its_own_counters(tmp_path):
+    import types
+
+    engine = peers.OrtGenAIEngine(str(tmp_path), threads=1, context=64, prompt_lookup=8)
+    engine.generator = types.SimpleNamespace(get_speculative_stats=lambda: {
+        "draft_tokens_proposed": 197, "draft_tokens_evaluated": 115, "draft_tokens_accepted": 97})
+    assert engine.draft_counts() == (115, 97)
+    assert peers.OrtGenAIEngine(str(tmp_path), threads=1, context=64).draft_counts() is None
