@@ -256,6 +256,116 @@ def test_the_bench_prompt_is_the_hosts(tiny_bundle):
     assert json.loads(out) == synthetic_prompt_ids(tiny_bundle / "tokenizer.json", 300)
 
 
+# -- generation -------------------------------------------------------------------------------
+
+
+class ScriptSession:
+    """DecoderSession's interface over a scripted model, GenerateCli's ScriptForward in Python: after a
+    pass the next token is next[the pass's last id] (else fallback); `fed` lists every pass."""
+
+    def __init__(self, capacity: int, vocab: int, next_ids: dict[int, int], fallback: int):
+        self.capacity, self.vocab, self.next, self.fallback = capacity, vocab, next_ids, fallback
+        self.tokens: list[int] = []
+        self.fed: list[list] = []
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+
+    def reset(self) -> None:
+        self.tokens.clear()
+
+    def forward(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+        assert len(self.tokens) + len(ids) <= self.capacity, "run past the context"
+        self.fed.append([len(self.tokens), list(ids)])
+        self.tokens.extend(ids)
+        rows = np.zeros((len(ids), self.vocab), np.float32)
+        for i, token in enumerate(ids):
+            rows[i, self.next.get(token, self.fallback)] = 10
+        return rows if all_logits else rows[-1]
+
+
+def python_generation(bundle: Path, request: dict) -> dict:
+    """What GenerateCli does for one request, with runtime/model.py."""
+    import dataclasses
+
+    from nomoat.runtime import Model
+    from nomoat.runtime.errors import ContextOverflowError
+    from tokenizers import Tokenizer
+
+    manifest = dataclasses.replace(read_manifest(bundle), max_context=request["max_context"])
+    session = ScriptSession(request["max_context"], manifest.model.vocab_size,
+                            {int(k): v for k, v in request["next"].items()}, request["fallback"])
+    model = Model(bundle, manifest, session, Tokenizer.from_file(str(bundle / "tokenizer.json")))
+    stop, lookup = request.get("stop", []), request.get("prompt_lookup", 0)
+    if "chat" in request:
+        chat, turns, deltas = model.chat(), [], []
+        for user in request["chat"]:
+            try:
+                events = list(chat.stream(user, request["max_new"], stop=stop, prompt_lookup=lookup, temperature=0.0))
+            except ContextOverflowError as e:
+                turns.append({"error": str(e)})
+                continue
+            deltas += [e.text for e in events if e.text]
+            turns.append({"text": "".join(e.text for e in events), "finish": events[-1].finish_reason,
+                          "ids": [e.token_id for e in events if e.token_id is not None]})
+        return {"turns": turns, "history": chat.messages, "deltas": deltas, "fed": session.fed}
+    events = list(model.stream_ids(request["prompt"], request["max_new"], stop=stop, prompt_lookup=lookup))
+    return {"text": "".join(e.text for e in events), "ids": [e.token_id for e in events if e.token_id is not None],
+            "finish": events[-1].finish_reason, "deltas": [e.text for e in events if e.text], "fed": session.fed}
+
+
+def test_generation_and_chat_match_pythons(tiny_bundle):
+    """Generator and Chat against Model.stream_ids and Chat over the same scripted model and the bundle's
+    tokenizer: the text shown (special tokens the model writes are not), the answer's ids, why it
+    ended, the history, and every pass the KV cache ran."""
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
+    manifest = read_manifest(tiny_bundle)
+
+    def one(text: str) -> int:
+        ids = hf.encode(text, add_special_tokens=False).ids
+        assert len(ids) == 1, (text, ids)
+        return ids[0]
+
+    eot, im_start, im_end, nl = one("<|endoftext|>"), one("<|im_start|>"), one("<|im_end|>"), one("\n")
+    assert im_end in manifest.stop_token_ids and not {eot, im_start} & set(manifest.stop_token_ids)
+    a, b, c = one("The"), one(" capital"), one(" France")
+    prompt = hf.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).ids
+    # A special token mid-answer, then the bundle's stop token; one that loops until max_new.
+    chain = {nl: a, a: eot, eot: b, b: c, c: im_end}
+    loop = {nl: a, a: im_start, im_start: b, b: nl}
+    base = {"max_context": 96, "fallback": im_end, "max_new": 12}
+    requests = [
+        {**base, "prompt": prompt, "next": chain},
+        {**base, "prompt": prompt, "next": loop},
+        # A stop string that is one special token stops at that token (not in the ids); others stay text.
+        {**base, "prompt": prompt, "next": loop, "stop": ["<|im_start|>"]},
+        {**base, "prompt": prompt, "next": loop, "stop": [" capital", "<|endoftext|>"]},
+        {**base, "prompt": prompt, "next": loop, "stop": ["<|im_start|>"], "prompt_lookup": 4},
+        {**base, "prompt": prompt, "next": chain, "prompt_lookup": 4},
+        # Chat: the history keeps the text shown, the next prompt the tokens the model saw.
+        {**base, "chat": ["hi", "more", "again"], "next": chain},
+        {**base, "chat": ["hi", "more"], "next": loop, "stop": ["<|im_start|>"]},
+        {**base, "chat": ["hi", "more", "and more", "still more"], "next": loop, "max_context": 64},
+    ]
+    out = kotlin_host.run_kotlin("dev.nomoat.core.GenerateCli", str(tiny_bundle),
+                                 input="".join(json.dumps(r) + "\n" for r in requests))
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert len(answers) == len(requests)
+    for request, kotlin in zip(requests, answers, strict=True):
+        assert kotlin == python_generation(tiny_bundle, request), request
+    # The cases did what they are for: special tokens generated but not shown, a special stop string, an overflow.
+    assert answers[0]["ids"] == [a, eot, b, c] and "<|endoftext|>" not in answers[0]["text"]
+    assert im_start in answers[1]["ids"] and "<|im_start|>" not in answers[1]["text"]
+    assert answers[2]["ids"] == [a] and answers[2]["finish"] == "stop"
+    assert any("error" in turn for turn in answers[-1]["turns"])
+
+
 # -- prompt lookup ---------------------------------------------------------------------------
 
 

@@ -13,11 +13,22 @@ interface TextCodec {
     /** Token ids of [text]; special tokens written in the text (e.g. `<|im_start|>`) map to their ids; no BOS added. */
     fun encode(text: String): IntArray
 
-    /** The text of a whole id sequence (special tokens included as their text). */
+    /** The text of a whole id sequence (special tokens included as their text: what the model saw). */
     fun decode(ids: IntArray): String
 
-    /** A fresh incremental decoder for one generation. */
+    /**
+     * A fresh incremental decoder for one generation: the text shown to the user, so special tokens
+     * (`<|im_start|>`, `<|endoftext|>`) give none, as the Python runtime streams
+     * (`skip_special_tokens=True`).
+     */
     fun streamDecoder(): TokenStreamDecoder
+
+    /**
+     * The id of [text] when it is exactly one special token (one that streams as no text), else null.
+     * A stop string that is one could never match the streamed text, so it stops as a token instead
+     * (runtime/model.py `_special_token_ids`).
+     */
+    fun specialTokenId(text: String): Int?
 }
 
 /** Text deltas from tokens arriving one at a time, never splitting a UTF-8 character. */

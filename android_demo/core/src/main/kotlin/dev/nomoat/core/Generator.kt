@@ -27,6 +27,9 @@ class GenerationStats {
     var acceptedTokens = 0
     /** The answer ended at a stop token (finish reason "stop"), not at max new tokens or a full context. */
     var stopToken = false
+    /** The KV cache was full when the answer ended (with finish reason "length", the answer was cut
+     * off there): nothing can follow it, so in a chat no next message fits until it starts over. */
+    var contextFull = false
 
     val prefillSeconds: Double get() = prefillNanos / 1e9
     val timeToFirstTokenSeconds: Double get() = firstTokenNanos / 1e9
@@ -112,9 +115,11 @@ class Generator(
 
     /**
      * Generate up to [maxNewTokens] tokens after [promptIds]; [onDelta] gets the text as it becomes
-     * complete and safe to show (never part of a character or of a possible stop string). Mirrors
-     * Model.stream_ids: finish reason "stop" on a stop token or string (not shown), "length" at max new
-     * tokens or a full context. With [ignoreEos] stop tokens are generated like any other (benchmarks).
+     * complete and safe to show (never part of a character or of a possible stop string; special
+     * tokens show no text). Mirrors Model.stream_ids: finish reason "stop" on a stop token or string
+     * (not shown), "length" at max new tokens or a full context. A stop string that is one special
+     * token (`<|im_start|>`) stops at that token, which is then not in the answer's ids: the streamed
+     * text never holds it to match. With [ignoreEos] stop tokens are generated like any other (benchmarks).
      * [promptLookup] > 0 drafts up to that many tokens a pass from the context (greedy without a
      * repetition penalty only; see [generateTokens]).
      */
@@ -131,6 +136,7 @@ class Generator(
         lastStats = stats
         val detok = codec.streamDecoder()
         val stops = StopMatcher(stop)
+        val specialStops = stop.mapNotNull { codec.specialTokenId(it) }.toSet()
         val text = StringBuilder()
         val ids = ArrayList<Int>()
         fun emit(s: String) {
@@ -138,7 +144,7 @@ class Generator(
             text.append(s)
             onDelta(s)
         }
-        generateTokens(promptIds, maxNewTokens, params, ignoreEos, stats, promptLookup) { token ->
+        generateTokens(promptIds, maxNewTokens, params, ignoreEos, stats, promptLookup, specialStops) { token ->
             ids.add(token)
             val fed = stops.feed(detok.push(token))
             emit(fed.text)
@@ -156,7 +162,8 @@ class Generator(
 
     /**
      * The token loop (Model.generate_tokens): [onToken] gets each generated id and returns false to
-     * stop. The stop token itself is not passed on. Stops at [maxNewTokens] or when the context is full.
+     * stop. The stop token itself (the bundle's, or one of [extraStopIds]) is not passed on. Stops at
+     * [maxNewTokens] or when the context is full (then [GenerationStats.contextFull]).
      *
      * With [promptLookup] > 0 and plain greedy parameters it decodes with prompt lookup
      * (Model.generate_tokens_lookahead): greedy's tokens up to near-ties (a pass over several
@@ -170,6 +177,7 @@ class Generator(
         ignoreEos: Boolean,
         stats: GenerationStats,
         promptLookup: Int = 0,
+        extraStopIds: Set<Int> = emptySet(),
         onToken: (Int) -> Boolean
     ) {
         require(promptIds.isNotEmpty()) { "the prompt is empty: give at least one token" }
@@ -180,14 +188,16 @@ class Generator(
                 "the prompt has ${promptIds.size} tokens but the bundle's context holds $maxContext; " +
                     "shorten the prompt, reset the conversation, or convert with a larger --max-context.")
         }
+        val stops = if (ignoreEos) emptySet() else stopIds + extraStopIds
         val start = clock()
         val logits = prefill(promptIds, stats)
         stats.prefillNanos = clock() - start
         if (promptLookup > 0 && params.greedy && params.repetitionPenalty == 1.0) {
-            decodeWithLookup(promptIds, logits, maxNewTokens, promptLookup, ignoreEos, stats, start, onToken)
+            decodeWithLookup(promptIds, logits, maxNewTokens, promptLookup, stops, stats, start, onToken)
         } else {
-            decode(promptIds, logits, maxNewTokens, params, ignoreEos, stats, start, onToken)
+            decode(promptIds, logits, maxNewTokens, params, stops, stats, start, onToken)
         }
+        stats.contextFull = length >= maxContext
     }
 
     private fun decode(
@@ -195,7 +205,7 @@ class Generator(
         prefillLogits: FloatArray,
         maxNewTokens: Int,
         params: SamplingParams,
-        ignoreEos: Boolean,
+        stops: Set<Int>,
         stats: GenerationStats,
         start: Long,
         onToken: (Int) -> Boolean
@@ -209,7 +219,7 @@ class Generator(
         var generated = 0
         while (true) {
             val token = sampler.sample(logits, if (penalized) history.copyOf(n) else promptIds)
-            if (token in stopIds && !ignoreEos) {
+            if (token in stops) {
                 stats.stopToken = true
                 break
             }
@@ -235,7 +245,7 @@ class Generator(
         prefillLogits: FloatArray,
         maxNewTokens: Int,
         maxDraft: Int,
-        ignoreEos: Boolean,
+        stops: Set<Int>,
         stats: GenerationStats,
         start: Long,
         onToken: (Int) -> Boolean
@@ -247,7 +257,7 @@ class Generator(
         var generated = 0
         // Hands one token on; false when the answer ends with it (a stop token is not passed on).
         fun produce(token: Int, at: Long): Boolean {
-            if (token in stopIds && !ignoreEos) {
+            if (token in stops) {
                 stats.stopToken = true
                 return false
             }

@@ -10,7 +10,8 @@ import java.util.regex.Pattern
 /**
  * A byte-level BPE tokenizer (GPT-2 / SmolLM2, Llama 3, Qwen2) read from a Hugging Face
  * tokenizer.json, giving the ids and text that the `tokenizers` library gives
- * (`encode(text, add_special_tokens=False)`, `decode(ids, skip_special_tokens=False)`).
+ * (`encode(text, add_special_tokens=False)`, `decode(ids, skip_special_tokens=False)`); its stream
+ * decoder gives what the Python runtime streams (`skip_special_tokens=True`: no special tokens).
  *
  * Encoding, as in `tokenizers`: added tokens are cut out of the text first; each piece in between
  * is normalized (nothing or NFC), split by the pre-tokenizer's regexes, mapped byte by byte to
@@ -31,6 +32,9 @@ class Tokenizer private constructor(
     /** Added tokens matched in the raw text, then (after normalizing) the ones marked "normalized". */
     private val rawAdded: AddedTokens,
     private val normalizedAdded: AddedTokens,
+    /** The text of the added tokens marked "special": `tokenizers` leaves a token out of
+     * `decode(ids, skip_special_tokens=True)` when its text is one of these. */
+    private val specialContents: Set<String>,
     private val preTokenizers: List<PreTokenizer>
 ) : TextCodec {
 
@@ -58,10 +62,20 @@ class Tokenizer private constructor(
         return Utf8.decode(all, 0, all.size)
     }
 
-    override fun streamDecoder(): TokenStreamDecoder = Utf8StreamDecoder(::tokenBytes)
+    /** Special tokens give no text, as in the Python runtime's stream (runtime/detokenizer.py with
+     * `skip_special_tokens=True`): a `<|endoftext|>` the model writes mid-answer is not shown. */
+    override fun streamDecoder(): TokenStreamDecoder = Utf8StreamDecoder(::shownBytes)
+
+    /** Model._special_token_ids for one string: its id when it is a single token that decodes to
+     * nothing with `skip_special_tokens=True` (a special token), else null. */
+    override fun specialTokenId(text: String): Int? = tokenToId(text)?.takeIf { shownBytes(it).isEmpty() }
 
     /** The id of a token's text (model vocabulary or added token), or null. */
     fun tokenToId(token: String): Int? = vocab[token] ?: rawAdded.idOf(token) ?: normalizedAdded.idOf(token)
+
+    /** [tokenBytes], except nothing for a special token (`decode(ids, skip_special_tokens=True)`). */
+    private fun shownBytes(id: Int): ByteArray =
+        if (tokens.getOrNull(id) in specialContents) ByteArray(0) else tokenBytes(id)
 
     /** The bytes a token stands for. Like `tokenizers`' ByteLevel decoder: a token made only of
      * byte characters gives those bytes, any other (e.g. an added "<|im_end|>" with a space) its
@@ -195,6 +209,7 @@ class Tokenizer private constructor(
 
             val raw = ArrayList<Pair<String, Int>>()
             val normalized = ArrayList<Pair<String, Int>>()
+            val special = HashSet<String>()
             val added = root.optJSONArray("added_tokens") ?: JSONArray()
             var maxId = vocab.values.fold(-1) { a, b -> maxOf(a, b) }
             for (i in 0 until added.length()) {
@@ -208,6 +223,7 @@ class Tokenizer private constructor(
                 // `tokenizers` defaults "normalized" to true for non-special tokens only.
                 val isNormalized = t.optBoolean("normalized", !t.optBoolean("special", false))
                 (if (isNormalized) normalized else raw).add(content to id)
+                if (t.optBoolean("special", false)) special.add(content)
                 maxId = maxOf(maxId, id)
             }
             val tokens = arrayOfNulls<String>(maxId + 1)
@@ -222,6 +238,7 @@ class Tokenizer private constructor(
                 nfc = readNormalizer(root.opt("normalizer")),
                 rawAdded = AddedTokens(raw),
                 normalizedAdded = AddedTokens(normalized),
+                specialContents = special,
                 preTokenizers = readPreTokenizer(root.opt("pre_tokenizer"))
             ).also { checkDecoder(root.opt("decoder")) }
             // post_processor is not read: encode() adds no special tokens (see TextCodec).

@@ -28,10 +28,13 @@ class LetterCodec : TextCodec {
 
     override fun decode(ids: IntArray): String = ids.joinToString("") { Letters.VOCAB[it] }
 
+    /** "<|end|>" is a special token, as in a real tokenizer: streamed as no text. */
     override fun streamDecoder(): TokenStreamDecoder = object : TokenStreamDecoder {
-        override fun push(id: Int): String = Letters.VOCAB[id]
+        override fun push(id: Int): String = if (id == Letters.END) "" else Letters.VOCAB[id]
         override fun flush(): String = ""
     }
+
+    override fun specialTokenId(text: String): Int? = if (text == Letters.VOCAB[Letters.END]) Letters.END else null
 }
 
 /** next(last id) gets logit 10, everything else 0; the KV "cache" is a list checked like a real one. */

@@ -59,6 +59,34 @@ class GeneratorTest {
     }
 
     @Test
+    fun aSpecialTokenIsGeneratedButNotShown() {
+        // "<|end|>" is not a stop token of this generator: it is in the answer's ids, not in its text.
+        val deltas = ArrayList<String>()
+        val result = Generator(FakeForward.countingUp(), codec, emptyList()).generate(codec.encode("d"), 4) {
+            deltas.add(it)
+        }
+        assertArrayEquals(intArrayOf(4, Letters.END, 1, 2), result.tokenIds)
+        assertEquals("ebc", result.text)
+        assertEquals(listOf("e", "b", "c"), deltas)
+    }
+
+    @Test
+    fun aStopStringThatIsASpecialTokenStopsAtTheToken() {
+        // Model._special_token_ids: the streamed text never holds "<|end|>", so it stops as a token,
+        // which is then not in the answer's ids.
+        val result = Generator(FakeForward.countingUp(), codec, emptyList()).generate(codec.encode("c"), 10,
+            stop = listOf("x", "<|end|>"))
+        assertEquals("de", result.text)
+        assertArrayEquals(codec.encode("de"), result.tokenIds)
+        assertEquals(Generation.STOP, result.finishReason)
+        assertTrue(result.stats.stopToken)
+        // As the bundle's stop tokens, it does not stop a benchmark that ignores them.
+        val ignored = Generator(FakeForward.countingUp(), codec, emptyList()).generate(codec.encode("d"), 3,
+            stop = listOf("<|end|>"), ignoreEos = true)
+        assertArrayEquals(intArrayOf(4, Letters.END, 1), ignored.tokenIds)
+    }
+
+    @Test
     fun aHeldBackTailThatIsNoStopIsShownLater() {
         val deltas = ArrayList<String>()
         val result = generator(FakeForward.endless()).generate(codec.encode("a"), 5, stop = listOf("ex", "fz")) {

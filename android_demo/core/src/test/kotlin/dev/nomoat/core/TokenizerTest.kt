@@ -4,6 +4,7 @@ import org.json.JSONArray
 import org.json.JSONObject
 import org.junit.Assert.assertArrayEquals
 import org.junit.Assert.assertEquals
+import org.junit.Assert.assertNull
 import org.junit.Assert.assertTrue
 import org.junit.Assert.fail
 import org.junit.Test
@@ -13,6 +14,8 @@ class TokenizerTest {
     // Byte-level characters: "Ġ" is a space; é is C3 A9 = "Ã©"; 😀 is F0 9F 98 80 = "ðŁĺĢ".
     private val vocab = listOf("a", "b", "c", "Ġ", "ab", "bc", "abc", "Ã", "©", "Ã©", "ð", "Ł", "ĺ", "Ģ", "ðŁ", "ĺĢ")
     private val added = listOf("<|im_end|>" to 16, "<x>" to 17, "<x>y" to 18)
+    /** An added token that is not special: text like any other, also when streamed. */
+    private val plainAdded = "<p>" to 19
 
     private fun tokenizerJson(
         merges: List<String> = listOf("b c", "a b", "ab c", "Ã ©", "ð Ł", "ĺ Ģ"),
@@ -25,8 +28,9 @@ class TokenizerTest {
             .put("merges", JSONArray(merges))
             .apply(model)
         return JSONObject()
-            .put("added_tokens", JSONArray(added.map { (content, id) ->
-                JSONObject().put("id", id).put("content", content).put("special", true).put("normalized", false)
+            .put("added_tokens", JSONArray((added + plainAdded).map { (content, id) ->
+                JSONObject().put("id", id).put("content", content).put("special", id != plainAdded.second)
+                    .put("normalized", false)
             }))
             .put("normalizer", JSONObject.NULL)
             .put("pre_tokenizer", byteLevel)
@@ -91,6 +95,28 @@ class TokenizerTest {
         assertEquals("", stream.push(11))  // 9F
         assertEquals("😀", stream.push(15))  // 98 80
         assertEquals("", stream.flush())
+    }
+
+    @Test
+    fun theStreamDecoderShowsNoSpecialTokensAsPythonStreams() {
+        // runtime/detokenizer.py decodes with skip_special_tokens=True; decode() keeps them (what the model saw).
+        fun streamed(vararg ids: Int): String {
+            val stream = tokenizer.streamDecoder()
+            return ids.joinToString("") { stream.push(it) } + stream.flush()
+        }
+        assertEquals("ab", streamed(0, 16, 1))
+        assertEquals("a<|im_end|>b", tokenizer.decode(intArrayOf(0, 16, 1)))
+        assertEquals("a<p>b", streamed(0, 19, 1))  // not special: shown
+        assertEquals("😀", streamed(14, 16, 15))  // the bytes on both sides of it still make one character
+    }
+
+    @Test
+    fun specialTokenIdIsTheIdOfOneSpecialToken() {
+        assertEquals(16, tokenizer.specialTokenId("<|im_end|>"))
+        assertEquals(17, tokenizer.specialTokenId("<x>"))
+        assertNull(tokenizer.specialTokenId("<p>"))  // an added token, but shown as text
+        assertNull(tokenizer.specialTokenId("ab"))  // a token, not special
+        assertNull(tokenizer.specialTokenId("<|im_end|>a"))
     }
 
     @Test
