@@ -3,6 +3,8 @@
 The Kotlin side runs on the host JVM (kotlin_host) through dev.nomoat.core.TokenizerCli; every
 text is encoded and decoded by both, on the real SmolLM2 tokenizer (in the bundle's "a b" merges
 form and in `tokenizers`' [a, b] form) and on small Llama 3 / Qwen2-shaped tokenizers trained here.
+The stream shows what the Python runtime streams (no special tokens). Split regexes cut text where
+`tokenizers`' Oniguruma cuts it, or are refused by name where Java's regex would read them otherwise.
 """
 
 from __future__ import annotations
@@ -117,7 +119,10 @@ def test_the_shapes_are_the_ones_named(smollm2_json):
     shapes = {name: json.loads(text) for name, text in _shapes(smollm2_json).items()}
     assert isinstance(shapes["smollm2-bundle"]["model"]["merges"][0], str)
     assert isinstance(shapes["smollm2-pairs"]["model"]["merges"][0], list)
-    assert shapes["smollm2-bundle"]["pre_tokenizer"]["type"] == "ByteLevel"
+    # SmolLM2's digits one by one, then GPT-2's split (converter/gguf_pretokenizer.py, "smollm").
+    smollm2_split = shapes["smollm2-bundle"]["pre_tokenizer"]["pretokenizers"]
+    assert [(p["type"], p.get("use_regex")) for p in smollm2_split] == [("Split", None), ("ByteLevel", True)]
+    assert shapes["gpt2-prefix-space"]["pre_tokenizer"]["type"] == "ByteLevel"
     assert shapes["llama3-style"]["model"]["ignore_merges"] is True
     hf = Tokenizer.from_str(_shapes(smollm2_json)["llama3-style"])
     assert hf.encode("ſtar\nit'ſtar").tokens == ["Å¿tar", "Ċ", "it", "'Å¿", "tar"]
@@ -166,3 +171,74 @@ def test_decode_of_broken_utf8_matches_hf(smollm2_json, tmp_path):
         assert streamed == hf.decode([i for i in ids if i >= 0], skip_special_tokens=True), ids
         if len(ids) > 1 and min(ids) >= 0:  # ids the model can write, one at a time
             assert streamed == python_stream(hf, ids), ids
+
+
+# -- the pre-tokenizer's regex: Oniguruma's meaning, or refused ----------------------------------
+
+# Characters from many general categories, all in Unicode for long (the platform's tables may be
+# older than Oniguruma's: README, "Tokenizer parity"): digits of several scripts, every kind of space
+# and line break, letters with and without case, marks, symbols, punctuation, controls, formats.
+SPLIT_TEXTS = [
+    "abc ABC 123 ٣٤٥ ১২৩ ０１２ Ⅻ ½ ² deadBEEF 0x1f",
+    "tabs\tand\r\nwindows\r\nlines\u000bvt\u000cff\u0085nel\u00a0nbsp\u3000ideo\u2028ls\u2029ps\u1680\u202f\u205f",
+    "naïve café Ωmega ǅemal ʰmod ſtar K\u212a e\u0301 ⃝ा 日本語 한국어 ไทย",
+    "snake_case ß_ü ‿ — – (x) [y] {z} «q» ‘s’ “d” !? ¿¡ §¶ € $ £ + = < > | ~ ^ ` © ® ™ ∑ ≠ 😀 👩‍💻",
+    "ctl\u0000\u0001\u0007\u001b\u007f fmt\u00ad\u200b\u200d\u2060\ufeff pua\ue000 don't I'LL it'ſ",
+    "{brace} a{2} aa{,2} x{1,3} /path/to\\file #tag @user 'quote' \"dq\" a.b-c_d",
+]
+
+O200K_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+DEEPSEEK_REGEX = r"[\r\n]|\s?[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s+(?!\S)|\s+|\p{N}{1,3}"
+
+# Regexes the app runs: real tokenizers', then one construct at a time, most of them read differently
+# by Java's regex engines unless translated.
+SAME_SPLIT = [
+    LLAMA3_REGEX, QWEN2_REGEX, O200K_REGEX, DEEPSEEK_REGEX,
+    r"\d+", r"\D+", r"[\d_]+", r"[^\d\s]+", r"\h+", r"\H+", r"[\h.]+", r"\v", r"[\v\t]+",
+    r"\x41+", r"\x7", r"\x{e9}", r"\u00e9", r"\x{1F600}", r"[\x{3000}\x20]+",
+    r"\p{lu}+", r"\p{Uppercase_Letter}+", r"\p{^L}+", r"\P{^N}+", r"[\P{L}]+", r"\p{LC}+", r"\p{Nd}+",
+    r"\p{Combining Mark}+", r"\p{Zs}|\p{Cc}|\p{Cf}|\p{Co}", r"\p{Pi}\p{L}*\p{Pf}?", r"\p{Sc}|\p{Sk}|\p{Sm}|\p{So}",
+    r".", r".+", r"a{,2}", r"a?", r"\d{0,2}", r"\{brace}", r"a{2}|x{1,3}?", r"{", r"\A\p{L}+|\p{L}+\z",
+    r"[\-\/\\#@'\"]+",
+    r"\t|\n|\r|\f|\a|\e", r"(?i:'s|'t)|(?i)ll|d", r"(?i:k)+|(?-i:K)",
+]
+
+
+def test_pre_tokenizer_regexes_split_as_tokenizers_does():
+    """Each regex splits each text into the pieces `tokenizers`' Split (Isolated) makes; so does every split
+    the converter gives a GGUF's tokenizer."""
+    from nomoat.converter.gguf_pretokenizer import _SPLITS as GGUF_SPLITS
+
+    cases = [(regex, text) for regex in [*SAME_SPLIT, *sorted(set(GGUF_SPLITS.values()))] for text in SPLIT_TEXTS]
+    for (regex, text), pieces in zip(cases, kotlin_split(cases), strict=True):
+        assert pieces == [p for p, _ in pre_tokenizers.Split(Regex(regex), "isolated").pre_tokenize_str(text)], \
+            (regex, text)
+
+
+# Oniguruma constructs that Java reads differently, and the name the refusal gives each.
+REFUSED = [
+    (r"\w+", r"\w"), (r"\W+", r"\W"), (r"\bx", r"\b"), (r"\Bx", r"\B"), (r"[^\S\n]+", r"\S inside [...]"),
+    (r"[\H]", r"\H inside [...]"), (r"\R", r"\R"), (r"\X", r"\X"), (r"\N", r"\N"), (r"\O", r"\O"), (r"a\Kb", r"\K"),
+    (r"\Gx", r"\G"), (r"x\Z", r"\Z"), (r"\Qx", r"\Q"), (r"(a)\1", r"\1"), (r"\cA", r"\c"), (r"\y", r"\y"),
+    (r"^\s+", "^"), (r"\s+$", "$"), (r"(?m:.)", "(?m)"), (r"(?x) a", "(?x)"), (r"[[:alpha:]]+", "[:...:]"),
+    (r"xa{2}?", "{2}?"), (r"a{1,2}+", "{1,2}+"), (r"a{2}+", "{2}+"), (r"\p{Alpha}", r"\p{Alpha}"),
+    (r"\p{Han}+", r"\p{Han}"), (r"\p{Latin}", r"\p{Latin}"), (r"(?i)\p{Lu}", r"\p{Lu} inside (?i)"),
+    (r"(?i:[\p{Ll}])", r"\p{Ll} inside (?i)"), (r"\é", r"\é"), (r"\x", r"\x"),
+]
+
+
+def test_regex_constructs_java_reads_differently_are_refused_by_name():
+    for (regex, named), answer in zip(REFUSED, kotlin_split([(regex, "x") for regex, _ in REFUSED]), strict=True):
+        Regex(regex)  # Oniguruma takes it: a bundle could have it
+        refusal = answer["error"]
+        assert f"uses {named} (" in refusal and "cannot run as `tokenizers` does" in refusal, (regex, refusal)
+
+
+def kotlin_split(cases: list[tuple[str, str]]) -> list:
+    """TokenizerCli --split: the pieces of each text by its regex, or {"error": ...} where the app refuses it."""
+    out = kotlin_host.run_kotlin(CLI, "--split", input="".join(json.dumps(list(case)) + "\n" for case in cases))
+    return [json.loads(line) for line in out.splitlines()]

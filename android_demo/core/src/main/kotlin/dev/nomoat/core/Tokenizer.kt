@@ -305,36 +305,200 @@ class Tokenizer private constructor(
         }
 
         /**
-         * Compile a `tokenizers` (Oniguruma) regex for java.util.regex. Oniguruma's `\s` is Unicode
-         * White_Space; Java's is ASCII unless UNICODE_CHARACTER_CLASS is set, a flag Android's
-         * regex engine (ICU) does not take, and ICU's own `\s` misses U+000B and U+0085. So `\s`
-         * and `\S` are spelled out. \p{L} and \p{N} mean the same in all three.
+         * Compile a `tokenizers` regex (Oniguruma, Ruby syntax) for java.util.regex: the JDK's engine
+         * on the host, ICU's on a phone. What all three read alike is kept, what Oniguruma means but the
+         * others spell differently is spelled out, and anything else is refused by name: a regex that
+         * split text differently would tokenize it differently, in silence.
+         *
+         * Spelled out: `\s` `\S` (Unicode White_Space in Oniguruma; ASCII in the JDK unless
+         * UNICODE_CHARACTER_CLASS, a flag ICU does not take, and ICU's own misses U+000B and U+0085),
+         * `\d` `\D` (\p{Nd} in Oniguruma and ICU, [0-9] in the JDK), `\h` `\H` (a hex digit in
+         * Oniguruma, horizontal space in the others), `\v` (U+000B; vertical space in the others),
+         * `\xH`, `\xHH`, `\x{H..}`, `\uHHHH` (one code point; the JDK's \x takes exactly two digits),
+         * `\p{..}` `\P{..}` of a Unicode general category in any of Oniguruma's spellings (`Lu`, `lu`,
+         * `Uppercase_Letter`, `^Lu`), `.` (anything but \n in Oniguruma; the others also stop at \r,
+         * U+0085, U+2028 and U+2029) and `{,n}`. Kept: `\t \n \r \f \a \e`, `\A` `\z`, escaped ASCII
+         * punctuation. The general categories come from the platform's Unicode tables, which may be
+         * older than Oniguruma's (README: letters added since differ).
          */
         internal fun compile(regex: String): Pattern {
             val out = StringBuilder()
             var inClass = 0
+            // Oniguruma folds case for \p{..} inside (?i) only in [...], the JDK and ICU everywhere.
+            var caseless = false
+            val groups = ArrayList<Boolean>() // `caseless` where each open group began, back at its ')'
             var i = 0
             while (i < regex.length) {
                 val c = regex[i]
-                if (c == '\\' && i + 1 < regex.length) {
-                    when (val e = regex[i + 1]) {
-                        's' -> out.append(if (inClass > 0) WHITE_SPACE else "[$WHITE_SPACE]")
-                        'S' -> if (inClass > 0) refuse("\\S inside [...] in the pre-tokenizer regex is not supported") else out.append("[^$WHITE_SPACE]")
-                        else -> out.append(c).append(e)
+                i = when {
+                    c == '\\' -> escape(regex, i, inClass > 0, caseless, out)
+                    inClass > 0 -> {
+                        if (regex.startsWith("[:", i)) {
+                            differs("[:...:]", "a POSIX bracket: a Unicode class in Oniguruma, the characters themselves in Java")
+                        }
+                        if (c == '[') inClass++ else if (c == ']') inClass--
+                        out.append(c)
+                        i + 1
                     }
-                    i += 2
-                    continue
+                    c == '[' -> {
+                        inClass++
+                        out.append(c)
+                        i + 1
+                    }
+                    c == '.' -> {
+                        out.append("[^\\n]")
+                        i + 1
+                    }
+                    c == '^' || c == '$' -> differs("$c", "a line anchor in Oniguruma, the whole text's in Java")
+                    c == '(' -> {
+                        val options = INLINE_OPTIONS.matcher(regex).region(i, regex.length)
+                        if (options.lookingAt()) {
+                            val letters = options.group(1)
+                            if (letters.any { it != 'i' && it != '-' }) {
+                                differs("(?$letters)", "only the i option is the same: (?m) is dotall in Oniguruma, multiline in Java")
+                            }
+                            // (?i:...) sets it for its group, (?i) for the rest of the enclosing one.
+                            if (options.group(2) == ":") groups.add(caseless)
+                            caseless = letters.startsWith("i")
+                            out.append(options.group())
+                            options.end()
+                        } else {
+                            groups.add(caseless)
+                            out.append(c)
+                            i + 1
+                        }
+                    }
+                    c == ')' -> {
+                        if (groups.isNotEmpty()) caseless = groups.removeAt(groups.size - 1)
+                        out.append(c)
+                        i + 1
+                    }
+                    c == '{' -> interval(regex, i, out)
+                    else -> {
+                        out.append(c)
+                        i + 1
+                    }
                 }
-                if (c == '[') inClass++ else if (c == ']' && inClass > 0) inClass--
-                out.append(c)
-                i++
             }
             // UNICODE_CASE: Oniguruma's (?i:'s|...) folds case beyond ASCII too.
             return Pattern.compile(out.toString(), Pattern.UNICODE_CASE)
         }
 
+        /** Translate the escape at regex[at] (a backslash) into [out]; the index after it. */
+        private fun escape(regex: String, at: Int, inClass: Boolean, caseless: Boolean, out: StringBuilder): Int {
+            if (at + 1 >= regex.length) refuse("the pre-tokenizer regex ends with a lone backslash")
+            val e = regex[at + 1]
+            var next = at + 2
+            when (e) {
+                's' -> out.append(if (inClass) WHITE_SPACE else "[$WHITE_SPACE]")
+                'd' -> out.append("\\p{Nd}")
+                'D' -> out.append("\\P{Nd}")
+                'h' -> out.append(if (inClass) HEX_DIGIT else "[$HEX_DIGIT]")
+                'S', 'H' -> if (inClass) {
+                    differs("\\$e inside [...]", "a negated class inside a class cannot be spelled out for Java")
+                } else {
+                    out.append("[^").append(if (e == 'S') WHITE_SPACE else HEX_DIGIT).append(']')
+                }
+                'v' -> out.append("\\x{b}")
+                't', 'n', 'r', 'f', 'a', 'e' -> out.append('\\').append(e)
+                'A', 'z' -> if (inClass) differs("\\$e inside [...]", "an anchor cannot be in a class") else out.append('\\').append(e)
+                'x', 'u' -> {
+                    // Oniguruma: \x{1-8 hex digits}, \x with 1-2 hex digits (a byte: ASCII only in UTF-8), \u with 4.
+                    val braced = e == 'x' && regex.startsWith("{", next)
+                    val from = if (braced) next + 1 else next
+                    var to = from
+                    val most = if (braced) 8 else if (e == 'x') 2 else 4
+                    while (to < regex.length && to - from < most && Character.digit(regex[to], 16) >= 0) to++
+                    val digits = regex.substring(from, to)
+                    val closed = !braced || regex.startsWith("}", to)
+                    val cp = digits.toLongOrNull(16)
+                    val ok = cp != null && closed && (e != 'u' || digits.length == 4) && (braced || e == 'u' || cp < 0x80) &&
+                        cp <= Character.MAX_CODE_POINT && cp !in 0xD800L..0xDFFFL
+                    if (!ok) differs("\\$e${regex.substring(next, minOf(regex.length, to + 1))}", "not one whole code point")
+                    out.append("\\x{").append(java.lang.Long.toHexString(cp!!)).append('}')
+                    next = if (braced) to + 1 else to
+                }
+                'p', 'P' -> {
+                    val close = regex.indexOf('}', next)
+                    if (!regex.startsWith("{", next) || close < 0) differs("\\$e without {...}", "not read alike")
+                    val written = regex.substring(next + 1, close)
+                    if (caseless) {
+                        differs("\\$e{$written} inside (?i)", "Oniguruma folds case for it only inside [...], Java everywhere")
+                    }
+                    val negated = written.startsWith("^")
+                    val category = GENERAL_CATEGORIES[written.removePrefix("^").toLowerCase().filter { it !in " _-" }]
+                        ?: differs("\\$e{$written}", "only Unicode general categories (L, Lu, N, Nd, P, ...) are read alike: " +
+                            "scripts, blocks and POSIX names are spelled or defined differently in Java")
+                    out.append('\\').append(if ((e == 'P') != negated) 'P' else 'p').append('{').append(category).append('}')
+                    next = close + 1
+                }
+                else -> if (e.toInt() < 0x80 && !e.isLetterOrDigit()) {
+                    out.append('\\').append(e) // escaped punctuation is the character itself everywhere
+                } else {
+                    differs("\\$e", ESCAPES_THAT_DIFFER[e] ?: "an escape the app does not translate")
+                }
+            }
+            return next
+        }
+
+        /** `{` at regex[at], outside a class: an interval quantifier, or a plain brace (Oniguruma); the index after it. */
+        private fun interval(regex: String, at: Int, out: StringBuilder): Int {
+            val m = INTERVAL.matcher(regex).region(at, regex.length)
+            if (!m.lookingAt() || (m.group(1).isEmpty() && m.group(3).isEmpty())) {
+                out.append("\\{") // not an interval: Oniguruma reads a plain brace, Java would refuse it
+                return at + 1
+            }
+            val low = m.group(1)
+            val comma = m.group(2)
+            val after = regex.getOrNull(m.end())
+            if (after == '+' || (after == '?' && comma.isEmpty())) {
+                differs("${m.group()}$after", "in Oniguruma's Ruby syntax ${if (after == '+') "a repeated" else "an optional"} " +
+                    "interval, in Java a ${if (after == '+') "possessive" else "lazy"} one")
+            }
+            out.append('{').append(if (low.isEmpty()) "0" else low).append(comma).append(m.group(3)).append('}')
+            return m.end()
+        }
+
+        private val INTERVAL = Pattern.compile("""\{(\d*)(,?)(\d*)\}""")
+        private val INLINE_OPTIONS = Pattern.compile("""\(\?([A-Za-z-]+)([:)])""")
+
+        private fun differs(what: String, why: String): Nothing = refuse(
+            "the pre-tokenizer regex uses $what ($why), which the app cannot run as `tokenizers` does: " +
+                "it would split text, so tokenize it, differently")
+
+        /** Why the escapes refused by letter are refused. */
+        private val ESCAPES_THAT_DIFFER = mapOf(
+            'w' to "a word character: Unicode in Oniguruma, ASCII in Java", 'W' to "not a word character: Unicode in Oniguruma, ASCII in Java",
+            'b' to "a word boundary: Unicode words in Oniguruma, not so in Java", 'B' to "not a word boundary: Unicode words in Oniguruma, not so in Java",
+            'Z' to "the end or a final \\n in Oniguruma, any final line terminator in Java",
+            'G' to "where the search started in Oniguruma, the previous match's end in Java",
+            'Q' to "a plain Q in Oniguruma, the start of a quote in Java",
+            'X' to "a grapheme cluster by the platform's rules", 'R' to "a line break, not translated",
+            'N' to "a non-newline in Oniguruma", 'O' to "any character in Oniguruma", 'K' to "keep-out in Oniguruma",
+            'y' to "a text segment boundary in Oniguruma", 'Y' to "not a text segment boundary in Oniguruma",
+            'c' to "a control character, not translated", 'k' to "a named backreference, not translated",
+            'g' to "a subexpression call in Oniguruma"
+        ).plus(('0'..'9').map { it to "a backreference or an octal escape, not translated" })
+
+        /** Unicode general categories by Oniguruma's names for them (lower case, without ' ', '_' and
+         * '-'), as the JDK and ICU spell them; the long names are Unicode's PropertyValueAliases. */
+        private val GENERAL_CATEGORIES: Map<String, String> = listOf(
+            "C" to "Other", "Cc" to "Control", "Cf" to "Format", "Cn" to "Unassigned", "Co" to "Private_Use",
+            "Cs" to "Surrogate", "L" to "Letter", "LC" to "Cased_Letter", "Ll" to "Lowercase_Letter",
+            "Lm" to "Modifier_Letter", "Lo" to "Other_Letter", "Lt" to "Titlecase_Letter", "Lu" to "Uppercase_Letter",
+            "M" to "Mark", "M" to "Combining_Mark", "Mc" to "Spacing_Mark", "Me" to "Enclosing_Mark",
+            "Mn" to "Nonspacing_Mark", "N" to "Number", "Nd" to "Decimal_Number", "Nl" to "Letter_Number",
+            "No" to "Other_Number", "P" to "Punctuation", "Pc" to "Connector_Punctuation", "Pd" to "Dash_Punctuation",
+            "Pe" to "Close_Punctuation", "Pf" to "Final_Punctuation", "Pi" to "Initial_Punctuation",
+            "Po" to "Other_Punctuation", "Ps" to "Open_Punctuation", "S" to "Symbol", "Sc" to "Currency_Symbol",
+            "Sk" to "Modifier_Symbol", "Sm" to "Math_Symbol", "So" to "Other_Symbol", "Z" to "Separator",
+            "Zl" to "Line_Separator", "Zp" to "Paragraph_Separator", "Zs" to "Space_Separator"
+        ).flatMap { (short, long) -> listOf(short.toLowerCase() to short, long.toLowerCase().replace("_", "") to short) }.toMap()
+
         /** Unicode's White_Space property (what Oniguruma's \s matches), for use inside [...]. */
         private const val WHITE_SPACE = "\\t\\n\\u000B\\f\\r \\u0085\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000"
+        /** Oniguruma's \h, for use inside [...]. */
+        private const val HEX_DIGIT = "0-9a-fA-F"
 
         private fun byteChars(text: String): String {
             val bytes = text.toByteArray(Charsets.UTF_8)
@@ -349,8 +513,9 @@ class Tokenizer private constructor(
 }
 
 /** One pre-tokenization step: a Split (regex, Isolated) or ByteLevel (optional GPT-2 regex and prefix space). */
-private class PreTokenizer(private val regex: Pattern?, private val addPrefixSpace: Boolean) {
-    /** Matches and the text between them, in order (`tokenizers`' "Isolated" behavior). */
+internal class PreTokenizer(private val regex: Pattern?, private val addPrefixSpace: Boolean) {
+    /** Matches and the text between them, in order (`tokenizers`' "Isolated" behavior). An empty
+     * match still cuts the text there, as in `tokenizers` ("a?" splits "abc" into a, b, c). */
     fun split(text: String): List<String> {
         val input = if (addPrefixSpace && !text.startsWith(" ")) " $text" else text
         if (regex == null) return listOf(input)
@@ -358,9 +523,12 @@ private class PreTokenizer(private val regex: Pattern?, private val addPrefixSpa
         val m = regex.matcher(input)
         var last = 0
         while (m.find()) {
-            if (m.end() == m.start()) continue
-            if (m.start() > last) pieces.add(input.substring(last, m.start()))
-            pieces.add(input.substring(m.start(), m.end()))
+            // After an empty match the JDK searches on one UTF-16 unit further, `tokenizers` one character:
+            // an empty match inside a surrogate pair is one `tokenizers` never sees.
+            val at = m.start()
+            if (at == m.end() && at in 1 until input.length && Character.isSurrogatePair(input[at - 1], input[at])) continue
+            if (at > last) pieces.add(input.substring(last, at))
+            if (m.end() > at) pieces.add(input.substring(at, m.end()))
             last = m.end()
         }
         if (last < input.length) pieces.add(input.substring(last))
