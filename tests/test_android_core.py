@@ -24,7 +24,8 @@ from nomoat.runtime.sampling import Sampler, SamplingParams
 pytestmark = pytest.mark.android
 
 JUNIT = [f"dev.nomoat.core.{name}" for name in
-         ("BundleTest", "SamplerTest", "StopsTest", "GeneratorTest", "ChatFormatTest", "LookupTest", "BandwidthTest")]
+         ("BundleTest", "SamplerTest", "StopsTest", "GeneratorTest", "ChatFormatTest", "LookupTest", "BandwidthTest",
+          "ConversationTest")]
 
 
 def test_junit_classes_pass():

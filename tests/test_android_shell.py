@@ -164,3 +164,34 @@ def test_the_member_check_sees_members():
     assert used_by("i", "Log.i(TAG, s)") and used_by("FOCUS_DOWN", "fullScroll(ScrollView.FOCUS_DOWN)")
     assert not used_by("getFoo", "bar()") and not used_by("close", "closed = true")
     assert not used_by("e", "catch (e: Exception) { e.message }") and not used_by("run", "val run = 1")
+
+
+# -- what the screen does (the logic is the core's, tested there; these check the shell uses it) ------
+
+
+def shell_function(name: str) -> str:
+    """The text of MainActivity's `private fun name(...)`, up to its closing brace."""
+    text = next(f for f in kotlin_host.shell_sources() if f.name == "MainActivity.kt").read_text()
+    start = text.index(f"    private fun {name}(")
+    return text[start:text.index("\n    }\n", start) + 6]
+
+
+def test_the_chat_screen_can_start_over():
+    """Once a chat fills the bundle's context every message fails (ContextOverflowException says to reset
+    the conversation): messages go through Conversation.send ("/reset", and the notes that say how to
+    start over; ConversationTest), and a New chat button resets the conversation on the worker thread."""
+    assert "talk.send(" in shell_function("onSend") and "turn.note" in shell_function("onSend")
+    assert re.search(r"text = Conversation\.NEW_CHAT\s+isEnabled = false\s+setOnClickListener \{ onNewChat\(\) \}",
+                     shell_function("buildScreen"))
+    assert re.search(r"worker\.execute \{\s+conversation\?\.reset\(\)", shell_function("onNewChat"))
+    assert "newChat.isEnabled = true" in shell_function("load")
+
+
+@pytest.mark.parametrize("task", ["load", "bench", "onSend"])
+def test_the_screens_tasks_report_errors_too(task):
+    """An OutOfMemoryError or UnsatisfiedLinkError while loading is an Error, not an Exception: caught only
+    as an Exception it would crash the app, and `nomoat deploy --adb --bench` would wait out its timeout
+    for the {"error": ...} line. Each worker task catches Throwable and says it with failureText."""
+    body = shell_function(task)
+    assert "catch (e: Throwable)" in body and "failureText(e)" in body, body
+    assert "catch (e: Exception)" not in body, body

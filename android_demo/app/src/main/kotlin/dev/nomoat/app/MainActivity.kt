@@ -19,11 +19,12 @@ import android.widget.TextView
 import dev.nomoat.core.Bandwidth
 import dev.nomoat.core.Bench
 import dev.nomoat.core.Bundle
-import dev.nomoat.core.Chat
 import dev.nomoat.core.ChatFormat
+import dev.nomoat.core.Conversation
 import dev.nomoat.core.Generator
 import dev.nomoat.core.SamplingParams
 import dev.nomoat.core.Tokenizer
+import dev.nomoat.core.failureText
 import org.json.JSONObject
 import java.io.File
 import java.util.concurrent.Executors
@@ -39,6 +40,7 @@ import java.util.concurrent.Executors
  * keys, plus load timings and peak RSS), then `{"done": true}` or `{"error": "..."}`, and finishes.
  * `--ei prompt_lookup N` (chat or bench) drafts up to N tokens a pass from the context for greedy
  * answers (Generator.generateTokens: greedy's tokens, fewer passes when the answer repeats its context).
+ * "New chat" (or sending "/reset") starts the conversation over; what a message does is Conversation's.
  *
  * Bundles are looked for in the app's external files dir (`/sdcard/Android/data/dev.nomoat.app/files/<name>`)
  * and in `/data/local/tmp/nomoat/<name>` (where `nomoat deploy --adb` copies them; whether an app may read
@@ -51,10 +53,11 @@ class MainActivity : Activity() {
     private lateinit var scroll: ScrollView
     private lateinit var input: EditText
     private lateinit var send: Button
+    private lateinit var newChat: Button
 
     private var forward: OrtForward? = null
     private var generator: Generator? = null
-    private var chat: Chat? = null
+    private var conversation: Conversation? = null
     private var maxNewTokens = 256
     private var params = SamplingParams()
     private var promptLookup = 0
@@ -88,10 +91,16 @@ class MainActivity : Activity() {
             isEnabled = false
             setOnClickListener { onSend() }
         }
+        newChat = Button(this).apply {
+            text = Conversation.NEW_CHAT
+            isEnabled = false
+            setOnClickListener { onNewChat() }
+        }
         val row = LinearLayout(this).apply {
             orientation = LinearLayout.HORIZONTAL
             addView(input, LinearLayout.LayoutParams(0, WRAP_CONTENT, 1f))
             addView(send, LinearLayout.LayoutParams(WRAP_CONTENT, WRAP_CONTENT))
+            addView(newChat, LinearLayout.LayoutParams(WRAP_CONTENT, WRAP_CONTENT))
         }
         setContentView(LinearLayout(this).apply {
             orientation = LinearLayout.VERTICAL
@@ -129,7 +138,7 @@ class MainActivity : Activity() {
         generator = gen
         maxNewTokens = bundle.manifest.defaultMaxNewTokens()
         params = SamplingParams.fromManifest(bundle.manifest)
-        chat = ChatFormat.fromManifestOrNull(bundle.manifest)?.let { Chat(gen, it) }
+        conversation = Conversation(gen, ChatFormat.fromManifestOrNull(bundle.manifest))
         return JSONObject().put("bundle", dir.absolutePath).put("verify_s", (t1 - t0) / 1e9)
             .put("load_s", (t2 - t1) / 1e9).put("threads", threads ?: bundle.manifest.targetThreads ?: JSONObject.NULL)
     }
@@ -137,10 +146,14 @@ class MainActivity : Activity() {
     private fun load(name: String?) {
         try {
             val info = open(name, null)
-            val note = if (chat == null) "\n${ChatFormat.MISSING}: prompts are sent as they are." else ""
-            ui { status.text = "${File(info.getString("bundle")).name}: ready$note"; send.isEnabled = true }
-        } catch (e: Exception) {
-            ui { status.text = e.message ?: e.toString() }
+            val note = if (conversation?.chat == null) "\n${ChatFormat.MISSING}: prompts are sent as they are." else ""
+            ui {
+                status.text = "${File(info.getString("bundle")).name}: ready$note"
+                send.isEnabled = true
+                newChat.isEnabled = true
+            }
+        } catch (e: Throwable) { // an OutOfMemoryError or UnsatisfiedLinkError too: said, not a crash
+            ui { status.text = failureText(e) }
         }
     }
 
@@ -153,20 +166,29 @@ class MainActivity : Activity() {
         worker.execute {
             try {
                 val onDelta = { delta: String -> ui { transcript.append(delta); scroll.fullScroll(ScrollView.FOCUS_DOWN) } }
-                val gen = generator ?: throw IllegalStateException("no bundle loaded")
-                val result = chat?.send(text, maxNewTokens, params, promptLookup = promptLookup, onDelta = onDelta)
-                    ?: gen.generate(gen.encode(text), maxNewTokens, params, promptLookup = promptLookup, onDelta = onDelta)
-                val s = result.stats
-                val drafts = if (s.draftedTokens > 0) ", ${s.acceptedTokens}/${s.draftedTokens} drafted tokens accepted" else ""
-                ui {
-                    status.text = String.format("%d prompt tokens (%d cached), first token %.0f ms, %.1f tok/s%s",
-                        s.promptTokens, s.cachedTokens, s.timeToFirstTokenSeconds * 1000, s.decodeTokensPerSecond, drafts)
+                val talk = conversation ?: throw IllegalStateException("no bundle loaded")
+                val turn = talk.send(text, maxNewTokens, params, promptLookup, onDelta)
+                turn.note?.let { note -> ui { transcript.append("\n$note\n") } }
+                turn.result?.stats?.let { s ->
+                    val drafts = if (s.draftedTokens > 0) ", ${s.acceptedTokens}/${s.draftedTokens} drafted tokens accepted" else ""
+                    ui {
+                        status.text = String.format("%d prompt tokens (%d cached), first token %.0f ms, %.1f tok/s%s",
+                            s.promptTokens, s.cachedTokens, s.timeToFirstTokenSeconds * 1000, s.decodeTokensPerSecond, drafts)
+                    }
                 }
-            } catch (e: Exception) {
-                ui { transcript.append("\n[${e.message}]\n") }
+            } catch (e: Throwable) {
+                ui { transcript.append("\n[${failureText(e)}]\n") }
             } finally {
                 ui { send.isEnabled = true }
             }
+        }
+    }
+
+    /** A new conversation, once the answer in progress (if any) is done: the worker owns the Chat. */
+    private fun onNewChat() {
+        worker.execute {
+            conversation?.reset()
+            ui { transcript.text = "${Conversation.RESET_NOTE}\n" }
         }
     }
 
@@ -203,8 +225,8 @@ class MainActivity : Activity() {
                 }
             }
             Log.i(BENCH_TAG, JSONObject().put("done", true).toString())
-        } catch (e: Exception) {
-            Log.i(BENCH_TAG, JSONObject().put("error", e.message ?: e.toString()).toString())
+        } catch (e: Throwable) { // an Error too: the host reads this line at once instead of waiting out its timeout
+            Log.i(BENCH_TAG, JSONObject().put("error", failureText(e)).toString())
         }
         ui { finish() }
     }
