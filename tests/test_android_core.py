@@ -25,7 +25,7 @@ pytestmark = pytest.mark.android
 
 JUNIT = [f"dev.nomoat.core.{name}" for name in
          ("BundleTest", "SamplerTest", "StopsTest", "GeneratorTest", "ChatFormatTest", "LookupTest", "BandwidthTest",
-          "ConversationTest")]
+          "ConversationTest", "HeapBudgetTest")]
 
 
 def test_junit_classes_pass():

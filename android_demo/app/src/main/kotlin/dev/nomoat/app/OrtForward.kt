@@ -14,6 +14,7 @@ import dev.nomoat.core.Bundle
 import dev.nomoat.core.BundleException
 import dev.nomoat.core.ContextOverflowException
 import dev.nomoat.core.Forward
+import dev.nomoat.core.HeapBudget
 import java.nio.ByteBuffer
 import java.nio.ByteOrder
 import java.nio.FloatBuffer
@@ -91,6 +92,10 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
         val floats = m.numKvHeads * maxContext * m.headDim
         // allocateDirect zero-fills, so the whole cache is resident from the start (~94 MB for SmolLM2 at
         // 2,048 positions); the Python runtime's cache pages arrive only as they are written. To measure.
+        // On ART those buffers are Java heap (see HeapBudget): checked first, with the context that would fit.
+        val heap = Runtime.getRuntime()
+        HeapBudget.shortfall(HeapBudget.kvCacheBytes(m.numLayers, m.numKvHeads, m.headDim, maxContext),
+            heap.maxMemory(), heap.totalMemory() - heap.freeMemory(), maxContext)?.let { throw BundleException(it) }
         for (layer in 0 until m.numLayers) {
             for ((past, present) in listOf("past_key" to "present_key", "past_value" to "present_value")) {
                 val tensor = OnnxTensor.createTensor(env, direct(4 * floats).asFloatBuffer(), shape)
