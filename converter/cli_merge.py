@@ -108,8 +108,15 @@ def write_hf_dir(ckpt: Checkpoint, folder: Path, max_shard_bytes: int = DEFAULT_
     _write_safetensors(ckpt, folder, max_shard_bytes)
     (folder / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
     write_json(folder / "tokenizer_config.json", _tokenizer_config(ckpt))
-    # do_sample false would tell loaders (ours included) to ignore the sampling settings
-    sampling = {"do_sample": True, **ckpt.generation_defaults} if ckpt.generation_defaults else {"do_sample": False}
+    # Greedy (no temperature, or 0) is do_sample false, which tells loaders (ours included) to ignore
+    # the sampling keys; a repetition penalty applies either way.
+    defaults = ckpt.generation_defaults
+    if defaults.get("temperature", 0.0) > 0:
+        # top_k 0 unless set: transformers would otherwise filter to its default 50, which a
+        # GGUF's settings (llama.cpp's general.sampling.*) never asked for
+        sampling = {"do_sample": True, "top_k": 0, **defaults}
+    else:
+        sampling = {"do_sample": False, **{k: v for k, v in defaults.items() if k == "repetition_penalty"}}
     write_json(folder / "generation_config.json", {"bos_token_id": tok.bos_token_id, "eos_token_id": eos, **sampling})
 
 

@@ -28,7 +28,9 @@ END_OF_TURN_TOKENS = (
 _WELL_KNOWN_EOS = ("</s>", "<|end_of_text|>", "<|eot_id|>", "<|endoftext|>", "<|im_end|>")
 _WELL_KNOWN_BOS = ("<s>", "<|begin_of_text|>")
 
-GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# What transformers' GenerationConfig samples with when do_sample is set and a key is not.
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
 def load_hf_dir(path: Path) -> Checkpoint:
@@ -194,11 +196,15 @@ def read_chat_template(tok_dir: Path, tok_cfg: dict[str, Any]) -> str | None:
 
 
 def read_generation_defaults(path: Path) -> dict[str, Any]:
-    """Sampling settings the model's authors recommend, from generation_config.json."""
+    """Sampling settings the model's authors recommend, from generation_config.json, resolved as
+    transformers' generate() resolves them: without do_sample it decodes greedily whatever the
+    temperature says (keeping a repetition penalty, a logits processor it applies either way); with
+    it, a key left out is GenerationConfig's default (temperature 1.0, top_k 50, top_p 1.0)."""
     gen_cfg = read_json_if_exists(path / "generation_config.json")
-    if gen_cfg.get("do_sample") is False:
-        return {}  # the authors asked for greedy decoding; transformers ignores the rest then
-    return {k: gen_cfg[k] for k in GENERATION_KEYS if gen_cfg.get(k) is not None}
+    given = {k: gen_cfg[k] for k in GENERATION_KEYS if gen_cfg.get(k) is not None}
+    if not gen_cfg.get("do_sample"):
+        return {"temperature": 0.0, **{k: v for k, v in given.items() if k == "repetition_penalty"}}
+    return {**_SAMPLING_DEFAULTS, **given}
 
 
 def _read_tokenizer_json(tok_dir: Path) -> str:

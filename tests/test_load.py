@@ -117,7 +117,24 @@ def test_hf_generation_defaults_and_eos_list(tmp_path):
     ckpt = load_checkpoint(hf)
     assert ckpt.tokenizer.eos_token_ids == [eot, im_end]
     assert ckpt.tokenizer.chat_template == "{{ messages[0]['content'] }}<|im_end|>"
-    assert ckpt.generation_defaults == {"temperature": 0.6, "top_k": 20}
+    assert ckpt.generation_defaults == {"temperature": 0.6, "top_k": 20, "top_p": 1.0}
+
+
+@pytest.mark.parametrize(("gen", "defaults"), [
+    # no do_sample: transformers decodes greedily whatever the temperature says; a penalty still applies
+    ({"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.0}),
+    ({"do_sample": False, "temperature": 0.7, "repetition_penalty": 1.1}, {"temperature": 0.0, "repetition_penalty": 1.1}),
+    # do_sample: GenerationConfig's defaults for what is left out (temperature 1.0, top_k 50, top_p 1.0)
+    ({"do_sample": True, "top_p": 0.9}, {"temperature": 1.0, "top_k": 50, "top_p": 0.9}),
+    ({"do_sample": True, "temperature": 0.7, "top_k": 0, "min_p": 0.1},
+     {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "min_p": 0.1}),
+    ({}, {"temperature": 0.0}),
+])
+def test_hf_generation_defaults_are_what_transformers_generates_with(tmp_path, gen, defaults):
+    from nomoat.converter.load_hf import read_generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    assert read_generation_defaults(tmp_path) == defaults
 
 
 def test_qwen2_with_biases_through_hf(qwen2_dir):

@@ -624,3 +624,21 @@ def test_a_merge_stopped_by_sigterm_leaves_nothing_and_says_so(untied, tmp_path,
     assert _nomoat("merge", "--model", str(untied), "--out", str(tmp_path / "merged"), "--quiet") == 143
     assert capsys.readouterr().err.strip() == "nomoat merge: stopped by SIGTERM; nothing was written"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged") or p.name == "merged"]
+
+
+@pytest.mark.parametrize(("defaults", "reloaded"), [
+    # a GGUF's general.sampling.* (no top_k): transformers' default top_k 50 must not creep in
+    ({"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.7, "top_k": 0, "top_p": 0.9}),
+    # greedy with a penalty: do_sample false, the penalty kept
+    ({"temperature": 0.0, "repetition_penalty": 1.1}, {"temperature": 0.0, "repetition_penalty": 1.1}),
+    ({}, {"temperature": 0.0}),
+])
+def test_the_merged_folder_samples_as_its_source_did(untied, tmp_path, defaults, reloaded):
+    import dataclasses
+
+    from nomoat.converter.cli_merge import write_hf_dir
+    from nomoat.converter.load_hf import read_generation_defaults
+
+    ckpt = dataclasses.replace(load_checkpoint(untied), generation_defaults=defaults)
+    write_hf_dir(ckpt, tmp_path)
+    assert read_generation_defaults(tmp_path) == reloaded
