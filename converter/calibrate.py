@@ -94,8 +94,7 @@ def _prompt_ids(ckpt: Checkpoint) -> list[list[int]]:
     tokenizer = Tokenizer.from_str(tok.tokenizer_json)
     bos = [tok.bos_token_id] if tok.add_bos_token and tok.bos_token_id is not None else []
     if tok.chat_template:
-        template = ChatTemplate(tok.chat_template, bos_token=tok.special_tokens.get("bos", ""),
-                                eos_token=tok.special_tokens.get("eos", ""))
+        template = ChatTemplate.for_tokenizer(tok.chat_template, tok.special_tokens)
         texts = [template.render([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
         # A rendered template carries its own BOS text when the model wants one.
         return [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]

@@ -268,9 +268,7 @@ def _chat_format(tok) -> dict[str, list[str]] | None:
 
     from .chat_format import derive_chat_format
 
-    special = {"bos_token": tok.special_tokens.get("bos", ""), "eos_token": tok.special_tokens.get("eos", "")}
-    template = ChatTemplate(tok.chat_template, **special) if tok.chat_template else ChatTemplate.fallback(**special)
-    return derive_chat_format(template)
+    return derive_chat_format(ChatTemplate.for_tokenizer(tok.chat_template, tok.special_tokens))
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -182,8 +182,6 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise bad_request(f"'{name}' must be {bounds}, got {value}", name)
         out[name] = value
-    if out.get("top_p") == 0.0:
-        raise bad_request("'top_p' must be greater than 0", "top_p")
     if out.get("repetition_penalty") == 0.0:
         raise bad_request("'repetition_penalty' must be greater than 0", "repetition_penalty")
     return out

@@ -114,16 +114,29 @@ class ChatTemplate:
     """A compiled chat template. Syntax errors surface here, when it is built (the converter builds
     the model's template before writing a bundle), not mid-chat."""
 
-    def __init__(self, template_source: str, bos_token: str = "", eos_token: str = "") -> None:
+    def __init__(self, template_source: str, bos_token: str = "", eos_token: str = "",
+                 other_special_tokens: Mapping[str, str] | None = None) -> None:
         self.source = template_source
         self.bos_token = bos_token
         self.eos_token = eos_token
+        # e.g. {"unk_token": "<unk>", "pad_token": "<pad>"}: transformers renders with every special token
+        self.other_special_tokens = dict(other_special_tokens or {})
         self._template = _make_environment().from_string(template_source)
 
     @classmethod
     def fallback(cls, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
         """The ChatML template, for bundles without one (see FALLBACK_CHATML_TEMPLATE)."""
         return cls(FALLBACK_CHATML_TEMPLATE, bos_token=bos_token, eos_token=eos_token)
+
+    @classmethod
+    def for_tokenizer(cls, template_source: str | None, special_tokens: Mapping[str, str]) -> ChatTemplate:
+        """The template a bundle renders with: its own, or ChatML when it has none, with the special
+        tokens by role as the manifest keeps them ({"bos": "<s>", "eos": ..., "unk": ..., "pad": ...})."""
+        bos, eos = special_tokens.get("bos", ""), special_tokens.get("eos", "")
+        if template_source is None:
+            return cls.fallback(bos_token=bos, eos_token=eos)
+        others = {f"{role}_token": text for role, text in special_tokens.items() if role not in ("bos", "eos")}
+        return cls(template_source, bos_token=bos, eos_token=eos, other_special_tokens=others)
 
     def render(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **extra: Any
@@ -136,10 +149,13 @@ class ChatTemplate:
         clash = sorted(_RESERVED & extra.keys())
         if clash:
             raise ValueError(f"{clash} are set by render() itself and cannot be passed as extra variables")
+        # As transformers' apply_chat_template: tools and documents are None unless given (a template
+        # may test `tools is not none` without defining it first), and every special token is set.
+        variables = {"tools": None, "documents": None, **self.other_special_tokens, **extra}
         return self._template.render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
-            **extra,
+            **variables,
         )

@@ -148,10 +148,9 @@ class Model:
             from .chat_template import ChatTemplate
 
             tok = self.manifest.tokenizer
-            special = {"bos_token": tok.special_tokens.get("bos", ""), "eos_token": tok.special_tokens.get("eos", "")}
             template_file = tok.chat_template_file
-            self._template = (ChatTemplate((self.bundle / template_file).read_text(encoding="utf-8"), **special)
-                              if template_file else ChatTemplate.fallback(**special))
+            source = (self.bundle / template_file).read_text(encoding="utf-8") if template_file else None
+            self._template = ChatTemplate.for_tokenizer(source, tok.special_tokens)
         return self._template
 
     @property

@@ -34,7 +34,8 @@ class SamplingParams:
 
     temperature:        0.0 means greedy (argmax); otherwise logits are divided by it.
     top_k:              keep the k most likely tokens (0 = off).
-    top_p:              keep the smallest set of most likely tokens whose mass reaches top_p (1.0 = off).
+    top_p:              keep the smallest set of most likely tokens whose mass reaches top_p (1.0 = off;
+                        0.0 keeps the most likely token alone, as transformers and OpenAI take it).
     min_p:              drop tokens whose probability is below min_p * the top probability (0.0 = off).
     repetition_penalty: CTRL-style penalty on every id in ``previous_ids`` (1.0 = off, >1 discourages).
     seed:               seed of the sampler's random generator; None draws fresh OS entropy.
@@ -55,8 +56,8 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         _check_real("top_p", self.top_p)
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1] (1 turns it off), got {self.top_p}")
         _check_real("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
@@ -222,6 +223,9 @@ def _top_p_filter(ids: np.ndarray, weights: np.ndarray, top_p: float) -> tuple[n
     so it is in the dropped tail anyway. With real logits this leaves a few hundred tokens to sort
     instead of the whole vocabulary.
     """
+    if top_p <= 0.0:  # the most likely token alone (the first of equals, as the sort below keeps them)
+        top = np.argmax(weights)
+        return ids[top:top + 1], weights[top:top + 1]
     total = float(weights.sum(dtype=np.float64))
     bound = total * (1.0 - top_p) / weights.shape[0]
     maybe = np.flatnonzero(weights > bound)

@@ -159,3 +159,27 @@ def test_as_messages():
         as_messages([{"role": "system", "content": "a"}], system="b")
     with pytest.raises(ValueError, match="has no 'content'"):
         as_messages([{"role": "user"}])
+
+
+def test_a_template_sees_what_transformers_gives_it(tmp_path):
+    """tools and documents are None unless given, and every special token is set, as in apply_chat_template:
+    a template that tests `tools is not none` without defining it renders no tool preamble."""
+    from tiny_models import tokenizer_json
+    from transformers import PreTrainedTokenizerFast
+
+    source = ("{%- if tools is not none %}[TOOLS: {{ tools | tojson }}]{% endif %}"
+              "{%- if documents is not none %}[DOCS]{% endif %}"
+              "{% for m in messages %}{{ m.role }}: {{ m.content }}{{ pad_token }}{{ unk_token }}\n{% endfor %}")
+    (tmp_path / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
+    special = {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>", "unk": "<|endoftext|>"}
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                 **{f"{role}_token": text for role, text in special.items()})
+    hf.chat_template = source
+    ours = ChatTemplate.for_tokenizer(source, special)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    for extra in ({}, {"tools": tools}):
+        messages = [{"role": "user", "content": "hi"}]
+        assert ours.render(messages, add_generation_prompt=False, **extra) == hf.apply_chat_template(
+            messages, tokenize=False, **extra)
+    assert ours.render([{"role": "user", "content": "hi"}], add_generation_prompt=False) == \
+        "user: hi<|im_end|><|endoftext|>\n"

@@ -197,6 +197,7 @@ def test_seed_temperature_top_p_and_stop_are_honoured(base_url):
     assert text(temperature=1.5, seed=7) == sampled  # the seed makes sampling repeatable
     assert {text(temperature=1.5, seed=s) for s in range(1, 5)} != {sampled}  # and it is sampling
     assert text(temperature=1.5, top_p=1e-6, seed=3) == greedy  # a nucleus of one token is greedy
+    assert text(temperature=1.5, top_p=0, seed=3) == greedy  # OpenAI's 0: the top token, not a 400
     stop = greedy[len(greedy) // 2:len(greedy) // 2 + 2]
     r = c.completions.create(model=MODEL_ID, prompt="Small models", max_tokens=24, temperature=0, stop=[stop])
     assert r.choices[0].text == greedy[:greedy.index(stop)] and r.choices[0].finish_reason == "stop"

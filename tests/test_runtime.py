@@ -193,7 +193,7 @@ def test_a_template_that_refuses_the_prompt_is_a_one_line_error_and_the_chat_goe
 
 
 @pytest.mark.parametrize(("flag", "value", "why"), [
-    ("--temperature", "-1", "temperature must be >= 0"), ("--top-p", "0", "top_p must be in (0, 1]"),
+    ("--temperature", "-1", "temperature must be >= 0"), ("--top-p", "-0.5", "top_p must be in [0, 1]"),
     ("--top-k", "-2", "top_k must be >= 0"), ("--min-p", "1.5", "min_p must be in [0, 1]"),
     ("--repetition-penalty", "0", "repetition_penalty must be > 0"), ("--seed", "-3", "seed must be a non-negative"),
     ("--temperature", "nan", "temperature must be a finite number"), ("--top-k", "1.5", "'1.5' is not an integer"),

@@ -49,8 +49,8 @@ def test_defaults_are_greedy_with_every_filter_off():
         ("temperature", "0.7", "temperature must be a finite number"),
         ("top_k", -1, "top_k must be >= 0"),
         ("top_k", 2.5, "top_k must be an integer"),
-        ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
-        ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+        ("top_p", -0.1, r"top_p must be in \[0, 1\]"),
+        ("top_p", 1.5, r"top_p must be in \[0, 1\]"),
         ("min_p", -0.01, r"min_p must be in \[0, 1\]"),
         ("min_p", 1.01, r"min_p must be in \[0, 1\]"),
         ("repetition_penalty", 0.0, "repetition_penalty must be > 0"),
@@ -121,6 +121,14 @@ def test_top_k_1_equals_greedy_at_any_temperature(temperature):
 def test_small_top_p_keeps_only_the_top_token():
     picks = draws(SamplingParams(temperature=1.0, top_p=0.05, seed=0), LOGITS, 300)
     assert set(picks) == {0}
+
+
+def test_top_p_zero_keeps_the_top_token_even_among_equals():
+    """OpenAI, transformers and llama.cpp take 0; transformers keeps the most likely token (its first)."""
+    picks = draws(SamplingParams(temperature=1.0, top_p=0.0, seed=0), LOGITS, 300)
+    assert set(picks) == {int(np.argmax(LOGITS))}
+    flat = np.zeros(16, np.float32)  # every token as likely: the first one
+    assert draws(SamplingParams(temperature=1.0, top_p=0.0, seed=1), flat, 50).tolist() == [0] * 50
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():

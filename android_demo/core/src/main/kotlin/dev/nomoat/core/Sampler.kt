@@ -19,7 +19,7 @@ data class SamplingParams(
     val temperature: Double = 0.0,
     /** Keep the k most likely tokens, and any tied with the k-th (0 = off). */
     val topK: Int = 0,
-    /** Keep the smallest set of most likely tokens whose mass reaches top_p (1 = off). */
+    /** Keep the smallest set of most likely tokens whose mass reaches top_p (1 = off, 0 = the top token). */
     val topP: Double = 1.0,
     /** Drop tokens whose probability is below min_p * the top probability (0 = off). */
     val minP: Double = 0.0,
@@ -34,7 +34,7 @@ data class SamplingParams(
         require(temperature >= 0.0) { "temperature must be >= 0 (0 means greedy), got $temperature" }
         require(topK >= 0) { "top_k must be >= 0 (0 turns it off), got $topK" }
         finite("top_p", topP)
-        require(topP > 0.0 && topP <= 1.0) { "top_p must be in (0, 1] (1 turns it off), got $topP" }
+        require(topP >= 0.0 && topP <= 1.0) { "top_p must be in [0, 1] (1 turns it off), got $topP" }
         finite("min_p", minP)
         require(minP in 0.0..1.0) { "min_p must be in [0, 1] (0 turns it off), got $minP" }
         finite("repetition_penalty", repetitionPenalty)
@@ -255,6 +255,11 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
          * the nucleus, so only those are sorted. Returns indices into [w], most likely first, ties by index.
          */
         internal fun topP(w: FloatArray, topP: Double): IntArray {
+            if (topP <= 0.0) { // the most likely token alone, the first of equals (as the sort below ranks them)
+                var top = 0
+                for (i in w.indices) if (w[i] > w[top]) top = i
+                return intArrayOf(top)
+            }
             var total = 0.0
             for (x in w) total += x.toDouble()
             val bound = total * (1.0 - topP) / w.size

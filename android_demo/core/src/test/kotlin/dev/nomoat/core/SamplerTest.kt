@@ -58,6 +58,9 @@ class SamplerTest {
         assertEquals(setOf(1, 3, 2, 0), kept(logits, SamplingParams(temperature = 1.0, topP = 0.99)))
         // The most likely token always stays, however small top_p is.
         assertEquals(setOf(1), kept(logits, SamplingParams(temperature = 1.0, topP = 1e-9)))
+        // 0 (OpenAI's and transformers' way to ask for the top token): that token, the first of equals.
+        assertEquals(setOf(1), kept(logits, SamplingParams(temperature = 1.0, topP = 0.0)))
+        assertEquals(setOf(0), kept(logitsOf(0.25, 0.25, 0.25, 0.25), SamplingParams(temperature = 1.0, topP = 0.0)))
     }
 
     @Test
@@ -119,7 +122,7 @@ class SamplerTest {
         val bad: List<Pair<() -> Any, String>> = listOf(
             { SamplingParams(temperature = -1.0) } to "temperature must be >= 0",
             { SamplingParams(topK = -1) } to "top_k must be >= 0",
-            { SamplingParams(topP = 0.0) } to "top_p must be in (0, 1]",
+            { SamplingParams(topP = -0.5) } to "top_p must be in [0, 1]",
             { SamplingParams(minP = 1.5) } to "min_p must be in [0, 1]",
             { SamplingParams(repetitionPenalty = 0.0) } to "repetition_penalty must be > 0",
             { SamplingParams(temperature = Double.NaN) } to "temperature must be a finite number",
