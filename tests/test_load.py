@@ -123,7 +123,8 @@ def test_hf_generation_defaults_and_eos_list(tmp_path):
 @pytest.mark.parametrize(("gen", "defaults"), [
     # no do_sample: transformers decodes greedily whatever the temperature says; a penalty still applies
     ({"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.0}),
-    ({"do_sample": False, "temperature": 0.7, "repetition_penalty": 1.1}, {"temperature": 0.0, "repetition_penalty": 1.1}),
+    ({"do_sample": False, "temperature": 0.7, "repetition_penalty": 1.1},
+     {"temperature": 0.0, "repetition_penalty": 1.1}),
     # do_sample: GenerationConfig's defaults for what is left out (temperature 1.0, top_k 50, top_p 1.0)
     ({"do_sample": True, "top_p": 0.9}, {"temperature": 1.0, "top_k": 50, "top_p": 0.9}),
     ({"do_sample": True, "temperature": 0.7, "top_k": 0, "min_p": 0.1},
