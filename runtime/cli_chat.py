@@ -27,6 +27,10 @@ def _stats_line(stats) -> str:
 def run(args: argparse.Namespace) -> int:
     from .errors import BundleError, ContextOverflowError
 
+    if sys.stdin is None:  # started with stdin closed (`<&-`): checked before minutes of loading
+        print("nomoat chat: error: standard input is closed, so there is nothing to read messages from; "
+              "give it a terminal or a pipe, or use `nomoat generate BUNDLE --prompt TEXT`", file=sys.stderr)
+        return 2
     try:
         model = load_model("chat", args)
     except BundleError as e:

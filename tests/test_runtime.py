@@ -550,3 +550,13 @@ def test_help_says_each_default_once(verb, capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: " in text  # argparse's own defaults are still shown ...
     assert re.search(r"\(default[^)]*\) \(default", text) is None, text  # ... but not after the help's own
+
+
+def test_chat_with_stdin_closed_says_so_before_loading(tmp_path):
+    """`nomoat chat B <&-` (a service, a script): one line naming the fix, not a traceback after the load."""
+    import shlex
+
+    cmd = f"exec {shlex.quote(sys.executable)} -m nomoat chat {shlex.quote(str(tmp_path / 'not-loaded'))} <&-"
+    result = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.startswith("nomoat chat: error: standard input is closed"), result.stderr

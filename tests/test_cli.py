@@ -1,0 +1,39 @@
+"""The `nomoat` dispatcher: its version, and the install line when the converter's extra is missing."""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+
+import nomoat
+import pytest
+from nomoat.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_version_is_the_packages(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"nomoat {nomoat.__version__}\n"
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    assert nomoat.__version__ == declared
+
+
+@pytest.mark.parametrize("missing", ["gguf", "torch"])
+def test_a_converter_library_missing_at_run_time_is_the_install_line(tmp_path, monkeypatch, capsys, missing):
+    """The verb's module imports, but its stages reach for gguf or torch later: without the extra that
+    was a traceback."""
+    from tiny_models import make_tiny_hf_dir
+
+    if missing == "gguf":
+        model = tmp_path / "m.gguf"
+        model.write_bytes(b"GGUF")
+    else:
+        model = make_tiny_hf_dir(tmp_path / "hf")
+    monkeypatch.setitem(sys.modules, missing, None)  # `import gguf` now raises ModuleNotFoundError
+    code = main(["convert", "--model", str(model), "--target", "rpi5", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"missing dependency '{missing}'" in err and "pip install 'nomoat[convert]'" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
