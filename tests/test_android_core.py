@@ -203,6 +203,7 @@ PARAMS = [
     {"temperature": 1.0, "top_k": 1},
     {"temperature": 0.8, "top_p": 0.9},
     {"temperature": 1.0, "top_p": 0.5},
+    {"temperature": 1.0, "top_p": 0.0},  # the most likely token alone (OpenAI's and transformers' 0)
     {"temperature": 1.0, "min_p": 0.05},
     {"temperature": 0.9, "min_p": 0.2, "top_p": 0.95},
     {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.2},
@@ -236,7 +237,7 @@ def test_sampler_distributions_equal_pythons(monkeypatch):
         assert set(got["draws"]) <= set(want)  # the Kotlin sampler draws from that distribution
 
 
-@pytest.mark.parametrize("params", [{"temperature": -1.0}, {"top_k": -3}, {"top_p": 0.0}, {"top_p": 1.5},
+@pytest.mark.parametrize("params", [{"temperature": -1.0}, {"top_k": -3}, {"top_p": -0.1}, {"top_p": 1.5},
                                     {"min_p": 2.0}, {"repetition_penalty": 0.0}, {"seed": -1}, {"topk": 3},
                                     {"top_k": 2.5}, {"temperature": True}])
 def test_the_sampler_refuses_what_python_refuses(params):
