@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
 from .help_format import DefaultsHelpFormatter
 
 # verb -> (module, one-line help). Converter verbs need `pip install 'nomoat[convert]'`.
@@ -28,13 +29,8 @@ CONVERT_EXTRA = {"torch", "transformers", "safetensors", "onnx", "onnx_ir", "ggu
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--version"]:
-        from . import __version__
-
-        print(f"nomoat {__version__}")
-        return 0
     parser = argparse.ArgumentParser(prog="nomoat", description=__doc__)
-    parser.add_argument("--version", action="store_true", help="print nomoat's version")
+    parser.add_argument("--version", action="version", version=f"nomoat {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (_, help_) in VERBS.items():
         sub.add_parser(verb, help=help_, add_help=False)

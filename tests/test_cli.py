@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_version_is_the_packages(capsys):
-    assert main(["--version"]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
     assert capsys.readouterr().out == f"nomoat {nomoat.__version__}\n"
     declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
     assert nomoat.__version__ == declared
