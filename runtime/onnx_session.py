@@ -77,6 +77,10 @@ def ort_session(path: Path, options: SessionOptions):
     config = {"session.intra_op.allow_spinning": "1" if options.spin else "0", **dict(options.ort_config)}
     for key, value in config.items():
         so.add_session_config_entry(key, value)
+    if options.ort_config:
+        # A value ONNX Runtime refuses fails the session with an exception that nomoat reports in one
+        # line (OrtOptionsError); ONNX Runtime would first log the same text in red at ERROR level.
+        so.log_severity_level = 4  # FATAL only, while the user's entries are in play
     # No fallback: with the CPU provider alone its retry creates the same failing session a second
     # time, after printing "EP Error" banners on stdout (the generated text's stream).
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"], enable_fallback=0)

@@ -107,6 +107,7 @@ def test_a_value_onnx_runtime_refuses_is_a_one_line_error(bundle, option):
         result = _nomoat(*verb, "--ort-options", option, stdin="hi\n")
         assert (result.returncode, result.stdout) == (2, ""), result.stderr
         assert "Traceback" not in result.stderr
+        assert "[E:onnxruntime" not in result.stderr  # ONNX Runtime's own log line of the same error
         last = result.stderr.splitlines()[-1]
         assert last.startswith(f"nomoat {verb[0]}: error: ONNX Runtime refused --ort-options {option}: "), \
             result.stderr
