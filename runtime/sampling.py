@@ -202,6 +202,9 @@ def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     return candidates[values >= _kth_largest(values, k)]
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _softmax_weights(values: np.ndarray, temperature: float, out: np.ndarray | None = None) -> np.ndarray:
     """exp((v - max) / T): unnormalized probabilities in (0, 1] (the filters and the draw only need
     ratios, so dividing by the sum is skipped). float32 is plenty for each weight; what needs
@@ -210,8 +213,16 @@ def _softmax_weights(values: np.ndarray, temperature: float, out: np.ndarray | N
     if not math.isfinite(top):  # NaN anywhere makes max NaN; an all -inf row has nothing to sample
         raise ValueError(f"cannot sample: the largest logit is {top} (NaN or infinite logits)")
     weights = np.subtract(values, top, out=out, dtype=np.float32)
-    weights *= 1.0 / temperature
-    return np.exp(weights, out=weights)
+    scale = 1.0 / temperature
+    # A gap times a large scale may pass float32's range: -inf, whose exp is the 0 it should be.
+    with np.errstate(over="ignore"):
+        if scale <= _FLOAT32_MAX:
+            weights *= scale
+            return np.exp(weights, out=weights)
+        # Below T ~ 3e-39, 1/T is inf in float32 and the top logit's 0 * inf would be NaN (no
+        # token left to draw). Dividing in float64 keeps the top at exp(0) = 1 and sends every
+        # gap to 0 (a tiny temperature is greedy, exact ties stay a fair choice).
+        return np.exp(np.subtract(values, top, dtype=np.float64) / temperature, out=weights, casting="same_kind")
 
 
 def _top_p_filter(ids: np.ndarray, weights: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:

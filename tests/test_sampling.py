@@ -192,6 +192,19 @@ def test_temperature_scales_the_logits():
     assert chi_square(counts, softmax(LOGITS.astype(np.float64) / 2.0)) < CHI2_999[7]
 
 
+@pytest.mark.parametrize("temperature", [1e-20, 1e-39, 1e-45, 1e-300, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_an_error(temperature):
+    """1/T overflows float32 below ~3e-39 (and float64 below ~5e-309): the top logit's 0 * inf was NaN."""
+    rng = np.random.default_rng(2)
+    for top_k, top_p in ((0, 1.0), (40, 1.0), (0, 0.9)):
+        sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=5))
+        for _ in range(20):
+            logits = rng.standard_normal(5000).astype(np.float32)
+            assert sampler.sample(logits, []) == int(np.argmax(logits))
+    ties = np.array([1.0, 3.0, 3.0, -np.inf], dtype=np.float32)  # exact ties stay a fair choice
+    assert set(draws(SamplingParams(temperature=temperature, seed=0), ties, 200)) == {1, 2}
+
+
 def test_large_vocab_draw_matches_softmax_over_blocks():
     # 5000 candidates take the two-level (block) draw; group them into 4 ranges to test the mass.
     rng = np.random.default_rng(3)
