@@ -88,6 +88,7 @@ def parse_completion(body: dict[str, Any], model_id: str, limits: Limits,
         prompt = prompt[0]  # OpenAI's batch form, with a batch of one
     if not isinstance(prompt, str) or not prompt:
         raise bad_request("'prompt' must be a non-empty string (batches of prompts are not supported)", "prompt")
+    _check_unicode(prompt, "prompt")
     max_tokens = _max_tokens(body, ("max_tokens",), limits, min(16, default_max_tokens))  # OpenAI's default: 16
     return _request("completion", prompt, max_tokens, body)
 
@@ -108,7 +109,7 @@ def _check_common(body: dict[str, Any], model_id: str) -> None:
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_id}'.",
                        param="model", code="model_not_found")
     for name, neutral in _NEUTRAL.items():
-        if name in body and body[name] not in neutral:
+        if name in body and not _is_neutral(body[name], neutral):
             raise bad_request(f"'{name}' is not supported by this server (leave it out)", name, "unsupported_parameter")
     if body.get("tool_choice") not in (None, "none"):
         raise bad_request("'tool_choice' is not supported by this server (leave it out)", "tool_choice",
@@ -117,6 +118,12 @@ def _check_common(body: dict[str, Any], model_id: str) -> None:
     if fmt is not None and fmt != {"type": "text"}:
         raise bad_request("only response_format {'type': 'text'} is supported", "response_format",
                           "unsupported_parameter")
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    """Is value one of the neutral ones, as JSON has it? In Python 0 == False and 1 == True, but a
+    completion's "logprobs": 0 asks for the sampled token's logprob, and "n": true is not 1."""
+    return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
 
 
 def _message(message: Any, index: int) -> dict[str, str]:
@@ -134,6 +141,7 @@ def _message(message: Any, index: int) -> dict[str, str]:
         content = "".join(texts)
     if not isinstance(content, str):
         raise bad_request(f"{param}.content must be a string", f"{param}.content")
+    _check_unicode(content, f"{param}.content")
     # "developer" is OpenAI's newer name for the system role; chat templates know "system".
     return {"role": "system" if role == "developer" else role, "content": content}
 
@@ -162,12 +170,27 @@ def _stop(body: dict[str, Any]) -> list[str]:
         raise bad_request("'stop' must be a non-empty string or a list of them", "stop")
     if len(stop) > MAX_STOP_STRINGS:
         raise bad_request(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    for s in stop:
+        _check_unicode(s, "stop")
     return stop
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """JSON's \\uXXXX escapes can spell half of a surrogate pair, which is no character: the tokenizer
+    would refuse it with a message of its own ("TextInputSequence must be str")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{param} is not valid Unicode text: it holds a lone surrogate "
+                          f"\\u{ord(text[e.start]):04x} at character {e.start} (send a character as itself or "
+                          "as a whole \\uD8xx\\uDCxx pair)", param) from e
 
 
 # field -> (type, lowest, highest); None = unbounded on that side
 _SAMPLING = {"temperature": (float, 0.0, 2.0), "top_p": (float, 0.0, 1.0), "top_k": (int, 0, None),
-             "min_p": (float, 0.0, 1.0), "repetition_penalty": (float, 0.0, None), "seed": (int, 0, None)}
+             "min_p": (float, 0.0, 1.0), "repetition_penalty": (float, 0.0, None),
+             "seed": (int, -(2**63), 2**63 - 1)}  # llama.cpp's and vLLM's range: an int64
+NO_SEED = -1  # llama.cpp's "seed": -1, a random one
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +204,10 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise bad_request(f"'{name}' must be {bounds}, got {value}", name)
+        if name == "seed":
+            if value == NO_SEED:
+                continue
+            value %= 2**64  # numpy takes no negative seed; this keeps each int64 its own (repeatable) stream
         out[name] = value
     if out.get("repetition_penalty") == 0.0:
         raise bad_request("'repetition_penalty' must be greater than 0", "repetition_penalty")
@@ -195,6 +222,8 @@ def _optional(body: dict[str, Any], name: str, type_: type) -> Any:
     ok = isinstance(value, type_) and not (type_ is not bool and isinstance(value, bool))
     if type_ is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
+    if type_ is int and isinstance(value, float) and value.is_integer():
+        value, ok = int(value), True  # 40.0 (as JavaScript clients send numbers), as vLLM's pydantic takes it
     if not ok:
         raise bad_request(f"'{name}' must be {_TYPE_NAMES[type_]}, got {type(value).__name__}", name)
     return value
@@ -220,11 +249,14 @@ class Reply:
     model: str
     id: str = ""
     created: int = 0
+    # stream_options.include_usage: OpenAI's docs say "All other chunks will also include a usage
+    # field, but with a null value"; a client may read chunk["usage"] on every chunk.
+    include_usage: bool = False
 
     @classmethod
-    def new(cls, kind: str, model: str) -> Reply:
+    def new(cls, kind: str, model: str, include_usage: bool = False) -> Reply:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        return cls(kind, model, f"{prefix}-{secrets.token_hex(12)}", int(time.time()))
+        return cls(kind, model, f"{prefix}-{secrets.token_hex(12)}", int(time.time()), include_usage)
 
     def _envelope(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
@@ -248,11 +280,14 @@ class Reply:
         if self.kind == "chat":
             return self._chunk({"content": text} if text else {}, finish_reason)
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("text_completion", [choice])
+        return self._with_null_usage(self._envelope("text_completion", [choice]))
 
     def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("chat.completion.chunk", [choice])
+        return self._with_null_usage(self._envelope("chat.completion.chunk", [choice]))
+
+    def _with_null_usage(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        return {**chunk, "usage": None} if self.include_usage else chunk
 
     def usage_chunk(self, usage_: dict[str, Any]) -> dict[str, Any]:
         object_ = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

@@ -183,8 +183,8 @@ class Handler(BaseHTTPRequestHandler):
         if len(raw) < int(length):
             raise ConnectionResetError("the client closed the connection mid-body")
         try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            body = json.loads(raw, parse_constant=_refuse_constant)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and NaN / Infinity
             raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from e
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", code="invalid_json")
@@ -259,7 +259,7 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         request = parse(self._read_json(), app.config.model_id, app.config.limits, app.default_max_tokens)
         job = app.prepare(request)
-        reply = Reply.new(request.kind, app.config.model_id)
+        reply = Reply.new(request.kind, app.config.model_id, request.include_usage)
         queued = time.perf_counter()
         app.submit(job)
         gone = False
@@ -320,6 +320,12 @@ class Handler(BaseHTTPRequestHandler):
         if include_usage:
             self._send_event(reply.usage_chunk(_usage(job)))
         self._send_event("[DONE]")
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json takes NaN, Infinity and -Infinity, which JSON has not: a NaN temperature
+    # would get past every range check (NaN < 0 and NaN > 2 are both false).
+    raise ValueError(f"{name} is not a JSON value (numbers must be finite)")
 
 
 def _usage(job: Job) -> dict[str, Any]:

@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # pi_demo is a folder copied to the Pi next to the bundle, not an installed package
 
-from pi_demo.openai_api import ApiError, Limits, parse_chat  # noqa: E402
+from pi_demo.openai_api import ApiError, Limits, parse_chat, parse_completion  # noqa: E402
 from pi_demo.server import App, Handler, PiServer, ServerConfig  # noqa: E402
 
 KEY = "test-key"
@@ -485,6 +485,107 @@ def test_request_parsing_refuses_wrong_types_with_the_field_named():
     request = parse_chat({"messages": [{"role": "developer", "content": parts}], "seed": 1}, MODEL_ID, LIMITS, 16)
     assert request.prompt == [{"role": "system", "content": "hi there"}] and request.sampling == {"seed": 1}
     assert request.max_tokens == 16
+
+
+def _parse(kind: str = "chat", **body):
+    if kind == "chat":
+        return parse_chat({"messages": [{"role": "user", "content": "hi"}], **body}, MODEL_ID, LIMITS, 16)
+    return parse_completion({"prompt": "hi", **body}, MODEL_ID, LIMITS, 16)
+
+
+def _refused(kind: str = "chat", **body) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        _parse(kind, **body)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_a_whole_number_float_is_taken_for_an_integer_field_and_a_fraction_or_bool_is_not():
+    # vLLM's pydantic takes 40.0 for an int; JavaScript clients send numbers that way.
+    request = _parse(top_k=40.0, max_tokens=5.0, seed=42.0)
+    assert request.max_tokens == 5 and type(request.max_tokens) is int
+    assert request.sampling == {"top_k": 40, "seed": 42} and all(type(v) is int for v in request.sampling.values())
+    for field in ("top_k", "max_tokens", "seed"):
+        for value in (40.5, True):
+            error = _refused(**{field: value})
+            assert error.param == field and "integer" in error.message, error.message
+
+
+def test_any_int64_seed_is_taken_and_minus_one_means_no_seed():
+    assert _parse(seed=-1).sampling == {}  # llama.cpp's "random"
+    for seed in (-2, -(2**63), 2**63 - 1, 0):
+        sampling = _parse(seed=seed).sampling
+        assert sampling == {"seed": seed % 2**64} and _parse(seed=seed).sampling == sampling  # deterministic
+    assert _parse(seed=-2).sampling != _parse(seed=2).sampling
+    for seed in (2**63, -(2**63) - 1):
+        assert _refused(seed=seed).param == "seed"
+
+
+def test_a_negative_seed_samples_repeatably_end_to_end(base_url):
+    c = client(base_url)
+
+    def text(seed: int) -> str:
+        return c.completions.create(model=MODEL_ID, prompt="Small models", max_tokens=12, temperature=1.5,
+                                    seed=seed).choices[0].text
+
+    assert text(-5) == text(-5)
+
+
+def test_logprobs_zero_is_refused_and_false_or_null_stay_neutral():
+    # 0 asks a completion for the sampled token's logprob, which this server cannot give; 0 == False in Python.
+    error = _refused("completion", logprobs=0)
+    assert (error.param, error.code) == ("logprobs", "unsupported_parameter")
+    assert _refused("chat", logprobs=0).param == "logprobs"
+    assert _refused("chat", n=True).param == "n"  # True == 1 is not n=1 either
+    for kind in ("chat", "completion"):
+        assert _parse(kind, logprobs=False).sampling == _parse(kind, logprobs=None).sampling == {}
+    assert _parse(frequency_penalty=0.0, presence_penalty=0).sampling == {}
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity_are_invalid_json(base_url, literal):
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": ' + literal + b"}"
+    status, payload = _raw_post(base_url, "/v1/chat/completions", body)
+    assert status == 400
+    _assert_openai_error(payload, "invalid_json")
+    assert literal.decode().lstrip("-") in payload["error"]["message"]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a \udc80 b"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages[0].content"),
+    ("/v1/completions", {"prompt": "x\udfff"}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\ud83d"]}, "stop"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(base_url, path, body, param):
+    status, payload = _raw_post(base_url, path, json.dumps({"model": MODEL_ID, "max_tokens": 2, **body}).encode())
+    assert status == 400
+    _assert_openai_error(payload, None, param)
+    assert "surrogate" in payload["error"]["message"] and "Unicode" in payload["error"]["message"]
+
+
+def _sse_events(base_url: str, path: str, body: dict) -> list:
+    """The data lines of a streamed answer, parsed (the last one is "[DONE]")."""
+    sock = raw_request(base_url, path, {"stream": True, **body})
+    with sock, sock.makefile("rb") as f:
+        response = http.client.HTTPResponse(sock)
+        response.fp = f
+        response.begin()
+        text = response.read().decode()
+    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+            for line in text.splitlines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_with_include_usage_every_other_chunk_has_a_null_usage(base_url, path):
+    body = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}) | {
+        "max_tokens": 6, "temperature": 0}
+    events = _sse_events(base_url, path, {**body, "stream_options": {"include_usage": True}})
+    *chunks, last, done = events
+    assert done == "[DONE]" and not last["choices"] and last["usage"]["completion_tokens"] > 0
+    assert len(chunks) > 2 and all("usage" in c and c["usage"] is None for c in chunks)  # as OpenAI's docs say
+    assert all("usage" not in c for c in _sse_events(base_url, path, body)[:-1])  # without it: no usage field
 
 
 # -- the command line ---------------------------------------------------------------------------------
