@@ -42,7 +42,7 @@ class _Finished:
     stats: GenerationStats
 
 
-@dataclass
+@dataclass(eq=False)  # each job is itself: two equal requests are still two places in line
 class Job:
     """One request's generation: what to run, and the channel its results come back on."""
 
@@ -54,10 +54,13 @@ class Job:
     stats: GenerationStats | None = None  # set once results() is exhausted
     _events: SimpleQueue = field(default_factory=SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _on_cancel: Callable[[Job], None] | None = field(default=None, repr=False)  # set by Worker.submit
 
     def cancel(self) -> None:
-        """The client is gone: stop generating for it (or skip it if it has not started)."""
+        """The client is gone: stop generating for it, or take it out of the line if it has not started."""
         self._cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     @property
     def cancelled(self) -> bool:
@@ -115,8 +118,19 @@ class Worker:
             if len(self._waiting) + (self._running is not None) > self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit is "
                                 f"{self.max_waiting}); retry later")
+            job._on_cancel = self._withdraw
             self._waiting.append(job)
             self._cond.notify()
+
+    def _withdraw(self, job: Job) -> None:
+        """Take a cancelled job out of the line at once: its place (and /health's count) is free for
+        the next client now, not when the worker reaches it after the running generation."""
+        with self._cond:  # re-entrant (an RLock): close() cancels while holding it
+            for i, waiting in enumerate(self._waiting):
+                if waiting is job:
+                    del self._waiting[i]
+                    job._events.put(Cancelled("cancelled before it started"))
+                    return
 
     def status(self) -> dict[str, int | bool]:
         with self._cond:

@@ -315,6 +315,22 @@ def test_a_full_queue_is_a_429_and_the_queued_requests_still_complete(model):
     assert answers[0] == alone and answers[1]
 
 
+def test_a_waiting_client_that_hangs_up_gives_its_place_in_line_back_at_once(model):
+    with running_server(model, Limits(max_tokens=64, max_body_bytes=16 << 10, max_queue=1)) as server:
+        url = url_of(server)
+        with model_held(model) as release, ThreadPoolExecutor(2) as pool:
+            running = pool.submit(ask, url, "first", False)
+            wait_for(lambda: health(url)["generating"])
+            gone = raw_request(url, "/v1/completions", {"prompt": "second", "max_tokens": 4})
+            wait_for(lambda: health(url)["waiting"] == 1)
+            gone.close()
+            wait_for(lambda: health(url)["waiting"] == 0, timeout=5)  # not when the worker reaches it
+            waiting = pool.submit(ask, url, "third", True)  # the only live waiter: not a 429
+            wait_for(lambda: health(url)["waiting"] == 1)
+            release()
+            assert running.result(timeout=60) and waiting.result(timeout=60)
+
+
 def test_shutdown_answers_the_waiting_requests_with_503(model):
     with running_server(model) as server:
         url, worker = url_of(server), server.app.worker
