@@ -8,8 +8,8 @@ client leaves out take the bundle's generation defaults (a bundle converted from
 model says greedy), not OpenAI's temperature 1.0.
 
 Beyond OpenAI, the fields llama.cpp's and vLLM's servers take are accepted too: top_k, min_p,
-repetition_penalty (OpenAI's client sends them with `extra_body`); a top_k of 0 or less (vLLM's -1)
-means off, as in llama.cpp's server.
+repetition_penalty, cache_prompt (OpenAI's client sends them with `extra_body`); a top_k of 0 or
+less (vLLM's -1) means off and a seed of -1 means none (random), as in llama.cpp's server.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class GenerationRequest:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
     stop: list[str] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields the client set
+    cache_prompt: bool | None = None  # llama.cpp's field: reuse the KV cache's prefix; None = the server's default
 
 
 # Fields that change what OpenAI would answer -> the values that mean "not used" (accepted).
@@ -100,7 +101,7 @@ def _request(kind: str, prompt: str | list[dict[str, str]], max_tokens: int, bod
         raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
     return GenerationRequest(kind=kind, prompt=prompt, max_tokens=max_tokens, stream=stream,
                              include_usage=bool(options.get("include_usage")), stop=_stop(body),
-                             sampling=_sampling(body))
+                             sampling=_sampling(body), cache_prompt=_optional(body, "cache_prompt", bool))
 
 
 def _check_common(body: dict[str, Any], model_id: str) -> None:

@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads; None = the bundle's target")
     p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
                    help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1 (default: none)")
+    p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false",
+                   help="compute each prompt from an empty KV cache unless the request says \"cache_prompt\": "
+                        "true: the same request gets the same answer whatever ran before (a cached prompt can "
+                        "flip an int4 bundle's near-ties), at the cost of a whole prefill every time "
+                        "(default: off, a request's prompt reuses the cache unless it says false)")
     add_prompt_lookup_argument(p)
 
 
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(refused_ort_options(e))
     config = ServerConfig(model_id=args.model_id or args.bundle.resolve().name, api_key=api_key,
                           limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue),
-                          prompt_lookup=args.prompt_lookup)
+                          prompt_lookup=args.prompt_lookup, cache_prompt=args.cache_prompt)
     try:
         server = PiServer((args.host, args.port), App(model, config))
     except OSError as e:
@@ -66,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
     # to return, so it must run outside the (main) thread that serve_forever blocks.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     host, port = server.server_address[:2]
-    log.info("serving %s on http://%s:%d/v1 (max %d tokens per request, %d may wait%s)",
+    log.info("serving %s on http://%s:%d/v1 (max %d tokens per request, %d may wait%s%s)",
              config.model_id, host, port, config.limits.max_tokens, config.limits.max_queue,
              f"; greedy requests draft up to {config.prompt_lookup} tokens by prompt lookup"
-             if config.prompt_lookup else "")
+             if config.prompt_lookup else "",
+             "; prompts run from an empty cache unless a request says cache_prompt" if not config.cache_prompt else "")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

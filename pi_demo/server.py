@@ -54,6 +54,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None
     prompt_lookup: int = 0  # most drafted tokens per pass for greedy requests; 0 = off
+    cache_prompt: bool = True  # a request's default for llama.cpp's "cache_prompt" (--no-cache-prompt: False)
 
 
 class App:
@@ -79,7 +80,9 @@ class App:
             raise bad_request(f"the prompt is {len(ids)} tokens; this model's context holds {model.max_context} "
                               "(prompt and answer together): shorten the conversation", param,
                               "context_length_exceeded")
-        return Job(ids, request.max_tokens, params, request.stop, prompt_lookup=self.config.prompt_lookup)
+        cache_prompt = self.config.cache_prompt if request.cache_prompt is None else request.cache_prompt
+        return Job(ids, request.max_tokens, params, request.stop, prompt_lookup=self.config.prompt_lookup,
+                   cache_prompt=cache_prompt)
 
     def submit(self, job: Job) -> None:
         try:

@@ -51,6 +51,7 @@ class Job:
     params: SamplingParams
     stop: list[str] = field(default_factory=list)
     prompt_lookup: int = 0  # Model.stream_ids drafts only for greedy requests, so a sampled one runs plain
+    cache_prompt: bool = True  # False: the prompt runs from an empty KV cache (the same answer whatever ran before)
     stats: GenerationStats | None = None  # set once results() is exhausted
     _events: SimpleQueue = field(default_factory=SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -164,8 +165,10 @@ class Worker:
         if job.cancelled:  # cancelled while it waited
             job._events.put(Cancelled("cancelled before it started"))
             return
+        # should_stop: a client gone during a long prefill stops it between chunks, not after it.
         events = self.model.stream_ids(job.prompt_ids, job.max_tokens, params=job.params, stop=job.stop,
-                                       prompt_lookup=job.prompt_lookup)
+                                       prompt_lookup=job.prompt_lookup, cache_prompt=job.cache_prompt,
+                                       should_stop=lambda: job.cancelled)
         try:
             for event in events:
                 if job.cancelled:
@@ -177,5 +180,8 @@ class Worker:
             return
         finally:
             events.close()  # stops the generation (and releases the model) if we left early
+        if job.cancelled:  # stopped in its prefill: no event came
+            job._events.put(Cancelled("cancelled while generating"))
+            return
         # stream_ids publishes its stats when it finishes; only this thread generates, so they are this job's.
         job._events.put(_Finished(self.model.last_stats))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,9 @@ class GenerationStats:
     # The answer ended at a stop token (finish_reason "stop"), not at max_new_tokens or a full
     # context ("length", as OpenAI's API says for both).
     stop_token: bool = False
+    # should_stop said yes between prefill chunks: no token was generated, and the stream ended
+    # without a finish_reason (the cache keeps the chunks that ran).
+    stopped_in_prefill: bool = False
 
     @property
     def time_to_first_token(self) -> float:
@@ -189,12 +192,14 @@ class Model:
 
     def generate_tokens(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
                         ignore_eos: bool = False, stats: GenerationStats | None = None,
-                        extra_stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
-        """Yield generated token ids. The KV cache is reused for the longest common prefix.
+                        extra_stop_ids: frozenset[int] = frozenset(), *, cache_prompt: bool = True,
+                        should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
+        """Yield generated token ids. The KV cache is reused for the longest common prefix
+        (cache_prompt=False: the prompt runs from an empty cache, see _prefill).
 
         Stops at a stop token (the bundle's, or one of extra_stop_ids; not yielded) unless
-        ignore_eos, at max_new_tokens, or when the context is full. Hold the model's lock while
-        iterating (stream/generate do).
+        ignore_eos, at max_new_tokens, or when the context is full; yields nothing if should_stop
+        says yes between prefill chunks. Hold the model's lock while iterating (stream/generate do).
         """
         params = params or SamplingParams()
         stats = stats if stats is not None else GenerationStats()
@@ -211,7 +216,9 @@ class Model:
         stop_ids = self.stop_token_ids | extra_stop_ids
         session = self.session
         start = time.perf_counter()
-        logits = self._prefill(prompt_ids, stats)
+        logits = self._prefill(prompt_ids, stats, cache_prompt, should_stop)
+        if logits is None:
+            return
         history = np.asarray(prompt_ids, dtype=np.int64)  # the penalty looks at the prompt too
         generated: list[int] = []
         stats.prefill_seconds = time.perf_counter() - start
@@ -233,7 +240,8 @@ class Model:
 
     def generate_tokens_lookahead(self, prompt_ids: Sequence[int], max_new_tokens: int, draft_tokens: int = 4,
                                   ignore_eos: bool = False, stats: GenerationStats | None = None,
-                                  extra_stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
+                                  extra_stop_ids: frozenset[int] = frozenset(), *, cache_prompt: bool = True,
+                                  should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
         """Greedy generation with prompt-lookup speculative decoding: generate_tokens' tokens at
         temperature 0 (up to near-ties: the batched check can round differently from a one-token
         step), in fewer forward passes when the text repeats its context.
@@ -251,12 +259,16 @@ class Model:
         _check_max_new_tokens(max_new_tokens)
         if not prompt_ids or len(prompt_ids) >= self.max_context:
             yield from self.generate_tokens(prompt_ids, max_new_tokens, ignore_eos=ignore_eos, stats=stats,
-                                            extra_stop_ids=extra_stop_ids)
+                                            extra_stop_ids=extra_stop_ids, cache_prompt=cache_prompt,
+                                            should_stop=should_stop)
             return
         stop_ids = self.stop_token_ids | extra_stop_ids
         session = self.session
         start = time.perf_counter()
-        next_token = int(np.argmax(self._prefill(prompt_ids, stats)))
+        logits = self._prefill(prompt_ids, stats, cache_prompt, should_stop)
+        if logits is None:
+            return
+        next_token = int(np.argmax(logits))
         stats.prefill_seconds = time.perf_counter() - start
         t_first = time.perf_counter()
         context = list(prompt_ids)
@@ -298,10 +310,19 @@ class Model:
             next_token = predicted[n_ok]
         stats.decode_seconds = time.perf_counter() - t_first
 
-    def _prefill(self, prompt_ids: list[int], stats: GenerationStats) -> np.ndarray:
-        """Run the part of the prompt the cache does not already hold; return last logits."""
+    def _prefill(self, prompt_ids: list[int], stats: GenerationStats, cache_prompt: bool = True,
+                 should_stop: Callable[[], bool] | None = None) -> np.ndarray | None:
+        """Run the part of the prompt the cache does not already hold; return last logits.
+
+        cache_prompt=False runs the whole prompt from an empty cache: with a quantized bundle the
+        tokens after a cache hit run in other batches than a fresh prefill's (the last prompt
+        token alone in a decode-shaped step), which rounds int8 activations differently and can
+        flip a near-tie; from an empty cache the same request always gets the same answer.
+        should_stop is asked between chunks (a long prompt takes seconds on a Pi, and a server's
+        client may be gone): yes leaves the cache with the chunks that ran and returns None.
+        """
         session = self.session
-        common = _common_prefix(session.tokens, prompt_ids)
+        common = _common_prefix(session.tokens, prompt_ids) if cache_prompt else 0
         # At least one token must run to produce the next-token logits.
         common = min(common, len(prompt_ids) - 1)
         session.truncate(common)
@@ -310,6 +331,9 @@ class Model:
         stats.prefill_tokens = len(prompt_ids) - common
         new = prompt_ids[common:]
         for start in range(0, len(new), self.prefill_chunk):
+            if start and should_stop is not None and should_stop():
+                stats.stopped_in_prefill = True
+                return None
             logits = session.forward(new[start:start + self.prefill_chunk])  # the last chunk's are the answer
         return logits
 
@@ -330,7 +354,14 @@ class Model:
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
                    params: SamplingParams | None = None, stop: str | Sequence[str] = (),
-                   prompt_lookup: int = 0) -> Iterator[StreamEvent]:
+                   prompt_lookup: int = 0, *, cache_prompt: bool = True,
+                   should_stop: Callable[[], bool] | None = None) -> Iterator[StreamEvent]:
+        """Stream the answer to prompt ids (see stream).
+
+        cache_prompt=False computes the prompt from an empty KV cache (the same answer whatever ran
+        before; see _prefill). should_stop is asked between prefill chunks; when it says yes the
+        stream ends with no event (to stop while decoding, stop reading and close() it).
+        """
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
         _check_max_new_tokens(max_new)
@@ -343,17 +374,20 @@ class Model:
         with self._exclusive():
             try:
                 plain_greedy = params is None or (params.greedy and params.repetition_penalty == 1.0)
+                prefill = {"cache_prompt": cache_prompt, "should_stop": should_stop}
                 tokens = (self.generate_tokens_lookahead(prompt_ids, max_new, prompt_lookup, stats=stats,
-                                                         extra_stop_ids=special_stops)
+                                                         extra_stop_ids=special_stops, **prefill)
                           if prompt_lookup > 0 and plain_greedy
                           else self.generate_tokens(prompt_ids, max_new, params, stats=stats,
-                                                    extra_stop_ids=special_stops))
+                                                    extra_stop_ids=special_stops, **prefill))
                 for token in tokens:
                     text, stopped = stops.feed(detok.add(token))
                     if stopped:
                         yield StreamEvent(text, token, "stop", stats)
                         return
                     yield StreamEvent(text, token)
+                if stats.stopped_in_prefill:
+                    return
                 text, stopped = stops.feed(detok.flush())
                 tail = "" if stopped else stops.flush()
                 # "length" at max_new_tokens and at a full context alike, as OpenAI's API has it.

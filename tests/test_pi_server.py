@@ -50,10 +50,11 @@ def model(bundle):
 
 
 @contextmanager
-def running_server(model, limits: Limits = LIMITS, api_key: str | None = KEY,
-                   prompt_lookup: int = 0, model_id: str = MODEL_ID) -> Iterator[PiServer]:
+def running_server(model, limits: Limits = LIMITS, api_key: str | None = KEY, prompt_lookup: int = 0,
+                   model_id: str = MODEL_ID, cache_prompt: bool = True) -> Iterator[PiServer]:
     """The server in a thread of this process."""
-    server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(model_id, limits, api_key, prompt_lookup)))
+    config = ServerConfig(model_id, limits, api_key, prompt_lookup, cache_prompt=cache_prompt)
+    server = PiServer(("127.0.0.1", 0), App(model, config))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -223,6 +224,86 @@ def test_prompt_lookup_serves_the_same_greedy_answers_and_leaves_sampled_ones_al
     assert plain_drafted == [0, 0]
     assert drafted[0] > 0 and drafted[1] == 0  # the sampled request ran plain
     assert "drafted tokens accepted" in caplog.text
+
+
+def _fresh(model, prompt, max_tokens: int, **kwargs):
+    """The answer from an empty KV cache, as after loading the bundle."""
+    model.session.reset()
+    return model.generate(prompt, max_tokens, temperature=0, **kwargs)
+
+
+def test_cache_prompt_false_computes_the_prompt_from_an_empty_cache(base_url, model):
+    # An int4 bundle's last prompt token run alone (after a cache hit) rounds its int8 activations
+    # unlike a batched prefill: at a near-tie the answer changes. cache_prompt: false (llama.cpp's
+    # field) makes a request's answer its fresh one, whatever ran before.
+    c = client(base_url)
+    messages = [{"role": "user", "content": "Tell me about the fox."}]
+
+    def chat(**extra):
+        return c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=8, temperature=0, **extra)
+
+    def complete(**extra):
+        return c.completions.create(model=MODEL_ID, prompt="The quick brown", max_tokens=8, temperature=0, **extra)
+
+    for call in (chat, complete):
+        call()
+        assert call().usage.prompt_tokens_details.cached_tokens > 0  # by default the cache is reused
+        uncached = call(extra_body={"cache_prompt": False})
+        assert uncached.usage.prompt_tokens_details.cached_tokens == 0
+        assert call(extra_body={"cache_prompt": True}).usage.prompt_tokens_details.cached_tokens > 0
+    assert uncached.choices[0].text == _fresh(model, "The quick brown", 8, raw=True).text
+    assert chat(extra_body={"cache_prompt": False}).choices[0].message.content == _fresh(model, messages, 8).text
+    for value in ("false", 0):
+        with pytest.raises(openai.BadRequestError) as info:
+            chat(extra_body={"cache_prompt": value})
+        _assert_openai_error(info.value.response.json(), None, "cache_prompt")
+        assert "boolean" in info.value.response.json()["error"]["message"]
+
+
+def test_no_cache_prompt_makes_false_every_requests_default(model):
+    with running_server(model, cache_prompt=False) as server:
+        c = client(url_of(server))
+
+        def cached_tokens(**extra) -> int:
+            return c.completions.create(model=MODEL_ID, prompt="The quick brown", max_tokens=4, temperature=0,
+                                        **extra).usage.prompt_tokens_details.cached_tokens
+
+        assert cached_tokens() == cached_tokens() == 0
+        assert cached_tokens(extra_body={"cache_prompt": True}) > 0  # a request may still ask for the cache
+
+
+def test_a_client_that_hangs_up_during_a_long_prefill_stops_it_between_chunks(model, monkeypatch):
+    monkeypatch.setattr(model, "prefill_chunk", 8)
+    forward, runs = model.session.forward, []
+
+    def slow_forward(ids, *args, **kwargs):
+        runs.append(len(ids))
+        time.sleep(0.3)  # a Pi's prefill: the client gives up before it ends
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model.session, "forward", slow_forward)
+    prompt = "The quick brown fox jumps over the lazy dog. " * 8
+    chunks = -(-len(model.encode(prompt)) // 8)
+    assert chunks >= 10
+    with running_server(model) as server:
+        url = url_of(server)
+        sock = raw_request(url, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "cache_prompt": False})
+        wait_for(lambda: len(runs) >= 1)
+        sock.close()
+        wait_for(lambda: not health(url)["generating"], timeout=chunks * 0.3)
+        assert len(runs) <= 4, runs  # the rest of the prompt never ran
+        monkeypatch.setattr(model.session, "forward", forward)
+        assert ask(url, "Tell me about the fox.", stream=False)  # the cache it left is sound
+
+
+def test_should_stop_ends_the_runtimes_prefill_between_chunks_without_an_answer(model, monkeypatch):
+    monkeypatch.setattr(model, "prefill_chunk", 4)
+    ids = model.encode("The quick brown fox jumps over the lazy dog. " * 2)
+    asked = []
+    model.session.reset()
+    events = list(model.stream_ids(ids, 4, should_stop=lambda: asked.append(1) or len(asked) >= 2))
+    assert events == [] and model.session.length == 8  # two chunks ran, then it stopped
+    assert model.generate("hi", 4, raw=True).token_ids  # the model goes on
 
 
 def test_eight_concurrent_clients_get_complete_unmixed_answers(model):
@@ -610,7 +691,7 @@ def test_with_include_usage_every_other_chunk_has_a_null_usage(base_url, path):
 def test_serve_command_binds_loopback_takes_the_key_from_the_environment_and_stops_on_sigterm(bundle):
     env = {**os.environ, "NOMOAT_API_KEY": "from-env", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "pi_demo", "serve", str(bundle), "--port", "0", "--model-id", MODEL_ID,
-           "--prompt-lookup", "4", "--ort-options", "session.intra_op.allow_spinning=0"]
+           "--prompt-lookup", "4", "--ort-options", "session.intra_op.allow_spinning=0", "--no-cache-prompt"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
@@ -618,9 +699,13 @@ def test_serve_command_binds_loopback_takes_the_key_from_the_environment_and_sto
             line = proc.stderr.readline()
             assert line, "the server exited before serving"
         assert "greedy requests draft up to 4 tokens by prompt lookup" in line
+        assert "prompts run from an empty cache unless a request says cache_prompt" in line
         url = line.split(" on ")[1].split("/v1")[0]
         assert url.startswith("http://127.0.0.1:")
         assert ask_with_key(url, "from-env")
+        again = client(url, "from-env").chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+        assert again.usage.prompt_tokens_details.cached_tokens == 0  # --no-cache-prompt
         with pytest.raises(openai.AuthenticationError):
             ask_with_key(url, KEY)
         proc.send_signal(signal.SIGTERM)
