@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
     p.add_argument("--model-id", default=None, help="the model name clients send; None = the bundle's folder name")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'; None = $NOMOAT_API_KEY if set")
-    p.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one request may ask for")
+    p.add_argument("--max-tokens", type=int, default=1024,
+                   help="the most tokens one request may ask for; a chat that leaves max_tokens out runs to this "
+                        "or the context's end")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
     p.add_argument("--threads", type=int, default=None, help="CPU threads; None = the bundle's target")

@@ -65,7 +65,10 @@ class App:
         self.config = config
         self.worker = Worker(model, config.limits.max_queue)
         self.created = int(time.time())
-        self.default_max_tokens = int(model.manifest.generation_defaults.get("max_new_tokens", 256))
+        # A chat that leaves max_tokens out runs until a stop, the server's cap or the context's end,
+        # as OpenAI's API and llama.cpp's (n_predict -1) do, not to the bundle's max_new_tokens (256):
+        # generation stops at a full context by itself. /v1/completions keeps OpenAI's 16 (parse_completion).
+        self.default_max_tokens = config.limits.max_tokens
 
     def prepare(self, request: GenerationRequest) -> Job:
         """Tokenize and check in the caller's thread, so a bad request is refused before it waits in line."""

@@ -306,6 +306,25 @@ def test_should_stop_ends_the_runtimes_prefill_between_chunks_without_an_answer(
     assert model.generate("hi", 4, raw=True).token_ids  # the model goes on
 
 
+def test_a_chat_without_max_tokens_runs_to_the_servers_cap_or_the_contexts_end(model, monkeypatch):
+    # As OpenAI and llama.cpp (n_predict -1): not the bundle's max_new_tokens (here made 8 to show it).
+    monkeypatch.setitem(model.manifest.generation_defaults, "max_new_tokens", 8)
+    messages = [{"role": "user", "content": "Tell me about the fox."}]
+    prompt_tokens = len(model.prompt_ids(messages))
+    room = model.max_context - prompt_tokens + 1  # the last token is sampled, never put in the cache
+    for cap in (40, 1024):  # the server's --max-tokens, then the context's end, whichever comes first
+        with running_server(model, Limits(max_tokens=cap, max_body_bytes=16 << 10, max_queue=8)) as server:
+            c = client(url_of(server))
+            r = c.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0)
+            expected = _fresh(model, messages, min(cap, room))
+            assert r.choices[0].message.content == expected.text
+            assert r.usage.completion_tokens == len(expected.token_ids) > 8
+            if not expected.stats.stop_token:  # the tiny model seldom says its stop token
+                assert r.usage.completion_tokens == min(cap, room) and r.choices[0].finish_reason == "length"
+            text = c.completions.create(model=MODEL_ID, prompt="The quick brown", temperature=0)
+            assert text.usage.completion_tokens <= 16  # OpenAI's legacy default for /v1/completions stays
+
+
 def test_eight_concurrent_clients_get_complete_unmixed_answers(model):
     prompts = ["The quick brown fox", "What is the capital of France?", "Small models run on phones",
                "def hello(name):", "Numbers like 12345", "Emoji 😀🚀", "中文字符", "Raspberry Pi"]
