@@ -16,8 +16,10 @@ import json
 import logging
 import select
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +48,7 @@ log = logging.getLogger("pi_demo.serve")
 ROUTES = {"/health": "GET, HEAD", "/v1/models": "GET, HEAD", "/v1/chat/completions": "POST",
           "/v1/completions": "POST"}  # path -> the methods it takes (the Allow header of a 405)
 DRAIN_LIMIT = 16 << 20  # a refused body up to this size is read and dropped, so the client sees our error
+CLOSE_WAIT = 10.0  # seconds shutdown waits for the worker, then as long again for the answers to be written
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,25 @@ class App:
         # as OpenAI's API and llama.cpp's (n_predict -1) do, not to the bundle's max_new_tokens (256):
         # generation stops at a full context by itself. /v1/completions keeps OpenAI's 16 (parse_completion).
         self.default_max_tokens = config.limits.max_tokens
+        self._answering = 0  # requests between their parse and their last byte written
+        self._answered = threading.Condition()
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Count a request while its handler works on it, so shutdown can wait for its answer."""
+        with self._answered:
+            self._answering += 1
+        try:
+            yield
+        finally:
+            with self._answered:
+                self._answering -= 1
+                self._answered.notify_all()
+
+    def wait_answered(self, timeout: float) -> bool:
+        """Wait until no request is being answered; False if some still are after timeout seconds."""
+        with self._answered:
+            return self._answered.wait_for(lambda: self._answering == 0, timeout)
 
     def prepare(self, request: GenerationRequest) -> Job:
         """Tokenize and check in the caller's thread, so a bad request is refused before it waits in line."""
@@ -141,6 +163,10 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, routes: dict[str, Callable[[], None]]) -> None:
         self._body_read = False
         path = urlsplit(self.path).path.rstrip("/") or "/"
+        with self.server.app.answering():
+            self._answer(routes, path)
+
+    def _answer(self, routes: dict[str, Callable[[], None]], path: str) -> None:
         try:
             action, allowed = routes.get(path), ROUTES.get(path)
             if path.startswith("/v1/models/"):
@@ -321,6 +347,7 @@ class Handler(BaseHTTPRequestHandler):
             raise
         except Exception as e:  # the 200 is out: report the error in the stream, as OpenAI does
             self._send_event(generation_error(e).body())
+            self._send_event("[DONE]")  # the stream's end, so a client knows it has all there is
             return
         self._send_event(reply.chunk("", reason))
         if include_usage:
@@ -352,7 +379,9 @@ def _log_generation(reply: Reply, job: Job, seconds: float, client_gone: bool = 
 
 
 class PiServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stalled client never blocks shutdown
+    # A stalled client or an idle keep-alive connection never blocks shutdown; the requests being
+    # answered get a bounded wait in server_close instead.
+    daemon_threads = True
     request_queue_size = 64  # listen backlog: many clients may connect at the same moment
 
     def __init__(self, address: tuple[str, int], app: App):
@@ -360,5 +389,11 @@ class PiServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
 
     def server_close(self) -> None:
+        """Stop listening, cancel the running and waiting jobs, and wait (bounded) until their
+        clients have their answers: the 503s of the waiting ones, the running stream's error event
+        and [DONE]. The process exits after this, and its daemon handler threads with it, so an
+        answer not written by then would be lost (the client seeing the connection dropped)."""
         super().server_close()
-        self.app.worker.close(timeout=10)
+        self.app.worker.close(timeout=CLOSE_WAIT)
+        if not self.app.wait_answered(CLOSE_WAIT):
+            log.warning("stopping with requests still unanswered after %.0f s (clients not reading?)", CLOSE_WAIT)

@@ -450,6 +450,70 @@ def test_shutdown_answers_the_waiting_requests_with_503(model):
             ask(url, "third", stream=False)
 
 
+def _received(sock: socket.socket) -> bytes:
+    """What the server has sent on sock so far, without waiting for more."""
+    data = b""
+    sock.setblocking(False)
+    try:
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    except BlockingIOError:
+        pass
+    return data
+
+
+def test_server_close_returns_once_the_waiting_and_running_requests_have_their_answers(model, monkeypatch):
+    # On SIGTERM serve.py runs server_close, then the process exits and takes the handler threads
+    # with it: whatever they had not written yet was lost (a queued client got RemoteDisconnected,
+    # a stream ended without [DONE]). Slow writes make the race certain here.
+    go_on = threading.Event()
+    stream_ids = model.stream_ids
+
+    def held_after_the_first_token(*args, **kwargs):
+        events = stream_ids(*args, **kwargs)
+        try:
+            for i, event in enumerate(events):
+                if i == 1:
+                    go_on.wait(30)
+                yield event
+        finally:
+            events.close()
+
+    def slowly(write):
+        def slow(self, *args, **kwargs):
+            if go_on.is_set():
+                time.sleep(0.3)
+            return write(self, *args, **kwargs)
+        return slow
+
+    monkeypatch.setattr(model, "stream_ids", held_after_the_first_token)
+    monkeypatch.setattr(Handler, "_send_event", slowly(Handler._send_event))
+    monkeypatch.setattr(Handler, "_send_json", slowly(Handler._send_json))
+    server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(MODEL_ID, LIMITS, KEY)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = url_of(server)
+    streamed = raw_request(url, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 64,
+                                                    "temperature": 0, "stream": True})
+    head = b""
+    while b"data: " not in head:
+        head += streamed.recv(1 << 16)
+    waiting = raw_request(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    wait_for(lambda: health(url)["waiting"] == 1)
+    server.shutdown()
+    threading.Timer(0.2, go_on.set).start()
+    server.server_close()
+    thread.join(10)
+    stream_text = (head + _received(streamed)).decode()
+    assert stream_text.rstrip().endswith("data: [DONE]"), stream_text[-300:]
+    assert '"code": "shutting_down"' in stream_text.rsplit("data: ", 2)[1]  # the error event, then [DONE]
+    answer = _received(waiting)
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    _assert_openai_error(json.loads(answer.split(b"\r\n\r\n", 1)[1]), "shutting_down")
+    streamed.close()
+    waiting.close()
+
+
 def test_a_wrong_method_is_a_405(base_url):
     request = urllib.request.Request(f"{base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
     with pytest.raises(urllib.error.HTTPError) as info:
