@@ -151,12 +151,12 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def pi(session: nox.Session) -> None:
-    """The runtime and pi_demo on arm64 Debian bookworm under qemu-user, as on a Raspberry Pi.
+    """The runtime and pi_demo on arm64 Debian bookworm and trixie under qemu-user, as on a Raspberry Pi.
 
-    Needs root and network (deb.debian.org, the package index). Builds an arm64 root with
-    debootstrap once and caches it in build/pi-root ($NOMOAT_PI_ROOT to move it), installs this
+    Needs root and network (deb.debian.org, the package index). Builds an arm64 root of each suite
+    with debootstrap once and caches it in build/pi-root-SUITE, installs this
     checkout's wheel there with binary wheels only, compares greedy tokens with the host, serves
-    and chats inside (tests/test_pi_qemu.py). Step times: build/pi/timings.json; they are
+    and chats inside (tests/test_pi_qemu.py). Step times: build/pi/timings-SUITE.json; they are
     emulation times, not a Pi's. First, `nomoat deploy --ssh [--bench]` against a private OpenSSH
     server on loopback (tests/test_deploy_ssh.py; Debian's openssh-server, which `.ci/run` installs).
     """
@@ -166,7 +166,9 @@ def pi(session: nox.Session) -> None:
         session.error("missing /usr/sbin/sshd: apt-get install openssh-server")
     _install(session)
     session.run("pytest", "-q", "-rs", "-m", "ssh", "tests/test_deploy_ssh.py", *session.posargs)
-    session.run("pytest", "-q", "-s", "-m", "slow", "tests/test_pi_qemu.py", *session.posargs,
-                env={"NOMOAT_PI": "1"})
+    # Raspberry Pi OS on bookworm (Python 3.11) and on trixie (3.13, its release since 2025).
+    for suite in ("bookworm", "trixie"):
+        session.run("pytest", "-q", "-s", "-m", "slow", "tests/test_pi_qemu.py", *session.posargs,
+                    env={"NOMOAT_PI": "1", "NOMOAT_PI_SUITE": suite})
 
 

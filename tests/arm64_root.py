@@ -1,6 +1,6 @@
-"""An arm64 Debian bookworm root under qemu-user: Raspberry Pi OS's base, on an x86 workstation.
+"""An arm64 Debian root (bookworm or trixie) under qemu-user: Raspberry Pi OS's base, on an x86 workstation.
 
-Built once with debootstrap and cached (build/pi-root, or $NOMOAT_PI_ROOT); binaries in it run
+Built once with debootstrap and cached (build/pi-root-SUITE, or $NOMOAT_PI_ROOT); binaries in it run
 through the kernel's binfmt_misc handler for aarch64 ELF files (qemu-aarch64-static, registered
 with the F flag so the chroot needs no copy of qemu). Needs root: debootstrap, chroot and mount do.
 
@@ -27,9 +27,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-SUITE = "bookworm"  # Raspberry Pi OS (64-bit) is built on Debian bookworm
+# Raspberry Pi OS (64-bit) is built on Debian: bookworm (Python 3.11) until its 2025 release on
+# trixie (Python 3.13). $NOMOAT_PI_SUITE picks one; `nox -s pi` runs both.
+SUITES = ("bookworm", "trixie")
+SUITE = os.environ.get("NOMOAT_PI_SUITE", "bookworm")
 MIRROR = "http://deb.debian.org/debian"
-INCLUDE = "python3,python3-venv,ca-certificates"  # python3 is 3.11 on bookworm, as on the Pi
+INCLUDE = "python3,python3-venv,ca-certificates"  # the suite's own python3, as on the Pi
 HOST_PACKAGES = {"qemu-aarch64-static": "qemu-user-static", "update-binfmts": "binfmt-support",
                  "debootstrap": "debootstrap"}
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
@@ -131,6 +134,9 @@ def pip_environment() -> dict[str, str]:
 
 def ensure_root(path: Path) -> bool:
     """Build the root unless a complete one is cached there; True if it was built now."""
+    if SUITE not in SUITES:
+        raise Arm64RootError(f"NOMOAT_PI_SUITE={SUITE!r} is not a suite Raspberry Pi OS is built on: "
+                             f"use one of {', '.join(SUITES)}")
     ready = path / ".nomoat-ready"
     recipe = f"{SUITE} arm64 minbase {INCLUDE}\n"
     if ready.exists() and ready.read_text() == recipe:

@@ -1,10 +1,10 @@
-"""The runtime and pi_demo on arm64 Debian bookworm under qemu-user: what a Raspberry Pi would run.
+"""The runtime and pi_demo on arm64 Debian under qemu-user: what a Raspberry Pi would run.
 
 Run with `nox -s pi` (needs root and network; see tests/arm64_root.py for the emulated root).
 The module builds a wheel of this checkout, installs it in a fresh venv inside the root with
 only binary wheels allowed, converts SmolLM2-135M-Instruct on the host for the Pi 5 (int4 with
 int8 activations, as shipped) and in fp32, and compares the Pi's tokens and logits with the
-host's; then serves and chats inside. Every step is timed (build/pi/timings.json); emulated runs
+host's; then serves and chats inside. Every step is timed (build/pi/timings-SUITE.json); emulated runs
 take 15-40x as long as the same runs natively on the x86 host and say nothing about a Pi's speed.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from arm64_root import Steps, ensure_root, entered, pip_environment, prepare_host, run
+from arm64_root import SUITE, Steps, ensure_root, entered, pip_environment, prepare_host, run
 from bundle_cache import converter_fingerprint, is_current, stamp_of
 from pty_terminal import Terminal
 from real_model import smollm2_gguf_path
@@ -37,7 +37,7 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "build" / "pi"
-ROOT = Path(os.environ.get("NOMOAT_PI_ROOT", REPO / "build" / "pi-root"))
+ROOT = Path(os.environ.get("NOMOAT_PI_ROOT", REPO / "build" / f"pi-root-{SUITE}"))
 CHECK = "/opt/nomoat-check"  # in the guest: the wheel, bundles, pi_demo and the guest script
 VENV = "/opt/nomoat-venv"
 PYTHON = f"{VENV}/bin/python"
@@ -69,7 +69,7 @@ def guest():
             yield g
     finally:
         report = {"steps_seconds": STEPS.seconds, **FINDINGS}
-        (BUILD / "timings.json").write_text(json.dumps(report, indent=2))
+        (BUILD / f"timings-{SUITE}.json").write_text(json.dumps(report, indent=2))
         print("\n[pi] emulated run (x86 host, qemu-user; not a Pi's speed):\n" + json.dumps(report, indent=2))
 
 
@@ -146,10 +146,13 @@ def test_pip_install_pulls_only_aarch64_wheels_and_nothing_of_the_converter(gues
 def test_the_runtime_imports_on_arm64_without_torch(guest, installed):
     code = ("import platform, sys, nomoat.runtime, onnxruntime; "
             "print(platform.machine(), sorted(m for m in sys.modules if m.split('.')[0] in "
-            f"{NOT_ON_A_PI!r}), onnxruntime.__version__)")
+            f"{NOT_ON_A_PI!r}), onnxruntime.__version__, platform.python_version())")
     with STEPS.step("guest: import nomoat.runtime"):
         out = guest.run([PYTHON, "-c", code]).stdout.split()
     assert out[0] == "aarch64" and out[1] == "[]" and out[2] == installed["onnxruntime"]
+    FINDINGS["guest_python"] = out[3]
+    # The suite's own Python: bookworm's 3.11, trixie's 3.13 (what each Raspberry Pi OS runs).
+    assert out[3].startswith({"bookworm": "3.11.", "trixie": "3.13."}[SUITE]), out
 
 
 def test_bandwidth_probe_runs_on_arm64(guest, installed):
