@@ -190,9 +190,15 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
         if (top.isNaN() || top.isInfinite()) {
             throw IllegalArgumentException("cannot sample: the largest logit is $top (NaN or infinite logits)")
         }
-        val scale = (1.0 / params.temperature).toFloat()
+        // In double: 1/T of a tiny T (1e-45) passes float's range, and 0 * inf would make the top
+        // logit's weight NaN (runtime/sampling.py has the same guard). A tiny T is then greedy, ties
+        // shared; 1/T may still be infinite in double (T = 5e-324), so a gap of 0 is weighed 1 outright.
+        val scale = 1.0 / params.temperature
         val w = out ?: FloatArray(values.size)
-        for (i in values.indices) w[i] = Math.exp(((values[i] - top) * scale).toDouble()).toFloat()
+        for (i in values.indices) {
+            val gap = (values[i] - top).toDouble()
+            w[i] = if (gap == 0.0) 1f else Math.exp(gap * scale).toFloat()
+        }
         return w
     }
 

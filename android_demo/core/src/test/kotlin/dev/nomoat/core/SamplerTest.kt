@@ -102,6 +102,24 @@ class SamplerTest {
     }
 
     @Test
+    fun aTinyTemperatureIsGreedyNotAnError() {
+        // 1/T overflowed float below ~3e-39 and the top logit's 0 * inf was NaN: "no candidate token".
+        val rng = Random(2)
+        for (t in doubleArrayOf(1e-20, 1e-39, 1e-45, 1e-300, java.lang.Double.MIN_VALUE)) {
+            for ((k, p) in listOf(0 to 1.0, 40 to 1.0, 0 to 0.9)) {
+                val sampler = Sampler(SamplingParams(temperature = t, topK = k, topP = p, seed = 5))
+                repeat(20) {
+                    val logits = FloatArray(5000) { rng.nextGaussian().toFloat() }
+                    assertEquals(Sampler.argmax(logits), sampler.sample(logits))
+                }
+            }
+            val ties = floatArrayOf(1f, 3f, 3f, Float.NEGATIVE_INFINITY) // exact ties stay a fair choice
+            val sampler = Sampler(SamplingParams(temperature = t, seed = 0))
+            assertEquals(setOf(1, 2), (0 until 200).map { sampler.sample(ties) }.toSet())
+        }
+    }
+
+    @Test
     fun seededRunsRepeatAndDrawFromTheDistribution() {
         val logits = floatArrayOf(1f, 2f, 0f, -1f, 1.5f)
         val params = SamplingParams(temperature = 1.0, topK = 3, seed = 7)
