@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 from . import __version__
@@ -28,7 +30,26 @@ CONVERT_EXTRA = {"torch", "transformers", "safetensors", "onnx", "onnx_ir", "ggu
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        status = _dispatch(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # inside the try: a reader gone shows at the last flush too
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """stdout's reader left (`nomoat targets | head -1`): end quietly, as a program killed by SIGPIPE.
+
+    Python ignores SIGPIPE, so the write raises instead; stdout goes to /dev/null so that the
+    interpreter's own flush at exit does not print the error again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nomoat", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nomoat {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

@@ -39,3 +39,17 @@ def test_a_converter_library_missing_at_run_time_is_the_install_line(tmp_path, m
     assert code == 2, err
     assert f"missing dependency '{missing}'" in err and "pip install 'nomoat[convert]'" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("verb", [["targets"], ["targets", "--json"], ["--help"]])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(verb):
+    """`nomoat targets | head -1`: the pipe's reader is gone before the output is written."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "nomoat", *verb], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command has started writing: its writes meet a closed pipe
+    stderr = proc.stderr.read()
+    status = proc.wait(timeout=60)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert status in (0, 141), (status, stderr)
