@@ -58,9 +58,17 @@ def check_destination(out: Path, force: bool, sources: Iterable[tuple[str, str |
     if out.is_dir() and only_bundles and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise ConversionError(f"--force replaces only a bundle or an empty folder, and {out} holds other files "
                               f"(no {MANIFEST_NAME}); choose another --out, or empty that folder yourself.")
-    if not out.parent.exists():
-        raise ConversionError(f"the parent folder of {out} does not exist; create it first.")
+    ancestor = _nearest_existing(out.parent)
+    if not ancestor.is_dir():
+        raise ConversionError(f"--out {out} lies under {ancestor}, which is a file, not a folder; choose another --out.")
     return out
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 class Interrupted(KeyboardInterrupt):
@@ -117,12 +125,31 @@ def staging_dir(out: Path) -> Iterator[Path]:
     left by a killed one (remove_stale_staging) from one still being written.
     """
     out = Path(os.path.abspath(out))
+    # `--out build/rpi5` in a fresh checkout: the missing parents are made here, as `mkdir -p` would,
+    # and removed again (while empty) if the conversion fails, so a failure leaves nothing behind.
+    made = _missing_ancestors(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING_INFIX}{os.getpid()}-", dir=out.parent))
+    done = False
     try:
         yield tmp
+        done = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for folder in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only while empty
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+    """The folders from `folder` up that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def remove_stale_staging(out: Path) -> list[Path]:

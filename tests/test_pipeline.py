@@ -304,6 +304,25 @@ def test_out_that_is_holds_or_lies_in_the_model_or_an_adapter_is_refused(tmp_pat
     assert sorted(p.name for p in model.iterdir()) == before
 
 
+def test_missing_parents_of_out_are_made_and_removed_again_if_the_conversion_fails(tiny_dir, tmp_path, monkeypatch):
+    """`--out build/rpi5` in a fresh checkout (the README's Pi command) needs no mkdir first."""
+    from nomoat.converter import convert as convert_module
+
+    out = _convert(tiny_dir, tmp_path / "build" / "sub" / "b")
+    assert (out / "manifest.json").is_file()
+
+    def failed(*args, **kwargs):
+        raise ConversionError("the export failed")
+
+    monkeypatch.setattr(convert_module, "_package", failed)
+    with pytest.raises(ConversionError, match="the export failed"):
+        _convert(tiny_dir, tmp_path / "new" / "deeper" / "b")
+    assert not (tmp_path / "new").exists()  # nothing left behind, not even the folders
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConversionError, match="lies under .*file, which is a file"):
+        _convert(tiny_dir, tmp_path / "file" / "b")
+
+
 def test_bundle_is_readable_by_other_users(tiny_dir, tmp_path):
     """mkdtemp makes the staging folder 0700: the bundle gets what mkdir and open give (0777/0666 less umask)."""
     import os
