@@ -49,13 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "like llama.cpp's Q4_0): a comma list of qkv, o, gate_up, down, lm_head, or all / none. "
                         "ONNX Runtime's int8 MatMulNBits kernel then skips its zero-point work (~15 %% less "
                         "time per layer); SmolLM2-135M: gate_up costs up to a point of perplexity, all layers "
-                        "+5 points of perplexity and +13 %% decode speed; default: the recipe, gate_up")
+                        "+5 points of perplexity and ~5 %% more decode speed (on AVX2; none on AVX-512 VNNI); default: "
+                        "the recipe, gate_up")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens the KV cache holds; default: the target's recipe")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="element type of the KV cache: float16 halves its memory (SmolLM2-135M at 2,048 "
-                        "positions: 47 instead of 94 MB) and runs attention in fp16 (prefill ~7 %% faster on x86, "
-                        "decode the same); the Android app reads float32 caches only; default: the recipe, float32")
+                        "positions: 47 instead of 94 MB) and runs attention in fp16 (prefill 4-8 %% faster on x86, "
+                        "decode 2-15 %% slower, most after long prompts); the Android app reads float32 caches only; default: the recipe, float32")
     p.add_argument("--threads", type=int, default=None, help="threads the runtime uses; default: the recipe")
     p.add_argument("--fit", choices=["strict", "shrink-context"], default="strict",
                    help="when the model does not fit the device: fail (strict) or use the largest context that fits")

@@ -157,7 +157,7 @@ def _describe(recipe: Recipe) -> str:
     head += " + smoothing" if recipe.quant_recipe().smooths else ""
     head += f", symmetric {'/'.join(recipe.symmetric)}" if recipe.weights != "fp32" and recipe.symmetric else ""
     text = (f"{recipe.weights}, block {recipe.block_size}{head}, accuracy level {recipe.accuracy_level}, "
-            f"{recipe.threads} threads, context {recipe.max_context}"
+            f"{recipe.threads} thread{'s' if recipe.threads != 1 else ''}, context {recipe.max_context}"
             + (f", KV cache {recipe.kv_dtype}" if recipe.kv_dtype != "float32" else ""))
     return text + (f" (set by hand: {', '.join(recipe.overrides)})" if recipe.overrides else "")
 
