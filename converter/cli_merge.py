@@ -67,11 +67,12 @@ def merge_to_hf_dir(model: str | Path, loras: list[AdapterRef], out: Path, force
         write_json,
     )
     from .load import load_checkpoint
-    from .merge import merge_adapters
+    from .merge import merge_adapters, require_adapter_paths
 
     # The model and the adapters are what --force would otherwise delete when --out names them.
     sources = [("--model", model), *(("--lora", ref.path) for ref in loras)]
     out = check_destination(Path(out), force, sources=sources)
+    require_adapter_paths(loras)
     if out.is_dir() and any(out.iterdir()) and not (out / REPORT_FILE).is_file():
         raise ConversionError(f"--force replaces only an earlier merge's folder (with its {REPORT_FILE}) or an "
                               f"empty one, and {out} holds other files; choose another --out, or empty it yourself.")

@@ -108,12 +108,13 @@ def _convert(opts: ConvertOptions) -> None:
 
     from .bundle import check_destination, remove_stale_staging, staging_dir
     from .load import load_checkpoint
-    from .merge import merge_adapters
+    from .merge import merge_adapters, require_adapter_paths
     from .peek import peek_spec
     from .verify import read_eval_text
 
     sources = [("--model", opts.model), *(("--lora", ref.path) for ref in opts.loras)]
     out = check_destination(Path(opts.out), opts.force, sources=sources, only_bundles=True)
+    require_adapter_paths(opts.loras)
     target, recipe = plan(opts)
     eval_text = None if opts.skip_verify else read_eval_text(opts.eval_text)  # a bad path fails before any work
     t0 = _T0[0] = time.perf_counter()

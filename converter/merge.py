@@ -23,7 +23,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import Any
@@ -185,11 +185,20 @@ def merge_adapters(ckpt: Checkpoint, adapters: list[AdapterRef],
     return [adapter.report for adapter in parsed]
 
 
+_ADAPTER_KINDS = "a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or a llama.cpp LoRA .gguf"
+
+
+def require_adapter_paths(refs: Sequence[AdapterRef]) -> None:
+    """A --lora path that does not exist, refused before the model is read (seconds to minutes)."""
+    for ref in refs:
+        if not ref.path.exists():
+            raise ConversionError(f"LoRA adapter {ref.path} does not exist; pass {_ADAPTER_KINDS}.")
+
+
 def read_adapter(ref: AdapterRef, ckpt: Checkpoint) -> ParsedAdapter:
     """Read a PEFT folder or a llama.cpp LoRA GGUF and check it fits ckpt."""
     path = ref.path
-    if not path.exists():
-        raise ConversionError(f"LoRA adapter {path} does not exist.")
+    require_adapter_paths([ref])
     if path.is_file() and _is_gguf(path):
         from .lora_gguf import read_lora_gguf
 

@@ -240,6 +240,21 @@ def _assert_refused(tmp_path: Path, out: Path, match: str, **kw) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "temp dir left behind"
 
 
+def test_a_missing_lora_path_is_refused_before_the_model_is_read(tiny_dir, tmp_path, monkeypatch):
+    from nomoat.converter import load as load_module
+    from nomoat.converter.cli_merge import merge_to_hf_dir
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was read before the adapter paths were checked")
+
+    monkeypatch.setattr(load_module, "load_checkpoint", no_load)
+    missing = AdapterRef(tmp_path / "no-such-adapter")
+    refusal = f"LoRA adapter {missing.path} does not exist; pass a PEFT adapter folder .* or a llama.cpp LoRA .gguf"
+    _assert_refused(tmp_path, tmp_path / "out", refusal, model=tiny_dir, loras=[missing])
+    with pytest.raises(ConversionError, match=refusal):
+        merge_to_hf_dir(str(tiny_dir), [missing], tmp_path / "merged", progress=False)
+
+
 def test_missing_safetensors_is_refused(tiny_dir, tmp_path):
     broken = make_tiny_hf_dir(tmp_path / "broken")
     for f in broken.glob("*.safetensors"):
