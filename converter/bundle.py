@@ -60,7 +60,8 @@ def check_destination(out: Path, force: bool, sources: Iterable[tuple[str, str |
                               f"(no {MANIFEST_NAME}); choose another --out, or empty that folder yourself.")
     ancestor = _nearest_existing(out.parent)
     if not ancestor.is_dir():
-        raise ConversionError(f"--out {out} lies under {ancestor}, which is a file, not a folder; choose another --out.")
+        raise ConversionError(f"--out {out} lies under {ancestor}, which is a file, not a folder; "
+                              "choose another --out.")
     return out
 
 

@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="element type of the KV cache: float16 halves its memory (SmolLM2-135M at 2,048 "
                         "positions: 47 instead of 94 MB) and runs attention in fp16 (prefill 4-8 %% faster on x86, "
-                        "decode 2-15 %% slower, most after long prompts); the Android app reads float32 caches only; default: the recipe, float32")
+                        "decode 2-15 %% slower, most after long prompts); the Android app reads float32 "
+                        "caches only; default: the recipe, float32")
     p.add_argument("--threads", type=int, default=None, help="threads the runtime uses; default: the recipe")
     p.add_argument("--fit", choices=["strict", "shrink-context"], default="strict",
                    help="when the model does not fit the device: fail (strict) or use the largest context that fits")
