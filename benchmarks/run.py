@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from artifacts import default_gguf, peer_artifacts
+from artifacts import GENAI_ALL_LOGITS, default_gguf, peer_artifacts
 from bandwidth import bytes_per_token, ceiling_table
 from nomoat.runtime.bandwidth import read_bandwidth
 from nomoat.runtime.bench import BenchError, RoundResult, summarize, synthetic_prompt_ids
@@ -80,13 +80,16 @@ def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int,
     label = f"nomoat {bundle.name}"
     ortgenai = ORTGENAI
     executorch = "ExecuTorch 8da4w"
+    # GenAI's n-gram drafter needs logits for every drafted position; its plain rows run the graph
+    # with last-position logits (artifacts.py), and a lookup run's plain GenAI row the drafter's graph.
+    genai_dir = peers.get(GENAI_ALL_LOGITS, peers[ortgenai]) if prompt_lookup else peers[ortgenai]
     plain = [
         (label, "nomoat.runtime.bench:NomoatEngine",
          {"bundle": str(bundle.resolve()), "threads": threads, "name": label}),
         (BASELINE, "peers:LlamaCppEngine",
          {"gguf": str(peers[BASELINE]), "threads": threads, "context": context}),
         (ortgenai, "peers:OrtGenAIEngine",
-         {"model_dir": str(peers[ortgenai]), "threads": threads, "context": context}),
+         {"model_dir": str(genai_dir), "threads": threads, "context": context}),
     ]
     if not prompt_lookup:
         graph = [(GENAI_GRAPH, "peers:GenAIGraphEngine",

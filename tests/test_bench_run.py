@@ -134,3 +134,41 @@ def test_chart_marks_each_row_with_the_ceiling_of_its_system_and_threads(monkeyp
     assert drawn["ceilings"] == [400, 500, 600, 750]  # bandwidth at the row's threads / its system's bytes
     assert drawn["groups"] == ["nomoat int4", "llama.cpp Q4_0"] * 2
     assert drawn["entries"][0][1].decode_tps.median == 100  # 4 tokens in 40 ms
+
+
+def test_genai_plain_rows_use_last_position_logits_and_its_drafter_the_graph_with_all(tmp_path):
+    """GenAI's n-gram drafter refuses a graph with last-position logits ("requires target logits for
+    every verified token"), and a plain row on a graph with all of them runs the LM head once per
+    prompt token (its prefill 23-25 % slower, measured): each run gets the graph it needs."""
+    from artifacts import GENAI_ALL_LOGITS
+
+    peers = {**PEERS, GENAI_ALL_LOGITS: Path("/x/genai-all-logits")}
+    genai = lambda systems: {label: options["model_dir"] for label, engine, options in systems  # noqa: E731
+                             if engine == "peers:OrtGenAIEngine"}
+    assert genai(run.systems(tmp_path / "int4", peers, threads=1, context=2048)) == {
+        "ONNX Runtime GenAI int4": "/x/genai"}
+    assert genai(run.systems(tmp_path / "int4", peers, threads=1, context=2048, prompt_lookup=8)) == {
+        "ONNX Runtime GenAI int4": "/x/genai-all-logits", "ONNX Runtime GenAI int4 + lookup 8": "/x/genai-all-logits"}
+
+
+def test_genai_builder_prunes_the_lm_head_only_when_asked(tmp_path, monkeypatch):
+    import subprocess
+
+    import artifacts
+
+    commands = []
+
+    def builder(cmd, **kwargs):  # writes what the real builder would, where it was told to
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("-o") + 1])
+        out.mkdir()
+        (out / "genai_config.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(artifacts.subprocess, "run", builder)
+    artifacts.ortgenai_int4(tmp_path / "hf", tmp_path / "last", prune_lm_head=True)
+    artifacts.ortgenai_int4(tmp_path / "hf", tmp_path / "all")
+    pruned, full = commands
+    assert pruned[pruned.index("--extra_options") + 1] == "prune_lm_head=true"
+    assert "--extra_options" not in full and "prune_lm_head=true" not in full
+    assert (tmp_path / "last" / "genai_config.json").is_file() and (tmp_path / "all" / "genai_config.json").is_file()
