@@ -58,18 +58,23 @@ def check_destination(out: Path, force: bool, sources: Iterable[tuple[str, str |
     if out.is_dir() and only_bundles and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise ConversionError(f"--force replaces only a bundle or an empty folder, and {out} holds other files "
                               f"(no {MANIFEST_NAME}); choose another --out, or empty that folder yourself.")
-    ancestor = _nearest_existing(out.parent)
-    if not ancestor.is_dir():
-        raise ConversionError(f"--out {out} lies under {ancestor}, which is a file, not a folder; "
-                              "choose another --out.")
+    _check_parents_can_be_made(out)
     return out
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+def _check_parents_can_be_made(out: Path) -> None:
+    """The folders above --out that staging_dir will make: refused now, not after minutes of work."""
+    folder = Path(os.path.abspath(out.parent))
+    while not folder.exists():
+        if os.path.islink(folder):  # a link to nowhere: mkdir would fail on it
+            raise ConversionError(f"--out {out} lies under {folder}, a symbolic link to a path that does not "
+                                  "exist; choose another --out or fix the link.")
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConversionError(f"--out {out} lies under {folder}, which is a file, not a folder; "
+                              "choose another --out.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConversionError(f"--out {out}: no permission to write in {folder}; choose another --out.")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -129,8 +134,12 @@ def staging_dir(out: Path) -> Iterator[Path]:
     # `--out build/rpi5` in a fresh checkout: the missing parents are made here, as `mkdir -p` would,
     # and removed again (while empty) if the conversion fails, so a failure leaves nothing behind.
     made = _missing_ancestors(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING_INFIX}{os.getpid()}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING_INFIX}{os.getpid()}-", dir=out.parent))
+    except OSError as e:  # the folder changed since check_destination, or a file system that refuses
+        _remove_empty(made)
+        raise ConversionError(f"cannot write beside --out {out}: {e.strerror or e}; choose another --out.") from e
     done = False
     try:
         yield tmp
@@ -139,9 +148,13 @@ def staging_dir(out: Path) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if not done:
-            for folder in made:  # deepest first
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only while empty
+            _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only while empty
 
 
 def _missing_ancestors(folder: Path) -> list[Path]:

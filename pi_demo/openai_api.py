@@ -14,6 +14,7 @@ less (vLLM's -1) means off and a seed of -1 means none (random), as in llama.cpp
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -227,6 +228,8 @@ def _optional(body: dict[str, Any], name: str, type_: type) -> Any:
         value, ok = int(value), True  # 40.0 (as JavaScript clients send numbers), as vLLM's pydantic takes it
     if not ok:
         raise bad_request(f"'{name}' must be {_TYPE_NAMES[type_]}, got {type(value).__name__}", name)
+    if type_ is float and not math.isfinite(value):  # 1e400 is valid JSON that Python reads as inf
+        raise bad_request(f"'{name}' must be a finite number, got {value}", name)
     return value
 
 

@@ -180,7 +180,7 @@ class Worker:
             return
         finally:
             events.close()  # stops the generation (and releases the model) if we left early
-        if job.cancelled:  # stopped in its prefill: no event came
+        if self.model.last_stats.stopped_in_prefill:  # should_stop said yes: no event came
             job._events.put(Cancelled("cancelled while generating"))
             return
         # stream_ids publishes its stats when it finishes; only this thread generates, so they are this job's.

@@ -333,6 +333,7 @@ class Model:
         for start in range(0, len(new), self.prefill_chunk):
             if start and should_stop is not None and should_stop():
                 stats.stopped_in_prefill = True
+                stats.prefill_tokens = start  # the chunks that ran (their positions stay in the cache)
                 return None
             logits = session.forward(new[start:start + self.prefill_chunk])  # the last chunk's are the answer
         return logits

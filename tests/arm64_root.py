@@ -1,6 +1,6 @@
 """An arm64 Debian root (bookworm or trixie) under qemu-user: Raspberry Pi OS's base, on an x86 workstation.
 
-Built once with debootstrap and cached (build/pi-root-SUITE, or $NOMOAT_PI_ROOT); binaries in it run
+Built once with debootstrap and cached (build/pi-root-SUITE, or $NOMOAT_PI_ROOT-SUITE); binaries in it run
 through the kernel's binfmt_misc handler for aarch64 ELF files (qemu-aarch64-static, registered
 with the F flag so the chroot needs no copy of qemu). Needs root: debootstrap, chroot and mount do.
 

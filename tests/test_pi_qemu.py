@@ -37,7 +37,9 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "build" / "pi"
-ROOT = Path(os.environ.get("NOMOAT_PI_ROOT", REPO / "build" / f"pi-root-{SUITE}"))
+# One root per suite ($NOMOAT_PI_ROOT-bookworm, ...): `nox -s pi` runs both, and one path for both
+# would build each anew every time.
+ROOT = Path(f"{os.environ.get('NOMOAT_PI_ROOT', REPO / 'build' / 'pi-root')}-{SUITE}")
 CHECK = "/opt/nomoat-check"  # in the guest: the wheel, bundles, pi_demo and the guest script
 VENV = "/opt/nomoat-venv"
 PYTHON = f"{VENV}/bin/python"

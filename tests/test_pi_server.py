@@ -303,7 +303,32 @@ def test_should_stop_ends_the_runtimes_prefill_between_chunks_without_an_answer(
     model.session.reset()
     events = list(model.stream_ids(ids, 4, should_stop=lambda: asked.append(1) or len(asked) >= 2))
     assert events == [] and model.session.length == 8  # two chunks ran, then it stopped
+    stats = model.last_stats
+    assert stats.stopped_in_prefill and stats.prefill_tokens == 8 and stats.generated_tokens == 0
     assert model.generate("hi", 4, raw=True).token_ids  # the model goes on
+    assert not model.last_stats.stopped_in_prefill
+
+
+def test_a_shutdown_after_the_answer_is_out_leaves_the_answer_whole(model, monkeypatch):
+    """The worker's check after the stream: a job cancelled once its finish event was queued (a
+    SIGTERM at that moment) keeps its answer; only a stream that stopped in its prefill is cancelled."""
+    from pi_demo.worker import Job, Worker
+
+    worker = Worker(model, max_waiting=4)
+    job = Job(model.prompt_ids("hi"), 3, model.sampling_params(), [])
+    stream_ids = model.stream_ids
+
+    def cancelled_at_the_end(*args, **kwargs):
+        yield from stream_ids(*args, **kwargs)
+        job._cancelled.set()  # after the last event, before the worker's own check
+
+    monkeypatch.setattr(model, "stream_ids", cancelled_at_the_end)
+    try:
+        worker._run(job)
+    finally:
+        worker.close()
+    events = list(job.results())
+    assert events[-1].finish_reason in ("stop", "length") and job.stats is not None
 
 
 def test_a_chat_without_max_tokens_runs_to_the_servers_cap_or_the_contexts_end(model, monkeypatch):
@@ -689,6 +714,12 @@ def test_a_whole_number_float_is_taken_for_an_integer_field_and_a_fraction_or_bo
         for value in (40.5, True):
             error = _refused(**{field: value})
             assert error.param == field and "integer" in error.message, error.message
+
+
+def test_a_number_too_large_for_a_float_is_refused_by_its_own_name():
+    for field in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        error = _refused(**{field: float("inf")})  # what json.loads makes of 1e400
+        assert error.param == field and "finite" in error.message, error.message
 
 
 def test_any_int64_seed_is_taken_and_minus_one_means_no_seed():

@@ -338,6 +338,28 @@ def test_missing_parents_of_out_are_made_and_removed_again_if_the_conversion_fai
         _convert(tiny_dir, tmp_path / "file" / "b")
 
 
+def test_out_parents_that_cannot_be_made_are_refused_before_the_model_is_read(tiny_dir, tmp_path, monkeypatch):
+    from nomoat.converter import bundle as bundle_module
+    from nomoat.converter import load as load_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was read before --out was checked")
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with monkeypatch.context() as m:
+        m.setattr(load_module, "load_checkpoint", no_load)
+        with pytest.raises(ConversionError, match="dangling, a symbolic link to a path that does not exist"):
+            _convert(tiny_dir, tmp_path / "dangling" / "sub" / "b")
+
+    def refused(*args, **kwargs):  # what a file system that changed under us, or refuses, does late
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(bundle_module.tempfile, "mkdtemp", refused)
+    with pytest.raises(ConversionError, match="cannot write beside --out .*Permission denied; choose another"):
+        _convert(tiny_dir, tmp_path / "late" / "b")
+    assert not (tmp_path / "late").exists()
+
+
 def test_bundle_is_readable_by_other_users(tiny_dir, tmp_path):
     """mkdtemp makes the staging folder 0700: the bundle gets what mkdir and open give (0777/0666 less umask)."""
     import os

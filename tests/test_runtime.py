@@ -171,6 +171,15 @@ def _with_template(bundle: Path, tmp_path: Path, template: str) -> Path:
     return b
 
 
+def test_generate_into_a_pipe_whose_reader_left_ends_quietly(bundle):
+    """`nomoat generate ... | head -c 10`: the streamed tokens meet a closed pipe."""
+    from test_cli import reader_gone
+
+    status, stderr = reader_gone("generate", str(bundle), "--prompt", "hi", "--max-new-tokens", "32")
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert status == 141, (status, stderr)
+
+
 def _nomoat(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "nomoat", *args], input=stdin.encode(), capture_output=True,
                             timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})

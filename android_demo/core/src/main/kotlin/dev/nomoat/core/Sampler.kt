@@ -190,14 +190,19 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
         if (top.isNaN() || top.isInfinite()) {
             throw IllegalArgumentException("cannot sample: the largest logit is $top (NaN or infinite logits)")
         }
-        // In double: 1/T of a tiny T (1e-45) passes float's range, and 0 * inf would make the top
-        // logit's weight NaN (runtime/sampling.py has the same guard). A tiny T is then greedy, ties
-        // shared; 1/T may still be infinite in double (T = 5e-324), so a gap of 0 is weighed 1 outright.
-        val scale = 1.0 / params.temperature
         val w = out ?: FloatArray(values.size)
+        val scale = (1.0 / params.temperature).toFloat()
+        if (scale.isFinite()) { // float, as runtime/sampling.py computes the weights
+            for (i in values.indices) w[i] = Math.exp(((values[i] - top) * scale).toDouble()).toFloat()
+            return w
+        }
+        // 1/T of a tiny T (1e-45) passes float's range, and the top logit's 0 * inf would be NaN. In
+        // double, with a gap of 0 weighed 1 outright (1/T is infinite in double too at T = 5e-324): a
+        // tiny T is greedy, ties shared (runtime/sampling.py has the same guard).
+        val wide = 1.0 / params.temperature
         for (i in values.indices) {
             val gap = (values[i] - top).toDouble()
-            w[i] = if (gap == 0.0) 1f else Math.exp(gap * scale).toFloat()
+            w[i] = if (gap == 0.0) 1f else Math.exp(gap * wide).toFloat()
         }
         return w
     }
