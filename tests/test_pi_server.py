@@ -487,14 +487,10 @@ def _received(sock: socket.socket) -> bytes:
     return data
 
 
-def test_server_close_returns_once_the_waiting_and_running_requests_have_their_answers(model, monkeypatch):
-    # On SIGTERM serve.py runs server_close, then the process exits and takes the handler threads
-    # with it: whatever they had not written yet was lost (a queued client got RemoteDisconnected,
-    # a stream ended without [DONE]). Slow writes make the race certain here.
-    go_on = threading.Event()
-    stream_ids = model.stream_ids
 
-    def held_after_the_first_token(*args, **kwargs):
+def held_after_first_token(stream_ids, go_on: threading.Event):
+    """stream_ids, held after its first token until go_on is set (at most 30 s)."""
+    def held(*args, **kwargs):
         events = stream_ids(*args, **kwargs)
         try:
             for i, event in enumerate(events):
@@ -503,6 +499,14 @@ def test_server_close_returns_once_the_waiting_and_running_requests_have_their_a
                 yield event
         finally:
             events.close()
+    return held
+
+def test_server_close_returns_once_the_waiting_and_running_requests_have_their_answers(model, monkeypatch):
+    # On SIGTERM serve.py runs server_close, then the process exits and takes the handler threads
+    # with it: whatever they had not written yet was lost (a queued client got RemoteDisconnected,
+    # a stream ended without [DONE]). Slow writes make the race certain here.
+    go_on = threading.Event()
+    held_after_the_first_token = held_after_first_token(model.stream_ids, go_on)
 
     def slowly(write):
         def slow(self, *args, **kwargs):
@@ -585,17 +589,7 @@ def test_a_streaming_client_that_hangs_up_is_not_an_error_and_gets_nothing_more(
     # waiting is turned off), and the answer is held after its first token until the client is gone.
     monkeypatch.setattr(Handler, "_client_gone", lambda self: False, raising=False)
     go_on = threading.Event()
-    stream_ids = model.stream_ids
-
-    def held_after_the_first_token(*args, **kwargs):
-        events = stream_ids(*args, **kwargs)
-        try:
-            for i, event in enumerate(events):
-                if i == 1:
-                    go_on.wait(30)
-                yield event
-        finally:
-            events.close()
+    held_after_the_first_token = held_after_first_token(model.stream_ids, go_on)
 
     monkeypatch.setattr(model, "stream_ids", held_after_the_first_token)
     with caplog.at_level("INFO", logger="pi_demo.serve"), running_server(model) as server:
