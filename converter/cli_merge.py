@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConversionError
+from .load_hf import PENALTY_KEYS
 from .merge import AdapterRef
 from .spec import Checkpoint
 
@@ -110,14 +111,14 @@ def write_hf_dir(ckpt: Checkpoint, folder: Path, max_shard_bytes: int = DEFAULT_
     (folder / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
     write_json(folder / "tokenizer_config.json", _tokenizer_config(ckpt))
     # Greedy (no temperature, or 0) is do_sample false, which tells loaders (ours included) to ignore
-    # the sampling keys; a repetition penalty applies either way.
+    # the sampling keys; a repetition penalty (and its window) applies either way.
     defaults = ckpt.generation_defaults
     if defaults.get("temperature", 0.0) > 0:
         # top_k 0 unless set: transformers would otherwise filter to its default 50, which a
         # GGUF's settings (llama.cpp's general.sampling.*) never asked for
         sampling = {"do_sample": True, "top_k": 0, **defaults}
     else:
-        sampling = {"do_sample": False, **{k: v for k, v in defaults.items() if k == "repetition_penalty"}}
+        sampling = {"do_sample": False, **{k: v for k, v in defaults.items() if k in PENALTY_KEYS}}
     write_json(folder / "generation_config.json", {"bos_token_id": tok.bos_token_id, "eos_token_id": eos, **sampling})
 
 

@@ -28,7 +28,10 @@ END_OF_TURN_TOKENS = (
 _WELL_KNOWN_EOS = ("</s>", "<|end_of_text|>", "<|eot_id|>", "<|endoftext|>", "<|im_end|>")
 _WELL_KNOWN_BOS = ("<s>", "<|begin_of_text|>")
 
-GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# repeat_last_n is no key of transformers' (its penalty reads the whole sequence): `nomoat merge` keeps
+# there a GGUF's llama.cpp window of the penalty (general.sampling.penalty_last_n).
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repeat_last_n")
+PENALTY_KEYS = ("repetition_penalty", "repeat_last_n")  # applied with or without do_sample
 # What transformers' GenerationConfig samples with when do_sample is set and a key is not.
 _SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
@@ -203,7 +206,7 @@ def read_generation_defaults(path: Path) -> dict[str, Any]:
     gen_cfg = read_json_if_exists(path / "generation_config.json")
     given = {k: gen_cfg[k] for k in GENERATION_KEYS if gen_cfg.get(k) is not None}
     if not gen_cfg.get("do_sample"):
-        return {"temperature": 0.0, **{k: v for k, v in given.items() if k == "repetition_penalty"}}
+        return {"temperature": 0.0, **{k: v for k, v in given.items() if k in PENALTY_KEYS}}
     return {**_SAMPLING_DEFAULTS, **given}
 
 

@@ -8,7 +8,8 @@ client leaves out take the bundle's generation defaults (a bundle converted from
 model says greedy), not OpenAI's temperature 1.0.
 
 Beyond OpenAI, the fields llama.cpp's and vLLM's servers take are accepted too: top_k, min_p,
-repetition_penalty, cache_prompt (OpenAI's client sends them with `extra_body`); a top_k of 0 or
+repetition_penalty, repeat_last_n (llama.cpp's window of that penalty; -1 = the whole history),
+cache_prompt (OpenAI's client sends them with `extra_body`); a top_k of 0 or
 less (vLLM's -1) means off and a seed of -1 means none (random), as in llama.cpp's server.
 """
 
@@ -190,7 +191,7 @@ def _check_unicode(text: str, param: str) -> None:
 
 # field -> (type, lowest, highest); None = unbounded on that side
 _SAMPLING = {"temperature": (float, 0.0, 2.0), "top_p": (float, 0.0, 1.0), "top_k": (int, 0, None),
-             "min_p": (float, 0.0, 1.0), "repetition_penalty": (float, 0.0, None),
+             "min_p": (float, 0.0, 1.0), "repetition_penalty": (float, 0.0, None), "repeat_last_n": (int, -1, None),
              "seed": (int, -(2**63), 2**63 - 1)}  # llama.cpp's and vLLM's range: an int64
 NO_SEED = -1  # llama.cpp's "seed": -1, a random one
 

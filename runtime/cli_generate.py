@@ -21,6 +21,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="drop tokens below min-p x the top probability")
     p.add_argument("--repetition-penalty", type=sampling_value("repetition_penalty", float), default=None,
                    help="1 = off; 1.1 discourages repeats")
+    p.add_argument("--repeat-last-n", type=sampling_value("repeat_last_n", int), default=None,
+                   help="how many of the last tokens the penalty looks at (-1 = all, the default; 0 = none)")
     p.add_argument("--seed", type=sampling_value("seed", int), default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT appears; repeatable")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the bundle's target)")
@@ -119,7 +121,8 @@ def refused_ort_options(error) -> str:
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                repetition_penalty=args.repetition_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+                stop=args.stop)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

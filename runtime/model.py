@@ -225,7 +225,7 @@ class Model:
         t_first = time.perf_counter()
         while True:
             token = sampler.sample(logits, np.concatenate([history, np.asarray(generated, np.int64)])
-                                   if params.repetition_penalty != 1.0 else history)
+                                   if params.penalized else history)
             if token in stop_ids and not ignore_eos:
                 stats.stop_token = True
                 break
@@ -341,15 +341,16 @@ class Model:
     def stream(self, prompt: str | Messages, max_new_tokens: int | None = None, *, system: str | None = None,
                raw: bool = False, stop: Sequence[str] = (), temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-               repetition_penalty: float | None = None, seed: int | None = None,
-               prompt_lookup: int = 0) -> Iterator[StreamEvent]:
+               repetition_penalty: float | None = None, repeat_last_n: int | None = None,
+               seed: int | None = None, prompt_lookup: int = 0) -> Iterator[StreamEvent]:
         """Stream the answer to a prompt (a string, wrapped in the chat template unless raw,
         or a list of {"role", "content"} messages) as text deltas.
 
         prompt_lookup=N drafts up to N tokens from the context per step (greedy only; greedy's
         output up to near-ties, fewer forward passes on text that repeats its context)."""
         params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                      repetition_penalty=repetition_penalty, seed=seed)
+                                      repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
+                                      seed=seed)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
         yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup)
 
@@ -374,7 +375,7 @@ class Model:
         special_stops = self._special_token_ids([stop] if isinstance(stop, str) else stop)
         with self._exclusive():
             try:
-                plain_greedy = params is None or (params.greedy and params.repetition_penalty == 1.0)
+                plain_greedy = params is None or (params.greedy and not params.penalized)
                 prefill = {"cache_prompt": cache_prompt, "should_stop": should_stop}
                 tokens = (self.generate_tokens_lookahead(prompt_ids, max_new, prompt_lookup, stats=stats,
                                                          extra_stop_ids=special_stops, **prefill)

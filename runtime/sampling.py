@@ -38,6 +38,8 @@ class SamplingParams:
                         0.0 keeps the most likely token alone, as transformers and OpenAI take it).
     min_p:              drop tokens whose probability is below min_p * the top probability (0.0 = off).
     repetition_penalty: CTRL-style penalty on every id in ``previous_ids`` (1.0 = off, >1 discourages).
+    repeat_last_n:      how many of the last ``previous_ids`` the penalty looks at (-1 = all of them, as
+                        transformers does; 0 = none, which turns the penalty off; llama.cpp's default is 64).
     seed:               seed of the sampler's random generator; None draws fresh OS entropy.
     """
 
@@ -46,6 +48,7 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    repeat_last_n: int = -1
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -66,6 +69,9 @@ class SamplingParams:
             raise ValueError(
                 f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"
             )
+        _check_int("repeat_last_n", self.repeat_last_n)
+        if self.repeat_last_n < -1:
+            raise ValueError(f"repeat_last_n must be >= -1 (-1 = the whole history, 0 = none), got {self.repeat_last_n}")
         if self.seed is not None:
             _check_int("seed", self.seed)
             if self.seed < 0:  # numpy's SeedSequence rejects negative seeds with a cryptic message
@@ -74,6 +80,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the repetition penalty changes anything (so the caller must pass the history)."""
+        return self.repetition_penalty != 1.0 and self.repeat_last_n != 0
 
     @classmethod
     def from_dict(cls, values: Mapping[str, object]) -> SamplingParams:
@@ -128,14 +139,16 @@ class Sampler:
     def sample(self, logits: np.ndarray, previous_ids: Sequence[int] | np.ndarray = ()) -> int:
         """Pick the next token id from one row of logits (shape ``(vocab,)``).
 
-        ``previous_ids`` are the ids the repetition penalty applies to (HF uses the whole
-        sequence so far, llama.cpp the last 64): the caller chooses the window. Passing an
-        int ndarray avoids converting a Python list on every call.
+        ``previous_ids`` is the sequence so far, oldest first; the repetition penalty applies to
+        its last ``repeat_last_n`` ids (HF uses the whole sequence, llama.cpp the last 64).
+        Passing an int ndarray avoids converting a Python list on every call.
         """
         logits = _as_logits_row(logits)
         p = self.params
-        if p.repetition_penalty != 1.0:
+        if p.penalized:
             ids = np.asarray(previous_ids, dtype=np.intp)
+            if p.repeat_last_n > 0:
+                ids = ids[-p.repeat_last_n:]
             if ids.size:
                 logits = apply_repetition_penalty(logits, ids, p.repetition_penalty, self._scratch(logits))
         if p.temperature == 0.0:

@@ -88,7 +88,8 @@ def test_kotlin_reads_a_real_bundle_as_python_does(tiny_bundle):
     python_params = Model.load(tiny_bundle).sampling_params()
     assert k["sampling"] == {"temperature": python_params.temperature, "top_k": python_params.top_k,
                              "top_p": python_params.top_p, "min_p": python_params.min_p,
-                             "repetition_penalty": python_params.repetition_penalty, "seed": python_params.seed}
+                             "repetition_penalty": python_params.repetition_penalty,
+                             "repeat_last_n": python_params.repeat_last_n, "seed": python_params.seed}
     assert k["max_new_tokens"] == m.generation_defaults.get("max_new_tokens", 256)
 
 
@@ -208,6 +209,10 @@ PARAMS = [
     {"temperature": 0.9, "min_p": 0.2, "top_p": 0.95},
     {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.2},
     {"temperature": 2.0, "top_k": 500, "repetition_penalty": 0.8},
+    # llama.cpp's window of the penalty: the last 3 of the 20 history ids, or none
+    {"temperature": 1.0, "repetition_penalty": 1.5, "repeat_last_n": 3},
+    {"temperature": 1.0, "repetition_penalty": 1.5, "repeat_last_n": 0},
+    {"repetition_penalty": 3.0, "repeat_last_n": 1},
 ]
 
 
@@ -239,7 +244,8 @@ def test_sampler_distributions_equal_pythons(monkeypatch):
 
 @pytest.mark.parametrize("params", [{"temperature": -1.0}, {"top_k": -3}, {"top_p": -0.1}, {"top_p": 1.5},
                                     {"min_p": 2.0}, {"repetition_penalty": 0.0}, {"seed": -1}, {"topk": 3},
-                                    {"top_k": 2.5}, {"temperature": True}])
+                                    {"top_k": 2.5}, {"temperature": True}, {"repeat_last_n": -2},
+                                    {"repeat_last_n": 1.5}])
 def test_the_sampler_refuses_what_python_refuses(params):
     with pytest.raises(ValueError) as e:
         SamplingParams.from_dict(params)

@@ -163,6 +163,12 @@ def test_gguf_f32_gives_back_the_hf_weights_and_logits(llama_dir, llama_gguf, ll
     assert ckpt.generation_defaults == {"temperature": 0.7, "top_p": 0.9}
 
 
+def test_a_ggufs_repeat_penalty_and_its_window_become_the_bundles_defaults(llama_dir, tmp_path):
+    gguf_path = write_gguf_from_hf(llama_dir, tmp_path / "penalty.gguf", penalty=(1.25, 64))
+    defaults = load_checkpoint(gguf_path).generation_defaults
+    assert defaults == {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.25, "repeat_last_n": 64}
+
+
 def test_our_gguf_writer_matches_transformers_reading_of_llama_cpp_layout(llama_dir, llama_gguf):
     """Guards the fixture itself: transformers' own GGUF reader (which undoes llama.cpp's q/k
     permutation independently of our loader) must also get the HF weights back."""

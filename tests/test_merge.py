@@ -631,6 +631,10 @@ def test_a_merge_stopped_by_sigterm_leaves_nothing_and_says_so(untied, tmp_path,
     ({"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.7, "top_k": 0, "top_p": 0.9}),
     # greedy with a penalty: do_sample false, the penalty kept
     ({"temperature": 0.0, "repetition_penalty": 1.1}, {"temperature": 0.0, "repetition_penalty": 1.1}),
+    # ... and llama.cpp's window of it (general.sampling.penalty_last_n), which transformers lacks
+    ({"temperature": 0.0, "repetition_penalty": 1.1, "repeat_last_n": 64},
+     {"temperature": 0.0, "repetition_penalty": 1.1, "repeat_last_n": 64}),
+    ({"temperature": 0.7, "repeat_last_n": 32}, {"temperature": 0.7, "top_k": 0, "top_p": 1.0, "repeat_last_n": 32}),
     ({}, {"temperature": 0.0}),
 ])
 def test_the_merged_folder_samples_as_its_source_did(untied, tmp_path, defaults, reloaded):

@@ -710,6 +710,14 @@ def test_a_whole_number_float_is_taken_for_an_integer_field_and_a_fraction_or_bo
             assert error.param == field and "integer" in error.message, error.message
 
 
+def test_llama_cpps_repeat_last_n_is_taken_and_below_minus_one_refused():
+    assert _parse(repeat_last_n=64, repetition_penalty=1.1).sampling == {"repeat_last_n": 64,
+                                                                        "repetition_penalty": 1.1}
+    assert _parse(repeat_last_n=-1).sampling == {"repeat_last_n": -1}  # the whole history
+    error = _refused(repeat_last_n=-2)
+    assert error.param == "repeat_last_n" and "at least -1" in error.message, error.message
+
+
 def test_a_number_too_large_for_a_float_is_refused_by_its_own_name():
     for field in ("temperature", "top_p", "min_p", "repetition_penalty"):
         error = _refused(**{field: float("inf")})  # what json.loads makes of 1e400

@@ -202,10 +202,30 @@ def test_a_template_that_refuses_the_prompt_is_a_one_line_error_and_the_chat_goe
     assert result.stdout == Model.load(b).chat().send("hi", 8, temperature=0).text + "\n"  # the one answer
 
 
+def test_the_penalty_window_comes_from_the_bundle_or_the_caller(bundle, monkeypatch):
+    import nomoat.runtime.model as model_module
+
+    model = Model.load(bundle)
+    windows: list[tuple[int, list[int]]] = []
+
+    class Recording(model_module.Sampler):
+        def sample(self, logits, previous_ids=()):
+            windows.append((self.params.repeat_last_n, list(previous_ids)))
+            return super().sample(logits, previous_ids)
+
+    monkeypatch.setattr(model_module, "Sampler", Recording)
+    monkeypatch.setitem(model.manifest.generation_defaults, "repeat_last_n", 7)
+    assert model.sampling_params().repeat_last_n == 7  # a GGUF's general.sampling.penalty_last_n
+    model.generate("hi", 3, repetition_penalty=1.3, repeat_last_n=2)
+    assert [n for n, _ in windows] == [2] * len(windows) and windows
+    assert len(windows[-1][1]) > 2  # the whole history goes in; the sampler takes its window
+
+
 @pytest.mark.parametrize(("flag", "value", "why"), [
     ("--temperature", "-1", "temperature must be >= 0"), ("--top-p", "-0.5", "top_p must be in [0, 1]"),
     ("--top-k", "-2", "top_k must be >= 0"), ("--min-p", "1.5", "min_p must be in [0, 1]"),
     ("--repetition-penalty", "0", "repetition_penalty must be > 0"), ("--seed", "-3", "seed must be a non-negative"),
+    ("--repeat-last-n", "-2", "repeat_last_n must be >= -1"),
     ("--temperature", "nan", "temperature must be a finite number"), ("--top-k", "1.5", "'1.5' is not an integer"),
     ("--max-new-tokens", "0", "'0' is not a number of tokens: give 1 or more"),
     ("--threads", "0", "'0' is not a number of threads: give 1 or more"),

@@ -57,6 +57,8 @@ def test_defaults_are_greedy_with_every_filter_off():
         ("repetition_penalty", float("inf"), "repetition_penalty must be a finite number"),
         ("seed", -3, "seed must be a non-negative integer"),
         ("seed", 1.5, "seed must be an integer"),
+        ("repeat_last_n", -2, "repeat_last_n must be >= -1"),
+        ("repeat_last_n", 2.0, "repeat_last_n must be an integer"),
     ],
 )
 def test_out_of_range_values_are_rejected_with_a_clear_message(field, value, message):
@@ -92,6 +94,19 @@ def test_repetition_penalty_changes_the_choice():
     logits = np.array([3.0, 2.0, -1.0], dtype=np.float32)
     assert Sampler(SamplingParams()).sample(logits, [0]) == 0
     assert Sampler(SamplingParams(repetition_penalty=2.0)).sample(logits, [0]) == 1
+
+
+def test_repeat_last_n_limits_the_penalty_to_the_last_ids():
+    # Penalized by 4, token 0 (3.0) and token 1 (2.0) both fall below token 2 (1.0).
+    logits = np.array([3.0, 2.0, 1.0], dtype=np.float32)
+
+    def pick(history: list[int], n: int) -> int:
+        return Sampler(SamplingParams(repetition_penalty=4.0, repeat_last_n=n)).sample(logits, history)
+
+    assert pick([0, 1], -1) == pick([0, 1], 2) == 2  # the whole history, as transformers
+    assert pick([0, 1], 1) == 0  # llama.cpp's window: only the last id (1) is penalized
+    assert pick([1, 0], 1) == 1  # ... the last, not the first
+    assert pick([0, 1], 0) == 0 and not SamplingParams(repetition_penalty=4.0, repeat_last_n=0).penalized
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():

@@ -219,12 +219,14 @@ def gguf_name(hf_name: str) -> str:
 
 
 def write_gguf_from_hf(
-    hf_dir: str | Path, out_path: str | Path, qtype: str = "F32", architecture: str | None = None
+    hf_dir: str | Path, out_path: str | Path, qtype: str = "F32", architecture: str | None = None,
+    penalty: tuple[float, int] | None = None,
 ) -> Path:
     """The HF model as llama.cpp's convert_hf_to_gguf would write it (q/k permuted for 'llama').
 
     `qtype` (F32, F16, Q8_0, Q4_0, ...) applies to 2-D weights; norms and biases stay F32
     as in llama.cpp. `architecture` overrides general.architecture (to write a bad file).
+    `penalty` writes llama.cpp's repeat penalty and its window (general.sampling.penalty_*).
     """
     import gguf
 
@@ -252,6 +254,9 @@ def write_gguf_from_hf(
     w.add_file_type(_FILE_TYPE[qtype])
     w.add_sampling_temp(0.7)  # newer llama.cpp copies generation_config.json's sampling here
     w.add_sampling_top_p(0.9)
+    if penalty is not None:
+        w.add_sampling_penalty_repeat(penalty[0])
+        w.add_sampling_penalty_last_n(penalty[1])
     _add_tokenizer(w, hf_dir)
 
     state = hf_state_dict(hf_dir)

@@ -192,7 +192,7 @@ class Generator(
         val start = clock()
         val logits = prefill(promptIds, stats)
         stats.prefillNanos = clock() - start
-        if (promptLookup > 0 && params.greedy && params.repetitionPenalty == 1.0) {
+        if (promptLookup > 0 && params.greedy && !params.penalized) {
             decodeWithLookup(promptIds, logits, maxNewTokens, promptLookup, stops, stats, start, onToken)
         } else {
             decode(promptIds, logits, maxNewTokens, params, stops, stats, start, onToken)
@@ -213,7 +213,7 @@ class Generator(
         val sampler = Sampler(params)
         var logits = prefillLogits
         // The penalty looks at the prompt too; the history grows only when a penalty reads it.
-        val penalized = params.repetitionPenalty != 1.0
+        val penalized = params.penalized
         val history = if (penalized) promptIds.copyOf(promptIds.size + maxNewTokens) else promptIds
         var n = promptIds.size
         var generated = 0

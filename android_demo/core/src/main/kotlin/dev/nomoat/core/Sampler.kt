@@ -25,6 +25,8 @@ data class SamplingParams(
     val minP: Double = 0.0,
     /** CTRL-style penalty on every id in the history (1 = off, > 1 discourages repeats). */
     val repetitionPenalty: Double = 1.0,
+    /** How many of the last history ids the penalty looks at (-1 = all, 0 = none; llama.cpp's repeat_last_n). */
+    val repeatLastN: Int = -1,
     /** Seed of the random generator; null draws a fresh seed. */
     val seed: Long? = null
 ) {
@@ -39,13 +41,17 @@ data class SamplingParams(
         require(minP in 0.0..1.0) { "min_p must be in [0, 1] (0 turns it off), got $minP" }
         finite("repetition_penalty", repetitionPenalty)
         require(repetitionPenalty > 0.0) { "repetition_penalty must be > 0 (1 turns it off), got $repetitionPenalty" }
+        require(repeatLastN >= -1) { "repeat_last_n must be >= -1 (-1 = the whole history, 0 = none), got $repeatLastN" }
         require(seed == null || seed >= 0) { "seed must be a non-negative integer or None, got $seed" }
     }
 
     val greedy: Boolean get() = temperature == 0.0
 
+    /** Whether the repetition penalty changes anything (so the caller must pass the history). */
+    val penalized: Boolean get() = repetitionPenalty != 1.0 && repeatLastN != 0
+
     companion object {
-        private val KNOWN = listOf("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+        private val KNOWN = listOf("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repeat_last_n", "seed")
 
         private fun finite(name: String, value: Double) =
             require(!value.isNaN() && !value.isInfinite()) { "$name must be a finite number, got $value" }
@@ -77,12 +83,17 @@ data class SamplingParams(
             }
             val topK = integer("top_k")
             require(topK == null || topK in 0..Int.MAX_VALUE) { "top_k must be >= 0 (0 turns it off), got $topK" }
+            val lastN = integer("repeat_last_n")
+            require(lastN == null || lastN in -1..Int.MAX_VALUE) {
+                "repeat_last_n must be >= -1 (-1 = the whole history, 0 = none), got $lastN"
+            }
             return SamplingParams(
                 temperature = real("temperature", base.temperature),
                 topK = topK?.toInt() ?: base.topK,
                 topP = real("top_p", base.topP),
                 minP = real("min_p", base.minP),
                 repetitionPenalty = real("repetition_penalty", base.repetitionPenalty),
+                repeatLastN = lastN?.toInt() ?: base.repeatLastN,
                 seed = integer("seed") ?: base.seed
             )
         }
@@ -107,7 +118,7 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
     private var weights = FloatArray(0)
     private var allIds = IntArray(0)
 
-    /** The next token id. [history] are the ids the repetition penalty applies to (the caller picks the window). */
+    /** The next token id. [history] is the sequence so far, oldest first; the penalty reads its last repeat_last_n ids. */
     fun sample(logits: FloatArray, history: IntArray = IntArray(0)): Int {
         val row = penalize(logits, history)
         if (params.greedy) return argmax(row)
@@ -131,11 +142,13 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
     /** CTRL penalty as in HF (apply_repetition_penalty): seen ids' positive logits / penalty, negative ones * penalty. */
     private fun penalize(logits: FloatArray, history: IntArray): FloatArray {
         checkRow(logits)
-        if (params.repetitionPenalty == 1.0 || history.isEmpty()) return logits
+        if (!params.penalized || history.isEmpty()) return logits
         if (penalized.size != logits.size) penalized = FloatArray(logits.size)
         System.arraycopy(logits, 0, penalized, 0, logits.size)
         val p = params.repetitionPenalty.toFloat() // numpy: float32 row op Python float stays float32
-        for (id in history) {
+        val from = if (params.repeatLastN > 0) maxOf(0, history.size - params.repeatLastN) else 0
+        for (i in from until history.size) {
+            val id = history[i]
             require(id in logits.indices) { "history id $id is outside the vocabulary of ${logits.size}" }
             val seen = logits[id] // from the original row: a repeated id is penalized once
             penalized[id] = if (seen < 0f) seen * p else seen / p

@@ -84,7 +84,8 @@ object BundleCli {
             .put("max_new_tokens", m.defaultMaxNewTokens())
             .put("sampling", JSONObject().put("temperature", sampling.temperature).put("top_k", sampling.topK)
                 .put("top_p", sampling.topP).put("min_p", sampling.minP)
-                .put("repetition_penalty", sampling.repetitionPenalty).put("seed", sampling.seed ?: JSONObject.NULL))
+                .put("repetition_penalty", sampling.repetitionPenalty).put("repeat_last_n", sampling.repeatLastN)
+                .put("seed", sampling.seed ?: JSONObject.NULL))
     }
 
     private fun ascii(s: String): String {
