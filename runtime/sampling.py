@@ -71,7 +71,9 @@ class SamplingParams:
             )
         _check_int("repeat_last_n", self.repeat_last_n)
         if self.repeat_last_n < -1:
-            raise ValueError(f"repeat_last_n must be >= -1 (-1 = the whole history, 0 = none), got {self.repeat_last_n}")
+            raise ValueError(
+                f"repeat_last_n must be >= -1 (-1 = the whole history, 0 = none), got {self.repeat_last_n}"
+            )
         if self.seed is not None:
             _check_int("seed", self.seed)
             if self.seed < 0:  # numpy's SeedSequence rejects negative seeds with a cryptic message
