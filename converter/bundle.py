@@ -34,8 +34,10 @@ def check_destination(out: Path, force: bool, sources: Iterable[tuple[str, str |
     `sources` are (flag, path) pairs of what the conversion reads (--model, --lora): an output that is,
     holds or lies inside one of them is refused, since replacing it would delete the source. With
     `only_bundles`, --force replaces only an empty folder or a bundle (one holding manifest.json).
+    An --out that is a symbolic link stands for the folder it points to (see _through_link).
     """
-    out = Path(os.path.abspath(out))  # '.' and '..' get a name and a parent; symlinks stay as they are
+    # '.' and '..' get a name and a parent; `--out=~/b` reaches us with its ~ (the shell expands only a word's start)
+    out = _through_link(Path(os.path.abspath(Path(out).expanduser())))
     if out.resolve() == Path.cwd().resolve() or not out.name:
         what = "the working directory" if out.name else "the root folder"
         raise ConversionError(f"--out {out} is {what}, and a bundle replaces its folder whole; name a new "
@@ -60,6 +62,25 @@ def check_destination(out: Path, force: bool, sources: Iterable[tuple[str, str |
                               f"(no {MANIFEST_NAME}); choose another --out, or empty that folder yourself.")
     _check_parents_can_be_made(out)
     return out
+
+
+def _through_link(out: Path) -> Path:
+    """The folder a symbolic link named as --out points to; any other --out as it is.
+
+    Such a link is a pointer the user keeps on purpose (`current -> v3`, which scripts, a deploy or
+    `nomoat chat current` read). Replacing the link by a folder would break that pointer and leave the
+    bundle it pointed to in place under its real name, so --out writes where the link points, as `cp`
+    and a shell redirection write through a link: the link stays and now leads to the new bundle. The
+    target gets the same checks as any --out (with --force, only a bundle or an empty folder is replaced),
+    and the bundle is staged beside the target, where the final rename can be atomic.
+    """
+    if not out.is_symlink():
+        return out
+    try:
+        return out.resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # a loop of links (RuntimeError before Python 3.13)
+        raise ConversionError(f"--out {out} is a symbolic link that cannot be followed ({e}); fix or remove the "
+                              "link, or choose another --out.") from e
 
 
 def _check_parents_can_be_made(out: Path) -> None:
@@ -234,12 +255,25 @@ def move_into_place(staging: Path, out: Path, force: bool) -> Path:
     if not force:
         raise ConversionError(f"output {out} appeared while writing it; nothing was overwritten.")
     trash = out.with_name(f".{out.name}.old")
-    if trash.exists():
-        shutil.rmtree(trash)
+    try:
+        _remove(trash)  # left by a replacement that was killed between its renames
+    except OSError as e:
+        raise ConversionError(f"cannot remove {trash}, left by an earlier replacement of {out} ({e.strerror or e}); "
+                              "remove it yourself and run again.") from e
     out.rename(trash)
     staging.rename(out)
-    shutil.rmtree(trash, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the new bundle is in place: the old one's leftovers go next time
+        _remove(trash)
     return out
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder with its files, or a file or symbolic link (only the link, never what it points to:
+    shutil.rmtree refuses a link, and with ignore_errors silently leaves it behind)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def finalize(staging: Path, manifest: Manifest, out: Path, force: bool) -> Path:

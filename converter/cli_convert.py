@@ -83,15 +83,15 @@ def run(args: argparse.Namespace) -> int:
     from .convert import ConvertOptions, convert
     from .merge import AdapterRef
 
-    opts = ConvertOptions(
-        model=args.model, out=args.out, target=args.target, loras=tuple(AdapterRef.parse(x) for x in args.lora),
-        quant=args.quant, block_size=args.block_size, lm_head_bits=args.lm_head_bits,
-        algorithm=args.algorithm, smoothing=args.smoothing, symmetric=args.symmetric,
-        max_context=args.max_context, threads=args.threads, kv_dtype=args.kv_dtype,
-        fit=args.fit, force=args.force, skip_verify=args.skip_verify, eval_text=args.eval_text,
-        max_ppl_increase=args.max_ppl_increase, progress=not args.quiet,
-    )
-    try:
+    try:  # parsing --lora PATH:WEIGHT can refuse a weight already
+        opts = ConvertOptions(
+            model=args.model, out=args.out, target=args.target, loras=tuple(AdapterRef.parse(x) for x in args.lora),
+            quant=args.quant, block_size=args.block_size, lm_head_bits=args.lm_head_bits,
+            algorithm=args.algorithm, smoothing=args.smoothing, symmetric=args.symmetric,
+            max_context=args.max_context, threads=args.threads, kv_dtype=args.kv_dtype,
+            fit=args.fit, force=args.force, skip_verify=args.skip_verify, eval_text=args.eval_text,
+            max_ppl_increase=args.max_ppl_increase, progress=not args.quiet,
+        )
         convert(opts)
     except ConversionError as e:
         print(f"nomoat convert: error: {e}", file=sys.stderr)

@@ -94,23 +94,22 @@ def fit_recipe(spec: ModelSpec, recipe: Recipe, target: Target, mode: str) -> tu
 
 
 def convert(opts: ConvertOptions) -> Path:
-    """Run every stage and return the bundle path. Raises ConversionError on bad input, and
-    KeyboardInterrupt on Ctrl-C (bundle.Interrupted, a subclass, on SIGTERM/SIGHUP) with nothing written."""
+    """Run every stage and return the bundle path (where --out points, absolute). Raises ConversionError on bad
+    input, and KeyboardInterrupt on Ctrl-C (bundle.Interrupted, a subclass, on SIGTERM/SIGHUP) with nothing written."""
     from .bundle import signals_interrupt
 
     with signals_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: the staging folder goes with them
-        _convert(opts)
-    return Path(opts.out)
+        return _convert(opts)
 
 
-def _convert(opts: ConvertOptions) -> None:
+def _convert(opts: ConvertOptions) -> Path:
     import time
 
     from .bundle import check_destination, remove_stale_staging, staging_dir
     from .load import load_checkpoint
     from .merge import merge_adapters, require_adapter_paths
     from .peek import peek_spec
-    from .verify import read_eval_text
+    from .verify import check_eval_text, read_eval_text
 
     sources = [("--model", opts.model), *(("--lora", ref.path) for ref in opts.loras)]
     out = check_destination(Path(opts.out), opts.force, sources=sources, only_bundles=True)
@@ -131,6 +130,8 @@ def _convert(opts: ConvertOptions) -> None:
     ckpt = load_checkpoint(opts.model)
     ckpt.spec.check_exportable()
     _check_chat_template(ckpt.tokenizer)
+    if eval_text is not None:
+        check_eval_text(eval_text, ckpt.tokenizer)  # a text too short for verify fails before calibrate
     adapters = []
     if opts.loras:
         _stage(f"merge {len(opts.loras)} LoRA adapter(s) in fp32", opts.progress)
@@ -150,6 +151,7 @@ def _convert(opts: ConvertOptions) -> None:
         from .verify import format_quality_table
 
         print(format_quality_table(report["quality"]), file=sys.stderr, flush=True)
+    return out
 
 
 def _describe(recipe: Recipe) -> str:

@@ -41,7 +41,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _load_file(p: Path) -> Checkpoint:
-    if p.suffix.lower() == ".gguf":
+    if p.suffix.lower() == ".gguf" or is_gguf(p):
         from .load_gguf import load_gguf
 
         return load_gguf(p)
@@ -51,6 +51,17 @@ def _load_file(p: Path) -> Checkpoint:
             f"Point at its directory instead: {ACCEPTED}."
         )
     raise ConversionError(f"{p} is not a model file nomoat reads. Accepted: {ACCEPTED}.")
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether the file starts with GGUF's magic bytes. Its name need not say so: Ollama stores its models
+    as blobs named `sha256-...`, and a download may be saved as plain `model`."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as e:
+        raise ConversionError(f"{path} cannot be read ({e.strerror or e}); check that it is a file you may "
+                              "read.") from e
 
 
 def _load_dir(p: Path) -> Checkpoint:

@@ -88,6 +88,7 @@ def load_gguf(path: Path) -> Checkpoint:
         generation_defaults={name: meta[key] for key, name in _SAMPLING_KEYS.items() if key in meta},
     )
     checkpoint.check_tensors()
+    checkpoint.check_vocabulary(f"the tokenizer in {path} (tokenizer.ggml.tokens)")
     return checkpoint
 
 

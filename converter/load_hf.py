@@ -38,7 +38,7 @@ _SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 def load_hf_dir(path: Path) -> Checkpoint:
     config = read_json(path / "config.json")
-    spec = ModelSpec.from_hf_config(config)
+    spec = ModelSpec.from_hf_config(config, source=str(path / "config.json"))
     tensors = model_tensors(read_safetensors(safetensors_files(path)), spec)
     if not spec.tie_word_embeddings and "lm_head.weight" not in tensors:
         raise ConversionError(
@@ -54,6 +54,7 @@ def load_hf_dir(path: Path) -> Checkpoint:
         generation_defaults=read_generation_defaults(path),
     )
     checkpoint.check_tensors()
+    checkpoint.check_vocabulary(str(path / "tokenizer.json"))
     return checkpoint
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConversionError
 from .load_hf import read_generation_defaults, read_hf_tokenizer, read_json, read_json_if_exists
-from .spec import Checkpoint, ModelSpec, RopeScaling
+from .spec import Checkpoint, ConfigFile, ModelSpec, RopeScaling
 
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _LAYER_NAMES = {
@@ -46,19 +46,16 @@ _COLUMN_SPLIT = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
 def load_meta_dir(path: Path) -> Checkpoint:
-    params = read_json(path / "params.json")
-    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
-    if missing:
-        raise ConversionError(
-            f"{path / 'params.json'} lacks {', '.join(missing)}; it is not a Llama params.json."
-        )
+    params_file = path / "params.json"
+    params = read_json(params_file)
+    check_params(params, params_file)
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise ConversionError(
             f"{path} has no consolidated.*.pth weights; copy the Meta weights next to params.json."
         )
-    state = merge_shards([_load_shard(f) for f in shards], dim=int(params["dim"]))
-    spec = spec_from_params(params, state)
+    state = merge_shards([_load_shard(f) for f in shards], dim=ConfigFile(params, str(params_file)).int("dim"))
+    spec = spec_from_params(params, state, source=str(params_file))
     tok_dir = find_tokenizer_dir(path)
     checkpoint = Checkpoint(
         spec=spec,
@@ -71,7 +68,15 @@ def load_meta_dir(path: Path) -> Checkpoint:
         generation_defaults=read_generation_defaults(tok_dir),
     )
     checkpoint.check_tensors()
+    checkpoint.check_vocabulary(str(tok_dir / "tokenizer.json"))
     return checkpoint
+
+
+def check_params(params: dict[str, Any], params_file: Path) -> None:
+    """The keys every Llama params.json has; without them the file is something else."""
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+    if missing:
+        raise ConversionError(f"{params_file} lacks {', '.join(missing)}; it is not a Llama params.json.")
 
 
 def interleaved_to_half_rotary(w: Any, n_heads: int) -> Any:
@@ -128,42 +133,43 @@ def _split_axis(name: str, first: Any, dim: int) -> int | None:
     return None  # norms and rope.freqs are replicated on every shard
 
 
-def spec_from_params(params: dict[str, Any], state: dict[str, Any]) -> ModelSpec:
-    dim, heads = int(params["dim"]), int(params["n_heads"])
+def spec_from_params(params: dict[str, Any], state: dict[str, Any], source: str = "params.json") -> ModelSpec:
+    p = ConfigFile(params, source)
+    dim, heads = p.int("dim"), p.int("n_heads")
     for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
         if name not in state:
             raise ConversionError(
                 f"the Meta checkpoint has no {name}; it is incomplete or not a Llama model."
             )
     vocab = int(state["tok_embeddings.weight"].shape[0])
-    if int(params.get("vocab_size", -1)) not in (-1, vocab):
+    if p.int("vocab_size", -1, positive=False) not in (-1, vocab):  # Llama 2 writes -1: the tokenizer decides
         raise ConversionError(
             f"params.json says vocab_size {params['vocab_size']} but tok_embeddings has {vocab} rows; "
             "the weights and params.json do not belong together."
         )
-    rope_theta = float(params.get("rope_theta", 10000.0))
+    rope_theta = p.float("rope_theta", 10000.0)
     return ModelSpec(
         architecture="llama",
         vocab_size=vocab,
         hidden_size=dim,
         # Meta derives it from multiple_of / ffn_dim_multiplier; the tensor is the truth.
         intermediate_size=int(state["layers.0.feed_forward.w1.weight"].shape[0]),
-        num_layers=int(params["n_layers"]),
+        num_layers=p.int("n_layers"),
         num_heads=heads,
-        num_kv_heads=int(params.get("n_kv_heads") or heads),
+        num_kv_heads=p.int("n_kv_heads", heads),
         head_dim=dim // heads,
-        rms_norm_eps=float(params.get("norm_eps", 1e-5)),
+        rms_norm_eps=p.float("norm_eps", 1e-5),
         rope_theta=rope_theta,
-        max_position_embeddings=_max_positions(params, rope_theta),
+        max_position_embeddings=_max_positions(p, rope_theta),
         tie_word_embeddings="output.weight" not in state,
-        rope_scaling=_rope_scaling(params),
+        rope_scaling=_rope_scaling(p),
     )
 
 
-def _max_positions(params: dict[str, Any], rope_theta: float) -> int:
+def _max_positions(params: ConfigFile, rope_theta: float) -> int:
     """params.json rarely says; these are the trained lengths of the Llama generations."""
     if params.get("max_seq_len"):
-        return int(params["max_seq_len"])
+        return params.int("max_seq_len")
     if params.get("use_scaled_rope"):
         return 131072  # Llama 3.1 / 3.2
     return 8192 if rope_theta >= 500000 else 4096  # Llama 3 / Llama 2
@@ -175,23 +181,23 @@ def _max_positions(params: dict[str, Any], rope_theta: float) -> int:
 _LLAMA_3_2_SMALL = {(2048, 16), (3072, 28)}
 
 
-def _rope_scaling(params: dict[str, Any]) -> RopeScaling | None:
+def _rope_scaling(params: ConfigFile) -> RopeScaling | None:
     if not params.get("use_scaled_rope"):
         return None
     # The other defaults are llama-models' apply_scaling constants, the same for 3.1 and 3.2.
     return RopeScaling(
         factor=_rope_factor(params),
-        low_freq_factor=float(params.get("low_freq_factor") or 1.0),
-        high_freq_factor=float(params.get("high_freq_factor") or 4.0),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings") or 8192),
+        low_freq_factor=params.float("low_freq_factor", 1.0),
+        high_freq_factor=params.float("high_freq_factor", 4.0),
+        original_max_position_embeddings=params.int("original_max_position_embeddings", 8192),
     )
 
 
-def _rope_factor(params: dict[str, Any]) -> float:
+def _rope_factor(params: ConfigFile) -> float:
     for key in ("rope_scaling_factor", "rope_scale_factor"):  # llama-models' and ExecuTorch's name
         if params.get(key):
-            return float(params[key])
-    if (int(params["dim"]), int(params["n_layers"])) in _LLAMA_3_2_SMALL:
+            return params.float(key)
+    if (params.int("dim"), params.int("n_layers")) in _LLAMA_3_2_SMALL:
         return 32.0
     return 8.0  # Llama 3.1, 3.2 11B / 90B, 3.3
 

@@ -29,6 +29,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from .errors import ConversionError
+from .load import is_gguf
 from .spec import Checkpoint
 
 EMBED = "model.embed_tokens.weight"
@@ -63,10 +64,14 @@ class AdapterRef:
     path: Path
     weight: float = 1.0
 
+    def __post_init__(self) -> None:
+        # `--lora=~/adapter` reaches us unexpanded (the shell expands ~ only at the start of a word)
+        object.__setattr__(self, "path", Path(self.path).expanduser())
+
     @classmethod
     def parse(cls, text: str) -> AdapterRef:
         path, sep, weight = text.rpartition(":")
-        if sep and not Path(text).exists():
+        if sep and not Path(text).expanduser().exists():
             try:
                 value = float(weight)
             except ValueError:
@@ -199,7 +204,7 @@ def read_adapter(ref: AdapterRef, ckpt: Checkpoint) -> ParsedAdapter:
     """Read a PEFT folder or a llama.cpp LoRA GGUF and check it fits ckpt."""
     path = ref.path
     require_adapter_paths([ref])
-    if path.is_file() and _is_gguf(path):
+    if path.is_file() and is_gguf(path):
         from .lora_gguf import read_lora_gguf
 
         report, updates = read_lora_gguf(path, ckpt.spec)
@@ -211,11 +216,6 @@ def read_adapter(ref: AdapterRef, ckpt: Checkpoint) -> ParsedAdapter:
     report.weight = ref.weight
     _validate(updates, ckpt, report)
     return ParsedAdapter(report=report, updates=updates)
-
-
-def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def _validate(updates: list[Update], ckpt: Checkpoint, report: AdapterReport) -> None:

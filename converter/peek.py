@@ -21,9 +21,11 @@ def peek_spec(path: str | Path) -> ModelSpec | None:
     A ConversionError (an unsupported architecture, say) propagates: the full load would
     raise the same one, only later.
     """
+    from .load import is_gguf
+
     p = Path(path).expanduser()
     if p.is_file():
-        return _gguf_spec(p) if p.suffix.lower() == ".gguf" else None
+        return _gguf_spec(p) if p.suffix.lower() == ".gguf" or is_gguf(p) else None
     if not p.is_dir():
         return None  # a hub id or a missing path: the load stage resolves or refuses it
     if (p / "config.json").is_file():
@@ -43,7 +45,7 @@ def _hf_spec(config: Path) -> ModelSpec | None:
         return None
     if not isinstance(cfg, dict):
         return None
-    return ModelSpec.from_hf_config(cfg)
+    return ModelSpec.from_hf_config(cfg, source=str(config))
 
 
 def _gguf_spec(path: Path) -> ModelSpec | None:
@@ -64,16 +66,19 @@ def _meta_spec(folder: Path) -> ModelSpec | None:
     """params.json plus the shapes in the first shard (torch memory-maps it: no tensor data is read)."""
     import torch
 
-    from .load_meta import _load_shard, _split_axis, spec_from_params
+    from .load_meta import _load_shard, _split_axis, check_params, spec_from_params
+    from .spec import ConfigFile
 
+    params_file = folder / "params.json"
     shards = sorted(folder.glob("consolidated.*.pth"))
     try:
-        params: dict[str, Any] = json.loads((folder / "params.json").read_text())
-        dim = int(params["dim"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        params: dict[str, Any] = json.loads(params_file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if not shards:
+    if not shards or not isinstance(params, dict):
         return None
+    check_params(params, params_file)  # the messages the load would give, before the shard is opened
+    dim = ConfigFile(params, str(params_file)).int("dim")
     first = _load_shard(shards[0])
     shapes = {}
     for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight", "output.weight"):
@@ -83,4 +88,4 @@ def _meta_spec(folder: Path) -> ModelSpec | None:
             if axis is not None:
                 shape[axis] *= len(shards)
             shapes[name] = torch.empty(shape, device="meta")
-    return spec_from_params(params, shapes)
+    return spec_from_params(params, shapes, source=str(params_file))

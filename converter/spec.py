@@ -7,6 +7,8 @@ and the GGUF and Meta loaders map into them.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +22,69 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 # time ("head_size shall be a multiple of 16"), 16, 32, 48, 64, 80, 96, 112, 128, 160, 256 and 512 run.
 ONNX_HEAD_DIM_MULTIPLE = 16
 
+_REQUIRED = object()
+
+
+class ConfigFile:
+    """A model's config.json or params.json, read key by key.
+
+    A hand-edited or damaged file must be a one-line error that names the file and the key, not a
+    KeyError or TypeError from deep inside the loader. A key that is absent or null takes its default
+    when it has one (as transformers does); otherwise, and for a value that is not a number, it is refused.
+    """
+
+    def __init__(self, data: dict[str, Any], name: str, prefix: str = "") -> None:
+        self.data, self.name, self.prefix = data, name, prefix
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def int(self, key: str, default: Any = _REQUIRED, positive: bool = True) -> Any:
+        """An integer (a count or a size: above zero unless `positive` is false)."""
+        value = self.data.get(key)
+        if value is None and default is not _REQUIRED:
+            return default
+        number = _as_number(value, int)
+        if number is None or (positive and number <= 0):
+            raise self.invalid(key)
+        return number
+
+    def float(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self.data.get(key)
+        if value is None and default is not _REQUIRED:
+            return default
+        number = _as_number(value, float)
+        if number is None:
+            raise self.invalid(key)
+        return number
+
+    def section(self, key: str) -> ConfigFile | None:
+        """A nested object such as rope_scaling; None when absent or null."""
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.invalid(key)
+        return ConfigFile(value, self.name, f"{self.prefix}{key}.")
+
+    def invalid(self, key: str) -> ConversionError:
+        shown = f" ({json.dumps(self.data[key])})" if key in self.data else ""
+        return ConversionError(f"{self.name} lacks or has an invalid {self.prefix}{key}{shown}; the file is damaged "
+                               "or hand-edited: download it again with the weights, or correct that value.")
+
+
+def _as_number(value: Any, kind: type) -> Any:
+    """value as an int or a finite float; None when it is not one (a bool, a string of words, 64.5 as an int)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or (kind is int and not number.is_integer()):
+        return None
+    return int(number) if kind is int else number
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -31,8 +96,9 @@ class RopeScaling:
     original_max_position_embeddings: int
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> RopeScaling | None:
-        if not d:
+    def from_config(cls, d: ConfigFile | None) -> RopeScaling | None:
+        """From config.json's rope_scaling (or rope_parameters) object."""
+        if d is None or not d.data:
             return None
         kind = d.get("rope_type", d.get("type"))
         if kind in (None, "default"):
@@ -43,10 +109,10 @@ class RopeScaling:
                 "Convert a model without rope_scaling or ask for this rope type in an issue."
             )
         return cls(
-            factor=float(d["factor"]),
-            low_freq_factor=float(d["low_freq_factor"]),
-            high_freq_factor=float(d["high_freq_factor"]),
-            original_max_position_embeddings=int(d["original_max_position_embeddings"]),
+            factor=d.float("factor"),
+            low_freq_factor=d.float("low_freq_factor"),
+            high_freq_factor=d.float("high_freq_factor"),
+            original_max_position_embeddings=d.int("original_max_position_embeddings"),
         )
 
 
@@ -94,8 +160,8 @@ class ModelSpec:
             )
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelSpec:
-        """Build from a Hugging Face config.json dict, refusing what we cannot export."""
+    def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelSpec:
+        """Build from a Hugging Face config.json dict (read from `source`), refusing what we cannot export."""
         arch = cfg.get("model_type")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConversionError(
@@ -116,23 +182,26 @@ class ModelSpec:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ConversionError(f"hidden_act {act!r} is not supported (LLaMA-style models use 'silu').")
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
+        c = ConfigFile(cfg, source)
+        heads = c.int("num_attention_heads")
+        hidden = c.int("hidden_size")
+        # transformers 5 moved the rope settings into `rope_parameters`; read either
+        rope_params = c.section("rope_parameters")
         return cls(
             architecture=arch,
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=c.int("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=c.int("intermediate_size"),
+            num_layers=c.int("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            num_kv_heads=c.int("num_key_value_heads", heads),
+            head_dim=c.int("head_dim", hidden // heads),
+            rms_norm_eps=c.float("rms_norm_eps", 1e-6),
+            rope_theta=c.float("rope_theta", rope_params.float("rope_theta", 10000.0) if rope_params else 10000.0),
+            max_position_embeddings=c.int("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2",
-            rope_scaling=RopeScaling.from_dict(cfg.get("rope_scaling") or _rope_params_scaling(cfg)),
+            rope_scaling=RopeScaling.from_config(_rope_scaling_section(c, rope_params)),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -206,10 +275,14 @@ class ModelSpec:
 _HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
-def _rope_params_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """transformers 5 moved rope settings into `rope_parameters`; read either."""
-    params = cfg.get("rope_parameters") or {}
-    return params if params.get("rope_type") not in (None, "default") else None
+def _rope_scaling_section(c: ConfigFile, rope_params: ConfigFile | None) -> ConfigFile | None:
+    """`rope_scaling`, or transformers 5's `rope_parameters` when it names a scaling type."""
+    scaling = c.section("rope_scaling")
+    if scaling is not None and scaling.data:
+        return scaling
+    if rope_params is not None and rope_params.get("rope_type") not in (None, "default"):
+        return rope_params
+    return None
 
 
 @dataclass
@@ -256,3 +329,27 @@ class Checkpoint:
                 )
             if not torch.isfinite(t).all():
                 raise ConversionError(f"tensor {name!r} contains NaN or Inf values; the checkpoint is corrupt.")
+
+    def check_vocabulary(self, tokenizer_source: str) -> None:
+        """Refuse a tokenizer that makes ids the embedding has no row for (one copied from another model).
+
+        Such an id crashes calibration, or, with rtn and --skip-verify, indexes past the table in the
+        bundle and the model answers with garbage. Fewer tokens than rows is fine: models pad their
+        embedding (Qwen2's 151,936 rows for 151,665 tokens) and never produce the padding rows.
+        """
+        from tokenizers import Tokenizer
+
+        rows = self.spec.vocab_size
+        ids = Tokenizer.from_str(self.tokenizer.tokenizer_json).get_vocab(with_added_tokens=True).values()
+        tokens = max(ids, default=-1) + 1  # the highest id indexes the embedding, whatever the gaps below it
+        if tokens > rows:
+            raise ConversionError(f"{tokenizer_source} has {tokens} tokens but the model's embedding has {rows} rows; "
+                                  "the tokenizer belongs to another model: use the tokenizer files that came with "
+                                  "the weights.")
+        tok = self.tokenizer
+        named = [("bos_token_id", tok.bos_token_id)] if tok.bos_token_id is not None else []
+        for role, token_id in named + [("eos_token_id", i) for i in tok.eos_token_ids]:
+            if not 0 <= token_id < rows:
+                raise ConversionError(f"{role} {token_id} lies past the model's vocabulary of {rows} tokens "
+                                      "(its embedding rows); the config or tokenizer files that name it belong to "
+                                      "another model: use the ones that came with the weights.")

@@ -17,10 +17,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ConversionError
+
+if TYPE_CHECKING:
+    from .spec import TokenizerInfo
 
 # Relative perplexity increase (in %) an export may cost before the gate fails.
 # Measured on SmolLM2-135M-Instruct with the default text (4,750 tokens in windows of 512):
@@ -43,6 +47,7 @@ MAX_EVAL_TOKENS = 8192  # a long --eval-text is cut here to keep the stage bound
 # window would not touch either. For SmolLM2's 10 windows: 640 decode steps, a few seconds.
 DECODE_TAIL = 64
 GREEDY_TOKENS = 32
+MIN_EVAL_TOKENS = 16  # fewer measure nothing: a perplexity over a sentence or two is noise
 GREEDY_PROMPTS = (
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -82,10 +87,34 @@ def read_eval_text(path: Path | None) -> tuple[str, str]:
     """(text, source) for --eval-text, or the default text."""
     if path is None:
         return default_eval_text(), "default"
+    path = Path(path).expanduser()
     try:
-        return Path(path).read_text(encoding="utf-8"), str(path)
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConversionError(f"--eval-text {path} cannot be read as UTF-8 text ({e}); give a plain-text file.") from e
+    if not text.strip():
+        raise ConversionError(f"--eval-text {path} is empty; give a plain-text file of a paragraph or more.")
+    return text, str(path)
+
+
+def check_eval_text(eval_text: tuple[str, str], tokenizer: TokenizerInfo) -> None:
+    """Refuse a text too short for the quality check as soon as the model's tokenizer is known (right
+    after the load), not at the verify stage after calibration and export: minutes for a real model."""
+    from tokenizers import Tokenizer
+
+    text, source = eval_text
+    # the count verify_bundle gets from the runtime's encode: no post-processor, the BOS it adds itself
+    ids = Tokenizer.from_str(tokenizer.tokenizer_json).encode(text, add_special_tokens=False).ids
+    adds_bos = tokenizer.add_bos_token and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]
+    n = len(ids) + int(adds_bos)
+    if n < MIN_EVAL_TOKENS:
+        raise ConversionError(_too_short(n, source))
+
+
+def _too_short(tokens: int, source: str) -> str:
+    text = "the evaluation text" if source == "default" else f"--eval-text {source}"
+    return (f"{text} is only {tokens} tokens for this model's tokenizer, and the quality check needs at least "
+            f"{MIN_EVAL_TOKENS}; give at least a paragraph.")
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -194,8 +223,8 @@ def verify_bundle(bundle_dir: Path, reference, quant: str, eval_text: str | None
     try:
         model = Model.load(bundle_dir, threads=ort_threads, verify_checksums=False)
         ids = model.encode(default_eval_text() if eval_text is None else eval_text, add_bos=None)[:max_eval_tokens]
-        if len(ids) < 16:
-            raise ConversionError(f"the evaluation text is only {len(ids)} tokens; give at least a paragraph.")
+        if len(ids) < MIN_EVAL_TOKENS:
+            raise ConversionError(_too_short(len(ids), eval_source))
         window = min(window, model.max_context)
         torch.set_num_threads(torch_threads)
         ppl_ref, ppl_got, kl, top1 = _perplexity_stats(model, reference, eval_windows(ids, window)).result()

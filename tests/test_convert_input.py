@@ -1,0 +1,257 @@
+"""Input the converter must refuse in one line, or take as the user meant it: a tokenizer of another model,
+a damaged config, a symlinked or `~` --out, a bad --lora weight or --eval-text, a GGUF without its suffix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from nomoat.__main__ import main
+from nomoat.converter import convert as convert_module
+from nomoat.converter.bundle import check_destination, move_into_place
+from nomoat.converter.cli_merge import merge_to_hf_dir
+from nomoat.converter.convert import ConvertOptions, convert
+from nomoat.converter.errors import ConversionError
+from nomoat.converter.load import load_checkpoint
+from nomoat.converter.merge import AdapterRef
+from nomoat.converter.peek import peek_spec
+from nomoat.converter.verify import check_eval_text, default_eval_text, read_eval_text
+from nomoat.runtime.manifest import MANIFEST_NAME
+from tiny_models import make_tiny_hf_dir, write_gguf_from_hf, write_meta_from_hf
+
+TOKENIZER_TOKENS = 400  # tiny_models' BPE tokenizer
+
+
+def _convert(model, out: Path, **kw) -> Path:
+    return convert(ConvertOptions(model=str(model), out=out, target="host", quant=kw.pop("quant", "fp32"),
+                                  max_context=64, progress=False, skip_verify=kw.pop("skip_verify", True), **kw))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+
+
+@pytest.fixture(scope="module")
+def small_embedding_dir(tmp_path_factory) -> Path:
+    """A model with 300 embedding rows next to the 400-token tokenizer of another model."""
+    return make_tiny_hf_dir(tmp_path_factory.mktemp("v300") / "hf", vocab_size=300)
+
+
+def _copy(model: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model, tmp_path / model.name))
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+# -- 1. a tokenizer with more tokens than the model's embedding rows ----------------------------------------
+
+TOO_MANY_TOKENS = (f"tokenizer.json has {TOKENIZER_TOKENS} tokens but the model's embedding has 300 rows; "
+                   "the tokenizer belongs to another model")
+
+
+def test_a_tokenizer_of_another_model_is_refused_at_load(small_embedding_dir, tmp_path):
+    with pytest.raises(ConversionError, match=TOO_MANY_TOKENS):
+        load_checkpoint(small_embedding_dir)
+    meta = write_meta_from_hf(small_embedding_dir, tmp_path / "meta")
+    with pytest.raises(ConversionError, match=TOO_MANY_TOKENS):
+        load_checkpoint(meta)
+
+
+def test_a_gguf_whose_vocabulary_outgrows_its_embedding_is_refused(small_embedding_dir, tmp_path):
+    gguf = write_gguf_from_hf(small_embedding_dir, tmp_path / "m.gguf")
+    with pytest.raises(ConversionError, match=f"tokenizer.ggml.tokens.* has {TOKENIZER_TOKENS} tokens but the "
+                                              "model's embedding has 300 rows"):
+        load_checkpoint(gguf)
+
+
+def test_no_bundle_is_written_for_a_tokenizer_of_another_model(small_embedding_dir, tmp_path):
+    """rtn with --skip-verify wrote a bundle that answered with garbage: nothing stopped it."""
+    out = tmp_path / "b"
+    with pytest.raises(ConversionError, match=TOO_MANY_TOKENS):
+        _convert(small_embedding_dir, out, quant="int4", algorithm="rtn")
+    assert not out.exists()
+
+
+def test_an_embedding_padded_beyond_the_tokenizer_is_fine(tmp_path):
+    """Fewer tokens than rows is how models pad their embedding (Qwen2: 151,936 rows, 151,665 tokens)."""
+    padded = make_tiny_hf_dir(tmp_path / "padded", vocab_size=448)
+    assert load_checkpoint(padded).spec.vocab_size == 448
+
+
+@pytest.mark.parametrize(("file", "key"), [("config.json", "bos_token_id"),
+                                           ("generation_config.json", "eos_token_id")])
+def test_a_bos_or_eos_id_past_the_vocabulary_is_refused(tiny_dir, tmp_path, file, key):
+    model = _copy(tiny_dir, tmp_path)
+    _edit_json(model / file, lambda d: d.update({key: TOKENIZER_TOKENS + 5}))
+    with pytest.raises(ConversionError, match=f"{key} {TOKENIZER_TOKENS + 5} lies past the model's vocabulary "
+                                              f"of {TOKENIZER_TOKENS} tokens"):
+        load_checkpoint(model)
+
+
+# -- 2. --force onto an --out that is a symbolic link ------------------------------------------------------
+
+def test_force_onto_a_symlinked_out_replaces_the_bundle_it_points_to(tiny_dir, tmp_path):
+    v1 = _convert(tiny_dir, tmp_path / "v1")
+    old_manifest = (v1 / MANIFEST_NAME).read_text()
+    (tmp_path / "current").symlink_to("v1")
+    for _ in range(2):  # the second --force failed after the whole conversion
+        assert _convert(tiny_dir, tmp_path / "current", force=True) == v1
+        assert (tmp_path / "current").is_symlink() and (tmp_path / "current").resolve() == v1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v1"]  # no .current.old left behind
+    assert (v1 / MANIFEST_NAME).read_text() != old_manifest  # source.seconds etc. differ: a new bundle
+    with pytest.raises(ConversionError, match="already exists"):
+        _convert(tiny_dir, tmp_path / "current")
+
+
+def test_a_symlinked_out_to_a_folder_of_other_files_is_not_replaced(tiny_dir, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "docs")
+    with pytest.raises(ConversionError, match="replaces only a bundle or an empty folder"):
+        _convert(tiny_dir, tmp_path / "link", force=True)
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("leftover", ["symlink", "file"])
+def test_a_stale_old_entry_that_is_no_folder_is_removed_not_followed(tmp_path, leftover):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("keep me")
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    out.mkdir()
+    (out / MANIFEST_NAME).write_text("{}")
+    staging.mkdir()
+    (staging / MANIFEST_NAME).write_text('{"new": true}')
+    trash = tmp_path / ".out.old"
+    if leftover == "symlink":
+        trash.symlink_to(keep)
+    else:
+        trash.write_text("left by a killed replacement")
+    move_into_place(staging, out, force=True)
+    assert (out / MANIFEST_NAME).read_text() == '{"new": true}'
+    assert not trash.exists() and not trash.is_symlink()
+    assert (keep / "precious.txt").read_text() == "keep me"
+
+
+# -- 3. ~ in every path argument ---------------------------------------------------------------------------
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    return home
+
+
+def test_tilde_is_expanded_in_out(tiny_dir, home, tmp_path):
+    assert check_destination(Path("~/b"), force=False) == home / "b"
+    assert _convert(tiny_dir, Path("~/bundle")) == home / "bundle"
+    merge_to_hf_dir(tiny_dir, [], Path("~/merged"), progress=False)
+    assert (home / "bundle" / MANIFEST_NAME).is_file() and (home / "merged" / "config.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_tilde_is_expanded_in_lora_and_eval_text(home):
+    (home / "adapter").mkdir()
+    (home / "eval.txt").write_text(default_eval_text())
+    assert AdapterRef.parse("~/adapter:0.5") == AdapterRef(home / "adapter", 0.5)
+    assert AdapterRef.parse("~/adapter").path == home / "adapter"
+    assert AdapterRef(Path("~/adapter")).path == home / "adapter"
+    text, source = read_eval_text(Path("~/eval.txt"))
+    assert text == default_eval_text() and source == str(home / "eval.txt")
+
+
+# -- 4. a damaged config.json or params.json ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("edit", "key"), [
+    pytest.param(lambda c: c.pop("num_attention_heads"), "num_attention_heads", id="missing"),
+    pytest.param(lambda c: c.update(vocab_size=None), "vocab_size", id="null"),
+    pytest.param(lambda c: c.update(hidden_size="wide"), "hidden_size", id="a word"),
+    pytest.param(lambda c: c.update(num_attention_heads=0), "num_attention_heads", id="zero heads"),
+    pytest.param(lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+                 "rope_scaling.low_freq_factor", id="llama3 rope without its factors"),
+    pytest.param(lambda c: c.update(rope_scaling="llama3"), "rope_scaling", id="rope_scaling no object"),
+])
+def test_a_damaged_config_json_names_the_file_and_key(tiny_dir, tmp_path, edit, key):
+    model = _copy(tiny_dir, tmp_path)
+    _edit_json(model / "config.json", edit)
+    message = f"{model / 'config.json'} lacks or has an invalid {key}\\b"
+    with pytest.raises(ConversionError, match=message):
+        peek_spec(model)  # what `nomoat convert` reads first
+    with pytest.raises(ConversionError, match=message):
+        load_checkpoint(model)  # what `nomoat merge` reads
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    pytest.param(lambda p: p.pop("n_heads"), "params.json lacks n_heads; it is not a Llama params.json",
+                 id="missing"),
+    pytest.param(lambda p: p.update(n_layers=None), "params.json lacks or has an invalid n_layers", id="null"),
+    pytest.param(lambda p: p.update(norm_eps="small"), "params.json lacks or has an invalid norm_eps", id="a word"),
+])
+def test_a_damaged_params_json_is_one_line_in_convert_as_in_merge(tiny_dir, tmp_path, edit, message):
+    meta = write_meta_from_hf(tiny_dir, tmp_path / "meta")
+    _edit_json(meta / "params.json", edit)
+    with pytest.raises(ConversionError, match=message):
+        _convert(meta, tmp_path / "b")
+    with pytest.raises(ConversionError, match=message):
+        merge_to_hf_dir(meta, [], tmp_path / "m", progress=False)
+
+
+# -- 5. a bad --lora weight on the command line ------------------------------------------------------------
+
+@pytest.mark.parametrize("verb", ["convert", "merge"])
+def test_a_lora_weight_that_is_no_number_is_one_line(tiny_dir, tmp_path, capsys, verb):
+    code = main([verb, "--model", str(tiny_dir), "--lora", f"{tiny_dir}:nan", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback" not in err and f"nomoat {verb}: error: --lora {tiny_dir}:nan: the weight 'nan'" in err
+
+
+# -- 6. an --eval-text too short for the quality check -----------------------------------------------------
+
+@pytest.mark.parametrize("content", ["", " \n\t\n"])
+def test_an_empty_eval_text_is_refused_when_read(tmp_path, content):
+    (tmp_path / "empty.txt").write_text(content)
+    with pytest.raises(ConversionError, match="--eval-text .*empty.txt is empty"):
+        read_eval_text(tmp_path / "empty.txt")
+
+
+def test_a_short_eval_text_is_refused_right_after_the_load(tiny_dir, tmp_path, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("calibrate and export ran before the evaluation text was counted")
+
+    monkeypatch.setattr(convert_module, "_build", no_build)
+    (tmp_path / "short.txt").write_text("Hello there.")
+    with pytest.raises(ConversionError, match=r"--eval-text .*short.txt is only \d+ tokens for this model's "
+                                              "tokenizer, and the quality check needs at least 16"):
+        _convert(tiny_dir, tmp_path / "b", skip_verify=False, eval_text=tmp_path / "short.txt")
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_default_eval_text_is_long_enough(tiny_dir):
+    check_eval_text((default_eval_text(), "default"), load_checkpoint(tiny_dir).tokenizer)
+
+
+# -- 7. a GGUF whose name does not end in .gguf ------------------------------------------------------------
+
+def test_a_gguf_without_its_suffix_is_read_by_its_magic(tiny_dir, tmp_path):
+    blob = write_gguf_from_hf(tiny_dir, tmp_path / "sha256-6a0746a1ec1a")  # as Ollama names its blobs
+    assert blob.read_bytes()[:4] == b"GGUF"
+    spec = load_checkpoint(blob).spec
+    assert peek_spec(blob) == spec
+    assert (_convert(blob, tmp_path / "b") / MANIFEST_NAME).is_file()
+
+
+def test_a_file_that_is_no_gguf_is_still_not_a_model(tmp_path):
+    (tmp_path / "notes").write_text("GGU, almost")
+    with pytest.raises(ConversionError, match="is not a model file nomoat reads"):
+        load_checkpoint(tmp_path / "notes")
+    assert peek_spec(tmp_path / "notes") is None
