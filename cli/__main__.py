@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except BrokenPipeError:
         return _reader_gone()
+    except KeyboardInterrupt:
+        # Ctrl-C where a verb does not stop on it itself (while its modules import, say): no traceback,
+        # the shell's status for SIGINT, a newline after the terminal's echoed ^C.
+        print(file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _reader_gone() -> int:

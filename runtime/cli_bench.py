@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
     except (BenchError, BundleError) as e:
         print(f"nomoat bench: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: measure_configs has closed the workers on the way out; the rounds so far are dropped
+        # (a partial table would compare configurations measured unequally often).
+        print("\n[interrupted]", file=sys.stderr)
+        return 128 + signal.SIGINT
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     if getattr(args, "plot", None):
         from .bench_plot import plot_summaries

@@ -6,10 +6,18 @@ Commands: /reset (new conversation), /system TEXT (set the system message and re
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from .cli_generate import add_sampling_arguments, drafts_note, is_template_error, load_model, sampling_kwargs
+from .cli_generate import (
+    add_sampling_arguments,
+    drafts_note,
+    is_template_error,
+    load_model,
+    sampling_kwargs,
+    tolerate_undecodable_stdin,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,16 +34,28 @@ def _stats_line(stats) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .errors import BundleError, ContextOverflowError
+    from .model import check_utf8
 
     if sys.stdin is None:  # started with stdin closed (`<&-`): checked before minutes of loading
         print("nomoat chat: error: standard input is closed, so there is nothing to read messages from; "
               "give it a terminal or a pipe, or use `nomoat generate BUNDLE --prompt TEXT`", file=sys.stderr)
         return 2
+    if args.system is not None:
+        try:
+            check_utf8(args.system, "the system message")
+        except ValueError as e:
+            print(f"nomoat chat: error: {e}", file=sys.stderr)
+            return 2
+    # A line that is not UTF-8 reaches the runtime's check, which refuses that message only.
+    tolerate_undecodable_stdin()
     try:
         model = load_model("chat", args)
     except BundleError as e:
         print(f"nomoat chat: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while loading: as Ctrl-C in `nomoat generate`
+        print(file=sys.stderr)
+        return 128 + signal.SIGINT
     chat = model.chat(system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -59,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
             continue
         command, *rest = text.split(None, 1)  # "/systemd keeps restarting" is a message, not /system
         if command == "/system":
+            try:
+                check_utf8(rest[0] if rest else "", "the system message")
+            except ValueError as e:
+                print(f"[{e}; the system message is unchanged]", file=sys.stderr)
+                continue
             args.system = rest[0] if rest else None
             chat.reset(system=args.system)
             print("[system message set; conversation reset]", file=sys.stderr)
@@ -79,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
             print("\n[stopped]", file=sys.stderr)
         except ContextOverflowError as e:
             print(f"\n[{e} Type /reset to start over.]", file=sys.stderr)
+        except ValueError as e:  # this message cannot be a prompt (not UTF-8 text): refused, the chat goes on
+            print(f"[{e}]", file=sys.stderr)
         except Exception as e:  # the template refused the conversation (e.g. a system message): the turn only
             if not is_template_error(e):
                 raise
-            hint = "; /system alone drops the system message" if args.system else ""
+            hint = "; /system alone drops the system message" if args.system is not None else ""
             print(f"[the chat template failed: {e}{hint}]", file=sys.stderr)

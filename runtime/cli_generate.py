@@ -4,6 +4,7 @@ the prompt is wrapped in the bundle's chat template as one user turn unless --ra
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-last-n", type=sampling_value("repeat_last_n", int), default=None,
                    help="how many of the last tokens the penalty looks at (-1 = all, the default; 0 = none)")
     p.add_argument("--seed", type=sampling_value("seed", int), default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT appears; repeatable")
+    p.add_argument("--stop", type=stop_text, action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT appears; repeatable")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the bundle's target)")
     p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
                    help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1 (default: none)")
@@ -46,6 +48,20 @@ def prompt_lookup(value: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of drafted tokens: give 0 (off) or more, e.g. 8")
     return n
+
+
+def stop_text(value: str) -> str:
+    """argparse type for --stop: text that can appear in an answer, refused at start rather than at
+    the first answer (an empty string would match everywhere)."""
+    from .model import check_utf8
+
+    if not value:
+        raise argparse.ArgumentTypeError("a stop string cannot be empty: give the text to stop at, e.g. --stop 'User:'")
+    try:
+        check_utf8(value, "the stop string")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _at_least_one(value: str, what: str) -> int:
@@ -135,15 +151,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return generate(args)
+    except KeyboardInterrupt:
+        # Ctrl-C stops the answer, as in `nomoat chat`: no traceback, the shell's status for SIGINT.
+        # The newline ends the partial answer's line after the terminal's echoed ^C.
+        print(file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def generate(args: argparse.Namespace) -> int:
     from .errors import BundleError, ContextOverflowError
+    from .model import check_utf8
 
     if args.raw and args.system is not None:
         # The system message goes into the chat template, which --raw skips: it would be dropped without a word.
         print("nomoat generate: error: --system needs the chat template, which --raw skips; drop one of them "
               "(with --raw, write the instructions into the prompt itself)", file=sys.stderr)
         return 2
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     try:
+        # Text the tokenizer cannot take is refused before the (slow) load, not after it.
+        check_utf8(prompt, "the prompt")
+        if args.system is not None:
+            check_utf8(args.system, "the system message")
         model = load_model("generate", args)
         for event in model.stream(prompt, args.max_new_tokens, system=args.system, raw=args.raw,
                                   prompt_lookup=args.prompt_lookup, **sampling_kwargs(args)):
@@ -164,6 +195,19 @@ def run(args: argparse.Namespace) -> int:
               f"{s.generated_tokens} tok @ {s.decode_tokens_per_second:.1f} tok/s"
               + drafts_note(s), file=sys.stderr)
     return 0
+
+
+def read_stdin() -> str:
+    """All of stdin, bytes that are not in its encoding kept as surrogates (as Python keeps them in
+    argv) whatever the locale says, so that the runtime's check names the byte instead of the
+    decoder failing with a traceback."""
+    tolerate_undecodable_stdin()
+    return sys.stdin.read()
+
+
+def tolerate_undecodable_stdin() -> None:
+    if hasattr(sys.stdin, "reconfigure"):  # a TextIOWrapper (not a test's StringIO)
+        sys.stdin.reconfigure(errors="surrogateescape")
 
 
 def is_template_error(error: BaseException) -> bool:

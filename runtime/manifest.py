@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,11 @@ from .errors import BundleError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 KV_DTYPES = ("float32", "float16")  # the KV cache's element types, as numpy names
+# The graph inputs and outputs the runtime binds; the KV names hold a {layer} placeholder.
+GRAPH_IO = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index", "logits",
+            "past_key", "past_value", "present_key", "present_value")
+KV_IO = ("past_key", "past_value", "present_key", "present_value")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 
 
@@ -47,7 +53,17 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        _check_type("model", d, dict)
+        info = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        _check_type("model.architecture", info.architecture, str)
+        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
+            _check_count(f"model.{name}", getattr(info, name))
+        _check_count("model.parameters", info.parameters, minimum=0)
+        if isinstance(info.rope_theta, bool) or not isinstance(info.rope_theta, (int, float)) \
+                or not math.isfinite(info.rope_theta) or info.rope_theta <= 0:
+            raise ValueError(f"model.rope_theta {info.rope_theta!r} is not a positive number")
+        _check_type("model.rope_scaling", info.rope_scaling, (dict, type(None)))
+        return info
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,7 @@ class OnnxBackend:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OnnxBackend:
+        _check_type("onnx", d, dict)
         floor = d.get("min_onnxruntime")
         if floor is not None and not _VERSION.match(str(floor)):
             raise ValueError(f"onnx.min_onnxruntime {floor!r} is not a version like 1.23.0")
@@ -77,8 +94,16 @@ class OnnxBackend:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"onnx.kv_dtype {kv_dtype!r} is not one this runtime keeps a cache in "
                              f"({', '.join(KV_DTYPES)})")
-        return cls(model_file=d["model_file"], data_file=d.get("data_file"), io=dict(d["io"]),
-                   kv_dtype=kv_dtype, min_onnxruntime=floor, weight_bytes_per_token=per_token)
+        data_file = d.get("data_file")
+        return cls(model_file=_bundle_file_name("onnx.model_file", d["model_file"]),
+                   data_file=None if data_file is None else _bundle_file_name("onnx.data_file", data_file),
+                   io=_graph_io(d["io"]), kv_dtype=kv_dtype, min_onnxruntime=floor,
+                   weight_bytes_per_token=per_token)
+
+    @property
+    def files(self) -> list[str]:
+        """The bundle files ONNX Runtime opens: the graph and its external weights."""
+        return [self.model_file, *([self.data_file] if self.data_file else [])]
 
     def check_onnxruntime(self, installed: str) -> None:
         """Refuse to run on an ONNX Runtime older than the graph needs, naming the fix."""
@@ -100,9 +125,23 @@ class TokenizerFiles:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerFiles:
-        return cls(tokenizer_file=d["tokenizer_file"], chat_template_file=d.get("chat_template_file"),
-                   bos_token_id=d.get("bos_token_id"), add_bos_token=bool(d.get("add_bos_token", False)),
-                   special_tokens=dict(d.get("special_tokens", {})))
+        _check_type("tokenizer", d, dict)
+        template = d.get("chat_template_file")
+        bos = d.get("bos_token_id")
+        if bos is not None:
+            _check_count("tokenizer.bos_token_id", bos, minimum=0)
+        special_tokens = d.get("special_tokens", {})
+        _check_type("tokenizer.special_tokens", special_tokens, dict)
+        return cls(tokenizer_file=_bundle_file_name("tokenizer.tokenizer_file", d["tokenizer_file"]),
+                   chat_template_file=None if template is None else
+                   _bundle_file_name("tokenizer.chat_template_file", template),
+                   bos_token_id=bos, add_bos_token=bool(d.get("add_bos_token", False)),
+                   special_tokens=dict(special_tokens))
+
+    @property
+    def files(self) -> list[str]:
+        """The bundle files the runtime reads for text: the tokenizer and the chat template."""
+        return [self.tokenizer_file, *([self.chat_template_file] if self.chat_template_file else [])]
 
 
 @dataclass(frozen=True)
@@ -126,33 +165,142 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def runtime_files(self) -> list[str]:
+        """Every bundle file a runtime opens besides manifest.json: each must be listed in `files`."""
+        return [*(self.onnx.files if self.onnx else []), *self.tokenizer.files]
+
+    def check_runtime_files_listed(self) -> None:
+        """Refuse a manifest whose `files` leaves out a file the runtime opens: its sha256 would
+        never be checked (a truncated weight file would reach ONNX Runtime)."""
+        unlisted = [name for name in self.runtime_files if name not in self.files]
+        if unlisted:
+            raise BundleError(f"manifest.json is malformed (files has no sha256 for {', '.join(unlisted)}, "
+                              "which the runtime loads); re-convert the model.")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if not isinstance(d, dict):
+            raise BundleError(f"manifest.json is malformed (a JSON {type(d).__name__}, not an object); "
+                              "re-convert the model.")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version != FORMAT_VERSION:
             raise BundleError(
                 f"bundle format_version {version!r} is not supported by this nomoat runtime "
                 f"(it reads version {FORMAT_VERSION}). Re-convert the model with a matching "
                 "`nomoat convert`, or install the nomoat version that wrote the bundle."
             )
         try:
+            model = ModelInfo.from_dict(d["model"])
+            for name in ("generation_defaults", "quantization", "target", "source"):
+                _check_type(name, d.get(name, {}), dict)
+            _check_type("chat_format", d.get("chat_format"), (dict, type(None)))
             return cls(
                 format_version=version,
-                model=ModelInfo.from_dict(d["model"]),
+                model=model,
                 onnx=OnnxBackend.from_dict(d["onnx"]) if d.get("onnx") else None,
                 tokenizer=TokenizerFiles.from_dict(d["tokenizer"]),
-                max_context=int(d["max_context"]),
-                stop_token_ids=[int(t) for t in d["stop_token_ids"]],
-                generation_defaults=dict(d.get("generation_defaults", {})),
+                max_context=_check_count("max_context", d["max_context"]),
+                stop_token_ids=_token_ids("stop_token_ids", d["stop_token_ids"], model.vocab_size),
+                generation_defaults=_generation_defaults(d.get("generation_defaults", {})),
                 quantization=dict(d.get("quantization", {})),
-                target=dict(d.get("target", {})),
-                files=dict(d["files"]),
+                target=_target(d.get("target", {})),
+                files=_file_hashes(d["files"]),
                 source=dict(d.get("source", {})),
                 created_by=d.get("created_by", "nomoat"),
                 chat_format=d.get("chat_format"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"manifest.json is malformed ({type(e).__name__}: {e}); re-convert the model.") from e
+
+
+# -- checks of single fields (a ValueError here becomes Manifest.from_dict's "malformed" BundleError) --
+
+
+def _check_type(name: str, value: object, kind: type | tuple[type, ...]) -> None:
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} is {value!r}, not {_kind_name(kind)}")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {dict: "an object", str: "a string", list: "a list", type(None): "null"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _check_count(name: str, value: object, minimum: int = 1) -> int:
+    """An integer (JSON's, not "30" nor true) of at least minimum; returned for chaining."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} is {value!r}, not an integer >= {minimum}")
+    return value
+
+
+def _bundle_file_name(name: str, value: object) -> str:
+    """A file name in the bundle folder itself: never a path that leads elsewhere ("../x",
+    "/etc/passwd"), whose contents the bundle's checksums could not vouch for."""
+    _check_type(name, value, str)
+    if value in ("", ".", "..") or "/" in value or "\\" in value or "\0" in value:
+        raise ValueError(f"{name} {value!r} is not the name of a file in the bundle folder")
+    return value
+
+
+def _graph_io(io: object) -> dict[str, str]:
+    _check_type("onnx.io", io, dict)
+    missing = [key for key in GRAPH_IO if key not in io]
+    if missing:
+        raise ValueError(f"onnx.io has no name for {', '.join(missing)}")
+    for key in GRAPH_IO:
+        _check_type(f"onnx.io.{key}", io[key], str)
+    for key in KV_IO:
+        _check_layer_pattern(f"onnx.io.{key}", io[key])
+    return dict(io)
+
+
+def _check_layer_pattern(name: str, pattern: str) -> None:
+    """A KV input/output name with one {layer} placeholder, as the runtime formats it per layer."""
+    try:
+        distinct = pattern.format(layer=0) != pattern.format(layer=1)
+    except (KeyError, IndexError, ValueError, AttributeError):  # other braces: "{0}", "{x}", "{"
+        distinct = False
+    if not distinct:
+        raise ValueError(f"{name} {pattern!r} is not a name with a {{layer}} placeholder")
+
+
+def _token_ids(name: str, ids: object, vocab_size: int) -> list[int]:
+    _check_type(name, ids, list)
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise ValueError(f"{name} holds {token!r}, not a token id of the vocabulary (0 to {vocab_size - 1})")
+    return list(ids)
+
+
+def _generation_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The converter's sampling defaults, checked now rather than at the first answer."""
+    from .sampling import SamplingParams
+
+    sampling = {k: v for k, v in defaults.items() if k in SamplingParams.__dataclass_fields__ and v is not None}
+    try:
+        SamplingParams(**sampling)
+    except ValueError as e:
+        raise ValueError(f"generation_defaults: {e}") from None
+    if defaults.get("max_new_tokens") is not None:
+        _check_count("generation_defaults.max_new_tokens", defaults["max_new_tokens"])
+    return dict(defaults)
+
+
+def _target(target: dict[str, Any]) -> dict[str, Any]:
+    if target.get("threads") is not None:  # the thread count Model.load uses when given none
+        _check_count("target.threads", target["threads"])
+    return dict(target)
+
+
+def _file_hashes(files: object) -> dict[str, str]:
+    _check_type("files", files, dict)
+    for name, digest in files.items():
+        _bundle_file_name(f"files key {name!r}", name)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ValueError(f"files[{name!r}] {digest!r} is not a sha256 (64 hex digits)")
+    return dict(files)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -172,11 +320,14 @@ def read_manifest(bundle: Path, verify_files: bool = True) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{bundle} has no {MANIFEST_NAME}; it is not a nomoat bundle (run `nomoat convert`).")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BundleError(f"manifest.json is malformed (not UTF-8 text: {e}); re-convert the model.") from e
     except json.JSONDecodeError as e:
         raise BundleError(f"{path} is not valid JSON ({e}); the bundle is damaged, re-convert or re-copy it.") from e
     manifest = Manifest.from_dict(raw)
     if verify_files:
+        manifest.check_runtime_files_listed()
         check_files(bundle, manifest.files)
     return manifest
 

@@ -123,6 +123,8 @@ class Model:
         """
         from tokenizers import Tokenizer
 
+        if threads is not None:
+            check_count("threads", threads)
         bundle = Path(bundle)
         manifest = read_manifest(bundle, verify_files=verify_checksums)
         if manifest.onnx is None:
@@ -134,9 +136,16 @@ class Model:
         try:
             session = DecoderSession(bundle, manifest, SessionOptions(threads=threads, ort_config=ort_config))
         except Exception as e:
-            if not ort_config or not is_onnxruntime_error(e):
+            if not is_onnxruntime_error(e):
                 raise
-            raise OrtOptionsError(format_ort_options(ort_config), " ".join(str(e).split())) from e
+            reason = " ".join(str(e).split())
+            if ort_config:
+                raise OrtOptionsError(format_ort_options(ort_config), reason) from e
+            # The files passed their checksums, or were not checked (verify_checksums=False): a damaged
+            # copy is the likely cause, and ONNX Runtime's own words say which tensor.
+            raise BundleError(f"ONNX Runtime could not load {bundle / manifest.onnx.model_file}: {reason[:300]}. "
+                              "Copy the bundle again (Model.load checks every file's sha256 unless "
+                              "verify_checksums=False), or re-convert the model.") from e
         tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.tokenizer_file))
         trim_heap()
         return cls(bundle, manifest, session, tokenizer, prefill_chunk=prefill_chunk)
@@ -164,6 +173,7 @@ class Model:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Tokenize text; special-token strings in it (from a chat template) become their ids."""
+        check_utf8(text, "the prompt")
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         tok = self.manifest.tokenizer
         add_bos = tok.add_bos_token if add_bos is None else add_bos
@@ -176,8 +186,13 @@ class Model:
         if raw:
             if not isinstance(prompt, str):
                 raise TypeError("raw=True takes a plain string prompt, not a list of messages")
+            check_utf8(prompt, "the prompt")
             return prompt
-        return self.template.render(as_messages(prompt, system=system), add_generation_prompt=True)
+        messages = as_messages(prompt, system=system)
+        # Checked here, where a position is one in the caller's own text, not in the rendered prompt.
+        for index, message in enumerate(messages):
+            check_utf8(message["content"], _content_name(prompt, system, index))
+        return self.template.render(messages, add_generation_prompt=True)
 
     def prompt_ids(self, prompt: str | Messages, system: str | None = None, raw: bool = False) -> list[int]:
         return self.encode(self.render(prompt, system=system, raw=raw))
@@ -339,7 +354,7 @@ class Model:
         return logits
 
     def stream(self, prompt: str | Messages, max_new_tokens: int | None = None, *, system: str | None = None,
-               raw: bool = False, stop: Sequence[str] = (), temperature: float | None = None,
+               raw: bool = False, stop: str | Sequence[str] | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                repetition_penalty: float | None = None, repeat_last_n: int | None = None,
                seed: int | None = None, prompt_lookup: int = 0) -> Iterator[StreamEvent]:
@@ -355,7 +370,7 @@ class Model:
         yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup)
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
-                   params: SamplingParams | None = None, stop: str | Sequence[str] = (),
+                   params: SamplingParams | None = None, stop: str | Sequence[str] | None = None,
                    prompt_lookup: int = 0, *, cache_prompt: bool = True,
                    should_stop: Callable[[], bool] | None = None) -> Iterator[StreamEvent]:
         """Stream the answer to prompt ids (see stream).
@@ -367,12 +382,13 @@ class Model:
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
         _check_max_new_tokens(max_new)
+        check_count("prompt_lookup", prompt_lookup, minimum=0)
         stats = GenerationStats()
         detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopMatcher(stop)  # a bare string is one stop string
+        stops = StopMatcher(stop)  # None is none; a bare string is one stop string
         # The detokenizer drops special tokens from the text, so a stop string that is one
         # ("<|im_start|>", "<|endoftext|>") would never match there: it stops as a token instead.
-        special_stops = self._special_token_ids([stop] if isinstance(stop, str) else stop)
+        special_stops = self._special_token_ids(stops.strings)
         with self._exclusive():
             try:
                 plain_greedy = params is None or (params.greedy and not params.penalized)
@@ -467,7 +483,9 @@ class Chat:
         self.reset(system)
 
     def reset(self, system: str | None = None) -> None:
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        # "" is an empty system turn, as Model.stream(system="") renders it; only None leaves the turn
+        # out (and lets the template put in its default persona, if it has one).
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system is not None else []
         self._text = ""  # the conversation as the model saw it, as text ...
         self._ids: list[int] = []  # ... and as tokens
 
@@ -476,10 +494,11 @@ class Chat:
             return self._ids + self.model.encode(rendered[len(self._text):], add_bos=False)
         return self.model.encode(rendered)
 
-    def stream(self, text: str, max_new_tokens: int | None = None, *, stop: Sequence[str] = (),
+    def stream(self, text: str, max_new_tokens: int | None = None, *, stop: str | Sequence[str] | None = None,
                prompt_lookup: int = 0, **sampling: Any) -> Iterator[StreamEvent]:
         """Stream the answer to the next user message. prompt_lookup=N drafts from the whole
         conversation, as Model.stream does from its prompt (greedy only)."""
+        check_utf8(text, "the message")  # here, at a position in this message rather than in the conversation
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
         answer: list[int] = []
@@ -527,8 +546,41 @@ def _collect(events: Iterator[StreamEvent], model: Model) -> Completion:
 
 
 def _check_max_new_tokens(max_new_tokens: int) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_count("max_new_tokens", max_new_tokens)
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> None:
+    """An SDK count (tokens, threads) must be an integer, as SamplingParams' are: 2.5 would be
+    rounded somewhere unseen, '5' fail deep inside, and True pass as 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Refuse text that has no UTF-8 form, naming where and how to fix it. Python holds bytes that
+    were not UTF-8 in stdin or argv (a Latin-1 file) as lone surrogates (surrogateescape), which
+    the tokenizer cannot take."""
+    if not isinstance(text, str):
+        return  # the callers' own type checks say what a non-string is
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        found = (f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF  # an undecodable byte, escaped
+                 else f"a lone surrogate U+{code:04X}")
+        raise ValueError(f"{what} is not valid UTF-8 text: {found} at character {e.start + 1}; convert it to "
+                         "UTF-8, e.g. iconv -f LATIN1 -t UTF-8 for a Latin-1 file") from None
+
+
+def _content_name(prompt: str | Messages, system: str | None, index: int) -> str:
+    """How an error names the text of as_messages(prompt, system)[index]: as the caller gave it."""
+    if system is not None and index == 0:
+        return "the system message"
+    if isinstance(prompt, str):
+        return "the prompt"
+    return f"messages[{index - (system is not None)}]['content']"
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

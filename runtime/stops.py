@@ -12,7 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["StopMatcher"]
+__all__ = ["StopMatcher", "stop_string_tuple"]
+
+
+def stop_string_tuple(stop_strings: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The stop strings a caller gave, checked, each once in order. None is none (the default of the
+    OpenAI API and llama-cpp-python); a bare string is one stop string, not a sequence of characters."""
+    if stop_strings is None:
+        return ()
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    for stop in stops:
+        if not isinstance(stop, str) or not stop:
+            raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+    return tuple(dict.fromkeys(stops))  # dedupe, keep order
 
 
 class StopMatcher:
@@ -25,18 +37,18 @@ class StopMatcher:
     ('', True)
     """
 
-    def __init__(self, stop_strings: Sequence[str] | str = ()) -> None:
-        # A bare string is one stop string (as in the OpenAI API), not a sequence of characters.
-        stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-        for stop in stops:
-            if not isinstance(stop, str) or not stop:
-                raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-        self._stops = tuple(dict.fromkeys(stops))  # dedupe, keep order
+    def __init__(self, stop_strings: Sequence[str] | str | None = ()) -> None:
+        self._stops = stop_string_tuple(stop_strings)
         # Every proper prefix of every stop string: the tails worth holding back.
         self._prefixes = frozenset(stop[:i] for stop in self._stops for i in range(1, len(stop)))
         self._longest_prefix = max((len(p) for p in self._prefixes), default=0)
         self._held = ""
         self.matched: str | None = None  # the stop string that ended the stream, if any
+
+    @property
+    def strings(self) -> tuple[str, ...]:
+        """The stop strings, each once, in the order given."""
+        return self._stops
 
     @property
     def stopped(self) -> bool:
