@@ -51,6 +51,7 @@ def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[
     files_ok, problems = None, []
     if check:  # before report.json is read: a truncated one is a damaged file, not a parse error
         try:
+            manifest.check_runtime_files_listed()  # a file the runtime opens but no sha256 covers
             check_files(Path(bundle), manifest.files)
             files_ok = True
         except BundleError as e:

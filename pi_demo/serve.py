@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from nomoat.runtime.cli_generate import add_prompt_lookup_argument, ort_options, refused_ort_options
+from nomoat.runtime.cli_generate import add_prompt_lookup_argument, ort_options, refused_ort_options, thread_count
 
 log = logging.getLogger("pi_demo.serve")
 
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or the context's end")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads; None = the bundle's target")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the bundle's target)")
     p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
                    help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1 (default: none)")
     p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false",

@@ -845,3 +845,13 @@ def test_help_says_each_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--prompt-lookup N" in text and "(default: 0)" in text
     assert re.search(r"\(default[^)]*\) \(default", text) is None, text
+
+
+def test_threads_below_one_is_a_usage_error_before_the_model_loads(capsys):
+    from pi_demo.__main__ import main
+
+    # 0 would quietly mean ONNX Runtime's default (all cores), as in `nomoat generate`
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "/nonexistent-bundle", "--threads", "0"])
+    assert exit_info.value.code == 2
+    assert "'0' is not a number of threads: give 1 or more" in capsys.readouterr().err

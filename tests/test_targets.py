@@ -220,6 +220,16 @@ def test_inspect_flags_a_damaged_bundle_and_refuses_a_non_bundle(tiny_dir, tmp_p
     assert "not a nomoat bundle" in capsys.readouterr().err
 
 
+def test_inspect_flags_a_file_the_runtime_opens_but_no_sha256_covers(tiny_dir, tmp_path, capsys):
+    out = convert(ConvertOptions(model=str(tiny_dir), out=tmp_path / "b", quant="fp32", max_context=64,
+                                 progress=False, skip_verify=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["files"]["tokenizer.json"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert nomoat_main(["inspect", str(out)]) == 1
+    assert "files has no sha256 for tokenizer.json" in capsys.readouterr().err
+
+
 def test_inspect_reports_a_truncated_report_json_as_damage(tiny_dir, tmp_path, capsys):
     """report.json is a listed file: cut short (a partial copy), it is a sha256 mismatch, not a JSON traceback."""
     out = convert(ConvertOptions(model=str(tiny_dir), out=tmp_path / "b", quant="fp32", max_context=64,
