@@ -21,6 +21,13 @@ from .transport import Reply, TransportError, last_line
 _STATUS_MARKER = "__nomoat_rc="
 _STATUS_RE = re.compile(re.escape(_STATUS_MARKER) + r"(\d+)\s*$")
 
+# adb has no keepalive: a phone that drops off wifi mid-push leaves its connection open and silent, and
+# `adb push` would wait on it forever. So a push gets a deadline from the file's size: a minute, plus
+# a second a MB (1 MB/s is slower than a working cable or wifi pushes; USB 2 does 20-40). Module
+# values, read at each push, so a test can shrink them.
+PUSH_GRACE_S = 60.0
+PUSH_MIN_BYTES_PER_S = 1e6
+
 # `adb devices` states other than "device", with what to do about them.
 _STATE_FIXES = {
     "unauthorized": "unlock the phone and accept the 'Allow USB debugging?' prompt (tick 'Always allow'); "
@@ -39,6 +46,15 @@ _STATE_FIXES = {
 
 class AdbError(TransportError):
     """adb is missing, no usable device, or an adb command failed; the message says what to do."""
+
+
+class AdbTimeout(AdbError):
+    """An adb command did not finish in its time (the device stopped answering)."""
+
+
+def push_deadline(size: int) -> float:
+    """Seconds a push of size bytes may take before the device counts as gone (see PUSH_GRACE_S)."""
+    return PUSH_GRACE_S + size / PUSH_MIN_BYTES_PER_S
 
 
 @dataclass(frozen=True)
@@ -67,9 +83,16 @@ class Device:
         return Reply(out[:match.start()], result.stderr.replace("\r\n", "\n"), int(match.group(1)))
 
     def push(self, local: Path, remote: str, timeout: float | None = None) -> None:
-        """Copy one file to the device (adb creates the remote parent folders)."""
-        result = run_adb(self.adb, self.server_port, ["-s", self.serial, "push", str(local), remote],
-                         timeout=timeout)
+        """Copy one file to the device (adb creates the remote parent folders). timeout None: the
+        deadline push_deadline gives the file's size."""
+        deadline = push_deadline(local.stat().st_size) if timeout is None else timeout
+        try:
+            result = run_adb(self.adb, self.server_port, ["-s", self.serial, "push", str(local), remote],
+                             timeout=deadline)
+        except AdbTimeout as e:
+            raise AdbError(f"{local.name} did not reach {self.serial} in {deadline:.0f} s (at least "
+                           f"{PUSH_MIN_BYTES_PER_S / 1e6:g} MB/s was expected): the device stopped answering, as a "
+                           "phone that left the wifi or a loose cable does") from e
         if result.returncode != 0:
             raise AdbError(f"`adb push` of {local.name} to {remote} failed: "
                            f"{_last_error(result.stdout + result.stderr)}")
@@ -93,15 +116,19 @@ def find_adb() -> str:
 
 def run_adb(adb: str, server_port: int | None, args: list[str],
             timeout: float | None = 60) -> subprocess.CompletedProcess[str]:
-    """adb [-P PORT] ARGS, capturing its output. stdin is closed so a shell cannot wait on it."""
+    """adb [-P PORT] ARGS, capturing its output. stdin is closed so a shell cannot wait on it.
+
+    adb runs in a session of its own: the terminal's Ctrl-C then reaches only nomoat, which stops adb
+    itself (subprocess.run kills it on the way out), and a command that must not be cut in half (the
+    swap, deploy.swap_in_whole) runs to its end while nomoat holds the signal."""
     command = [adb, *(["-P", str(server_port)] if server_port else []), *args]
     try:
         return subprocess.run(command, capture_output=True, text=True, errors="replace",
-                              stdin=subprocess.DEVNULL, timeout=timeout)
+                              stdin=subprocess.DEVNULL, timeout=timeout, start_new_session=True)
     except FileNotFoundError as e:
         raise AdbError(f"cannot run {adb}: {e.strerror}. Install adb (`apt install adb`) or fix $ADB.") from e
     except subprocess.TimeoutExpired as e:
-        raise AdbError(f"`adb {' '.join(args[:3])}` did not finish in {timeout:.0f} s; check the cable and "
+        raise AdbTimeout(f"`adb {' '.join(args[:3])}` did not finish in {timeout:.0f} s; check the cable and "
                        "`adb devices`, then try again.") from e
 
 

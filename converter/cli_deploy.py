@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,33 +100,54 @@ SSH_ONLY = ("ssh_config", "remote_python")
 def run(args: argparse.Namespace) -> int:
     from nomoat.runtime.bench import BenchError
 
+    from .bundle import signals_interrupt
     from .deploy import DeployError, deploy_bundle
     from .transport import TransportError
 
+    deployed = None  # the bundle's path on the device once the new bundle is in place
     try:
-        check_transport_flags(args)
-        check_bench_flags(args)  # before deploying: a bad request should not cost a push
-        device, remote_dir = connect(args)
-        if args.bench and args.ssh:
-            from .ssh_bench import check_remote_runtime
+        with signals_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: the staging folder goes with them
+            check_transport_flags(args)
+            check_bench_flags(args)  # before deploying: a bad request should not cost a push
+            device, remote_dir = connect(args)
+            if args.bench and args.ssh:
+                from .ssh_bench import check_remote_runtime
 
-            check_remote_runtime(device, args.remote_python)  # before the push, too
-        result = deploy_bundle(args.bundle, device, remote_dir, args.name, progress=progress,
-                               android_app=not args.ssh, force=args.force)
-        progress(f"deployed {len(result.files)} files, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s "
-                 f"({result.mb_per_s:.1f} MB/s) to {result.serial}")
-        if not getattr(args, "json", False):
-            print(result.device_path, flush=True)  # deployed, whatever the benchmark does next
-        if args.bench:
-            from nomoat.runtime.cli_bench import format_table
+                check_remote_runtime(device, args.remote_python)  # before the push, too
+            result = deploy_bundle(args.bundle, device, remote_dir, args.name, progress=progress,
+                                   android_app=not args.ssh, force=args.force)
+            deployed = result.device_path
+            progress(f"deployed {len(result.files)} files, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s "
+                     f"({result.mb_per_s:.1f} MB/s) to {result.serial}")
+            if not getattr(args, "json", False):
+                print(result.device_path, flush=True)  # deployed, whatever the benchmark does next
+            if args.bench:
+                from nomoat.runtime.cli_bench import format_table
 
-            report = (run_ssh_bench(device, result.device_path, args) if args.ssh
-                      else run_bench(device, result.device_path, args))
-            print(json.dumps(report, indent=2) if args.json else f"\n{format_table(report)}")
+                report = (run_ssh_bench(device, result.device_path, args) if args.ssh
+                          else run_bench(device, result.device_path, args))
+                print(json.dumps(report, indent=2) if args.json else f"\n{format_table(report)}")
     except (TransportError, DeployError, BenchError) as e:
         print(f"nomoat deploy: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (bundle.Interrupted)
+        return report_interrupt(e, getattr(e, "deployed_to", None) or deployed)
     return 0
+
+
+def report_interrupt(e: KeyboardInterrupt, deployed: str | None) -> int:
+    """One line on stderr for Ctrl-C, SIGTERM or SIGHUP, saying which bundle the device holds; the exit
+    status, 128 + the signal. (bundle.report_interrupt's line, whose "nothing was written" is about a
+    conversion's output.) Before the swap the old bundle is untouched (the staging folder is removed,
+    or the next deploy removes it); deploy.swap_in_whole holds signals during the swap, so after it
+    the new one is in place."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    # Ctrl-C: a new line first, after the terminal's echoed ^C
+    how = "\nnomoat deploy: interrupted" if signum == signal.SIGINT else \
+        f"nomoat deploy: stopped by {signal.Signals(signum).name}"
+    state = f"the new bundle is in place at {deployed}" if deployed else "the bundle deployed before is unchanged"
+    print(f"{how}; {state}", file=sys.stderr)
+    return 128 + signum
 
 
 def connect(args: argparse.Namespace) -> tuple[Device | SshHost, str]:

@@ -6,17 +6,23 @@ bundle is never pushed), the device's free space next, then every file goes into
 staging folder beside the target, is checked with sha256sum on the device, and only then
 replaces the deployed bundle. On any failure the staging folder is removed and whatever
 was deployed before stays as it was: the device never holds a half-written bundle under
-the bundle's name.
+the bundle's name. Ctrl-C (and SIGTERM or SIGHUP, which the CLI turns into the same
+exception with bundle.signals_interrupt) unwinds the same way; during the swap itself they
+are held until it is done, so an interrupt lands either before it (the old bundle stays) or
+after it (the new one is in place), never between its two renames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import re
 import secrets
 import shlex
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -33,6 +39,11 @@ DEFAULT_REMOTE_DIR = "/data/local/tmp/nomoat"  # writable by adb's shell user on
 MANIFEST_NAME = "manifest.json"
 MB = 1e6
 MiB = 2**20
+# How long removing the staging folder may take. After an interrupt the user is waiting for their
+# terminal, and a device that stopped answering would hold them for the whole timeout; a folder
+# left behind costs little, as the next deploy removes it (recover_interrupted_deploy).
+CLEANUP_AFTER_INTERRUPT_S = 5.0
+CLEANUP_AFTER_ERROR_S = 15.0
 
 
 class DeployError(Exception):
@@ -93,10 +104,12 @@ def deploy_bundle(bundle: Path, device: Target, remote_dir: str = DEFAULT_REMOTE
         flush_to_storage(device)
         if android_app:
             make_readable(device, staging)
-        swap_in(device, staging, target, force)
-    except BaseException:  # Ctrl-C too: never leave a staging folder behind
-        remove_quietly(device, staging)
+        held = swap_in_whole(device, staging, target, force)
+    except BaseException as e:  # Ctrl-C too: never leave a staging folder behind
+        clean_up_staging(device, staging, e, say)
         raise
+    if held is not None:
+        deliver_after_swap(held, target)
     return DeployResult(device_path=target, serial=device.name, files=[f.name for f in files],
                         bytes=sum(f.size for f in files), seconds=seconds)
 
@@ -322,12 +335,61 @@ def swap_in(device: Target, staging: str, target: str, force: bool = False) -> N
                           f"(exit {reply.status}): {reply.error()}")
 
 
-def remove_quietly(device: Target, path: str) -> None:
-    """Best effort: the error that got us here matters more than one from cleaning up."""
+def swap_in_whole(device: Target, staging: str, target: str, force: bool = False) -> int | None:
+    """swap_in with Ctrl-C, SIGTERM and SIGHUP held until it is done: cut between its two renames, the
+    device would have no bundle under the name until the next deploy put the old one back. The signal
+    that came meanwhile (the first), for deliver_after_swap; a swap that fails raises its error instead,
+    which ends the deploy anyway. The transport program runs in a session of its own (adb.run_adb), so
+    the terminal's Ctrl-C does not stop it either."""
+    with signals_held() as held:
+        swap_in(device, staging, target, force)
+    return held[0] if held else None
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[list[int]]:
+    """Within the block, Ctrl-C, SIGTERM and SIGHUP are noted in the list instead of acted on; the old
+    handlers come back after. A signal set to be ignored stays ignored, and outside the main thread
+    (where Python cannot set handlers) nothing changes."""
+    held: list[int] = []
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            handler = signal.getsignal(signum) if signum is not None else None
+            if handler is not None and handler is not signal.SIG_IGN:
+                saved[signum] = signal.signal(signum, lambda n, _frame: held.append(n))
     try:
-        device.shell(f"rm -rf {shlex.quote(path)}", timeout=60)
+        yield held
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def deliver_after_swap(signum: int, target: str) -> None:
+    """Act on a signal held during the swap, now that the new bundle is in place: as its handler would
+    have (Ctrl-C's KeyboardInterrupt, the CLI's bundle.Interrupted), with deployed_to set so that the
+    message can say the new bundle is there."""
+    try:
+        signal.raise_signal(signum)
+    except KeyboardInterrupt as e:
+        e.deployed_to = target
+        raise
+
+
+def clean_up_staging(device: Target, staging: str, cause: BaseException, say: Callable[[str], None]) -> None:
+    """Remove the staging folder after a failure or an interrupt (briefly after an interrupt, see
+    CLEANUP_AFTER_INTERRUPT_S), and say so when it stays."""
+    timeout = CLEANUP_AFTER_INTERRUPT_S if isinstance(cause, KeyboardInterrupt) else CLEANUP_AFTER_ERROR_S
+    if not remove_quietly(device, staging, timeout):
+        say(f"could not remove the staging folder {staging} on {device.name}; the next deploy there removes it")
+
+
+def remove_quietly(device: Target, path: str, timeout: float = CLEANUP_AFTER_ERROR_S) -> bool:
+    """Best effort: the error that got us here matters more than one from cleaning up. Whether it went."""
+    try:
+        return device.shell(f"rm -rf {shlex.quote(path)}", timeout=timeout).status == 0
     except TransportError:
-        pass
+        return False
 
 
 def _size(n: int) -> str:

@@ -98,7 +98,9 @@ class SshHost:
 
     def _run(self, command: str, stdin=subprocess.DEVNULL, timeout: float | None = 600) -> subprocess.CompletedProcess:
         try:
-            raw = subprocess.run(self.command(command), capture_output=True, stdin=stdin, timeout=timeout)
+            # A session of its own, as adb's (adb.run_adb): the terminal's Ctrl-C reaches only nomoat.
+            raw = subprocess.run(self.command(command), capture_output=True, stdin=stdin, timeout=timeout,
+                                 start_new_session=True)
         except FileNotFoundError as e:
             raise SshError(f"cannot run {self.ssh}: {e.strerror}. Install the ssh client (`apt install "
                            "openssh-client`).") from e

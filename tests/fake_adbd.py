@@ -10,6 +10,10 @@ Knobs for tests: fail_on_push(substring) makes SEND of matching paths fail after
 chunk (a disk that fills up mid-file), corrupt_on_push(substring) flips a byte of such files
 and still answers OKAY (bad storage), df_output makes `df` print a given text, shell_log
 records every shell command the device ran and events the services and sync requests.
+throttle_push(seconds) sleeps that long after each chunk of every SEND (a push slow enough
+to interrupt), and freeze_on_push(substring) makes the whole device go silent after the first
+chunk of a matching SEND, its connection open and nothing answered (a phone that left the
+wifi), until thaw() or reset().
 
 The phone's own tools the nomoat app is driven with are simulated too: `am` (start and
 force-stop), `logcat` (-c, -d, -v raw, TAG:PRIORITY filters) and `getprop` are scripts on the
@@ -210,6 +214,9 @@ class FakeAdbDevice:
         self.events: list[tuple[str, str]] = []  # (what, detail): CNXN banners, OPENed services, sync requests
         self._fail_on_push: list[str] = []
         self._corrupt_on_push: list[str] = []
+        self._push_chunk_delay = 0.0
+        self._freeze_on_push: list[str] = []
+        self._thawed = threading.Event()
         self.props: dict[str, str] = {"ro.product.model": "fake", "ro.soc.model": "FakeSoC"}
         self.app_starts: list[dict[str, object]] = []  # the extras of each `am start` of the app
         self._app: SimulatedApp | None = None
@@ -232,6 +239,20 @@ class FakeAdbDevice:
         """SEND of a path containing path_substring flips the file's first byte yet replies OKAY."""
         self._corrupt_on_push.append(path_substring)
 
+    def throttle_push(self, seconds_per_chunk: float) -> None:
+        """Every SEND waits this long after each 64 KiB chunk, the device answering all else meanwhile."""
+        self._push_chunk_delay = seconds_per_chunk
+
+    def freeze_on_push(self, path_substring: str) -> None:
+        """SEND of a path containing path_substring writes one chunk, then the whole device stops
+        answering (its event loop blocks) until thaw(): for the adb server, a silent connection."""
+        self._thawed.clear()
+        self._freeze_on_push.append(path_substring)
+
+    def thaw(self) -> None:
+        self._freeze_on_push.clear()
+        self._thawed.set()
+
     def install_app(self, app: SimulatedApp | None) -> None:
         """Put the nomoat app on the phone (None: uninstall it); see the module doc."""
         self._app = app
@@ -241,8 +262,10 @@ class FakeAdbDevice:
             self._logcat.append((priority, tag, message))
 
     def reset(self) -> None:
+        self.thaw()
         self._fail_on_push.clear()
         self._corrupt_on_push.clear()
+        self._push_chunk_delay = 0.0
         self.df_output = None
         self.shell_log.clear()
         self.events.clear()
@@ -470,6 +493,7 @@ class FakeAdbDevice:
         path, _, mode_text = spec.rpartition(",")
         mode = stat.S_IMODE(int(mode_text)) if mode_text.isdigit() else 0o644
         fail_after_first_chunk = any(s in path for s in self._fail_on_push)
+        freeze_after_first_chunk = any(s in path for s in self._freeze_on_push)
         error = None
         try:
             os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
@@ -490,6 +514,11 @@ class FakeAdbDevice:
                 f.write(block)
                 if fail_after_first_chunk:
                     error = f"{path}: No space left on device (fake_adbd fail_on_push)"
+                if freeze_after_first_chunk and chunks == 1:
+                    f.flush()  # the test sees the push under way
+                    self._thawed.wait(timeout=300)  # blocks the loop: nothing on this device answers
+            if self._push_chunk_delay:
+                await asyncio.sleep(self._push_chunk_delay)
         if f is not None:
             f.close()
             os.chmod(path, mode)
