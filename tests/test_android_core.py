@@ -10,6 +10,7 @@ one runtime/sampling.py draws from, for the same logits and parameters.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -121,7 +122,15 @@ def test_a_damaged_copy_is_refused_by_both_naming_the_file(tiny_bundle, tmp_path
         assert "error" not in kotlin_bundle(copy, "--no-verify")
 
 
-@pytest.mark.parametrize("edit", ["format_version-2", "format_version-missing", "no-max_context", "no-model"])
+# onnx fields the Python runtime checks (OnnxBackend.from_dict), with a value it refuses.
+BAD_ONNX_FIELDS = {"onnx-kv_dtype-bfloat16": ("kv_dtype", "bfloat16"), "onnx-kv_dtype-null": ("kv_dtype", None),
+                   "onnx-weight_bytes_per_token-0": ("weight_bytes_per_token", 0),
+                   "onnx-weight_bytes_per_token-1.5": ("weight_bytes_per_token", 1.5),
+                   "onnx-weight_bytes_per_token-true": ("weight_bytes_per_token", True)}
+
+
+@pytest.mark.parametrize("edit", ["format_version-2", "format_version-missing", "no-max_context", "no-model",
+                                  *BAD_ONNX_FIELDS])
 def test_a_bad_manifest_is_refused_by_both(tiny_bundle, tmp_path, edit):
     copy = _copy(tiny_bundle, tmp_path / "copy")
     raw = json.loads((copy / "manifest.json").read_text())
@@ -129,6 +138,9 @@ def test_a_bad_manifest_is_refused_by_both(tiny_bundle, tmp_path, edit):
         raw["format_version"] = 2
     elif edit == "format_version-missing":
         del raw["format_version"]
+    elif edit in BAD_ONNX_FIELDS:
+        field, value = BAD_ONNX_FIELDS[edit]
+        raw["onnx"][field] = value
     else:
         del raw[edit.removeprefix("no-")]
     (copy / "manifest.json").write_text(json.dumps(raw))
@@ -138,6 +150,10 @@ def test_a_bad_manifest_is_refused_by_both(tiny_bundle, tmp_path, edit):
         # The same sentence up to who reads it: "... is not supported by this nomoat runtime/app".
         assert kotlin.split(" is not supported")[0] == python.split(" is not supported")[0]
         assert "Re-convert the model with a matching `nomoat convert`" in kotlin
+    elif edit in BAD_ONNX_FIELDS:
+        # The same reason in the same words, e.g. "onnx.kv_dtype 'bfloat16' is not one this runtime keeps ...".
+        reason = re.search(r"\((onnx\.\w+ .*)\); re-convert the model\.$", kotlin)
+        assert reason and reason.group(1) in python, (kotlin, python)
     else:
         field = edit.removeprefix("no-")
         assert field in python and f'missing "{field}"' in kotlin and "re-convert the model" in kotlin

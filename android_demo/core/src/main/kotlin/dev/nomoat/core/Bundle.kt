@@ -133,11 +133,7 @@ class Manifest(
             val version = d.opt("format_version")
             // JSON 1 and 1.0 both read as version 1 (as Python's `version != 1` does); anything else is refused.
             if (version !is Number || version.toDouble() != FORMAT_VERSION.toDouble()) {
-                val shown = when (version) {
-                    null, JSONObject.NULL -> "None"
-                    is String -> "'$version'"
-                    else -> version.toString()
-                }
+                val shown = pythonRepr(version)
                 throw BundleException(
                     "bundle format_version $shown is not supported by this nomoat app (it reads version " +
                         "$FORMAT_VERSION). Re-convert the model with a matching `nomoat convert`, or install the " +
@@ -159,15 +155,19 @@ class Manifest(
                 // Python: `if d.get("onnx")` -- absent, null and {} all mean "no ONNX graph".
                 val o = d.optJSONObject("onnx")?.takeIf { it.length() > 0 }
                 val onnx = o?.let {
+                    // Checked in OnnxBackend.from_dict's order, so a manifest wrong twice names the same field.
+                    val floor = optStr(it, "min_onnxruntime")?.also { v ->
+                        if (versionParts(v) == null) throw Malformed("onnx.min_onnxruntime '$v' is not a version like 1.23.0")
+                    }
+                    checkWeightBytesPerToken(it)
+                    val kvDtype = kvDtype(it)
                     val io = obj(it, "io")
                     OnnxSection(
                         modelFile = str(it, "model_file"),
                         dataFile = optStr(it, "data_file"),
                         io = io.keys().asSequence().associateWith { k -> str(io, k) },
-                        kvDtype = optStr(it, "kv_dtype") ?: "float32",
-                        minOnnxRuntime = optStr(it, "min_onnxruntime")?.also { v ->
-                            if (versionParts(v) == null) throw Malformed("onnx.min_onnxruntime '$v' is not a version like 1.23.0")
-                        }
+                        kvDtype = kvDtype,
+                        minOnnxRuntime = floor
                     )
                 }
                 val t = obj(d, "tokenizer")
@@ -199,6 +199,38 @@ class Manifest(
             } catch (e: Malformed) {
                 throw BundleException("$MANIFEST_NAME is malformed (${e.message}); re-convert the model.", e)
             }
+        }
+
+        /** The KV cache element types a bundle may name (runtime/manifest.py KV_DTYPES); the app itself
+         *  runs only float32 (OrtForward says so), but the manifest is read as the Python runtime reads it. */
+        val KV_DTYPES = listOf("float32", "float16")
+
+        /** onnx.kv_dtype, "float32" when absent; a JSON null is refused, as Python's None is. */
+        private fun kvDtype(o: JSONObject): String {
+            val v = if (o.has("kv_dtype")) o.opt("kv_dtype") else "float32"
+            if (v !is String || v !in KV_DTYPES) {
+                throw Malformed("onnx.kv_dtype ${pythonRepr(v)} is not one this runtime keeps a cache in " +
+                    "(${KV_DTYPES.joinToString(", ")})")
+            }
+            return v
+        }
+
+        /** onnx.weight_bytes_per_token (weight bytes one decode step reads; the bench divides the bandwidth
+         *  by it) is absent, null or a whole number of at least 1. */
+        private fun checkWeightBytesPerToken(o: JSONObject) {
+            if (!o.has("weight_bytes_per_token") || o.isNull("weight_bytes_per_token")) return
+            val v = o.opt("weight_bytes_per_token")
+            if ((v !is Int && v !is Long) || (v as Number).toLong() < 1) {
+                throw Malformed("onnx.weight_bytes_per_token ${pythonRepr(v)} is not a positive number of bytes")
+            }
+        }
+
+        /** A JSON value as Python's repr shows it, for messages worded as the Python runtime's. */
+        private fun pythonRepr(v: Any?): String = when (v) {
+            null, JSONObject.NULL -> "None"
+            is String -> "'$v'"
+            is Boolean -> if (v) "True" else "False"
+            else -> v.toString()
         }
 
         // Field readers that name what is wrong (org.json's own messages do not say where).
