@@ -12,7 +12,7 @@ import pytest
 from nomoat.converter.convert import ConvertOptions, convert
 from nomoat.converter.weight_bytes import int8_packed_size
 from nomoat.runtime.bandwidth import read_bandwidth
-from nomoat.runtime.manifest import OnnxBackend, read_manifest
+from nomoat.runtime.manifest import GRAPH_IO, OnnxBackend, read_manifest
 from tiny_models import make_tiny_hf_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -105,14 +105,18 @@ def test_bandwidth_command_prints_one_json_line(capsys):
         main(["0"])
 
 
+# Every graph name the runtime binds (the KV ones per layer), as the converter writes them.
+IO = {name: f"{name}.{{layer}}" if name.startswith(("past", "present")) else name for name in GRAPH_IO}
+
+
 @pytest.mark.parametrize("bad", [0, -5, "90 MB", 1.5, True])
 def test_manifest_refuses_a_count_that_is_not_bytes(bad):
-    d = {"model_file": "model.onnx", "data_file": None, "io": {}, "weight_bytes_per_token": bad}
+    d = {"model_file": "model.onnx", "data_file": None, "io": IO, "weight_bytes_per_token": bad}
     with pytest.raises(ValueError, match="weight_bytes_per_token"):
         OnnxBackend.from_dict(d)
 
 
 def test_manifest_without_the_count_is_an_older_bundle():
-    d = {"model_file": "model.onnx", "data_file": None, "io": {}}
+    d = {"model_file": "model.onnx", "data_file": None, "io": IO}
     assert OnnxBackend.from_dict(d).weight_bytes_per_token is None
     assert OnnxBackend.from_dict({**d, "weight_bytes_per_token": 101_525_240}).weight_bytes_per_token == 101_525_240
