@@ -30,7 +30,8 @@ from pathlib import Path
 from peer_executorch import executorch_8da4w
 
 CACHE = Path("build/bench-cache")
-GENAI_ALL_LOGITS = "ONNX Runtime GenAI int4, logits for every position"  # for its drafter only
+# For its drafter only; also the label of a prompt-lookup run's plain GenAI row, which runs this graph.
+GENAI_ALL_LOGITS = "ONNX Runtime GenAI int4 (all-position logits)"
 
 
 def default_gguf() -> Path:

@@ -212,6 +212,12 @@ class ExecuTorchEngine:
         self.method = None
         self.position = 0
 
+    def import_library(self) -> None:
+        # torch comes with ExecuTorch's Python bindings: ~320 MB of the worker's RSS before any model.
+        import torch  # noqa: F401
+
+        _register_llm_kernels()
+
     def prepare(self) -> None:
         import torch
         from executorch.extension.pybindings import portable_lib

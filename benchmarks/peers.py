@@ -12,8 +12,48 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
+class CountedDrafts:
+    """A drafter for llama-cpp-python's `Llama(draft_model=...)`, unchanged, that records each proposal:
+    llama-cpp-python does not count its drafts, and the lookup table shows how many were kept.
+
+    `Llama.generate` asks the drafter after each token it samples with the sequence so far (prompt and
+    generated tokens, that one included), checks every drafted token in its next pass, and keeps the
+    leading ones its model picks itself: so a draft is kept where the sequence later holds it."""
+
+    def __init__(self, drafter):
+        self.drafter = drafter
+        self.proposals: list[tuple[int, list[int]]] = []  # (length of the sequence it drafted after, draft)
+
+    def __call__(self, input_ids, /, **kwargs):
+        draft = self.drafter(input_ids, **kwargs)
+        self.proposals.append((len(input_ids), [int(t) for t in draft]))
+        return draft
+
+    def counts(self, sequence: Sequence[int]) -> tuple[int, int]:
+        """(drafted, kept) over the proposals so far, against the whole sequence (prompt + output).
+        Drafted tokens past the end of the output (the last pass's, when the count stops the run) were
+        checked but are not kept; nomoat drafts no further than the count."""
+        drafted = sum(len(draft) for _, draft in self.proposals)
+        kept = sum(matching_prefix(draft, sequence[start:start + len(draft)]) for start, draft in self.proposals)
+        return drafted, kept
+
+    def clear(self) -> None:
+        self.proposals.clear()
+
+
+def matching_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class LlamaCppEngine:
-    """llama.cpp through llama-cpp-python, as its users run it: `Llama.generate` at temperature 0."""
+    """llama.cpp through llama-cpp-python, as its users run it: `Llama.generate` at temperature 0.
+
+    With prompt lookup, llama-cpp-python's own drafter (LlamaPromptLookupDecoding); given a draft model,
+    llama-cpp-python also computes every position's logits (its Llama(): `logits_all = ... True` when
+    draft_model is set), so its drafting row measures that too: benchmarks/run.py labels it so."""
 
     def __init__(self, gguf: str, threads: int, context: int, name: str = "llama.cpp Q4_0",
                  prompt_lookup: int = 0):
@@ -23,13 +63,20 @@ class LlamaCppEngine:
         self.name = name
         self.prompt_lookup = prompt_lookup
         self.llm = None
+        self.drafts: CountedDrafts | None = None
+        self._sequence: list[int] = []  # the last run's prompt and output, for draft_counts
+
+    def import_library(self) -> None:
+        import llama_cpp  # noqa: F401
+        import llama_cpp.llama_speculative  # noqa: F401
 
     def prepare(self) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-        # llama-cpp-python's own prompt-lookup drafter, as its users turn it on.
-        draft = LlamaPromptLookupDecoding(num_pred_tokens=self.prompt_lookup) if self.prompt_lookup else None
+        # llama-cpp-python's own prompt-lookup drafter, as its users turn it on, counted.
+        if self.prompt_lookup:
+            self.drafts = CountedDrafts(LlamaPromptLookupDecoding(num_pred_tokens=self.prompt_lookup))
         # The same thread count for prompt batches and single tokens, like the other systems.
         # flash_attn: llama.cpp's own default ("auto") turns flash attention on for this CPU, and it
         # prefills 1.2-1.5x faster so; llama-cpp-python's default is off. use_mmap off (llama.cpp's
@@ -38,20 +85,26 @@ class LlamaCppEngine:
         # avoids by handing its own file pages back (both measured, benchmarks/README.md).
         self.llm = Llama(model_path=str(self.gguf), n_ctx=self.context, n_threads=self.threads,
                          n_threads_batch=self.threads, n_batch=min(512, self.context), verbose=False,
-                         draft_model=draft, flash_attn=True, use_mmap=False)
+                         draft_model=self.drafts, flash_attn=True, use_mmap=False)
 
     def run(self, prompt_ids: Sequence[int], new_tokens: int) -> Iterator[int]:
-        count = 0
+        self._sequence = list(prompt_ids)
+        if self.drafts is not None:
+            self.drafts.clear()
         # generate() never stops by itself (no end-of-sequence check): the count stops it.
         for token in self.llm.generate(list(prompt_ids), temp=0.0, repeat_penalty=1.0, reset=True):
+            self._sequence.append(int(token))
             yield int(token)
-            count += 1
-            if count == new_tokens:
+            if len(self._sequence) == len(prompt_ids) + new_tokens:
                 return
 
     def reset(self) -> None:
         # Forget the cached tokens; otherwise generate() reuses the matching prefix of the prompt.
         self.llm.reset()
+
+    def draft_counts(self) -> tuple[int, int] | None:
+        """(drafted, kept) tokens of the last run with prompt lookup; None for plain decoding."""
+        return self.drafts.counts(self._sequence) if self.drafts is not None else None
 
     def model_bytes(self) -> int | None:
         return self.gguf.stat().st_size
@@ -69,6 +122,9 @@ class OrtGenAIEngine:
         self.prompt_lookup = prompt_lookup
         self.model = None
         self.generator = None
+
+    def import_library(self) -> None:
+        import onnxruntime_genai  # noqa: F401
 
     def prepare(self) -> None:
         import onnxruntime_genai as og
@@ -131,6 +187,9 @@ class GenAIGraphEngine:
         self.context = context
         self.name = name
         self.session = None
+
+    def import_library(self) -> None:
+        import onnxruntime  # noqa: F401
 
     def prepare(self) -> None:
         import numpy as np

@@ -30,7 +30,7 @@ from typing import Any
 from artifacts import GENAI_ALL_LOGITS, default_gguf, peer_artifacts
 from bandwidth import bytes_per_token, ceiling_table
 from nomoat.runtime.bandwidth import read_bandwidth
-from nomoat.runtime.bench import BenchError, RoundResult, summarize, synthetic_prompt_ids
+from nomoat.runtime.bench import BenchError, RoundResult, process_peak_rss_mb, summarize, synthetic_prompt_ids
 from nomoat.runtime.bench_plot import plot_summaries, require_matplotlib
 from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
 from nomoat.runtime.chat_template import ChatTemplate, as_messages
@@ -40,7 +40,7 @@ from nomoat.runtime.manifest import Manifest, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "llama.cpp Q4_0"
-RATIO_METRICS = ("decode_tps", "prefill_tps", "ttft_ms", "peak_rss_mb")
+RATIO_METRICS = ("decode_tps", "prefill_tps", "ttft_ms", "peak_rss_mb")  # medians, but RSS: the peak
 ORTGENAI = "ONNX Runtime GenAI int4"
 GENAI_GRAPH = "GenAI graph, nomoat loop"
 CHECK_QUESTION, CHECK_ANSWER = "What is the capital of France?", "Paris"
@@ -81,15 +81,16 @@ def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int,
     ortgenai = ORTGENAI
     executorch = "ExecuTorch 8da4w"
     # GenAI's n-gram drafter needs logits for every drafted position; its plain rows run the graph
-    # with last-position logits (artifacts.py), and a lookup run's plain GenAI row the drafter's graph.
-    genai_dir = peers.get(GENAI_ALL_LOGITS, peers[ortgenai]) if prompt_lookup else peers[ortgenai]
+    # with last-position logits (artifacts.py), and a lookup run's plain GenAI row the drafter's graph,
+    # labelled as that graph (it prefills slower: it runs the LM head on every prompt position).
+    genai_label = GENAI_ALL_LOGITS if prompt_lookup else ortgenai
     plain = [
         (label, "nomoat.runtime.bench:NomoatEngine",
          {"bundle": str(bundle.resolve()), "threads": threads, "name": label}),
         (BASELINE, "peers:LlamaCppEngine",
          {"gguf": str(peers[BASELINE]), "threads": threads, "context": context}),
-        (ortgenai, "peers:OrtGenAIEngine",
-         {"model_dir": str(genai_dir), "threads": threads, "context": context}),
+        (genai_label, "peers:OrtGenAIEngine",
+         {"model_dir": str(peers[genai_label]), "threads": threads, "context": context}),
     ]
     if not prompt_lookup:
         graph = [(GENAI_GRAPH, "peers:GenAIGraphEngine",
@@ -101,6 +102,11 @@ def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int,
 
 
 def lookup_label(system: str, prompt_lookup: int) -> str:
+    """The label of a system's drafting row. llama.cpp's says whose drafter it is and what it turns on:
+    given a draft model, llama-cpp-python computes every position's logits (`logits_all` forced on),
+    which plain llama.cpp does not, so the row measures llama-cpp-python's drafting, not llama.cpp's."""
+    if system == BASELINE:
+        return f"{system} + lookup {prompt_lookup} (llama-cpp-python's drafter, all-position logits)"
     return f"{system} + lookup {prompt_lookup}"
 
 
@@ -157,6 +163,7 @@ def measure_threads(args: argparse.Namespace, peers: dict[str, Path], manifest: 
             job.worker.close()
     return [{"system": job.worker.label, "threads": threads, "model_bytes": job.worker.ready["model_bytes"],
              "load_s": job.worker.ready["load_s"], "machine": job.worker.ready["machine"], **check,
+             "rss_before_load_mb": job.worker.rss_before_load_mb, "peak_rss_mb": process_peak_rss_mb(job.rounds),
              "summary": summarize(job.rounds).to_dict(), "rounds": [r.to_dict() for r in job.rounds]}
             for job, check in zip(jobs, checks, strict=True)]
 
@@ -209,6 +216,12 @@ def _median(result: dict[str, Any], metric: str) -> float:
     return result["summary"][metric]["median"]
 
 
+def _ratio_value(result: dict[str, Any], metric: str) -> float:
+    """The number a ratio divides: the median of a rate or time, the worker's peak for RSS (it only grows
+    within a process, so the rounds' median is below the peak; process_peak_rss_mb)."""
+    return result["peak_rss_mb"] if metric == "peak_rss_mb" else _median(result, metric)
+
+
 def _with_range(result: dict[str, Any], metric: str, fmt: str) -> str:
     s = result["summary"][metric]
     return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
@@ -216,28 +229,50 @@ def _with_range(result: dict[str, Any], metric: str, fmt: str) -> str:
 
 def markdown_table(results: list[dict[str, Any]], prompt_lookup: int = 0) -> str:
     """One row per system and thread count; ratios against llama.cpp Q4_0 at the same threads.
-    A prompt-lookup run adds the drafted tokens kept a round where a system counts them (nomoat, GenAI)."""
+    Peak RSS is the worker's over all its rounds; RSS before load, its peak with its library imported
+    and no model. A prompt-lookup run adds the drafted tokens kept a round where a system counts them."""
     lookup_head, lookup_rule = (" drafts kept |", "---|") if prompt_lookup else ("", "")
-    lines = ["| system | threads | file MB | prefill t/s | decode t/s | TTFT ms | peak RSS MB "
+    lines = ["| system | threads | file MB | prefill t/s | decode t/s | TTFT ms | peak RSS MB | RSS before load MB "
              f"| decode × | prefill × | TTFT × | RSS × |{lookup_head}",
-             f"|---|---|---|---|---|---|---|---|---|---|---|{lookup_rule}"]
+             f"|---|---|---|---|---|---|---|---|---|---|---|---|{lookup_rule}"]
     for r in results:
         base = next(b for b in results if b["system"] == BASELINE and b["threads"] == r["threads"])
-        ratios = [_median(r, m) / _median(base, m) for m in RATIO_METRICS]
+        ratios = [_ratio_value(r, m) / _ratio_value(base, m) for m in RATIO_METRICS]
         name = r["system"] if r["answer_ok"] else f"{r['system']} (wrong answer!)"
         drafts = f" {drafts_kept(r['rounds'])} |" if prompt_lookup else ""
         lines.append(f"| {name} | {r['threads']} | {r['model_bytes'] / 1e6:.0f} "
                      f"| {_with_range(r, 'prefill_tps', '.0f')} | {_with_range(r, 'decode_tps', '.1f')} "
-                     f"| {_with_range(r, 'ttft_ms', '.0f')} | {_median(r, 'peak_rss_mb'):.0f} | "
+                     f"| {_with_range(r, 'ttft_ms', '.0f')} | {r['peak_rss_mb']:.0f} "
+                     f"| {_mb(r['rss_before_load_mb'])} | "
                      + " | ".join(f"{x:.2f}×" for x in ratios) + f" |{drafts}")
     return "\n".join(lines)
 
 
+def _mb(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse counts that would measure something else than the heading says, in one line."""
+    problems = [
+        (args.new_tokens < 2, "--new-tokens must be >= 2: decode is timed from the first token to the last"),
+        (args.prompt_tokens < 1, "--prompt-tokens must be >= 1"),
+        (args.rounds < 1, "--rounds must be >= 1"),
+        (args.warmup < 0, "--warmup must be >= 0 (0 times every round, the first cold one too)"),
+        (args.prompt_lookup < 0, "--prompt-lookup must be >= 0 (0: plain decoding)"),
+        (any(t < 1 for t in args.threads or []), "--threads must be >= 1"),
+        (len(set(args.threads or [])) < len(args.threads or []),
+         "--threads names the same count twice; to repeat a measurement, raise --rounds"),
+    ]
+    problem = next((message for bad, message in problems if bad), None)
+    if problem is not None:
+        raise SystemExit(f"benchmarks/run.py: {problem}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_args(args)
     threads = args.threads or [2]
-    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.rounds < 1 or args.prompt_lookup < 0:
-        raise SystemExit("need --new-tokens >= 2, --prompt-tokens >= 1, --rounds >= 1 and --prompt-lookup >= 0")
     try:
         manifest = read_manifest(args.bundle)
     except BundleError as e:
@@ -298,7 +333,9 @@ def report_heading(report: dict[str, Any]) -> str:
             f"{Path(report['source']).name}; "
             f"{report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, KV capacity "
             f"{report['context']}; median (min–max) of {report['rounds']} alternating rounds after "
-            f"{report['warmup']} warm-up; ratios vs {BASELINE} (medians). Load average "
+            f"{report['warmup']} warm-up; peak RSS: each worker's largest over its rounds, RSS before load: its "
+            f"peak with its library imported, before the model; ratios vs {BASELINE} (medians; RSS: peaks). "
+            "Load average "
             f"{report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after."
             + (f" Prompt lookup: up to {report['prompt_lookup']} drafted tokens per pass, each system's own "
                "drafter; the prompt is prose that repeats, so the text goes on repeating its context: "

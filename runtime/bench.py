@@ -60,6 +60,8 @@ class Engine(Protocol):
     def model_bytes(self) -> int | None:
         """Size on disk of the weights this engine loaded (None if unknown)."""
 
+    # Optional: import_library() -> None imports the library that runs the model, without loading one,
+    # so the worker's RSS before the model (rss_before_load_bytes) includes the library.
     # Optional, for the bandwidth ceiling (engines without them get no ceiling):
     #   weight_bytes_per_token() -> int | None: bytes of weights one decode step reads
     #   threads_used() -> int: the threads it decodes with
@@ -205,6 +207,14 @@ def summarize(rounds: Sequence[RoundResult]) -> Summary:
     return Summary(len(rounds), **{m: stat(m) for m in METRICS})
 
 
+def process_peak_rss_mb(rounds: Sequence[RoundResult]) -> float | None:
+    """The peak RSS of the process that ran the rounds: the largest reading, not their median. Each
+    reading is the peak so far (VmHWM only grows within a process), so a median is some middle round's
+    and understates the last."""
+    values = [mb for r in rounds if (mb := r.peak_rss_mb) is not None]
+    return max(values) if values else None
+
+
 # -- prompts -------------------------------------------------------------------------------
 
 def repeat_to_length(ids: Sequence[int], n: int) -> list[int]:
@@ -256,6 +266,11 @@ class NomoatEngine:
         self.ort_options = dict(ort_options or {})
         self.model = None
         self._stats = None  # the last run's GenerationStats, for draft_counts
+
+    def import_library(self) -> None:
+        import onnxruntime  # noqa: F401
+
+        from . import model  # noqa: F401
 
     def prepare(self) -> None:
         from .model import Model

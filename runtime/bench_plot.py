@@ -1,4 +1,5 @@
-"""A chart of benchmark summaries: one panel per metric, one bar per system, min–max whiskers.
+"""A chart of benchmark summaries: one panel per metric, one bar per system, min–max whiskers
+(peak RSS: the largest reading, no whiskers).
 
 matplotlib is optional (it is no dependency of the runtime): it is imported only here, only
 when a chart is asked for.
@@ -16,8 +17,11 @@ PANELS = (  # metric, title, better
     ("decode_tps", "Decode (tokens/s)", "higher is better"),
     ("prefill_tps", "Prefill (tokens/s)", "higher is better"),
     ("ttft_ms", "Time to first token (ms)", "lower is better"),
-    ("peak_rss_mb", "Peak RSS (MB)", "lower is better"),
+    ("peak_rss_mb", "Peak RSS (MB), the largest over the rounds", "lower is better"),
 )
+# Each round reads the process's peak so far (VmHWM only grows): the peak is the largest reading, and
+# the readings' spread is no spread of a measurement.
+PEAKS = {"peak_rss_mb"}
 
 
 def require_matplotlib() -> None:
@@ -62,18 +66,22 @@ def draw_summaries(entries: Sequence[tuple[str, Summary]], title: str, groups: S
     fig, axes = plt.subplots(2, 2, figsize=(max(8.0, 1.6 * len(entries) + 4), 7.5), constrained_layout=True)
     for ax, (metric, name, better) in zip(axes.flat, PANELS, strict=True):
         stats: list[Stat | None] = [getattr(summary, metric) for _, summary in entries]
-        medians = [s.median if s else 0.0 for s in stats]
-        below = [s.median - s.min if s else 0.0 for s in stats]
-        above = [s.max - s.median if s else 0.0 for s in stats]
-        ax.bar(range(len(entries)), medians, color=colors, yerr=[below, above], capsize=4)
+        if metric in PEAKS:
+            heights = [s.max if s else 0.0 for s in stats]
+            ax.bar(range(len(entries)), heights, color=colors)
+        else:
+            heights = [s.median if s else 0.0 for s in stats]
+            below = [s.median - s.min if s else 0.0 for s in stats]
+            above = [s.max - s.median if s else 0.0 for s in stats]
+            ax.bar(range(len(entries)), heights, color=colors, yerr=[below, above], capsize=4)
         marks = [(x, c) for x, c in enumerate(ceilings or []) if c] if metric == "decode_tps" else []
         top = max([*(s.max for s in stats if s), *(c for _, c in marks)], default=1.0) * 1.2
         ax.set_ylim(0, top)
         if marks:
             draw_ceilings(ax, marks)
         # Values at the foot of the bars, where the min–max whiskers never reach.
-        for x, (median, stat) in enumerate(zip(medians, stats, strict=True)):
-            ax.text(x, top * 0.02, f"{median:.0f}" if stat else "n/a", ha="center", va="bottom",
+        for x, (height, stat) in enumerate(zip(heights, stats, strict=True)):
+            ax.text(x, top * 0.02, f"{height:.0f}" if stat else "n/a", ha="center", va="bottom",
                     color="white" if stat else "black", fontweight="bold")
         ax.set_title(f"{name}\n{better}", fontsize=10)
         ax.set_xticks(range(len(entries)), labels, rotation=15, ha="right", fontsize=8)

@@ -5,7 +5,8 @@ per process) and engines cannot share warmed-up allocations. The worker speaks J
 
     parent -> worker   {"cmd": "round", "prompt_ids": [...], "new_tokens": 128}
                        {"cmd": "generate", "prompt_ids": [...], "new_tokens": 16}  |  {"cmd": "quit"}
-    worker -> parent   {"event": "ready", "name": ..., "model_bytes": ..., "load_s": ..., "machine": {...}}
+    worker -> parent   {"event": "ready", "name": ..., "model_bytes": ..., "load_s": ..., "machine": {...},
+                        "rss_before_load_bytes": ..., "peak_rss_bytes": ...}
                        {"event": "round", "result": {...RoundResult...}}
                        {"event": "tokens", "ids": [...]}   (untimed: to check the engine's answers)
 
@@ -64,12 +65,14 @@ def _send(stream: IO[str], message: dict[str, Any]) -> None:
 def serve(engine: Engine, commands: IO[str], replies: IO[str]) -> None:
     """Prepare the engine, announce it, then answer round commands until quit or EOF."""
     start = time.perf_counter()
+    before_load = rss_before_load(engine)
     engine.prepare()
     # The bandwidth ceiling's inputs, from engines that know them (nomoat's; not the peers').
     ceiling = {key: getattr(engine, key)() for key in ("weight_bytes_per_token", "threads_used")
                if hasattr(engine, key)}
     _send(replies, {"event": "ready", "name": engine.name, "model_bytes": engine.model_bytes(),
-                    "load_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
+                    "load_s": time.perf_counter() - start,
+                    "rss_before_load_bytes": before_load, "peak_rss_bytes": peak_rss_bytes(),
                     "machine": machine_info(), **ceiling})
     for line in commands:
         message = json.loads(line)
@@ -84,6 +87,17 @@ def serve(engine: Engine, commands: IO[str], replies: IO[str]) -> None:
             _send(replies, {"event": "tokens", "ids": ids})
         else:
             raise BenchError(f"unknown worker command {message['cmd']!r}")
+
+
+def rss_before_load(engine: Engine) -> int:
+    """The process's peak RSS with the engine's library imported but no model loaded: what Python, this
+    harness and the library cost before any weights (an engine that imports torch starts hundreds of MB
+    above one that does not). Engines without `import_library` import theirs in `prepare`: for them it is
+    Python and the harness alone."""
+    import_library = getattr(engine, "import_library", None)
+    if callable(import_library):
+        import_library()
+    return peak_rss_bytes()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +147,12 @@ class WorkerProcess:
                                       stderr=self._stderr, text=True, bufsize=1, env=self.env, cwd=self.cwd)
         self.ready = self._receive("ready")
         return self.ready
+
+    @property
+    def rss_before_load_mb(self) -> float | None:
+        """Its peak RSS before the model loaded, library imported (None from a worker older than that count)."""
+        before = self.ready.get("rss_before_load_bytes")
+        return before / 1e6 if before is not None else None
 
     def measure(self, prompt_ids: Sequence[int], new_tokens: int) -> RoundResult:
         self._command({"cmd": "round", "prompt_ids": list(prompt_ids), "new_tokens": new_tokens})

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bench import BenchError, RoundResult, Stat, summarize, synthetic_prompt_ids
+from .bench import BenchError, RoundResult, Stat, process_peak_rss_mb, summarize, synthetic_prompt_ids
 from .bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
 from .cli_generate import ort_options, prompt_lookup
 from .errors import BundleError
@@ -215,6 +215,15 @@ def check_counts(threads: Sequence[int | None], prompts: Sequence[int], news: Se
         raise BenchError("--new-tokens must be >= 2: decode speed is timed from the first token to the last")
     if rounds < 1 or warmup < 0:
         raise BenchError("--rounds must be >= 1 and --warmup >= 0")
+    for flag, values in (("--threads", threads), ("--prompt-tokens", prompts), ("--new-tokens", news)):
+        refuse_repeats(flag, values)
+
+
+def refuse_repeats(flag: str, values: Sequence[int | None]) -> None:
+    """A value given twice would measure the same configuration twice, as rows that look like an A/B."""
+    repeated = next((v for v in values if values.count(v) > 1), None)
+    if repeated is not None:
+        raise BenchError(f"{flag} {repeated} is given twice; to repeat a measurement, raise --rounds")
 
 
 def _print_progress(job: Job, index: int, result: RoundResult) -> None:
@@ -238,6 +247,8 @@ def _job_report(job: Job, config: Config) -> dict[str, Any]:
         "weight_bytes_per_token": ready.get("weight_bytes_per_token"),
         "threads_used": ready.get("threads_used"),
         "load_s": ready.get("load_s"),
+        "rss_before_load_mb": job.worker.rss_before_load_mb,
+        "peak_rss_mb": process_peak_rss_mb(job.rounds),
         "summary": summarize(job.rounds).to_dict(),
         "rounds": [r.to_dict() for r in job.rounds],
     }
@@ -245,11 +256,10 @@ def _job_report(job: Job, config: Config) -> dict[str, Any]:
 
 # -- the table -----------------------------------------------------------------------------
 
-COLUMNS = (  # header, summary metric, decimals
+COLUMNS = (  # header, summary metric, decimals; then "peak RSS MB" (format_peak_rss)
     ("prefill tok/s", "prefill_tps", 1),
     ("decode tok/s", "decode_tps", 1),
     ("TTFT ms", "ttft_ms", 0),
-    ("peak RSS MB", "peak_rss_mb", 0),
 )
 
 
@@ -259,6 +269,20 @@ def format_stat(stat: Stat | dict | None, decimals: int) -> str:
         return "n/a"
     s = stat if isinstance(stat, Stat) else Stat(**stat)
     return f"{s.median:.{decimals}f} ({s.min:.{decimals}f}–{s.max:.{decimals}f})"
+
+
+def format_peak_rss(result: dict[str, Any]) -> str:
+    """The process's peak RSS: the largest reading over its rounds (bench.process_peak_rss_mb). A report
+    that carries only the rounds' readings (the Android app's, converter/deploy_bench.py) shows them as
+    median (min–max): its peak is the max."""
+    if result.get("peak_rss_mb") is not None:
+        return f"{result['peak_rss_mb']:.0f}"
+    return format_stat(result["summary"]["peak_rss_mb"], 0)
+
+
+def format_rss_before_load(result: dict[str, Any]) -> str:
+    before = result.get("rss_before_load_mb")
+    return "-" if before is None else f"{before:.0f}"
 
 
 def format_drafts(result: dict[str, Any]) -> str:
@@ -286,18 +310,26 @@ def format_table(report: dict[str, Any]) -> str:
     head = (f"nomoat bench {' '.join(bundles)} on {machine.get('cpu', '?')} "
             f"({machine.get('cpus', '?')} CPUs); "
             f"{report['rounds']} rounds after {report['warmup']} warm-up, median (min–max)")
+    # Only workers count it (not the Android app, nor one with an older nomoat): dashes would say nothing.
+    before_load = any(r.get("rss_before_load_mb") is not None for r in report["results"])
+    if any(r.get("peak_rss_mb") is not None for r in report["results"]):
+        head += "; peak RSS: the worker's largest over its rounds (it only grows)"
+    if before_load:
+        head += ", and before the model loaded (Python, this harness, ONNX Runtime)"
     lookup = any(r.get("prompt_lookup") for r in report["results"])
     several = any(r.get("bundle") for r in report["results"])
     ort = any(r.get("ort_options") for r in report["results"])
     bandwidth = report.get("read_bandwidth_bytes_per_s") or {}
     header = [*(["bundle"] if several else []), *(["ONNX Runtime options"] if ort else []),
               "threads", "prompt", "new", *(["lookup", "drafts kept"] if lookup else []),
-              *(c[0] for c in COLUMNS), *(["of ceiling"] if bandwidth else [])]
+              *(c[0] for c in COLUMNS), "peak RSS MB", *(["RSS before load MB"] if before_load else []),
+              *(["of ceiling"] if bandwidth else [])]
     rows = [[*([r["bundle"]] if several else []),
              *([format_ort_options(r.get("ort_options", {}).items()) or "-"] if ort else []),
              str(r["threads"] or "default"), str(r["prompt_tokens"]), str(r["new_tokens"]),
              *([str(r.get("prompt_lookup") or "-"), format_drafts(r)] if lookup else []),
              *(format_stat(r["summary"][metric], decimals) for _, metric, decimals in COLUMNS),
+             format_peak_rss(r), *([format_rss_before_load(r)] if before_load else []),
              *([format_of_ceiling(r, bandwidth)] if bandwidth else [])]
             for r in report["results"]]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

@@ -462,6 +462,16 @@ def test_cli_refuses_the_same_bundle_twice(tmp_path, capsys):
     assert "the same bundle is named twice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--threads", "--prompt-tokens", "--new-tokens"])
+def test_cli_refuses_the_same_count_twice(tmp_path, capsys, flag):
+    """It would measure one configuration twice, in rows that look like an A/B."""
+    from nomoat.__main__ import main
+
+    assert main(["bench", str(tmp_path), flag, "4", flag, "8", flag, "4"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"nomoat bench: error: {flag} 4 is given twice; to repeat a measurement, raise --rounds\n"
+
+
 def test_cli_refuses_a_negative_prompt_lookup(tmp_path, capsys):
     from nomoat.__main__ import main
 

@@ -7,10 +7,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import pytest  # noqa: E402
 import run  # noqa: E402  (benchmarks/ is not a package)
+from artifacts import GENAI_ALL_LOGITS  # noqa: E402
 
 PEERS = {"llama.cpp Q4_0": Path("/x/q4_0.gguf"), "ONNX Runtime GenAI int4": Path("/x/genai"),
-         "ExecuTorch 8da4w": Path("/x/model.pte")}
+         GENAI_ALL_LOGITS: Path("/x/genai-all-logits"), "ExecuTorch 8da4w": Path("/x/model.pte")}
+LLAMA_LOOKUP_8 = "llama.cpp Q4_0 + lookup 8 (llama-cpp-python's drafter, all-position logits)"
 
 
 def test_plain_run_measures_all_four_systems_without_lookup(tmp_path):
@@ -23,8 +26,11 @@ def test_plain_run_measures_all_four_systems_without_lookup(tmp_path):
 def test_prompt_lookup_run_pairs_each_drafting_system_with_its_plain_self(tmp_path):
     systems = run.systems(tmp_path / "int4", PEERS, threads=1, context=2048, prompt_lookup=8)
     labels = [label for label, _, _ in systems]
-    assert labels == ["nomoat int4", "llama.cpp Q4_0", "ONNX Runtime GenAI int4", "nomoat int4 + lookup 8",
-                      "llama.cpp Q4_0 + lookup 8", "ONNX Runtime GenAI int4 + lookup 8"]
+    # Each row names what runs: llama-cpp-python's drafter turns every position's logits on, and GenAI's
+    # rows run the graph with them (its drafter refuses the other), plain row too.
+    assert labels == ["nomoat int4", "llama.cpp Q4_0", "ONNX Runtime GenAI int4 (all-position logits)",
+                      "nomoat int4 + lookup 8", LLAMA_LOOKUP_8,
+                      "ONNX Runtime GenAI int4 (all-position logits) + lookup 8"]
     plain, lookup = systems[:3], systems[3:]
     for (_, engine, options), (_, lookup_engine, lookup_options) in zip(plain, lookup, strict=True):
         assert lookup_engine == engine  # the same engine class and weights, only the drafter differs
@@ -88,7 +94,7 @@ def _result(system: str, counts: list[tuple[int, int] | None]) -> dict:
                for m in ("prefill_tps", "decode_tps", "ttft_ms", "peak_rss_mb")}
     rounds = [{"drafted_tokens": c[0] if c else None, "accepted_tokens": c[1] if c else None} for c in counts]
     return {"system": system, "threads": 1, "model_bytes": 90e6, "answer_ok": True, "summary": summary,
-            "rounds": rounds}
+            "rounds": rounds, "peak_rss_mb": 11.0, "rss_before_load_mb": 3.0}
 
 
 def test_table_ratios_are_each_system_over_llama_cpp_at_the_same_threads():
@@ -96,11 +102,11 @@ def test_table_ratios_are_each_system_over_llama_cpp_at_the_same_threads():
         summary = {m: {"median": v, "min": v, "max": v} for m, v in
                    (("prefill_tps", prefill), ("decode_tps", decode), ("ttft_ms", ttft), ("peak_rss_mb", rss))}
         return {"system": system, "threads": threads, "model_bytes": 90e6, "answer_ok": True, "summary": summary,
-                "rounds": []}
+                "rounds": [], "peak_rss_mb": rss, "rss_before_load_mb": 30.0}
 
     results = [result("llama.cpp Q4_0", 1, 1000, 200, 100, 250), result("nomoat int4", 1, 1500, 300, 80, 200),
                result("llama.cpp Q4_0", 2, 2000, 400, 50, 260), result("nomoat int4", 2, 1000, 200, 100, 130)]
-    ratios = [line.split("|")[8:12] for line in run.markdown_table(results).splitlines()[2:]]
+    ratios = [line.split("|")[9:13] for line in run.markdown_table(results).splitlines()[2:]]
     # decode, prefill, TTFT, RSS: above 1 is faster for the rates, below 1 is better for TTFT and RSS
     assert [[x.strip() for x in row] for row in ratios] == [
         ["1.00×"] * 4, ["1.50×", "1.50×", "0.80×", "0.80×"],
@@ -109,9 +115,9 @@ def test_table_ratios_are_each_system_over_llama_cpp_at_the_same_threads():
 
 def test_lookup_table_shows_the_drafts_each_system_kept():
     results = [_result("llama.cpp Q4_0", [None, None]), _result("nomoat int4 + lookup 8", [(40, 30), (60, 50)]),
-               _result("llama.cpp Q4_0 + lookup 8", [None, None])]  # llama.cpp's drafter does not say
+               _result(LLAMA_LOOKUP_8, [None, None])]  # a drafter that does not say
     rows = run.markdown_table(results, prompt_lookup=8).splitlines()
-    assert rows[0].endswith("| drafts kept |") and rows[1].count("---") == 12
+    assert rows[0].endswith("| drafts kept |") and rows[1].count("---") == 13
     assert rows[3].endswith("| 1.00× | 40/50 |")  # kept / drafted, means over the rounds
     assert rows[2].endswith("| 1.00× | - |") and rows[4].endswith("| - |")
     # a plain run's table has no such column
@@ -140,15 +146,13 @@ def test_genai_plain_rows_use_last_position_logits_and_its_drafter_the_graph_wit
     """GenAI's n-gram drafter refuses a graph with last-position logits ("requires target logits for
     every verified token"), and a plain row on a graph with all of them runs the LM head once per
     prompt token (its prefill 23-25 % slower, measured): each run gets the graph it needs."""
-    from artifacts import GENAI_ALL_LOGITS
-
-    peers = {**PEERS, GENAI_ALL_LOGITS: Path("/x/genai-all-logits")}
     genai = lambda systems: {label: options["model_dir"] for label, engine, options in systems  # noqa: E731
                              if engine == "peers:OrtGenAIEngine"}
-    assert genai(run.systems(tmp_path / "int4", peers, threads=1, context=2048)) == {
+    assert genai(run.systems(tmp_path / "int4", PEERS, threads=1, context=2048)) == {
         "ONNX Runtime GenAI int4": "/x/genai"}
-    assert genai(run.systems(tmp_path / "int4", peers, threads=1, context=2048, prompt_lookup=8)) == {
-        "ONNX Runtime GenAI int4": "/x/genai-all-logits", "ONNX Runtime GenAI int4 + lookup 8": "/x/genai-all-logits"}
+    assert genai(run.systems(tmp_path / "int4", PEERS, threads=1, context=2048, prompt_lookup=8)) == {
+        GENAI_ALL_LOGITS: "/x/genai-all-logits", f"{GENAI_ALL_LOGITS} + lookup 8": "/x/genai-all-logits"}
+    assert GENAI_ALL_LOGITS == "ONNX Runtime GenAI int4 (all-position logits)"
 
 
 def test_genai_builder_prunes_the_lm_head_only_when_asked(tmp_path, monkeypatch):
@@ -172,3 +176,37 @@ def test_genai_builder_prunes_the_lm_head_only_when_asked(tmp_path, monkeypatch)
     assert pruned[pruned.index("--extra_options") + 1] == "prune_lm_head=true"
     assert "--extra_options" not in full and "prune_lm_head=true" not in full
     assert (tmp_path / "last" / "genai_config.json").is_file() and (tmp_path / "all" / "genai_config.json").is_file()
+
+
+def test_a_lookup_runs_rows_pair_with_their_plain_rows_and_bytes_under_the_new_labels():
+    """compare_with_plain and the ceiling find each drafting row's plain row by lookup_label."""
+    jobs = [_FakeJob(label, [1, 2, 3]) for label, _, _ in run.systems(Path("/x/int4"), PEERS, 1, 2048, 8)]
+    assert run.compare_with_plain(jobs, [0], 3, 8) == [{}, {}, {}] + [{"tokens_as_plain": 3}] * 3
+    assert run.lookup_label("llama.cpp Q4_0", 8) == LLAMA_LOOKUP_8
+
+
+def test_peak_rss_is_each_workers_largest_reading_and_the_ratio_divides_peaks():
+    """Its VmHWM only grows, so the rounds' median (here 200) is below the worker's peak (300)."""
+    llama, nomoat = _result("llama.cpp Q4_0", [None]), _result("nomoat int4", [None])
+    llama["summary"]["peak_rss_mb"] = {"median": 200.0, "min": 100.0, "max": 300.0}
+    llama |= {"peak_rss_mb": 300.0, "rss_before_load_mb": 40.4}
+    nomoat["summary"]["peak_rss_mb"] = {"median": 100.0, "min": 100.0, "max": 150.0}
+    nomoat |= {"peak_rss_mb": 150.0, "rss_before_load_mb": 31.6}
+    rows = run.markdown_table([llama, nomoat]).splitlines()
+    assert [c.strip() for c in rows[0].split("|")[7:9]] == ["peak RSS MB", "RSS before load MB"]
+    assert [[c.strip() for c in row.split("|")[7:9]] for row in rows[2:]] == [["300", "40"], ["150", "32"]]
+    assert rows[3].endswith("| 0.50× |")  # 150 / 300, not 100 / 200 of the medians
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--threads", "1", "--threads", "2", "--threads", "1"], "--threads names the same count twice"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--new-tokens", "1"], "--new-tokens must be >= 2"),
+])
+def test_counts_that_would_measure_something_else_are_refused_in_one_line(tmp_path, args, problem):
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--bundle", str(tmp_path / "no-bundle"), *args])  # refused before the bundle is read
+    message = str(exit_.value.code)
+    assert message.startswith(f"benchmarks/run.py: {problem}") and "\n" not in message

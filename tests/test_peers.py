@@ -96,7 +96,7 @@ def test_llama_cpp_runs_as_llama_cpp_does_by_default_and_holds_its_weights_in_me
     peers.LlamaCppEngine(str(tmp_path / "m.gguf"), threads=2, context=2048, prompt_lookup=8).prepare()
     assert made["flash_attn"] is True and made["use_mmap"] is False
     assert (made["n_threads"], made["n_threads_batch"], made["n_ctx"]) == (2, 2, 2048)
-    assert made["draft_model"] == ("drafter", 8)
+    assert made["draft_model"].drafter == ("drafter", 8)  # llama-cpp-python's own, counted (CountedDrafts)
 
 
 def test_genai_runs_with_the_benchs_threads(monkeypatch, tmp_path):
@@ -129,3 +129,88 @@ def test_genai_says_how_its_drafts_did_from_its_own_counters(tmp_path):
         "draft_tokens_proposed": 197, "draft_tokens_evaluated": 115, "draft_tokens_accepted": 97})
     assert engine.draft_counts() == (115, 97)
     assert peers.OrtGenAIEngine(str(tmp_path), threads=1, context=64).draft_counts() is None
+
+
+# -- llama.cpp's drafts, counted: llama-cpp-python does not count them itself --
+
+
+class _ScriptedDrafter:
+    """Hands out the drafts it was given, one list a call, then none."""
+
+    def __init__(self, drafts: list[list[int]]):
+        self.drafts, self.calls = list(drafts), []
+
+    def __call__(self, input_ids):
+        self.calls.append(list(input_ids))
+        return self.drafts.pop(0) if self.drafts else []
+
+
+class _CountingLlama:
+    """llama-cpp-python's Llama.generate as far as drafting goes: the model counts up (next = last + 1
+    mod 10); after each token it samples itself it asks the drafter for what follows the sequence so far,
+    and the leading drafted tokens it agrees with come out next without asking again."""
+
+    def __init__(self, draft_model=None, **kwargs):
+        self.draft_model = draft_model
+
+    def reset(self):
+        pass
+
+    def generate(self, tokens, **kwargs):
+        seq = list(tokens)
+        while True:
+            seq.append((seq[-1] + 1) % 10)
+            yield seq[-1]
+            for drafted in (self.draft_model(list(seq)) if self.draft_model else []):
+                if drafted != (seq[-1] + 1) % 10:
+                    break
+                seq.append(drafted)
+                yield drafted
+
+
+def _llama_cpp_with(monkeypatch, drafter):
+    import types
+
+    module = types.ModuleType("llama_cpp")
+    module.Llama = _CountingLlama
+    speculative = types.ModuleType("llama_cpp.llama_speculative")
+    speculative.LlamaPromptLookupDecoding = lambda num_pred_tokens: drafter
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_speculative", speculative)
+
+
+def test_llama_cpp_rounds_count_the_drafts_its_drafter_proposed_and_the_model_kept(monkeypatch, tmp_path):
+    from nomoat.runtime.bench import measure_once
+
+    # After 4: 5 and 6 kept, 0 refused (the model says 7); after 7: 8 and 9 kept, then the count of 6
+    # stops the run, so the 5 drafted after 9 was checked but is no token of the output.
+    drafter = _ScriptedDrafter([[5, 6, 0], [8, 9, 5]])
+    _llama_cpp_with(monkeypatch, drafter)
+    engine = peers.LlamaCppEngine(str(tmp_path / "m.gguf"), threads=1, context=64, prompt_lookup=3)
+    engine.prepare()
+    result = measure_once(engine, [1, 2, 3], 6)
+    assert drafter.calls == [[1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7]]
+    assert (result.drafted_tokens, result.accepted_tokens) == (6, 4)
+    # the next round counts its own drafts only
+    drafter.drafts = [[5, 0, 0]]
+    assert engine.draft_counts() == (6, 4)
+    result = measure_once(engine, [1, 2, 3], 3)
+    assert (result.drafted_tokens, result.accepted_tokens) == (3, 1)
+
+
+def test_plain_llama_cpp_has_no_drafts_to_count(monkeypatch, tmp_path):
+    _llama_cpp_with(monkeypatch, _ScriptedDrafter([]))
+    engine = peers.LlamaCppEngine(str(tmp_path / "m.gguf"), threads=1, context=64)
+    engine.prepare()
+    assert list(engine.run([1, 2], 3)) == [3, 4, 5] and engine.draft_counts() is None
+
+
+def test_counted_drafts_keep_the_leading_tokens_the_sequence_holds_where_they_were_drafted():
+    drafts = peers.CountedDrafts(_ScriptedDrafter([[7, 8, 9], [1, 2], []]))
+    assert drafts([0, 7]) == [7, 8, 9] and drafts([0, 7, 8, 3]) == [1, 2] and drafts([0]) == []
+    # drafted after 2 tokens: 7, 8 at positions 2 and 3 -> 1 kept (position 3 holds 3);
+    # after 4 tokens: 1, 2 at positions 4, 5 -> both kept
+    assert drafts.counts([0, 7, 7, 3, 1, 2]) == (5, 3)
+    assert drafts.counts([0, 7, 7, 3, 1]) == (5, 2)  # a draft past the end of the output is not kept
+    drafts.clear()
+    assert drafts.counts([0, 7]) == (0, 0)
