@@ -159,6 +159,116 @@ def test_a_bad_manifest_is_refused_by_both(tiny_bundle, tmp_path, edit):
         assert field in python and f'missing "{field}"' in kotlin and "re-convert the model" in kotlin
 
 
+def _set(*path_and_value):
+    """An edit of the manifest's JSON: set the field at path (None-free: DROP deletes it)."""
+    *path, value = path_and_value
+
+    def edit(raw: dict) -> None:
+        *head, last = path
+        for key in head:
+            raw = raw[key]
+        if value is DROP:
+            del raw[last]
+        else:
+            raw[last] = value
+    return edit
+
+
+DROP = object()
+UPPER_SHA256 = "A" * 64
+
+
+def _both(*edits):
+    def edit(raw: dict) -> None:
+        for one in edits:
+            one(raw)
+    return edit
+
+
+def _listed_outside(raw: dict) -> None:  # a real file, reached through the folder's parent: "../copy/model.onnx"
+    raw["files"]["../copy/model.onnx"] = raw["files"]["model.onnx"]
+
+
+# Manifests the Python runtime refuses (runtime/manifest.py since it checks field types and ranges, onnx.io,
+# file names, sha256s, UTF-8 and strict JSON), each refused by the Kotlin core with the same reason: a JSON
+# edit, a text edit ("text", fn) or the file's bytes. Fields no app code reads and Python checks only for
+# their type (model.num_heads, hidden_size, rope_theta, parameters, rope_scaling; tokenizer.special_tokens;
+# quantization, source) are not checked by the app: see Manifest.fromJson.
+BAD_MANIFESTS = {
+    "root-list": b"[]",
+    "root-string": b'"manifest"',
+    "not-utf8": ("bytes", lambda text: text.replace('"created_by": "nomoat"', '"created_by": "nom\udce9"')
+                 .encode("utf-8", "surrogateescape")),
+    "json-trailing-text": ("text", lambda text: text + "\n# the end\n"),
+    "json-single-quotes": ("text", lambda text: text.replace('"created_by": "nomoat"', "'created_by': 'nomoat'")),
+    "json-comment": ("text", lambda text: "// a bundle\n" + text),
+    "model-list": _set("model", []),
+    "model.num_layers-0": _set("model", "num_layers", 0),
+    "model.num_kv_heads-string": _set("model", "num_kv_heads", "2"),
+    "model.head_dim-negative": _set("model", "head_dim", -1),
+    "model.vocab_size-float": _set("model", "vocab_size", 400.0),
+    "generation_defaults-null": _set("generation_defaults", None),
+    "target-list": _set("target", []),
+    "chat_format-string": _set("chat_format", "chatml"),
+    "onnx-list": _set("onnx", [1]),
+    "onnx.model_file-parent": _set("onnx", "model_file", "../model.onnx"),
+    "onnx.data_file-absolute": _set("onnx", "data_file", "/etc/passwd"),
+    "onnx.io-no-logits": _set("onnx", "io", "logits", DROP),
+    "onnx.io-no-past_value": _set("onnx", "io", "past_value", DROP),
+    "onnx.io.input_ids-number": _set("onnx", "io", "input_ids", 5),
+    "onnx.io.past_key-no-placeholder": _set("onnx", "io", "past_key", "past_key_values.key"),
+    "onnx.io.present_value-escaped": _set("onnx", "io", "present_value", "present.{{layer}}.value"),
+    "onnx.io.present_key-other-field": _set("onnx", "io", "present_key", "present.{0}.key"),
+    "tokenizer.tokenizer_file-absolute": _set("tokenizer", "tokenizer_file", "/etc/passwd"),
+    "tokenizer.chat_template_file-subfolder": _set("tokenizer", "chat_template_file", "templates/chat.jinja"),
+    "tokenizer.bos_token_id-negative": _set("tokenizer", "bos_token_id", -1),
+    "max_context-0": _set("max_context", 0),
+    "max_context-float": _set("max_context", 96.0),
+    "stop_token_ids-outside-vocab": _set("stop_token_ids", [400]),
+    "stop_token_ids-string": _set("stop_token_ids", ["2"]),
+    "generation_defaults.temperature-negative": _set("generation_defaults", "temperature", -1),
+    "generation_defaults.top_k-float": _set("generation_defaults", "top_k", 1.5),
+    "generation_defaults.seed-string": _set("generation_defaults", "seed", "1"),
+    "generation_defaults.max_new_tokens-0": _set("generation_defaults", "max_new_tokens", 0),
+    "target.threads-0": _set("target", "threads", 0),
+    "target.threads-string": _set("target", "threads", "2"),
+    "files-list": _set("files", []),
+    "files-uppercase-sha256": _set("files", "model.onnx.data", UPPER_SHA256),
+    "files-short-sha256": _set("files", "tokenizer.json", "abc"),
+    "files-key-outside": _listed_outside,
+    "files-no-weights": _set("files", "model.onnx.data", DROP),
+    "files-no-chat-template": _set("files", "chat_template.jinja", DROP),
+    # Wrong twice: the first in Python's order is named.
+    "twice-max_context-stop_token_ids": _both(_set("max_context", 0), _set("stop_token_ids", [9999])),
+    "twice-files-onnx-tokenizer": _both(_set("files", []), _set("tokenizer", "bos_token_id", -1),
+                                        _set("onnx", "model_file", "../x")),
+    "twice-no-onnx-unlisted-tokenizer": _both(_set("onnx", DROP), _set("files", "tokenizer.json", DROP)),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MANIFESTS)
+def test_kotlin_refuses_what_python_refuses_in_its_words(tiny_bundle, tmp_path, case):
+    copy = _copy(tiny_bundle, tmp_path / "copy")
+    path = copy / "manifest.json"
+    edit = BAD_MANIFESTS[case]
+    if isinstance(edit, bytes):
+        path.write_bytes(edit)
+    elif isinstance(edit, tuple):
+        kind, fn = edit
+        text = json.dumps(json.loads(path.read_text()))
+        path.write_bytes(fn(text) if kind == "bytes" else fn(text).encode())
+    else:
+        raw = json.loads(path.read_text())
+        edit(raw)
+        path.write_text(json.dumps(raw))
+    python = python_refusal(copy)
+    kotlin = kotlin_bundle(copy)["error"]
+    if " is not valid JSON (" in python:  # Python names the path, the app the file; the reason is json.loads'
+        assert kotlin == "manifest.json is not valid JSON (" + python.split(" is not valid JSON (", 1)[1], python
+    else:  # Python's "(ValueError: ...)" is "(...)" on the app
+        assert kotlin == python.replace("is malformed (ValueError: ", "is malformed (", 1), python
+
+
 def test_a_bundle_without_onnx_is_refused(tiny_bundle, tmp_path):
     copy = _copy(tiny_bundle, tmp_path / "copy")
     raw = json.loads((copy / "manifest.json").read_text())

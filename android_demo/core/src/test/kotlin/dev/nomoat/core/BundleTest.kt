@@ -49,8 +49,11 @@ class BundleTest {
         File(dir, "model.onnx.data").writeBytes(weights)
         File(dir, "model.onnx").writeText("graph")
         File(dir, "tokenizer.json").writeText("{}")
+        File(dir, "chat_template.jinja").writeText("{{ messages }}")
         val files = JSONObject()
-        for (name in listOf("model.onnx", "model.onnx.data", "tokenizer.json")) files.put(name, Bundle.sha256(File(dir, name)))
+        for (name in listOf("model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja")) {
+            files.put(name, Bundle.sha256(File(dir, name)))
+        }
         val manifest = manifestJson().put("files", files)
         edit(manifest)
         File(dir, MANIFEST_NAME).writeText(manifest.toString(2))
@@ -93,7 +96,7 @@ class BundleTest {
         assertEquals(4, m.targetThreads)
         assertEquals("int4", m.quantization.getString("weights"))
         assertEquals(100, m.defaultMaxNewTokens())
-        assertEquals(listOf("model.onnx", "model.onnx.data", "tokenizer.json"), m.files.keys.toList())
+        assertEquals(listOf("model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja"), m.files.keys.toList())
         assertEquals(SamplingParams(temperature = 0.7, topP = 0.9), SamplingParams.fromManifest(m))
         assertNull(m.chatFormat)
     }
@@ -135,9 +138,10 @@ class BundleTest {
             "missing \"max_context\"" to { m -> m.remove("max_context") },
             "missing \"vocab_size\"" to { m -> m.getJSONObject("model").remove("vocab_size") },
             "missing \"tokenizer_file\"" to { m -> m.getJSONObject("tokenizer").remove("tokenizer_file") },
-            "\"stop_token_ids\" is not an array" to { m -> m.put("stop_token_ids", 2) },
-            "\"num_layers\" is not an integer" to { m -> m.getJSONObject("model").put("num_layers", 2.5) },
-            "stop_token_ids[1] is not an integer" to { m -> m.put("stop_token_ids", JSONArray(listOf(2, "eos"))) }
+            "stop_token_ids is 2, not a list" to { m -> m.put("stop_token_ids", 2) },
+            "model.num_layers is 2.5, not an integer >= 1" to { m -> m.getJSONObject("model").put("num_layers", 2.5) },
+            "stop_token_ids holds 'eos', not a token id of the vocabulary (0 to 399)" to
+                { m -> m.put("stop_token_ids", JSONArray(listOf(2, "eos"))) }
         )
         for ((expected, edit) in cases) {
             val message = refused(writeBundle(edit))
