@@ -80,6 +80,8 @@ def _gate_defaults() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nomoat.runtime.errors import BundleError
+
     from .convert import ConvertOptions, convert
     from .merge import AdapterRef
 
@@ -95,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         convert(opts)
     except ConversionError as e:
         print(f"nomoat convert: error: {e}", file=sys.stderr)
+        return 1
+    except BundleError as e:  # the runtime's own checks refused what was written: a converter bug, not bad input
+        print(f"nomoat convert: error: the bundle it made would not load ({e}); this is a bug in nomoat's "
+              "converter: please report it with the command you ran. Nothing was written.", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (bundle.Interrupted): the staging folder is gone
         from .bundle import report_interrupt

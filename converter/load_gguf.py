@@ -21,6 +21,7 @@ from .errors import ConversionError
 from .gguf_pretokenizer import set_pre_tokenizer
 from .load_hf import END_OF_TURN_TOKENS, end_of_turn_ids
 from .load_meta import interleaved_to_half_rotary
+from .sampling_defaults import checked_generation_defaults
 from .spec import Checkpoint, ModelSpec, RopeScaling, TokenizerInfo
 
 # 'llama' covers Llama 1/2/3 and Mistral (llama.cpp writes Mistral as 'llama').
@@ -85,7 +86,9 @@ def load_gguf(path: Path) -> Checkpoint:
         tensors=hf_tensors(raw, spec, permuted=arch == "llama"),
         tokenizer=tokenizer_from_gguf(meta, arch),
         source={"format": "gguf", "path": str(path), "file_type": _file_type(meta)},
-        generation_defaults={name: meta[key] for key, name in _SAMPLING_KEYS.items() if key in meta},
+        generation_defaults=checked_generation_defaults(
+            {name: meta[key] for key, name in _SAMPLING_KEYS.items() if key in meta},
+            f"{path}'s general.sampling.* metadata"),
     )
     checkpoint.check_tensors()
     checkpoint.check_vocabulary(f"the tokenizer in {path} (tokenizer.ggml.tokens)")

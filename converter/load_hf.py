@@ -204,11 +204,15 @@ def read_generation_defaults(path: Path) -> dict[str, Any]:
     transformers' generate() resolves them: without do_sample it decodes greedily whatever the
     temperature says (keeping a repetition penalty, a logits processor it applies either way); with
     it, a key left out is GenerationConfig's default (temperature 1.0, top_k 50, top_p 1.0)."""
+    from .sampling_defaults import checked_generation_defaults
+
     gen_cfg = read_json_if_exists(path / "generation_config.json")
     given = {k: gen_cfg[k] for k in GENERATION_KEYS if gen_cfg.get(k) is not None}
     if not gen_cfg.get("do_sample"):
-        return {"temperature": 0.0, **{k: v for k, v in given.items() if k in PENALTY_KEYS}}
-    return {**_SAMPLING_DEFAULTS, **given}
+        defaults = {"temperature": 0.0, **{k: v for k, v in given.items() if k in PENALTY_KEYS}}
+    else:
+        defaults = {**_SAMPLING_DEFAULTS, **given}
+    return checked_generation_defaults(defaults, str(path / "generation_config.json"))
 
 
 def _read_tokenizer_json(tok_dir: Path) -> str:

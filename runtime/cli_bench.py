@@ -272,9 +272,9 @@ def format_stat(stat: Stat | dict | None, decimals: int) -> str:
 
 
 def format_peak_rss(result: dict[str, Any]) -> str:
-    """The process's peak RSS: the largest reading over its rounds (bench.process_peak_rss_mb). A report
-    that carries only the rounds' readings (the Android app's, converter/deploy_bench.py) shows them as
-    median (min–max): its peak is the max."""
+    """The process's peak RSS: the largest reading over its rounds (bench.process_peak_rss_mb; the
+    Android app's report carries it too, converter/deploy_bench.py). A report of an older nomoat with
+    only the rounds' readings shows them as median (min–max): its peak is the max."""
     if result.get("peak_rss_mb") is not None:
         return f"{result['peak_rss_mb']:.0f}"
     return format_stat(result["summary"]["peak_rss_mb"], 0)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import re
+import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,12 +258,15 @@ def _graph_io(io: object) -> dict[str, str]:
 
 
 def _check_layer_pattern(name: str, pattern: str) -> None:
-    """A KV input/output name with one {layer} placeholder, as the runtime formats it per layer."""
+    """A KV input/output name with bare {layer} placeholders, as the runtime formats it per layer: no
+    other field, and no format spec or conversion ("{layer:02d}"), which the Android app's filling
+    of the name would not reproduce."""
     try:
-        distinct = pattern.format(layer=0) != pattern.format(layer=1)
-    except (KeyError, IndexError, ValueError, AttributeError):  # other braces: "{0}", "{x}", "{"
-        distinct = False
-    if not distinct:
+        fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(pattern)
+                  if field is not None]
+    except ValueError:  # a lone "{" or "}"
+        fields = []
+    if not fields or any(f != ("layer", "", None) for f in fields):
         raise ValueError(f"{name} {pattern!r} is not a name with a {{layer}} placeholder")
 
 
@@ -297,7 +301,7 @@ def _target(target: dict[str, Any]) -> dict[str, Any]:
 def _file_hashes(files: object) -> dict[str, str]:
     _check_type("files", files, dict)
     for name, digest in files.items():
-        _bundle_file_name(f"files key {name!r}", name)
+        _bundle_file_name("files key", name)
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise ValueError(f"files[{name!r}] {digest!r} is not a sha256 (64 hex digits)")
     return dict(files)

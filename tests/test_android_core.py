@@ -219,6 +219,8 @@ BAD_MANIFESTS = {
     "onnx.io.past_key-no-placeholder": _set("onnx", "io", "past_key", "past_key_values.key"),
     "onnx.io.present_value-escaped": _set("onnx", "io", "present_value", "present.{{layer}}.value"),
     "onnx.io.present_key-other-field": _set("onnx", "io", "present_key", "present.{0}.key"),
+    "onnx.io.past_key-format-spec": _set("onnx", "io", "past_key", "past_key_values.{layer:d}.key"),
+    "files-parent-key": _set("files", "../copy/model.onnx", "0" * 64),
     "tokenizer.tokenizer_file-absolute": _set("tokenizer", "tokenizer_file", "/etc/passwd"),
     "tokenizer.chat_template_file-subfolder": _set("tokenizer", "chat_template_file", "templates/chat.jinja"),
     "tokenizer.bos_token_id-negative": _set("tokenizer", "bos_token_id", -1),

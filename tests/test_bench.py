@@ -419,7 +419,7 @@ def test_bundles_compared_in_one_run_keep_their_rows_apart():
     assert [(r["bundle"], r["label"]) for r in report["results"]] == [
         ("int4-a", "int4-a: 1 thr, 16+6 tok"), ("int4-b", "int4-b: 1 thr, 16+6 tok")]
     fast, slow = (r["summary"]["decode_tps"]["median"] for r in report["results"])
-    assert 1.5 < fast / slow < 3.0  # 2 by the sleeps; a loaded machine oversleeps, 2.3 seen
+    assert 1.2 < fast / slow < 3.0  # 2 by the sleeps; oversleeping on a busy machine moves it (2.3 seen)
     lines = format_table({"bundles": ["int4-a", "int4-b"], **report}).splitlines()
     assert lines[0].startswith("nomoat bench int4-a int4-b on ")
     assert lines[2].split()[:2] == ["bundle", "threads"]
@@ -436,7 +436,7 @@ def test_ort_options_are_configurations_of_their_own():
     assert [r["label"] for r in report["results"]] == ["1 thr, 16+6 tok", "1 thr, 16+6 tok, mlas.disable_kleidiai=1"]
     assert [r.get("ort_options") for r in report["results"]] == [None, {"mlas.disable_kleidiai": "1"}]
     fast, slow = (r["summary"]["decode_tps"]["median"] for r in report["results"])
-    assert 1.5 < fast / slow < 3.0  # 2 by the sleeps; a loaded machine oversleeps, 2.3 seen
+    assert 1.2 < fast / slow < 3.0  # 2 by the sleeps; oversleeping on a busy machine moves it (2.3 seen)
     lines = format_table({"bundle": "fake", **report}).splitlines()
     assert re.split(r"\s{2,}", lines[2])[:2] == ["ONNX Runtime options", "threads"]
     assert [line.split()[0] for line in lines[3:]] == ["-", "mlas.disable_kleidiai=1"]

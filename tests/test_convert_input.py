@@ -255,3 +255,36 @@ def test_a_file_that_is_no_gguf_is_still_not_a_model(tmp_path):
     with pytest.raises(ConversionError, match="is not a model file nomoat reads"):
         load_checkpoint(tmp_path / "notes")
     assert peek_spec(tmp_path / "notes") is None
+
+
+# -- a model's sampling defaults -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("given", "kept"), [
+    ({"do_sample": True, "top_k": -1}, {"temperature": 1.0, "top_k": 0, "top_p": 1.0}),  # vLLM's "off"
+    ({"do_sample": True, "top_k": 0, "top_p": 0.9}, {"temperature": 1.0, "top_k": 0, "top_p": 0.9}),
+])
+def test_a_top_k_below_zero_is_off(tmp_path, given, kept):
+    from nomoat.converter.load_hf import read_generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(given))
+    assert read_generation_defaults(tmp_path) == kept
+
+
+@pytest.mark.parametrize("given", [{"do_sample": True, "top_p": 1.5}, {"do_sample": True, "temperature": -1},
+                                   {"repetition_penalty": 0}, {"repeat_last_n": -7}])
+def test_a_sampling_default_the_runtime_would_refuse_is_refused_at_load_naming_the_file(tmp_path, given):
+    from nomoat.converter.load_hf import read_generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(given))
+    with pytest.raises(ConversionError, match=r"generation_config.json holds a sampling setting nomoat cannot use"):
+        read_generation_defaults(tmp_path)
+
+
+def test_a_model_with_vllms_top_k_converts_and_its_bundle_loads(tiny_dir, tmp_path):
+    from nomoat.runtime import Model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": -1, "temperature": 0.7}))
+    out = _convert(model, tmp_path / "b")
+    assert Model.load(out).sampling_params().top_k == 0

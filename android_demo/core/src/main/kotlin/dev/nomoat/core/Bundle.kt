@@ -427,7 +427,7 @@ class Manifest(
         private fun fileHashes(d: JSONObject): Map<String, String> {
             val files = typed(d, "files")
             return files.keys().asSequence().associateWith<String, String> { name ->
-                checkFileName("files key ${pythonRepr(name)}", name)
+                checkFileName("files key", name)
                 val digest = files.opt(name)
                 if (digest !is String || !SHA256.matches(digest)) {
                     throw Malformed("files[${pythonRepr(name)}] ${pythonRepr(digest)} is not a sha256 (64 hex digits)")

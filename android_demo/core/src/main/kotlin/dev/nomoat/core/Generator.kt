@@ -364,7 +364,8 @@ class Chat(val generator: Generator, val format: ChatFormat, system: String? = n
 
     fun reset(system: String? = null) {
         history.clear()
-        if (!system.isNullOrEmpty()) history.add(Message("system", system))
+        // An empty system message is a system turn, as in Python's Chat: only null leaves it out.
+        if (system != null) history.add(Message("system", system))
         text = ""
         ids = IntArray(0)
     }

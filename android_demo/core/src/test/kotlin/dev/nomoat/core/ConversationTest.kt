@@ -35,6 +35,13 @@ class ConversationTest {
     }
 
     @Test
+    fun anEmptySystemMessageIsASystemTurnAndNullIsNone() {
+        val empty = Conversation(Generator(FakeForward.countingUp(), codec, listOf(Letters.END)), format, system = "")
+        assertEquals(listOf(Message("system", "")), empty.chat!!.messages)
+        assertEquals(emptyList<Message>(), conversation(FakeForward.countingUp()).chat!!.messages)
+    }
+
+    @Test
     fun anAnswerThatEndsAsUsualHasNoNote() {
         val turn = conversation(FakeForward.countingUp()).send("hi", 10)
         assertEquals(Generation.STOP, turn.result!!.finishReason)
