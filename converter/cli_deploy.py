@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         with signals_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: the staging folder goes with them
             check_transport_flags(args)
             check_bench_flags(args)  # before deploying: a bad request should not cost a push
+            check_bundle(args)  # before connecting: a bundle's problem is said even with no device attached
             device, remote_dir = connect(args)
             if args.bench and args.ssh:
                 from .ssh_bench import check_remote_runtime
@@ -174,16 +175,33 @@ def connect(args: argparse.Namespace) -> tuple[Device | SshHost, str]:
     return pick_device(args.serial, args.adb_port), args.remote_dir or DEFAULT_REMOTE_DIR
 
 
+def check_bundle(args: argparse.Namespace) -> None:
+    """What deploy_bundle checks before touching the device (its name on the device, every file's sha256,
+    a KV cache the app can keep), done before connecting to it. deploy_bundle checks again: the files
+    could change in between."""
+    from .deploy import bundle_files, check_name
+
+    check_name(args.name if args.name is not None else Path(args.bundle).resolve().name)
+    bundle_files(args.bundle, android_app=not args.ssh)
+
+
+def only_with(flags: list[str], needed: str, fix: str) -> str:
+    """`--a only applies with --b; drop it.` (several flags: apply, them)."""
+    one = len(flags) == 1
+    return (f"{', '.join(flags)} only {'applies' if one else 'apply'} with {needed}; "
+            f"{fix}drop {'it' if one else 'them'}.")
+
+
 def check_transport_flags(args: argparse.Namespace) -> None:
     """Refuse the other transport's flags; fill in --remote-python for ssh."""
     from .deploy import DeployError
 
     given = [k for k in (SSH_ONLY if args.adb else ADB_ONLY) if getattr(args, k, None) is not None]
     if given:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
-        raise DeployError(f"{flags} only apply with {'--ssh' if args.adb else '--adb'}; drop them.")
+        flags = [f"--{k.replace('_', '-')}" for k in given]
+        raise DeployError(only_with(flags, "--ssh" if args.adb else "--adb", ""))
     if args.ssh and args.remote_python is not None and not args.bench:
-        raise DeployError("--remote-python only applies with --bench; add --bench or drop it.")
+        raise DeployError(only_with(["--remote-python"], "--bench", "add --bench or "))
     if args.ssh and args.remote_python is None:
         args.remote_python = DEFAULT_REMOTE_PYTHON
 
@@ -200,7 +218,7 @@ def check_bench_flags(args: argparse.Namespace) -> None:
     if not args.bench:
         given = [f"--{k.replace('_', '-')}" for k in BENCH_ONLY if hasattr(args, k)]
         if given:
-            raise DeployError(f"{', '.join(given)} only apply with --bench; add --bench or drop them.")
+            raise DeployError(only_with(given, "--bench", "add --bench or "))
         return
     for key, value in BENCH_DEFAULTS.items():
         if not hasattr(args, key):

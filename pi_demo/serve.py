@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     except OrtOptionsError as e:
         return _fail(refused_ort_options(e))
-    config = ServerConfig(model_id=args.model_id or args.bundle.resolve().name, api_key=api_key,
+    config = ServerConfig(model_id=args.model_id or bundle_name(args.bundle), api_key=api_key,
                           limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue),
                           prompt_lookup=args.prompt_lookup, cache_prompt=args.cache_prompt)
     try:
@@ -86,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
         server.server_close()
         log.info("stopped")
     return 0
+
+
+def bundle_name(bundle: Path) -> str:
+    """The bundle's folder name as given: a link's own name (`current -> v3` serves "current", not "v3"),
+    "." and a trailing slash read as the folder they name."""
+    return Path(os.path.abspath(bundle)).name or Path(bundle).resolve().name or "bundle"
 
 
 def _is_loopback(host: str) -> bool:

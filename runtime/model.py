@@ -25,7 +25,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import BundleError, ContextOverflowError, OrtOptionsError
 from .manifest import Manifest, read_manifest
 from .messages import as_messages
-from .onnx_session import DecoderSession, SessionOptions, format_ort_options, is_onnxruntime_error
+from .onnx_session import DecoderSession, SessionOptions, check_ort_option, format_ort_options, is_onnxruntime_error
 from .pages import trim_heap
 from .sampling import Sampler, SamplingParams
 from .stops import StopMatcher
@@ -119,12 +119,21 @@ class Model:
 
         prefill_chunk: prompt tokens per graph run (peak memory grows with it; see PREFILL_CHUNK).
         ort_options: ONNX Runtime session config entries, e.g. {"mlas.disable_kleidiai": "1"}
-        (applied after nomoat's own settings).
+        (applied after nomoat's own settings). Keys are checked for ONNX Runtime's dotted shape, as
+        --ort-options checks them (it ignores a misspelt one silently): a bad entry, or a value ONNX
+        Runtime refuses, raises OrtOptionsError (a ValueError).
         """
         from tokenizers import Tokenizer
 
         if threads is not None:
             check_count("threads", threads)
+        ort_config = tuple((ort_options or {}).items())
+        for key, value in ort_config:
+            # As --ort-options checks them: ONNX Runtime would take a misspelt key without a word.
+            try:
+                check_ort_option(key, value)
+            except ValueError as e:
+                raise OrtOptionsError(format_ort_options(ort_config), str(e)) from None
         bundle = Path(bundle)
         manifest = read_manifest(bundle, verify_files=verify_checksums)
         if manifest.onnx is None:
@@ -132,7 +141,6 @@ class Model:
         threads = threads if threads is not None else manifest.target.get("threads")
         # The session first: pre-packing the weights is the load's memory peak, and it should not
         # stack on the tokenizer's (parsing tokenizer.json leaves heap holes: ~6 MB for SmolLM2, trimmed below).
-        ort_config = tuple((ort_options or {}).items())
         try:
             session = DecoderSession(bundle, manifest, SessionOptions(threads=threads, ort_config=ort_config))
         except Exception as e:

@@ -43,14 +43,25 @@ def parse_ort_options(spec: str) -> dict[str, str]:
         if not sep or not value:
             raise ValueError(f"ONNX Runtime option {item.strip()!r} is not KEY=VALUE; write e.g. "
                              "mlas.disable_kleidiai=1 (several: separated by commas)")
-        if "." not in key or any(c.isspace() for c in key) or key.startswith(".") or key.endswith("."):
-            raise ValueError(f"{key!r} is not an ONNX Runtime session config key (they are dotted "
-                             "names such as session.intra_op.allow_spinning or mlas.disable_kleidiai; "
-                             "see onnxruntime_session_options_config_keys.h)")
+        check_ort_option(key, value)
         if key in entries:
             raise ValueError(f"ONNX Runtime option {key!r} is given twice")
         entries[key] = value
     return entries
+
+
+def check_ort_option(key: str, value: str) -> None:
+    """Refuse (ValueError) an entry ONNX Runtime would ignore or choke on: a key not of the dotted shape all
+    of its keys have (it takes any key without a word), a value that is not a non-empty string. Shared by
+    --ort-options (parse_ort_options) and Model.load's ort_options."""
+    if not isinstance(key, str) or "." not in key or any(c.isspace() for c in key) or key.startswith(".") \
+            or key.endswith("."):
+        raise ValueError(f"{key!r} is not an ONNX Runtime session config key (they are dotted "
+                         "names such as session.intra_op.allow_spinning or mlas.disable_kleidiai; "
+                         "see onnxruntime_session_options_config_keys.h)")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"ONNX Runtime option {key}={value!r}: the value must be a non-empty string, "
+                         "e.g. mlas.disable_kleidiai='1'")
 
 
 def format_ort_options(entries: Iterable[tuple[str, str]]) -> str:
