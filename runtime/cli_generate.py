@@ -132,7 +132,7 @@ def load_model(verb: str, args: argparse.Namespace):
 
 def refused_ort_options(error) -> str:
     """The CLIs' words for an OrtOptionsError."""
-    return f"ONNX Runtime refused --ort-options {error.options}: {error.reason}"
+    return f"{error.refused_by} refused --ort-options {error.options}: {error.reason}"
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

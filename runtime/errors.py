@@ -10,8 +10,10 @@ class ContextOverflowError(Exception):
 
 
 class OrtOptionsError(ValueError):
-    """ONNX Runtime refused a session config entry the caller gave (a key it knows, a value it does not take)."""
+    """A session config entry the caller gave was refused: by ONNX Runtime (a key it knows, a value it does
+    not take), or by nomoat before it (a key not shaped like ONNX Runtime's, which it would ignore)."""
 
-    def __init__(self, options: str, reason: str):
-        super().__init__(f"ONNX Runtime refused the session options {options}: {reason}")
-        self.options, self.reason = options, reason  # KEY=VALUE,...; ONNX Runtime's message on one line
+    def __init__(self, options: str, reason: str, refused_by: str = "ONNX Runtime"):
+        super().__init__(f"{refused_by} refused the session options {options}: {reason}")
+        # options: KEY=VALUE,...; reason: ONNX Runtime's message (or nomoat's) on one line
+        self.options, self.reason, self.refused_by = options, reason, refused_by

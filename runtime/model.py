@@ -133,7 +133,7 @@ class Model:
             try:
                 check_ort_option(key, value)
             except ValueError as e:
-                raise OrtOptionsError(format_ort_options(ort_config), str(e)) from None
+                raise OrtOptionsError(format_ort_options(ort_config), str(e), refused_by="nomoat") from None
         bundle = Path(bundle)
         manifest = read_manifest(bundle, verify_files=verify_checksums)
         if manifest.onnx is None:

@@ -583,7 +583,7 @@ def test_bench_request_is_checked_before_deploying(bundle, fake, remote, adb_ser
     assert main(deploy_cli(bundle, dev.serial, adb_server, remote, "--rounds", "2", "--json")) == 2
     assert "--rounds, --json only apply with --bench" in capsys.readouterr().err
     assert main(deploy_cli(bundle, dev.serial, adb_server, remote, "--prompt-lookup", "4")) == 2
-    assert "--prompt-lookup only apply with --bench" in capsys.readouterr().err
+    assert "--prompt-lookup only applies with --bench" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(deploy_cli(bundle, dev.serial, adb_server, remote, "--bench", "--prompt-lookup", "-1"))
     assert e.value.code == 2 and "'-1' is not a number of drafted tokens" in capsys.readouterr().err

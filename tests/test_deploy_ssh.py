@@ -542,10 +542,10 @@ def test_keepalives_give_way_to_the_users_own(board, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--ssh", "pi", "--serial", "X"], "--serial only apply with --adb"),
-    (["--ssh", "pi", "--bench-timeout", "5", "--bench"], "--bench-timeout only apply with --adb"),
-    (["--adb", "--ssh-config", "f"], "--ssh-config only apply with --ssh"),
-    (["--adb", "--remote-python", "python3", "--bench"], "--remote-python only apply with --ssh"),
+    (["--ssh", "pi", "--serial", "X"], "--serial only applies with --adb"),
+    (["--ssh", "pi", "--bench-timeout", "5", "--bench"], "--bench-timeout only applies with --adb"),
+    (["--adb", "--ssh-config", "f"], "--ssh-config only applies with --ssh"),
+    (["--adb", "--remote-python", "python3", "--bench"], "--remote-python only applies with --ssh"),
     (["--ssh", "pi", "--remote-python", "python3"], "--remote-python only applies with --bench"),
     (["--ssh=-oProxyCommand=x"], "is not a host"),
 ])
