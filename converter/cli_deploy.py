@@ -179,9 +179,9 @@ def check_bundle(args: argparse.Namespace) -> None:
     """What deploy_bundle checks before touching the device (its name on the device, every file's sha256,
     a KV cache the app can keep), done before connecting to it. deploy_bundle checks again: the files
     could change in between."""
-    from .deploy import bundle_files, check_name
+    from .deploy import bundle_files, check_name, default_name
 
-    check_name(args.name if args.name is not None else Path(args.bundle).resolve().name)
+    check_name(args.name if args.name is not None else default_name(Path(args.bundle)))
     bundle_files(args.bundle, android_app=not args.ssh)
 
 

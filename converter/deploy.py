@@ -15,6 +15,7 @@ after it (the new one is in place), never between its two renames.
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 import re
 import secrets
@@ -71,6 +72,13 @@ class DeployResult:
         return self.bytes / MB / self.seconds if self.seconds > 0 else 0.0
 
 
+def default_name(bundle: Path) -> str:
+    """The bundle's name on the device unless --name: its folder name as typed ("." and a trailing
+    slash included: abspath, unlike resolve, leaves a link as it is). A link keeps its own name
+    (`current -> v3` deploys as current), as `pi_demo serve` names its model."""
+    return Path(os.path.abspath(bundle)).name
+
+
 def deploy_bundle(bundle: Path, device: Target, remote_dir: str = DEFAULT_REMOTE_DIR, name: str | None = None,
                   progress: Callable[[str], None] | None = None, android_app: bool = True,
                   force: bool = False) -> DeployResult:
@@ -85,7 +93,7 @@ def deploy_bundle(bundle: Path, device: Target, remote_dir: str = DEFAULT_REMOTE
     """
     bundle = Path(bundle)
     say = progress or (lambda _msg: None)
-    name = name if name is not None else bundle.resolve().name
+    name = name if name is not None else default_name(bundle)
     check_name(name)
     files = bundle_files(bundle, android_app)  # before touching the device
     remote_dir = normalize_remote_dir(remote_dir)

@@ -197,3 +197,14 @@ def test_serve_refuses_a_bad_key_through_the_sdk_in_one_line(bundle, capsys, mon
     assert serve.run(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("pi_demo serve: error: nomoat refused --ort-options nodots=1: 'nodots' is not an ONNX")
+
+
+def test_deploy_names_a_linked_bundle_by_the_link(tmp_path, monkeypatch):
+    from nomoat.converter.deploy import default_name
+
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "current").symlink_to("v3")
+    assert default_name(tmp_path / "current") == "current"  # as typed, not the link's target
+    assert default_name(Path(f"{tmp_path / 'current'}/")) == "current"
+    monkeypatch.chdir(tmp_path / "v3")
+    assert default_name(Path(".")) == "v3"
