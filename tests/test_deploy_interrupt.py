@@ -43,9 +43,30 @@ def wait_for_push_of(remote: Path, name: str, at_least: int = 1, timeout: float 
 
 
 def start_deploy(bundle: Path, serial: str, port: int, remote: Path) -> subprocess.Popen[str]:
-    """`nomoat deploy` in its own process group, as a shell runs a foreground job."""
+    """`nomoat deploy` in its own process group, as a shell runs a foreground job: with the signals live.
+    A test run started in the background of a script (`nohup .ci/run &`) has SIGINT and SIGHUP ignored,
+    and a child would inherit that: Python then never raises KeyboardInterrupt, and nomoat leaves an
+    ignored SIGHUP ignored (as nohup asks)."""
     return subprocess.Popen([sys.executable, "-m", "nomoat", *deploy_cli(bundle, serial, port, remote)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+@pytest.fixture
+def live_signals():
+    """This process's SIGINT raising KeyboardInterrupt and SIGTERM at its default, as in a terminal,
+    whatever the test run inherited (see start_deploy); restored after."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def finish(p: subprocess.Popen[str], timeout: float) -> tuple[str, str, float]:
@@ -173,7 +194,7 @@ class SignalDuringSwap:
 
 @pytest.mark.parametrize("signum, how", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stopped by SIGTERM")])
 def test_a_signal_during_the_swap_waits_for_it(bundle, padded_bundle, fake, remote, adb_server, monkeypatch, capsys,
-                                               signum, how):
+                                               live_signals, signum, how):
     """Cut between its two renames, the swap would leave no bundle under the name: the signal waits until
     it is done, and the line then says the new bundle is in place."""
     _, dev = fake
