@@ -34,7 +34,7 @@ from nomoat.runtime.bench import BenchError, RoundResult, process_peak_rss_mb, s
 from nomoat.runtime.bench_plot import plot_summaries, require_matplotlib
 from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
 from nomoat.runtime.chat_template import ChatTemplate, as_messages
-from nomoat.runtime.cli_bench import drafts_kept
+from nomoat.runtime.cli_bench import drafts_kept, refuse_repeats
 from nomoat.runtime.errors import BundleError
 from nomoat.runtime.manifest import Manifest, read_manifest
 
@@ -261,12 +261,14 @@ def check_args(args: argparse.Namespace) -> None:
         (args.warmup < 0, "--warmup must be >= 0 (0 times every round, the first cold one too)"),
         (args.prompt_lookup < 0, "--prompt-lookup must be >= 0 (0: plain decoding)"),
         (any(t < 1 for t in args.threads or []), "--threads must be >= 1"),
-        (len(set(args.threads or [])) < len(args.threads or []),
-         "--threads names the same count twice; to repeat a measurement, raise --rounds"),
     ]
     problem = next((message for bad, message in problems if bad), None)
     if problem is not None:
         raise SystemExit(f"benchmarks/run.py: {problem}")
+    try:
+        refuse_repeats("--threads", args.threads or [])  # in `nomoat bench`'s words
+    except BenchError as e:
+        raise SystemExit(f"benchmarks/run.py: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from nomoat.runtime.manifest import MANIFEST_NAME, Manifest, sha256_file
@@ -107,13 +107,14 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def report_interrupt(command: str, e: KeyboardInterrupt) -> int:
-    """One line on stderr for Ctrl-C, SIGTERM or SIGHUP (Interrupted); the exit status, 128 + the signal."""
+def report_interrupt(command: str, e: KeyboardInterrupt, outcome: str = "nothing was written") -> int:
+    """One line on stderr for Ctrl-C, SIGTERM or SIGHUP (Interrupted), ending with what the interrupted
+    command left (a conversion: nothing); the exit status, 128 + the signal."""
     signum = getattr(e, "signum", signal.SIGINT)
     # Ctrl-C: a new line first, after the terminal's echoed ^C
     how = f"\nnomoat {command}: interrupted" if signum == signal.SIGINT else \
         f"nomoat {command}: stopped by {signal.Signals(signum).name}"
-    print(f"{how}; nothing was written", file=sys.stderr)
+    print(f"{how}; {outcome}", file=sys.stderr)
     return 128 + signum
 
 
@@ -123,22 +124,32 @@ def signals_interrupt() -> Iterator[None]:
     instead of killing the process, which would leave the staging folder behind. Only signals left at
     their default action are taken (a SIGHUP that nohup ignores stays ignored); the old handlers come
     back after. Outside the main thread Python cannot set handlers, and nothing changes."""
-    import threading
-
     def _raise(signum: int, frame: object) -> None:
         raise Interrupted(signum)
 
+    with handlers_replaced(("SIGTERM", "SIGHUP"), _raise, take=lambda old: old is signal.SIG_DFL):
+        yield
+
+
+@contextlib.contextmanager
+def handlers_replaced(names: Iterable[str], handler: Callable[[int, object], None],
+                      take: Callable[[object], bool]) -> Iterator[None]:
+    """Within the block, `handler` handles each named signal this platform has whose current handler
+    `take` accepts; the old handlers come back after. Outside the main thread Python cannot set
+    handlers, and nothing changes."""
+    import threading
+
     saved = {}
     if threading.current_thread() is threading.main_thread():
-        for name in ("SIGTERM", "SIGHUP"):
+        for name in names:
             signum = getattr(signal, name, None)
-            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
-                saved[signum] = signal.signal(signum, _raise)
+            if signum is not None and take(signal.getsignal(signum)):
+                saved[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+        for signum, old in saved.items():
+            signal.signal(signum, old)
 
 
 _STAGING_INFIX = ".tmp-"

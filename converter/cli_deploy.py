@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,18 +136,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report_interrupt(e: KeyboardInterrupt, deployed: str | None) -> int:
-    """One line on stderr for Ctrl-C, SIGTERM or SIGHUP, saying which bundle the device holds; the exit
-    status, 128 + the signal. (bundle.report_interrupt's line, whose "nothing was written" is about a
-    conversion's output.) Before the swap the old bundle is untouched (the staging folder is removed,
-    or the next deploy removes it); deploy.swap_in_whole holds signals during the swap, so after it
-    the new one is in place."""
-    signum = getattr(e, "signum", signal.SIGINT)
-    # Ctrl-C: a new line first, after the terminal's echoed ^C
-    how = "\nnomoat deploy: interrupted" if signum == signal.SIGINT else \
-        f"nomoat deploy: stopped by {signal.Signals(signum).name}"
+    """bundle.report_interrupt's line, saying which bundle the device holds. Before the swap the old
+    bundle is untouched (the staging folder is removed, or the next deploy removes it);
+    deploy.swap_in_whole holds signals during the swap, so after it the new one is in place."""
+    from .bundle import report_interrupt as report
+
     state = f"the new bundle is in place at {deployed}" if deployed else "the bundle deployed before is unchanged"
-    print(f"{how}; {state}", file=sys.stderr)
-    return 128 + signum
+    return report("deploy", e, outcome=state)
 
 
 def connect(args: argparse.Namespace) -> tuple[Device | SshHost, str]:

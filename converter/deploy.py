@@ -21,7 +21,6 @@ import re
 import secrets
 import shlex
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -357,20 +356,14 @@ def swap_in_whole(device: Target, staging: str, target: str, force: bool = False
 @contextlib.contextmanager
 def signals_held() -> Iterator[list[int]]:
     """Within the block, Ctrl-C, SIGTERM and SIGHUP are noted in the list instead of acted on; the old
-    handlers come back after. A signal set to be ignored stays ignored, and outside the main thread
-    (where Python cannot set handlers) nothing changes."""
+    handlers come back after. A signal set to be ignored stays ignored (bundle.handlers_replaced)."""
+    from .bundle import handlers_replaced
+
     held: list[int] = []
-    saved = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            handler = signal.getsignal(signum) if signum is not None else None
-            if handler is not None and handler is not signal.SIG_IGN:
-                saved[signum] = signal.signal(signum, lambda n, _frame: held.append(n))
-    try:
+    # getsignal is None for a handler not set from Python: left alone, as before
+    with handlers_replaced(("SIGINT", "SIGTERM", "SIGHUP"), lambda signum, _frame: held.append(signum),
+                           take=lambda old: old is not None and old is not signal.SIG_IGN):
         yield held
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
 
 
 def deliver_after_swap(signum: int, target: str) -> None:

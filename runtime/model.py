@@ -227,7 +227,7 @@ class Model:
         params = params or SamplingParams()
         stats = stats if stats is not None else GenerationStats()
         prompt_ids = list(prompt_ids)
-        _check_max_new_tokens(max_new_tokens)
+        check_count("max_new_tokens", max_new_tokens)
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         if len(prompt_ids) >= self.max_context:
@@ -279,7 +279,7 @@ class Model:
 
         stats = stats if stats is not None else GenerationStats()
         prompt_ids = list(prompt_ids)
-        _check_max_new_tokens(max_new_tokens)
+        check_count("max_new_tokens", max_new_tokens)
         if not prompt_ids or len(prompt_ids) >= self.max_context:
             yield from self.generate_tokens(prompt_ids, max_new_tokens, ignore_eos=ignore_eos, stats=stats,
                                             extra_stop_ids=extra_stop_ids, cache_prompt=cache_prompt,
@@ -389,7 +389,7 @@ class Model:
         """
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
-        _check_max_new_tokens(max_new)
+        check_count("max_new_tokens", max_new)
         check_count("prompt_lookup", prompt_lookup, minimum=0)
         stats = GenerationStats()
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -551,10 +551,6 @@ def _collect(events: Iterator[StreamEvent], model: Model) -> Completion:
         reason = event.finish_reason or reason
         stats = event.stats or stats
     return Completion("".join(parts), ids, reason, stats or model.last_stats)
-
-
-def _check_max_new_tokens(max_new_tokens: int) -> None:
-    check_count("max_new_tokens", max_new_tokens)
 
 
 def check_count(name: str, value: object, minimum: int = 1) -> None:

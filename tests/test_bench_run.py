@@ -201,7 +201,8 @@ def test_peak_rss_is_each_workers_largest_reading_and_the_ratio_divides_peaks():
 @pytest.mark.parametrize(("args", "problem"), [
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--threads", "0"], "--threads must be >= 1"),
-    (["--threads", "1", "--threads", "2", "--threads", "1"], "--threads names the same count twice"),
+    (["--threads", "1", "--threads", "2", "--threads", "1"],
+     "--threads 1 is given twice; to repeat a measurement, raise --rounds"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--new-tokens", "1"], "--new-tokens must be >= 2"),
 ])
