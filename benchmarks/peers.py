@@ -42,6 +42,7 @@ class CountedDrafts:
 
 
 def matching_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share (also where a drafted text parts from the plain one: run.py)."""
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1

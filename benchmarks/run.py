@@ -37,6 +37,7 @@ from nomoat.runtime.chat_template import ChatTemplate, as_messages
 from nomoat.runtime.cli_bench import drafts_kept, refuse_repeats
 from nomoat.runtime.errors import BundleError
 from nomoat.runtime.manifest import Manifest, read_manifest
+from peers import matching_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "llama.cpp Q4_0"
@@ -195,13 +196,6 @@ def lookup_agreement(results: list[dict[str, Any]], new_tokens: int) -> str:
     parts = [f"{system}: {' / '.join(counts)}" for system, counts in seen.items()]
     return (f"Leading tokens (of {new_tokens}, per thread count) equal to the same system's plain decoding: "
             + "; ".join(parts) + ".")
-
-
-def matching_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _print_round(job: Job, index: int, r: Any) -> None:
