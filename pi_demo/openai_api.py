@@ -2,10 +2,14 @@
 
 Parsing follows what OpenAI's API accepts and how it refuses: a field of the wrong type or out of
 range is a 400 naming the field (`param`), an unknown model a 404 `model_not_found`. Fields this
-server cannot honour (n > 1, logprobs, logit_bias, tools, ...) are refused rather than silently
+server cannot honour (n > 1, echo, logit_bias, tools, ...) are refused rather than silently
 ignored, so a client never gets an answer to a question it did not ask. Sampling fields the
 client leaves out take the bundle's generation defaults (a bundle converted from an instruct
 model says greedy), not OpenAI's temperature 1.0.
+
+logprobs are the model's own (the log-softmax of its raw logits, before penalties, temperature and
+filters), as OpenAI's and vLLM's are; chat takes `logprobs` and `top_logprobs`, a text completion
+`logprobs` as a count, and both at most MAX_TOP_LOGPROBS alternatives.
 
 Beyond OpenAI, the fields llama.cpp's and vLLM's servers take are accepted too: top_k, min_p,
 repetition_penalty, repeat_last_n (llama.cpp's window of that penalty; -1 = the whole history),
@@ -18,10 +22,15 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from nomoat.runtime import TokenLogprob
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its legacy completions stop at 5, vLLM's at 20 for both)
 
 
 class ApiError(Exception):
@@ -64,12 +73,12 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields the client set
     cache_prompt: bool | None = None  # llama.cpp's field: reuse the KV cache's prefix; None = the server's default
+    logprobs: int | None = None  # None: no logprobs; N: each token's, with the N most likely alternatives
 
 
 # Fields that change what OpenAI would answer -> the values that mean "not used" (accepted).
-_NEUTRAL = {"logprobs": (None, False), "echo": (None, False), "tools": (None, []), "functions": (None, []),
-            "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "n": (None, 1), "best_of": (None, 1),
-            "top_logprobs": (None, 0), "suffix": (None, ""), "logit_bias": (None, {})}
+_NEUTRAL = {"echo": (None, False), "tools": (None, []), "functions": (None, []), "n": (None, 1),
+            "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})}
 _ROLES = {"system", "user", "assistant", "developer"}
 
 
@@ -80,7 +89,7 @@ def parse_chat(body: dict[str, Any], model_id: str, limits: Limits, default_max_
         raise bad_request("'messages' must be a non-empty list of {role, content} objects", "messages")
     prompt = [_message(m, i) for i, m in enumerate(messages)]
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), limits, default_max_tokens)
-    return _request("chat", prompt, max_tokens, body)
+    return _request("chat", prompt, max_tokens, body, _chat_logprobs(body))
 
 
 def parse_completion(body: dict[str, Any], model_id: str, limits: Limits,
@@ -93,17 +102,38 @@ def parse_completion(body: dict[str, Any], model_id: str, limits: Limits,
         raise bad_request("'prompt' must be a non-empty string (batches of prompts are not supported)", "prompt")
     _check_unicode(prompt, "prompt")
     max_tokens = _max_tokens(body, ("max_tokens",), limits, min(16, default_max_tokens))  # OpenAI's default: 16
-    return _request("completion", prompt, max_tokens, body)
+    # The legacy API's logprobs is the count of alternatives; false (as a chat client would send it) is none.
+    logprobs = None if body.get("logprobs") is False else _top_count(body, "logprobs")
+    return _request("completion", prompt, max_tokens, body, logprobs)
 
 
-def _request(kind: str, prompt: str | list[dict[str, str]], max_tokens: int, body: dict[str, Any]) -> GenerationRequest:
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Chat's logprobs: true asks for them, top_logprobs for that many alternatives (OpenAI refuses
+    top_logprobs without logprobs: true)."""
+    wanted = _optional(body, "logprobs", bool)
+    top = _top_count(body, "top_logprobs")
+    if top and not wanted:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _top_count(body: dict[str, Any], name: str) -> int | None:
+    value = _optional(body, name, int)
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"'{name}' must be between 0 and {MAX_TOP_LOGPROBS}, got {value}", name)
+    return value
+
+
+def _request(kind: str, prompt: str | list[dict[str, str]], max_tokens: int, body: dict[str, Any],
+             logprobs: int | None) -> GenerationRequest:
     stream = _optional(body, "stream", bool) or False
     options = _optional(body, "stream_options", dict) or {}
     if options and not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
     return GenerationRequest(kind=kind, prompt=prompt, max_tokens=max_tokens, stream=stream,
                              include_usage=bool(options.get("include_usage")), stop=_stop(body),
-                             sampling=_sampling(body), cache_prompt=_optional(body, "cache_prompt", bool))
+                             sampling=_sampling(body), cache_prompt=_optional(body, "cache_prompt", bool),
+                             logprobs=logprobs)
 
 
 def _check_common(body: dict[str, Any], model_id: str) -> None:
@@ -192,6 +222,7 @@ def _check_unicode(text: str, param: str) -> None:
 # field -> (type, lowest, highest); None = unbounded on that side
 _SAMPLING = {"temperature": (float, 0.0, 2.0), "top_p": (float, 0.0, 1.0), "top_k": (int, 0, None),
              "min_p": (float, 0.0, 1.0), "repetition_penalty": (float, 0.0, None), "repeat_last_n": (int, -1, None),
+             "frequency_penalty": (float, -2.0, 2.0), "presence_penalty": (float, -2.0, 2.0),  # OpenAI's ranges
              "seed": (int, -(2**63), 2**63 - 1)}  # llama.cpp's and vLLM's range: an int64
 NO_SEED = -1  # llama.cpp's "seed": -1, a random one
 
@@ -240,6 +271,33 @@ _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", dict: "a
 # -- responses ---------------------------------------------------------------------------------------
 
 
+class TokenBytes(Protocol):
+    def bytes_of(self, token_id: int) -> bytes: ...  # a token's exact bytes (runtime.logprobs.TokenText)
+
+
+def chat_logprobs(scored: Sequence[TokenLogprob], tokens: TokenBytes) -> dict[str, Any]:
+    """A chat choice's "logprobs": each token with its bytes (a part of a character shows as U+FFFD
+    in "token"; "bytes" say which) and its top_logprobs, most likely first."""
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        raw = tokens.bytes_of(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return {"content": [{**entry(s.token_id, s.logprob), "top_logprobs": [entry(i, lp) for i, lp in s.top]}
+                        for s in scored], "refusal": None}
+
+
+def completion_logprobs(scored: Sequence[TokenLogprob], offsets: Sequence[int], tokens: TokenBytes) -> dict[str, Any]:
+    """A text completion's "logprobs", the legacy layout: parallel lists; each top_logprobs entry maps
+    token text to logprob and holds the sampled token too, as OpenAI's does (so up to N + 1 keys);
+    text_offset is each token's character offset in the completion's text."""
+    def text(token_id: int) -> str:
+        return tokens.bytes_of(token_id).decode("utf-8", errors="replace")
+
+    return {"tokens": [text(s.token_id) for s in scored], "token_logprobs": [s.logprob for s in scored],
+            "top_logprobs": [{**{text(i): lp for i, lp in s.top}, text(s.token_id): s.logprob} for s in scored],
+            "text_offset": list(offsets)}
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
@@ -267,12 +325,13 @@ class Reply:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices}
 
-    def whole(self, text: str, finish_reason: str, usage_: dict[str, Any]) -> dict[str, Any]:
+    def whole(self, text: str, finish_reason: str, usage_: dict[str, Any],
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": finish_reason}
             return {**self._envelope("chat.completion", [choice]), "usage": usage_}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._envelope("text_completion", [choice]), "usage": usage_}
 
     def first_chunk(self) -> dict[str, Any] | None:
@@ -281,14 +340,16 @@ class Reply:
             return None
         return self._chunk({"role": "assistant", "content": ""}, None)
 
-    def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(self, text: str, finish_reason: str | None = None,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
-            return self._chunk({"content": text} if text else {}, finish_reason)
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return self._chunk({"content": text} if text else {}, finish_reason, logprobs)
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._with_null_usage(self._envelope("text_completion", [choice]))
 
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _chunk(self, delta: dict[str, str], finish_reason: str | None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._with_null_usage(self._envelope("chat.completion.chunk", [choice]))
 
     def _with_null_usage(self, chunk: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from jinja2 import TemplateError
-from nomoat.runtime import ContextOverflowError, Model
+from nomoat.runtime import ContextOverflowError, Model, StreamEvent
 from nomoat.runtime.cli_generate import drafts_note
 
 from .openai_api import (
@@ -37,6 +37,8 @@ from .openai_api import (
     Limits,
     Reply,
     bad_request,
+    chat_logprobs,
+    completion_logprobs,
     parse_chat,
     parse_completion,
     usage,
@@ -107,7 +109,7 @@ class App:
                               "context_length_exceeded")
         cache_prompt = self.config.cache_prompt if request.cache_prompt is None else request.cache_prompt
         return Job(ids, request.max_tokens, params, request.stop, prompt_lookup=self.config.prompt_lookup,
-                   cache_prompt=cache_prompt)
+                   cache_prompt=cache_prompt, logprobs=request.logprobs)
 
     def submit(self, job: Job) -> None:
         try:
@@ -120,6 +122,41 @@ class App:
 
     def model_object(self) -> dict[str, Any]:
         return {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "nomoat"}
+
+
+class Scored:
+    """The logprobs of a reply's tokens not sent yet, in the reply's layout (None when not asked for).
+
+    A token that ends inside a character has no text of its own yet; its logprob goes out with
+    the next chunk that has text, as the text it is part of does."""
+
+    def __init__(self, reply: Reply, job: Job, model: Model):
+        self.wanted = job.logprobs is not None
+        self._reply = reply
+        self._model = model
+        self._scored: list = []
+        self._offsets: list[int] = []
+        self._length = 0  # characters of the reply so far: the next token's text_offset
+
+    def add(self, event: StreamEvent) -> None:
+        if event.logprob is not None:
+            self._scored.append(event.logprob)
+            self._offsets.append(self._length)
+        self._length += len(event.text)
+
+    def take(self) -> dict[str, Any] | None:
+        """For a stream's chunk: those not sent yet, or None if there are none."""
+        return self.whole() if self._scored else None
+
+    def whole(self) -> dict[str, Any] | None:
+        """For a whole answer: all of them (empty lists when no token came), None if not asked for."""
+        if not self.wanted:
+            return None
+        tokens = self._model.token_text
+        body = (chat_logprobs(self._scored, tokens) if self._reply.kind == "chat"
+                else completion_logprobs(self._scored, self._offsets, tokens))
+        self._scored, self._offsets = [], []
+        return body
 
 
 def generation_error(error: Exception) -> ApiError:
@@ -309,15 +346,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _whole(self, job: Job, reply: Reply) -> None:
         parts, reason = [], "length"
+        scored = Scored(reply, job, self.server.app.model)
         try:
             for event in job.results(self._client_gone):
                 parts.append(event.text)
+                scored.add(event)
                 reason = event.finish_reason or reason
         except ClientGone:
             raise
         except Exception as e:  # raised in the worker on this request's behalf
             raise generation_error(e) from e
-        self._send_json(200, reply.whole("".join(parts), reason, _usage(job)))
+        self._send_json(200, reply.whole("".join(parts), reason, _usage(job), scored.whole()))
 
     def _stream(self, job: Job, reply: Reply, include_usage: bool) -> None:
         events = job.results(self._client_gone)  # a client that leaves while in line is noticed before its prefill
@@ -338,10 +377,12 @@ class Handler(BaseHTTPRequestHandler):
         if opening:
             self._send_event(opening)
         reason = "length"
+        scored = Scored(reply, job, self.server.app.model)
         try:
             for event in chain([first] if first else [], events):
+                scored.add(event)
                 if event.text:
-                    self._send_event(reply.chunk(event.text))
+                    self._send_event(reply.chunk(event.text, logprobs=scored.take()))
                 reason = event.finish_reason or reason
         except ConnectionError:  # the client hung up (a write failed, or ClientGone): nothing more to write
             raise
@@ -349,7 +390,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_event(generation_error(e).body())
             self._send_event("[DONE]")  # the stream's end, so a client knows it has all there is
             return
-        self._send_event(reply.chunk("", reason))
+        self._send_event(reply.chunk("", reason, scored.take()))
         if include_usage:
             self._send_event(reply.usage_chunk(_usage(job)))
         self._send_event("[DONE]")

@@ -4,6 +4,7 @@ Imports numpy, onnxruntime, tokenizers and jinja2 only; never torch or transform
 """
 
 from .errors import BundleError, ContextOverflowError, OrtOptionsError
+from .logprobs import TokenLogprob
 from .model import Chat, Completion, GenerationStats, Model, StreamEvent
 from .sampling import SamplingParams
 
@@ -17,4 +18,5 @@ __all__ = [
     "OrtOptionsError",
     "SamplingParams",
     "StreamEvent",
+    "TokenLogprob",
 ]

@@ -23,7 +23,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=sampling_value("repetition_penalty", float), default=None,
                    help="1 = off; 1.1 discourages repeats")
     p.add_argument("--repeat-last-n", type=sampling_value("repeat_last_n", int), default=None,
-                   help="how many of the last tokens the penalty looks at (-1 = all, the default; 0 = none)")
+                   help="how many of the last tokens the penalties look at (-1 = all, the default; 0 = none)")
+    p.add_argument("--frequency-penalty", type=sampling_value("frequency_penalty", float), default=None,
+                   help="OpenAI's: lower a token's logit by this much per time it occurs (0 = off)")
+    p.add_argument("--presence-penalty", type=sampling_value("presence_penalty", float), default=None,
+                   help="OpenAI's: lower the logit of every token that occurred by this much (0 = off)")
     p.add_argument("--seed", type=sampling_value("seed", int), default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", type=stop_text, action="append", default=[], metavar="TEXT",
                    help="stop when TEXT appears; repeatable")
@@ -137,7 +141,8 @@ def refused_ort_options(error) -> str:
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+                repetition_penalty=args.repetition_penalty, repeat_last_n=args.repeat_last_n,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, seed=args.seed,
                 stop=args.stop)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from .detokenizer import IncrementalDetokenizer
 from .errors import BundleError, ContextOverflowError, OrtOptionsError
+from .logprobs import TokenLogprob, TokenText, token_logprob
 from .manifest import Manifest, read_manifest
 from .messages import as_messages
 from .onnx_session import DecoderSession, SessionOptions, check_ort_option, format_ort_options, is_onnxruntime_error
@@ -76,6 +77,7 @@ class StreamEvent:
     token_id: int | None
     finish_reason: str | None = None  # "stop" | "length" on the last event
     stats: GenerationStats | None = None  # on the last event: this request's own (last_stats may be another's)
+    logprob: TokenLogprob | None = None  # token_id's log-probability, when the stream was asked for logprobs
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked for
 
 
 # Prompts run through the graph this many tokens at a time. ONNX Runtime's attention sizes its
@@ -107,6 +110,7 @@ class Model:
         self.session = session
         self.tokenizer = tokenizer
         self._template = template  # None: built from the bundle on first use (see `template`)
+        self._token_text: TokenText | None = None
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self.last_stats = GenerationStats()
         self._lock = threading.Lock()
@@ -174,6 +178,13 @@ class Model:
         return self._template
 
     @property
+    def token_text(self) -> TokenText:
+        """Each token's exact bytes and its text, for showing logprobs (built on first use)."""
+        if self._token_text is None:
+            self._token_text = TokenText(self.tokenizer)
+        return self._token_text
+
+    @property
     def max_context(self) -> int:
         return self.manifest.max_context
 
@@ -216,9 +227,11 @@ class Model:
     def generate_tokens(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
                         ignore_eos: bool = False, stats: GenerationStats | None = None,
                         extra_stop_ids: frozenset[int] = frozenset(), *, cache_prompt: bool = True,
-                        should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
+                        should_stop: Callable[[], bool] | None = None,
+                        seen: Callable[[int, np.ndarray], None] | None = None) -> Iterator[int]:
         """Yield generated token ids. The KV cache is reused for the longest common prefix
-        (cache_prompt=False: the prompt runs from an empty cache, see _prefill).
+        (cache_prompt=False: the prompt runs from an empty cache, see _prefill). seen(token, logits)
+        is called with each token before it is yielded, and the raw logits it was drawn from.
 
         Stops at a stop token (the bundle's, or one of extra_stop_ids; not yielded) unless
         ignore_eos, at max_new_tokens, or when the context is full; yields nothing if should_stop
@@ -252,6 +265,8 @@ class Model:
             if token in stop_ids and not ignore_eos:
                 stats.stop_token = True
                 break
+            if seen is not None:
+                seen(token, logits)
             generated.append(token)
             stats.generated_tokens = len(generated)
             stats.decode_seconds = time.perf_counter() - t_first
@@ -365,32 +380,42 @@ class Model:
                raw: bool = False, stop: str | Sequence[str] | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                repetition_penalty: float | None = None, repeat_last_n: int | None = None,
-               seed: int | None = None, prompt_lookup: int = 0) -> Iterator[StreamEvent]:
+               frequency_penalty: float | None = None, presence_penalty: float | None = None,
+               seed: int | None = None, prompt_lookup: int = 0, logprobs: int | None = None) -> Iterator[StreamEvent]:
         """Stream the answer to a prompt (a string, wrapped in the chat template unless raw,
         or a list of {"role", "content"} messages) as text deltas.
 
         prompt_lookup=N drafts up to N tokens from the context per step (greedy only; greedy's
-        output up to near-ties, fewer forward passes on text that repeats its context)."""
+        output up to near-ties, fewer forward passes on text that repeats its context).
+        logprobs=N gives each event its token's log-probability and the N most likely tokens at
+        that position (0: the token's alone; see stream_ids)."""
         params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                       repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
+                                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                                       seed=seed)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
-        yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup)
+        yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup,
+                                   logprobs=logprobs)
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
                    params: SamplingParams | None = None, stop: str | Sequence[str] | None = None,
                    prompt_lookup: int = 0, *, cache_prompt: bool = True,
-                   should_stop: Callable[[], bool] | None = None) -> Iterator[StreamEvent]:
+                   should_stop: Callable[[], bool] | None = None, logprobs: int | None = None) -> Iterator[StreamEvent]:
         """Stream the answer to prompt ids (see stream).
 
         cache_prompt=False computes the prompt from an empty KV cache (the same answer whatever ran
         before; see _prefill). should_stop is asked between prefill chunks; when it says yes the
         stream ends with no event (to stop while decoding, stop reading and close() it).
+        logprobs=N (0 or more; None = off) puts a TokenLogprob on each event with a token: the
+        log-softmax of the raw logits (before penalties, temperature and filters) at that token
+        and at the N most likely ones. Such a stream decodes without prompt lookup, one token a step.
         """
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
         check_count("max_new_tokens", max_new)
         check_count("prompt_lookup", prompt_lookup, minimum=0)
+        if logprobs is not None:
+            check_count("logprobs", logprobs, minimum=0)
         stats = GenerationStats()
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(stop)  # None is none; a bare string is one stop string
@@ -401,17 +426,21 @@ class Model:
             try:
                 plain_greedy = params is None or (params.greedy and not params.penalized)
                 prefill = {"cache_prompt": cache_prompt, "should_stop": should_stop}
+                scored: list[TokenLogprob] = []  # the token about to be yielded, with its logprobs
+                if logprobs is not None:
+                    prefill["seen"] = lambda token, logits: scored.append(token_logprob(logits, token, logprobs))
                 tokens = (self.generate_tokens_lookahead(prompt_ids, max_new, prompt_lookup, stats=stats,
                                                          extra_stop_ids=special_stops, **prefill)
-                          if prompt_lookup > 0 and plain_greedy
+                          if prompt_lookup > 0 and plain_greedy and logprobs is None
                           else self.generate_tokens(prompt_ids, max_new, params, stats=stats,
                                                     extra_stop_ids=special_stops, **prefill))
                 for token in tokens:
+                    logprob = scored.pop() if scored else None
                     text, stopped = stops.feed(detok.add(token))
                     if stopped:
-                        yield StreamEvent(text, token, "stop", stats)
+                        yield StreamEvent(text, token, "stop", stats, logprob)
                         return
-                    yield StreamEvent(text, token)
+                    yield StreamEvent(text, token, logprob=logprob)
                 if stats.stopped_in_prefill:
                     return
                 text, stopped = stops.feed(detok.flush())
@@ -503,9 +532,9 @@ class Chat:
         return self.model.encode(rendered)
 
     def stream(self, text: str, max_new_tokens: int | None = None, *, stop: str | Sequence[str] | None = None,
-               prompt_lookup: int = 0, **sampling: Any) -> Iterator[StreamEvent]:
+               prompt_lookup: int = 0, logprobs: int | None = None, **sampling: Any) -> Iterator[StreamEvent]:
         """Stream the answer to the next user message. prompt_lookup=N drafts from the whole
-        conversation, as Model.stream does from its prompt (greedy only)."""
+        conversation, as Model.stream does from its prompt (greedy only); logprobs as in Model.stream."""
         check_utf8(text, "the message")  # here, at a position in this message rather than in the conversation
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
@@ -516,7 +545,7 @@ class Chat:
             ids = self._prompt_ids(rendered)
             params = self.model.sampling_params(**sampling)
             for event in self.model.stream_ids(ids, max_new_tokens, params=params, stop=stop,
-                                               prompt_lookup=prompt_lookup):
+                                               prompt_lookup=prompt_lookup, logprobs=logprobs):
                 parts.append(event.text)
                 if event.token_id is not None:
                     answer.append(event.token_id)
@@ -543,14 +572,16 @@ class Chat:
 
 def _collect(events: Iterator[StreamEvent], model: Model) -> Completion:
     """Drain a stream into one Completion, with the stats its last event carries."""
-    parts, ids, reason, stats = [], [], "length", None
+    parts, ids, reason, stats, logprobs = [], [], "length", None, []
     for event in events:
         parts.append(event.text)
         if event.token_id is not None:
             ids.append(event.token_id)
+        if event.logprob is not None:
+            logprobs.append(event.logprob)
         reason = event.finish_reason or reason
         stats = event.stats or stats
-    return Completion("".join(parts), ids, reason, stats or model.last_stats)
+    return Completion("".join(parts), ids, reason, stats or model.last_stats, logprobs)
 
 
 def check_count(name: str, value: object, minimum: int = 1) -> None:

@@ -2,7 +2,10 @@
 
 The order of operations follows Hugging Face ``generate`` (and llama.cpp's default chain):
 
-    repetition penalty -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw
+    penalties -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw
+
+(the penalties: transformers' repetition penalty, then OpenAI's frequency and presence
+penalties over the same window, as llama.cpp's penalties sampler applies all three)
 
 so that a bundle checked against the transformers reference behaves the same on the device.
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-__all__ = ["SamplingParams", "Sampler", "apply_repetition_penalty"]
+__all__ = ["SamplingParams", "Sampler", "apply_count_penalties", "apply_repetition_penalty"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class SamplingParams:
     repetition_penalty: CTRL-style penalty on every id in ``previous_ids`` (1.0 = off, >1 discourages).
     repeat_last_n:      how many of the last ``previous_ids`` the penalty looks at (-1 = all of them, as
                         transformers does; 0 = none, which turns the penalty off; llama.cpp's default is 64).
+    frequency_penalty:  OpenAI's: subtract penalty x (times an id occurs in that window) from its logit (0 = off).
+    presence_penalty:   OpenAI's: subtract penalty from the logit of every id in that window once (0 = off).
+                        Both look at the prompt too, as llama.cpp's server does; negative values encourage.
     seed:               seed of the sampler's random generator; None draws fresh OS entropy.
     """
 
@@ -49,6 +55,8 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     repeat_last_n: int = -1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -74,6 +82,8 @@ class SamplingParams:
             raise ValueError(
                 f"repeat_last_n must be >= -1 (-1 = the whole history, 0 = none), got {self.repeat_last_n}"
             )
+        _check_real("frequency_penalty", self.frequency_penalty)
+        _check_real("presence_penalty", self.presence_penalty)
         if self.seed is not None:
             _check_int("seed", self.seed)
             if self.seed < 0:  # numpy's SeedSequence rejects negative seeds with a cryptic message
@@ -85,8 +95,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether the repetition penalty changes anything (so the caller must pass the history)."""
-        return self.repetition_penalty != 1.0 and self.repeat_last_n != 0
+        """Whether a penalty changes anything (so the caller must pass the history)."""
+        return self.repeat_last_n != 0 and (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                                            or self.presence_penalty != 0.0)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, object]) -> SamplingParams:
@@ -127,6 +138,13 @@ def apply_repetition_penalty(
     return out
 
 
+def apply_count_penalties(logits: np.ndarray, previous_ids: np.ndarray, frequency: float, presence: float) -> None:
+    """OpenAI's frequency and presence penalties, in place: each id seen c times loses
+    c * frequency + presence from its logit."""
+    ids, counts = np.unique(previous_ids, return_counts=True)
+    logits[ids] -= (counts * frequency + presence).astype(logits.dtype)
+
+
 class Sampler:
     """Stateful sampler: owns the random generator (so a seed gives a reproducible sequence of draws)
     and the scratch buffers reused across calls. Use one per generation; it is not thread-safe."""
@@ -142,7 +160,8 @@ class Sampler:
         """Pick the next token id from one row of logits (shape ``(vocab,)``).
 
         ``previous_ids`` is the sequence so far, oldest first; the repetition penalty applies to
-        its last ``repeat_last_n`` ids (HF uses the whole sequence, llama.cpp the last 64).
+        its last ``repeat_last_n`` ids (HF uses the whole sequence, llama.cpp the last 64), and so do
+        the frequency and presence penalties.
         Passing an int ndarray avoids converting a Python list on every call.
         """
         logits = _as_logits_row(logits)
@@ -152,7 +171,14 @@ class Sampler:
             if p.repeat_last_n > 0:
                 ids = ids[-p.repeat_last_n:]
             if ids.size:
-                logits = apply_repetition_penalty(logits, ids, p.repetition_penalty, self._scratch(logits))
+                out = self._scratch(logits)
+                if p.repetition_penalty != 1.0:
+                    logits = apply_repetition_penalty(logits, ids, p.repetition_penalty, out)
+                else:  # the caller's logits are never modified
+                    np.copyto(out, logits)
+                    logits = out
+                if p.frequency_penalty or p.presence_penalty:
+                    apply_count_penalties(logits, ids, p.frequency_penalty, p.presence_penalty)
         if p.temperature == 0.0:
             return int(np.argmax(logits))
         ids, weights = self._candidates(logits)

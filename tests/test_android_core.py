@@ -341,6 +341,11 @@ PARAMS = [
     {"temperature": 1.0, "repetition_penalty": 1.5, "repeat_last_n": 3},
     {"temperature": 1.0, "repetition_penalty": 1.5, "repeat_last_n": 0},
     {"repetition_penalty": 3.0, "repeat_last_n": 1},
+    # OpenAI's penalties, alone, together, with the repetition penalty, in a window
+    {"frequency_penalty": 0.7},
+    {"temperature": 1.0, "presence_penalty": 1.5},
+    {"temperature": 0.8, "frequency_penalty": 0.3, "presence_penalty": -0.4, "repetition_penalty": 1.2},
+    {"temperature": 1.0, "frequency_penalty": 1.0, "repeat_last_n": 5},
 ]
 
 
@@ -373,7 +378,8 @@ def test_sampler_distributions_equal_pythons(monkeypatch):
 @pytest.mark.parametrize("params", [{"temperature": -1.0}, {"top_k": -3}, {"top_p": -0.1}, {"top_p": 1.5},
                                     {"min_p": 2.0}, {"repetition_penalty": 0.0}, {"seed": -1}, {"topk": 3},
                                     {"top_k": 2.5}, {"temperature": True}, {"repeat_last_n": -2},
-                                    {"repeat_last_n": 1.5}])
+                                    {"repeat_last_n": 1.5}, {"frequency_penalty": "1"},
+                                    {"presence_penalty": True}])
 def test_the_sampler_refuses_what_python_refuses(params):
     with pytest.raises(ValueError) as e:
         SamplingParams.from_dict(params)

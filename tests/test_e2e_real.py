@@ -76,6 +76,27 @@ def test_fp32_bundle_logits_are_close_to_transformers(fp32_bundle, transformers_
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
 
 
+def test_fp32_bundle_logprobs_are_transformers_log_softmax_and_their_bytes_the_answer(
+        fp32_bundle, transformers_reference):
+    model = Model.load(fp32_bundle)
+    prompt = model.prompt_ids(PROMPTS[0])
+    answer = model.generate(PROMPTS[0], 24, temperature=0, logprobs=5)
+    assert "Paris" in answer.text and len(answer.logprobs) == len(answer.token_ids)
+    with torch.no_grad():
+        logits = transformers_reference(torch.tensor([prompt + answer.token_ids])).logits[0].double()
+    reference = torch.log_softmax(logits, dim=-1)[len(prompt) - 1:].numpy()
+    for row, scored in zip(reference, answer.logprobs, strict=False):
+        assert scored.logprob == pytest.approx(row[scored.token_id], abs=2e-3)
+        assert scored.top[0][0] == scored.token_id == int(np.argmax(row))
+        # the alternatives: transformers' values at those ids, and no other id above the fifth (near-ties may swap)
+        assert [lp for _, lp in scored.top] == pytest.approx([row[token] for token, _ in scored.top], abs=2e-3)
+        assert np.sort(row)[-6] <= scored.top[-1][1] + 2e-3
+    # The model is sure of its answer's word; the bytes of the (ASCII) answer's tokens spell the answer.
+    paris = [s.logprob for s in answer.logprobs if model.token_text.text_of(s.token_id) == " Paris"]
+    assert paris and paris[0] > np.log(0.8)
+    assert b"".join(model.token_text.bytes_of(t) for t in answer.token_ids).decode() == answer.text
+
+
 def test_int4_pixel6_bundle_is_quantized_verified_and_small(pixel6_bundle):
     manifest = json.loads((pixel6_bundle / "manifest.json").read_text())
     report = json.loads((pixel6_bundle / "report.json").read_text())

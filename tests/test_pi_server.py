@@ -744,15 +744,78 @@ def test_a_negative_seed_samples_repeatably_end_to_end(base_url):
     assert text(-5) == text(-5)
 
 
-def test_logprobs_zero_is_refused_and_false_or_null_stay_neutral():
-    # 0 asks a completion for the sampled token's logprob, which this server cannot give; 0 == False in Python.
-    error = _refused("completion", logprobs=0)
-    assert (error.param, error.code) == ("logprobs", "unsupported_parameter")
-    assert _refused("chat", logprobs=0).param == "logprobs"
+def test_logprobs_are_read_as_each_api_asks_for_them():
+    assert _parse("chat", logprobs=True).logprobs == 0
+    assert _parse("chat", logprobs=True, top_logprobs=3).logprobs == 3
+    assert _parse("chat", logprobs=False, top_logprobs=0).logprobs is None is _parse("chat").logprobs
+    assert _parse("completion", logprobs=2).logprobs == 2
+    assert _parse("completion", logprobs=0).logprobs == 0  # the sampled token's alone; 0 == False in Python
+    assert _parse("completion", logprobs=False).logprobs is None
+    assert _refused("chat", top_logprobs=2).param == "top_logprobs"  # as OpenAI: needs logprobs: true
+    assert _refused("chat", logprobs=True, top_logprobs=21).param == "top_logprobs"
+    assert _refused("chat", logprobs=0).param == "logprobs"  # chat's logprobs is a boolean
+    assert _refused("completion", logprobs=-1).param == "logprobs"
     assert _refused("chat", n=True).param == "n"  # True == 1 is not n=1 either
-    for kind in ("chat", "completion"):
-        assert _parse(kind, logprobs=False).sampling == _parse(kind, logprobs=None).sampling == {}
-    assert _parse(frequency_penalty=0.0, presence_penalty=0).sampling == {}
+
+
+def test_frequency_and_presence_penalties_are_taken_in_openais_range():
+    assert _parse(frequency_penalty=0.5, presence_penalty=-1).sampling == {"frequency_penalty": 0.5,
+                                                                          "presence_penalty": -1.0}
+    assert _parse("completion", frequency_penalty=0).sampling == {"frequency_penalty": 0.0}
+    for field in ("frequency_penalty", "presence_penalty"):
+        error = _refused(**{field: 2.5})
+        assert error.param == field and "between -2.0 and 2.0" in error.message, error.message
+
+
+def _entry(model, token_id: int, logprob: float) -> dict:
+    raw = model.token_text.bytes_of(token_id)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": pytest.approx(logprob, abs=1e-4),
+            "bytes": list(raw)}
+
+
+def test_chat_logprobs_whole_and_streamed_are_the_runtimes_for_the_answers_tokens(base_url, model):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    body = {"model": MODEL_ID, "messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2}
+    expected = model.generate(messages, 12, temperature=0, logprobs=2)
+    content = [{**_entry(model, s.token_id, s.logprob), "top_logprobs": [_entry(model, i, lp) for i, lp in s.top]}
+               for s in expected.logprobs]
+    whole = client(base_url).chat.completions.create(**body)
+    choice = whole.choices[0]
+    assert choice.message.content == expected.text and whole.usage.completion_tokens == len(content) == 12
+    assert [entry.model_dump() for entry in choice.logprobs.content] == content
+    events = _sse_events(base_url, "/v1/chat/completions", body)
+    # A token that ends inside a character waits for the chunk that completes the character.
+    streamed = [entry for event in events[:-1] for entry in ((event["choices"][0]["logprobs"] or {}).get("content")
+                                                             or [])]
+    assert streamed == content
+    plain = client(base_url).chat.completions.create(**{**body, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == expected.text
+
+
+def test_completion_logprobs_hold_the_sampled_token_and_offsets_into_the_text(base_url, model):
+    prompt = "Small models run"
+    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 1}
+    events = list(model.stream(prompt, 10, raw=True, temperature=0, logprobs=1))
+    tokens, logprobs, tops, offsets, length = [], [], [], [], 0
+    for event in events:
+        if event.logprob is not None:
+            scored = event.logprob
+            tokens.append(model.token_text.text_of(scored.token_id))
+            logprobs.append(pytest.approx(scored.logprob, abs=1e-4))
+            # OpenAI's layout: the alternatives and the sampled token, text to logprob
+            tops.append({model.token_text.text_of(i): pytest.approx(lp, abs=1e-4)
+                         for i, lp in (*scored.top, (scored.token_id, scored.logprob))})
+            offsets.append(length)
+        length += len(event.text)
+    choice = client(base_url).completions.create(**body).choices[0]
+    assert choice.text == "".join(e.text for e in events) and len(tokens) == 10
+    assert choice.logprobs.model_dump() == {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
+                                            "text_offset": offsets}
+    streamed = [event["choices"][0]["logprobs"] for event in _sse_events(base_url, "/v1/completions", body)[:-1]
+                if event["choices"][0]["logprobs"]]
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        assert sum((part[key] for part in streamed), []) == choice.logprobs.model_dump()[key]
 
 
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])

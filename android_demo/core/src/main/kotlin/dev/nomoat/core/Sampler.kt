@@ -6,7 +6,9 @@ import java.util.Random
 /**
  * Next-token sampling over one row of logits, with the order and semantics of runtime/sampling.py:
  *
- *     repetition penalty -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw
+ *     penalties -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw
+ *
+ * (the repetition penalty, then OpenAI's frequency and presence penalties over the same window)
  *
  * so a bundle behaves on the phone as it does in the Python runtime (and as Hugging Face
  * `generate`, which that order follows). The arithmetic is float32 where numpy's is (the penalty,
@@ -27,6 +29,10 @@ data class SamplingParams(
     val repetitionPenalty: Double = 1.0,
     /** How many of the last history ids the penalty looks at (-1 = all, 0 = none; llama.cpp's repeat_last_n). */
     val repeatLastN: Int = -1,
+    /** OpenAI's: subtract this x (times an id occurs in the window) from its logit (0 = off). */
+    val frequencyPenalty: Double = 0.0,
+    /** OpenAI's: subtract this once from the logit of every id in the window (0 = off). */
+    val presencePenalty: Double = 0.0,
     /** Seed of the random generator; null draws a fresh seed. */
     val seed: Long? = null
 ) {
@@ -42,16 +48,20 @@ data class SamplingParams(
         finite("repetition_penalty", repetitionPenalty)
         require(repetitionPenalty > 0.0) { "repetition_penalty must be > 0 (1 turns it off), got $repetitionPenalty" }
         require(repeatLastN >= -1) { "repeat_last_n must be >= -1 (-1 = the whole history, 0 = none), got $repeatLastN" }
+        finite("frequency_penalty", frequencyPenalty)
+        finite("presence_penalty", presencePenalty)
         require(seed == null || seed >= 0) { "seed must be a non-negative integer or None, got $seed" }
     }
 
     val greedy: Boolean get() = temperature == 0.0
 
-    /** Whether the repetition penalty changes anything (so the caller must pass the history). */
-    val penalized: Boolean get() = repetitionPenalty != 1.0 && repeatLastN != 0
+    /** Whether a penalty changes anything (so the caller must pass the history). */
+    val penalized: Boolean
+        get() = repeatLastN != 0 && (repetitionPenalty != 1.0 || frequencyPenalty != 0.0 || presencePenalty != 0.0)
 
     companion object {
-        private val KNOWN = listOf("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repeat_last_n", "seed")
+        private val KNOWN = listOf("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repeat_last_n",
+                                   "frequency_penalty", "presence_penalty", "seed")
 
         private fun finite(name: String, value: Double) =
             require(!value.isNaN() && !value.isInfinite()) { "$name must be a finite number, got $value" }
@@ -94,6 +104,8 @@ data class SamplingParams(
                 minP = real("min_p", base.minP),
                 repetitionPenalty = real("repetition_penalty", base.repetitionPenalty),
                 repeatLastN = lastN?.toInt() ?: base.repeatLastN,
+                frequencyPenalty = real("frequency_penalty", base.frequencyPenalty),
+                presencePenalty = real("presence_penalty", base.presencePenalty),
                 seed = integer("seed") ?: base.seed
             )
         }
@@ -152,6 +164,14 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
             require(id in logits.indices) { "history id $id is outside the vocabulary of ${logits.size}" }
             val seen = logits[id] // from the original row: a repeated id is penalized once
             penalized[id] = if (seen < 0f) seen * p else seen / p
+        }
+        if (params.frequencyPenalty != 0.0 || params.presencePenalty != 0.0) {
+            val counts = HashMap<Int, Int>()
+            for (i in from until history.size) counts.merge(history[i], 1, Int::plus)
+            // As numpy computes it: the amount in float64, cast to float32, then subtracted in float32.
+            for ((id, count) in counts) {
+                penalized[id] -= (count * params.frequencyPenalty + params.presencePenalty).toFloat()
+            }
         }
         return penalized
     }
