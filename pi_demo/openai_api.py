@@ -11,6 +11,9 @@ logprobs are the model's own (the log-softmax of its raw logits, before penaltie
 filters), as OpenAI's and vLLM's are; chat takes `logprobs` and `top_logprobs`, a text completion
 `logprobs` as a count, and both at most MAX_TOP_LOGPROBS alternatives.
 
+Structured output: response_format json_object (any JSON object) or json_schema, and llama.cpp's
+`json_schema` (a schema) and `grammar` (GBNF) fields; one of them per request.
+
 Beyond OpenAI, the fields llama.cpp's and vLLM's servers take are accepted too: top_k, min_p,
 repetition_penalty, repeat_last_n (llama.cpp's window of that penalty; -1 = the whole history),
 cache_prompt (OpenAI's client sends them with `extra_body`); a top_k of 0 or
@@ -74,6 +77,8 @@ class GenerationRequest:
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields the client set
     cache_prompt: bool | None = None  # llama.cpp's field: reuse the KV cache's prefix; None = the server's default
     logprobs: int | None = None  # None: no logprobs; N: each token's, with the N most likely alternatives
+    grammar: tuple[str, Any] | None = None  # ("json", schema or None for any object) | ("gbnf", text), and its field
+    grammar_param: str | None = None  # the request field it came from, for errors
 
 
 # Fields that change what OpenAI would answer -> the values that mean "not used" (accepted).
@@ -130,10 +135,45 @@ def _request(kind: str, prompt: str | list[dict[str, str]], max_tokens: int, bod
     options = _optional(body, "stream_options", dict) or {}
     if options and not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    grammar, grammar_param = _grammar(body)
     return GenerationRequest(kind=kind, prompt=prompt, max_tokens=max_tokens, stream=stream,
                              include_usage=bool(options.get("include_usage")), stop=_stop(body),
                              sampling=_sampling(body), cache_prompt=_optional(body, "cache_prompt", bool),
-                             logprobs=logprobs)
+                             logprobs=logprobs, grammar=grammar, grammar_param=grammar_param)
+
+
+def _grammar(body: dict[str, Any]) -> tuple[tuple[str, Any] | None, str | None]:
+    """What the answer must match, from OpenAI's response_format or llama.cpp's json_schema / grammar."""
+    given = [name for name in ("response_format", "json_schema", "grammar") if body.get(name) is not None]
+    if body.get("response_format") == {"type": "text"}:
+        given.remove("response_format")  # OpenAI's default: no constraint
+    if len(given) > 1:
+        raise bad_request(f"give one of 'response_format', 'json_schema' and 'grammar', not {' and '.join(given)}",
+                          given[1])
+    if not given:
+        return None, None
+    name = given[0]
+    value = body[name]
+    if name == "grammar":
+        if not isinstance(value, str) or not value.strip():
+            raise bad_request("'grammar' must be a GBNF grammar as a non-empty string", name)
+        return ("gbnf", value), name
+    if name == "json_schema":
+        if not isinstance(value, dict):
+            raise bad_request("'json_schema' must be a JSON schema object", name)
+        return ("json", value), name
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return ("json", None), name
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}}",
+                              "response_format")
+        return ("json", schema), name
+    raise bad_request("response_format must be {'type': 'text'}, {'type': 'json_object'} or "
+                      "{'type': 'json_schema', 'json_schema': {...}}", "response_format")
 
 
 def _check_common(body: dict[str, Any], model_id: str) -> None:
@@ -146,10 +186,6 @@ def _check_common(body: dict[str, Any], model_id: str) -> None:
             raise bad_request(f"'{name}' is not supported by this server (leave it out)", name, "unsupported_parameter")
     if body.get("tool_choice") not in (None, "none"):
         raise bad_request("'tool_choice' is not supported by this server (leave it out)", "tool_choice",
-                          "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad_request("only response_format {'type': 'text'} is supported", "response_format",
                           "unsupported_parameter")
 
 

@@ -28,8 +28,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from jinja2 import TemplateError
-from nomoat.runtime import ContextOverflowError, Model, StreamEvent
+from nomoat.runtime import ContextOverflowError, Grammar, Model, StreamEvent
 from nomoat.runtime.cli_generate import drafts_note
+from nomoat.runtime.structured import StructuredOutputUnavailable
 
 from .openai_api import (
     ApiError,
@@ -109,7 +110,23 @@ class App:
                               "context_length_exceeded")
         cache_prompt = self.config.cache_prompt if request.cache_prompt is None else request.cache_prompt
         return Job(ids, request.max_tokens, params, request.stop, prompt_lookup=self.config.prompt_lookup,
-                   cache_prompt=cache_prompt, logprobs=request.logprobs)
+                   cache_prompt=cache_prompt, logprobs=request.logprobs, grammar=self.grammar(request))
+
+    def grammar(self, request: GenerationRequest) -> Grammar | None:
+        """The request's structured-output grammar, checked against the model's tokenizer now, so a bad
+        schema or grammar is a 400 before the request waits in line."""
+        if request.grammar is None:
+            return None
+        kind, value = request.grammar
+        try:
+            grammar = Grammar.json(value) if kind == "json" else Grammar.gbnf(value)
+            self.model.constraint(grammar)
+        except StructuredOutputUnavailable as e:
+            raise bad_request(f"this server cannot constrain answers: {e}", request.grammar_param,
+                              "unsupported_parameter") from e
+        except ValueError as e:
+            raise bad_request(str(e), request.grammar_param) from e
+        return grammar
 
     def submit(self, job: Job) -> None:
         try:

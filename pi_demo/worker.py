@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 
-from nomoat.runtime import GenerationStats, Model, SamplingParams, StreamEvent
+from nomoat.runtime import GenerationStats, Grammar, Model, SamplingParams, StreamEvent
 
 
 class QueueFull(Exception):
@@ -53,6 +53,7 @@ class Job:
     prompt_lookup: int = 0  # Model.stream_ids drafts only for greedy requests, so a sampled one runs plain
     cache_prompt: bool = True  # False: the prompt runs from an empty KV cache (the same answer whatever ran before)
     logprobs: int | None = None  # each token's logprob with this many alternatives; None = none
+    grammar: Grammar | None = None  # what the answer must match (structured output); None = anything
     stats: GenerationStats | None = None  # set once results() is exhausted
     _events: SimpleQueue = field(default_factory=SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -169,7 +170,8 @@ class Worker:
         # should_stop: a client gone during a long prefill stops it between chunks, not after it.
         events = self.model.stream_ids(job.prompt_ids, job.max_tokens, params=job.params, stop=job.stop,
                                        prompt_lookup=job.prompt_lookup, cache_prompt=job.cache_prompt,
-                                       should_stop=lambda: job.cancelled, logprobs=job.logprobs)
+                                       should_stop=lambda: job.cancelled, logprobs=job.logprobs,
+                                       grammar=job.grammar)
         try:
             for event in events:
                 if job.cancelled:

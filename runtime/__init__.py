@@ -7,6 +7,7 @@ from .errors import BundleError, ContextOverflowError, OrtOptionsError
 from .logprobs import TokenLogprob
 from .model import Chat, Completion, GenerationStats, Model, StreamEvent
 from .sampling import SamplingParams
+from .structured import Grammar
 
 __all__ = [
     "BundleError",
@@ -14,6 +15,7 @@ __all__ = [
     "Completion",
     "ContextOverflowError",
     "GenerationStats",
+    "Grammar",
     "Model",
     "OrtOptionsError",
     "SamplingParams",

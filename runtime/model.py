@@ -33,6 +33,7 @@ from .stops import StopMatcher
 
 if TYPE_CHECKING:
     from .chat_template import ChatTemplate
+    from .structured import Constraint, Grammar
 
 Messages = Sequence[dict[str, str]]
 
@@ -111,6 +112,7 @@ class Model:
         self.tokenizer = tokenizer
         self._template = template  # None: built from the bundle on first use (see `template`)
         self._token_text: TokenText | None = None
+        self._grammar_tokenizer: Any = None  # llguidance's tokenizer, built when a grammar is first used
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self.last_stats = GenerationStats()
         self._lock = threading.Lock()
@@ -184,6 +186,15 @@ class Model:
             self._token_text = TokenText(self.tokenizer)
         return self._token_text
 
+    def constraint(self, grammar: Grammar) -> Constraint:
+        """A matcher for one answer held to `grammar` (ValueError if the grammar cannot be used)."""
+        from .structured import Constraint, grammar_tokenizer
+
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = grammar_tokenizer(self.tokenizer.to_str(), self.manifest.model.vocab_size,
+                                                        self.stop_token_ids)
+        return Constraint(self._grammar_tokenizer, grammar)
+
     @property
     def max_context(self) -> int:
         return self.manifest.max_context
@@ -228,10 +239,13 @@ class Model:
                         ignore_eos: bool = False, stats: GenerationStats | None = None,
                         extra_stop_ids: frozenset[int] = frozenset(), *, cache_prompt: bool = True,
                         should_stop: Callable[[], bool] | None = None,
-                        seen: Callable[[int, np.ndarray], None] | None = None) -> Iterator[int]:
+                        seen: Callable[[int, np.ndarray], None] | None = None,
+                        constraint: Constraint | None = None) -> Iterator[int]:
         """Yield generated token ids. The KV cache is reused for the longest common prefix
         (cache_prompt=False: the prompt runs from an empty cache, see _prefill). seen(token, logits)
         is called with each token before it is yielded, and the raw logits it was drawn from.
+        With a constraint, only tokens that keep its match possible are sampled, and the answer
+        ends (as at a stop token) once the match is complete.
 
         Stops at a stop token (the bundle's, or one of extra_stop_ids; not yielded) unless
         ignore_eos, at max_new_tokens, or when the context is full; yields nothing if should_stop
@@ -260,17 +274,23 @@ class Model:
         stats.prefill_seconds = time.perf_counter() - start
         t_first = time.perf_counter()
         while True:
-            token = sampler.sample(logits, np.concatenate([history, np.asarray(generated, np.int64)])
+            token = sampler.sample(constraint.mask(logits) if constraint else logits,
+                                   np.concatenate([history, np.asarray(generated, np.int64)])
                                    if params.penalized else history)
             if token in stop_ids and not ignore_eos:
                 stats.stop_token = True
                 break
+            if constraint is not None:
+                constraint.accept(token)
             if seen is not None:
                 seen(token, logits)
             generated.append(token)
             stats.generated_tokens = len(generated)
             stats.decode_seconds = time.perf_counter() - t_first
             yield token
+            if constraint is not None and constraint.complete:
+                stats.stop_token = True  # the match is whole: as if the model had stopped there
+                break
             if len(generated) >= max_new_tokens or session.length >= self.max_context:
                 break
             logits = session.forward([token])
@@ -381,26 +401,29 @@ class Model:
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                repetition_penalty: float | None = None, repeat_last_n: int | None = None,
                frequency_penalty: float | None = None, presence_penalty: float | None = None,
-               seed: int | None = None, prompt_lookup: int = 0, logprobs: int | None = None) -> Iterator[StreamEvent]:
+               seed: int | None = None, prompt_lookup: int = 0, logprobs: int | None = None,
+               grammar: Grammar | None = None) -> Iterator[StreamEvent]:
         """Stream the answer to a prompt (a string, wrapped in the chat template unless raw,
         or a list of {"role", "content"} messages) as text deltas.
 
         prompt_lookup=N drafts up to N tokens from the context per step (greedy only; greedy's
         output up to near-ties, fewer forward passes on text that repeats its context).
         logprobs=N gives each event its token's log-probability and the N most likely tokens at
-        that position (0: the token's alone; see stream_ids)."""
+        that position (0: the token's alone; see stream_ids). grammar= holds the answer to a
+        structured.Grammar (a JSON schema, a regex, a Lark or GBNF grammar)."""
         params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                       repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
                                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                                       seed=seed)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
         yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup,
-                                   logprobs=logprobs)
+                                   logprobs=logprobs, grammar=grammar)
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
                    params: SamplingParams | None = None, stop: str | Sequence[str] | None = None,
                    prompt_lookup: int = 0, *, cache_prompt: bool = True,
-                   should_stop: Callable[[], bool] | None = None, logprobs: int | None = None) -> Iterator[StreamEvent]:
+                   should_stop: Callable[[], bool] | None = None, logprobs: int | None = None,
+                   grammar: Grammar | None = None) -> Iterator[StreamEvent]:
         """Stream the answer to prompt ids (see stream).
 
         cache_prompt=False computes the prompt from an empty KV cache (the same answer whatever ran
@@ -409,6 +432,8 @@ class Model:
         logprobs=N (0 or more; None = off) puts a TokenLogprob on each event with a token: the
         log-softmax of the raw logits (before penalties, temperature and filters) at that token
         and at the N most likely ones. Such a stream decodes without prompt lookup, one token a step.
+        grammar: only answers that match it are sampled (structured.Grammar; needs llguidance), the
+        answer ends where the match is complete (finish_reason "stop"); also without prompt lookup.
         """
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
@@ -416,6 +441,7 @@ class Model:
         check_count("prompt_lookup", prompt_lookup, minimum=0)
         if logprobs is not None:
             check_count("logprobs", logprobs, minimum=0)
+        constraint = self.constraint(grammar) if grammar is not None else None  # a bad grammar fails here
         stats = GenerationStats()
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(stop)  # None is none; a bare string is one stop string
@@ -429,9 +455,11 @@ class Model:
                 scored: list[TokenLogprob] = []  # the token about to be yielded, with its logprobs
                 if logprobs is not None:
                     prefill["seen"] = lambda token, logits: scored.append(token_logprob(logits, token, logprobs))
+                if constraint is not None:
+                    prefill["constraint"] = constraint
                 tokens = (self.generate_tokens_lookahead(prompt_ids, max_new, prompt_lookup, stats=stats,
                                                          extra_stop_ids=special_stops, **prefill)
-                          if prompt_lookup > 0 and plain_greedy and logprobs is None
+                          if prompt_lookup > 0 and plain_greedy and logprobs is None and constraint is None
                           else self.generate_tokens(prompt_ids, max_new, params, stats=stats,
                                                     extra_stop_ids=special_stops, **prefill))
                 for token in tokens:
@@ -532,9 +560,11 @@ class Chat:
         return self.model.encode(rendered)
 
     def stream(self, text: str, max_new_tokens: int | None = None, *, stop: str | Sequence[str] | None = None,
-               prompt_lookup: int = 0, logprobs: int | None = None, **sampling: Any) -> Iterator[StreamEvent]:
+               prompt_lookup: int = 0, logprobs: int | None = None, grammar: Grammar | None = None,
+               **sampling: Any) -> Iterator[StreamEvent]:
         """Stream the answer to the next user message. prompt_lookup=N drafts from the whole
-        conversation, as Model.stream does from its prompt (greedy only); logprobs as in Model.stream."""
+        conversation, as Model.stream does from its prompt (greedy only); logprobs and grammar as
+        in Model.stream."""
         check_utf8(text, "the message")  # here, at a position in this message rather than in the conversation
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
@@ -545,7 +575,7 @@ class Chat:
             ids = self._prompt_ids(rendered)
             params = self.model.sampling_params(**sampling)
             for event in self.model.stream_ids(ids, max_new_tokens, params=params, stop=stop,
-                                               prompt_lookup=prompt_lookup, logprobs=logprobs):
+                                               prompt_lookup=prompt_lookup, logprobs=logprobs, grammar=grammar):
                 parts.append(event.text)
                 if event.token_id is not None:
                     answer.append(event.token_id)

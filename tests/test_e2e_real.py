@@ -138,6 +138,22 @@ def test_int4_pixel6_bundle_runs_right_on_the_onnxruntime_its_manifest_names(pix
     assert kl < 0.02, f"onnxruntime {floor} computes other logits (mean KL {kl:.3f})"
 
 
+def test_int4_pixel6_bundle_answers_in_the_json_schema_asked_for(pixel6_bundle):
+    pytest.importorskip("llguidance")
+    from nomoat.runtime import Grammar
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
+              "properties": {"city": {"type": "string"}, "country": {"type": "string"}}}
+    model = Model.load(pixel6_bundle)
+    plain = model.generate("What is the capital of France? Answer in JSON.", 60, temperature=0)
+    answer = model.generate("What is the capital of France? Answer in JSON.", 60, temperature=0,
+                            grammar=Grammar.json(schema))
+    value = json.loads(answer.text)
+    assert answer.finish_reason == "stop" and set(value) == {"city", "country"} and value["city"] == "Paris"
+    with pytest.raises(ValueError):
+        json.loads(plain.text)  # the premise: asked in words alone, it answers in prose
+
+
 def test_nomoat_generate_prints_only_the_answer(pixel6_bundle):
     result = subprocess.run([*NOMOAT, "generate", str(pixel6_bundle), "--prompt", "What is the capital of France?",
                              "--max-new-tokens", "40"], capture_output=True, text=True, timeout=300)

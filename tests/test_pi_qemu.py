@@ -354,3 +354,22 @@ def test_chat_in_the_guest_ctrl_c_stops_the_answer_not_the_program(guest, instal
     finally:
         FINDINGS["chat_transcript"] = re.sub(r"\s+", " ", term.seen)[-600:]
         term.close()
+
+
+def test_structured_output_runs_on_arm64_with_llguidances_wheel(guest, installed, bundles):
+    # `pip install 'nomoat[structured]'` on a Pi: llguidance's aarch64 wheel, the host's release.
+    with STEPS.step("guest: pip install --only-binary=:all: llguidance"):
+        guest.run([PYTHON, "-m", "pip", "install", "--only-binary=:all:",
+                   f"llguidance=={importlib.metadata.version('llguidance')}"], env=pip_environment(), timeout=1800)
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
+              "properties": {"city": {"type": "string"}, "country": {"type": "string"}}}
+    script = ("import json, sys; from nomoat.runtime import Grammar, Model; "
+              f"m = Model.load('{CHECK}/rpi5'); "
+              "a = m.generate(sys.argv[1], 40, temperature=0, grammar=Grammar.json(json.loads(sys.argv[2]))); "
+              "print(json.dumps([a.text, a.finish_reason]))")
+    with STEPS.step("guest: a JSON-schema answer"):
+        out = guest.run([PYTHON, "-c", script, f"{PROMPTS[0]} Answer in JSON.", json.dumps(schema)], timeout=900)
+    text, finish = json.loads(out.stdout.strip().splitlines()[-1])
+    FINDINGS["structured_answer"] = text
+    value = json.loads(text)
+    assert finish == "stop" and set(value) == {"city", "country"} and value["city"] == "Paris"

@@ -1,0 +1,153 @@
+"""Structured output: answers held to a JSON schema, a regex or a GBNF grammar (llguidance).
+
+The tiny bundle's model is random: left alone it writes no JSON at all, so every valid answer
+below is the constraint's doing."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from nomoat.runtime import Grammar, Model
+from nomoat.runtime.structured import StructuredOutputUnavailable
+
+pytest.importorskip("llguidance")
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pets"],
+          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0},
+                         "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3}}}
+
+
+def valid_person(text: str) -> bool:
+    value = json.loads(text)
+    return (set(value) == {"name", "age", "pets"} and isinstance(value["name"], str) and len(value["name"]) <= 12
+            and type(value["age"]) is int and value["age"] >= 0 and isinstance(value["pets"], list)
+            and len(value["pets"]) <= 3 and set(value["pets"]) <= {"cat", "dog"})
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Model:
+    from tiny_models import tiny_fp32_bundle
+
+    return Model.load(tiny_fp32_bundle(tmp_path_factory, max_context=512), threads=1)
+
+
+def test_the_random_model_writes_no_json_unconstrained(model):
+    # The premise of the tests below.
+    text = model.generate("Describe a person as JSON.", 60, temperature=0).text
+    with pytest.raises(ValueError):
+        json.loads(text)
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2, 3])
+def test_a_json_schema_holds_greedy_and_sampled_answers(model, seed):
+    sampling = {"temperature": 0} if seed is None else {"temperature": 1.0, "seed": seed}
+    answer = model.generate("Describe a person as JSON.", 200, grammar=Grammar.json(PERSON), **sampling)
+    assert answer.finish_reason == "stop", answer.text  # ended where the object closed
+    assert valid_person(answer.text), answer.text
+
+
+def test_json_without_a_schema_is_any_object_and_a_chat_turn_takes_a_grammar(model):
+    chat = model.chat()
+    answer = chat.send("An object, please.", 120, grammar=Grammar.json(), temperature=0)
+    assert answer.finish_reason == "stop" and isinstance(json.loads(answer.text), dict), answer.text
+    assert chat.messages[-1] == {"role": "assistant", "content": answer.text}
+
+
+def test_a_regex_and_a_gbnf_grammar(model):
+    code = model.generate("A code:", 20, grammar=Grammar.regex(r"[A-Z]{3}-[0-9]{2}"), temperature=1.0, seed=4)
+    assert re.fullmatch(r"[A-Z]{3}-[0-9]{2}", code.text) and code.finish_reason == "stop", code.text
+    gbnf = 'root ::= answer " because " reason\nanswer ::= "yes" | "no"\nreason ::= [a-z]{1,8}'
+    reply = model.generate("Well?", 30, grammar=Grammar.gbnf(gbnf), temperature=1.0, seed=5)
+    assert re.fullmatch(r"(yes|no) because [a-z]{1,8}", reply.text), reply.text
+
+
+def test_max_new_tokens_still_ends_a_match_that_is_not_whole(model):
+    answer = model.generate("x", 3, grammar=Grammar.json(PERSON), temperature=0)
+    assert answer.finish_reason == "length" and len(answer.token_ids) == 3 and answer.text.startswith("{")
+
+
+def test_logprobs_are_the_models_own_under_a_grammar(model):
+    answer = model.generate("A code:", 6, grammar=Grammar.regex("[0-9]+"), temperature=0, logprobs=1)
+    # The digits are what the grammar allowed, not what the random model liked best: the raw top
+    # token is elsewhere at least once, and every chosen token's raw logprob is reported.
+    assert answer.text.isdigit() and len(answer.logprobs) == len(answer.token_ids)
+    assert any(scored.top[0][0] != scored.token_id for scored in answer.logprobs)
+
+
+@pytest.mark.parametrize(("grammar", "words"), [
+    (lambda: Grammar.regex("(unclosed"), "regex grammar cannot be used"),
+    (lambda: Grammar.json({"type": "objekt"}), "json grammar cannot be used"),
+    (lambda: Grammar.json("{not json"), "JSON schema is not valid JSON"),
+    (lambda: Grammar.json(["a list"]), "a JSON schema is a JSON object"),
+    (lambda: Grammar.lark("start: undefined_rule"), "lark grammar cannot be used"),
+])
+def test_a_bad_grammar_is_a_one_line_error_before_any_token(model, grammar, words):
+    with pytest.raises(ValueError, match=words) as info:
+        model.generate("x", 5, grammar=grammar())
+    assert "\n" not in str(info.value)
+
+
+def test_without_llguidance_the_error_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import fails as if it were not installed
+    with pytest.raises(StructuredOutputUnavailable, match=r"pip install 'nomoat\[structured\]'"):
+        Grammar.json()
+
+
+# -- the server ---------------------------------------------------------------------------------------
+
+openai = pytest.importorskip("openai")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_pi_server import MODEL_ID, _sse_events, client, running_server  # noqa: E402
+
+from pi_demo.openai_api import Limits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base_url(model):
+    with running_server(model, limits=Limits(max_tokens=256)) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_the_server_takes_openais_response_format_whole_and_streamed(base_url):
+    messages = [{"role": "user", "content": "Describe a person."}]
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    c = client(base_url)
+    whole = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=200, temperature=0,
+                                      response_format=schema_format)
+    assert whole.choices[0].finish_reason == "stop" and valid_person(whole.choices[0].message.content)
+    chunks = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=200, temperature=0,
+                                       response_format=schema_format, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == whole.choices[0].message.content
+    anything = c.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=200, temperature=0,
+                                         response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_the_server_takes_llama_cpps_grammar_and_json_schema_fields(base_url):
+    c = client(base_url)
+    reply = c.completions.create(model=MODEL_ID, prompt="Answer:", max_tokens=10, temperature=1.0, seed=3,
+                                 extra_body={"grammar": 'root ::= "yes" | "no"'})
+    assert reply.choices[0].text in ("yes", "no")
+    events = _sse_events(base_url, "/v1/completions", {"model": MODEL_ID, "prompt": "Person:", "max_tokens": 200,
+                                                        "temperature": 0, "json_schema": PERSON})
+    assert valid_person("".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]))
+
+
+@pytest.mark.parametrize(("extra", "param", "words"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "needs"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "must be"),
+    ({"response_format": {"type": "json_object"}, "grammar": 'root ::= "a"'}, "grammar", "give one of"),
+    ({"json_schema": {"type": "objekt"}}, "json_schema", "cannot be used"),
+    ({"grammar": "root ::= undefined"}, "grammar", "grammar"),
+    ({"grammar": ""}, "grammar", "non-empty"),
+])
+def test_a_bad_structured_output_request_is_a_400_naming_its_field(base_url, extra, param, words):
+    with pytest.raises(openai.BadRequestError) as info:
+        client(base_url).chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, extra_body=extra)
+    error = info.value.response.json()["error"]
+    assert error["param"] == param and words in error["message"], error
