@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .transport import Reply, TransportError, last_line
+from .transport import Reply, TransportError, TransportTimeout, last_line
 
 # Old phones (adbd without the shell_v2 feature) always report exit status 0 for `adb shell`,
 # so every command echoes its own status after this marker and we parse it back.
@@ -48,8 +48,12 @@ class AdbError(TransportError):
     """adb is missing, no usable device, or an adb command failed; the message says what to do."""
 
 
-class AdbTimeout(AdbError):
+class AdbTimeout(AdbError, TransportTimeout):
     """An adb command did not finish in its time (the device stopped answering)."""
+
+
+# What to check when a phone stops answering, for messages that name the step (deploy.py).
+SILENT_PHONE_ADVICE = "check the phone (awake, on its cable or wifi) and that `adb devices` lists it"
 
 
 def push_deadline(size: int) -> float:
@@ -129,7 +133,7 @@ def run_adb(adb: str, server_port: int | None, args: list[str],
         raise AdbError(f"cannot run {adb}: {e.strerror}. Install adb (`apt install adb`) or fix $ADB.") from e
     except subprocess.TimeoutExpired as e:
         raise AdbTimeout(f"`adb {' '.join(args[:3])}` did not finish in {timeout:.0f} s; check the cable and "
-                       "`adb devices`, then try again.") from e
+                         "`adb devices`, then try again.", seconds=timeout, advice=SILENT_PHONE_ADVICE) from e
 
 
 def list_devices(adb: str, server_port: int | None = None) -> list[tuple[str, str]]:

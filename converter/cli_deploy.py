@@ -33,6 +33,7 @@ from .ssh_bench import DEFAULT_REMOTE_PYTHON
 
 if TYPE_CHECKING:
     from .adb import Device
+    from .deploy import BundleFile
     from .ssh import SshHost
 
 DEFAULT_SSH_REMOTE_DIR = "nomoat"  # relative: in the remote user's home folder
@@ -108,14 +109,15 @@ def run(args: argparse.Namespace) -> int:
         with signals_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: the staging folder goes with them
             check_transport_flags(args)
             check_bench_flags(args)  # before deploying: a bad request should not cost a push
-            check_bundle(args)  # before connecting: a bundle's problem is said even with no device attached
+            # before connecting: a bundle's problem is said even with no device attached
+            checked = check_bundle(args)
             device, remote_dir = connect(args)
             if args.bench and args.ssh:
                 from .ssh_bench import check_remote_runtime
 
                 check_remote_runtime(device, args.remote_python)  # before the push, too
             result = deploy_bundle(args.bundle, device, remote_dir, args.name, progress=progress,
-                                   android_app=not args.ssh, force=args.force)
+                                   android_app=not args.ssh, force=args.force, checked=checked)
             deployed = result.device_path
             progress(f"deployed {len(result.files)} files, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s "
                      f"({result.mb_per_s:.1f} MB/s) to {result.serial}")
@@ -169,14 +171,15 @@ def connect(args: argparse.Namespace) -> tuple[Device | SshHost, str]:
     return pick_device(args.serial, args.adb_port), args.remote_dir or DEFAULT_REMOTE_DIR
 
 
-def check_bundle(args: argparse.Namespace) -> None:
+def check_bundle(args: argparse.Namespace) -> list[BundleFile]:
     """What deploy_bundle checks before touching the device (its name on the device, every file's sha256,
-    a KV cache the app can keep), done before connecting to it. deploy_bundle checks again: the files
-    could change in between."""
+    a KV cache the app can keep), done before connecting to it. The files with their hashes, for
+    deploy_bundle to reuse: hashing a bundle twice would read it twice. A file changed in between is
+    still caught, by the sha256sum on the device, which is compared with these hashes."""
     from .deploy import bundle_files, check_name, default_name
 
     check_name(args.name if args.name is not None else default_name(Path(args.bundle)))
-    bundle_files(args.bundle, android_app=not args.ssh)
+    return bundle_files(args.bundle, android_app=not args.ssh)
 
 
 def only_with(flags: list[str], needed: str, fix: str) -> str:

@@ -9,7 +9,9 @@ was deployed before stays as it was: the device never holds a half-written bundl
 the bundle's name. Ctrl-C (and SIGTERM or SIGHUP, which the CLI turns into the same
 exception with bundle.signals_interrupt) unwinds the same way; during the swap itself they
 are held until it is done, so an interrupt lands either before it (the old bundle stays) or
-after it (the new one is in place), never between its two renames.
+after it (the new one is in place), never between its two renames. Every command on the device has a
+deadline (STEP_S, check_deadline, sync_deadline; the push's is adb.push_deadline), so a device that goes
+silent ends the deploy with one line naming the step instead of a wait of minutes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from .transport import TransportError
+from .transport import Reply, TransportError, TransportTimeout
 
 if TYPE_CHECKING:
     from .adb import Device
@@ -44,10 +46,34 @@ MiB = 2**20
 # left behind costs little, as the next deploy removes it (recover_interrupted_deploy).
 CLEANUP_AFTER_INTERRUPT_S = 5.0
 CLEANUP_AFTER_ERROR_S = 15.0
+# Deadlines of the shell steps on the device. adb has no keepalive: a phone that goes silent (off the
+# wifi, a loose cable) leaves a command waiting on an open, quiet connection, so each step gets a
+# deadline from what it has to do, and past it a one-line error that names it (silent_device_message).
+# Module values, read at each step, so a test can shrink them.
+# mkdir, df, chmod of a few files, the swap's two renames: a moment's work on any device.
+STEP_S = 60.0
+# sha256sum reads every byte of the copy. A phone reads its flash at hundreds of MB/s and hashes well over
+# 100 MB/s; the slowest reader is a Raspberry Pi reading back from its SD card a copy that no longer fits its
+# page cache: a Pi 4's card reads at about 40 MB/s, a Pi 3's at 25 at most. So a minute plus a second per
+# 10 MB, under half even the Pi 3's rate: 1 GB gets 160 s.
+CHECK_GRACE_S = 60.0
+CHECK_MIN_BYTES_PER_S = 10e6
+# sync writes what the copy left in the page cache: at most the copy itself, plus whatever else the device
+# had waiting. A minute plus a second a MB, the push's own floor (adb.PUSH_MIN_BYTES_PER_S): slower than a
+# worn SD card or a cheap phone's flash writes.
+SYNC_GRACE_S = 60.0
+SYNC_MIN_BYTES_PER_S = 1e6
+UNCHANGED = "the bundle deployed before is unchanged"  # what the device holds after a failure before the swap
 
 
 class DeployError(Exception):
     """The bundle cannot be deployed; the message says why and what to do."""
+
+
+class SwapUnsettled(DeployError):
+    """The swap's command went to the device but no answer came back (it stopped answering, or the connection
+    broke): the swap may have run, may still be running there, or not. The staging folder is then left for the
+    next deploy: an `rm -rf` of it racing a rename still under way could empty the new bundle."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +106,7 @@ def default_name(bundle: Path) -> str:
 
 def deploy_bundle(bundle: Path, device: Target, remote_dir: str = DEFAULT_REMOTE_DIR, name: str | None = None,
                   progress: Callable[[str], None] | None = None, android_app: bool = True,
-                  force: bool = False) -> DeployResult:
+                  force: bool = False, checked: list[BundleFile] | None = None) -> DeployResult:
     """Push bundle to REMOTE_DIR/NAME on device (NAME: the bundle folder's name); see the module doc.
 
     android_app: the bundle is for the nomoat Android app, which runs as its own user and keeps
@@ -89,36 +115,42 @@ def deploy_bundle(bundle: Path, device: Target, remote_dir: str = DEFAULT_REMOTE
     who deployed it.
     force: replace REMOTE_DIR/NAME even when it is not a bundle (no manifest.json in it); without
     it such a folder (or file) is refused before anything is copied, as the user's own files.
+    checked: what bundle_files(bundle, android_app) returned, when the caller ran it already (the CLI does,
+    before it connects): reused, so each file is read and hashed once a deploy. The copy on the device is
+    checked against these hashes, so a file changed since is still never swapped in (verify_on_device).
     """
     bundle = Path(bundle)
     say = progress or (lambda _msg: None)
     name = name if name is not None else default_name(bundle)
     check_name(name)
-    files = bundle_files(bundle, android_app)  # before touching the device
+    files = checked if checked is not None else bundle_files(bundle, android_app)  # before touching the device
+    size = sum(f.size for f in files)
     remote_dir = normalize_remote_dir(remote_dir)
     target = posixpath.join(remote_dir, name)
 
     recover_interrupted_deploy(device, remote_dir, name)
     if not force:
         check_replaceable(device, target)
-    check_free_space(device, remote_dir, sum(f.size for f in files))
+    check_free_space(device, remote_dir, size)
     staging = posixpath.join(remote_dir, f".{name}.partial-{secrets.token_hex(4)}")
     try:
         make_dir(device, staging)
         seconds = push_files(device, files, staging, say)
         say(f"checking sha256 of {len(files)} files on {device.name}")
         verify_on_device(device, staging, files)
-        flush_to_storage(device)
+        flush_to_storage(device, size)
         if android_app:
             make_readable(device, staging)
         held = swap_in_whole(device, staging, target, force)
+    except SwapUnsettled:
+        raise  # the staging folder stays, for the next deploy to remove (see SwapUnsettled)
     except BaseException as e:  # Ctrl-C too: never leave a staging folder behind
         clean_up_staging(device, staging, e, say)
         raise
     if held is not None:
         deliver_after_swap(held, target)
-    return DeployResult(device_path=target, serial=device.name, files=[f.name for f in files],
-                        bytes=sum(f.size for f in files), seconds=seconds)
+    return DeployResult(device_path=target, serial=device.name, files=[f.name for f in files], bytes=size,
+                        seconds=seconds)
 
 
 # --- on this computer ---
@@ -170,15 +202,30 @@ def check_app_can_load(bundle: Path, manifest) -> None:
 # --- on the device ---
 
 
-def shell(device: Target, command: str, what: str) -> str:
-    """Run command on the device; its stdout, or a DeployError saying what failed."""
+def shell(device: Target, command: str, what: str, timeout: float | None = None, fix: str = "") -> str:
+    """Run command on the device (see run_step); its stdout, or a DeployError saying what failed, then fix."""
+    reply = run_step(device, command, what, timeout)
+    if reply.status != 0:
+        raise DeployError(f"{what} failed on {device.name} (exit {reply.status}): {reply.error()}{fix}")
+    return reply.out
+
+
+def run_step(device: Target, command: str, what: str, timeout: float | None = None) -> Reply:
+    """Run command on the device, given timeout seconds (None: STEP_S); its reply, whatever its exit
+    status. A DeployError when it could not run there, naming the step (what) when the device stopped
+    answering. Only for the steps before the swap: the message says the old bundle is unchanged."""
     try:
-        reply = device.shell(command)
+        return device.shell(command, timeout=STEP_S if timeout is None else timeout)
+    except TransportTimeout as e:
+        raise DeployError(silent_device_message(device, what, e, UNCHANGED)) from e
     except TransportError as e:
         raise DeployError(str(e)) from e
-    if reply.status != 0:
-        raise DeployError(f"{what} failed on {device.name} (exit {reply.status}): {reply.error()}")
-    return reply.out
+
+
+def silent_device_message(device: Target, what: str, e: TransportTimeout, outcome: str) -> str:
+    """One line: the step that got no answer, on which device, what the device holds, what to do."""
+    return (f"{what} on {device.name} did not finish in {e.seconds:.0f} s: the device stopped answering; "
+            f"{outcome}. {e.advice[:1].upper()}{e.advice[1:]}, then deploy again.")
 
 
 def recover_interrupted_deploy(device: Target, remote_dir: str, name: str) -> None:
@@ -207,10 +254,7 @@ def _not_a_bundle_test(target: str) -> str:
 def check_replaceable(device: Target, target: str) -> None:
     """Refuse, before anything is copied, to replace a REMOTE_DIR/NAME that is not a bundle: the swap
     removes what was there, and `--remote-dir /home/pi --name Documents` must not wipe a user's files."""
-    try:
-        reply = device.shell(f"if {_not_a_bundle_test(target)}; then exit {NOT_A_BUNDLE}; fi", timeout=60)
-    except TransportError as e:
-        raise DeployError(str(e)) from e
+    reply = run_step(device, f"if {_not_a_bundle_test(target)}; then exit {NOT_A_BUNDLE}; fi", f"checking {target}")
     if reply.status == NOT_A_BUNDLE:
         raise DeployError(not_a_bundle_message(device, target))
     if reply.status != 0:
@@ -253,8 +297,8 @@ def parse_df_available_kib(text: str) -> int | None:
 
 
 def make_dir(device: Target, path: str) -> None:
-    shell(device, f"mkdir -p {shlex.quote(path)}",
-          f"creating {path} (use a --remote-dir you may write there; over adb, e.g. {DEFAULT_REMOTE_DIR})")
+    shell(device, f"mkdir -p {shlex.quote(path)}", f"creating {path}",
+          fix=f"; use a --remote-dir you may write there (over adb, e.g. {DEFAULT_REMOTE_DIR})")
 
 
 def push_files(device: Target, files: list[BundleFile], staging: str, say: Callable[[str], None]) -> float:
@@ -275,23 +319,38 @@ def push_files(device: Target, files: list[BundleFile], staging: str, say: Calla
 def verify_on_device(device: Target, staging: str, files: list[BundleFile]) -> None:
     """sha256sum on the device (toybox has it since Android 7) against what we pushed."""
     args = " ".join(shlex.quote(f"./{f.name}") for f in files)  # "./": a name cannot read as an option
-    out, status = _sha256sum(device, staging, args)
+    out, status = _sha256sum(device, staging, args, sum(f.size for f in files))
     if status == 127:
         raise DeployError(f"{device.name} has no sha256sum, so the copy cannot be checked there; Android 7 or "
                           "newer is needed.")
     found = parse_sha256sum(out)
     for f in files:
         if found.get(f.name) != f.sha256:
-            raise DeployError(f"{f.name} on {device.name} does not match its sha256 after the push (the copy "
-                              "was damaged on the way or the storage is failing); deploy again.")
+            raise DeployError(mismatch_message(device, f))
 
 
-def _sha256sum(device: Target, staging: str, args: str) -> tuple[str, int]:
-    try:
-        reply = device.shell(f"cd {shlex.quote(staging)} && sha256sum {args}")
-    except TransportError as e:
-        raise DeployError(str(e)) from e
+def _sha256sum(device: Target, staging: str, args: str, size: int) -> tuple[str, int]:
+    reply = run_step(device, f"cd {shlex.quote(staging)} && sha256sum {args}", "checking the copy with `sha256sum`",
+                     timeout=check_deadline(size))
     return reply.out, reply.status
+
+
+def check_deadline(size: int) -> float:
+    """Seconds sha256sum on the device may take for size bytes (see CHECK_GRACE_S)."""
+    return CHECK_GRACE_S + size / CHECK_MIN_BYTES_PER_S
+
+
+def mismatch_message(device: Target, f: BundleFile) -> str:
+    """Why the copy of f on the device is not what was checked: f changed here since (its hashes come from
+    the check before the push, so it is hashed again, but only on this rare path), or the copy was damaged."""
+    from nomoat.runtime.manifest import sha256_file
+
+    if not f.path.is_file() or sha256_file(f.path) != f.sha256:
+        return (f"{f.name} changed on this computer after the bundle was checked (is something writing to it?), "
+                f"so its copy on {device.name} was not swapped in; {UNCHANGED}. Deploy again once the bundle "
+                "is complete.")
+    return (f"{f.name} on {device.name} does not match its sha256 after the push (the copy was damaged on the way "
+            "or the storage is failing); deploy again.")
 
 
 def parse_sha256sum(text: str) -> dict[str, str]:
@@ -304,19 +363,24 @@ def parse_sha256sum(text: str) -> dict[str, str]:
     return found
 
 
-def flush_to_storage(device: Target) -> None:
+def flush_to_storage(device: Target, size: int) -> None:
     """Write the copy to storage before it becomes the bundle: sha256sum read it from the page cache,
     so without this a power cut soon after a deploy (a Pi's SD card) could leave a damaged bundle under
     the bundle's name. It also lets the runtime hand back the file pages it read while loading: pages
     not yet written back cannot be dropped, and a bundle benchmarked right after its copy peaked at
     225 MB instead of 212 (measured on this machine, SmolLM2 int4, 1 thread)."""
-    shell(device, "sync", "flushing the copy to storage (`sync`)")
+    shell(device, "sync", "flushing the copy to storage (`sync`)", timeout=sync_deadline(size))
+
+
+def sync_deadline(size: int) -> float:
+    """Seconds sync on the device may take after a copy of size bytes (see SYNC_GRACE_S)."""
+    return SYNC_GRACE_S + size / SYNC_MIN_BYTES_PER_S
 
 
 def make_readable(device: Target, staging: str) -> None:
     """adb push keeps the local modes (the converter writes the weights 0600), but the app reading the
     bundle runs as its own user, not as adb's shell user."""
-    shell(device, f"chmod -R a+rX {shlex.quote(staging)}", "making the bundle readable for the app")
+    shell(device, f"chmod -R a+rX {shlex.quote(staging)}", "making the bundle readable for the app (`chmod`)")
 
 
 def swap_in(device: Target, staging: str, target: str, force: bool = False) -> None:
@@ -325,21 +389,36 @@ def swap_in(device: Target, staging: str, target: str, force: bool = False) -> N
     A folder cannot be renamed over a non-empty one, so this is two renames with the old bundle
     kept until the second one succeeded (and put back if it failed). Unless force, a target that
     is not a bundle is left alone here too (check_replaceable refused it before the copy; this
-    covers one made since).
+    covers one made since). No answer within STEP_S: SwapUnsettled.
     """
     old = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.old-{secrets.token_hex(4)}")
     t, s, o = shlex.quote(target), shlex.quote(staging), shlex.quote(old)
+    # When we stop waiting (a deadline, a broken connection), adbd hangs up on the command (SIGHUP, or an old
+    # phone's pty closing) and sshd closes its pipes (SIGPIPE on a write): both ignored, here and so in mv,
+    # which inherits that, a swap under way finishes its renames on the device instead of stopping between them.
+    keep_going = "trap '' HUP PIPE; "
     guard = "" if force else f"if {_not_a_bundle_test(target)}; then exit {NOT_A_BUNDLE}; fi; "
     try:
-        reply = device.shell(f"{guard}if [ -e {t} ] || [ -L {t} ]; then mv {t} {o} || exit 1; fi; "
-                             f"if mv {s} {t}; then rm -rf {o}; else if [ -e {o} ]; then mv {o} {t}; fi; exit 1; fi")
+        reply = device.shell(f"{keep_going}{guard}if [ -e {t} ] || [ -L {t} ]; then mv {t} {o} || exit 1; fi; "
+                             f"if mv {s} {t}; then rm -rf {o}; else if [ -e {o} ]; then mv {o} {t}; fi; exit 1; fi",
+                             timeout=STEP_S)
     except TransportError as e:
-        raise DeployError(str(e)) from e
+        raise SwapUnsettled(unsettled_swap_message(device, target, e)) from e
     if reply.status == NOT_A_BUNDLE and not force:
         raise DeployError(not_a_bundle_message(device, target))
     if reply.status != 0:
         raise DeployError(f"moving the checked bundle into {target} failed on {device.name} "
                           f"(exit {reply.status}): {reply.error()}")
+
+
+def unsettled_swap_message(device: Target, target: str, e: TransportError) -> str:
+    """One line for a swap that got no answer: the device holds one whole bundle or the other."""
+    what = f"moving the checked bundle into {target}"
+    outcome = (f"{target} holds the bundle deployed before or the new one, whole (a swap under way finishes on "
+               "the device; the next deploy there tidies up)")
+    if isinstance(e, TransportTimeout):
+        return silent_device_message(device, what, e, outcome)
+    return f"{what} on {device.name} got no answer ({e}); {outcome}."
 
 
 def swap_in_whole(device: Target, staging: str, target: str, force: bool = False) -> int | None:

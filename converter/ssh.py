@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .transport import Reply, TransportError, last_line
+from .transport import Reply, TransportError, TransportTimeout, last_line
 
 # ssh exits with 255 when it could not connect or log in (a remote command's own status otherwise).
 SSH_FAILED = 255
@@ -53,6 +53,10 @@ _FIXES = (
 
 class SshError(TransportError):
     """ssh is missing, the board cannot be reached or logged into, or a copy failed."""
+
+
+class SshTimeout(SshError, TransportTimeout):
+    """A command on the board did not finish in its time (the board stopped answering)."""
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,9 @@ class SshHost:
             raise SshError(f"cannot run {self.ssh}: {e.strerror}. Install the ssh client (`apt install "
                            "openssh-client`).") from e
         except subprocess.TimeoutExpired as e:
-            raise SshError(f"a command on {self.host} did not finish in {timeout:.0f} s; check that `ssh {self.host} "
-                           "true` answers, then try again.") from e
+            raise SshTimeout(f"a command on {self.host} did not finish in {timeout:.0f} s; check that `ssh {self.host} "
+                             "true` answers, then try again.", seconds=timeout,
+                             advice=f"check that the board is on and that `ssh {self.host} true` answers") from e
         result = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(errors="replace"),
                                              raw.stderr.decode(errors="replace"))
         if result.returncode == SSH_FAILED:

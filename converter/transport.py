@@ -10,6 +10,17 @@ class TransportError(Exception):
     run there; the message says what to do. AdbError and SshError are the two kinds."""
 
 
+class TransportTimeout(TransportError):
+    """A command on the device did not finish in the time it was given: the device stopped answering (a
+    phone off the wifi or on a loose cable, a board that hangs). A caller that knows which step it was
+    (deploy.py) names it, with `seconds` and the transport's own `advice` ("check the phone ...")."""
+
+    def __init__(self, message: str, seconds: float, advice: str) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+        self.advice = advice
+
+
 class Reply(NamedTuple):
     """What a command on the device printed and its exit status. stdout and stderr are kept apart
     where the transport can (ssh; adb on phones with shell_v2): a board's login shell says its own

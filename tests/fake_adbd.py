@@ -13,7 +13,10 @@ records every shell command the device ran and events the services and sync requ
 throttle_push(seconds) sleeps that long after each chunk of every SEND (a push slow enough
 to interrupt), and freeze_on_push(substring) makes the whole device go silent after the first
 chunk of a matching SEND, its connection open and nothing answered (a phone that left the
-wifi), until thaw() or reset().
+wifi), until thaw() or reset(); freeze_on_shell(substring) does the same when a matching shell
+command arrives, before it runs (it runs once thawed, as on a phone that comes back). A shell
+command whose stream the host closes before it ended gets SIGHUP in its whole process group, as
+an old phone's pty (adbd without shell_v2) hangs up on it.
 
 The phone's own tools the nomoat app is driven with are simulated too: `am` (start and
 force-stop), `logcat` (-c, -d, -v raw, TAG:PRIORITY filters) and `getprop` are scripts on the
@@ -29,10 +32,12 @@ The asyncio loop runs in a daemon thread so that synchronous tests can use it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import stat
 import struct
 import sys
@@ -216,6 +221,7 @@ class FakeAdbDevice:
         self._corrupt_on_push: list[str] = []
         self._push_chunk_delay = 0.0
         self._freeze_on_push: list[str] = []
+        self._freeze_on_shell: list[str] = []
         self._thawed = threading.Event()
         self.props: dict[str, str] = {"ro.product.model": "fake", "ro.soc.model": "FakeSoC"}
         self.app_starts: list[dict[str, object]] = []  # the extras of each `am start` of the app
@@ -249,8 +255,15 @@ class FakeAdbDevice:
         self._thawed.clear()
         self._freeze_on_push.append(path_substring)
 
+    def freeze_on_shell(self, command_substring: str) -> None:
+        """A shell command containing command_substring makes the whole device stop answering before it
+        runs, until thaw(): a phone that went silent between two steps."""
+        self._thawed.clear()
+        self._freeze_on_shell.append(command_substring)
+
     def thaw(self) -> None:
         self._freeze_on_push.clear()
+        self._freeze_on_shell.clear()
         self._thawed.set()
 
     def install_app(self, app: SimulatedApp | None) -> None:
@@ -313,16 +326,20 @@ class FakeAdbDevice:
         """Legacy `shell:CMD`: stdout and stderr interleaved in WRTE packets, then CLSE; no exit status."""
         command = service.removeprefix("shell:")
         self.shell_log.append(command)
+        if any(s in command for s in self._freeze_on_shell):
+            self._thawed.wait(timeout=300)  # blocks the loop: nothing on this device answers
+        # A session of its own, as adbd gives each shell: the hangup below reaches the command's children too.
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", command, cwd="/", env=self._shell_env(),
+            "/bin/sh", "-c", command, cwd="/", env=self._shell_env(), start_new_session=True,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
             while chunk := await proc.stdout.read(SYNC_DATA_MAX):
                 await conn.write(stream, chunk)
             await proc.wait()
         finally:
-            if proc.returncode is None:
-                proc.kill()
+            if proc.returncode is None:  # the host closed the stream (its adb client was stopped)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGHUP)  # the pty's hangup; a command may ignore it and go on
                 await proc.wait()
 
     def _shell_env(self) -> dict[str, str]:

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,64 @@ def test_cli_deploy_lands_every_file_byte_identical_and_prints_the_path(bundle, 
     assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]  # no staging left
     # Readable by the app's user, whatever the local modes were (the converter writes 0600 weights).
     assert all(p.stat().st_mode & 0o004 for p in deployed.iterdir())
+
+
+def count_hashing(monkeypatch) -> Counter[str]:
+    """How often each file is hashed on this computer, by name: nomoat.runtime.manifest.sha256_file is
+    what the runtime's bundle check and deploy's own both call."""
+    from nomoat.runtime import manifest
+
+    counts: Counter[str] = Counter()
+    real = manifest.sha256_file
+
+    def counted(path, *args, **kwargs):
+        counts[Path(path).name] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(manifest, "sha256_file", counted)
+    return counts
+
+
+def bundle_file_names(bundle: Path) -> list[str]:
+    return [*json.loads((bundle / "manifest.json").read_text())["files"], "manifest.json"]
+
+
+def test_cli_deploy_hashes_each_file_once(padded_bundle, fake, remote, adb_server, monkeypatch, capsys):
+    """The check before connecting is the one the deploy uses: a bundle of gigabytes is read once here, not twice."""
+    _, dev = fake
+    hashed = count_hashing(monkeypatch)
+    assert main(deploy_cli(padded_bundle, dev.serial, adb_server, remote)) == 0, capsys.readouterr().err
+    assert hashed == Counter(bundle_file_names(padded_bundle))
+
+
+def test_a_file_changed_after_the_check_is_not_swapped_in(bundle, fake, remote, adb_server, tmp_path, monkeypatch,
+                                                          capsys):
+    """The copy on the phone is compared with the hashes of the check before connecting: a file changed since
+    (something still writing the bundle) never becomes the bundle, and the line says what happened."""
+    from nomoat.converter import cli_deploy
+
+    device, dev = fake
+    deploy_bundle(bundle, dev, str(remote))
+    before = tree_hashes(remote / "tiny-bundle")
+    changing = Path(shutil.copytree(bundle, tmp_path / "tiny-bundle"))
+    real_connect = cli_deploy.connect
+
+    def change_then_connect(args):
+        data = bytearray((changing / "model.onnx.data").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (changing / "model.onnx.data").write_bytes(bytes(data))
+        return real_connect(args)
+
+    monkeypatch.setattr(cli_deploy, "connect", change_then_connect)
+    assert main(deploy_cli(changing, dev.serial, adb_server, remote)) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"nomoat deploy: error: model.onnx.data changed on this computer after the bundle was checked (is something "
+        f"writing to it?), so its copy on {dev.serial} was not swapped in; the bundle deployed before is unchanged. "
+        "Deploy again once the bundle is complete."), err
+    assert [c for c in device.shell_log if "sha256sum" in c]  # caught by the check on the phone
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
+    assert tree_hashes(remote / "tiny-bundle") == before
 
 
 def test_deploy_checks_sha256_on_the_device(bundle, fake, remote):

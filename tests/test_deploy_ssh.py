@@ -21,13 +21,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from nomoat.__main__ import main
+from nomoat.converter import deploy as deploy_module
 from nomoat.converter.deploy import DeployError, deploy_bundle
 from nomoat.converter.ssh import KEEPALIVE, SshError, SshHost, connect, connection_failure, keepalive_options
 from nomoat.converter.transport import Reply
+from test_deploy_adb import bundle_file_names, count_hashing
 
 SSHD = "/usr/sbin/sshd"
 ALIAS = "nomoat-board"
@@ -191,6 +194,39 @@ def test_a_copy_that_fails_midway_keeps_the_deployed_bundle(board, bundle, other
         deploy_bundle(other_bundle, host, str(remote), android_app=False)
     assert pushed  # a real partial copy was cleaned up, not an empty one
     assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
+    assert tree_hashes(remote / "tiny-bundle") == before
+
+
+@pytest.mark.ssh
+def test_deploy_over_ssh_hashes_each_file_once(board, other_bundle, remote, monkeypatch, capsys):
+    """The check before connecting is the one the deploy uses: each file is read once here, not twice."""
+    hashed = count_hashing(monkeypatch)
+    assert main(board.cli(other_bundle, remote)) == 0, capsys.readouterr().err
+    assert hashed == Counter(bundle_file_names(other_bundle))
+
+
+@pytest.mark.ssh
+def test_a_board_that_hangs_in_a_step_is_given_up_with_one_line(board, bundle, other_bundle, remote, monkeypatch,
+                                                                 capsys):
+    """A board stuck in sha256sum (a failing SD card, say): the step's deadline (shrunk here) gives up on it,
+    and one line names the step, the board and what to check; the bundle deployed before stays."""
+    deploy_bundle(bundle, board.host(), str(remote), android_app=False)
+    before = tree_hashes(remote / "tiny-bundle")
+    monkeypatch.setattr(deploy_module, "CHECK_GRACE_S", 2.0)
+    monkeypatch.setattr(deploy_module, "CHECK_MIN_BYTES_PER_S", 1e15)
+    real_shell = SshHost.shell
+
+    def hanging_sha256sum(self, command, timeout=600):
+        return real_shell(self, f"sleep 10; {command}" if "sha256sum" in command else command, timeout)
+
+    monkeypatch.setattr(SshHost, "shell", hanging_sha256sum)
+    assert main(board.cli(other_bundle, remote)) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"nomoat deploy: error: checking the copy with `sha256sum` on {ALIAS} did not finish in 2 s: the device "
+        f"stopped answering; the bundle deployed before is unchanged. Check that the board is on and that `ssh "
+        f"{ALIAS} true` answers, then deploy again."), err
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]  # the board answers again: staging went
     assert tree_hashes(remote / "tiny-bundle") == before
 
 
