@@ -56,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C while loading: as Ctrl-C in `nomoat generate`
         print(file=sys.stderr)
         return 128 + signal.SIGINT
+    if args.grammar is not None:
+        try:
+            model.constraint(args.grammar)  # a grammar this bundle's tokenizer cannot take: said once, not every turn
+        except ValueError as e:
+            print(f"nomoat chat: error: {e}", file=sys.stderr)
+            return 1
     chat = model.chat(system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:

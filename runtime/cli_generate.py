@@ -35,6 +35,41 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
                    help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1 (default: none)")
     add_prompt_lookup_argument(p)
+    add_grammar_arguments(p)
+
+
+def add_grammar_arguments(p: argparse.ArgumentParser) -> None:
+    """Structured output, with llama.cpp's flags: one of a JSON schema or a GBNF grammar, inline or in a file."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--json-schema", dest="grammar", type=grammar_from("json"), metavar="SCHEMA",
+                       help="answer in JSON that matches this JSON schema ('{}': any JSON; needs llguidance)")
+    group.add_argument("--json-schema-file", dest="grammar", type=grammar_from("json", in_file=True), metavar="FILE",
+                       help="as --json-schema, the schema read from FILE")
+    group.add_argument("--grammar", dest="grammar", type=grammar_from("gbnf"), metavar="GBNF",
+                       help="answer in text that matches this llama.cpp GBNF grammar (needs llguidance)")
+    group.add_argument("--grammar-file", dest="grammar", type=grammar_from("gbnf", in_file=True), metavar="FILE",
+                       help="as --grammar, the grammar read from FILE")
+    p.set_defaults(grammar=None)
+
+
+def grammar_from(kind: str, in_file: bool = False) -> Callable[[str], object]:
+    """argparse type for the grammar flags: a structured.Grammar, or a usage error that says why (the
+    schema is not JSON, llguidance is not installed) before the bundle loads."""
+
+    def parse(value: str) -> object:
+        from .structured import Grammar, StructuredOutputUnavailable
+
+        if in_file:
+            try:
+                value = Path(value).expanduser().read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise argparse.ArgumentTypeError(f"cannot read {value}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            return Grammar.json(value) if kind == "json" else Grammar.gbnf(value)
+        except (StructuredOutputUnavailable, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def add_prompt_lookup_argument(p: argparse.ArgumentParser) -> None:
@@ -143,7 +178,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repetition_penalty=args.repetition_penalty, repeat_last_n=args.repeat_last_n,
                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, seed=args.seed,
-                stop=args.stop)
+                stop=args.stop, grammar=args.grammar)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

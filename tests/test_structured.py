@@ -151,3 +151,44 @@ def test_a_bad_structured_output_request_is_a_400_naming_its_field(base_url, ext
                                                  max_tokens=5, extra_body=extra)
     error = info.value.response.json()["error"]
     assert error["param"] == param and words in error["message"], error
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+NOMOAT = [sys.executable, "-m", "nomoat"]
+
+
+def _run(*args: str, input: str | None = None):
+    import subprocess
+
+    return subprocess.run([*NOMOAT, *args], capture_output=True, text=True, input=input, timeout=300)
+
+
+def test_generate_and_chat_take_llama_cpps_grammar_flags(model, tmp_path):
+    bundle = str(model.bundle)
+    result = _run("generate", bundle, "--prompt", "A person:", "--temperature", "0", "--max-new-tokens", "200",
+                  "--json-schema", json.dumps(PERSON))
+    assert result.returncode == 0 and valid_person(result.stdout.strip()), result.stderr
+    grammar = tmp_path / "yes-no.gbnf"
+    grammar.write_text('root ::= "yes" | "no"\n')
+    result = _run("chat", bundle, "--grammar-file", str(grammar), "--temperature", "1", "--seed", "2",
+                  input="Well?\nAgain?\n")
+    assert result.returncode == 0, result.stderr
+    answers = [line.strip() for line in result.stdout.splitlines() if line.strip() in ("yes", "no")]
+    assert len(answers) == 2, result.stdout
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--json-schema", "{not json"], "not valid JSON"),
+    (["--grammar-file", "/nonexistent/g.gbnf"], "cannot read /nonexistent/g.gbnf"),
+    (["--json-schema", "{}", "--grammar", 'root ::= "a"'], "not allowed with argument"),
+])
+def test_a_bad_grammar_flag_is_a_usage_error_before_the_load(tmp_path, flags, words):
+    result = _run("generate", str(tmp_path / "no-bundle"), "--prompt", "x", *flags)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+
+
+def test_a_grammar_the_tokenizer_cannot_take_is_one_line_after_the_load(model):
+    result = _run("chat", str(model.bundle), "--json-schema", '{"type": "objekt"}', input="hi\n")
+    assert result.returncode == 1 and "json grammar cannot be used" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
