@@ -109,6 +109,9 @@ def parse_completion(body: dict[str, Any], model_id: str, limits: Limits,
     max_tokens = _max_tokens(body, ("max_tokens",), limits, min(16, default_max_tokens))  # OpenAI's default: 16
     # The legacy API's logprobs is the count of alternatives; false (as a chat client would send it) is none.
     logprobs = None if body.get("logprobs") is False else _top_count(body, "logprobs")
+    if body.get("top_logprobs") not in (None, 0):
+        raise bad_request("'top_logprobs' is the chat API's; a text completion takes 'logprobs': N for N alternatives",
+                          "top_logprobs", "unsupported_parameter")
     return _request("completion", prompt, max_tokens, body, logprobs)
 
 
@@ -164,7 +167,10 @@ def _grammar(body: dict[str, Any]) -> tuple[tuple[str, Any] | None, str | None]:
         return ("json", value), name
     kind = value.get("type") if isinstance(value, dict) else None
     if kind == "json_object":
-        return ("json", None), name
+        schema = value.get("schema")  # llama.cpp's server reads a schema here too
+        if schema is not None and not isinstance(schema, dict):
+            raise bad_request("response_format's 'schema' must be a JSON schema object", "response_format")
+        return ("json", schema), name
     if kind == "json_schema":
         spec = value.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
@@ -325,9 +331,15 @@ def chat_logprobs(scored: Sequence[TokenLogprob], tokens: TokenBytes) -> dict[st
 def completion_logprobs(scored: Sequence[TokenLogprob], offsets: Sequence[int], tokens: TokenBytes) -> dict[str, Any]:
     """A text completion's "logprobs", the legacy layout: parallel lists; each top_logprobs entry maps
     token text to logprob and holds the sampled token too, as OpenAI's does (so up to N + 1 keys);
-    text_offset is each token's character offset in the completion's text."""
+    text_offset is each token's character offset in the completion's text. A token that is part of a
+    character is written as its bytes, "bytes:\\xf0\\x9f", as OpenAI's legacy API writes one, so such
+    tokens stay apart as keys."""
     def text(token_id: int) -> str:
-        return tokens.bytes_of(token_id).decode("utf-8", errors="replace")
+        raw = tokens.bytes_of(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     return {"tokens": [text(s.token_id) for s in scored], "token_logprobs": [s.logprob for s in scored],
             "top_logprobs": [{**{text(i): lp for i, lp in s.top}, text(s.token_id): s.logprob} for s in scored],

@@ -60,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     except OrtOptionsError as e:
         return _fail(refused_ort_options(e))
+    try:
+        # Built now, not while the first response_format request waits (and holds up an answer under way).
+        structured = "on" if model.prepare_grammars() else "off: pip install llguidance"
+    except ValueError as e:  # a bundle without a stop token: said to each such request, not a reason to stop
+        structured = f"off: {e}"
     config = ServerConfig(model_id=args.model_id or bundle_name(args.bundle), api_key=api_key,
                           limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue),
                           prompt_lookup=args.prompt_lookup, cache_prompt=args.cache_prompt)
@@ -73,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     # to return, so it must run outside the (main) thread that serve_forever blocks.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     host, port = server.server_address[:2]
-    log.info("serving %s on http://%s:%d/v1 (max %d tokens per request, %d may wait%s%s)",
-             config.model_id, host, port, config.limits.max_tokens, config.limits.max_queue,
+    log.info("serving %s on http://%s:%d/v1 (max %d tokens per request, %d may wait; structured output %s%s%s)",
+             config.model_id, host, port, config.limits.max_tokens, config.limits.max_queue, structured,
              f"; greedy requests draft up to {config.prompt_lookup} tokens by prompt lookup"
              if config.prompt_lookup else "",
              "; prompts run from an empty cache unless a request says cache_prompt" if not config.cache_prompt else "")

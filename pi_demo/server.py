@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 from jinja2 import TemplateError
 from nomoat.runtime import ContextOverflowError, Grammar, Model, StreamEvent
 from nomoat.runtime.cli_generate import drafts_note
+from nomoat.runtime.detokenizer import IncrementalDetokenizer
 from nomoat.runtime.structured import StructuredOutputUnavailable
 
 from .openai_api import (
@@ -153,13 +154,17 @@ class Scored:
         self._model = model
         self._scored: list = []
         self._offsets: list[int] = []
-        self._length = 0  # characters of the reply so far: the next token's text_offset
+        # The tokens' own text, before stop strings hold any back (the events' text is after): text_offset
+        # is where each token starts in it, as the legacy API counts.
+        self._text = IncrementalDetokenizer(model.tokenizer) if self.wanted else None
+        self._length = 0
 
     def add(self, event: StreamEvent) -> None:
-        if event.logprob is not None:
-            self._scored.append(event.logprob)
-            self._offsets.append(self._length)
-        self._length += len(event.text)
+        if event.logprob is None:
+            return
+        self._scored.append(event.logprob)
+        self._offsets.append(self._length)
+        self._length += len(self._text.add(event.logprob.token_id))
 
     def take(self) -> dict[str, Any] | None:
         """For a stream's chunk: those not sent yet, or None if there are none."""

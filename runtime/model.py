@@ -188,12 +188,28 @@ class Model:
 
     def constraint(self, grammar: Grammar) -> Constraint:
         """A matcher for one answer held to `grammar` (ValueError if the grammar cannot be used)."""
-        from .structured import Constraint, grammar_tokenizer
+        from .structured import Constraint
+
+        return Constraint(self._grammars(), grammar)
+
+    def prepare_grammars(self) -> bool:
+        """Build llguidance's view of the tokenizer now (a server: not while the first such request waits,
+        holding the GIL from an answer under way); False if llguidance is not installed."""
+        from .structured import StructuredOutputUnavailable
+
+        try:
+            self._grammars()
+        except StructuredOutputUnavailable:
+            return False
+        return True
+
+    def _grammars(self) -> Any:
+        from .structured import grammar_tokenizer
 
         if self._grammar_tokenizer is None:
             self._grammar_tokenizer = grammar_tokenizer(self.tokenizer.to_str(), self.manifest.model.vocab_size,
                                                         self.stop_token_ids)
-        return Constraint(self._grammar_tokenizer, grammar)
+        return self._grammar_tokenizer
 
     @property
     def max_context(self) -> int:
@@ -269,14 +285,14 @@ class Model:
         logits = self._prefill(prompt_ids, stats, cache_prompt, should_stop)
         if logits is None:
             return
-        history = np.asarray(prompt_ids, dtype=np.int64)  # the penalty looks at the prompt too
+        history = np.asarray(prompt_ids, dtype=np.int64)  # the repetition penalty looks at the prompt too
         generated: list[int] = []
         stats.prefill_seconds = time.perf_counter() - start
         t_first = time.perf_counter()
         while True:
             token = sampler.sample(constraint.mask(logits) if constraint else logits,
                                    np.concatenate([history, np.asarray(generated, np.int64)])
-                                   if params.penalized else history)
+                                   if params.penalized else history, prompt_length=len(prompt_ids))
             if token in stop_ids and not ignore_eos:
                 stats.stop_token = True
                 break

@@ -4,8 +4,9 @@ The order of operations follows Hugging Face ``generate`` (and llama.cpp's defau
 
     penalties -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw
 
-(the penalties: transformers' repetition penalty, then OpenAI's frequency and presence
-penalties over the same window, as llama.cpp's penalties sampler applies all three)
+(the penalties: transformers' repetition penalty, over the prompt and the answer, then OpenAI's
+frequency and presence penalties, over the answer alone as OpenAI and vLLM count them; in that
+order, as llama.cpp's penalties sampler applies all three)
 
 so that a bundle checked against the transformers reference behaves the same on the device.
 
@@ -43,9 +44,11 @@ class SamplingParams:
     repetition_penalty: CTRL-style penalty on every id in ``previous_ids`` (1.0 = off, >1 discourages).
     repeat_last_n:      how many of the last ``previous_ids`` the penalty looks at (-1 = all of them, as
                         transformers does; 0 = none, which turns the penalty off; llama.cpp's default is 64).
-    frequency_penalty:  OpenAI's: subtract penalty x (times an id occurs in that window) from its logit (0 = off).
-    presence_penalty:   OpenAI's: subtract penalty from the logit of every id in that window once (0 = off).
-                        Both look at the prompt too, as llama.cpp's server does; negative values encourage.
+    frequency_penalty:  OpenAI's: subtract penalty x (times an id occurs in the answer) from its logit (0 = off).
+    presence_penalty:   OpenAI's: subtract penalty from the logit of every id in the answer once (0 = off).
+                        Both count the generated ids only (OpenAI's and vLLM's "text so far"; a chat prompt
+                        holds an end-of-turn token per message, which they would push below reach), within
+                        the last repeat_last_n ids; negative values encourage.
     seed:               seed of the sampler's random generator; None draws fresh OS entropy.
     """
 
@@ -156,29 +159,30 @@ class Sampler:
         self._weights: np.ndarray | None = None  # float32, vocabulary-sized
         self._all_ids: np.ndarray | None = None  # arange(vocab), the candidate ids when nothing filters
 
-    def sample(self, logits: np.ndarray, previous_ids: Sequence[int] | np.ndarray = ()) -> int:
+    def sample(self, logits: np.ndarray, previous_ids: Sequence[int] | np.ndarray = (), prompt_length: int = 0) -> int:
         """Pick the next token id from one row of logits (shape ``(vocab,)``).
 
         ``previous_ids`` is the sequence so far, oldest first; the repetition penalty applies to
-        its last ``repeat_last_n`` ids (HF uses the whole sequence, llama.cpp the last 64), and so do
-        the frequency and presence penalties.
+        its last ``repeat_last_n`` ids (HF uses the whole sequence, llama.cpp the last 64); the frequency
+        and presence penalties to those of them past the first ``prompt_length`` (the generated ones).
         Passing an int ndarray avoids converting a Python list on every call.
         """
         logits = _as_logits_row(logits)
         p = self.params
         if p.penalized:
             ids = np.asarray(previous_ids, dtype=np.intp)
-            if p.repeat_last_n > 0:
-                ids = ids[-p.repeat_last_n:]
-            if ids.size:
+            start = max(0, ids.size - p.repeat_last_n) if p.repeat_last_n > 0 else 0
+            window, answer = ids[start:], ids[max(start, prompt_length):]
+            counted = answer.size and (p.frequency_penalty or p.presence_penalty)
+            if (window.size and p.repetition_penalty != 1.0) or counted:
                 out = self._scratch(logits)
-                if p.repetition_penalty != 1.0:
-                    logits = apply_repetition_penalty(logits, ids, p.repetition_penalty, out)
+                if window.size and p.repetition_penalty != 1.0:
+                    logits = apply_repetition_penalty(logits, window, p.repetition_penalty, out)
                 else:  # the caller's logits are never modified
                     np.copyto(out, logits)
                     logits = out
-                if p.frequency_penalty or p.presence_penalty:
-                    apply_count_penalties(logits, ids, p.frequency_penalty, p.presence_penalty)
+                if counted:
+                    apply_count_penalties(logits, answer, p.frequency_penalty, p.presence_penalty)
         if p.temperature == 0.0:
             return int(np.argmax(logits))
         ids, weights = self._candidates(logits)

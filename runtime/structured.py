@@ -119,4 +119,7 @@ class Constraint:
 def grammar_tokenizer(tokenizer_json: str, vocab_size: int, stop_token_ids: frozenset[int]) -> Any:
     """llguidance's view of the bundle's tokenizer (~0.3 s to build for 49k tokens: build once)."""
     llg = _llguidance()
+    if not stop_token_ids:  # the match's end is where the answer stops: it needs a token to stop with
+        raise ValueError("structured output needs a stop token, and this bundle has none (its manifest's "
+                         "stop_token_ids is empty): convert a model whose tokenizer has an end-of-sequence token")
     return llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(stop_token_ids))

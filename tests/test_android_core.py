@@ -304,7 +304,7 @@ def test_chat_format_renders_what_the_template_renders(tiny_bundle):
 
 
 def python_distribution(logits: np.ndarray, history: list[int], params: SamplingParams,
-                        monkeypatch: pytest.MonkeyPatch) -> dict[int, float]:
+                        monkeypatch: pytest.MonkeyPatch, prompt_length: int = 0) -> dict[int, float]:
     """What runtime/sampling.py's Sampler.sample draws from: the ids and weights it hands to _draw
     (captured, so this is the sampler's own code path, not a re-spelling of it), normalized;
     a one-hot at its answer when greedy. runtime/sampling.py has no public distribution function."""
@@ -316,7 +316,7 @@ def python_distribution(logits: np.ndarray, history: list[int], params: Sampling
 
     with monkeypatch.context() as m:
         m.setattr(sampling, "_draw", capture)
-        token = Sampler(params).sample(logits, history)
+        token = Sampler(params).sample(logits, history, prompt_length=prompt_length)
     if not captured:
         return {token: 1.0}
     w = captured["weights"]
@@ -346,6 +346,7 @@ PARAMS = [
     {"temperature": 1.0, "presence_penalty": 1.5},
     {"temperature": 0.8, "frequency_penalty": 0.3, "presence_penalty": -0.4, "repetition_penalty": 1.2},
     {"temperature": 1.0, "frequency_penalty": 1.0, "repeat_last_n": 5},
+    {"frequency_penalty": 2.0, "presence_penalty": 1.0, "repeat_last_n": 10, "repetition_penalty": 1.1},
 ]
 
 
@@ -359,10 +360,11 @@ def test_sampler_distributions_equal_pythons(monkeypatch):
                 if rounded:
                     logits = np.round(logits, 1).astype(np.float32)
                 history = rng.integers(0, vocab, size=20).tolist()
+                prompt_length = 12  # frequency and presence count the last 8 (the answer), the repetition penalty all
                 params = SamplingParams.from_dict({**p, "seed": 5})
-                expected.append(python_distribution(logits, history, params, monkeypatch))
-                requests.append({"logits": logits.tolist(), "history": history, "params": {**p, "seed": 5},
-                                 "draws": 20})
+                expected.append(python_distribution(logits, history, params, monkeypatch, prompt_length))
+                requests.append({"logits": logits.tolist(), "history": history, "prompt_length": prompt_length,
+                                 "params": {**p, "seed": 5}, "draws": 20})
     out = kotlin_host.run_kotlin("dev.nomoat.core.SamplerCli", input="".join(json.dumps(r) + "\n" for r in requests))
     answers = [json.loads(line) for line in out.splitlines()]
     assert len(answers) == len(requests)

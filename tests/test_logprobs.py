@@ -63,13 +63,16 @@ def test_an_added_token_is_its_own_text(tokenizers_by_kind):  # noqa: F811
 # -- penalties ----------------------------------------------------------------------------------------
 
 
-def penalized_reference(logits, history, repetition, frequency, presence):
-    """llama.cpp's penalties sampler, written out: the repetition penalty, then frequency and presence."""
+def penalized_reference(logits, history, prompt_length, repetition, frequency, presence):
+    """llama.cpp's chain, written out: the repetition penalty over the whole history, then frequency and
+    presence over the answer (the ids past the prompt), as OpenAI and vLLM count them."""
     out = logits.astype(np.float64)
     for token in set(history.tolist()):
         value = out[token]
-        value = value * repetition if value < 0 else value / repetition
-        out[token] = value - (history == token).sum() * frequency - presence
+        out[token] = value * repetition if value < 0 else value / repetition
+    answer = history[prompt_length:]
+    for token in set(answer.tolist()):
+        out[token] -= (answer == token).sum() * frequency + presence
     return out
 
 
@@ -78,12 +81,13 @@ def test_frequency_and_presence_penalties_subtract_per_count_and_once_after_the_
     changed = 0
     for _ in range(200):
         logits = rng.standard_normal(40).astype(np.float32)
-        history = rng.integers(0, 40, size=12)
+        history, prompt_length = rng.integers(0, 40, size=12), int(rng.integers(0, 12))
         repetition, frequency, presence = rng.uniform(1.0, 1.5), rng.uniform(-0.5, 1.0), rng.uniform(-0.5, 1.0)
         params = SamplingParams(repetition_penalty=repetition, frequency_penalty=frequency, presence_penalty=presence)
         before = logits.copy()
-        chosen = Sampler(params).sample(logits, history)
-        assert chosen == int(np.argmax(penalized_reference(logits, history, repetition, frequency, presence)))
+        chosen = Sampler(params).sample(logits, history, prompt_length=prompt_length)
+        expected = penalized_reference(logits, history, prompt_length, repetition, frequency, presence)
+        assert chosen == int(np.argmax(expected))
         np.testing.assert_array_equal(logits, before)  # the caller's logits are left alone
         changed += chosen != int(np.argmax(logits))
     assert changed > 20  # the premise: the penalties decided the choice often
@@ -99,6 +103,32 @@ def test_a_presence_penalty_moves_greedy_off_a_seen_token_and_repeat_last_n_boun
     assert Sampler(SamplingParams(presence_penalty=0.5, repeat_last_n=1)).sample(logits, [1, 3]) == 1
     assert not SamplingParams(presence_penalty=0.5, repeat_last_n=0).penalized
     assert SamplingParams(frequency_penalty=-0.5).penalized  # negative values encourage, as OpenAI's
+
+
+def test_frequency_and_presence_count_the_answer_not_the_prompt():
+    # A chat prompt holds an end-of-turn token per message: counted, they would push the stop token below
+    # reach and the answer would not end. OpenAI and vLLM count the generated text only.
+    logits = np.array([0.0, 2.0, 1.8, 0.5], dtype=np.float32)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.5)
+    assert Sampler(params).sample(logits, [1, 1, 1], prompt_length=3) == 1  # all prompt
+    assert Sampler(params).sample(logits, [1, 1, 1], prompt_length=2) == 2  # the last 1 is the answer's
+    # ... while the repetition penalty reads the prompt too, as transformers' does
+    assert Sampler(SamplingParams(repetition_penalty=1.2)).sample(logits, [1], prompt_length=1) == 2
+
+
+def test_generation_tells_the_sampler_where_the_answer_starts(model, monkeypatch):
+    seen = []
+    original = Sampler.sample
+
+    def spy(self, logits, previous_ids=(), prompt_length=0):
+        seen.append((len(previous_ids), prompt_length))
+        return original(self, logits, previous_ids, prompt_length)
+
+    monkeypatch.setattr(Sampler, "sample", spy)
+    prompt = model.prompt_ids("Hello")
+    model.generate("Hello", 3, temperature=0, presence_penalty=1.0)
+    assert seen and all(length == len(prompt) for _, length in seen)
+    assert [n for n, _ in seen] == list(range(len(prompt), len(prompt) + len(seen)))
 
 
 @pytest.mark.parametrize("field", ["frequency_penalty", "presence_penalty"])
@@ -160,3 +190,23 @@ def test_the_penalties_reach_generation_through_the_sdk(model):
     assert penalized.token_ids != plain.token_ids
     repeats = len(plain.token_ids) - len(set(plain.token_ids))
     assert len(penalized.token_ids) - len(set(penalized.token_ids)) < repeats
+
+
+def test_legacy_logprobs_write_a_part_of_a_character_as_its_bytes():
+    sys.path.insert(0, str(REPO))
+    from nomoat.runtime.logprobs import TokenLogprob
+
+    from pi_demo.openai_api import completion_logprobs
+
+    class Pieces:  # 🎉 is f0 9f 8e 89: two tokens of two bytes each, then "a"
+        table = {1: b"\xf0\x9f", 2: b"\x8e\x89", 3: b"a"}
+
+        def bytes_of(self, token_id: int) -> bytes:
+            return self.table[token_id]
+
+    scored = [TokenLogprob(1, -0.1, ((1, -0.1), (2, -2.0), (3, -3.0))), TokenLogprob(3, -0.5, ((2, -0.2),))]
+    body = completion_logprobs(scored, [0, 1], Pieces())
+    assert body["tokens"] == ["bytes:\\xf0\\x9f", "a"]
+    # two parts of characters are two keys, not one U+FFFD that the later one overwrote
+    assert body["top_logprobs"] == [{"bytes:\\xf0\\x9f": -0.1, "bytes:\\x8e\\x89": -2.0, "a": -3.0},
+                                    {"bytes:\\x8e\\x89": -0.2, "a": -0.5}]

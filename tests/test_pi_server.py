@@ -755,6 +755,7 @@ def test_logprobs_are_read_as_each_api_asks_for_them():
     assert _refused("chat", logprobs=True, top_logprobs=21).param == "top_logprobs"
     assert _refused("chat", logprobs=0).param == "logprobs"  # chat's logprobs is a boolean
     assert _refused("completion", logprobs=-1).param == "logprobs"
+    assert _refused("completion", top_logprobs=3).param == "top_logprobs"  # the chat API's; not ignored
     assert _refused("chat", n=True).param == "n"  # True == 1 is not n=1 either
 
 
@@ -793,21 +794,37 @@ def test_chat_logprobs_whole_and_streamed_are_the_runtimes_for_the_answers_token
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == expected.text
 
 
+def _legacy_token(model, token_id: int) -> str:
+    raw = model.token_text.bytes_of(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:  # a part of a character: its bytes, as OpenAI's legacy API writes them
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def test_completion_logprobs_hold_the_sampled_token_and_offsets_into_the_text(base_url, model):
+    from nomoat.runtime.detokenizer import IncrementalDetokenizer
+
     prompt = "Small models run"
-    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 1}
-    events = list(model.stream(prompt, 10, raw=True, temperature=0, logprobs=1))
+    plain = model.generate(prompt, 10, raw=True, temperature=0)
+    # A stop string that begins like the third token's text and then never matches: the stream holds that
+    # text back for a token, which must not move the tokens' offsets.
+    stop = model.tokenizer.decode(plain.token_ids[2:3]) + "\u2603never"
+    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 1, "stop": [stop]}
+    events = list(model.stream(prompt, 10, raw=True, temperature=0, logprobs=1, stop=[stop]))
+    assert any(event.text == "" for event in events[2:4])  # the premise: some text was held back
     tokens, logprobs, tops, offsets, length = [], [], [], [], 0
+    detokenizer = IncrementalDetokenizer(model.tokenizer)
     for event in events:
         if event.logprob is not None:
             scored = event.logprob
-            tokens.append(model.token_text.text_of(scored.token_id))
+            tokens.append(_legacy_token(model, scored.token_id))
             logprobs.append(pytest.approx(scored.logprob, abs=1e-4))
             # OpenAI's layout: the alternatives and the sampled token, text to logprob
-            tops.append({model.token_text.text_of(i): pytest.approx(lp, abs=1e-4)
+            tops.append({_legacy_token(model, i): pytest.approx(lp, abs=1e-4)
                          for i, lp in (*scored.top, (scored.token_id, scored.logprob))})
             offsets.append(length)
-        length += len(event.text)
+            length += len(detokenizer.add(scored.token_id))
     choice = client(base_url).completions.create(**body).choices[0]
     assert choice.text == "".join(e.text for e in events) and len(tokens) == 10
     assert choice.logprobs.model_dump() == {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,

@@ -192,3 +192,17 @@ def test_a_grammar_the_tokenizer_cannot_take_is_one_line_after_the_load(model):
     result = _run("chat", str(model.bundle), "--json-schema", '{"type": "objekt"}', input="hi\n")
     assert result.returncode == 1 and "json grammar cannot be used" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_llama_cpps_json_object_with_a_schema_holds_to_the_schema(base_url):
+    reply = client(base_url).chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "A person."}], max_tokens=200, temperature=0,
+        response_format={"type": "json_object", "schema": PERSON})
+    assert valid_person(reply.choices[0].message.content), reply.choices[0].message.content
+
+
+def test_a_bundle_without_a_stop_token_says_why_it_cannot_take_a_grammar():
+    from nomoat.runtime.structured import grammar_tokenizer
+
+    with pytest.raises(ValueError, match="structured output needs a stop token, and this bundle has none"):
+        grammar_tokenizer("{}", 10, frozenset())

@@ -218,7 +218,7 @@ class Generator(
         var n = promptIds.size
         var generated = 0
         while (true) {
-            val token = sampler.sample(logits, if (penalized) history.copyOf(n) else promptIds)
+            val token = sampler.sample(logits, if (penalized) history.copyOf(n) else promptIds, promptIds.size)
             if (token in stops) {
                 stats.stopToken = true
                 break

@@ -8,7 +8,8 @@ import java.util.Random
  *
  *     penalties -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw
  *
- * (the repetition penalty, then OpenAI's frequency and presence penalties over the same window)
+ * (the repetition penalty over the prompt and the answer, then OpenAI's frequency and presence
+ * penalties over the answer alone, the ids of [history] past promptLength)
  *
  * so a bundle behaves on the phone as it does in the Python runtime (and as Hugging Face
  * `generate`, which that order follows). The arithmetic is float32 where numpy's is (the penalty,
@@ -29,9 +30,9 @@ data class SamplingParams(
     val repetitionPenalty: Double = 1.0,
     /** How many of the last history ids the penalty looks at (-1 = all, 0 = none; llama.cpp's repeat_last_n). */
     val repeatLastN: Int = -1,
-    /** OpenAI's: subtract this x (times an id occurs in the window) from its logit (0 = off). */
+    /** OpenAI's: subtract this x (times an id occurs in the answer, in the window) from its logit (0 = off). */
     val frequencyPenalty: Double = 0.0,
-    /** OpenAI's: subtract this once from the logit of every id in the window (0 = off). */
+    /** OpenAI's: subtract this once from the logit of every id in the answer, in the window (0 = off). */
     val presencePenalty: Double = 0.0,
     /** Seed of the random generator; null draws a fresh seed. */
     val seed: Long? = null
@@ -130,17 +131,20 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
     private var weights = FloatArray(0)
     private var allIds = IntArray(0)
 
-    /** The next token id. [history] is the sequence so far, oldest first; the penalty reads its last repeat_last_n ids. */
-    fun sample(logits: FloatArray, history: IntArray = IntArray(0)): Int {
-        val row = penalize(logits, history)
+    /**
+     * The next token id. [history] is the sequence so far, oldest first, its first [promptLength] ids the
+     * prompt; the penalties read its last repeat_last_n ids (frequency and presence only the answer's).
+     */
+    fun sample(logits: FloatArray, history: IntArray = IntArray(0), promptLength: Int = 0): Int {
+        val row = penalize(logits, history, promptLength)
         if (params.greedy) return argmax(row)
         val (ids, w) = filtered(row)
         return ids[draw(w, w.size)]
     }
 
     /** The distribution [sample] draws from (one-hot at the argmax when greedy): for tests and cross-checks. */
-    fun distribution(logits: FloatArray, history: IntArray = IntArray(0)): TokenDistribution {
-        val row = penalize(logits, history)
+    fun distribution(logits: FloatArray, history: IntArray = IntArray(0), promptLength: Int = 0): TokenDistribution {
+        val row = penalize(logits, history, promptLength)
         if (params.greedy) return TokenDistribution(intArrayOf(argmax(row)), doubleArrayOf(1.0))
         val (ids, w) = filtered(row)
         var total = 0.0
@@ -152,7 +156,7 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
         require(logits.isNotEmpty()) { "expected one row of logits (vocab entries), got an empty array" }
 
     /** CTRL penalty as in HF (apply_repetition_penalty): seen ids' positive logits / penalty, negative ones * penalty. */
-    private fun penalize(logits: FloatArray, history: IntArray): FloatArray {
+    private fun penalize(logits: FloatArray, history: IntArray, promptLength: Int): FloatArray {
         checkRow(logits)
         if (!params.penalized || history.isEmpty()) return logits
         if (penalized.size != logits.size) penalized = FloatArray(logits.size)
@@ -165,12 +169,17 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
             val seen = logits[id] // from the original row: a repeated id is penalized once
             penalized[id] = if (seen < 0f) seen * p else seen / p
         }
-        if (params.frequencyPenalty != 0.0 || params.presencePenalty != 0.0) {
-            val counts = HashMap<Int, Int>()
-            for (i in from until history.size) counts.merge(history[i], 1, Int::plus)
-            // As numpy computes it: the amount in float64, cast to float32, then subtracted in float32.
-            for ((id, count) in counts) {
-                penalized[id] -= (count * params.frequencyPenalty + params.presencePenalty).toFloat()
+        val answerFrom = maxOf(from, promptLength)
+        if ((params.frequencyPenalty != 0.0 || params.presencePenalty != 0.0) && answerFrom < history.size) {
+            // Sorted, each id's occurrences are one run: its count without a map of boxed ids.
+            val answer = history.copyOfRange(answerFrom, history.size).also { it.sort() }
+            var i = 0
+            while (i < answer.size) {
+                var j = i
+                while (j < answer.size && answer[j] == answer[i]) j++
+                // As numpy computes it: the amount in float64, cast to float32, then subtracted in float32.
+                penalized[answer[i]] -= ((j - i) * params.frequencyPenalty + params.presencePenalty).toFloat()
+                i = j
             }
         }
         return penalized
@@ -244,8 +253,9 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
 
     companion object {
         /** [Sampler.distribution] with a fresh sampler. */
-        fun distribution(logits: FloatArray, history: IntArray, params: SamplingParams): TokenDistribution =
-            Sampler(params).distribution(logits, history)
+        fun distribution(logits: FloatArray, history: IntArray, params: SamplingParams,
+                         promptLength: Int = 0): TokenDistribution =
+            Sampler(params).distribution(logits, history, promptLength)
 
         /** The first index of the largest value (np.argmax; NaN never wins here). */
         fun argmax(row: FloatArray): Int {
