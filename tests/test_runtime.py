@@ -209,9 +209,9 @@ def test_the_penalty_window_comes_from_the_bundle_or_the_caller(bundle, monkeypa
     windows: list[tuple[int, list[int]]] = []
 
     class Recording(model_module.Sampler):
-        def sample(self, logits, previous_ids=()):
+        def sample(self, logits, previous_ids=(), prompt_length=0):
             windows.append((self.params.repeat_last_n, list(previous_ids)))
-            return super().sample(logits, previous_ids)
+            return super().sample(logits, previous_ids, prompt_length)
 
     monkeypatch.setattr(model_module, "Sampler", Recording)
     monkeypatch.setitem(model.manifest.generation_defaults, "repeat_last_n", 7)
