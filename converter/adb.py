@@ -28,6 +28,9 @@ _STATUS_RE = re.compile(re.escape(_STATUS_MARKER) + r"(\d+)\s*$")
 PUSH_GRACE_S = 60.0
 PUSH_MIN_BYTES_PER_S = 1e6
 
+# What adb says when it has no such device to send a command to ("error: device 'X' not found").
+_NO_DEVICE = re.compile(r"device '[^']*' not found|no devices/emulators found")
+
 # `adb devices` states other than "device", with what to do about them.
 _STATE_FIXES = {
     "unauthorized": "unlock the phone and accept the 'Allow USB debugging?' prompt (tick 'Always allow'); "
@@ -80,9 +83,12 @@ class Device:
                                                       f"( {command} ); echo \"{_STATUS_MARKER}$?\""], timeout=timeout)
         out = result.stdout.replace("\r\n", "\n")  # old devices run the shell on a pty
         match = _STATUS_RE.search(out)
-        if match is None:  # adb itself failed (device gone, server died) before the command ran
-            raise AdbError(f"`adb shell` on {self.serial} failed (exit {result.returncode}): "
-                           f"{last_line(out + result.stderr)}. Check the connection with `adb devices`.")
+        if match is None:  # adb itself failed (device gone, server died), before or while the command ran
+            error = AdbError(f"`adb shell` on {self.serial} failed (exit {result.returncode}): "
+                             f"{last_line(out + result.stderr)}. Check the connection with `adb devices`.")
+            # adb found no such device (unplugged, or off the network): then the command never reached it
+            error.never_ran = _NO_DEVICE.search(out + result.stderr) is not None
+            raise error
         # Newer devices (shell_v2) keep stderr apart; older ones mix it into stdout already.
         return Reply(out[:match.start()], result.stderr.replace("\r\n", "\n"), int(match.group(1)))
 

@@ -12,6 +12,10 @@ are held until it is done, so an interrupt lands either before it (the old bundl
 after it (the new one is in place), never between its two renames. Every command on the device has a
 deadline (STEP_S, check_deadline, sync_deadline; the push's is adb.push_deadline), so a device that goes
 silent ends the deploy with one line naming the step instead of a wait of minutes.
+
+A swap given up on that way may still run on the device later (SwapUnsettled), while the next deploy cleans up
+what earlier ones left: so the swap and that cleanup each hold a lock folder on the device, REMOTE_DIR/.NAME.swapping
+(lock_path), and never run at once; the cleanup refuses while a swap holds it (see recover_interrupted_deploy).
 """
 
 from __future__ import annotations
@@ -61,8 +65,18 @@ CHECK_MIN_BYTES_PER_S = 10e6
 # sync writes what the copy left in the page cache: at most the copy itself, plus whatever else the device
 # had waiting. A minute plus a second a MB, the push's own floor (adb.PUSH_MIN_BYTES_PER_S): slower than a
 # worn SD card or a cheap phone's flash writes.
+# What is left to write is read from the device just before (pending_writes): most of the copy was written back
+# during the push and the check already, so a 2 GB bundle does not get 34 minutes; the copy's size when the
+# device does not say.
 SYNC_GRACE_S = 60.0
 SYNC_MIN_BYTES_PER_S = 1e6
+# A lock folder (lock_path) older than this counts as left behind by a swap or cleanup cut short (killed, or the
+# device restarted: one made before the device's last boot counts at once), not one still running: those take
+# seconds once they run.
+STALE_LOCK_S = 600
+# What the swap's command exits with when the lock is taken (another deploy is swapping or cleaning up), and the
+# cleanup's when the lock is not stale.
+LOCKED = 4
 UNCHANGED = "the bundle deployed before is unchanged"  # what the device holds after a failure before the swap
 
 
@@ -73,7 +87,8 @@ class DeployError(Exception):
 class SwapUnsettled(DeployError):
     """The swap's command went to the device but no answer came back (it stopped answering, or the connection
     broke): the swap may have run, may still be running there, or not. The staging folder is then left for the
-    next deploy: an `rm -rf` of it racing a rename still under way could empty the new bundle."""
+    next deploy, whose cleanup waits for the swap's lock: an `rm -rf` of it racing a rename still under way
+    could empty the new bundle."""
 
 
 @dataclass(frozen=True)
@@ -212,32 +227,79 @@ def shell(device: Target, command: str, what: str, timeout: float | None = None,
 
 def run_step(device: Target, command: str, what: str, timeout: float | None = None) -> Reply:
     """Run command on the device, given timeout seconds (None: STEP_S); its reply, whatever its exit
-    status. A DeployError when it could not run there, naming the step (what) when the device stopped
-    answering. Only for the steps before the swap: the message says the old bundle is unchanged."""
+    status. A DeployError naming the step (what) when it could not run there. Only for the steps before
+    the swap: the message says the old bundle is unchanged."""
     try:
         return device.shell(command, timeout=STEP_S if timeout is None else timeout)
     except TransportTimeout as e:
         raise DeployError(silent_device_message(device, what, e, UNCHANGED)) from e
-    except TransportError as e:
-        raise DeployError(str(e)) from e
+    except TransportError as e:  # the transport's own message ends with its fix (`adb devices`, ...)
+        raise DeployError(f"{what} on {device.name} failed; {UNCHANGED}. {e}") from e
 
 
 def silent_device_message(device: Target, what: str, e: TransportTimeout, outcome: str) -> str:
-    """One line: the step that got no answer, on which device, what the device holds, what to do."""
-    return (f"{what} on {device.name} did not finish in {e.seconds:.0f} s: the device stopped answering; "
-            f"{outcome}. {e.advice[:1].upper()}{e.advice[1:]}, then deploy again.")
+    """One line: the step that got no answer, on which device, what the transport saw, what the device
+    holds, what to do."""
+    took = f"did not finish in {e.seconds:.0f} s" if e.seconds is not None else "was cut off"
+    return (f"{what} on {device.name} {took}: {e.symptom}; {outcome}. {e.advice[:1].upper()}{e.advice[1:]}, "
+            "then deploy again.")
+
+
+def lock_path(remote_dir: str, name: str) -> str:
+    """The folder that the swap into REMOTE_DIR/NAME and the cleanup before a deploy there hold while they
+    run (mkdir is atomic: of two at once, one makes it). It holds nothing, so its mtime is when it was taken."""
+    return posixpath.join(remote_dir, f".{name}.swapping")
+
+
+def _take_lock(lock: str) -> str:
+    """A shell snippet that takes lock (after cd to its folder), or exits LOCKED. A lock that counts as stale
+    (see STALE_LOCK_S; by the device's own clock and uptime, and `stat -c %Y`, which toybox and coreutils
+    have; when one of them fails it is not stale) is renamed away first: of two cleanups breaking it at once,
+    one rename wins, and the loser's mkdir then finds the winner's lock."""
+    lk = shlex.quote(posixpath.basename(lock))
+    broken = shlex.quote(f"{posixpath.basename(lock).removesuffix('.swapping')}.trash-lock-")
+    stale = ('now=$(date +%s) && made=$(stat -c %Y "$1") && read up rest < /proc/uptime && up=${up%.*} && '
+             '{ [ "$made" -gt "$now" ] || [ "$made" -lt $((now - up - 5)) ] || '
+             f'[ $((now - made)) -ge {STALE_LOCK_S} ]; }}')
+    return (f"stale() {{ {stale}; }}; "
+            f"if ! mkdir {lk} 2>/dev/null; then "
+            f"if [ ! -d {lk} ] || [ -L {lk} ]; then mkdir {lk}; exit 1; fi; "  # not a lock: mkdir says why
+            f"stale {lk} || exit {LOCKED}; "
+            f"mv {lk} {broken}$$ 2>/dev/null || exit {LOCKED}; "
+            f"mkdir {lk} 2>/dev/null || exit {LOCKED}; fi; ")
 
 
 def recover_interrupted_deploy(device: Target, remote_dir: str, name: str) -> None:
-    """Undo what a killed earlier deploy left: restore a bundle moved aside, drop stale staging folders."""
-    d = shlex.quote(remote_dir)
-    old, partial = shlex.quote(f".{name}.old-"), shlex.quote(f".{name}.partial-")
-    shell(device,
-          f"cd {d} 2>/dev/null || exit 0; "
-          f"if [ ! -e {shlex.quote(name)} ]; then for o in {old}*; do "
-          f'if [ -d "$o" ]; then mv "$o" {shlex.quote(name)}; break; fi; done; fi; '
-          f"rm -rf {partial}* {old}*",
-          "cleaning up after an earlier interrupted deploy")
+    """Undo what a killed earlier deploy left: restore a bundle moved aside, drop stale staging folders.
+
+    Under the lock (lock_path), so never while a swap runs: a swap given up on (SwapUnsettled) may still run on
+    the device, and this cleanup racing it could put the old bundle back between its two renames (its second
+    `mv` would then move the staging folder into it) or `rm -rf` the staging folder as it becomes the bundle
+    (emptying it). While the lock is held, a one-line DeployError. Each leftover is renamed before it is
+    deleted (to .NAME.trash-*, which no swap touches): a rename against a rename has one winner, an `rm -rf`
+    against one does not. HUP and PIPE are ignored, as in swap_in, so a cleanup given up on still finishes and
+    lets go of the lock."""
+    lock = lock_path(remote_dir, name)
+    n = shlex.quote(name)
+    old, partial, trash = (shlex.quote(f".{name}.{kind}-") for kind in ("old", "partial", "trash"))
+    reply = run_step(device,
+                     f"trap '' HUP PIPE; cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; {_take_lock(lock)}"
+                     f"( if [ ! -e {n} ] && [ ! -L {n} ]; then for o in {old}*; do "
+                     f'if [ -d "$o" ]; then mv "$o" {n}; break; fi; done; fi; '
+                     f'i=0; for f in {partial}* {old}*; do if [ -e "$f" ] || [ -L "$f" ]; then i=$((i + 1)); '
+                     f'mv "$f" {trash}$$-$i || exit 1; fi; done; '
+                     f"rm -rf {trash}* ); "
+                     f"rc=$?; rmdir {shlex.quote(posixpath.basename(lock))}; exit $rc",
+                     "cleaning up after an earlier interrupted deploy")
+    if reply.status == LOCKED:
+        target = posixpath.join(remote_dir, name)
+        raise DeployError(f"a swap from an earlier deploy may still be running on {device.name} ({lock} is there), "
+                          f"so nothing was changed: {target} holds a whole bundle, the one deployed before or that "
+                          "swap's. Wait a minute and deploy again (a lock left behind is cleared once the device "
+                          f"has restarted, or after {STALE_LOCK_S // 60} minutes).")
+    if reply.status != 0:
+        raise DeployError(f"cleaning up after an earlier interrupted deploy failed on {device.name} "
+                          f"(exit {reply.status}): {reply.error()}")
 
 
 # What check_replaceable's and swap_in's commands exit with when the target is there but not a bundle.
@@ -350,7 +412,7 @@ def mismatch_message(device: Target, f: BundleFile) -> str:
                 f"so its copy on {device.name} was not swapped in; {UNCHANGED}. Deploy again once the bundle "
                 "is complete.")
     return (f"{f.name} on {device.name} does not match its sha256 after the push (the copy was damaged on the way "
-            "or the storage is failing); deploy again.")
+            f"or the storage is failing), so it was not swapped in; {UNCHANGED}. Deploy again.")
 
 
 def parse_sha256sum(text: str) -> dict[str, str]:
@@ -369,12 +431,29 @@ def flush_to_storage(device: Target, size: int) -> None:
     the bundle's name. It also lets the runtime hand back the file pages it read while loading: pages
     not yet written back cannot be dropped, and a bundle benchmarked right after its copy peaked at
     225 MB instead of 212 (measured on this machine, SmolLM2 int4, 1 thread)."""
-    shell(device, "sync", "flushing the copy to storage (`sync`)", timeout=sync_deadline(size))
+    pending = pending_writes(device)
+    shell(device, "sync", "flushing the copy to storage (`sync`)", timeout=sync_deadline(size, pending))
 
 
-def sync_deadline(size: int) -> float:
-    """Seconds sync on the device may take after a copy of size bytes (see SYNC_GRACE_S)."""
-    return SYNC_GRACE_S + size / SYNC_MIN_BYTES_PER_S
+def pending_writes(device: Target) -> int | None:
+    """Bytes the device still has to write to storage (Dirty and Writeback of /proc/meminfo, which Android's
+    shell user and a board's may both read), or None when it does not say."""
+    reply = run_step(device, "cat /proc/meminfo", "reading what is left to write to storage (`/proc/meminfo`)")
+    return parse_pending_writes(reply.out) if reply.status == 0 else None
+
+
+def parse_pending_writes(meminfo: str) -> int | None:
+    """Dirty plus Writeback, in bytes, from /proc/meminfo ("Dirty:   1234 kB"); None without both."""
+    found = dict(re.findall(r"^(Dirty|Writeback):\s+(\d+) kB\s*$", meminfo, re.M))
+    if set(found) != {"Dirty", "Writeback"}:
+        return None
+    return (int(found["Dirty"]) + int(found["Writeback"])) * 1024
+
+
+def sync_deadline(size: int, pending: int | None = None) -> float:
+    """Seconds sync on the device may take (see SYNC_GRACE_S): for the pending bytes the device said it has
+    to write, or (None) for the whole copy of size bytes."""
+    return SYNC_GRACE_S + (size if pending is None else pending) / SYNC_MIN_BYTES_PER_S
 
 
 def make_readable(device: Target, staging: str) -> None:
@@ -389,21 +468,38 @@ def swap_in(device: Target, staging: str, target: str, force: bool = False) -> N
     A folder cannot be renamed over a non-empty one, so this is two renames with the old bundle
     kept until the second one succeeded (and put back if it failed). Unless force, a target that
     is not a bundle is left alone here too (check_replaceable refused it before the copy; this
-    covers one made since). No answer within STEP_S: SwapUnsettled.
+    covers one made since). No answer within STEP_S: SwapUnsettled. It holds the lock (lock_path)
+    from start to end, so the next deploy's cleanup waits for a swap that runs late; and it finds its
+    staging folder still there before it moves the old bundle aside (a cleanup that ran first removed it).
     """
     old = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.old-{secrets.token_hex(4)}")
     t, s, o = shlex.quote(target), shlex.quote(staging), shlex.quote(old)
+    lock_dir = lock_path(posixpath.dirname(target), posixpath.basename(target))
+    lock = shlex.quote(lock_dir)
     # When we stop waiting (a deadline, a broken connection), adbd hangs up on the command (SIGHUP, or an old
     # phone's pty closing) and sshd closes its pipes (SIGPIPE on a write): both ignored, here and so in mv,
     # which inherits that, a swap under way finishes its renames on the device instead of stopping between them.
     keep_going = "trap '' HUP PIPE; "
+    # The lock: LOCKED when another deploy holds it; the swap itself runs in a subshell, so that every way out
+    # of it (each `exit`) comes back here to let go of the lock.
+    take = f"mkdir {lock} 2>/dev/null || {{ [ -d {lock} ] && exit {LOCKED}; mkdir {lock}; exit 1; }}; "
+    gone = shlex.quote(f"the staging folder {staging} is gone")
+    present = f"[ -d {s} ] || {{ echo {gone} >&2; exit 1; }}; "
     guard = "" if force else f"if {_not_a_bundle_test(target)}; then exit {NOT_A_BUNDLE}; fi; "
     try:
-        reply = device.shell(f"{keep_going}{guard}if [ -e {t} ] || [ -L {t} ]; then mv {t} {o} || exit 1; fi; "
-                             f"if mv {s} {t}; then rm -rf {o}; else if [ -e {o} ]; then mv {o} {t}; fi; exit 1; fi",
+        reply = device.shell(f"{keep_going}{take}( {present}{guard}if [ -e {t} ] || [ -L {t} ]; then mv {t} {o} "
+                             f"|| exit 1; fi; if mv {s} {t}; then rm -rf {o}; else if [ -e {o} ]; then mv {o} {t}; "
+                             f"fi; exit 1; fi ); rc=$?; rmdir {lock}; exit $rc",
                              timeout=STEP_S)
     except TransportError as e:
+        if e.never_ran:  # ssh could not connect, adb has no such device: the swap did not start
+            raise DeployError(f"moving the checked bundle into {target} could not start on {device.name}, so "
+                              f"{UNCHANGED}: {e}") from e
         raise SwapUnsettled(unsettled_swap_message(device, target, e)) from e
+    if reply.status == LOCKED:
+        raise DeployError(f"moving the checked bundle into {target} did not start on {device.name}: another deploy "
+                          f"is swapping or cleaning up there ({lock_dir} is there), so {UNCHANGED}. Wait a minute "
+                          "and deploy again.")
     if reply.status == NOT_A_BUNDLE and not force:
         raise DeployError(not_a_bundle_message(device, target))
     if reply.status != 0:

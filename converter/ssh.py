@@ -11,6 +11,7 @@ stdout and stderr apart, so what the login shell says on stderr is never parsed.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -46,9 +47,29 @@ _FIXES = (
                                    "IP address"),
     ("Connection refused", "no ssh server answers there: enable SSH on the board (Raspberry Pi OS: "
                            "`sudo raspi-config`, Interface Options, SSH) or check the port"),
+    # A connection that was up and is lost (see _LOST): before "timed out", which "Read from remote host pi:
+    # Connection timed out" also holds.
+    ("not responding", "the board stopped answering (ssh's keepalives): check that it is on and on this network"),
+    ("Broken pipe|Connection reset|closed by remote host|Read from remote host",
+     "the connection to the board broke: check that it is on and on this network"),
     ("timed out", "the board does not answer: check that it is on and on this network"),
     ("No route to host", "the board does not answer: check that it is on and on this network"),
 )
+
+# ssh's words (exit 255) when a connection that was up is lost: the board stopped answering its keepalives
+# ("Timeout, server pi not responding."), or the network or the board cut it. The command may have run, in
+# part or whole: an SshTimeout, so that deploy names the step that was cut off.
+_LOST = re.compile(r"not responding|Broken pipe|Connection reset|closed by remote host|Read from remote host", re.I)
+# ssh's words when it could not connect or log in (checked first: "kex_exchange_identification: read:
+# Connection reset by peer" is a refused login, not a lost session): the command never reached the board.
+_NOT_IN = re.compile(r"Permission denied|Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|"
+                     r"Could not resolve hostname|Connection refused|connect to host .*timed out|No route to host|"
+                     r"kex_exchange_identification|banner exchange", re.I)
+# How long the check that a board still answers may take, after a command on it did not finish in its time.
+PROBE_S = 20
+
+# What to check when a board went silent or its connection broke, for messages that name the step (deploy.py).
+GONE_BOARD_ADVICE = "check that the board is on and on this network"
 
 
 class SshError(TransportError):
@@ -56,7 +77,8 @@ class SshError(TransportError):
 
 
 class SshTimeout(SshError, TransportTimeout):
-    """A command on the board did not finish in its time (the board stopped answering)."""
+    """A command on the board did not finish in its time, or ssh lost its connection while it ran (the board
+    stopped answering its keepalives, or the network cut it): see ssh_failure and SshOverdue."""
 
 
 @dataclass(frozen=True)
@@ -72,9 +94,11 @@ class SshHost:
     def name(self) -> str:
         return self.host
 
-    def command(self, remote: str) -> list[str]:
-        """The argv that runs the POSIX shell command `remote` on the board, stdin and stdout passed through."""
-        options = [*(["-F", self.config] if self.config else []), "-T", "-o", "BatchMode=yes", *self.keepalive]
+    def command(self, remote: str, *extra: str) -> list[str]:
+        """The argv that runs the POSIX shell command `remote` on the board, stdin and stdout passed through;
+        extra: more ssh options."""
+        options = [*(["-F", self.config] if self.config else []), "-T", "-o", "BatchMode=yes", *self.keepalive,
+                   *extra]
         # "--" before the host: a host that starts with "-" cannot be read as an option.
         return [self.ssh, *options, "--", self.host, f"sh -c {shlex.quote(remote)}"]
 
@@ -109,14 +133,70 @@ class SshHost:
             raise SshError(f"cannot run {self.ssh}: {e.strerror}. Install the ssh client (`apt install "
                            "openssh-client`).") from e
         except subprocess.TimeoutExpired as e:
-            raise SshTimeout(f"a command on {self.host} did not finish in {timeout:.0f} s; check that `ssh {self.host} "
-                             "true` answers, then try again.", seconds=timeout,
-                             advice=f"check that the board is on and that `ssh {self.host} true` answers") from e
+            raise SshOverdue(self, timeout) from e
         result = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(errors="replace"),
                                              raw.stderr.decode(errors="replace"))
         if result.returncode == SSH_FAILED:
-            raise SshError(connection_failure(self.host, result.stderr))
+            raise ssh_failure(self.host, result.stderr)
         return result
+
+    def answers(self, timeout: float | None = None) -> bool:
+        """Whether a new ssh connection to the board runs `true` within timeout seconds (None: PROBE_S)."""
+        timeout = PROBE_S if timeout is None else timeout
+        argv = self.command("true", "-o", f"ConnectTimeout={max(1, int(timeout) // 2)}")
+        try:
+            return subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout,
+                                  start_new_session=True).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+
+class SshOverdue(SshTimeout):
+    """A command on the board that did not finish in its time. ssh's keepalives had not given up on the board,
+    which does not prove it answers (they give up a minute or more after it went silent), so a new connection
+    tells which it is: a board that answers it has the command stuck (a failing SD card or disk blocks every
+    read), one that does not went silent. Found out when first asked (symptom, advice: PROBE_S at most), so
+    that a cleanup given a few seconds after an interrupt is not held up by it."""
+
+    def __init__(self, board: SshHost, seconds: float) -> None:
+        # Not TransportTimeout.__init__: symptom and advice are worked out below.
+        Exception.__init__(self, f"a command on {board.host} did not finish in {seconds:.0f} s; check that the board "
+                                 f"is on and that `ssh {board.host} true` answers (if it does, the command is stuck "
+                                 "there: check the board's storage with `dmesg`), then try again.")
+        self.seconds = seconds
+        self.board = board
+
+    @functools.cached_property
+    def board_answers(self) -> bool:
+        return self.board.answers()
+
+    @property
+    def symptom(self) -> str:
+        return ("the board still answers ssh, so the step is stuck there" if self.board_answers
+                else "the board stopped answering")
+
+    @property
+    def advice(self) -> str:
+        if self.board_answers:
+            return "check the board's storage (`dmesg` on it shows a failing SD card or disk)"
+        return f"{GONE_BOARD_ADVICE}, and that `ssh {self.board.host} true` answers"
+
+
+def ssh_failure(host: str, stderr: str) -> SshError:
+    """The error for ssh's exit 255: it could not get in (never_ran), or lost a connection that was up (an
+    SshTimeout: the command may have run), or another failure of its own."""
+    message = connection_failure(host, stderr)
+    if _NOT_IN.search(stderr):
+        error = SshError(message)
+        error.never_ran = True
+        return error
+    if _LOST.search(stderr):
+        said = last_line(stderr).rstrip(".")
+        gave_up = re.search("not responding", stderr, re.I)
+        return SshTimeout(message, seconds=None, advice=GONE_BOARD_ADVICE,
+                          symptom=f"{'ssh gave up on the board' if gave_up else 'the connection to the board broke'}"
+                                  f" ({said})")
+    return SshError(message)
 
 
 def connection_failure(host: str, stderr: str) -> str:

@@ -7,18 +7,26 @@ from typing import NamedTuple
 
 class TransportError(Exception):
     """The transport program is missing, the device cannot be reached, or a command could not be
-    run there; the message says what to do. AdbError and SshError are the two kinds."""
+    run there; the message says what to do. AdbError and SshError are the two kinds.
+
+    never_ran: True when the transport knows the command never reached the device (ssh could not connect,
+    adb found no such device), so it did nothing there; False when it may have run, in part or whole."""
+
+    never_ran: bool = False
 
 
 class TransportTimeout(TransportError):
-    """A command on the device did not finish in the time it was given: the device stopped answering (a
-    phone off the wifi or on a loose cable, a board that hangs). A caller that knows which step it was
-    (deploy.py) names it, with `seconds` and the transport's own `advice` ("check the phone ...")."""
+    """A command on the device got no answer: it did not finish in the time it was given (`seconds`), or the
+    transport gave up on a device that went silent or cut the connection (ssh's keepalives: `seconds` None).
+    A caller that knows which step it was (deploy.py) names it, with the transport's `symptom` (what it saw:
+    "the device stopped answering") and `advice` ("check the phone ...")."""
 
-    def __init__(self, message: str, seconds: float, advice: str) -> None:
+    def __init__(self, message: str, seconds: float | None, advice: str,
+                 symptom: str = "the device stopped answering") -> None:
         super().__init__(message)
         self.seconds = seconds
         self.advice = advice
+        self.symptom = symptom
 
 
 class Reply(NamedTuple):

@@ -16,7 +16,9 @@ chunk of a matching SEND, its connection open and nothing answered (a phone that
 wifi), until thaw() or reset(); freeze_on_shell(substring) does the same when a matching shell
 command arrives, before it runs (it runs once thawed, as on a phone that comes back). A shell
 command whose stream the host closes before it ended gets SIGHUP in its whole process group, as
-an old phone's pty (adbd without shell_v2) hangs up on it.
+an old phone's pty (adbd without shell_v2) hangs up on it; each shell starts with SIGHUP, SIGPIPE
+and SIGINT at their defaults, as adbd's do, whatever this process inherited. slow_rm(seconds)
+makes `rm -rf` take that long for each entry of a tree (a phone's slow storage).
 
 The phone's own tools the nomoat app is driven with are simulated too: `am` (start and
 force-stop), `logcat` (-c, -d, -v raw, TAG:PRIORITY filters) and `getprop` are scripts on the
@@ -77,6 +79,33 @@ reply = json.loads(s.makefile().read())
 sys.stdout.write(reply["stdout"])
 sys.stderr.write(reply["stderr"])
 sys.exit(reply["status"])
+"""
+
+# slow_rm's `rm` on the device's PATH: `rm -rf` removing a tree entry by entry with a pause before each, through
+# open folders as toybox's and coreutils' rm do (unlinkat), so that a folder renamed meanwhile is still emptied
+# under its new name; a path that is not there is no error (-f). Anything else goes to the real rm.
+SLOW_RM_SCRIPT = """#!{python} -I
+import os, sys, time
+args = sys.argv[1:]
+if not args or args[0] not in ("-rf", "-fr"):
+    os.execv({rm!r}, [{rm!r}, *args])
+for top in args[1:]:
+    try:
+        if os.path.isdir(top) and not os.path.islink(top):
+            for _root, dirs, files, fd in os.fwalk(top, topdown=False):
+                for name in files + dirs:
+                    time.sleep({pause!r})
+                    try:
+                        os.rmdir(name, dir_fd=fd) if name in dirs else os.unlink(name, dir_fd=fd)
+                    except NotADirectoryError:
+                        os.unlink(name, dir_fd=fd)
+                    except FileNotFoundError:
+                        pass
+            os.rmdir(top)
+        else:
+            os.unlink(top)
+    except FileNotFoundError:
+        pass
 """
 
 
@@ -223,6 +252,7 @@ class FakeAdbDevice:
         self._freeze_on_push: list[str] = []
         self._freeze_on_shell: list[str] = []
         self._thawed = threading.Event()
+        self._rm_pause = 0.0
         self.props: dict[str, str] = {"ro.product.model": "fake", "ro.soc.model": "FakeSoC"}
         self.app_starts: list[dict[str, object]] = []  # the extras of each `am start` of the app
         self._app: SimulatedApp | None = None
@@ -261,6 +291,10 @@ class FakeAdbDevice:
         self._thawed.clear()
         self._freeze_on_shell.append(command_substring)
 
+    def slow_rm(self, seconds_per_entry: float) -> None:
+        """`rm -rf` on the device waits this long before removing each entry of a tree (0: the real rm's speed)."""
+        self._rm_pause = seconds_per_entry
+
     def thaw(self) -> None:
         self._freeze_on_push.clear()
         self._freeze_on_shell.clear()
@@ -279,6 +313,7 @@ class FakeAdbDevice:
         self._fail_on_push.clear()
         self._corrupt_on_push.clear()
         self._push_chunk_delay = 0.0
+        self._rm_pause = 0.0
         self.df_output = None
         self.shell_log.clear()
         self.events.clear()
@@ -331,6 +366,7 @@ class FakeAdbDevice:
         # A session of its own, as adbd gives each shell: the hangup below reaches the command's children too.
         proc = await asyncio.create_subprocess_exec(
             "/bin/sh", "-c", command, cwd="/", env=self._shell_env(), start_new_session=True,
+            preexec_fn=default_signals,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         try:
             while chunk := await proc.stdout.read(SYNC_DATA_MAX):
@@ -351,7 +387,14 @@ class FakeAdbDevice:
             df.chmod(0o755)
         else:
             df.unlink(missing_ok=True)
-        env["PATH"] = f"{self._bin}:{env.get('PATH', '/usr/bin:/bin')}"  # am, logcat, getprop (and df)
+        rm = self._bin / "rm"
+        if self._rm_pause:
+            rm.write_text(SLOW_RM_SCRIPT.format(python=sys.executable, rm=shutil.which("rm") or "/bin/rm",
+                                                pause=self._rm_pause))
+            rm.chmod(0o755)
+        else:
+            rm.unlink(missing_ok=True)
+        env["PATH"] = f"{self._bin}:{env.get('PATH', '/usr/bin:/bin')}"  # am, logcat, getprop (and df, rm)
         return env
 
     # --- the phone's tools: am, logcat, getprop ---
@@ -547,6 +590,16 @@ class FakeAdbDevice:
             return False
         await conn.write(stream, SYNC_HEADER.pack(b"OKAY", 0))
         return True
+
+
+def default_signals() -> None:
+    """Run in a shell's process before it starts: SIGHUP, SIGPIPE and SIGINT at their defaults, as a phone's
+    adbd starts its shells. An ignored signal stays ignored across exec, and a test run started in the background
+    (`nohup`, as CI runs them; a background job of a script ignores SIGINT) has SIGHUP and SIGINT ignored: its
+    shells would then shrug off the hangup that fake_adbd sends as a phone's does, and a command that only
+    survives it with `trap '' HUP` (deploy.swap_in's) would pass its test without the trap."""
+    for signum in (signal.SIGHUP, signal.SIGPIPE, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _flip_first_byte(path: str) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -232,7 +233,9 @@ def test_copy_damaged_on_the_device_is_caught_and_not_swapped_in(bundle, padded_
     deploy_bundle(bundle, dev, str(remote))
     before = tree_hashes(remote / "tiny-bundle")
     device.corrupt_on_push("padding.bin")  # adb push says OKAY, only sha256sum on the device can tell
-    with pytest.raises(DeployError, match=r"padding\.bin on .* does not match its sha256 after the push"):
+    with pytest.raises(DeployError, match=r"padding\.bin on .* does not match its sha256 after the push \(the copy "
+                       r"was damaged on the way or the storage is failing\), so it was not swapped in; the bundle "
+                       r"deployed before is unchanged\. Deploy again\.$"):
         deploy_bundle(padded_bundle, dev, str(remote))
     assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
     assert tree_hashes(remote / "tiny-bundle") == before
@@ -355,6 +358,22 @@ def test_shell_reports_the_exit_status_despite_the_legacy_protocol(fake):
     # The legacy shell has one stream: stderr arrives in stdout, as on old phones.
     assert dev.shell("echo out; echo err >&2; exit 3") == Reply("out\nerr\n", "", 3)
     assert dev.shell("printf 'no newline'") == Reply("no newline", "", 0)
+
+
+@pytest.mark.parametrize("ignored", [(signal.SIGHUP,), (signal.SIGHUP, signal.SIGINT)])
+def test_the_fake_phones_shells_start_with_default_signals(fake, ignored):
+    """As adbd's shells do, whatever this test run ignores (`nohup` ignores SIGHUP, a script's background job
+    SIGINT): otherwise a command that only survives the hangup of a dropped connection thanks to its own
+    `trap '' HUP` (deploy.swap_in's) would pass its test without the trap."""
+    _, dev = fake
+    saved = {signum: signal.signal(signum, signal.SIG_IGN) for signum in ignored}
+    try:
+        status = dev.shell("cat /proc/self/status").out
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    mask = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    assert [s.name for s in (signal.SIGHUP, signal.SIGPIPE, signal.SIGINT) if mask & (1 << (s - 1))] == []
 
 
 def test_several_devices_need_a_serial(fake, adb_server, monkeypatch):

@@ -12,6 +12,7 @@ openssh-server; missing sshd fails them there rather than skipping.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import json
@@ -20,16 +21,27 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 from nomoat.__main__ import main
 from nomoat.converter import deploy as deploy_module
 from nomoat.converter.deploy import DeployError, deploy_bundle
-from nomoat.converter.ssh import KEEPALIVE, SshError, SshHost, connect, connection_failure, keepalive_options
-from nomoat.converter.transport import Reply
+from nomoat.converter.ssh import (
+    KEEPALIVE,
+    SshError,
+    SshHost,
+    SshTimeout,
+    connect,
+    connection_failure,
+    keepalive_options,
+    ssh_failure,
+)
+from nomoat.converter.transport import Reply, TransportTimeout, last_line
 from test_deploy_adb import bundle_file_names, count_hashing
 
 SSHD = "/usr/sbin/sshd"
@@ -209,7 +221,8 @@ def test_deploy_over_ssh_hashes_each_file_once(board, other_bundle, remote, monk
 def test_a_board_that_hangs_in_a_step_is_given_up_with_one_line(board, bundle, other_bundle, remote, monkeypatch,
                                                                  capsys):
     """A board stuck in sha256sum (a failing SD card, say): the step's deadline (shrunk here) gives up on it,
-    and one line names the step, the board and what to check; the bundle deployed before stays."""
+    and one line names the step, the board and what to check: not whether ssh reaches the board (it does),
+    its storage; the bundle deployed before stays."""
     deploy_bundle(bundle, board.host(), str(remote), android_app=False)
     before = tree_hashes(remote / "tiny-bundle")
     monkeypatch.setattr(deploy_module, "CHECK_GRACE_S", 2.0)
@@ -223,10 +236,134 @@ def test_a_board_that_hangs_in_a_step_is_given_up_with_one_line(board, bundle, o
     assert main(board.cli(other_bundle, remote)) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (
-        f"nomoat deploy: error: checking the copy with `sha256sum` on {ALIAS} did not finish in 2 s: the device "
-        f"stopped answering; the bundle deployed before is unchanged. Check that the board is on and that `ssh "
-        f"{ALIAS} true` answers, then deploy again."), err
+        f"nomoat deploy: error: checking the copy with `sha256sum` on {ALIAS} did not finish in 2 s: the board still "
+        "answers ssh, so the step is stuck there; the bundle deployed before is unchanged. Check the board's storage "
+        "(`dmesg` on it shows a failing SD card or disk), then deploy again."), err
     assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]  # the board answers again: staging went
+    assert tree_hashes(remote / "tiny-bundle") == before
+
+
+def sshd_sessions(board: Board, listener: bool = False) -> list[psutil.Process]:
+    """The board's sshd processes that serve connections (and the listener itself, if asked)."""
+    root = psutil.Process(board.process.pid)
+    return [p for p in root.children(recursive=True) if p.name() == "sshd"] + ([root] if listener else [])
+
+
+class FrozenBoard:
+    """SIGSTOP to the board's sshd processes `after` seconds into the step whose command holds `at` (which is
+    made to last long enough), as a board that drops off the network: its connections stay open and say nothing.
+    SIGCONT again in thaw()."""
+
+    def __init__(self, board: Board, at: str, after: float, listener: bool):
+        self.board, self.at, self.after, self.listener = board, at, after, listener
+        self.stopped: list[psutil.Process] = []
+        self.timer: threading.Timer | None = None
+
+    def install(self, monkeypatch) -> None:
+        real_shell = SshHost.shell
+
+        def shell(host, command, timeout=600):
+            if self.at in command and self.timer is None:
+                self.timer = threading.Timer(self.after, self.freeze)
+                self.timer.start()
+                command = f"sleep 30; {command}"
+            return real_shell(host, command, timeout)
+
+        monkeypatch.setattr(SshHost, "shell", shell)
+
+    def freeze(self) -> None:
+        for p in sshd_sessions(self.board, self.listener):
+            p.suspend()
+            self.stopped.append(p)
+
+    def thaw(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        for p in self.stopped:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.resume()
+
+
+@pytest.mark.ssh
+def test_a_board_that_drops_off_mid_step_is_named_with_the_step(board, bundle, other_bundle, remote, tmp_path,
+                                                                monkeypatch, capsys):
+    """The board goes silent during sha256sum: ssh's keepalives (1 s apart here, from the user's config) give up
+    on it with "Timeout, server ... not responding" (exit 255). That is the step cut off, not a failure to log
+    in: one line names the step and says the bundle deployed before stays."""
+    deploy_bundle(bundle, board.host(), str(remote), android_app=False)
+    before = tree_hashes(remote / "tiny-bundle")
+    config = tmp_path / "ssh_config"
+    config.write_text(board.config.read_text().replace("LogLevel ERROR", "LogLevel INFO")  # ssh's default level
+                      + "  ServerAliveInterval 1\n  ServerAliveCountMax 2\n")
+    frozen = FrozenBoard(board, "sha256sum", after=1.0, listener=False)
+    frozen.install(monkeypatch)
+    try:
+        start = time.monotonic()
+        status = main(["deploy", str(other_bundle), "--ssh", ALIAS, "--ssh-config", str(config),
+                       "--remote-dir", str(remote)])
+        seconds = time.monotonic() - start
+    finally:
+        frozen.thaw()
+    err = capsys.readouterr().err
+    assert status == 2 and frozen.stopped and seconds < 60, err
+    assert err.strip().splitlines()[-1] == (
+        f"nomoat deploy: error: checking the copy with `sha256sum` on {ALIAS} was cut off: ssh gave up on the board "
+        "(Timeout, server 127.0.0.1 not responding); the bundle deployed before is unchanged. Check that the board is "
+        "on and on this network, then deploy again."), err
+    assert tree_hashes(remote / "tiny-bundle") == before
+
+
+@pytest.mark.ssh
+def test_a_board_silent_past_a_steps_deadline_is_told_from_a_stuck_step(board, bundle, other_bundle, remote,
+                                                                       monkeypatch, capsys):
+    """The step's deadline passes before ssh's keepalives give up (a minute or more), and a new connection gets no
+    answer either: the board went silent, and the line says to check that it is on, not its storage."""
+    from nomoat.converter import ssh as ssh_module
+
+    deploy_bundle(bundle, board.host(), str(remote), android_app=False)
+    before = tree_hashes(remote / "tiny-bundle")
+    monkeypatch.setattr(deploy_module, "CHECK_GRACE_S", 5.0)  # the board is frozen well before
+    monkeypatch.setattr(deploy_module, "CHECK_MIN_BYTES_PER_S", 1e15)
+    monkeypatch.setattr(deploy_module, "CLEANUP_AFTER_ERROR_S", 2.0)
+    monkeypatch.setattr(ssh_module, "PROBE_S", 4)
+    frozen = FrozenBoard(board, "sha256sum", after=0.5, listener=True)  # new connections get no banner
+    frozen.install(monkeypatch)
+    try:
+        assert main(board.cli(other_bundle, remote)) == 2
+    finally:
+        frozen.thaw()
+    err = capsys.readouterr().err
+    assert frozen.stopped
+    assert err.strip().splitlines()[-1] == (
+        f"nomoat deploy: error: checking the copy with `sha256sum` on {ALIAS} did not finish in 5 s: the board "
+        "stopped answering; the bundle deployed before is unchanged. Check that the board is on and on this network, "
+        f"and that `ssh {ALIAS} true` answers, then deploy again."), err
+    assert tree_hashes(remote / "tiny-bundle") == before
+
+
+@pytest.mark.ssh
+def test_a_swap_ssh_could_not_even_send_is_no_unsettled_swap(board, bundle, other_bundle, remote, tmp_path,
+                                                            monkeypatch, capsys):
+    """ssh cannot connect as the swap is sent (the board's sshd went down: "Connection refused"): the swap never
+    ran, so the line says the bundle deployed before stays, not that a swap may be under way."""
+    deploy_bundle(bundle, board.host(), str(remote), android_app=False)
+    before = tree_hashes(remote / "tiny-bundle")
+    closed = client_config(tmp_path, free_port(), board.folder / "client_key", board.folder / "known_hosts")
+    real_shell = SshHost.shell
+
+    def shell(host, command, timeout=600):
+        if "if mv " in command:  # swap_in's command goes to a port where nothing listens
+            host = SshHost(host=host.host, ssh=host.ssh, config=str(closed), keepalive=host.keepalive)
+        return real_shell(host, command, timeout)
+
+    monkeypatch.setattr(SshHost, "shell", shell)
+    assert main(board.cli(other_bundle, remote)) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"nomoat deploy: error: moving the checked bundle into {remote}/tiny-bundle could not start on {ALIAS}, so "
+        f"the bundle deployed before is unchanged: ssh to {ALIAS} failed: ") and "Connection refused" in last, err
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]  # its staging folder went
     assert tree_hashes(remote / "tiny-bundle") == before
 
 
@@ -534,6 +671,36 @@ def test_a_changed_host_key_gets_its_own_fix_not_the_unknown_key_one():
                                        "checking.\nHost key verification failed.\n")
     assert unknown == ("ssh to pi failed: Host key verification failed. this computer does not know the board's "
                        "host key yet: connect once with `ssh pi` and accept it.")
+
+
+@pytest.mark.parametrize("stderr, lost", [
+    ("Timeout, server pi not responding.\n", "ssh gave up on the board (Timeout, server pi not responding)"),
+    ("client_loop: send disconnect: Broken pipe\n",
+     "the connection to the board broke (client_loop: send disconnect: Broken pipe)"),
+    ("Read from remote host pi: Connection reset by peer\n",
+     "the connection to the board broke (Read from remote host pi: Connection reset by peer)"),
+])
+def test_ssh_losing_the_board_is_a_timeout_of_the_step(stderr, lost):
+    """ssh exits 255 for a connection it lost as for one it never made: a lost one is an SshTimeout (a
+    TransportTimeout), so deploy names the step it cut off, with what ssh said and the fix."""
+    error = ssh_failure("pi", stderr)
+    assert isinstance(error, SshTimeout) and isinstance(error, TransportTimeout) and not error.never_ran
+    assert error.seconds is None and error.symptom == lost
+    assert error.advice == "check that the board is on and on this network"
+    assert str(error).startswith(f"ssh to pi failed: {last_line(stderr).rstrip('.')}. the ")
+    assert str(error).endswith("check that it is on and on this network.")
+
+
+@pytest.mark.parametrize("stderr", [
+    "ssh: connect to host pi port 22: Connection refused\n",
+    "ssh: connect to host pi port 22: Connection timed out\n",
+    "ssh: Could not resolve hostname pi: Name or service not known\n",
+    "kex_exchange_identification: read: Connection reset by peer\n",
+    "pi@pi: Permission denied (publickey).\n",
+])
+def test_ssh_not_getting_in_never_ran_the_command(stderr):
+    error = ssh_failure("pi", stderr)
+    assert type(error) is SshError and error.never_ran
 
 
 def test_every_ssh_command_carries_keepalives(monkeypatch, tmp_path):
