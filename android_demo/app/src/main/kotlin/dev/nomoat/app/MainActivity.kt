@@ -116,7 +116,10 @@ class MainActivity : Activity() {
         if (name != null && name.startsWith("/")) return File(name)
         val roots = listOfNotNull(getExternalFilesDir(null), File("/data/local/tmp/nomoat"))
         val found = roots.flatMap { root ->
-            root.listFiles()?.filter { File(it, "manifest.json").isFile }?.sortedBy { it.name } ?: emptyList()
+            // Dot-folders are a deploy's staging copy or the bundle it moved aside (converter/deploy.py): never
+            // the bundle, though they hold a manifest, and ".x" sorts before every name.
+            root.listFiles()?.filter { !it.name.startsWith(".") && File(it, "manifest.json").isFile }
+                ?.sortedBy { it.name } ?: emptyList()
         }
         val pick = if (name != null) found.firstOrNull { it.name == name } else found.firstOrNull()
         return pick ?: throw IllegalStateException(
