@@ -300,6 +300,20 @@ class FakeAdbDevice:
         self._freeze_on_shell.clear()
         self._thawed.set()
 
+    def timed_while_frozen(self, run: Callable[[], int], rescue_after: float = 60.0) -> tuple[int, float]:
+        """run() (a deploy) against the frozen device: its result and the seconds it took. The device is
+        thawed after rescue_after seconds in any case (a deploy without a deadline would wait for it
+        forever: the test then fails on the time, not by hanging) and at the end."""
+        rescue = threading.Timer(rescue_after, self.thaw)
+        rescue.start()
+        try:
+            start = time.monotonic()
+            result = run()
+            return result, time.monotonic() - start
+        finally:
+            rescue.cancel()
+            self.thaw()
+
     def install_app(self, app: SimulatedApp | None) -> None:
         """Put the nomoat app on the phone (None: uninstall it); see the module doc."""
         self._app = app

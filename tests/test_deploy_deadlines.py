@@ -65,15 +65,7 @@ def test_a_phone_gone_silent_after_the_push_is_given_up_with_one_line(bundle, pa
     deploy_bundle(bundle, dev, str(remote))
     before = tree_hashes(remote / "tiny-bundle")
     device.freeze_on_shell(command)
-    rescue = threading.Timer(60, device.thaw)  # without a deadline the step would wait 10 minutes: end it for the test
-    rescue.start()
-    try:
-        start = time.monotonic()
-        status = main(deploy_cli(padded_bundle, dev.serial, adb_server, remote))
-        seconds = time.monotonic() - start
-    finally:
-        rescue.cancel()
-        device.thaw()
+    status, seconds = device.timed_while_frozen(lambda: main(deploy_cli(padded_bundle, dev.serial, adb_server, remote)))
     out, err = capsys.readouterr()
     assert status == 2 and out == "", err
     assert seconds < 30, err
@@ -89,24 +81,40 @@ def test_a_phone_gone_silent_after_the_push_is_given_up_with_one_line(bundle, pa
     assert tree_hashes(remote / "tiny-bundle") == tree_hashes(padded_bundle)
 
 
-class SlowSwap:
-    """The device, but its swap pauses between its two renames for longer than the swap's deadline: a phone
-    that stops answering while it swaps. Once given up on, its command is hung up on, as adbd does."""
+class AtSwap:
+    """The device, with `hook` run on swap_in's command (the one with `if mv`: its first is the second
+    rename) before the device runs what it returns: a test's way to act at the swap."""
 
-    def __init__(self, device, pause: float):
-        self.device, self.pause = device, pause
+    def __init__(self, device, hook):
+        self.device, self.hook = device, hook
 
     @property
     def name(self) -> str:
         return self.device.name
 
     def shell(self, command: str, timeout: float | None = 600):
-        if "if mv " in command:  # swap_in's command: its first `if mv` is the second rename
-            command = command.replace("if mv ", f"sleep {self.pause}; if mv ", 1)
+        if "if mv " in command:
+            command = self.hook(command)
         return self.device.shell(command, timeout=timeout)
 
     def push(self, local, remote, timeout=None):
         self.device.push(local, remote, timeout)
+
+
+def slow_swap(device, pause: float) -> AtSwap:
+    """A swap that pauses between its two renames for longer than the swap's deadline: a phone that stops
+    answering while it swaps. Once given up on, its command is hung up on, as adbd does."""
+    return AtSwap(device, lambda command: command.replace("if mv ", f"sleep {pause}; if mv ", 1))
+
+
+def lock_taken_before_swap(device, lock: Path) -> AtSwap:
+    """Another deploy takes the lock just before this one's swap starts."""
+
+    def take(command: str) -> str:
+        lock.mkdir()
+        return command
+
+    return AtSwap(device, take)
 
 
 def test_a_swap_given_up_on_still_finishes_on_the_phone(bundle, padded_bundle, fake, remote, adb_server,
@@ -116,7 +124,7 @@ def test_a_swap_given_up_on_still_finishes_on_the_phone(bundle, padded_bundle, f
     meanwhile (an `rm -rf` racing the rename could empty the new bundle)."""
     device, dev = fake
     deploy_bundle(bundle, dev, str(remote))
-    monkeypatch.setattr(adb_module, "pick_device", lambda *_args: SlowSwap(dev, pause=SHORT_S + 2))
+    monkeypatch.setattr(adb_module, "pick_device", lambda *_args: slow_swap(dev, pause=SHORT_S + 2))
     assert main(deploy_cli(padded_bundle, dev.serial, adb_server, remote)) == 2
     err = capsys.readouterr().err
     target = f"{remote}/tiny-bundle"
@@ -301,25 +309,6 @@ def test_a_lock_left_behind_is_cleared(bundle, padded_bundle, fake, remote, monk
     assert tree_hashes(remote / "tiny-bundle") == tree_hashes(padded_bundle)
 
 
-class LockTakenBeforeSwap:
-    """The device, but another deploy takes the lock just before this one's swap starts."""
-
-    def __init__(self, device, lock: Path):
-        self.device, self.lock = device, lock
-
-    @property
-    def name(self) -> str:
-        return self.device.name
-
-    def shell(self, command: str, timeout: float | None = 600):
-        if "if mv " in command:
-            self.lock.mkdir()
-        return self.device.shell(command, timeout=timeout)
-
-    def push(self, local, remote, timeout=None):
-        self.device.push(local, remote, timeout)
-
-
 def test_a_swap_that_finds_the_lock_taken_changes_nothing(bundle, padded_bundle, fake, remote):
     """Another deploy is swapping (or cleaning up) at the same place: this swap does not start, its staging
     folder goes, the bundle deployed before stays, and the other's lock is left to it."""
@@ -328,7 +317,7 @@ def test_a_swap_that_finds_the_lock_taken_changes_nothing(bundle, padded_bundle,
     before = tree_hashes(remote / "tiny-bundle")
     lock = remote / ".tiny-bundle.swapping"
     with pytest.raises(DeployError) as caught:
-        deploy_bundle(padded_bundle, LockTakenBeforeSwap(dev, lock), str(remote))
+        deploy_bundle(padded_bundle, lock_taken_before_swap(dev, lock), str(remote))
     assert str(caught.value) == (
         f"moving the checked bundle into {remote}/tiny-bundle did not start on {dev.serial}: another deploy is "
         f"swapping or cleaning up there ({lock} is there), so the bundle deployed before is unchanged. Wait a "

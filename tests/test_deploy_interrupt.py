@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -92,15 +91,7 @@ def test_a_device_gone_silent_mid_push_is_given_up_with_one_line(bundle, padded_
     monkeypatch.setattr(adb_module, "PUSH_MIN_BYTES_PER_S", 1e9)
     monkeypatch.setattr(deploy_module, "CLEANUP_AFTER_ERROR_S", 2.0)
     device.freeze_on_push("padding.bin")
-    rescue = threading.Timer(60, device.thaw)  # without a deadline the push would wait forever: end it for the test
-    rescue.start()
-    try:
-        start = time.monotonic()
-        status = main(deploy_cli(padded_bundle, dev.serial, adb_server, remote))
-        seconds = time.monotonic() - start
-    finally:
-        rescue.cancel()
-        device.thaw()
+    status, seconds = device.timed_while_frozen(lambda: main(deploy_cli(padded_bundle, dev.serial, adb_server, remote)))
     out, err = capsys.readouterr()
     assert status == 2 and out == ""
     assert seconds < 30, err
