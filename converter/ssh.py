@@ -29,6 +29,11 @@ SSH_FAILED = 255
 # Only when the user's ssh config sets no ServerAliveInterval for the host: -o would override theirs.
 KEEPALIVE = ("-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
 
+# ssh's words (exit 255) when a connection that was up is lost: it gave up on a board silent to its keepalives
+# ("Timeout, server pi not responding."), or the network or the board cut the connection.
+_GAVE_UP = "not responding"
+_BROKE = "Broken pipe|Connection reset|closed by remote host|Read from remote host"
+
 # What ssh says when it cannot get in, with what to do about it.
 _FIXES = (
     ("Permission denied", "ssh could not log in without a password (nomoat runs it with BatchMode): install your "
@@ -49,17 +54,14 @@ _FIXES = (
                            "`sudo raspi-config`, Interface Options, SSH) or check the port"),
     # A connection that was up and is lost (see _LOST): before "timed out", which "Read from remote host pi:
     # Connection timed out" also holds.
-    ("not responding", "the board stopped answering (ssh's keepalives): check that it is on and on this network"),
-    ("Broken pipe|Connection reset|closed by remote host|Read from remote host",
-     "the connection to the board broke: check that it is on and on this network"),
+    (_GAVE_UP, "the board stopped answering (ssh's keepalives): check that it is on and on this network"),
+    (_BROKE, "the connection to the board broke: check that it is on and on this network"),
     ("timed out", "the board does not answer: check that it is on and on this network"),
     ("No route to host", "the board does not answer: check that it is on and on this network"),
 )
 
-# ssh's words (exit 255) when a connection that was up is lost: the board stopped answering its keepalives
-# ("Timeout, server pi not responding."), or the network or the board cut it. The command may have run, in
-# part or whole: an SshTimeout, so that deploy names the step that was cut off.
-_LOST = re.compile(r"not responding|Broken pipe|Connection reset|closed by remote host|Read from remote host", re.I)
+# Either way the command may have run, in part or whole: an SshTimeout, so that deploy names the step cut off.
+_LOST = re.compile(f"{_GAVE_UP}|{_BROKE}", re.I)
 # ssh's words when it could not connect or log in (checked first: "kex_exchange_identification: read:
 # Connection reset by peer" is a refused login, not a lost session): the command never reached the board.
 _NOT_IN = re.compile(r"Permission denied|Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|"
@@ -192,7 +194,7 @@ def ssh_failure(host: str, stderr: str) -> SshError:
         return error
     if _LOST.search(stderr):
         said = last_line(stderr).rstrip(".")
-        gave_up = re.search("not responding", stderr, re.I)
+        gave_up = re.search(_GAVE_UP, stderr, re.I)
         return SshTimeout(message, seconds=None, advice=GONE_BOARD_ADVICE,
                           symptom=f"{'ssh gave up on the board' if gave_up else 'the connection to the board broke'}"
                                   f" ({said})")

@@ -154,17 +154,18 @@ class Scored:
         self._model = model
         self._scored: list = []
         self._offsets: list[int] = []
-        # The tokens' own text, before stop strings hold any back (the events' text is after): text_offset
-        # is where each token starts in it, as the legacy API counts.
-        self._text = IncrementalDetokenizer(model.tokenizer) if self.wanted else None
+        # A text completion's text_offset: where each token starts in the tokens' own text, before stop
+        # strings hold any back (the events' text is after), as the legacy API counts. Chat has none.
+        self._text = IncrementalDetokenizer(model.tokenizer) if self.wanted and reply.kind == "completion" else None
         self._length = 0
 
     def add(self, event: StreamEvent) -> None:
         if event.logprob is None:
             return
         self._scored.append(event.logprob)
-        self._offsets.append(self._length)
-        self._length += len(self._text.add(event.logprob.token_id))
+        if self._text is not None:
+            self._offsets.append(self._length)
+            self._length += len(self._text.add(event.logprob.token_id))
 
     def take(self) -> dict[str, Any] | None:
         """For a stream's chunk: those not sent yet, or None if there are none."""

@@ -173,10 +173,11 @@ class Sampler:
             ids = np.asarray(previous_ids, dtype=np.intp)
             start = max(0, ids.size - p.repeat_last_n) if p.repeat_last_n > 0 else 0
             window, answer = ids[start:], ids[max(start, prompt_length):]
+            repeated = window.size and p.repetition_penalty != 1.0
             counted = answer.size and (p.frequency_penalty or p.presence_penalty)
-            if (window.size and p.repetition_penalty != 1.0) or counted:
+            if repeated or counted:
                 out = self._scratch(logits)
-                if window.size and p.repetition_penalty != 1.0:
+                if repeated:
                     logits = apply_repetition_penalty(logits, window, p.repetition_penalty, out)
                 else:  # the caller's logits are never modified
                     np.copyto(out, logits)

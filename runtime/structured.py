@@ -98,12 +98,12 @@ class Constraint:
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """A copy of the logits with -inf where a token cannot come next."""
         allowed = np.frombuffer(self._matcher.compute_logit_bias(), dtype=np.uint8)[:logits.shape[-1]]
+        if not allowed.any():  # a grammar that allows nothing: llguidance's error says why
+            raise ValueError(f"the grammar allows no token here: {self._matcher.get_error() or 'no way to go on'}")
         if self._masked is None or self._masked.shape != logits.shape:
             self._masked = np.empty_like(logits)
         np.copyto(self._masked, logits)
         self._masked[allowed == 0] = -np.inf
-        if not np.isfinite(self._masked).any():  # a grammar that allows nothing: llguidance's error says why
-            raise ValueError(f"the grammar allows no token here: {self._matcher.get_error() or 'no way to go on'}")
         return self._masked
 
     def accept(self, token: int) -> None:
