@@ -28,6 +28,10 @@ SSH_FAILED = 255
 # (4 unanswered probes 15 s apart) instead of leaving ssh waiting on a dead TCP connection.
 # Only when the user's ssh config sets no ServerAliveInterval for the host: -o would override theirs.
 KEEPALIVE = ("-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
+# ssh's own default level, whatever the user's config sets: its words on stderr are what ssh_failure reads, and
+# LogLevel ERROR or QUIET silences "Timeout, server ... not responding" (QUIET every reason), DEBUG buries them.
+# Nothing of ssh's stderr reaches the user but through those messages, so overriding theirs hides nothing.
+LOG_LEVEL = ("-o", "LogLevel=INFO")
 
 # ssh's words (exit 255) when a connection that was up is lost: it gave up on a board silent to its keepalives
 # ("Timeout, server pi not responding."), or the network or the board cut the connection.
@@ -99,8 +103,8 @@ class SshHost:
     def command(self, remote: str, *extra: str) -> list[str]:
         """The argv that runs the POSIX shell command `remote` on the board, stdin and stdout passed through;
         extra: more ssh options."""
-        options = [*(["-F", self.config] if self.config else []), "-T", "-o", "BatchMode=yes", *self.keepalive,
-                   *extra]
+        options = [*(["-F", self.config] if self.config else []), "-T", "-o", "BatchMode=yes", *LOG_LEVEL,
+                   *self.keepalive, *extra]
         # "--" before the host: a host that starts with "-" cannot be read as an option.
         return [self.ssh, *options, "--", self.host, f"sh -c {shlex.quote(remote)}"]
 

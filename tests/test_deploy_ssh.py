@@ -289,12 +289,12 @@ def test_a_board_that_drops_off_mid_step_is_named_with_the_step(board, bundle, o
                                                                 monkeypatch, capsys):
     """The board goes silent during sha256sum: ssh's keepalives (1 s apart here, from the user's config) give up
     on it with "Timeout, server ... not responding" (exit 255). That is the step cut off, not a failure to log
-    in: one line names the step and says the bundle deployed before stays."""
+    in: one line names the step and says the bundle deployed before stays. The user's config sets LogLevel ERROR,
+    under which ssh would not say it (its level for those words is INFO)."""
     deploy_bundle(bundle, board.host(), str(remote), android_app=False)
     before = tree_hashes(remote / "tiny-bundle")
     config = tmp_path / "ssh_config"
-    config.write_text(board.config.read_text().replace("LogLevel ERROR", "LogLevel INFO")  # ssh's default level
-                      + "  ServerAliveInterval 1\n  ServerAliveCountMax 2\n")
+    config.write_text(board.config.read_text() + "  ServerAliveInterval 1\n  ServerAliveCountMax 2\n")
     frozen = FrozenBoard(board, "sha256sum", after=1.0, listener=False)
     frozen.install(monkeypatch)
     try:
@@ -525,9 +525,13 @@ def test_an_unknown_host_key_is_refused_with_the_fix(board, tmp_path):
 
 
 @pytest.mark.ssh
-def test_a_key_the_board_does_not_know_is_refused_with_the_fix(board, tmp_path):
+@pytest.mark.parametrize("level", ["ERROR", "QUIET", "DEBUG3"])
+def test_a_key_the_board_does_not_know_is_refused_with_the_fix(board, tmp_path, level):
+    """Whatever LogLevel the user's config sets (QUIET silences ssh's reason, DEBUG3 buries it under debug
+    lines), nomoat reads ssh's reason at its default level."""
     keygen(tmp_path / "stranger")
     config = client_config(tmp_path, board.port, tmp_path / "stranger", board.folder / "known_hosts")
+    config.write_text(config.read_text().replace("LogLevel ERROR", f"LogLevel {level}"))
     with pytest.raises(SshError, match=r"Permission denied.*ssh-copy-id nomoat-board"):
         connect(ALIAS, str(config))
 
@@ -725,7 +729,7 @@ def test_every_ssh_command_carries_keepalives(monkeypatch, tmp_path):
     for argv in ran:
         options = argv[:argv.index("--")]
         pairs = {options[i + 1] for i, o in enumerate(options) if o == "-o"}
-        assert {"ServerAliveInterval=15", "ServerAliveCountMax=4", "BatchMode=yes"} <= pairs, argv
+        assert {"ServerAliveInterval=15", "ServerAliveCountMax=4", "BatchMode=yes", "LogLevel=INFO"} <= pairs, argv
 
 
 @pytest.mark.ssh
