@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from nomoat.runtime import TokenLogprob
 
-MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_STRINGS = 16  # OpenAI takes 4; llama.cpp and vLLM more (each string is checked on every token)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its legacy completions stop at 5, vLLM's at 20 for both)
 
 
@@ -82,8 +83,9 @@ class GenerationRequest:
 
 
 # Fields that change what OpenAI would answer -> the values that mean "not used" (accepted).
-_NEUTRAL = {"echo": (None, False), "tools": (None, []), "functions": (None, []), "n": (None, 1),
-            "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})}
+# function_call goes with functions: without its own entry it passed, and was ignored, when functions was absent.
+_NEUTRAL = {"echo": (None, False), "tools": (None, []), "functions": (None, []), "function_call": (None,),
+            "n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})}
 _ROLES = {"system", "user", "assistant", "developer"}
 
 
@@ -138,9 +140,11 @@ def _request(kind: str, prompt: str | list[dict[str, str]], max_tokens: int, bod
     options = _optional(body, "stream_options", dict) or {}
     if options and not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    # Checked as any field is: the string "false" must not turn usage on.
+    include_usage = _optional(options, "include_usage", bool, "stream_options.include_usage") or False
     grammar, grammar_param = _grammar(body)
     return GenerationRequest(kind=kind, prompt=prompt, max_tokens=max_tokens, stream=stream,
-                             include_usage=bool(options.get("include_usage")), stop=_stop(body),
+                             include_usage=include_usage, stop=_stop(body),
                              sampling=_sampling(body), cache_prompt=_optional(body, "cache_prompt", bool),
                              logprobs=logprobs, grammar=grammar, grammar_param=grammar_param)
 
@@ -206,7 +210,7 @@ def _message(message: Any, index: int) -> dict[str, str]:
     if not isinstance(message, dict):
         raise bad_request(f"{param} must be an object with 'role' and 'content'", param)
     role = message.get("role")
-    if role not in _ROLES:
+    if not (isinstance(role, str) and role in _ROLES):  # a list or an object is unhashable: no set lookup
         raise bad_request(f"{param}.role must be one of {sorted(_ROLES)}, got {role!r}", f"{param}.role")
     content = message.get("content")
     if isinstance(content, list):  # content parts: only text is understood by a text model
@@ -228,10 +232,9 @@ def _max_tokens(body: dict[str, Any], names: tuple[str, ...], limits: Limits, de
             continue
         if value < 1:
             raise bad_request(f"'{name}' must be at least 1, got {value}", name)
-        if value > limits.max_tokens:
-            raise bad_request(f"'{name}' is {value}, more than this server allows per request "
-                              f"({limits.max_tokens}); ask for fewer tokens", name)
-        return value
+        # Clients such as chat UIs send one large max_tokens with every request: cut it to the server's
+        # cap, as llama.cpp does (finish_reason "length" tells the client it was cut), rather than refuse.
+        return min(value, limits.max_tokens)
     return min(default, limits.max_tokens)
 
 
@@ -290,20 +293,25 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _optional(body: dict[str, Any], name: str, type_: type) -> Any:
+def _optional(body: dict[str, Any], name: str, type_: type, param: str | None = None) -> Any:
+    """body[name] checked to be of type_, or None if absent; param names it in errors (default: name)."""
+    param = param or name
     value = body.get(name)
     if value is None:
         return None
     # bool is an int in Python; JSON true must not pass as max_tokens=1.
     ok = isinstance(value, type_) and not (type_ is not bool and isinstance(value, bool))
     if type_ is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > sys.float_info.max:  # JSON integers may have hundreds of digits: float() would raise
+            raise bad_request(f"'{param}' must be a finite number, got an integer of {len(str(abs(value)))} digits",
+                              param)
         value, ok = float(value), True
     if type_ is int and isinstance(value, float) and value.is_integer():
         value, ok = int(value), True  # 40.0 (as JavaScript clients send numbers), as vLLM's pydantic takes it
     if not ok:
-        raise bad_request(f"'{name}' must be {_TYPE_NAMES[type_]}, got {type(value).__name__}", name)
+        raise bad_request(f"'{param}' must be {_TYPE_NAMES[type_]}, got {type(value).__name__}", param)
     if type_ is float and not math.isfinite(value):  # 1e400 is valid JSON that Python reads as inf
-        raise bad_request(f"'{name}' must be a finite number, got {value}", name)
+        raise bad_request(f"'{param}' must be a finite number, got {value}", param)
     return value
 
 

@@ -21,13 +21,15 @@ log = logging.getLogger("pi_demo.serve")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 = every IPv4 interface, :: = every interface, ::1 = IPv6 "
+                        "loopback)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
     p.add_argument("--model-id", default=None, help="the model name clients send; None = the bundle's folder name")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'; None = $NOMOAT_API_KEY if set")
     p.add_argument("--max-tokens", type=int, default=1024,
-                   help="the most tokens one request may ask for; a chat that leaves max_tokens out runs to this "
-                        "or the context's end")
+                   help="the most tokens one answer may have: a larger max_tokens is cut to this (finish_reason "
+                        "\"length\"); a chat that leaves max_tokens out runs to this or the context's end")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the bundle's target)")
@@ -71,15 +73,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = PiServer((args.host, args.port), App(model, config))
     except OSError as e:
-        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        return _fail(f"cannot listen on {host_port(args.host, args.port)}: {e.strerror or e}")
     if api_key is None and not _is_loopback(args.host):
         log.warning("listening on %s without an API key: anyone who reaches this port can use the model", args.host)
     # systemd stops the service with SIGTERM: finish like Ctrl-C. shutdown() waits for serve_forever
     # to return, so it must run outside the (main) thread that serve_forever blocks.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     host, port = server.server_address[:2]
-    log.info("serving %s on http://%s:%d/v1 (max %d tokens per request, %d may wait; structured output %s%s%s)",
-             config.model_id, host, port, config.limits.max_tokens, config.limits.max_queue, structured,
+    log.info("serving %s on http://%s/v1 (max %d tokens per request, %d may wait; structured output %s%s%s)",
+             config.model_id, host_port(host, port), config.limits.max_tokens, config.limits.max_queue,
+             structured,
              f"; greedy requests draft up to {config.prompt_lookup} tokens by prompt lookup"
              if config.prompt_lookup else "",
              "; prompts run from an empty cache unless a request says cache_prompt" if not config.cache_prompt else "")
@@ -97,6 +100,11 @@ def bundle_name(bundle: Path) -> str:
     """The bundle's folder name as given: a link's own name (`current -> v3` serves "current", not "v3"),
     "." and a trailing slash read as the folder they name."""
     return Path(os.path.abspath(bundle)).name or Path(bundle).resolve().name or "bundle"
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as a URL writes it: an IPv6 address in brackets ([::1]:8000), so a client can use it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _is_loopback(host: str) -> bool:

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,17 +129,31 @@ class App:
             raise bad_request(str(e), request.grammar_param) from e
         return grammar
 
+    def check_room(self) -> None:
+        """Refuse a request the line has no room for before prepare() tokenizes it and builds its
+        grammar: a burst past --max-queue costs the server no more than reading the bodies.
+        submit() checks again, for real: the line may fill up in between."""
+        with _worker_refusals():
+            self.worker.check_room()
+
     def submit(self, job: Job) -> None:
-        try:
+        with _worker_refusals():
             self.worker.submit(job)
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": "2"}) from e
-        except ShuttingDown as e:
-            raise ApiError(503, str(e), "server_error", code="shutting_down") from e
 
     def model_object(self) -> dict[str, Any]:
         return {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "nomoat"}
+
+
+@contextmanager
+def _worker_refusals() -> Iterator[None]:
+    """The worker's refusals as HTTP errors: a full line is a 429 to retry, a shutdown a 503."""
+    try:
+        yield
+    except QueueFull as e:
+        raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": "2"}) from e
+    except ShuttingDown as e:
+        raise ApiError(503, str(e), "server_error", code="shutting_down") from e
 
 
 class Scored:
@@ -220,31 +234,57 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ----------------------------------------------------------------------------------
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._responded = True  # a status line is out (or buffered): an error found now cannot be a second one
+        super().send_response(code, message)
+
     def _route(self, routes: dict[str, Callable[[], None]]) -> None:
         self._body_read = False
-        path = urlsplit(self.path).path.rstrip("/") or "/"
+        self._responded = False
         with self.server.app.answering():
-            self._answer(routes, path)
+            self._answer(routes)
 
-    def _answer(self, routes: dict[str, Callable[[], None]], path: str) -> None:
+    def _answer(self, routes: dict[str, Callable[[], None]]) -> None:
         try:
-            action, allowed = routes.get(path), ROUTES.get(path)
-            if path.startswith("/v1/models/"):
-                allowed = ROUTES["/v1/models"]
-                if self.command in ("GET", "HEAD"):  # OpenAI's client percent-encodes the id ("org%2Fmodel")
-                    action = partial(self._model, unquote(path.removeprefix("/v1/models/")))
-            if action is None and allowed:
-                raise ApiError(405, f"{path} takes {allowed}, not {self.command}", code="method_not_allowed",
-                               headers={"Allow": allowed})
-            if action is None:
-                raise ApiError(404, f"no route {self.command} {path}", code="not_found")
-            if path != "/health":  # monitoring needs no key
-                self._authorize()
-            action()
+            self._dispatch(routes)
         except ApiError as e:
-            self._send_json(e.status, e.body(), e.headers)
+            self._send_error(e)
         except (ConnectionError, TimeoutError):  # BrokenPipeError, ConnectionResetError, ClientGone, ...
             self.close_connection = True  # the client went away or stalled: nobody to answer, nothing more to write
+        except Exception:
+            # A bug. Left to socketserver, it would print the traceback and drop the connection without a
+            # word: the client gets OpenAI's error body instead, and the log the traceback, once.
+            log.exception("%s %.200s failed", self.command, self.path)
+            self.close_connection = True  # what the request left unread or half-done is unknown
+            self._send_error(ApiError(500, "the server failed on this request (a bug; its log has the traceback)",
+                                      "server_error", code="internal_error"))
+
+    def _send_error(self, error: ApiError) -> None:
+        """The error's JSON body, if no answer has started; else only the close (a second status line
+        would be read as part of the first answer)."""
+        if self._responded:
+            self.close_connection = True
+            return
+        try:
+            self._send_json(error.status, error.body(), error.headers)
+        except (ConnectionError, TimeoutError):  # the client left before its error reached it: nobody to tell
+            self.close_connection = True
+
+    def _dispatch(self, routes: dict[str, Callable[[], None]]) -> None:
+        path = _route_path(self.path)
+        action, allowed = routes.get(path), ROUTES.get(path)
+        if path.startswith("/v1/models/"):
+            allowed = ROUTES["/v1/models"]
+            if self.command in ("GET", "HEAD"):  # OpenAI's client percent-encodes the id ("org%2Fmodel")
+                action = partial(self._model, unquote(path.removeprefix("/v1/models/")))
+        if action is None and allowed:
+            raise ApiError(405, f"{path} takes {allowed}, not {self.command}", code="method_not_allowed",
+                           headers={"Allow": allowed})
+        if action is None:
+            raise ApiError(404, f"no route {self.command} {path}", code="not_found")
+        if path != "/health":  # monitoring needs no key
+            self._authorize()
+        action()
 
     def _authorize(self) -> None:
         key = self.server.app.config.api_key
@@ -265,19 +305,24 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise ApiError(411, "a Content-Length header is required", code="length_required")
-        if not length.isdigit():
-            raise bad_request(f"invalid Content-Length {length!r}")
-        if int(length) > limit:
-            raise ApiError(413, f"the request body is {int(length)} bytes; this server takes at most {limit}",
+        size = _content_length(length)
+        if size is None:
+            raise bad_request(f"invalid Content-Length {length[:40]!r}: send the body's size in bytes, "
+                              "as ASCII digits")
+        if size > limit:
+            raise ApiError(413, f"the request body is {size} bytes; this server takes at most {limit}",
                            code="request_too_large")
-        raw = self.rfile.read(int(length))
+        raw = self.rfile.read(size)
         self._body_read = True
-        if len(raw) < int(length):
+        if len(raw) < size:
             raise ConnectionResetError("the client closed the connection mid-body")
         try:
             body = json.loads(raw, parse_constant=_refuse_constant)
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and NaN / Infinity
             raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from e
+        except RecursionError as e:  # json recurses per bracket: ~1000 nested ones pass Python's limit
+            raise bad_request("the request body nests too deeply to parse (hundreds of brackets deep); flatten it",
+                              code="invalid_json") from e
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object", code="invalid_json")
         return body
@@ -305,12 +350,11 @@ class Handler(BaseHTTPRequestHandler):
         unread data makes the kernel send a reset that can destroy our error reply before the
         client reads it. Bodies too large to be worth reading get the close anyway.
         """
-        length = self.headers.get("Content-Length", "")
+        remaining = _content_length(self.headers.get("Content-Length", ""))
         chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        if chunked or not length.isdigit() or int(length) > DRAIN_LIMIT:
+        if chunked or remaining is None or remaining > DRAIN_LIMIT:
             self.close_connection = True
             return
-        remaining = int(length)
         while remaining:
             chunk = self.rfile.read(min(remaining, 1 << 16))
             if not chunk:
@@ -350,6 +394,7 @@ class Handler(BaseHTTPRequestHandler):
     def _generate(self, parse: Callable[..., GenerationRequest]) -> None:
         app = self.server.app
         request = parse(self._read_json(), app.config.model_id, app.config.limits, app.default_max_tokens)
+        app.check_room()
         job = app.prepare(request)
         reply = Reply.new(request.kind, app.config.model_id, request.include_usage)
         queued = time.perf_counter()
@@ -419,6 +464,27 @@ class Handler(BaseHTTPRequestHandler):
         self._send_event("[DONE]")
 
 
+def _route_path(target: str) -> str:
+    """The path a request target names, without a trailing slash."""
+    try:
+        path = urlsplit(target).path
+    except ValueError as e:  # "http://[x/health": a bracket that opens an IPv6 host and never closes
+        raise bad_request(f"cannot read the request target {target[:200]!r} ({e}); send a path such as "
+                          "/v1/chat/completions") from e
+    return path.rstrip("/") or "/"
+
+
+MAX_LENGTH_DIGITS = 19  # an int64's; a Content-Length longer than that is no body anyone sends
+
+
+def _content_length(value: str) -> int | None:
+    """A Content-Length's value, or None if it is not a plain decimal number. str.isdigit alone takes
+    "²" and other Unicode digits, which int() refuses, and thousands of digits, which it refuses too."""
+    if value.isascii() and value.isdigit() and len(value) <= MAX_LENGTH_DIGITS:
+        return int(value)
+    return None
+
+
 def _refuse_constant(name: str) -> Any:
     # Python's json takes NaN, Infinity and -Infinity, which JSON has not: a NaN temperature
     # would get past every range check (NaN < 0 and NaN > 2 are both false).
@@ -450,7 +516,18 @@ class PiServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], app: App):
         self.app = app
+        # ThreadingHTTPServer is IPv4 whatever the host: "::1" would fail to resolve as an IPv4 address.
+        # A name (localhost) stays IPv4, as before, so IPv4 clients still reach it.
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # "::" is every interface, the IPv4 ones too (as 0.0.0.0 is every IPv4 one), whatever the
+            # system's net.ipv6.bindv6only default says.
+            with suppress(OSError, AttributeError):
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
     def server_close(self) -> None:
         """Stop listening, cancel the running and waiting jobs, and wait (bounded) until their

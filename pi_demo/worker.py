@@ -114,16 +114,25 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if self._closed:
-                raise ShuttingDown("the server is shutting down")
-            # Count the running job too: between submit and the worker picking a job up, the job
-            # sits in _waiting, and an idle server must still accept one request at max_waiting=0.
-            if len(self._waiting) + (self._running is not None) > self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit is "
-                                f"{self.max_waiting}); retry later")
+            self._check_room()
             job._on_cancel = self._withdraw
             self._waiting.append(job)
             self._cond.notify()
+
+    def check_room(self) -> None:
+        """Raise what submit would raise now (QueueFull, ShuttingDown), without taking a job: a cheap
+        look before a request's costly preparation. Only submit's own check holds a place."""
+        with self._cond:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        # Count the running job too: between submit and the worker picking a job up, the job
+        # sits in _waiting, and an idle server must still accept one request at max_waiting=0.
+        if len(self._waiting) + (self._running is not None) > self.max_waiting:
+            raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit is "
+                            f"{self.max_waiting}); retry later")
 
     def _withdraw(self, job: Job) -> None:
         """Take a cancelled job out of the line at once: its place (and /health's count) is free for

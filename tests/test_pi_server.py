@@ -396,7 +396,7 @@ def test_malformed_json_is_a_400(base_url):
     (lambda c: c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]),
      404, "model_not_found", "model"),
     (lambda c: c.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
-                                         max_tokens=LIMITS.max_tokens + 1), 400, None, "max_tokens"),
+                                         max_tokens=0), 400, None, "max_tokens"),
     (lambda c: c.completions.create(model=MODEL_ID, prompt="hi", temperature=3), 400, None, "temperature"),
     (lambda c: c.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], n=2),
      400, "unsupported_parameter", "n"),
@@ -677,7 +677,7 @@ def test_request_parsing_refuses_wrong_types_with_the_field_named():
 
     assert param_of({"max_tokens": "5"}) == "max_tokens"
     assert param_of({"max_tokens": True}) == "max_tokens"  # JSON true is not 1
-    assert param_of({"stop": ["a", "b", "c", "d", "e"]}) == "stop"
+    assert param_of({"stop": [str(i) for i in range(17)]}) == "stop"
     assert param_of({"messages": [{"role": "robot", "content": "hi"}]}) == "messages[0].role"
     assert param_of({"stream_options": {"include_usage": True}}) == "stream_options"
     parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]

@@ -1,0 +1,310 @@
+"""pi_demo serve: what a review found. Bad input gets an error body, never a dropped connection; a
+large max_tokens is cut to the cap; more stop strings; IPv6 hosts; a full line refused before the work."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pi_demo is a folder copied to the Pi, not installed
+
+from test_pi_server import (  # noqa: E402  (skips this file too when OpenAI's client is not installed)
+    KEY,
+    LIMITS,
+    MODEL_ID,
+    _assert_openai_error,
+    _raw_post,
+    ask,
+    client,
+    health,
+    model_held,
+    running_server,
+    url_of,
+    wait_for,
+)
+
+from pi_demo.openai_api import MAX_STOP_STRINGS, ApiError, Limits, Reply, parse_chat, parse_completion  # noqa: E402
+from pi_demo.serve import host_port  # noqa: E402
+from pi_demo.server import App, Handler, PiServer, ServerConfig  # noqa: E402
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from tiny_models import tiny_fp32_bundle
+
+    return tiny_fp32_bundle(tmp_path_factory, max_context=256)
+
+
+@pytest.fixture(scope="module")
+def model(bundle):
+    from nomoat.runtime import Model
+
+    return Model.load(bundle, threads=1)
+
+
+@pytest.fixture(scope="module")
+def base_url(model) -> Iterator[str]:
+    with running_server(model) as server:
+        yield url_of(server)
+
+
+def _refused(body: dict, parse=parse_chat) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse({**(CHAT if parse is parse_chat else {"prompt": "hi"}), **body}, MODEL_ID, LIMITS, 16)
+    assert info.value.status == 400
+    return info.value
+
+
+def _exchange(base_url: str, head: str, body: bytes = b"") -> tuple[int, dict[str, str], dict]:
+    """Send a request written by hand (headers http.client would not write); the status, headers and JSON
+    body of the answer. A connection dropped without one fails the test here."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock, sock.makefile("rb") as f:
+        sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
+        response = http.client.HTTPResponse(sock)
+        response.fp = f
+        try:
+            response.begin()
+        except http.client.RemoteDisconnected:
+            pytest.fail("the server closed the connection without an answer")
+        return response.status, dict(response.getheaders()), json.loads(response.read() or b"{}")
+
+
+# -- bad input is a 4xx with OpenAI's error body -------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", [["user"], {"name": "user"}])
+def test_a_role_of_the_wrong_type_is_a_400_naming_it(base_url, role):
+    assert _refused({"messages": [{"role": role, "content": "hi"}]}).param == "messages[0].role"
+    body = json.dumps({"model": MODEL_ID, "messages": [{"role": role, "content": "hi"}]}).encode()
+    status, payload = _raw_post(base_url, "/v1/chat/completions", body)
+    assert status == 400
+    _assert_openai_error(payload, None, "messages[0].role")
+
+
+def test_an_integer_too_large_for_a_float_is_a_400_naming_its_field():
+    for field in ("temperature", "top_p", "repetition_penalty"):
+        error = _refused({field: 10**400})  # valid JSON; float() of it raises OverflowError
+        assert error.param == field and "finite" in error.message, error.message
+
+
+def test_deeply_nested_json_is_invalid_json(base_url):
+    body = b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, payload = _raw_post(base_url, "/v1/chat/completions", body)
+    assert status == 400
+    _assert_openai_error(payload, "invalid_json")
+    assert "deep" in payload["error"]["message"]
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "9" * 5000])  # str.isdigit says yes to both; int() refuses them
+def test_a_content_length_int_cannot_read_is_a_400(base_url, length):
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}")
+    status, headers, payload = _exchange(base_url, head)
+    assert status == 400 and headers["Connection"] == "close"
+    _assert_openai_error(payload, None)
+    assert "Content-Length" in payload["error"]["message"]
+
+
+def test_a_get_with_an_unreadable_content_length_is_answered(base_url):
+    # The answer drops a body it does not read; an unreadable length says how much there is to drop.
+    status, headers, payload = _exchange(base_url, "GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2")
+    assert status == 200 and payload["status"] == "ok" and headers["Connection"] == "close"
+
+
+def test_a_request_target_urlsplit_cannot_read_is_a_400(base_url):
+    status, _, payload = _exchange(base_url, "GET http://[x/health HTTP/1.1\r\nHost: x")
+    assert status == 400
+    _assert_openai_error(payload, None)
+
+
+# -- a bug is a 500, logged once ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def bug_server(model, monkeypatch, caplog) -> Iterator[tuple[PiServer, list]]:
+    """A server of its own; yields it and the calls to its handle_error (socketserver's traceback printer)."""
+    caplog.set_level(logging.INFO, logger="pi_demo.serve")
+    with running_server(model) as server:
+        handled: list = []
+        monkeypatch.setattr(server, "handle_error", lambda request, address: handled.append(address))
+        yield server, handled
+
+
+def _tracebacks(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.exc_info]
+
+
+def test_an_unexpected_error_is_a_500_with_openais_body_and_one_logged_traceback(bug_server, caplog):
+    server, handled = bug_server
+
+    def broken(request):
+        raise RuntimeError("a bug in prepare")
+
+    server.app.prepare = broken
+    status, payload = _raw_post(url_of(server), "/v1/chat/completions", json.dumps(CHAT).encode())
+    assert status == 500
+    _assert_openai_error(payload, "internal_error")
+    assert payload["error"]["type"] == "server_error"
+    assert [str(r.exc_info[1]) for r in _tracebacks(caplog)] == ["a bug in prepare"] and handled == []
+    assert health(url_of(server))["status"] == "ok"  # the server goes on
+
+
+def test_an_error_after_the_status_line_only_closes_the_connection(bug_server, caplog, monkeypatch):
+    server, handled = bug_server
+
+    def broken(self):
+        raise RuntimeError("a bug in the stream")
+
+    monkeypatch.setattr(Reply, "first_chunk", broken)  # runs after the 200 went out
+    body = json.dumps({**CHAT, "stream": True, "max_tokens": 2}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Length: {len(body)}")
+    host, port = url_of(server).removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n" + body)
+        received = b"".join(iter(lambda: sock.recv(1 << 16), b""))  # to the close
+    assert received.startswith(b"HTTP/1.1 200") and received.count(b"HTTP/1.1") == 1
+    assert [str(r.exc_info[1]) for r in _tracebacks(caplog)] == ["a bug in the stream"] and handled == []
+
+
+def test_a_client_gone_while_its_error_is_sent_logs_no_traceback(bug_server, caplog, monkeypatch):
+    server, handled = bug_server
+
+    def hung_up(self, status, body, headers=None):
+        raise BrokenPipeError("the client hung up")
+
+    monkeypatch.setattr(Handler, "_send_json", hung_up)
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as sock:
+        sock.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")  # a 404, whose sending fails
+        assert sock.recv(1) == b""  # closed after the handler is done (socketserver's handle_error included)
+    assert handled == [] and _tracebacks(caplog) == []
+
+
+# -- limits ------------------------------------------------------------------------------------------
+
+
+def test_max_tokens_over_the_cap_is_cut_to_it_and_below_one_is_refused():
+    over = LIMITS.max_tokens * 100
+    assert parse_chat({**CHAT, "max_tokens": over}, MODEL_ID, LIMITS, 16).max_tokens == LIMITS.max_tokens
+    assert parse_chat({**CHAT, "max_completion_tokens": over}, MODEL_ID, LIMITS, 16).max_tokens == LIMITS.max_tokens
+    assert parse_completion({"prompt": "hi", "max_tokens": over}, MODEL_ID, LIMITS, 16).max_tokens == LIMITS.max_tokens
+    assert parse_chat({**CHAT, "max_tokens": 5}, MODEL_ID, LIMITS, 16).max_tokens == 5
+    for value in (0, -1):  # OpenAI refuses 0 too
+        error = _refused({"max_tokens": value})
+        assert error.param == "max_tokens" and "at least 1" in error.message
+
+
+def test_a_large_max_tokens_answers_up_to_the_cap_with_finish_reason_length(model):
+    cap = 4
+    with running_server(model, Limits(max_tokens=cap, max_body_bytes=16 << 10, max_queue=8)) as server:
+        # greedy, this prompt runs 64 tokens without a stop (see test_pi_server)
+        r = client(url_of(server)).completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=100_000,
+                                                      temperature=0)
+    assert r.usage.completion_tokens == cap and r.choices[0].finish_reason == "length"
+
+
+def test_up_to_sixteen_stop_strings_are_taken_and_more_refused_naming_the_limit():
+    stops = [f"stop{i}" for i in range(MAX_STOP_STRINGS)]
+    assert MAX_STOP_STRINGS == 16
+    assert parse_chat({**CHAT, "stop": stops}, MODEL_ID, LIMITS, 16).stop == stops
+    error = _refused({"stop": [*stops, "one more"]})
+    assert error.param == "stop" and "16" in error.message, error.message
+
+
+def test_include_usage_of_the_wrong_type_is_a_400_naming_it():
+    def include_usage(value) -> bool:
+        return parse_chat({**CHAT, "stream": True, "stream_options": {"include_usage": value}}, MODEL_ID, LIMITS,
+                          16).include_usage
+
+    assert include_usage(True) is True and include_usage(False) is False and include_usage(None) is False
+    for value in ("false", 1, {}):
+        error = _refused({"stream": True, "stream_options": {"include_usage": value}})
+        assert error.param == "stream_options.include_usage" and "boolean" in error.message, error.message
+
+
+def test_function_call_is_refused_as_functions_is():
+    for value in ("auto", "none", {"name": "f"}):
+        error = _refused({"function_call": value})
+        assert error.param == "function_call" and error.code == "unsupported_parameter"
+    assert parse_chat({**CHAT, "function_call": None}, MODEL_ID, LIMITS, 16).kind == "chat"
+
+
+def test_a_full_line_is_refused_before_the_request_is_prepared(model):
+    with running_server(model, Limits(max_tokens=64, max_body_bytes=16 << 10, max_queue=1)) as server:
+        url, app = url_of(server), server.app
+        prepared: list = []
+        prepare = app.prepare
+        app.prepare = lambda request: (prepared.append(request), prepare(request))[1]
+        with model_held(model) as release, ThreadPoolExecutor(2) as pool:
+            running = pool.submit(ask, url, "first", False)
+            wait_for(lambda: health(url)["generating"])
+            waiting = pool.submit(ask, url, "second", False)
+            wait_for(lambda: health(url)["waiting"] == 1)
+            status, payload = _raw_post(url, "/v1/chat/completions", json.dumps(CHAT).encode())
+            release()
+            assert running.result(timeout=60) and waiting.result(timeout=60)
+    assert status == 429
+    _assert_openai_error(payload, "rate_limit_exceeded")
+    assert len(prepared) == 2  # the first two; the third was refused without tokenizing
+
+
+# -- IPv6 --------------------------------------------------------------------------------------------
+
+
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+
+
+@needs_ipv6
+def test_the_server_listens_on_ipv6_loopback(model):
+    server = PiServer(("::1", 0), App(model, ServerConfig(MODEL_ID, LIMITS)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        conn = http.client.HTTPConnection("::1", server.server_address[1], timeout=30)
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["model"] == MODEL_ID
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@needs_ipv6
+def test_ipv6_any_takes_ipv4_clients_too(model):
+    server = PiServer(("::", 0), App(model, ServerConfig(MODEL_ID, LIMITS)))
+    try:
+        assert server.socket.family == socket.AF_INET6
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10):
+            pass  # the listen backlog takes it: the socket is bound for IPv4 too
+    finally:
+        server.server_close()
+
+
+def test_an_ipv6_host_is_written_in_brackets_in_urls():
+    assert host_port("::1", 8000) == "[::1]:8000"
+    assert host_port("127.0.0.1", 8000) == "127.0.0.1:8000"
