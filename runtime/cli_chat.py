@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 from .cli_generate import (
+    AnswerWriter,
     add_sampling_arguments,
     drafts_note,
     is_template_error,
     load_model,
+    sampled_lookup_refusal,
     sampling_kwargs,
     tolerate_undecodable_stdin,
 )
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     # A line that is not UTF-8 reaches the runtime's check, which refuses that message only.
     tolerate_undecodable_stdin()
     try:
+        if refusal := sampled_lookup_refusal(args):
+            print(f"nomoat chat: error: {refusal}", file=sys.stderr)
+            return 2
         model = load_model("chat", args)
     except BundleError as e:
         print(f"nomoat chat: error: {e}", file=sys.stderr)
@@ -97,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
         if text == "/stats":
             print(_stats_line(chat.stats), file=sys.stderr)
             continue
+        answer = AnswerWriter()
         try:
             for event in chat.stream(text, args.max_new_tokens, prompt_lookup=args.prompt_lookup,
                                      **sampling_kwargs(args)):
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
+                answer.write(event.text)
             sys.stdout.write("\n")
             sys.stdout.flush()
             if interactive:
@@ -111,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
         except ContextOverflowError as e:
             print(f"\n[{e} Type /reset to start over.]", file=sys.stderr)
         except ValueError as e:  # this message cannot be a prompt (not UTF-8 text): refused, the chat goes on
-            print(f"[{e}]", file=sys.stderr)
+            print(f"{answer.line_break()}[{e}]", file=sys.stderr)
         except Exception as e:  # the template refused the conversation (e.g. a system message): the turn only
             if not is_template_error(e):
                 raise
             hint = "; /system alone drops the system message" if args.system is not None else ""
-            print(f"[the chat template failed: {e}{hint}]", file=sys.stderr)
+            print(f"{answer.line_break()}[the chat template failed: {e}{hint}]", file=sys.stderr)

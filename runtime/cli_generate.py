@@ -74,8 +74,9 @@ def grammar_from(kind: str, in_file: bool = False) -> Callable[[str], object]:
 
 def add_prompt_lookup_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup", type=prompt_lookup, default=0, metavar="N",
-                   help="greedy only: draft up to N tokens per step from the context (speculative decoding; "
-                        "greedy's output up to near-ties, faster on text that repeats its context; 0 = off)")
+                   help="greedy only (--temperature 0, or a greedy bundle default): draft up to N tokens per step "
+                        "from the context (speculative decoding; greedy's output up to near-ties, faster on text "
+                        "that repeats its context; 0 = off)")
 
 
 def prompt_lookup(value: str) -> int:
@@ -210,23 +211,26 @@ def generate(args: argparse.Namespace) -> int:
               "(with --raw, write the instructions into the prompt itself)", file=sys.stderr)
         return 2
     prompt = read_stdin() if args.prompt == "-" else args.prompt
+    answer = AnswerWriter()
     try:
         # Text the tokenizer cannot take is refused before the (slow) load, not after it.
         check_utf8(prompt, "the prompt")
         if args.system is not None:
             check_utf8(args.system, "the system message")
+        if refusal := sampled_lookup_refusal(args):
+            print(f"nomoat generate: error: {refusal}", file=sys.stderr)
+            return 2
         model = load_model("generate", args)
         for event in model.stream(prompt, args.max_new_tokens, system=args.system, raw=args.raw,
                                   prompt_lookup=args.prompt_lookup, **sampling_kwargs(args)):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
+            answer.write(event.text)
     except (BundleError, ContextOverflowError, ValueError) as e:
-        print(f"nomoat generate: error: {e}", file=sys.stderr)
+        print(f"{answer.line_break()}nomoat generate: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
         if not is_template_error(e):
             raise
-        print(f"nomoat generate: error: the chat template failed: {e}", file=sys.stderr)
+        print(f"{answer.line_break()}nomoat generate: error: the chat template failed: {e}", file=sys.stderr)
         return 1
     sys.stdout.write("\n")
     if args.stats:
@@ -235,6 +239,43 @@ def generate(args: argparse.Namespace) -> int:
               f"{s.generated_tokens} tok @ {s.decode_tokens_per_second:.1f} tok/s"
               + drafts_note(s), file=sys.stderr)
     return 0
+
+
+class AnswerWriter:
+    """Streams an answer to stdout and remembers whether its last line is unfinished: an error after
+    part of an answer (on stderr, the same terminal) would otherwise be glued to the answer's text."""
+
+    def __init__(self) -> None:
+        self.open_line = False
+
+    def write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.open_line = not text.endswith("\n")
+
+    def line_break(self) -> str:
+        """What an error message starts with: a newline when the answer's last line is unfinished."""
+        return "\n" if self.open_line else ""
+
+
+def sampled_lookup_refusal(args: argparse.Namespace) -> str | None:
+    """Why --prompt-lookup cannot apply, or None: it checks drafts against the argmax, so a sampled
+    answer would draft nothing, without a word. The bundle's default temperature counts; it is read
+    from the manifest alone, before the (slow) load."""
+    if not args.prompt_lookup:
+        return None
+    if args.temperature is not None:
+        temperature, whose = args.temperature, "--temperature"
+    else:
+        from .manifest import read_manifest
+
+        temperature = read_manifest(args.bundle, verify_files=False).generation_defaults.get("temperature", 0.0)
+        whose = "the bundle's default temperature"
+    if temperature == 0:
+        return None
+    return (f"--prompt-lookup drafts only when decoding is greedy, and {whose} is {temperature:g}: "
+            "add --temperature 0 (or drop --prompt-lookup)")
 
 
 def read_stdin() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -64,9 +63,19 @@ class TokenText:
             pattern = step.get("pattern", {})
             if step.get("type") == "Replace" and step.get("content") == " " and "String" in pattern:
                 self._space = pattern["String"]
+        # This instance's own cache: an lru_cache on the method would be one for the class, whose keys
+        # hold self (and the tokenizer) after the model that made it is gone.
+        self._bytes: dict[int, bytes] = {}
 
-    @lru_cache(maxsize=4096)  # noqa: B019 - one TokenText per model, which lives as long as the model
     def bytes_of(self, token_id: int) -> bytes:
+        cached = self._bytes.get(token_id)
+        if cached is None:
+            if len(self._bytes) >= _CACHED_TOKENS:  # bounded, as the lru_cache was: the oldest entry goes
+                self._bytes.pop(next(iter(self._bytes)), None)  # None: another thread took it first
+            cached = self._bytes[token_id] = self._bytes_of(token_id)
+        return cached
+
+    def _bytes_of(self, token_id: int) -> bytes:
         if token_id in self._added:
             return self._added[token_id].encode("utf-8")
         piece = self._tokenizer.id_to_token(token_id)
@@ -85,6 +94,7 @@ class TokenText:
         return self.bytes_of(token_id).decode("utf-8", errors="replace")
 
 
+_CACHED_TOKENS = 4096
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 

@@ -11,6 +11,7 @@ previous one (the next turn of a chat, the same system prompt) only prefills wha
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -103,8 +104,7 @@ class Model:
 
     def __init__(self, bundle: Path, manifest: Manifest, session: DecoderSession, tokenizer,
                  template: ChatTemplate | None = None, prefill_chunk: int = PREFILL_CHUNK):
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        check_count("prefill_chunk", prefill_chunk)
         self.prefill_chunk = prefill_chunk
         self.bundle = bundle
         self.manifest = manifest
@@ -116,7 +116,11 @@ class Model:
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self.last_stats = GenerationStats()
         self._lock = threading.Lock()
-        self._lock_owner: int | None = None  # the thread inside _exclusive(), to refuse re-entry
+        self._lock_owner: int | None = None  # the thread that last ran the request holding the lock
+        # A tokenizer that prepends a space to each piece of text between special tokens encodes a
+        # chat turn's suffix on its own differently from the same text inside the whole rendering.
+        self._prepends_space = prepends_space(tokenizer)
+        self._added_tokens = tuple(t.content for t in tokenizer.get_added_tokens_decoder().values())
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, verify_checksums: bool = True,
@@ -131,6 +135,7 @@ class Model:
         """
         from tokenizers import Tokenizer
 
+        check_count("prefill_chunk", prefill_chunk)  # here, not after a session load of seconds
         if threads is not None:
             check_count("threads", threads)
         ort_config = tuple((ort_options or {}).items())
@@ -232,6 +237,10 @@ class Model:
         if raw:
             if not isinstance(prompt, str):
                 raise TypeError("raw=True takes a plain string prompt, not a list of messages")
+            if system is not None:
+                # The system message goes into the chat template, which raw skips: it would be dropped without a word.
+                raise ValueError("system= needs the chat template, which raw=True skips; drop one of them "
+                                 "(with raw=True, write the instructions into the prompt itself)")
             check_utf8(prompt, "the prompt")
             return prompt
         messages = as_messages(prompt, system=system)
@@ -242,6 +251,13 @@ class Model:
 
     def prompt_ids(self, prompt: str | Messages, system: str | None = None, raw: bool = False) -> list[int]:
         return self.encode(self.render(prompt, system=system, raw=raw))
+
+    def encodes_alone(self, suffix: str) -> bool:
+        """Whether `suffix` tokenizes on its own as it does after the text before it. Not when the
+        tokenizer prepends a space to each piece between special tokens (a legacy SentencePiece
+        tokenizer.json: " </s><s>[INST]" alone would gain a "▁") and the suffix starts inside a piece;
+        a suffix that starts with an added token starts a piece of its own either way."""
+        return not self._prepends_space or not suffix or suffix.startswith(self._added_tokens)
 
     # -- generation -----------------------------------------------------------------------
 
@@ -273,6 +289,7 @@ class Model:
         check_count("max_new_tokens", max_new_tokens)
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
+        self._check_token_ids(prompt_ids)
         if len(prompt_ids) >= self.max_context:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt_ids)} tokens but the bundle's context holds {self.max_context}; "
@@ -336,6 +353,7 @@ class Model:
                                             extra_stop_ids=extra_stop_ids, cache_prompt=cache_prompt,
                                             should_stop=should_stop)
             return
+        self._check_token_ids(prompt_ids)
         stop_ids = self.stop_token_ids | extra_stop_ids
         session = self.session
         start = time.perf_counter()
@@ -384,6 +402,20 @@ class Model:
             next_token = predicted[n_ok]
         stats.decode_seconds = time.perf_counter() - t_first
 
+    def _check_token_ids(self, ids: list[int]) -> None:
+        """Every id must be a row of the embedding: the graph's Gather reads a negative one from the end
+        of the table without a word, and one past it fails inside ONNX Runtime with a logged ERROR."""
+        vocab = self.manifest.model.vocab_size
+        array = np.asarray(ids) if ids else np.zeros(0, np.int64)
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            raise TypeError(f"token ids must be a flat sequence of integers, got {ids[:8]!r}"
+                            f"{'...' if len(ids) > 8 else ''}; encode text with model.encode() first")
+        bad = np.flatnonzero((array < 0) | (array >= vocab))
+        if bad.size:
+            position = int(bad[0])
+            raise ValueError(f"token id {ids[position]} at position {position} is not in the vocabulary "
+                             f"(0 to {vocab - 1}); give ids from this bundle's tokenizer (model.encode)")
+
     def _prefill(self, prompt_ids: list[int], stats: GenerationStats, cache_prompt: bool = True,
                  should_stop: Callable[[], bool] | None = None) -> np.ndarray | None:
         """Run the part of the prompt the cache does not already hold; return last logits.
@@ -422,8 +454,10 @@ class Model:
         """Stream the answer to a prompt (a string, wrapped in the chat template unless raw,
         or a list of {"role", "content"} messages) as text deltas.
 
-        prompt_lookup=N drafts up to N tokens from the context per step (greedy only; greedy's
-        output up to near-ties, fewer forward passes on text that repeats its context).
+        prompt_lookup=N drafts up to N tokens from the context per step (greedy's output up to
+        near-ties, fewer forward passes on text that repeats its context). Greedy only: with a
+        temperature above 0 (given, or the bundle's default) it raises ValueError rather than
+        drafting nothing.
         logprobs=N gives each event its token's log-probability and the N most likely tokens at
         that position (0: the token's alone; see stream_ids). grammar= holds the answer to a
         structured.Grammar (a JSON schema, a regex, a Lark or GBNF grammar)."""
@@ -433,13 +467,13 @@ class Model:
                                       seed=seed)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
         yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup,
-                                   logprobs=logprobs, grammar=grammar)
+                                   logprobs=logprobs, grammar=grammar, refuse_sampled_lookup=True)
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
                    params: SamplingParams | None = None, stop: str | Sequence[str] | None = None,
                    prompt_lookup: int = 0, *, cache_prompt: bool = True,
                    should_stop: Callable[[], bool] | None = None, logprobs: int | None = None,
-                   grammar: Grammar | None = None) -> Iterator[StreamEvent]:
+                   grammar: Grammar | None = None, refuse_sampled_lookup: bool = False) -> Iterator[StreamEvent]:
         """Stream the answer to prompt ids (see stream).
 
         cache_prompt=False computes the prompt from an empty KV cache (the same answer whatever ran
@@ -450,11 +484,16 @@ class Model:
         and at the N most likely ones. Such a stream decodes without prompt lookup, one token a step.
         grammar: only answers that match it are sampled (structured.Grammar; needs llguidance), the
         answer ends where the match is complete (finish_reason "stop"); also without prompt lookup.
+        prompt_lookup drafts for greedy params only; sampled ones run plain, as a server applying one
+        --prompt-lookup to every request wants, unless refuse_sampled_lookup (stream and Chat set it):
+        then ValueError, rather than a lookup that silently drafts nothing.
         """
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
         check_count("max_new_tokens", max_new)
         check_count("prompt_lookup", prompt_lookup, minimum=0)
+        if refuse_sampled_lookup:
+            check_lookup_greedy(prompt_lookup, params)
         if logprobs is not None:
             check_count("logprobs", logprobs, minimum=0)
         constraint = self.constraint(grammar) if grammar is not None else None  # a bad grammar fails here
@@ -485,6 +524,7 @@ class Model:
                         yield StreamEvent(text, token, "stop", stats, logprob)
                         return
                     yield StreamEvent(text, token, logprob=logprob)
+                    self._resumed()
                 if stats.stopped_in_prefill:
                     return
                 text, stopped = stops.feed(detok.flush())
@@ -506,17 +546,25 @@ class Model:
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """The model's lock, for one request at a time. The same thread asking again while it holds
-        it (a stream left open, then another request) would wait for itself forever: refused."""
+        """The model's lock, for one request at a time. The thread that last ran the request holding it
+        asking again (a stream left open, then another request) would wait for itself forever: refused.
+        A thread pool (Starlette iterating a sync generator) resumes a stream on whichever worker is
+        free, so the owner is the thread that last resumed it (see _resumed), not the one that started
+        it: a request on the starting thread then waits for the stream's new thread to finish it."""
         if self._lock_owner == threading.get_ident():
             raise RuntimeError("this thread has a stream of this model still open: read it to the end or "
-                               "close() it before the next request")
+                               "close() it before the next request (a stream that another thread has read "
+                               "from since is waited for instead)")
         with self._lock:
             self._lock_owner = threading.get_ident()
             try:
                 yield
             finally:
                 self._lock_owner = None
+
+    def _resumed(self) -> None:
+        """A stream holding the lock runs again, on the thread that called next(): it owns the lock now."""
+        self._lock_owner = threading.get_ident()
 
     def generate(self, prompt: str | Messages, max_new_tokens: int | None = None, **kwargs: Any) -> Completion:
         """Like stream(), but return the whole completion at once."""
@@ -530,6 +578,7 @@ class Model:
         step each, so these paths (the cache, the one-token binding) are what is measured; the
         verify stage checks them against the reference this way."""
         ids = list(ids)
+        self._check_token_ids(ids)
         with self._exclusive():
             session = self.session
             session.reset()
@@ -572,15 +621,19 @@ class Chat:
 
     def _prompt_ids(self, rendered: str) -> list[int]:
         if self._ids and rendered.startswith(self._text):
-            return self._ids + self.model.encode(rendered[len(self._text):], add_bos=False)
+            suffix = rendered[len(self._text):]
+            if self.model.encodes_alone(suffix):
+                return self._ids + self.model.encode(suffix, add_bos=False)
+        # The whole rendering: _prefill still reuses the cache up to the first token that differs
+        # from what it holds (the earlier turns, unless re-tokenizing an answer split it otherwise).
         return self.model.encode(rendered)
 
     def stream(self, text: str, max_new_tokens: int | None = None, *, stop: str | Sequence[str] | None = None,
                prompt_lookup: int = 0, logprobs: int | None = None, grammar: Grammar | None = None,
                **sampling: Any) -> Iterator[StreamEvent]:
         """Stream the answer to the next user message. prompt_lookup=N drafts from the whole
-        conversation, as Model.stream does from its prompt (greedy only); logprobs and grammar as
-        in Model.stream."""
+        conversation, as Model.stream does from its prompt (greedy only: ValueError when sampling);
+        logprobs and grammar as in Model.stream."""
         check_utf8(text, "the message")  # here, at a position in this message rather than in the conversation
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
@@ -591,7 +644,8 @@ class Chat:
             ids = self._prompt_ids(rendered)
             params = self.model.sampling_params(**sampling)
             for event in self.model.stream_ids(ids, max_new_tokens, params=params, stop=stop,
-                                               prompt_lookup=prompt_lookup, logprobs=logprobs, grammar=grammar):
+                                               prompt_lookup=prompt_lookup, logprobs=logprobs, grammar=grammar,
+                                               refuse_sampled_lookup=True):
                 parts.append(event.text)
                 if event.token_id is not None:
                     answer.append(event.token_id)
@@ -639,6 +693,14 @@ def check_count(name: str, value: object, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
+def check_lookup_greedy(prompt_lookup: int, params: SamplingParams | None) -> None:
+    """Prompt lookup checks drafts against the argmax: a sampled answer would draft nothing, and say nothing."""
+    if prompt_lookup and params is not None and not params.greedy:
+        raise ValueError(f"prompt_lookup drafts only when decoding is greedy, and temperature is "
+                         f"{params.temperature:g} (the bundle's default when none is given): pass temperature=0, "
+                         "or prompt_lookup=0")
+
+
 def check_utf8(text: str, what: str) -> None:
     """Refuse text that has no UTF-8 form, naming where and how to fix it. Python holds bytes that
     were not UTF-8 in stdin or argv (a Latin-1 file) as lone surrogates (surrogateescape), which
@@ -653,6 +715,27 @@ def check_utf8(text: str, what: str) -> None:
                  else f"a lone surrogate U+{code:04X}")
         raise ValueError(f"{what} is not valid UTF-8 text: {found} at character {e.start + 1}; convert it to "
                          "UTF-8, e.g. iconv -f LATIN1 -t UTF-8 for a Latin-1 file") from None
+
+
+def prepends_space(tokenizer) -> bool:
+    """Does the tokenizer put a space (or "▁") before each piece of text between special tokens: a
+    Prepend normalizer, a Metaspace pre-tokenizer whose prepend_scheme is not "never", or ByteLevel's
+    add_prefix_space? Read from their JSON config (the whole tokenizer's would copy the vocabulary)."""
+    steps = []
+    for component in (tokenizer.normalizer, tokenizer.pre_tokenizer):
+        if component is not None:
+            spec = json.loads(component.__getstate__())
+            steps += spec.get("normalizers") or spec.get("pretokenizers") or [spec]
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Prepend" and step.get("prepend"):
+            return True
+        if kind == "Metaspace" and step.get("prepend_scheme", "always" if step.get("add_prefix_space", True)
+                                            else "never") != "never":
+            return True
+        if kind == "ByteLevel" and step.get("add_prefix_space"):
+            return True
+    return False
 
 
 def _content_name(prompt: str | Messages, system: str | None, index: int) -> str:

@@ -24,6 +24,7 @@ Speed matters because this runs per token over a vocabulary of ~50k entries:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -63,19 +64,17 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        _check_real("temperature", self.temperature)
+        for name in _REAL_FIELDS:  # np.float32(0.7) from a numpy pipeline is a number too: kept as a float
+            object.__setattr__(self, name, _real(name, getattr(self, name)))
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         _check_int("top_k", self.top_k)
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        _check_real("top_p", self.top_p)
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1] (1 turns it off), got {self.top_p}")
-        _check_real("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
-        _check_real("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0.0:
             raise ValueError(
                 f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"
@@ -85,8 +84,6 @@ class SamplingParams:
             raise ValueError(
                 f"repeat_last_n must be >= -1 (-1 = the whole history, 0 = none), got {self.repeat_last_n}"
             )
-        _check_real("frequency_penalty", self.frequency_penalty)
-        _check_real("presence_penalty", self.presence_penalty)
         if self.seed is not None:
             _check_int("seed", self.seed)
             if self.seed < 0:  # numpy's SeedSequence rejects negative seeds with a cryptic message
@@ -116,10 +113,20 @@ class SamplingParams:
         return cls(**{k: v for k, v in values.items() if v is not None})
 
 
-def _check_real(name: str, value: object) -> None:
-    # bool is an int subclass; True as a temperature is almost certainly a bug in the caller.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+_REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def _real(name: str, value: object) -> float:
+    """value as a float: any real number (Python's, numpy's float32 or int64), finite. bool is an int
+    subclass (and numpy's is not Real); True as a temperature is almost certainly a bug in the caller."""
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+    except OverflowError:  # an int of hundreds of digits
+        finite = False
+    if not finite:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    # Python's own numbers stay as given (an error message says -1, as the Android app's does, not -1.0).
+    return value if type(value) in (int, float) else float(value)
 
 
 def _check_int(name: str, value: object) -> None:

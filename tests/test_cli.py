@@ -57,3 +57,40 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(verb):
     status, stderr = reader_gone(*verb)
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
     assert status == 141, (status, stderr)  # as a program killed by SIGPIPE: 128 + 13
+
+
+class _FailingModel:
+    """A model whose answer fails (a ValueError, as a sampler's NaN logits raise) after `written`."""
+
+    def __init__(self, written: str):
+        self.written = written
+
+    def stream(self, *args, **kwargs):
+        yield type("Event", (), {"text": self.written})()
+        raise ValueError("cannot sample: the largest logit is nan (NaN or infinite logits)")
+
+    def chat(self, system=None):
+        return type("Chat", (), {"stream": lambda _, *args, **kwargs: self.stream()})()
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+@pytest.mark.parametrize("written, gap", [("Once upon", "\n"), ("Once upon\n", ""), ("", "")])
+def test_an_error_after_part_of_an_answer_starts_on_a_line_of_its_own(verb, written, gap, monkeypatch):
+    """stdout and stderr on one terminal: the error was glued to the answer's unfinished line."""
+    import argparse
+    import io
+
+    from nomoat.runtime import cli_chat, cli_generate
+
+    terminal = io.StringIO()  # both streams, as a terminal shows them
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("tell a story\n"))
+    module = cli_generate if verb == "generate" else cli_chat
+    monkeypatch.setattr(module, "load_model", lambda verb, args: _FailingModel(written))
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    args = parser.parse_args(["bundle", *(["--prompt", "tell a story"] if verb == "generate" else [])])
+    module.run(args)
+    error = ("nomoat generate: error: " if verb == "generate" else "[") + "cannot sample"
+    assert terminal.getvalue().startswith(written + gap + error), terminal.getvalue()

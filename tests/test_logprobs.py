@@ -60,6 +60,31 @@ def test_an_added_token_is_its_own_text(tokenizers_by_kind):  # noqa: F811
     assert TokenText(tokenizer).bytes_of(im_end) == b"<|im_end|>"
 
 
+def test_a_token_text_is_freed_with_its_model_after_use(tokenizers_by_kind):  # noqa: F811
+    """Its cache is its own: an lru_cache on the method kept self (and the tokenizer) in a class-wide cache."""
+    import gc
+    import weakref
+
+    tokens = TokenText(tokenizers_by_kind["byte_level"])
+    assert tokens.bytes_of(5) == tokens.bytes_of(5)  # the second from the cache
+    freed = weakref.ref(tokens)
+    del tokens
+    gc.collect()
+    assert freed() is None
+
+
+def test_the_token_cache_is_bounded(tokenizers_by_kind, monkeypatch):  # noqa: F811
+    from nomoat.runtime import logprobs
+
+    monkeypatch.setattr(logprobs, "_CACHED_TOKENS", 8)  # the tiny vocabulary is below the real bound
+    tokenizer = tokenizers_by_kind["byte_level"]
+    tokens = TokenText(tokenizer)
+    for i in range(20):
+        tokens.bytes_of(i)
+    assert list(tokens._bytes) == list(range(12, 20))  # the oldest went first
+    assert tokens.bytes_of(0) == TokenText(tokenizer).bytes_of(0)
+
+
 # -- penalties ----------------------------------------------------------------------------------------
 
 

@@ -306,6 +306,52 @@ def test_chat_turns_see_the_whole_conversation(bundle):
     assert fresh == second.token_ids
 
 
+LLAMA2_STYLE_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+                         "{{ '<s>[INST] ' + m['content'] + ' [/INST]' }}"
+                         "{% else %}{{ m['content'] + ' </s>' }}{% endif %}{% endfor %}")
+
+
+def _prepending_tokenizer(vocab_size: int, eos_id: int):
+    """A legacy SentencePiece-style tokenizer.json: a Prepend("▁") normalizer, one character a token
+    (so any answer re-encodes to its own ids), as many tokens as the model has rows."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    chars = ["▁", *(chr(c) for c in range(33, 127))]
+    chars += [chr(0x4E00 + i) for i in range(vocab_size - 2 - len(chars))]  # filler: one character each
+    pieces = chars[:eos_id] + ["</s>"] + chars[eos_id:]
+    pieces.insert(eos_id + 1, "<s>")
+    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[]))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Replace("▁", " ")
+    tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    assert tok.get_vocab_size() == vocab_size and tok.token_to_id("</s>") == eos_id
+    return tok
+
+
+def test_a_chat_turn_with_a_prepending_tokenizer_is_the_whole_rendering_encoded(bundle):
+    """Encoded alone, a Llama-2-chat suffix " </s><s>[INST] ..." gains a "▁" that the whole
+    rendering does not have: each later turn would differ from a fresh render."""
+    from nomoat.runtime.chat_template import ChatTemplate
+    from nomoat.runtime.model import prepends_space
+
+    base = Model.load(bundle)
+    assert not prepends_space(base.tokenizer)  # the byte-level tiny tokenizer encodes suffixes alone, as before
+    (eos_id,) = base.stop_token_ids
+    tokenizer = _prepending_tokenizer(base.manifest.model.vocab_size, eos_id)
+    model = Model(bundle, base.manifest, base.session, tokenizer, template=ChatTemplate(LLAMA2_STYLE_TEMPLATE))
+    assert prepends_space(tokenizer)
+    chat = model.chat()
+    first = chat.send("hi", 6, temperature=0, stop=["<s>"])  # an answer without special tokens
+    first_prompt = len(chat._ids) - len(first.token_ids)
+    second = chat.send("more", 6, temperature=0, stop=["<s>"])
+    prompt = chat._ids[:len(chat._ids) - len(second.token_ids)]
+    rendered = model.render(chat.messages[:-1])
+    assert rendered.startswith(model.render(chat.messages[:1]) + first.text)  # the suffix path's premise
+    assert prompt == model.encode(rendered)
+    # The cache still holds turn one: only what follows it (and an answer's unfed last token) runs.
+    assert chat.stats.cached_tokens >= first_prompt + len(first.token_ids) - 1
+
+
 def test_prompt_over_the_context_is_a_clear_error(bundle):
     model = Model.load(bundle)
     with pytest.raises(ContextOverflowError, match="context holds 96"):
@@ -380,13 +426,38 @@ def test_a_second_request_from_a_thread_with_an_open_stream_is_refused_not_a_dea
     previous = signal.signal(signal.SIGALRM, waited)  # a deadlock fails the test instead of hanging it
     signal.alarm(20)
     try:
-        with pytest.raises(RuntimeError, match="still open: read it to the end or close"):
+        with pytest.raises(RuntimeError, match=r"still open: read it to the end or close\(\) it .*"
+                                               "another thread has read from since is waited for"):
             model.generate("hello", 4, temperature=0)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     stream.close()
     assert model.generate("hello", 4, temperature=0).token_ids  # the lock was let go
+
+
+def test_a_stream_resumed_on_another_thread_is_waited_for_not_refused(bundle):
+    """A thread pool (Starlette iterating a sync generator) resumes each next() on whichever worker is
+    free: the stream's owner is the thread that last ran it, so a request on the thread that started
+    it waits for the stream to finish on the other one."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = Model.load(bundle)
+    expected_a = model.generate("hi", 8, temperature=0).token_ids
+    expected_b = model.generate("hello", 4, temperature=0).token_ids
+    assert len(expected_a) >= 3  # the premise: the first stream is suspended between tokens
+    with ThreadPoolExecutor(1) as pool1, ThreadPoolExecutor(1) as pool2:
+        stream = model.stream("hi", 8, temperature=0)
+        events = [pool1.submit(next, stream).result(timeout=60)]  # started on pool 1's thread
+        events.append(pool2.submit(next, stream).result(timeout=60))  # resumed on pool 2's
+        second = pool1.submit(model.generate, "hello", 4, temperature=0)  # pool 1's thread again
+        time.sleep(0.3)
+        assert not second.done(), second.exception()  # it waits for the lock, not refused
+        events += pool2.submit(list, stream).result(timeout=60)
+        completion = second.result(timeout=60)
+    assert [e.token_id for e in events if e.token_id is not None] == expected_a
+    assert completion.token_ids == expected_b
 
 
 def test_each_completion_keeps_its_own_stats(bundle):
@@ -490,6 +561,46 @@ def test_prompt_lookup_is_a_count_of_drafted_tokens_on_the_command_line(bundle, 
         main(["generate", str(bundle), "--prompt", "hi", "--prompt-lookup", "-1"])
     assert e.value.code == 2
     assert "'-1' is not a number of drafted tokens: give 0 (off) or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+def test_prompt_lookup_with_sampling_is_refused_on_the_command_line(bundle, verb, capsys, monkeypatch):
+    """Drafts are checked by argmax: a sampled answer (the tiny bundle's default temperature is 0.7)
+    would draft nothing, without a word."""
+    import io
+
+    from nomoat.__main__ import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one two one two\n"))
+    prompt = ["--prompt", "one two one two"] if verb == "generate" else []
+    args = [verb, str(bundle), "--max-new-tokens", "4", *prompt]
+    assert main([*args, "--prompt-lookup", "4"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"nomoat {verb}: error: --prompt-lookup drafts only when decoding is greedy, and the "
+                                 "bundle's default temperature is 0.7: add --temperature 0 (or drop --prompt-lookup)\n")
+    assert main([*args, "--prompt-lookup", "4", "--temperature", "0.5"]) == 2
+    assert "and --temperature is 0.5: add --temperature 0" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one two one two\n"))
+    assert main([*args, "--prompt-lookup", "4", "--temperature", "0"]) == 0
+    assert "error" not in capsys.readouterr().err
+
+
+def test_prompt_lookup_with_sampling_is_a_value_error_in_the_sdk_and_runs_plain_in_stream_ids(bundle):
+    model = Model.load(bundle)
+    message = r"prompt_lookup drafts only when decoding is greedy, and temperature is 0.7 .*pass temperature=0"
+    with pytest.raises(ValueError, match=message):
+        model.generate("one two one two", 4, prompt_lookup=4)  # the bundle's default temperature
+    with pytest.raises(ValueError, match="temperature is 0.5"):
+        model.chat().send("one two one two", 4, prompt_lookup=4, temperature=0.5)
+    assert model.generate("one two one two", 4, prompt_lookup=4, temperature=0).token_ids
+    # The server applies its --prompt-lookup to every request: stream_ids runs a sampled one plain.
+    ids = model.encode("one two one two " * 4)
+    sampled = model.sampling_params(seed=1)
+    events = list(model.stream_ids(ids, 8, params=sampled, prompt_lookup=4))
+    assert events[-1].stats.drafted_tokens == 0
+    assert [e.token_id for e in events] == [e.token_id for e in model.stream_ids(ids, 8, params=sampled)]
+    with pytest.raises(ValueError, match=message):
+        next(model.stream_ids(ids, 8, params=sampled, prompt_lookup=4, refuse_sampled_lookup=True))
 
 
 def test_bench_engine_with_prompt_lookup_gives_the_plain_tokens_in_fewer_passes(bundle):

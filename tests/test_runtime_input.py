@@ -343,3 +343,54 @@ def test_prompt_lookup_must_be_a_count(model, value, message):
 def test_threads_must_be_a_positive_integer(bundle, value, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         Model.load(bundle, threads=value)
+
+
+@pytest.mark.parametrize("value, message", [
+    (2.5, "prefill_chunk must be an integer, got 2.5"),
+    (0, "prefill_chunk must be at least 1, got 0"),
+])
+def test_prefill_chunk_must_be_a_positive_integer_before_the_session_loads(bundle, monkeypatch, value, message):
+    from nomoat.runtime import model as model_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the session loaded before prefill_chunk was checked")
+
+    monkeypatch.setattr(model_module, "DecoderSession", no_load)
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        Model.load(bundle, prefill_chunk=value)
+
+
+def test_raw_with_a_system_message_is_refused_in_the_sdk(model):
+    """raw skips the chat template, where the system message goes: it would be dropped without a word."""
+    message = r"^system= needs the chat template, which raw=True skips; drop one of them"
+    with pytest.raises(ValueError, match=message):
+        model.render("hi", system="Answer in French.", raw=True)
+    with pytest.raises(ValueError, match=message):
+        model.generate("hi", 3, system="Answer in French.", raw=True)
+    with pytest.raises(ValueError, match=message):
+        next(model.stream("hi", 3, system="", raw=True))  # "" is a system turn too
+    assert model.render("hi", raw=True) == "hi"
+
+
+@pytest.mark.parametrize("bad, position", [(-1, 2), ("vocab", 1), ("vocab+5", 0)])
+def test_a_token_id_outside_the_vocabulary_is_refused_naming_its_position(model, bad, position):
+    """A negative id was read from the end of the embedding; one past it failed inside ONNX Runtime."""
+    vocab = model.manifest.model.vocab_size
+    value = {"vocab": vocab, "vocab+5": vocab + 5}.get(bad, bad)
+    ids = [5, 6, 7, 8]
+    ids[position] = value
+    message = f"^token id {value} at position {position} is not in the vocabulary \\(0 to {vocab - 1}\\)"
+    with pytest.raises(ValueError, match=message):
+        next(model.generate_tokens(ids, 2))
+    with pytest.raises(ValueError, match=message):
+        next(model.generate_tokens_lookahead(ids, 2))
+    with pytest.raises(ValueError, match=message):
+        next(model.stream_ids(ids, 2))
+    with pytest.raises(ValueError, match=message):
+        model.logits(ids)
+    assert next(model.stream_ids([5, 6, vocab - 1], 1)).token_id is not None  # the last row is in
+
+
+def test_token_ids_that_are_not_integers_are_a_type_error(model):
+    with pytest.raises(TypeError, match=r"^token ids must be a flat sequence of integers, got \[5, 6.5\]"):
+        next(model.generate_tokens([5, 6.5], 2))

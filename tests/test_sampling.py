@@ -277,3 +277,20 @@ def test_text_modules_do_not_import_torch_or_transformers():
         [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_numpy_numbers_are_numbers_and_kept_as_floats():
+    """A temperature from a numpy pipeline (np.float32(0.7)) was refused as not a finite number."""
+    params = SamplingParams(temperature=np.float32(0.7), top_p=np.float64(0.9), min_p=np.float16(0.05),
+                            repetition_penalty=np.int64(1), frequency_penalty=np.float32(0.5), presence_penalty=0)
+    assert params.temperature == float(np.float32(0.7)) and params.top_p == 0.9
+    assert all(type(getattr(params, name)) is float for name in
+               ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty"))
+    assert type(params.presence_penalty) is int  # Python's own numbers stay as given
+    for bad in (10 ** 400, -10 ** 400):
+        with pytest.raises(ValueError, match="top_p must be a finite number"):
+            SamplingParams(top_p=bad)
+    assert Sampler(params).sample(np.array([0.0, 5.0, 1.0], np.float32)) in (0, 1, 2)
+    for bad in (True, np.True_, np.float32("nan"), "0.7", None):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            SamplingParams(temperature=bad)
