@@ -29,6 +29,14 @@ interface TextCodec {
      * (runtime/model.py `_special_token_ids`).
      */
     fun specialTokenId(text: String): Int?
+
+    /**
+     * Whether [suffix], the text a chat turn adds, encodes on its own as it does after the text before
+     * it (runtime/model.py `Model.encodes_alone`). Not when the tokenizer puts a space before each piece
+     * of text between added tokens (ByteLevel's `add_prefix_space`) and the suffix starts inside one:
+     * alone, it would gain that space. [Chat] then encodes the whole conversation.
+     */
+    fun encodesAlone(suffix: String): Boolean = true
 }
 
 /** Text deltas from tokens arriving one at a time, never splitting a UTF-8 character. */

@@ -370,12 +370,14 @@ class Chat(val generator: Generator, val format: ChatFormat, system: String? = n
         ids = IntArray(0)
     }
 
-    private fun promptIds(rendered: String): IntArray =
+    private fun promptIds(rendered: String): IntArray {
         if (ids.isNotEmpty() && rendered.startsWith(text)) {
-            ids + generator.encode(rendered.substring(text.length), addBos = false)
-        } else {
-            generator.encode(rendered)
+            val suffix = rendered.substring(text.length)
+            if (generator.codec.encodesAlone(suffix)) return ids + generator.encode(suffix, addBos = false)
         }
+        // The whole conversation: the generator's prefix cache still reuses what matches.
+        return generator.encode(rendered)
+    }
 
     /** One turn: the answer to [userText], streamed through [onDelta]. A failed turn leaves no trace in the history. */
     fun send(

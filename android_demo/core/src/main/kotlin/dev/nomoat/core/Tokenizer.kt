@@ -70,6 +70,14 @@ class Tokenizer private constructor(
      * nothing with `skip_special_tokens=True` (a special token), else null. */
     override fun specialTokenId(text: String): Int? = tokenToId(text)?.takeIf { shownBytes(it).isEmpty() }
 
+    override fun encodesAlone(suffix: String): Boolean =
+        preTokenizers.none { it.addPrefixSpace } || suffix.isEmpty() || startsWithAddedToken(suffix)
+
+    /** A suffix that starts with an added token starts a piece of its own, alone or after other text. */
+    private fun startsWithAddedToken(text: String): Boolean =
+        (rawAdded.split(text).firstOrNull()?.second ?: -1) >= 0 ||
+            (normalizedAdded.split(text).firstOrNull()?.second ?: -1) >= 0
+
     /** The id of a token's text (model vocabulary or added token), or null. */
     fun tokenToId(token: String): Int? = vocab[token] ?: rawAdded.idOf(token) ?: normalizedAdded.idOf(token)
 
@@ -513,7 +521,7 @@ class Tokenizer private constructor(
 }
 
 /** One pre-tokenization step: a Split (regex, Isolated) or ByteLevel (optional GPT-2 regex and prefix space). */
-internal class PreTokenizer(private val regex: Pattern?, private val addPrefixSpace: Boolean) {
+internal class PreTokenizer(private val regex: Pattern?, val addPrefixSpace: Boolean) {
     /** Matches and the text between them, in order (`tokenizers`' "Isolated" behavior). An empty
      * match still cuts the text there, as in `tokenizers` ("a?" splits "abc" into a, b, c). */
     fun split(text: String): List<String> {

@@ -37,6 +37,24 @@ class LetterCodec : TextCodec {
     override fun specialTokenId(text: String): Int? = if (text == Letters.VOCAB[Letters.END]) Letters.END else null
 }
 
+/** LetterCodec with a space before each piece of text between "<|end|>" tokens, as a tokenizer with
+ * ByteLevel's add_prefix_space gives it (Tokenizer.encodesAlone). */
+class SpacedLetterCodec : TextCodec by LetterCodec() {
+    private val letters = LetterCodec()
+
+    override fun encode(text: String): IntArray {
+        val end = Letters.VOCAB[Letters.END]
+        val out = ArrayList<Int>()
+        text.split(end).forEachIndexed { i, piece ->
+            if (i > 0) out.add(Letters.END)
+            if (piece.isNotEmpty()) out.addAll((if (piece.startsWith(" ")) piece else " $piece").let { letters.encode(it).toList() })
+        }
+        return out.toIntArray()
+    }
+
+    override fun encodesAlone(suffix: String): Boolean = suffix.isEmpty() || suffix.startsWith(Letters.VOCAB[Letters.END])
+}
+
 /** next(last id) gets logit 10, everything else 0; the KV "cache" is a list checked like a real one. */
 class FakeForward(override val maxContext: Int, private val next: (Int) -> Int) : Forward {
     class Call(val ids: List<Int>, val startPos: Int)

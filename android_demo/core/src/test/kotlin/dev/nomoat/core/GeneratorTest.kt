@@ -193,6 +193,20 @@ class GeneratorTest {
     }
 
     @Test
+    fun chatWithATokenizerThatSpacesEachPieceEncodesTheWholeConversation() {
+        // Encoded alone, the next turn's text would gain the leading space this codec gives each piece.
+        val spaced = SpacedLetterCodec()
+        val forward = FakeForward.countingUp()
+        val chat = Chat(Generator(forward, spaced, listOf(Letters.END)), format)
+        chat.send("hi", 10)
+        val second = chat.send("ok", 10)
+        val whole = spaced.encode(format.render(chat.messages.dropLast(1)))
+        assertEquals(whole.toList(), forward.cache.subList(0, whole.size))
+        assertEquals(whole.size, second.stats.promptTokens)
+        assertEquals(spaced.encode("u:hi\na:bcde").size, second.stats.cachedTokens)  // the first turn still reused
+    }
+
+    @Test
     fun chatAfterACutAnswerReencodesAndStillReusesThePrefix() {
         val forward = FakeForward.countingUp()
         val chat = Chat(generator(forward), format, system = "x")

@@ -5,6 +5,7 @@ import org.json.JSONObject
 import org.junit.Assert.assertArrayEquals
 import org.junit.Assert.assertEquals
 import org.junit.Assert.assertNull
+import org.junit.Assert.assertFalse
 import org.junit.Assert.assertTrue
 import org.junit.Assert.fail
 import org.junit.Test
@@ -43,6 +44,22 @@ class TokenizerTest {
     private val tokenizer = Tokenizer.fromJson(tokenizerJson())
 
     private fun ids(vararg tokens: String) = tokens.map { vocab.indexOf(it) }.toIntArray()
+
+    @Test
+    fun aSuffixEncodesAloneUnlessEachPieceGainsALeadingSpace() {
+        assertTrue(tokenizer.encodesAlone("abc"))  // no add_prefix_space: any suffix
+        val spaced = Tokenizer.fromJson(tokenizerJson(root = {
+            put("pre_tokenizer", JSONObject().put("type", "ByteLevel").put("add_prefix_space", true).put("use_regex", true))
+        }))
+        // Alone, "bc" gains the space it does not have after "a": the rule says so, and the encodings show it.
+        assertArrayEquals(ids("Ġ", "bc"), spaced.encode("bc"))
+        assertFalse(spaced.encodesAlone("bc"))
+        assertFalse((spaced.encode("a") + spaced.encode("bc")).contentEquals(spaced.encode("abc")))
+        // After an added token a piece starts anew either way.
+        assertTrue(spaced.encodesAlone("<|im_end|>bc"))
+        assertArrayEquals(spaced.encode("a") + spaced.encode("<|im_end|>bc"), spaced.encode("a<|im_end|>bc"))
+        assertTrue(spaced.encodesAlone(""))
+    }
 
     @Test
     fun lowerRankedMergesApplyFirst() {
