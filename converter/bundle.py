@@ -28,13 +28,13 @@ REPORT_FILE = "report.json"
 
 
 def check_destination(out: Path, force: bool, sources: Iterable[tuple[str, str | Path]] = (),
-                      only_bundles: bool = False) -> Path:
+                      replaces: tuple[str, str] | None = None) -> Path:
     """Refuse an existing output before any work starts (unless --force); return it as an absolute path.
 
     `sources` are (flag, path) pairs of what the conversion reads (--model, --lora): an output that is,
     holds or lies inside one of them is refused, since replacing it would delete the source. With
-    `only_bundles`, --force replaces only an empty folder or a bundle (one holding manifest.json).
-    An --out that is a symbolic link stands for the folder it points to (see _through_link).
+    `replaces` (a file and what a folder holding it is, e.g. BUNDLE_OUTPUT), --force replaces only an empty
+    folder or such a folder. An --out that is a symbolic link stands for the folder it points to (see _through_link).
     """
     # '.' and '..' get a name and a parent; `--out=~/b` reaches us with its ~ (the shell expands only a word's start)
     out = _through_link(Path(os.path.abspath(Path(out).expanduser())))
@@ -53,15 +53,22 @@ def check_destination(out: Path, force: bool, sources: Iterable[tuple[str, str |
             raise ConversionError(f"--out {out} {where} {flag} {source}; writing the bundle there would replace "
                                   f"the {'model' if flag == '--model' else 'adapter'}'s files. Choose an --out "
                                   "outside it.")
-    if out.exists() and not force:
-        raise ConversionError(f"output {out} already exists; choose another --out or pass --force to replace it.")
+    # What --force cannot replace is refused first, and without suggesting --force, which would refuse it next.
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output {out} exists and is not a directory; remove it or choose another --out.")
-    if out.is_dir() and only_bundles and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise ConversionError(f"--force replaces only a bundle or an empty folder, and {out} holds other files "
-                              f"(no {MANIFEST_NAME}); choose another --out, or empty that folder yourself.")
+    if out.is_dir() and replaces and any(out.iterdir()) and not (out / replaces[0]).is_file():
+        marker, kind = replaces
+        said = f"--force replaces only {kind} or an empty folder, and {out}" if force else f"output {out} exists and"
+        raise ConversionError(f"{said} holds other files (no {marker}); choose another --out, or empty that folder "
+                              "yourself.")
+    if out.exists() and not force:
+        raise ConversionError(f"output {out} already exists; choose another --out or pass --force to replace it.")
     _check_parents_can_be_made(out)
     return out
+
+
+# check_destination's `replaces` for `nomoat convert`: a folder holding manifest.json is a bundle
+BUNDLE_OUTPUT = (MANIFEST_NAME, "a bundle")
 
 
 def _through_link(out: Path) -> Path:
@@ -153,14 +160,19 @@ def handlers_replaced(names: Iterable[str], handler: Callable[[int, object], Non
 
 
 _STAGING_INFIX = ".tmp-"
+# Inside a staging folder, locked (flock) by the conversion writing it for as long as it runs: the kernel
+# drops the lock when that process ends, however it ends (SIGKILL, the OOM killer), so a later conversion
+# can take it exactly when the folder is abandoned. Removed before the folder becomes the bundle.
+STAGING_LOCK = ".nomoat-staging.lock"
 
 
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
     """A temp dir on the same filesystem as `out`, removed if the block fails.
 
-    Its name holds this process's id (`.OUT.tmp-PID-xxxx`), so a later conversion can tell a folder
-    left by a killed one (remove_stale_staging) from one still being written.
+    Its STAGING_LOCK is locked while the block runs, and its name holds this process's id
+    (`.OUT.tmp-PID-xxxx`), so a later conversion can tell a folder left by a killed one
+    (remove_stale_staging) from one still being written.
     """
     out = Path(os.path.abspath(out))
     # `--out build/rpi5` in a fresh checkout: the missing parents are made here, as `mkdir -p` would,
@@ -172,15 +184,40 @@ def staging_dir(out: Path) -> Iterator[Path]:
     except OSError as e:  # the folder changed since check_destination, or a file system that refuses
         _remove_empty(made)
         raise ConversionError(f"cannot write beside --out {out}: {e.strerror or e}; choose another --out.") from e
-    done = False
+    done, lock = False, None
     try:
+        lock = _hold_lock(tmp)
         yield tmp
         done = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)  # releases the flock
         if not done:
             _remove_empty(made)
+
+
+def _hold_lock(folder: Path) -> int | None:
+    """Lock folder's STAGING_LOCK for this process's lifetime; the open descriptor (None where flock is missing).
+
+    The lock is taken on a file of another name that is then renamed: a lock file that exists is always
+    held, so remove_stale_staging never catches one in the instant between its creation and its flock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: the process id in the folder's name is all there is
+        return None
+    pending = folder / f"{STAGING_LOCK}.new"
+    fd = os.open(pending, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        pending.rename(folder / STAGING_LOCK)
+    except OSError:  # a file system without flock: the process id rule still applies
+        os.close(fd)
+        pending.unlink(missing_ok=True)
+        return None
+    return fd
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -199,16 +236,38 @@ def _missing_ancestors(folder: Path) -> list[Path]:
 
 
 def remove_stale_staging(out: Path) -> list[Path]:
-    """Remove the staging folders of `out` whose process is gone (killed before it could clean up)."""
+    """Remove the staging folders of `out` whose conversion is gone (killed before it could clean up)."""
     out = Path(os.path.abspath(out))
     removed = []
     prefix = f".{out.name}{_STAGING_INFIX}"
     for path in out.parent.glob(f"{glob.escape(prefix)}*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
-        if path.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+        if path.is_dir() and pid.isdigit() and _abandoned(path, int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def _abandoned(folder: Path, pid: int) -> bool:
+    """Whether no conversion writes the staging folder any more: its STAGING_LOCK can be locked.
+
+    The lock, not the process id: in a container nomoat is PID 1 on every run, so the id of an OOM-killed
+    run is this run's, and its gigabytes would be kept forever. A folder without the lock file (left by an
+    older nomoat) is judged by its process id.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(folder / STAGING_LOCK, os.O_RDWR)
+    except (ImportError, OSError):  # no lock file, or no flock on this platform
+        return not _process_alive(pid)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: its conversion is running
+    finally:
+        os.close(fd)
+    return True
 
 
 def _process_alive(pid: int) -> bool:
@@ -228,7 +287,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+            if p.is_file() and p.name not in (MANIFEST_NAME, STAGING_LOCK)}
 
 
 def _sync_files(folder: Path) -> None:
@@ -258,6 +318,7 @@ def _open_permissions(folder: Path) -> None:
 def move_into_place(staging: Path, out: Path, force: bool) -> Path:
     """One rename; an existing `out` (allowed by --force) is moved aside first and removed after."""
     out = Path(os.path.abspath(out))
+    (staging / STAGING_LOCK).unlink(missing_ok=True)  # no file of the bundle; the lock stays held till the end
     _sync_files(staging)
     _open_permissions(staging)
     if not out.exists():

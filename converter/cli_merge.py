@@ -72,11 +72,8 @@ def merge_to_hf_dir(model: str | Path, loras: list[AdapterRef], out: Path, force
 
     # The model and the adapters are what --force would otherwise delete when --out names them.
     sources = [("--model", model), *(("--lora", ref.path) for ref in loras)]
-    out = check_destination(Path(out), force, sources=sources)
+    out = check_destination(Path(out), force, sources=sources, replaces=(REPORT_FILE, "an earlier merge's folder"))
     require_adapter_paths(loras)
-    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_FILE).is_file():
-        raise ConversionError(f"--force replaces only an earlier merge's folder (with its {REPORT_FILE}) or an "
-                              f"empty one, and {out} holds other files; choose another --out, or empty it yourself.")
     with signals_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: the staging folder goes with them
         for stale in remove_stale_staging(out):
             _progress(f"removed {stale.name}, left by a merge that was killed", progress)

@@ -68,6 +68,7 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
 
     if opts.fit not in ("strict", "shrink-context"):
         raise ConversionError(f"--fit {opts.fit!r} is unknown; use 'strict' or 'shrink-context'.")
+    _check_max_ppl_increase(opts.max_ppl_increase)
     target = load_target(opts.target)
     recipe = target.recipe.with_overrides(weights=opts.quant, block_size=opts.block_size,
                                           lm_head_bits=opts.lm_head_bits, algorithm=opts.algorithm,
@@ -76,6 +77,16 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
                                           kv_dtype=opts.kv_dtype)
     recipe.quant_recipe()  # validates --quant / --block-size before any work
     return target, recipe
+
+
+def _check_max_ppl_increase(limit: float | None) -> None:
+    """A limit below zero fails every bundle, and nan or inf none: both only after the whole conversion, so
+    they are refused before any work."""
+    import math
+
+    if limit is not None and not (math.isfinite(limit) and limit >= 0):
+        raise ConversionError(f"--max-ppl-increase {limit:g} is not a percentage the gate can use; give a number "
+                              "of percent, 0 or more (e.g. 30), or leave it out for the default.")
 
 
 def fit_recipe(spec: ModelSpec, recipe: Recipe, target: Target, mode: str) -> tuple[Recipe, MemoryEstimate]:
@@ -105,14 +116,14 @@ def convert(opts: ConvertOptions) -> Path:
 def _convert(opts: ConvertOptions) -> Path:
     import time
 
-    from .bundle import check_destination, remove_stale_staging, staging_dir
+    from .bundle import BUNDLE_OUTPUT, check_destination, remove_stale_staging, staging_dir
     from .load import load_checkpoint
     from .merge import merge_adapters, require_adapter_paths
     from .peek import peek_spec
     from .verify import check_eval_text, read_eval_text
 
     sources = [("--model", opts.model), *(("--lora", ref.path) for ref in opts.loras)]
-    out = check_destination(Path(opts.out), opts.force, sources=sources, only_bundles=True)
+    out = check_destination(Path(opts.out), opts.force, sources=sources, replaces=BUNDLE_OUTPUT)
     require_adapter_paths(opts.loras)
     target, recipe = plan(opts)
     eval_text = None if opts.skip_verify else read_eval_text(opts.eval_text)  # a bad path fails before any work

@@ -45,6 +45,8 @@ def _load_file(p: Path) -> Checkpoint:
         from .load_gguf import load_gguf
 
         return load_gguf(p)
+    if p.name.startswith("adapter_model."):  # PEFT's weights file: the adapter is its folder
+        raise ConversionError(adapter_given_as_model(p.parent))
     if p.suffix.lower() in (".safetensors", ".pth", ".bin", ".pt"):
         raise ConversionError(
             f"{p} is a bare weights file; nomoat needs the config next to it. "
@@ -65,22 +67,50 @@ def is_gguf(path: Path) -> bool:
 
 
 def _load_dir(p: Path) -> Checkpoint:
-    names = sorted(child.name for child in p.iterdir())
-    has_safetensors = any(n.endswith(".safetensors") for n in names)
-    if "config.json" in names and has_safetensors:
+    kind, model = folder_kind(p)
+    if kind == "hf":
         from .load_hf import load_hf_dir
 
-        return load_hf_dir(p)
-    if "params.json" in names and any(n.startswith("consolidated.") and n.endswith(".pth") for n in names):
+        return load_hf_dir(model)
+    if kind == "meta":
         from .load_meta import load_meta_dir
 
-        return load_meta_dir(p)
-    ggufs = [n for n in names if n.lower().endswith(".gguf")]
-    if len(ggufs) == 1:
+        return load_meta_dir(model)
+    if kind == "gguf":
         from .load_gguf import load_gguf
 
-        return load_gguf(p / ggufs[0])
-    raise ConversionError(_unrecognised_dir_message(p, names, ggufs))
+        return load_gguf(model)
+    if kind == "adapter":
+        raise ConversionError(adapter_given_as_model(p))
+    names = sorted(child.name for child in p.iterdir())
+    raise ConversionError(_unrecognised_dir_message(p, names, [n for n in names if n.lower().endswith(".gguf")]))
+
+
+def folder_kind(p: Path) -> tuple[str | None, Path]:
+    """What the folder holds, by its files: ("hf", p), ("meta", p), ("gguf", its one .gguf file), ("adapter", p),
+    ("hf-config", p) for a config.json without weights, or (None, p). The load and the fit pre-check (peek.py)
+    both ask here, so they cannot read one folder as two different things."""
+    names = sorted(child.name for child in p.iterdir())
+    # adapter_model.safetensors is no model weight: a training run's output folder holds it next to a
+    # config.json (the base model's), and is still only an adapter
+    if "config.json" in names and any(n.endswith(".safetensors") and not n.startswith("adapter_") for n in names):
+        return "hf", p
+    if "params.json" in names and any(n.startswith("consolidated.") and n.endswith(".pth") for n in names):
+        return "meta", p
+    ggufs = [n for n in names if n.lower().endswith(".gguf")]
+    if len(ggufs) == 1:
+        return "gguf", p / ggufs[0]
+    other_weights = any(n.endswith((".bin", ".pth")) and not n.startswith("adapter_") for n in names)
+    if not other_weights and ("adapter_config.json" in names or any(n.startswith("adapter_model.") for n in names)):
+        return "adapter", p
+    if "config.json" in names:  # its weights are missing: the fit check can still read it, the load asks for them
+        return "hf-config", p
+    return None, p
+
+
+def adapter_given_as_model(path: Path | str) -> str:
+    """The one-line refusal of a LoRA adapter (PEFT folder or llama.cpp LoRA .gguf) passed as --model."""
+    return f"{path} is a LoRA adapter, not a model: pass it with --lora and its base model with --model."
 
 
 def _unrecognised_dir_message(p: Path, names: list[str], ggufs: list[str]) -> str:

@@ -78,7 +78,7 @@ _SAMPLING_KEYS = {
 def load_gguf(path: Path) -> Checkpoint:
     reader = _open(path)
     meta = read_metadata(reader)
-    arch = _architecture(meta)
+    arch = _architecture(meta, path)
     raw = {t.name: t for t in reader.tensors}
     spec = spec_from_gguf(meta, arch, raw)
     checkpoint = Checkpoint(
@@ -98,7 +98,7 @@ def load_gguf(path: Path) -> Checkpoint:
 def load_gguf_tokenizer(path: Path) -> TokenizerInfo:
     """Only the tokenizer (tokenizer.json and chat template from the metadata), without the weights."""
     meta = read_metadata(_open(path))
-    return tokenizer_from_gguf(meta, _architecture(meta))
+    return tokenizer_from_gguf(meta, _architecture(meta, path))
 
 
 def _open(path: Path) -> Any:
@@ -128,7 +128,11 @@ def read_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def _architecture(meta: dict[str, Any]) -> str:
+def _architecture(meta: dict[str, Any], path: Path) -> str:
+    if meta.get("general.type") == "adapter":  # a llama.cpp LoRA: its architecture is its base model's
+        from .load import adapter_given_as_model
+
+        raise ConversionError(adapter_given_as_model(path))
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ConversionError(
@@ -180,10 +184,11 @@ def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> Mode
             f"the GGUF rotates {rotary_dims} of {head_dim} head dimensions (partial rotary); "
             "nomoat's LLaMA block rotates all of them."
         )
-    scaling_type = key("rope.scaling.type", "none")
+    scaling_type, factor = _rope_scaling(key)
     if scaling_type not in ("none", None):
+        shown = f" (factor {factor:g})" if factor else ""
         raise ConversionError(
-            f"GGUF rope scaling {scaling_type!r} is not supported (only plain RoPE and Llama 3 scaling); "
+            f"GGUF rope scaling {scaling_type!r}{shown} is not supported (only plain RoPE and Llama 3 scaling); "
             "use a model without rope scaling."
         )
     rope_theta = float(key("rope.freq_base", 10000.0))
@@ -212,6 +217,23 @@ def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> Mode
         attention_bias=arch == "qwen2",
         rope_scaling=_llama3_scaling(raw[_ROPE_FREQS], head_dim, rope_theta) if _ROPE_FREQS in raw else None,
     )
+
+
+def _rope_scaling(key: Any) -> tuple[Any, float | None]:
+    """(type, factor) of the rope scaling, as llama.cpp reads them.
+
+    llama.cpp takes a missing rope.scaling.type as "linear", scaling positions by rope.scaling.factor (or by
+    the older key rope.scale_linear); a factor of 0 or 1 scales nothing. So a file with only a factor is
+    linear scaling, and read as plain RoPE it would put every position in the wrong place.
+    """
+    factor = key("rope.scaling.factor", None)
+    if factor is None:
+        factor = key("rope.scale_linear", None)
+    factor = None if factor is None else float(factor)
+    scaling_type = key("rope.scaling.type", None)
+    if scaling_type is None:
+        scaling_type = "none" if factor in (None, 0.0, 1.0) else "linear"
+    return scaling_type, factor
 
 
 def _llama3_scaling(rope_freqs: Any, head_dim: int, theta: float) -> RopeScaling:

@@ -21,21 +21,21 @@ def peek_spec(path: str | Path) -> ModelSpec | None:
     A ConversionError (an unsupported architecture, say) propagates: the full load would
     raise the same one, only later.
     """
-    from .load import is_gguf
+    from .load import folder_kind, is_gguf
 
     p = Path(path).expanduser()
     if p.is_file():
         return _gguf_spec(p) if p.suffix.lower() == ".gguf" or is_gguf(p) else None
     if not p.is_dir():
         return None  # a hub id or a missing path: the load stage resolves or refuses it
-    if (p / "config.json").is_file():
-        return _hf_spec(p / "config.json")
-    ggufs = sorted(p.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return _gguf_spec(ggufs[0])
-    if (p / "params.json").is_file():
-        return _meta_spec(p)
-    return None
+    kind, model = folder_kind(p)  # the loader's own reading of the folder
+    if kind in ("hf", "hf-config"):  # config.json alone: a model too big is refused before its download ends
+        return _hf_spec(model / "config.json")
+    if kind == "gguf":
+        return _gguf_spec(model)
+    if kind == "meta":
+        return _meta_spec(model)
+    return None  # an adapter or an unknown folder: the load stage refuses it
 
 
 def _hf_spec(config: Path) -> ModelSpec | None:
@@ -58,7 +58,7 @@ def _gguf_spec(path: Path) -> ModelSpec | None:
     except (ValueError, OSError, IndexError):
         return None
     meta = read_metadata(reader)
-    arch = _architecture(meta)
+    arch = _architecture(meta, path)
     return spec_from_gguf(meta, arch, {t.name: t for t in reader.tensors})
 
 

@@ -168,13 +168,8 @@ class ModelSpec:
                 f"model_type {arch!r} is not supported; nomoat converts "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} models (LLaMA-style decoders)."
             )
-        if arch == "mistral" and cfg.get("sliding_window") not in (None, 0):
-            # A sliding window changes attention beyond a distance; exporting it as full
-            # attention would be wrong past that distance, so refuse rather than guess.
-            raise ConversionError(
-                "Mistral with a sliding attention window (sliding_window="
-                f"{cfg['sliding_window']}) is not supported; use a checkpoint with sliding_window: null."
-            )
+        if arch == "mistral":
+            _refuse_mistral_sliding_window(cfg, source)
         if arch == "qwen2" and cfg.get("use_sliding_window"):
             raise ConversionError("Qwen2 with use_sliding_window=true is not supported.")
         if cfg.get("mlp_bias") or (arch == "llama" and cfg.get("attention_bias")):
@@ -270,6 +265,29 @@ class ModelSpec:
                     p + "self_attn.v_proj.bias": (kv,),
                 }
         return shapes
+
+
+# transformers' MistralConfig default (4.x and 5.x): what a config.json without the key gets
+MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
+
+
+def _refuse_mistral_sliding_window(cfg: dict[str, Any], source: str) -> None:
+    """A sliding window changes attention beyond a distance; exporting it as full attention would be wrong
+    past that distance, so refuse rather than guess. A config.json without the key has transformers'
+    default window (only an explicit null means full attention)."""
+    window = cfg.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
+    if window in (None, 0):
+        return
+    if "sliding_window" not in cfg:
+        raise ConversionError(
+            f"{source} has no sliding_window, which transformers reads as Mistral's sliding attention window of "
+            f"{window} tokens, and that is not supported; if the model attends to its whole context, add "
+            '"sliding_window": null to it.'
+        )
+    raise ConversionError(
+        f"Mistral with a sliding attention window (sliding_window={window}) is not supported; use a checkpoint "
+        "with sliding_window: null."
+    )
 
 
 _HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -288,3 +288,209 @@ def test_a_model_with_vllms_top_k_converts_and_its_bundle_loads(tiny_dir, tmp_pa
     (model / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": -1, "temperature": 0.7}))
     out = _convert(model, tmp_path / "b")
     assert Model.load(out).sampling_params().top_k == 0
+
+
+# -- GGUF linear rope scaling without a scaling type ----------------------------------------------------------
+
+def _gguf_with_keys(hf_dir: Path, path: Path, monkeypatch, keys: dict) -> Path:
+    """write_gguf_from_hf's file with extra float32 metadata keys (written right after general.name)."""
+    import gguf
+
+    add_name = gguf.GGUFWriter.add_name
+
+    def with_keys(self, name):
+        add_name(self, name)
+        for key, value in keys.items():
+            self.add_float32(key, value)
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf.GGUFWriter, "add_name", with_keys)
+        return write_gguf_from_hf(hf_dir, path)
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_a_gguf_rope_factor_without_a_type_is_linear_scaling_and_refused(tiny_dir, tmp_path, monkeypatch, key):
+    """llama.cpp reads a missing rope.scaling.type as 'linear': the factor alone scales every position."""
+    gguf_file = _gguf_with_keys(tiny_dir, tmp_path / "m.gguf", monkeypatch, {key: 4.0})
+    refusal = r"GGUF rope scaling 'linear' \(factor 4\) is not supported"
+    with pytest.raises(ConversionError, match=refusal):
+        load_checkpoint(gguf_file)
+    with pytest.raises(ConversionError, match=refusal):
+        peek_spec(gguf_file)  # the fit pre-check says the same, before any weight is read
+
+
+@pytest.mark.parametrize("factor", [0.0, 1.0])
+def test_a_gguf_rope_factor_of_0_or_1_scales_nothing(tiny_dir, tmp_path, monkeypatch, factor):
+    gguf_file = _gguf_with_keys(tiny_dir, tmp_path / "m.gguf", monkeypatch, {"llama.rope.scaling.factor": factor})
+    assert load_checkpoint(gguf_file).spec.rope_scaling is None
+
+
+# -- the fit pre-check reads a folder as the loader does ---------------------------------------------------
+
+def test_a_folder_of_one_gguf_and_a_stub_config_json_converts(tiny_dir, tmp_path):
+    """The loader reads such a folder as a GGUF (no safetensors); the pre-check read its config.json and died."""
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    write_gguf_from_hf(tiny_dir, folder / "m.gguf")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))  # e.g. a hub repo's stub
+    assert peek_spec(folder) == load_checkpoint(folder).spec
+    assert (_convert(folder, tmp_path / "b") / MANIFEST_NAME).is_file()
+
+
+# -- a LoRA adapter given as --model ---------------------------------------------------------------------
+
+def _peft_folder(path: Path, with_model_config: Path | None = None) -> Path:
+    """A PEFT adapter's files (their contents do not matter: the folder is refused by its files)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)},
+              str(path / "adapter_model.safetensors"))
+    if with_model_config is None:
+        (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    else:  # a training run's output folder: the base model's config.json beside the adapter
+        shutil.copy(with_model_config / "config.json", path / "config.json")
+    return path
+
+
+def _lora_gguf(path: Path) -> Path:
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 8.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((4, 64), np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((64, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["peft", "training-output", "peft-weights-file", "lora-gguf"])
+def test_a_lora_adapter_given_as_model_is_told_to_use_lora(tiny_dir, tmp_path, kind):
+    adapter = {"peft": lambda: _peft_folder(tmp_path / "adapter"),
+               "training-output": lambda: _peft_folder(tmp_path / "adapter", with_model_config=tiny_dir),
+               "peft-weights-file": lambda: _peft_folder(tmp_path / "adapter") / "adapter_model.safetensors",
+               "lora-gguf": lambda: _lora_gguf(tmp_path / "lora.gguf")}[kind]()
+    named = adapter.parent if kind == "peft-weights-file" else adapter
+    refusal = f"{named} is a LoRA adapter, not a model: pass it with --lora and its base model with --model"
+    with pytest.raises(ConversionError, match=refusal):
+        _convert(adapter, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+# -- --out that --force could not replace ----------------------------------------------------------------
+
+def test_force_is_suggested_only_for_an_out_force_would_replace(tiny_dir, tmp_path, capsys):
+    other = tmp_path / "docs"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("a file")
+    for out, match in [(other, rf"{other} (exists and )?holds other files \(no {MANIFEST_NAME}\); choose another "
+                                "--out, or empty that folder yourself"),
+                       (tmp_path / "file", "exists and is not a directory; remove it or choose another --out")]:
+        for force in (False, True):
+            with pytest.raises(ConversionError, match=match) as e:
+                check_destination(out, force=force, replaces=(MANIFEST_NAME, "a bundle"))
+            assert "pass --force" not in str(e.value)
+    assert main(["convert", "--model", str(tiny_dir), "--out", str(other)]) == 1
+    assert "pass --force" not in capsys.readouterr().err
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / MANIFEST_NAME).write_text("{}")
+    with pytest.raises(ConversionError, match="already exists; choose another --out or pass --force"):
+        check_destination(bundle, force=False, replaces=(MANIFEST_NAME, "a bundle"))
+    assert check_destination(bundle, force=True, replaces=(MANIFEST_NAME, "a bundle")) == bundle
+
+
+# -- --max-ppl-increase is checked before any work -------------------------------------------------------
+
+@pytest.mark.parametrize("limit", ["-5", "nan", "inf", "-inf"])
+def test_a_max_ppl_increase_the_gate_cannot_use_is_refused_before_the_model_is_read(tiny_dir, tmp_path, monkeypatch,
+                                                                                   capsys, limit):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was read before --max-ppl-increase was checked")
+
+    monkeypatch.setattr("nomoat.converter.peek.peek_spec", no_load)
+    monkeypatch.setattr("nomoat.converter.load.load_checkpoint", no_load)
+    code = main(["convert", "--model", str(tiny_dir), "--out", str(tmp_path / "b"), f"--max-ppl-increase={limit}"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"nomoat convert: error: --max-ppl-increase {float(limit):g} is not a "
+                                        "percentage"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_a_max_ppl_increase_of_zero_is_a_limit(tiny_dir, tmp_path):
+    _convert(tiny_dir, tmp_path / "b", max_ppl_increase=0.0)  # only refused when the gate measures a rise
+
+
+# -- staging folders left by a killed conversion, whatever its process id ------------------------------------
+
+def test_a_staging_folder_is_stale_when_its_lock_is_free_even_under_this_process_id(tmp_path):
+    """In a container nomoat is PID 1 on every run: an OOM-killed run's folder carries this run's id."""
+    import os
+    import subprocess
+    import sys
+
+    from nomoat.converter.bundle import STAGING_LOCK, remove_stale_staging
+
+    killed, running, older = (tmp_path / f".b.tmp-{os.getpid()}-{s}" for s in ("kill", "runs", "old"))
+    for folder in (killed, running, older):
+        folder.mkdir()
+        (folder / "model.onnx.data").write_bytes(b"x" * 100)
+    (killed / STAGING_LOCK).touch()  # its holder is gone, and the kernel dropped its lock
+    (running / STAGING_LOCK).touch()
+    holder = subprocess.Popen(  # another conversion that holds its lock
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'r+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); sys.stdin.read()", str(running / STAGING_LOCK)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert remove_stale_staging(tmp_path / "b") == [killed]
+    finally:
+        holder.communicate("")  # closing stdin ends it
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, older.name])  # older: its id lives
+    assert remove_stale_staging(tmp_path / "b") == [running]  # its holder is gone now
+
+
+def test_a_running_conversion_holds_its_staging_lock_and_the_bundle_has_no_lock_file(tiny_dir, tmp_path, monkeypatch):
+    from nomoat.converter.bundle import STAGING_LOCK, remove_stale_staging
+
+    package = convert_module._package
+
+    def package_after_a_second_conversion_looked(staging, *args):
+        assert (staging / STAGING_LOCK).is_file()
+        assert remove_stale_staging(tmp_path / "b") == []  # another conversion to the same --out keeps it
+        package(staging, *args)
+
+    monkeypatch.setattr(convert_module, "_package", package_after_a_second_conversion_looked)
+    out = _convert(tiny_dir, tmp_path / "b")
+    assert not (out / STAGING_LOCK).exists()
+    assert STAGING_LOCK not in json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+# -- Mistral's default sliding window --------------------------------------------------------------------
+
+def test_a_mistral_config_without_sliding_window_has_transformers_default_window(tmp_path):
+    """transformers' MistralConfig gives a config.json without the key a window of 4096 tokens."""
+    from nomoat.converter.spec import ModelSpec
+    from transformers import MistralConfig
+
+    assert MistralConfig().sliding_window == 4096
+    model = make_tiny_hf_dir(tmp_path / "mistral", arch="mistral", sliding_window=None)
+    cfg = json.loads((model / "config.json").read_text())
+    assert load_checkpoint(model).spec.architecture == "mistral"  # null: full attention
+    del cfg["sliding_window"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    refusal = (r"config.json has no sliding_window, which transformers reads as Mistral's sliding attention window "
+               r"of 4096 tokens, .* add \"sliding_window\": null")
+    with pytest.raises(ConversionError, match=refusal):
+        ModelSpec.from_hf_config(cfg, source=str(model / "config.json"))
+    with pytest.raises(ConversionError, match=refusal):
+        _convert(model, tmp_path / "b")
