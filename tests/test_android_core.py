@@ -34,6 +34,18 @@ def test_junit_classes_pass():
     assert "OK (" in out, out
 
 
+def test_the_app_calls_no_stdlib_function_whose_result_changed_after_kotlin_1_3():
+    """The host compiles with Debian's Kotlin 1.3, the app with Gradle's 1.9: max(), min(), maxBy, minBy,
+    maxWith and minWith return null for an empty collection in 1.3 and throw in 1.7+, so a `?: 0` that
+    passes every host test fails in the app (StopMatcher did, for every generation without stop strings)."""
+    changed = re.compile(r"\.(?:max|min)\(\)|\.(?:maxBy|minBy|maxWith|minWith)\s*[({]")
+    sources = sorted((kotlin_host.ROOT / "android_demo").glob("*/src/main/**/*.kt"))
+    assert len(sources) > 10, sources
+    found = [f"{path.relative_to(kotlin_host.ROOT)}:{number}: {line.strip()}" for path in sources
+             for number, line in enumerate(path.read_text().splitlines(), 1) if changed.search(line)]
+    assert not found, "use fold/maxOf, or the *OrNull form, which mean the same in 1.3 and 1.9:\n" + "\n".join(found)
+
+
 # -- the bundle ------------------------------------------------------------------------------
 
 

@@ -82,34 +82,48 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
             (threads ?: manifest.targetThreads)?.let { setIntraOpNumThreads(it) }
             addConfigEntry("session.intra_op.allow_spinning", "1")
         }
-        // Before ONNX Runtime sees the graph: an older release fails deep inside, or computes nonsense.
-        onnx.checkOnnxRuntime(BuildConfig.ONNXRUNTIME_VERSION)
-        // The weights file (model.onnx.data) is found next to model.onnx.
-        session = env.createSession(bundle.modelFile.absolutePath, options)
-
         val m = manifest.model
         val shape = longArrayOf(1, m.numKvHeads.toLong(), maxContext.toLong(), m.headDim.toLong())
         val floats = m.numKvHeads * maxContext * m.headDim
         // allocateDirect zero-fills, so the whole cache is resident from the start (~94 MB for SmolLM2 at
         // 2,048 positions); the Python runtime's cache pages arrive only as they are written. To measure.
-        // On ART those buffers are Java heap (see HeapBudget): checked first, with the context that would fit.
+        // On ART those buffers are Java heap (see HeapBudget): checked first, with the context that would
+        // fit, before the session's native weights exist to be leaked by the refusal.
         val heap = Runtime.getRuntime()
         HeapBudget.shortfall(HeapBudget.kvCacheBytes(m.numLayers, m.numKvHeads, m.headDim, maxContext),
-            heap.maxMemory(), heap.totalMemory() - heap.freeMemory(), maxContext)?.let { throw BundleException(it) }
-        for (layer in 0 until m.numLayers) {
-            for ((past, present) in listOf("past_key" to "present_key", "past_value" to "present_value")) {
-                val tensor = OnnxTensor.createTensor(env, direct(4 * floats).asFloatBuffer(), shape)
-                kv.add(tensor)
-                pastInputs[onnx.ioName(past, layer)] = tensor
-                pinned[onnx.ioName(present, layer)] = tensor
-            }
+            heap.maxMemory(), heap.totalMemory() - heap.freeMemory(), maxContext)?.let {
+            options.close()
+            throw BundleException(it)
         }
-        logitsBuffer = direct(4 * vocab).asFloatBuffer()
-        logits = OnnxTensor.createTensor(env, logitsBuffer, longArrayOf(1, 1, vocab.toLong()))
-        pinned[onnx.ioName("logits")] = logits
-        seqlensTensor = OnnxTensor.createTensor(env, seqlens, longArrayOf(1))
-        totalTensor = OnnxTensor.createTensor(env, total, longArrayOf()) // a scalar
-        lastIndexTensor = OnnxTensor.createTensor(env, lastIndex, longArrayOf(1))
+        var created: OrtSession? = null
+        try {
+            // Before ONNX Runtime sees the graph: an older release fails deep inside, or computes nonsense.
+            onnx.checkOnnxRuntime(BuildConfig.ONNXRUNTIME_VERSION)
+            // The weights file (model.onnx.data) is found next to model.onnx.
+            created = env.createSession(bundle.modelFile.absolutePath, options)
+            session = created
+            for (layer in 0 until m.numLayers) {
+                for ((past, present) in listOf("past_key" to "present_key", "past_value" to "present_value")) {
+                    val tensor = OnnxTensor.createTensor(env, direct(4 * floats).asFloatBuffer(), shape)
+                    kv.add(tensor)
+                    pastInputs[onnx.ioName(past, layer)] = tensor
+                    pinned[onnx.ioName(present, layer)] = tensor
+                }
+            }
+            logitsBuffer = direct(4 * vocab).asFloatBuffer()
+            logits = OnnxTensor.createTensor(env, logitsBuffer, longArrayOf(1, 1, vocab.toLong()))
+            pinned[onnx.ioName("logits")] = logits
+            seqlensTensor = OnnxTensor.createTensor(env, seqlens, longArrayOf(1))
+            totalTensor = OnnxTensor.createTensor(env, total, longArrayOf()) // a scalar
+            lastIndexTensor = OnnxTensor.createTensor(env, lastIndex, longArrayOf(1))
+        } catch (t: Throwable) {
+            // A refusal or an OutOfMemoryError half-way: nobody holds this object to close() it, so what
+            // exists is closed here (the session's native weights above all) before the error goes on.
+            for (value in pinned.values) value.close() // the cache tensors and the logits
+            created?.close()
+            options.close()
+            throw t
+        }
     }
 
     override fun run(ids: IntArray, startPos: Int): FloatArray {

@@ -214,7 +214,8 @@ class Generator(
         var logits = prefillLogits
         // The penalty looks at the prompt too; the history grows only when a penalty reads it.
         val penalized = params.penalized
-        val history = if (penalized) promptIds.copyOf(promptIds.size + maxNewTokens) else promptIds
+        val room = answerRoom(promptIds.size, maxNewTokens)
+        val history = if (penalized) promptIds.copyOf(promptIds.size + room) else promptIds
         var n = promptIds.size
         var generated = 0
         while (true) {
@@ -235,6 +236,14 @@ class Generator(
     }
 
     /**
+     * Tokens an answer to a prompt of [promptSize] can have: [maxNewTokens], or fewer when the context
+     * ends first (every token but the last is fed). Arrays sized by it, not by [maxNewTokens]: a
+     * bundle's max_new_tokens may be up to Int.MAX_VALUE, which would overflow or exhaust the heap.
+     */
+    private fun answerRoom(promptSize: Int, maxNewTokens: Int): Int =
+        minOf(maxNewTokens.toLong(), maxContext.toLong() - promptSize + 1).toInt().coerceAtLeast(0)
+
+    /**
      * Each pass feeds the last token plus up to [maxDraft] drafted ones, keeps the drafts the model's
      * argmax confirms and one token more of its own, and forgets the rejected positions (the cache is
      * indexed by position: the next pass overwrites them). How many it drafts follows how well drafts
@@ -250,7 +259,7 @@ class Generator(
         start: Long,
         onToken: (Int) -> Boolean
     ) {
-        val context = promptIds.copyOf(promptIds.size + maxNewTokens)
+        val context = promptIds.copyOf(promptIds.size + answerRoom(promptIds.size, maxNewTokens))
         var size = promptIds.size
         val drafter = Drafter(maxDraft)
         var next = Sampler.argmax(prefillLogits)

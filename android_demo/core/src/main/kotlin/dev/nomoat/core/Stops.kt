@@ -26,7 +26,9 @@ class StopMatcher(stopStrings: List<String> = emptyList()) {
         stops = stopStrings.distinct() // keeps the first of each, in order
         // Every proper prefix of every stop string: the tails worth holding back.
         prefixes = stops.flatMap { stop -> (1 until stop.length).map { stop.substring(0, it) } }.toSet()
-        longestPrefix = prefixes.map { it.length }.max() ?: 0
+        // Not max(): Kotlin 1.3 (the host tests' compiler) returns null for no stop strings, 1.7+ (the app's)
+        // throws, so every generation without stop strings would fail in the app.
+        longestPrefix = prefixes.fold(0) { longest, prefix -> maxOf(longest, prefix.length) }
     }
 
     val stopped: Boolean get() = matched != null

@@ -154,6 +154,27 @@ class GeneratorTest {
     }
 
     @Test
+    fun anyMaxNewTokensRunsToTheContextsEnd() {
+        // A bundle's max_new_tokens may be as large as Int.MAX_VALUE: the penalized and the lookup paths
+        // size their arrays by what the context leaves, not by it (it overflowed, or took the whole heap).
+        val penalized = SamplingParams(repetitionPenalty = 1.1)
+        for ((params, lookup) in listOf(penalized to 0, SamplingParams() to 4, SamplingParams() to 0)) {
+            val result = generator(FakeForward.endless(maxContext = 12))
+                .generate(codec.encode("abc"), Int.MAX_VALUE, params, ignoreEos = true, promptLookup = lookup)
+            assertTrue("$params, lookup $lookup", result.stats.contextFull)
+            assertEquals("$params, lookup $lookup", 12 - 3 + 1, result.tokenIds.size)
+        }
+    }
+
+    @Test
+    fun noStopStringsHoldNothingBack() {
+        // StopMatcher without stop strings: built for every generation that has none (chat, bench).
+        val matcher = StopMatcher(emptyList())
+        assertEquals("abc", matcher.feed("abc").text)
+        assertEquals("", matcher.flush())
+    }
+
+    @Test
     fun rejectsAnEmptyPrompt() {
         try {
             generator(FakeForward.endless()).generate(IntArray(0), 4)
