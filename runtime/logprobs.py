@@ -8,6 +8,7 @@ sampling settings).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -63,17 +64,9 @@ class TokenText:
             pattern = step.get("pattern", {})
             if step.get("type") == "Replace" and step.get("content") == " " and "String" in pattern:
                 self._space = pattern["String"]
-        # This instance's own cache: an lru_cache on the method would be one for the class, whose keys
-        # hold self (and the tokenizer) after the model that made it is gone.
-        self._bytes: dict[int, bytes] = {}
-
-    def bytes_of(self, token_id: int) -> bytes:
-        cached = self._bytes.get(token_id)
-        if cached is None:
-            if len(self._bytes) >= _CACHED_TOKENS:  # bounded, as the lru_cache was: the oldest entry goes
-                self._bytes.pop(next(iter(self._bytes)), None)  # None: another thread took it first
-            cached = self._bytes[token_id] = self._bytes_of(token_id)
-        return cached
+        # A token's bytes, cached for this instance: an lru_cache on the method would be one for the
+        # class, whose keys hold self (and the tokenizer) after the model that made it is gone.
+        self.bytes_of = functools.lru_cache(maxsize=_CACHED_TOKENS)(self._bytes_of)
 
     def _bytes_of(self, token_id: int) -> bytes:
         if token_id in self._added:

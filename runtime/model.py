@@ -465,15 +465,16 @@ class Model:
                                       repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
                                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                                       seed=seed)
+        check_lookup_greedy(prompt_lookup, params)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
         yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup,
-                                   logprobs=logprobs, grammar=grammar, refuse_sampled_lookup=True)
+                                   logprobs=logprobs, grammar=grammar)
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
                    params: SamplingParams | None = None, stop: str | Sequence[str] | None = None,
                    prompt_lookup: int = 0, *, cache_prompt: bool = True,
                    should_stop: Callable[[], bool] | None = None, logprobs: int | None = None,
-                   grammar: Grammar | None = None, refuse_sampled_lookup: bool = False) -> Iterator[StreamEvent]:
+                   grammar: Grammar | None = None) -> Iterator[StreamEvent]:
         """Stream the answer to prompt ids (see stream).
 
         cache_prompt=False computes the prompt from an empty KV cache (the same answer whatever ran
@@ -485,15 +486,12 @@ class Model:
         grammar: only answers that match it are sampled (structured.Grammar; needs llguidance), the
         answer ends where the match is complete (finish_reason "stop"); also without prompt lookup.
         prompt_lookup drafts for greedy params only; sampled ones run plain, as a server applying one
-        --prompt-lookup to every request wants, unless refuse_sampled_lookup (stream and Chat set it):
-        then ValueError, rather than a lookup that silently drafts nothing.
+        --prompt-lookup to every request wants (stream and Chat refuse them: check_lookup_greedy).
         """
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
         check_count("max_new_tokens", max_new)
         check_count("prompt_lookup", prompt_lookup, minimum=0)
-        if refuse_sampled_lookup:
-            check_lookup_greedy(prompt_lookup, params)
         if logprobs is not None:
             check_count("logprobs", logprobs, minimum=0)
         constraint = self.constraint(grammar) if grammar is not None else None  # a bad grammar fails here
@@ -643,9 +641,9 @@ class Chat:
             rendered = self.model.render(self.messages)
             ids = self._prompt_ids(rendered)
             params = self.model.sampling_params(**sampling)
+            check_lookup_greedy(prompt_lookup, params)
             for event in self.model.stream_ids(ids, max_new_tokens, params=params, stop=stop,
-                                               prompt_lookup=prompt_lookup, logprobs=logprobs, grammar=grammar,
-                                               refuse_sampled_lookup=True):
+                                               prompt_lookup=prompt_lookup, logprobs=logprobs, grammar=grammar):
                 parts.append(event.text)
                 if event.token_id is not None:
                     answer.append(event.token_id)
@@ -693,9 +691,12 @@ def check_count(name: str, value: object, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
-def check_lookup_greedy(prompt_lookup: int, params: SamplingParams | None) -> None:
-    """Prompt lookup checks drafts against the argmax: a sampled answer would draft nothing, and say nothing."""
-    if prompt_lookup and params is not None and not params.greedy:
+def check_lookup_greedy(prompt_lookup: int, params: SamplingParams) -> None:
+    """Prompt lookup checks drafts against the argmax: a sampled answer would draft nothing, and say nothing.
+    For the SDK's stream and Chat; stream_ids runs a sampled request plain (the server's --prompt-lookup
+    applies to every request)."""
+    check_count("prompt_lookup", prompt_lookup, minimum=0)  # a count first: "4" is no reason to talk of greedy
+    if prompt_lookup and not params.greedy:
         raise ValueError(f"prompt_lookup drafts only when decoding is greedy, and temperature is "
                          f"{params.temperature:g} (the bundle's default when none is given): pass temperature=0, "
                          "or prompt_lookup=0")

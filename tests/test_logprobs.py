@@ -81,7 +81,12 @@ def test_the_token_cache_is_bounded(tokenizers_by_kind, monkeypatch):  # noqa: F
     tokens = TokenText(tokenizer)
     for i in range(20):
         tokens.bytes_of(i)
-    assert list(tokens._bytes) == list(range(12, 20))  # the oldest went first
+    assert tokens.bytes_of.cache_info().currsize == 8
+    before = tokens.bytes_of.cache_info()
+    tokens.bytes_of(12)  # among the last 8: from the cache
+    assert tokens.bytes_of.cache_info().hits == before.hits + 1
+    tokens.bytes_of(11)  # the oldest went first
+    assert tokens.bytes_of.cache_info().misses == before.misses + 1
     assert tokens.bytes_of(0) == TokenText(tokenizer).bytes_of(0)
 
 

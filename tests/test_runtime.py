@@ -599,8 +599,6 @@ def test_prompt_lookup_with_sampling_is_a_value_error_in_the_sdk_and_runs_plain_
     events = list(model.stream_ids(ids, 8, params=sampled, prompt_lookup=4))
     assert events[-1].stats.drafted_tokens == 0
     assert [e.token_id for e in events] == [e.token_id for e in model.stream_ids(ids, 8, params=sampled)]
-    with pytest.raises(ValueError, match=message):
-        next(model.stream_ids(ids, 8, params=sampled, prompt_lookup=4, refuse_sampled_lookup=True))
 
 
 def test_bench_engine_with_prompt_lookup_gives_the_plain_tokens_in_fewer_passes(bundle):

@@ -241,7 +241,7 @@ class Generator(
      * bundle's max_new_tokens may be up to Int.MAX_VALUE, which would overflow or exhaust the heap.
      */
     private fun answerRoom(promptSize: Int, maxNewTokens: Int): Int =
-        minOf(maxNewTokens.toLong(), maxContext.toLong() - promptSize + 1).toInt().coerceAtLeast(0)
+        minOf(maxNewTokens.toLong(), maxContext.toLong() - promptSize + 1).toInt()
 
     /**
      * Each pass feeds the last token plus up to [maxDraft] drafted ones, keeps the drafts the model's

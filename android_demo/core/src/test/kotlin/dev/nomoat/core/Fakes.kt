@@ -39,9 +39,7 @@ class LetterCodec : TextCodec {
 
 /** LetterCodec with a space before each piece of text between "<|end|>" tokens, as a tokenizer with
  * ByteLevel's add_prefix_space gives it (Tokenizer.encodesAlone). */
-class SpacedLetterCodec : TextCodec by LetterCodec() {
-    private val letters = LetterCodec()
-
+class SpacedLetterCodec(private val letters: LetterCodec = LetterCodec()) : TextCodec by letters {
     override fun encode(text: String): IntArray {
         val end = Letters.VOCAB[Letters.END]
         val out = ArrayList<Int>()
