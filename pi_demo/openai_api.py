@@ -63,6 +63,7 @@ class Limits:
     max_tokens: int = 1024  # the most tokens one request may ask for
     max_body_bytes: int = 1 << 20
     max_queue: int = 16  # requests waiting behind the one being generated
+    max_connections: int = 64  # open connections (a handler thread each); more wait to be accepted
 
 
 @dataclass

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "\"length\"); a chat that leaves max_tokens out runs to this or the context's end")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open connections at once (a thread each, idle keep-alive ones included); more wait "
+                        "to be accepted until one closes")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the bundle's target)")
     p.add_argument("--ort-options", type=ort_options, default={}, metavar="KEY=VALUE[,...]",
                    help="ONNX Runtime session config entries, e.g. mlas.disable_kleidiai=1 (default: none)")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from .server import App, PiServer, ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    for name in ("max_tokens", "max_body_bytes"):
+    for name in ("max_tokens", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0:
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # a bundle without a stop token: said to each such request, not a reason to stop
         structured = f"off: {e}"
     config = ServerConfig(model_id=args.model_id or bundle_name(args.bundle), api_key=api_key,
-                          limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue),
+                          limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue, args.max_connections),
                           prompt_lookup=args.prompt_lookup, cache_prompt=args.cache_prompt)
     try:
         server = PiServer((args.host, args.port), App(model, config))

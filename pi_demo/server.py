@@ -516,6 +516,12 @@ class PiServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], app: App):
         self.app = app
+        # A thread per connection, so a cap on connections is a cap on threads (each with its stack) that
+        # idle keep-alive or stalled clients could otherwise pile up without limit. Past it, a new
+        # connection waits unaccepted in the listen backlog until one closes, as llama.cpp's server
+        # queues connections behind its HTTP thread pool.
+        self._connection_slots = threading.BoundedSemaphore(app.config.limits.max_connections)
+        self._stopping = threading.Event()
         # ThreadingHTTPServer is IPv4 whatever the host: "::1" would fail to resolve as an IPv4 address.
         # A name (localhost) stays IPv4, as before, so IPv4 clients still reach it.
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -528,6 +534,29 @@ class PiServer(ThreadingHTTPServer):
             with suppress(OSError, AttributeError):
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to a thread of its own once there is a free slot. Waiting here keeps
+        serve_forever from accepting more; shutdown() ends the wait."""
+        while not self._connection_slots.acquire(timeout=0.2):
+            if self._stopping.is_set():
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_slots.release()  # no thread started to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_slots.release()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
 
     def server_close(self) -> None:
         """Stop listening, cancel the running and waiting jobs, and wait (bounded) until their

@@ -308,3 +308,60 @@ def test_ipv6_any_takes_ipv4_clients_too(model):
 def test_an_ipv6_host_is_written_in_brackets_in_urls():
     assert host_port("::1", 8000) == "[::1]:8000"
     assert host_port("127.0.0.1", 8000) == "127.0.0.1:8000"
+
+
+# -- connections are capped: a thread each --------------------------------------------------------------
+
+
+def _health_answered(port: int, within: float) -> bool:
+    """Whether GET /health is answered within so many seconds (a connection over the cap waits unaccepted)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=within)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except TimeoutError:
+        return False
+    finally:
+        conn.close()
+
+
+def test_connections_past_the_cap_wait_until_one_closes(model):
+    with running_server(model, Limits(16, 1 << 20, 4, max_connections=2)) as server:
+        port = server.server_address[1]
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            assert not _health_answered(port, within=1.5)  # both slots held by clients that send nothing
+            idle.pop().close()
+            assert _health_answered(port, within=10)
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_shutdown_is_prompt_with_a_connection_waiting_past_the_cap(model):
+    server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(MODEL_ID, Limits(16, 1 << 20, 4, max_connections=1))))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    held = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    held.request("GET", "/health")
+    held.getresponse().read()  # answered, and kept alive: its thread holds the one slot
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        stopper = threading.Thread(target=server.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(5)
+        assert not stopper.is_alive(), "shutdown hung on the connection waiting for a slot"
+        assert waiting.recv(1) == b""  # closed, not left hanging
+    finally:
+        held.close()
+        waiting.close()
+        server.server_close()
+        thread.join(10)
+
+
+def test_max_connections_below_one_is_refused(bundle, capsys):
+    from pi_demo.__main__ import main
+
+    assert main(["serve", str(bundle), "--max-connections", "0"]) == 1
+    assert "--max-connections must be at least 1" in capsys.readouterr().err
