@@ -16,7 +16,7 @@ from .cli_generate import (
     drafts_note,
     is_template_error,
     load_model,
-    sampled_lookup_refusal,
+    lookup_refusal,
     sampling_kwargs,
     tolerate_undecodable_stdin,
 )
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     # A line that is not UTF-8 reaches the runtime's check, which refuses that message only.
     tolerate_undecodable_stdin()
     try:
-        if refusal := sampled_lookup_refusal(args):
+        if refusal := lookup_refusal(args):
             print(f"nomoat chat: error: {refusal}", file=sys.stderr)
             return 2
         model = load_model("chat", args)

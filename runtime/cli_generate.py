@@ -74,7 +74,8 @@ def grammar_from(kind: str, in_file: bool = False) -> Callable[[str], object]:
 
 def add_prompt_lookup_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup", type=prompt_lookup, default=0, metavar="N",
-                   help="greedy only (--temperature 0, or a greedy bundle default): draft up to N tokens per step "
+                   help="greedy only (--temperature 0, or a greedy bundle default; no penalty or grammar): draft "
+                        "up to N tokens per step "
                         "from the context (speculative decoding; greedy's output up to near-ties, faster on text "
                         "that repeats its context; 0 = off)")
 
@@ -217,7 +218,7 @@ def generate(args: argparse.Namespace) -> int:
         check_utf8(prompt, "the prompt")
         if args.system is not None:
             check_utf8(args.system, "the system message")
-        if refusal := sampled_lookup_refusal(args):
+        if refusal := lookup_refusal(args):
             print(f"nomoat generate: error: {refusal}", file=sys.stderr)
             return 2
         model = load_model("generate", args)
@@ -259,23 +260,36 @@ class AnswerWriter:
         return "\n" if self.open_line else ""
 
 
-def sampled_lookup_refusal(args: argparse.Namespace) -> str | None:
-    """Why --prompt-lookup cannot apply, or None: it checks drafts against the argmax, so a sampled
-    answer would draft nothing, without a word. The bundle's default temperature counts; it is read
-    from the manifest alone, before the (slow) load."""
+def lookup_refusal(args: argparse.Namespace) -> str | None:
+    """Why --prompt-lookup cannot apply, or None: it checks drafts against the argmax of the raw logits,
+    so a sampled or penalized answer, or one held to a grammar, would draft nothing, without a word. The
+    bundle's default sampling counts; it is read from the manifest alone, before the (slow) load."""
     if not args.prompt_lookup:
         return None
-    if args.temperature is not None:
-        temperature, whose = args.temperature, "--temperature"
-    else:
-        from .manifest import read_manifest
+    from .manifest import read_manifest
+    from .model import PENALTIES, lookup_obstacle
+    from .sampling import SamplingParams
 
-        temperature = read_manifest(args.bundle, verify_files=False).generation_defaults.get("temperature", 0.0)
-        whose = "the bundle's default temperature"
-    if temperature == 0:
+    fields = SamplingParams.__dataclass_fields__
+    defaults = read_manifest(args.bundle, verify_files=False).generation_defaults
+    given = {k: v for k, v in sampling_kwargs(args).items() if k in fields and v is not None}
+    try:
+        params = SamplingParams.from_dict({**{k: v for k, v in defaults.items() if k in fields}, **given})
+    except ValueError:
+        return None  # a bad value: the runtime's own check names it
+    obstacle = lookup_obstacle(params, grammar=args.grammar)
+    if obstacle is None:
         return None
-    return (f"--prompt-lookup drafts only when decoding is greedy, and {whose} is {temperature:g}: "
-            "add --temperature 0 (or drop --prompt-lookup)")
+    flag = "--" + obstacle.replace("_", "-")
+    whose = flag if obstacle in given else f"the bundle's default {obstacle.replace('_', ' ')}"
+    if obstacle == "temperature":
+        return (f"--prompt-lookup drafts only when decoding is greedy, and {whose} is {params.temperature:g}: "
+                "add --temperature 0 (or drop --prompt-lookup)")
+    if obstacle in PENALTIES:
+        return (f"--prompt-lookup drafts only without penalties, and {whose} is {getattr(params, obstacle):g}: "
+                f"add {flag} {PENALTIES[obstacle]:g} (or drop --prompt-lookup)")
+    return ("--prompt-lookup does not draft under a grammar (--json-schema, --grammar): the answer is built a "
+            "token at a time; drop one of them")
 
 
 def read_stdin() -> str:

@@ -455,9 +455,9 @@ class Model:
         or a list of {"role", "content"} messages) as text deltas.
 
         prompt_lookup=N drafts up to N tokens from the context per step (greedy's output up to
-        near-ties, fewer forward passes on text that repeats its context). Greedy only: with a
-        temperature above 0 (given, or the bundle's default) it raises ValueError rather than
-        drafting nothing.
+        near-ties, fewer forward passes on text that repeats its context). Plain greedy only: with a
+        temperature above 0 or a penalty (given, or the bundle's default), logprobs or a grammar it
+        raises ValueError rather than drafting nothing.
         logprobs=N gives each event its token's log-probability and the N most likely tokens at
         that position (0: the token's alone; see stream_ids). grammar= holds the answer to a
         structured.Grammar (a JSON schema, a regex, a Lark or GBNF grammar)."""
@@ -465,7 +465,7 @@ class Model:
                                       repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
                                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                                       seed=seed)
-        check_lookup_greedy(prompt_lookup, params)
+        check_lookup_applies(prompt_lookup, params, logprobs, grammar)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
         yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup,
                                    logprobs=logprobs, grammar=grammar)
@@ -485,8 +485,8 @@ class Model:
         and at the N most likely ones. Such a stream decodes without prompt lookup, one token a step.
         grammar: only answers that match it are sampled (structured.Grammar; needs llguidance), the
         answer ends where the match is complete (finish_reason "stop"); also without prompt lookup.
-        prompt_lookup drafts for greedy params only; sampled ones run plain, as a server applying one
-        --prompt-lookup to every request wants (stream and Chat refuse them: check_lookup_greedy).
+        prompt_lookup drafts for greedy params without penalties only; other requests run plain, as a server
+        applying one --prompt-lookup to every request wants (stream and Chat refuse them: check_lookup_applies).
         """
         max_new = max_new_tokens if max_new_tokens is not None else int(
             self.manifest.generation_defaults.get("max_new_tokens", 256))
@@ -503,7 +503,7 @@ class Model:
         special_stops = self._special_token_ids(stops.strings)
         with self._exclusive():
             try:
-                plain_greedy = params is None or (params.greedy and not params.penalized)
+                drafts = prompt_lookup > 0 and lookup_obstacle(params or SamplingParams(), logprobs, constraint) is None
                 prefill = {"cache_prompt": cache_prompt, "should_stop": should_stop}
                 scored: list[TokenLogprob] = []  # the token about to be yielded, with its logprobs
                 if logprobs is not None:
@@ -512,7 +512,7 @@ class Model:
                     prefill["constraint"] = constraint
                 tokens = (self.generate_tokens_lookahead(prompt_ids, max_new, prompt_lookup, stats=stats,
                                                          extra_stop_ids=special_stops, **prefill)
-                          if prompt_lookup > 0 and plain_greedy and logprobs is None and constraint is None
+                          if drafts
                           else self.generate_tokens(prompt_ids, max_new, params, stats=stats,
                                                     extra_stop_ids=special_stops, **prefill))
                 for token in tokens:
@@ -630,7 +630,7 @@ class Chat:
                prompt_lookup: int = 0, logprobs: int | None = None, grammar: Grammar | None = None,
                **sampling: Any) -> Iterator[StreamEvent]:
         """Stream the answer to the next user message. prompt_lookup=N drafts from the whole
-        conversation, as Model.stream does from its prompt (greedy only: ValueError when sampling);
+        conversation, as Model.stream does from its prompt (plain greedy only, as there);
         logprobs and grammar as in Model.stream."""
         check_utf8(text, "the message")  # here, at a position in this message rather than in the conversation
         self.messages.append({"role": "user", "content": text})
@@ -641,7 +641,7 @@ class Chat:
             rendered = self.model.render(self.messages)
             ids = self._prompt_ids(rendered)
             params = self.model.sampling_params(**sampling)
-            check_lookup_greedy(prompt_lookup, params)
+            check_lookup_applies(prompt_lookup, params, logprobs, grammar)
             for event in self.model.stream_ids(ids, max_new_tokens, params=params, stop=stop,
                                                prompt_lookup=prompt_lookup, logprobs=logprobs, grammar=grammar):
                 parts.append(event.text)
@@ -691,15 +691,41 @@ def check_count(name: str, value: object, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
-def check_lookup_greedy(prompt_lookup: int, params: SamplingParams) -> None:
-    """Prompt lookup checks drafts against the argmax: a sampled answer would draft nothing, and say nothing.
-    For the SDK's stream and Chat; stream_ids runs a sampled request plain (the server's --prompt-lookup
-    applies to every request)."""
+PENALTIES = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}  # name -> its "off"
+
+
+def lookup_obstacle(params: SamplingParams, logprobs: int | None = None, grammar: object = None) -> str | None:
+    """What keeps prompt lookup from drafting, or None. It checks each draft against the argmax of the raw
+    logits in one pass, so an answer that is sampled, penalized (by the tokens before each position),
+    scored token by token for logprobs or held to a grammar runs plain: one token a step."""
+    if not params.greedy:
+        return "temperature"
+    if params.penalized:
+        return next(name for name, off in PENALTIES.items() if getattr(params, name) != off)
+    if logprobs is not None:
+        return "logprobs"
+    if grammar is not None:
+        return "grammar"
+    return None
+
+
+def check_lookup_applies(prompt_lookup: int, params: SamplingParams, logprobs: int | None = None,
+                         grammar: object = None) -> None:
+    """For the SDK's stream and Chat: prompt lookup that would draft nothing, and say nothing, is a ValueError.
+    stream_ids runs such a request plain (the server's --prompt-lookup applies to every request)."""
     check_count("prompt_lookup", prompt_lookup, minimum=0)  # a count first: "4" is no reason to talk of greedy
-    if prompt_lookup and not params.greedy:
+    if not prompt_lookup or (obstacle := lookup_obstacle(params, logprobs, grammar)) is None:
+        return
+    if obstacle == "temperature":
         raise ValueError(f"prompt_lookup drafts only when decoding is greedy, and temperature is "
                          f"{params.temperature:g} (the bundle's default when none is given): pass temperature=0, "
                          "or prompt_lookup=0")
+    if obstacle in PENALTIES:
+        raise ValueError(f"prompt_lookup drafts only without penalties, and {obstacle} is "
+                         f"{getattr(params, obstacle):g} (the bundle's default when none is given): pass "
+                         f"{obstacle}={PENALTIES[obstacle]:g}, or prompt_lookup=0")
+    raise ValueError(f"prompt_lookup does not draft with {obstacle} (each token is taken alone then): pass "
+                     f"{obstacle}=None, or prompt_lookup=0")
 
 
 def check_utf8(text: str, what: str) -> None:

@@ -601,6 +601,51 @@ def test_prompt_lookup_with_sampling_is_a_value_error_in_the_sdk_and_runs_plain_
     assert [e.token_id for e in events] == [e.token_id for e in model.stream_ids(ids, 8, params=sampled)]
 
 
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--repetition-penalty", "1.1"], "drafts only without penalties, and --repetition-penalty is 1.1: add "
+                                      "--repetition-penalty 1 (or drop --prompt-lookup)"),
+    (["--presence-penalty", "0.5"], "and --presence-penalty is 0.5: add --presence-penalty 0"),
+    (["--json-schema", '{"type": "string"}'], "--prompt-lookup does not draft under a grammar"),
+])
+def test_prompt_lookup_with_a_penalty_or_a_grammar_is_refused_on_the_command_line(bundle, verb, flags, said, capsys,
+                                                                                   monkeypatch):
+    """A penalty changes the argmax drafts are checked against, a grammar takes a token at a time: either
+    would draft nothing, without a word."""
+    import io
+
+    from nomoat.__main__ import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one two one two\n"))
+    prompt = ["--prompt", "one two one two"] if verb == "generate" else []
+    args = [verb, str(bundle), "--max-new-tokens", "4", "--temperature", "0", *prompt, *flags]
+    if flags[0] == "--json-schema":
+        pytest.importorskip("llguidance")
+    assert main([*args, "--prompt-lookup", "4"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and said in err
+    if flags[0] != "--json-schema":
+        assert main([*args, "--repeat-last-n", "0", "--prompt-lookup", "4"]) == 0  # the penalty's window is off
+        assert "error" not in capsys.readouterr().err
+
+
+def test_prompt_lookup_with_a_penalty_logprobs_or_a_grammar_is_a_value_error_in_the_sdk(bundle):
+    model = Model.load(bundle)
+    greedy = {"temperature": 0, "prompt_lookup": 4}
+    with pytest.raises(ValueError, match=r"penalties, and frequency_penalty is 0.3 .*pass frequency_penalty=0,"):
+        model.generate("one two one two", 4, frequency_penalty=0.3, **greedy)
+    with pytest.raises(ValueError, match="does not draft with logprobs .*pass logprobs=None, or prompt_lookup=0"):
+        list(model.stream("one two one two", 4, logprobs=2, **greedy))
+    with pytest.raises(ValueError, match="without penalties, and repetition_penalty is 1.2"):
+        model.chat().send("one two one two", 4, repetition_penalty=1.2, **greedy)
+    assert model.generate("one two one two", 4, repetition_penalty=1.2, repeat_last_n=0, **greedy).token_ids
+    # stream_ids, as the server uses it, runs a penalized request plain
+    ids = model.encode("one two one two " * 4)
+    penalized = model.sampling_params(temperature=0, repetition_penalty=1.2)
+    events = list(model.stream_ids(ids, 8, params=penalized, prompt_lookup=4))
+    assert events[-1].stats.drafted_tokens == 0
+
+
 def test_bench_engine_with_prompt_lookup_gives_the_plain_tokens_in_fewer_passes(bundle):
     from nomoat.runtime.bench import NomoatEngine
 
