@@ -29,7 +29,7 @@ from .manifest import Manifest, read_manifest
 from .messages import as_messages
 from .onnx_session import DecoderSession, SessionOptions, check_ort_option, format_ort_options, is_onnxruntime_error
 from .pages import trim_heap
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, greedy_token
 from .stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -360,7 +360,7 @@ class Model:
         logits = self._prefill(prompt_ids, stats, cache_prompt, should_stop)
         if logits is None:
             return
-        next_token = int(np.argmax(logits))
+        next_token = greedy_token(logits)
         stats.prefill_seconds = time.perf_counter() - start
         t_first = time.perf_counter()
         context = list(prompt_ids)
@@ -382,7 +382,7 @@ class Model:
                 break
             draft = drafter.propose(context, min(room, max_new_tokens - produced))
             logits = session.forward([next_token, *draft], all_logits=bool(draft))
-            predicted = [int(t) for t in np.atleast_2d(logits).argmax(-1)]
+            predicted = [greedy_token(row) for row in np.atleast_2d(logits)]
             n_ok = accepted_prefix(draft, predicted)
             drafter.update(len(draft), n_ok)
             stats.drafted_tokens += len(draft)

@@ -192,7 +192,7 @@ class Sampler:
                 if counted:
                     apply_count_penalties(logits, answer, p.frequency_penalty, p.presence_penalty)
         if p.temperature == 0.0:
-            return int(np.argmax(logits))
+            return greedy_token(logits)
         ids, weights = self._candidates(logits)
         if p.top_p < 1.0:
             ids, weights = _top_p_filter(ids, weights, p.top_p)
@@ -253,6 +253,16 @@ def _top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
         candidates = np.arange(logits.shape[0])
     values = logits[candidates]
     return candidates[values >= _kth_largest(values, k)]
+
+
+def greedy_token(logits: np.ndarray) -> int:
+    """The argmax of one row of logits. numpy's argmax is the first NaN's index when there is one,
+    which would go on as a token (the same one every step): a NaN is an error, as when sampling."""
+    token = int(np.argmax(logits))
+    if math.isnan(logits[token]):
+        raise ValueError("cannot decode: the model computed NaN logits (a broken export or a numeric overflow "
+                         "in this build; convert the model again, or try another --quant)")
+    return token
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -253,6 +253,10 @@ def test_bad_logits_are_reported():
         sampler.sample(np.zeros((1, 10), dtype=np.float32), [])
     with pytest.raises(ValueError, match="NaN"):
         sampler.sample(np.array([0.0, np.nan], dtype=np.float32), [])
+    # Greedy too: numpy's argmax would be the NaN's index, emitted as a token every step.
+    for row in ([1.0, np.nan, 2.0], [np.nan, 1.0]):
+        with pytest.raises(ValueError, match="cannot decode: the model computed NaN logits"):
+            Sampler(SamplingParams(temperature=0)).sample(np.array(row, dtype=np.float32), [])
 
 
 def test_logits_of_other_float_dtypes_work():

@@ -81,7 +81,9 @@ class Generator(
     private val addBosToken: Boolean = false,
     /** Prompt tokens per forward; ONNX Runtime's attention scratch grows with it (model.py PREFILL_CHUNK). */
     val prefillChunk: Int = PREFILL_CHUNK,
-    private val clock: () -> Long = System::nanoTime
+    private val clock: () -> Long = System::nanoTime,
+    /** The embedding's rows (the manifest's vocab_size); prompt ids outside it are refused. null: unchecked. */
+    private val vocabSize: Int? = null
 ) {
     private val stopIds: Set<Int> = stopTokenIds.toHashSet()
     private val cache = IntArray(forward.maxContext)
@@ -183,6 +185,7 @@ class Generator(
         require(promptIds.isNotEmpty()) { "the prompt is empty: give at least one token" }
         require(maxNewTokens >= 1) { "maxNewTokens must be at least 1, got $maxNewTokens" }
         require(promptLookup >= 0) { "promptLookup must be >= 0 drafted tokens, got $promptLookup" }
+        vocabSize?.let { checkTokenIds(promptIds, it) }
         if (promptIds.size >= maxContext) {
             throw ContextOverflowException(
                 "the prompt has ${promptIds.size} tokens but the bundle's context holds $maxContext; " +
@@ -340,6 +343,16 @@ class Generator(
         return out
     }
 
+    /** Model._check_token_ids: the graph's Gather would read a negative id from the end of the embedding
+     *  without a word, and fail inside ONNX Runtime on one past it. */
+    private fun checkTokenIds(ids: IntArray, vocab: Int) {
+        val at = ids.indexOfFirst { it < 0 || it >= vocab }
+        require(at < 0) {
+            "token id ${ids[at]} at position $at is not in the vocabulary (0 to ${vocab - 1}); give ids from " +
+                "this bundle's tokenizer (encode)"
+        }
+    }
+
     companion object {
         /** Prompt tokens per forward: as fast as longer chunks, less peak memory (runtime/model.py). */
         const val PREFILL_CHUNK = 64
@@ -347,7 +360,7 @@ class Generator(
         /** A generator with the bundle's stop tokens and BOS rule. */
         fun forBundle(manifest: Manifest, forward: Forward, codec: TextCodec, prefillChunk: Int = PREFILL_CHUNK) =
             Generator(forward, codec, manifest.stopTokenIds, manifest.tokenizer.bosTokenId,
-                manifest.tokenizer.addBosToken, prefillChunk)
+                manifest.tokenizer.addBosToken, prefillChunk, vocabSize = manifest.model.vocabSize)
     }
 }
 

@@ -258,11 +258,20 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
             Sampler(params).distribution(logits, history, promptLength)
 
         /** The first index of the largest value (np.argmax; NaN never wins here). */
+        /** The first index of the largest logit. A NaN is an error, as in runtime/sampling.py's greedy_token:
+         *  comparisons with NaN are false, so it would be skipped here (and taken by numpy's argmax). */
         fun argmax(row: FloatArray): Int {
             var best = 0
-            for (i in 1 until row.size) if (row[i] > row[best]) best = i
+            for (i in row.indices) {
+                val v = row[i]
+                require(!v.isNaN()) { NAN_LOGITS }
+                if (v > row[best]) best = i
+            }
             return best
         }
+
+        internal const val NAN_LOGITS = "cannot decode: the model computed NaN logits (a broken export or a " +
+            "numeric overflow in this build; convert the model again, or try another --quant)"
 
         /** Ids (ascending) of the k largest logits plus any tied with the k-th, as _top_k_ids / HF's `scores < kth`. */
         internal fun topKIds(row: FloatArray, k: Int): IntArray {

@@ -71,6 +71,23 @@ class GeneratorTest {
     }
 
     @Test
+    fun promptIdsOutsideTheVocabularyAreRefusedBeforeAnyRun() {
+        for ((ids, said) in listOf(intArrayOf(1, 28, 2) to "token id 28 at position 1 is not in the vocabulary (0 to 27)",
+                                   intArrayOf(-1) to "token id -1 at position 0")) {
+            val forward = FakeForward.countingUp()
+            try {
+                Generator(forward, codec, emptyList(), vocabSize = 28).generate(ids, 2)
+                fail("accepted ${ids.toList()}")
+            } catch (e: IllegalArgumentException) {
+                assertTrue(e.message, e.message!!.startsWith(said))
+            }
+            assertTrue(forward.calls.isEmpty())
+        }
+        assertEquals(2, Generator(FakeForward.countingUp(), codec, emptyList(), vocabSize = 28)
+            .generate(intArrayOf(0, 27), 2).tokenIds.size)
+    }
+
+    @Test
     fun aStopStringThatIsASpecialTokenStopsAtTheToken() {
         // Model._special_token_ids: the streamed text never holds "<|end|>", so it stops as a token,
         // which is then not in the answer's ids.

@@ -151,6 +151,8 @@ class SamplerTest {
             { Sampler(SamplingParams(temperature = 1.0)).sample(floatArrayOf(1f, Float.NaN)) } to "cannot sample",
             { Sampler(SamplingParams(temperature = 1.0)).sample(floatArrayOf(1f, Float.POSITIVE_INFINITY)) } to "cannot sample",
             { Sampler().sample(FloatArray(0)) } to "one row of logits",
+            { Sampler().sample(floatArrayOf(1f, Float.NaN, 2f)) } to "cannot decode: the model computed NaN logits",
+            { Sampler.argmax(floatArrayOf(Float.NaN, 1f)) } to "cannot decode: the model computed NaN logits",
             { Sampler(SamplingParams(repetitionPenalty = 1.2)).sample(floatArrayOf(1f), intArrayOf(5)) } to "outside the vocabulary"
         )
         for ((make, expected) in bad) {
