@@ -20,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF model folder (config.json + *.safetensors), a .gguf file, or a Meta folder "
                         "(consolidated*.pth + params.json)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
-                   help="PEFT LoRA adapter folder to merge before quantization; repeat to apply several in "
-                        "order, each with an optional weight (default 1.0)")
+                   help="PEFT adapter folder or llama.cpp LoRA .gguf to merge (in fp32) before quantization; repeat "
+                        "to apply several in order, each with an optional weight (default 1.0)")
     p.add_argument("--target", default="host", help="device to build for (see `nomoat targets`)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="bundle folder to write")
     p.add_argument("--quant", choices=["fp32", "int8", "int4"], default=None,

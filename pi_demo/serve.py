@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "true: the same request gets the same answer whatever ran before (a cached prompt can "
                         "flip an int4 bundle's near-ties), at the cost of a whole prefill every time "
                         "(default: off, a request's prompt reuses the cache unless it says false)")
-    add_prompt_lookup_argument(p)
+    add_prompt_lookup_argument(p, when="for greedy requests without a penalty, logprobs or a grammar (the others "
+                                       "run plain)")
 
 
 def run(args: argparse.Namespace) -> int:

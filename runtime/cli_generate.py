@@ -72,12 +72,12 @@ def grammar_from(kind: str, in_file: bool = False) -> Callable[[str], object]:
     return parse
 
 
-def add_prompt_lookup_argument(p: argparse.ArgumentParser) -> None:
+def add_prompt_lookup_argument(p: argparse.ArgumentParser,
+                               when: str = "greedy only (--temperature 0, or a greedy bundle default; no penalty "
+                                           "or grammar)") -> None:
     p.add_argument("--prompt-lookup", type=prompt_lookup, default=0, metavar="N",
-                   help="greedy only (--temperature 0, or a greedy bundle default; no penalty or grammar): draft "
-                        "up to N tokens per step "
-                        "from the context (speculative decoding; greedy's output up to near-ties, faster on text "
-                        "that repeats its context; 0 = off)")
+                   help=f"{when}: draft up to N tokens per step from the context (speculative decoding; greedy's "
+                        "output up to near-ties, faster on text that repeats its context; 0 = off)")
 
 
 def prompt_lookup(value: str) -> int:

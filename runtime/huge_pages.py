@@ -1,8 +1,8 @@
 """Put ONNX Runtime's pre-packed weights in huge pages once they are loaded.
 
-Decode reads every weight once per token: ~116 MB of pre-packed SmolLM2-135M spread over 4 KB
-pages is ~30,000 TLB entries a token, far more than a core's TLB holds, so the kernels keep
-walking page tables. In 2 MB pages it is ~60. Measured here (AMD EPYC, 1 thread, 128 + 128
+Decode reads every weight once per token: ~102 MB of pre-packed SmolLM2-135M spread over 4 KB
+pages is ~25,000 TLB entries a token, far more than a core's TLB holds, so the kernels keep
+walking page tables. In 2 MB pages it is ~50. Measured here (AMD EPYC, 1 thread, 128 + 128
 tokens, alternating processes): decode +19 % at 1 thread, +6 % at 2 (README, "Memory").
 
 ONNX Runtime allocates those buffers itself, so this module looks for them from outside: after

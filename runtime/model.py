@@ -461,11 +461,11 @@ class Model:
         logprobs=N gives each event its token's log-probability and the N most likely tokens at
         that position (0: the token's alone; see stream_ids). grammar= holds the answer to a
         structured.Grammar (a JSON schema, a regex, a Lark or GBNF grammar)."""
-        params = self.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                      repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
-                                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                                      seed=seed)
-        check_lookup_applies(prompt_lookup, params, logprobs, grammar)
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
+                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
+        params = self.sampling_params(**given)
+        check_lookup_applies(prompt_lookup, params, logprobs, grammar, given)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
         yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup,
                                    logprobs=logprobs, grammar=grammar)
@@ -641,7 +641,7 @@ class Chat:
             rendered = self.model.render(self.messages)
             ids = self._prompt_ids(rendered)
             params = self.model.sampling_params(**sampling)
-            check_lookup_applies(prompt_lookup, params, logprobs, grammar)
+            check_lookup_applies(prompt_lookup, params, logprobs, grammar, sampling)
             for event in self.model.stream_ids(ids, max_new_tokens, params=params, stop=stop,
                                                prompt_lookup=prompt_lookup, logprobs=logprobs, grammar=grammar):
                 parts.append(event.text)
@@ -710,20 +710,21 @@ def lookup_obstacle(params: SamplingParams, logprobs: int | None = None, grammar
 
 
 def check_lookup_applies(prompt_lookup: int, params: SamplingParams, logprobs: int | None = None,
-                         grammar: object = None) -> None:
+                         grammar: object = None, given: Mapping[str, Any] | None = None) -> None:
     """For the SDK's stream and Chat: prompt lookup that would draft nothing, and say nothing, is a ValueError.
-    stream_ids runs such a request plain (the server's --prompt-lookup applies to every request)."""
+    stream_ids runs such a request plain (the server's --prompt-lookup applies to every request). given: the
+    sampling settings the caller passed (None for those left to the bundle's defaults)."""
     check_count("prompt_lookup", prompt_lookup, minimum=0)  # a count first: "4" is no reason to talk of greedy
     if not prompt_lookup or (obstacle := lookup_obstacle(params, logprobs, grammar)) is None:
         return
+    whose = "" if (given or {}).get(obstacle) is not None else " (the bundle's default)"
     if obstacle == "temperature":
         raise ValueError(f"prompt_lookup drafts only when decoding is greedy, and temperature is "
-                         f"{params.temperature:g} (the bundle's default when none is given): pass temperature=0, "
-                         "or prompt_lookup=0")
+                         f"{params.temperature:g}{whose}: pass temperature=0, or prompt_lookup=0")
     if obstacle in PENALTIES:
         raise ValueError(f"prompt_lookup drafts only without penalties, and {obstacle} is "
-                         f"{getattr(params, obstacle):g} (the bundle's default when none is given): pass "
-                         f"{obstacle}={PENALTIES[obstacle]:g}, or prompt_lookup=0")
+                         f"{getattr(params, obstacle):g}{whose}: pass {obstacle}={PENALTIES[obstacle]:g}, or "
+                         "prompt_lookup=0")
     raise ValueError(f"prompt_lookup does not draft with {obstacle} (each token is taken alone then): pass "
                      f"{obstacle}=None, or prompt_lookup=0")
 

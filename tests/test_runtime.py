@@ -587,11 +587,14 @@ def test_prompt_lookup_with_sampling_is_refused_on_the_command_line(bundle, verb
 
 def test_prompt_lookup_with_sampling_is_a_value_error_in_the_sdk_and_runs_plain_in_stream_ids(bundle):
     model = Model.load(bundle)
-    message = r"prompt_lookup drafts only when decoding is greedy, and temperature is 0.7 .*pass temperature=0"
+    message = (r"prompt_lookup drafts only when decoding is greedy, and temperature is 0.7 \(the bundle's default\): "
+               "pass temperature=0")
     with pytest.raises(ValueError, match=message):
         model.generate("one two one two", 4, prompt_lookup=4)  # the bundle's default temperature
-    with pytest.raises(ValueError, match="temperature is 0.5"):
+    with pytest.raises(ValueError, match="temperature is 0.5: pass"):  # given, so not called the bundle's
         model.chat().send("one two one two", 4, prompt_lookup=4, temperature=0.5)
+    with pytest.raises(ValueError, match="temperature is 0.7: pass"):
+        model.generate("one two one two", 4, prompt_lookup=4, temperature=0.7)
     assert model.generate("one two one two", 4, prompt_lookup=4, temperature=0).token_ids
     # The server applies its --prompt-lookup to every request: stream_ids runs a sampled one plain.
     ids = model.encode("one two one two " * 4)
@@ -632,7 +635,7 @@ def test_prompt_lookup_with_a_penalty_or_a_grammar_is_refused_on_the_command_lin
 def test_prompt_lookup_with_a_penalty_logprobs_or_a_grammar_is_a_value_error_in_the_sdk(bundle):
     model = Model.load(bundle)
     greedy = {"temperature": 0, "prompt_lookup": 4}
-    with pytest.raises(ValueError, match=r"penalties, and frequency_penalty is 0.3 .*pass frequency_penalty=0,"):
+    with pytest.raises(ValueError, match=r"penalties, and frequency_penalty is 0.3: pass frequency_penalty=0,"):
         model.generate("one two one two", 4, frequency_penalty=0.3, **greedy)
     with pytest.raises(ValueError, match="does not draft with logprobs .*pass logprobs=None, or prompt_lookup=0"):
         list(model.stream("one two one two", 4, logprobs=2, **greedy))
