@@ -108,12 +108,14 @@ def bench(session: nox.Session) -> None:
     an idle 2-core machine) and ExecuTorch's export_llm quantizes and lowers the model (~13 minutes).
     The session's virtualenv is reused afterwards, the bundle in
     build/bench/int4 is reused if present (delete it after changing the converter) and the peers'
-    models are cached in build/bench-cache/. Arguments after `--` go to benchmarks/run.py,
-    e.g. `nox -s bench -- --rounds 9` (`-- --genai-graph` adds GenAI's graph run by nomoat's loop, a
-    diagnostic row). Three runs: a 128-token prompt with 128 new tokens, a
+    models are cached in build/bench-cache/. Three runs: a 128-token prompt with 128 new tokens, a
     1,024-token prompt with 64, and prompt-lookup decoding (256 + 128, up to 8 drafted tokens) next
-    to plain decoding. Results: the tables on stdout, every number in build/bench/results.json,
-    results-long.json and results-lookup.json, and the first run's chart in build/bench/results.png.
+    to plain decoding. Arguments after `--` go to benchmarks/run.py in all three runs, after the
+    session's own, e.g. `nox -s bench -- --rounds 9` (`-- --genai-graph` adds GenAI's graph run by
+    nomoat's loop, a diagnostic row): a flag given once (--rounds, --prompt-tokens, --json) replaces the
+    session's value in every run, --threads adds a count to its 1 and 2. Results: the tables on stdout,
+    every number in build/bench/results.json, results-long.json and results-lookup.json, and the first
+    run's chart in build/bench/results.png.
     """
     _install(session)
     # llama.cpp is compiled for this CPU (-march=native) but without Intel AMX: on the AMX host of

@@ -204,6 +204,8 @@ class ExecuTorchEngine:
     pool (which some of the kernels outside XNNPACK use in this Python runtime) to the same.
     """
 
+    libraries = ("executorch", "torch")
+
     def __init__(self, pte: str, threads: int, context: int, name: str = "ExecuTorch 8da4w"):
         self.pte = Path(pte)
         self.threads = threads

@@ -56,6 +56,8 @@ class LlamaCppEngine:
     llama-cpp-python also computes every position's logits (its Llama(): `logits_all = ... True` when
     draft_model is set), so its drafting row measures that too: benchmarks/run.py labels it so."""
 
+    libraries = ("llama-cpp-python",)  # the report's versions (bench_worker.library_versions)
+
     def __init__(self, gguf: str, threads: int, context: int, name: str = "llama.cpp Q4_0",
                  prompt_lookup: int = 0):
         self.gguf = Path(gguf)
@@ -113,6 +115,8 @@ class LlamaCppEngine:
 
 class OrtGenAIEngine:
     """ONNX Runtime GenAI on the folder its model builder wrote (`-p int4 -e cpu`)."""
+
+    libraries = ("onnxruntime-genai", "onnxruntime")  # GenAI runs the graph on the onnxruntime package's library
 
     def __init__(self, model_dir: str, threads: int, context: int, name: str = "ONNX Runtime GenAI int4",
                  prompt_lookup: int = 0):
@@ -181,6 +185,8 @@ class GenAIGraphEngine:
     (`benchmarks/run.py --genai-graph`). Next to the other two rows it tells the graph from the
     loop: if it decodes like GenAI, GenAI's C++ loop is not what makes the difference; if it
     decodes like nomoat, the two graphs cost the same per token."""
+
+    libraries = ("nomoat", "onnxruntime")
 
     def __init__(self, model_dir: str, threads: int, context: int, name: str = "GenAI graph, nomoat loop"):
         self.model_dir = Path(model_dir)

@@ -9,11 +9,17 @@ system runs in its own worker process (its own peak RSS), on the same prompt ids
 same threads and the same KV-cache capacity (the bundle's max context); rounds alternate
 A B C A B C ... so machine drift spreads over all of them. Before timing, each system answers
 one question greedily, so a broken artifact is caught instead of timed.
-Ratios are against llama.cpp Q4_0 at the same thread count (median / median).
+Ratios are against llama.cpp Q4_0 at the same thread count (median / median); ↑ marks a ratio
+where higher is better, ↓ one where lower is. The report names each library's version.
 
 With --prompt-lookup N the run measures prompt-lookup speculative decoding instead: nomoat,
 llama.cpp and ONNX Runtime GenAI each plain and with their own n-gram drafter (up to N
 drafted tokens per pass), on the same repeating prose; reported apart from plain decoding.
+
+`nox -s bench` runs this script three times (a short prompt, a long one, prompt lookup), and
+arguments after `nox -s bench --` go to all three, after the session's own: a flag given once
+(--rounds, --prompt-tokens, --json, ...) replaces the session's value in every run, and --threads,
+which repeats, adds a count to the session's 1 and 2.
 """
 
 from __future__ import annotations
@@ -30,8 +36,19 @@ from typing import Any
 from artifacts import GENAI_ALL_LOGITS, default_gguf, peer_artifacts
 from bandwidth import bytes_per_token, ceiling_table
 from nomoat.runtime.bandwidth import read_bandwidth
-from nomoat.runtime.bench import BenchError, RoundResult, process_peak_rss_mb, summarize, synthetic_prompt_ids
-from nomoat.runtime.bench_plot import plot_summaries, require_matplotlib
+from nomoat.runtime.bench import (
+    BenchError,
+    RoundResult,
+    contended,
+    contention_warning,
+    median_cores_busy,
+    plural,
+    process_peak_rss_mb,
+    summarize,
+    synthetic_prompt_ids,
+    usable_cores,
+)
+from nomoat.runtime.bench_plot import chart_path, plot_summaries
 from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
 from nomoat.runtime.chat_template import ChatTemplate, as_messages
 from nomoat.runtime.cli_bench import drafts_kept, refuse_repeats
@@ -42,6 +59,8 @@ from peers import matching_prefix
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "llama.cpp Q4_0"
 RATIO_METRICS = ("decode_tps", "prefill_tps", "ttft_ms", "peak_rss_mb")  # medians, but RSS: the peak
+# Each ratio column's heading, with which way is better: the rates higher, the time and the memory lower.
+RATIO_HEADS = ("decode × (↑)", "prefill × (↑)", "TTFT × (↓)", "RSS × (↓)")
 ORTGENAI = "ONNX Runtime GenAI int4"
 GENAI_GRAPH = "GenAI graph, nomoat loop"
 CHECK_QUESTION, CHECK_ANSWER = "What is the capital of France?", "Paris"
@@ -66,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one more row: ONNX Runtime GenAI's graph run by nomoat's kind of loop (plain onnxruntime "
                         "from Python), to tell a difference of graphs from one of loops; plain runs only")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every number here")
-    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw a chart (matplotlib)")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                   help="also draw a chart, in the format its suffix names (.png if none; matplotlib)")
     return p.parse_args(argv)
 
 
@@ -147,7 +167,7 @@ def measure_threads(args: argparse.Namespace, peers: dict[str, Path], manifest: 
     try:
         for label, engine, options in systems(args.bundle, peers, threads, manifest.max_context,
                                               args.prompt_lookup, args.genai_graph):
-            print(f"[bench] loading {label} ({threads} threads) ...", file=sys.stderr)
+            print(f"[bench] loading {label} ({plural(threads, 'thread')}) ...", file=sys.stderr)
             worker = WorkerProcess(label, local_worker_argv(engine, options), env=env)
             jobs.append(Job(worker, prompt_ids, args.new_tokens))
             worker.start()
@@ -157,16 +177,28 @@ def measure_threads(args: argparse.Namespace, peers: dict[str, Path], manifest: 
         if args.prompt_lookup:
             checks = [{**c, **m} for c, m in zip(checks, compare_with_plain(jobs, prompt_ids, args.new_tokens,
                                                                              args.prompt_lookup), strict=True)]
-        print(f"[bench] {args.warmup} warm-up + {args.rounds} rounds, alternating ...", file=sys.stderr)
+        print(f"[bench] {args.warmup} warm-up + {plural(args.rounds, 'round')}, alternating ...", file=sys.stderr)
         run_alternating(jobs, args.rounds, args.warmup, on_round=_print_round)
     finally:
         for job in jobs:
             job.worker.close()
-    return [{"system": job.worker.label, "threads": threads, "model_bytes": job.worker.ready["model_bytes"],
-             "load_s": job.worker.ready["load_s"], "machine": job.worker.ready["machine"], **check,
-             "rss_before_load_mb": job.worker.rss_before_load_mb, "peak_rss_mb": process_peak_rss_mb(job.rounds),
-             "summary": summarize(job.rounds).to_dict(), "rounds": [r.to_dict() for r in job.rounds]}
-            for job, check in zip(jobs, checks, strict=True)]
+    return [system_result(job, threads, check) for job, check in zip(jobs, checks, strict=True)]
+
+
+def system_result(job: Job, threads: int, check: dict[str, Any]) -> dict[str, Any]:
+    """One system's numbers at one thread count, as the JSON report holds them; a warning on stderr when
+    its rounds kept well under the cores its threads can use busy (something else ran: its numbers are low)."""
+    ready = job.worker.ready
+    cores_busy = median_cores_busy(job.rounds)
+    cores = usable_cores(threads, ready["machine"].get("cpus"))
+    busy = contended(cores_busy, cores)
+    if busy:
+        print(contention_warning(job.worker.label, cores_busy, cores), file=sys.stderr)
+    return {"system": job.worker.label, "threads": threads, "model_bytes": ready["model_bytes"],
+            "load_s": ready["load_s"], "machine": ready["machine"], "libraries": ready.get("libraries") or {},
+            **check, "rss_before_load_mb": job.worker.rss_before_load_mb,
+            "peak_rss_mb": process_peak_rss_mb(job.rounds), "cores_busy": cores_busy, "contended": busy,
+            "summary": summarize(job.rounds).to_dict(), "rounds": [r.to_dict() for r in job.rounds]}
 
 
 def compare_with_plain(jobs: list[Job], prompt_ids: list[int], new_tokens: int,
@@ -227,7 +259,7 @@ def markdown_table(results: list[dict[str, Any]], prompt_lookup: int = 0) -> str
     and no model. A prompt-lookup run adds the drafted tokens kept a round where a system counts them."""
     lookup_head, lookup_rule = (" drafts kept |", "---|") if prompt_lookup else ("", "")
     lines = ["| system | threads | file MB | prefill t/s | decode t/s | TTFT ms | peak RSS MB | RSS before load MB "
-             f"| decode × | prefill × | TTFT × | RSS × |{lookup_head}",
+             f"| {' | '.join(RATIO_HEADS)} |{lookup_head}",
              f"|---|---|---|---|---|---|---|---|---|---|---|---|{lookup_rule}"]
     for r in results:
         base = next(b for b in results if b["system"] == BASELINE and b["threads"] == r["threads"])
@@ -239,7 +271,8 @@ def markdown_table(results: list[dict[str, Any]], prompt_lookup: int = 0) -> str
                      f"| {_with_range(r, 'ttft_ms', '.0f')} | {r['peak_rss_mb']:.0f} "
                      f"| {_mb(r['rss_before_load_mb'])} | "
                      + " | ".join(f"{x:.2f}×" for x in ratios) + f" |{drafts}")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"× columns: each system over {BASELINE} at the same threads; (↑) higher is better, "
+                                 "(↓) lower is better."])
 
 
 def _mb(value: float | None) -> str:
@@ -274,13 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as e:
         raise SystemExit(f"benchmarks/run.py: {e}") from None
     if args.prompt_tokens + args.new_tokens > manifest.max_context:
-        raise SystemExit(f"{args.prompt_tokens}+{args.new_tokens} tokens exceed the bundle's context "
-                         f"({manifest.max_context})")
-    if args.plot:
-        require_matplotlib()  # before minutes of measuring, not after
+        raise SystemExit(f"benchmarks/run.py: --prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} "
+                         f"exceed the bundle's context of {manifest.max_context} tokens ({args.bundle}); measure "
+                         "shorter runs or convert with a larger --max-context")
+    try:
+        plot = chart_path(args.plot) if args.plot else None  # before minutes of measuring, not after
+        prompt_ids = synthetic_prompt_ids(args.bundle / manifest.tokenizer.tokenizer_file, args.prompt_tokens)
+    except (BenchError, BundleError) as e:
+        raise SystemExit(f"benchmarks/run.py: {e}") from None
     source = args.model or default_gguf()
     peers = peer_artifacts(source, args.cache)
-    prompt_ids = synthetic_prompt_ids(args.bundle / manifest.tokenizer.tokenizer_file, args.prompt_tokens)
 
     load_before = os.getloadavg()[0]
     try:
@@ -301,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
               "new_tokens": args.new_tokens, "context": manifest.max_context, "rounds": args.rounds,
               "warmup": args.warmup, "prompt_lookup": args.prompt_lookup, "load_average_before": load_before,
               "load_average_after": os.getloadavg()[0], "read_bandwidth_bytes_per_s": bandwidth,
-              "weight_bytes_per_token": bytes_read, "results": results}
+              "weight_bytes_per_token": bytes_read, "libraries": library_versions(results), "results": results}
     print(f"\n{report_heading(report)}\n")
     print(markdown_table(results, args.prompt_lookup))
     if args.prompt_lookup:
@@ -311,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     print(ceiling_table(results, bytes_read, bandwidth))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    if args.plot:
-        plot_report(report, args.plot)
+    if plot is not None:
+        plot_report(report, plot)
+        print(f"chart written to {plot}", file=sys.stderr)
     return 0 if all(r["answer_ok"] for r in results) else 1
 
 
@@ -322,28 +359,43 @@ def _bytes_per_token(path: Path) -> int:
     return path.stat().st_size if path.is_file() else bytes_per_token(path)
 
 
+def library_versions(results: list[dict[str, Any]]) -> dict[str, str | None]:
+    """Every library the systems ran on, with the version its worker found installed (nomoat's first)."""
+    return {name: v for r in results for name, v in r.get("libraries", {}).items()}
+
+
 def report_heading(report: dict[str, Any]) -> str:
     """Date, machine, workload and the exact command: what the table needs to be read."""
     machine = report["results"][0]["machine"]
     return (f"{report['date'][:10]}, {machine['cpu']} ({machine['cpus']} CPUs), "
             f"{Path(report['source']).name}; "
             f"{report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, KV capacity "
-            f"{report['context']}; median (min–max) of {report['rounds']} alternating rounds after "
-            f"{report['warmup']} warm-up; peak RSS: each worker's largest over its rounds, RSS before load: its "
-            f"peak with its library imported, before the model; ratios vs {BASELINE} (medians; RSS: peaks). "
+            f"{report['context']}; median (min–max) of {plural(report['rounds'], 'alternating round')} after "
+            f"{report['warmup']} warm-up; peak RSS: each worker's peak since it started, the model's load included, "
+            "RSS before load: its peak with its library imported, before the model; ratios vs "
+            f"{BASELINE} (medians; RSS: peaks). "
             "Load average "
             f"{report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after."
             + (f" Prompt lookup: up to {report['prompt_lookup']} drafted tokens per pass, each system's own "
                "drafter; the prompt is prose that repeats, so the text goes on repeating its context: "
                "the best case for drafting, not a typical chat." if report.get("prompt_lookup") else "")
+            + libraries_line(report.get("libraries"))
             + f"\n`{report['command']}`")
+
+
+def libraries_line(libraries: dict[str, str | None] | None) -> str:
+    """' Libraries: nomoat 0.1.0, onnxruntime 1.23.0, ...' ('' for a report older than the count)."""
+    if not libraries:
+        return ""
+    named = ", ".join(f"{name} {version or '(not installed)'}" for name, version in libraries.items())
+    return f" Libraries: {named}."
 
 
 def plot_report(report: dict[str, Any], out: Path) -> None:
     entries = [(f"{r['system']}, {r['threads']} thr",
                 summarize([RoundResult.from_dict(x) for x in r["rounds"]])) for r in report["results"]]
     title = (f"{Path(report['source']).name}: {report['prompt_tokens']}-token prompt, {report['new_tokens']} "
-             f"tokens; median and min–max of {report['rounds']} rounds")
+             f"tokens; median and min–max of {plural(report['rounds'], 'round')}")
     bandwidth, bytes_read = report["read_bandwidth_bytes_per_s"], report["weight_bytes_per_token"]
     plot_summaries(entries, out, title, groups=[r["system"] for r in report["results"]],
                    ceilings=[bandwidth[r["threads"]] / bytes_read[r["system"]] for r in report["results"]])

@@ -51,6 +51,8 @@ def read_bandwidth(threads: int, megabytes: int = DEFAULT_MEGABYTES, passes: int
     """Bytes/s that `threads` threads read from memory (best of `passes` of each kernel)."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    if megabytes < 1:
+        raise ValueError(f"megabytes must be >= 1, got {megabytes}")
     data = np.ones(megabytes * 2**20 // 8, np.float64)  # written once, so the pages are real
     slices = np.array_split(data, threads)
     best = float("inf")
@@ -71,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.threads) < 1:
         parser.error("thread counts must be >= 1")
+    if args.megabytes < 1:
+        parser.error(f"--megabytes must be >= 1 (got {args.megabytes}); the buffer should be far larger than the "
+                     f"last-level cache, e.g. the default {DEFAULT_MEGABYTES}")
     print(json.dumps({str(t): read_bandwidth(t, args.megabytes) for t in args.threads}))
     return 0
 

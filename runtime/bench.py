@@ -7,7 +7,8 @@ process (locally now; over adb or ssh later) so each engine's peak RSS is its ow
     prefill tok/s = prompt_tokens / ttft            (ttft = start -> first token)
     decode tok/s  = (new_tokens - 1) / (t_last - t_first)
 
-The first token comes out of prefill, so decode counts only the tokens after it.
+The first token comes out of prefill, so decode counts only the tokens after it. Over rounds,
+the median prefill rate is the prompt over the median TTFT, so the two always agree.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from .errors import BundleError
 
 Clock = Callable[[], float]
 
@@ -65,6 +68,7 @@ class Engine(Protocol):
     # Optional, for the bandwidth ceiling (engines without them get no ceiling):
     #   weight_bytes_per_token() -> int | None: bytes of weights one decode step reads
     #   threads_used() -> int: the threads it decodes with
+    # Optional, for the report: `libraries`, the distributions (pip names) whose versions say what ran.
 
 
 @dataclass(frozen=True)
@@ -168,9 +172,6 @@ def peak_rss_bytes() -> int:
 
 # -- summaries -----------------------------------------------------------------------------
 
-METRICS = ("prefill_tps", "decode_tps", "ttft_ms", "peak_rss_mb")
-
-
 @dataclass(frozen=True)
 class Stat:
     median: float
@@ -204,7 +205,20 @@ def summarize(rounds: Sequence[RoundResult]) -> Summary:
         values = [v for r in rounds if (v := getattr(r, metric)) is not None]
         return Stat.of(values) if values else None
 
-    return Summary(len(rounds), **{m: stat(m) for m in METRICS})
+    ttft = stat("ttft_ms")
+    return Summary(len(rounds), prefill_tps=prefill_stat(rounds, ttft), decode_tps=stat("decode_tps"),
+                   ttft_ms=ttft, peak_rss_mb=stat("peak_rss_mb"))
+
+
+def prefill_stat(rounds: Sequence[RoundResult], ttft_ms: Stat) -> Stat:
+    """Prefill tokens/s as the prompt over the TTFT's median, max and min, so the two columns always agree:
+    over an even number of rounds a median of the rates averages the two middle rates, which is not the
+    prompt over the median TTFT (the mean of the two middle times)."""
+    prompts = {r.prompt_tokens for r in rounds}
+    if len(prompts) != 1:
+        raise ValueError(f"rounds of different prompt lengths ({sorted(prompts)}) have no one prefill rate")
+    tokens_per_ms = prompts.pop() * 1000.0
+    return Stat(tokens_per_ms / ttft_ms.median, min=tokens_per_ms / ttft_ms.max, max=tokens_per_ms / ttft_ms.min)
 
 
 def process_peak_rss_mb(rounds: Sequence[RoundResult]) -> float | None:
@@ -213,6 +227,33 @@ def process_peak_rss_mb(rounds: Sequence[RoundResult]) -> float | None:
     and understates the last."""
     values = [mb for r in rounds if (mb := r.peak_rss_mb) is not None]
     return max(values) if values else None
+
+
+# A row whose rounds kept fewer cores busy than this share of the cores its threads can use ran beside other work.
+BUSY_SHARE = 0.8
+
+
+def median_cores_busy(rounds: Sequence[RoundResult]) -> float | None:
+    """The median over the rounds of the cores each kept busy on average (None if none counted its CPU time)."""
+    values = [u for r in rounds if (u := r.cpu_utilization) is not None]
+    return statistics.median(values) if values else None
+
+
+def usable_cores(threads: int | None, cpus: int | None) -> int | None:
+    """The cores `threads` threads can keep busy: one each, up to the machine's CPUs (None if unknown)."""
+    return min(threads, cpus) if threads and cpus else threads
+
+
+def contended(cores_busy: float | None, cores: int | None) -> bool:
+    """Whether the rounds kept well under the `cores` their threads can use busy: something else had the
+    cores, so every number of the row is low. Unknown (no CPU time or no thread count) is no finding."""
+    return cores_busy is not None and bool(cores) and cores_busy < BUSY_SHARE * cores
+
+
+def contention_warning(label: str, cores_busy: float, cores: int) -> str:
+    return (f"warning: {label}: its rounds kept a median {cores_busy:.2f} of the {plural(cores, 'core')} its "
+            "threads can use busy: the machine was busy with other work, so these numbers are low; measure again "
+            "when it is idle")
 
 
 # -- prompts -------------------------------------------------------------------------------
@@ -226,10 +267,28 @@ def repeat_to_length(ids: Sequence[int], n: int) -> list[int]:
 
 def synthetic_prompt_ids(tokenizer_file: str | Path, n: int) -> list[int]:
     """Exactly n token ids of fixed prose, from a tokenizer.json: the same ids on every run."""
+    ids = read_tokenizer(Path(tokenizer_file)).encode(PROSE, add_special_tokens=False).ids
+    return repeat_to_length(ids, n)
+
+
+def read_tokenizer(path: Path):  # -> tokenizers.Tokenizer
+    """A bundle's tokenizer.json, or a BundleError naming the file when it is missing or damaged: the
+    benchmark reads it before any worker has checked the bundle's files."""
     from tokenizers import Tokenizer
 
-    ids = Tokenizer.from_file(str(tokenizer_file)).encode(PROSE, add_special_tokens=False).ids
-    return repeat_to_length(ids, n)
+    if not path.is_file():
+        raise BundleError(f"the bundle's tokenizer file {path} is missing; copy the bundle again or re-convert it.")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a plain Exception for every problem of the file
+        reason = " ".join(str(e).split())[:200]
+        raise BundleError(f"the bundle's tokenizer file {path} cannot be read ({reason}); copy the bundle again "
+                          "or re-convert it.") from e
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 round', '2 rounds'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def machine_info() -> dict[str, object]:
@@ -254,6 +313,8 @@ class NomoatEngine:
     """nomoat.runtime on an ONNX bundle, greedy, end-of-sequence ignored. With `prompt_lookup`
     > 0 it decodes with prompt-lookup speculative decoding, up to that many drafted tokens per
     pass (greedy's tokens up to near-ties, fewer passes where the text repeats its context)."""
+
+    libraries = ("nomoat", "onnxruntime")
 
     def __init__(self, bundle: str, threads: int | None = None, name: str | None = None,
                  prompt_lookup: int = 0, ort_options: dict[str, str] | None = None):

@@ -17,7 +17,7 @@ PANELS = (  # metric, title, better
     ("decode_tps", "Decode (tokens/s)", "higher is better"),
     ("prefill_tps", "Prefill (tokens/s)", "higher is better"),
     ("ttft_ms", "Time to first token (ms)", "lower is better"),
-    ("peak_rss_mb", "Peak RSS (MB), the largest over the rounds", "lower is better"),
+    ("peak_rss_mb", "Peak RSS (MB), load included", "lower is better"),
 )
 # Each round reads the process's peak so far (VmHWM only grows): the peak is the largest reading, and
 # the readings' spread is no spread of a measurement.
@@ -30,6 +30,31 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ModuleNotFoundError:
         raise BenchError("--plot needs matplotlib: pip install matplotlib") from None
+
+
+def chart_path(out: str | Path) -> Path:
+    """Where a chart asked for at `out` will be written, checked before minutes of measuring rather than
+    after: matplotlib installed, a format it writes, an existing folder. A name without a suffix gets .png,
+    as matplotlib's savefig would add it, so the path said afterwards is the file's."""
+    require_matplotlib()
+    out = Path(out)
+    if not out.suffix:
+        out = out.with_suffix(".png")
+    formats = supported_formats()
+    if out.suffix[1:].lower() not in formats:
+        raise BenchError(f"--plot {out}: matplotlib cannot write {out.suffix} files; end the name with one of "
+                         f"{', '.join('.' + f for f in formats)} (or none, for .png)")
+    if not out.parent.is_dir():
+        raise BenchError(f"--plot {out}: the folder {out.parent} does not exist; create it first "
+                         "(mkdir -p) or name a file in an existing folder")
+    return out
+
+
+def supported_formats() -> list[str]:
+    """The file formats matplotlib's savefig writes here, by suffix (png, svg, pdf, ...)."""
+    from matplotlib.figure import Figure
+
+    return sorted(Figure().canvas.get_supported_filetypes())
 
 
 def plot_summaries(entries: Sequence[tuple[str, Summary]], out: str | Path, title: str,

@@ -1,12 +1,13 @@
 """Host one benchmark engine in its own process, and drive such processes round by round.
 
-Each engine runs in a separate process so the peak RSS it reports is its own (ru_maxrss is
-per process) and engines cannot share warmed-up allocations. The worker speaks JSON lines:
+Each engine runs in a separate process so the peak RSS it reports is its own (VmHWM, the peak
+of the process's own address space: bench.peak_rss_bytes) and engines cannot share warmed-up
+allocations. The worker speaks JSON lines:
 
     parent -> worker   {"cmd": "round", "prompt_ids": [...], "new_tokens": 128}
                        {"cmd": "generate", "prompt_ids": [...], "new_tokens": 16}  |  {"cmd": "quit"}
     worker -> parent   {"event": "ready", "name": ..., "model_bytes": ..., "load_s": ..., "machine": {...},
-                        "rss_before_load_bytes": ..., "peak_rss_bytes": ...}
+                        "rss_before_load_bytes": ..., "peak_rss_bytes": ..., "libraries": {"onnxruntime": "1.23.0"}}
                        {"event": "round", "result": {...RoundResult...}}
                        {"event": "tokens", "ids": [...]}   (untimed: to check the engine's answers)
 
@@ -23,6 +24,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,7 +75,8 @@ def serve(engine: Engine, commands: IO[str], replies: IO[str]) -> None:
     _send(replies, {"event": "ready", "name": engine.name, "model_bytes": engine.model_bytes(),
                     "load_s": time.perf_counter() - start,
                     "rss_before_load_bytes": before_load, "peak_rss_bytes": peak_rss_bytes(),
-                    "machine": machine_info(), **ceiling})
+                    "machine": machine_info(), "libraries": library_versions(getattr(engine, "libraries", ())),
+                    **ceiling})
     for line in commands:
         message = json.loads(line)
         if message["cmd"] == "quit":
@@ -87,6 +90,20 @@ def serve(engine: Engine, commands: IO[str], replies: IO[str]) -> None:
             _send(replies, {"event": "tokens", "ids": ids})
         else:
             raise BenchError(f"unknown worker command {message['cmd']!r}")
+
+
+def library_versions(distributions: Sequence[str]) -> dict[str, str | None]:
+    """The installed version of each distribution (pip name) the engine runs on, None if not installed:
+    a comparison is of these releases, and the next release of any of them may move its numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {name: installed(name) for name in distributions}
 
 
 def rss_before_load(engine: Engine) -> int:
@@ -223,7 +240,21 @@ class WorkerProcess:
             self._stderr.seek(0)
             tail = self._stderr.read().decode(errors="replace")[-3000:]
         noise = f"before it, on stdout: {' | '.join(self._noise)[-500:]}\n" if self._noise else ""
-        return f"worker {self.label} ({' '.join(self.argv[:4])} ...) exited with code {code}:\n{noise}{tail}"
+        return f"worker {self.label} ({' '.join(self.argv[:4])} ...) {how_it_ended(code)}:\n{noise}{tail}"
+
+
+def how_it_ended(code: int | None) -> str:
+    """'exited with code 1', or the signal that ended the process by name: a worker killed by the kernel
+    leaves no word of its own on stderr, so the signal is all the user gets."""
+    if code is None or code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    # The kernel's out-of-memory killer sends SIGKILL, and says so in its log.
+    why = " (out of memory? check dmesg)" if -code == signal.SIGKILL else ""
+    return f"was killed by {name}{why}"
 
 
 def _message(line: str) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ of weights a token reads (counted into the bundle by the converter).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import signal
@@ -23,7 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bench import BenchError, RoundResult, Stat, process_peak_rss_mb, summarize, synthetic_prompt_ids
+from .bench import (
+    BenchError,
+    RoundResult,
+    Stat,
+    contended,
+    contention_warning,
+    median_cores_busy,
+    plural,
+    process_peak_rss_mb,
+    summarize,
+    synthetic_prompt_ids,
+    usable_cores,
+)
+from .bench_plot import chart_path
 from .bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
 from .cli_generate import ort_options, prompt_lookup
 from .errors import BundleError
@@ -58,11 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "decode-against-ceiling column")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", type=Path, metavar="PNG", default=unset,
-                   help="also draw a chart to this PNG file (needs matplotlib)")
+                   help="also draw a chart to this file, in the format its suffix names (.png if none; needs "
+                        "matplotlib)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        plot = chart_path(args.plot) if getattr(args, "plot", None) else None  # before measuring, not after
         report = bench_bundles(args)
     except (BenchError, BundleError) as e:
         print(f"nomoat bench: error: {e}", file=sys.stderr)
@@ -73,15 +89,15 @@ def run(args: argparse.Namespace) -> int:
         print("\n[interrupted]", file=sys.stderr)
         return 128 + signal.SIGINT
     print(json.dumps(report, indent=2) if args.json else format_table(report))
-    if getattr(args, "plot", None):
+    if plot is not None:
         from .bench_plot import plot_summaries
 
         entries = [(r["label"], summarize([RoundResult.from_dict(x) for x in r["rounds"]]))
                    for r in report["results"]]
         machine = report["machine"]
         bandwidth = report.get("read_bandwidth_bytes_per_s") or {}
-        out = plot_summaries(entries, args.plot, f"nomoat bench {' '.join(report['bundles'])} — "
-                             f"{machine['cpu']}, {report['rounds']} rounds (median, min–max)",
+        out = plot_summaries(entries, plot, f"nomoat bench {' '.join(report['bundles'])} — "
+                             f"{machine['cpu']}, {plural(report['rounds'], 'round')} (median, min–max)",
                              ceilings=[decode_ceiling(r, bandwidth) for r in report["results"]])
         print(f"chart written to {out}", file=sys.stderr)
     return 0
@@ -122,10 +138,6 @@ def bench_bundles(args: argparse.Namespace) -> dict[str, Any]:
     check_counts(threads, prompts, news, args.rounds, args.warmup)
     if len(set(ort_choices)) < len(ort_choices):
         raise BenchError("the same --ort-options are given twice; to repeat a measurement, raise --rounds")
-    if getattr(args, "plot", None):
-        from .bench_plot import require_matplotlib
-
-        require_matplotlib()
     # One name per bundle, as the user typed it; rows only carry it when there is a choice.
     listed = [str(b) for b in bundles]
     names = listed if len(listed) > 1 else [""]
@@ -187,6 +199,8 @@ def measure_configs(configs: Sequence[Config], prompt_for: Callable[[Config], li
             jobs.append(Job(worker, prompt_for(config), config.new_tokens))
             print(f"loading {worker.label} ...", file=sys.stderr)
             worker.start()
+        for warning in thread_warnings(jobs, configs):
+            print(warning, file=sys.stderr)
         threads = sorted({job.worker.ready["threads_used"] for job in jobs
                           if job.worker.ready.get("weight_bytes_per_token") and job.worker.ready.get("threads_used")})
         if probe and threads:
@@ -196,13 +210,49 @@ def measure_configs(configs: Sequence[Config], prompt_for: Callable[[Config], li
     finally:
         for job in jobs:
             job.worker.close()
+    results = [_job_report(job, config) for job, config in zip(jobs, configs, strict=True)]
+    for r in results:
+        if r["contended"]:
+            print(contention_warning(r["label"], r["cores_busy"], r["cores"]), file=sys.stderr)
     return {
         "machine": jobs[0].worker.ready.get("machine", {}),
         "rounds": rounds,
         "warmup": warmup,
         **({"read_bandwidth_bytes_per_s": {str(t): bw for t, bw in bandwidth.items()}} if bandwidth else {}),
-        "results": [_job_report(job, config) for job, config in zip(jobs, configs, strict=True)],
+        "results": results,
     }
+
+
+def thread_warnings(jobs: Sequence[Job], configs: Sequence[Config]) -> list[str]:
+    """What the loaded workers' thread counts put in doubt, said before the rounds: more threads than the
+    machine has CPUs (a bundle made for a bigger device asks for its own count), and bundles in one A/B that
+    each run their own count, so that their rows differ in threads as well as in recipe."""
+    loaded = [(config, job.worker.ready) for job, config in zip(jobs, configs, strict=True)
+              if job.worker.ready.get("threads_used") is not None]
+    warnings = [w for config, ready in loaded if (w := more_threads_than_cpus(config, ready))]
+    warnings += bundles_with_own_thread_counts(loaded)
+    return list(dict.fromkeys(warnings))  # once per bundle, not once per row of it
+
+
+def more_threads_than_cpus(config: Config, ready: dict[str, Any]) -> str | None:
+    used, cpus = ready["threads_used"], ready.get("machine", {}).get("cpus")
+    if not cpus or used <= cpus:
+        return None
+    who = config.bundle or "the bundle"
+    whose = "as --threads asks" if config.threads else "its own count, from the target it was converted for"
+    return (f"warning: {who} runs {plural(used, 'thread')} ({whose}) on {plural(cpus, 'CPU')}: they take turns "
+            f"on the cores and every number comes out low; give --threads {cpus}")
+
+
+def bundles_with_own_thread_counts(loaded: Sequence[tuple[Config, dict[str, Any]]]) -> list[str]:
+    """A warning for each configuration that bundles without --threads run at different counts."""
+    resolved: dict[Config, dict[str, int]] = {}  # the configuration but its bundle -> each bundle's count
+    for config, ready in loaded:
+        if config.threads is None:
+            resolved.setdefault(dataclasses.replace(config, bundle=""), {})[config.bundle] = ready["threads_used"]
+    return [f"warning: the bundles run thread counts of their own ({', '.join(f'{b}: {n}' for b, n in each.items())}),"
+            " so their rows differ in threads as well as in recipe; give --threads N to compare the recipes alone"
+            for each in resolved.values() if len(set(each.values())) > 1]
 
 
 def check_counts(threads: Sequence[int | None], prompts: Sequence[int], news: Sequence[int],
@@ -234,6 +284,8 @@ def _print_progress(job: Job, index: int, result: RoundResult) -> None:
 
 def _job_report(job: Job, config: Config) -> dict[str, Any]:
     ready = job.worker.ready
+    cores_busy = median_cores_busy(job.rounds)
+    cores = usable_cores(ready.get("threads_used") or config.threads, ready.get("machine", {}).get("cpus"))
     return {
         "label": job.worker.label,
         **({"bundle": config.bundle} if config.bundle else {}),
@@ -249,6 +301,11 @@ def _job_report(job: Job, config: Config) -> dict[str, Any]:
         "load_s": ready.get("load_s"),
         "rss_before_load_mb": job.worker.rss_before_load_mb,
         "peak_rss_mb": process_peak_rss_mb(job.rounds),
+        # Cores the rounds kept busy (median) of those the threads can use; contended: well under, so the
+        # numbers are low. (More threads than CPUs are warned about before the rounds.)
+        "cores_busy": cores_busy,
+        "cores": cores,
+        "contended": contended(cores_busy, cores),
         "summary": summarize(job.rounds).to_dict(),
         "rounds": [r.to_dict() for r in job.rounds],
     }
@@ -272,12 +329,22 @@ def format_stat(stat: Stat | dict | None, decimals: int) -> str:
 
 
 def format_peak_rss(result: dict[str, Any]) -> str:
-    """The process's peak RSS: the largest reading over its rounds (bench.process_peak_rss_mb; the
+    """The process's peak RSS since it started, the load included: the largest reading over its rounds
+    (each reads the peak so far; bench.process_peak_rss_mb; the
     Android app's report carries it too, converter/deploy_bench.py). A report of an older nomoat with
     only the rounds' readings shows them as median (min–max): its peak is the max."""
     if result.get("peak_rss_mb") is not None:
         return f"{result['peak_rss_mb']:.0f}"
     return format_stat(result["summary"]["peak_rss_mb"], 0)
+
+
+def format_threads(result: dict[str, Any]) -> str:
+    """The threads asked for, or 'default (4)': the bundle's own count as the worker resolved it, which two
+    bundles in one A/B need not share."""
+    if result["threads"]:
+        return str(result["threads"])
+    used = result.get("threads_used")
+    return "default" if used is None else f"default ({used})"
 
 
 def format_rss_before_load(result: dict[str, Any]) -> str:
@@ -309,11 +376,11 @@ def format_table(report: dict[str, Any]) -> str:
     bundles = report.get("bundles") or [report["bundle"]]
     head = (f"nomoat bench {' '.join(bundles)} on {machine.get('cpu', '?')} "
             f"({machine.get('cpus', '?')} CPUs); "
-            f"{report['rounds']} rounds after {report['warmup']} warm-up, median (min–max)")
+            f"{plural(report['rounds'], 'round')} after {report['warmup']} warm-up, median (min–max)")
     # Only workers count it (not the Android app, nor one with an older nomoat): dashes would say nothing.
     before_load = any(r.get("rss_before_load_mb") is not None for r in report["results"])
     if any(r.get("peak_rss_mb") is not None for r in report["results"]):
-        head += "; peak RSS: the worker's largest over its rounds (it only grows)"
+        head += "; peak RSS: the worker's peak since it started, the model's load included"
     if before_load:
         head += ", and before the model loaded (Python, this harness, ONNX Runtime)"
     lookup = any(r.get("prompt_lookup") for r in report["results"])
@@ -326,7 +393,7 @@ def format_table(report: dict[str, Any]) -> str:
               *(["of ceiling"] if bandwidth else [])]
     rows = [[*([r["bundle"]] if several else []),
              *([format_ort_options(r.get("ort_options", {}).items()) or "-"] if ort else []),
-             str(r["threads"] or "default"), str(r["prompt_tokens"]), str(r["new_tokens"]),
+             format_threads(r), str(r["prompt_tokens"]), str(r["new_tokens"]),
              *([str(r.get("prompt_lookup") or "-"), format_drafts(r)] if lookup else []),
              *(format_stat(r["summary"][metric], decimals) for _, metric, decimals in COLUMNS),
              format_peak_rss(r), *([format_rss_before_load(r)] if before_load else []),

@@ -33,8 +33,9 @@ class SleepyEngine:
     Optionally holds `hold_mb` of touched memory while it runs (to move the peak RSS)."""
 
     def __init__(self, prefill_s: float = 0.0, per_token_s: float = 0.0, hold_mb: int = 0,
-                 stop_after: int = 0):
+                 stop_after: int = 0, libraries: Sequence[str] = ()):
         self.name = "sleepy"
+        self.libraries = tuple(libraries)
         self.prefill_s, self.per_token_s = prefill_s, per_token_s
         self.hold_mb, self.stop_after = hold_mb, stop_after
         self.resets = 0
@@ -166,10 +167,21 @@ def test_summary_median_min_max():
               _round(0.5, 2.0, rss=100 * MB)]
     s = summarize(rounds)
     assert s.rounds == 4
-    assert s.prefill_tps == Stat(median=(500 + 250) / 2, min=200, max=1000)
+    assert s.prefill_tps == Stat(median=pytest.approx(100 / 0.3), min=200, max=1000)  # 100 tokens / median TTFT
     assert s.decode_tps == Stat(median=(10 + 20) / 2, min=5, max=40)
     assert s.ttft_ms == Stat(median=300, min=100, max=500)
     assert s.peak_rss_mb == Stat(median=150, min=100, max=300)
+
+
+def test_median_prefill_is_the_prompt_over_the_median_ttft_with_an_even_number_of_rounds():
+    """A median of the rates averages the two middle rates (1000 and 500 tokens/s: 750), while the median
+    TTFT is the mean of the two middle times (150 ms: 667 tokens/s); the two columns must tell one story."""
+    s = summarize([_round(0.1, 1.0), _round(0.2, 1.0), _round(0.05, 1.0), _round(0.4, 1.0)])
+    assert s.ttft_ms.median == pytest.approx(150)
+    assert s.prefill_tps.median == pytest.approx(100 / 0.15)
+    assert (s.prefill_tps.min, s.prefill_tps.max) == (pytest.approx(250), pytest.approx(2000))
+    odd = summarize([_round(0.1, 1.0), _round(0.2, 1.0), _round(0.4, 1.0)])
+    assert odd.prefill_tps.median == pytest.approx(500) and odd.ttft_ms.median == pytest.approx(200)
 
 
 def test_summary_without_decode_or_rss():
@@ -185,6 +197,20 @@ def test_round_result_survives_json():
     d = json.loads(json.dumps(r.to_dict()))
     assert RoundResult.from_dict(d) == r
     assert d["decode_tps"] == pytest.approx(10 / 1.5) and d["prefill_tps"] == pytest.approx(400)
+
+
+@pytest.mark.parametrize("damage", ["missing", "broken"])
+def test_a_missing_or_broken_tokenizer_is_a_bundle_error_naming_the_file_and_the_fix(tmp_path, damage):
+    from nomoat.runtime.errors import BundleError
+
+    path = tmp_path / "tokenizer.json"
+    if damage == "broken":
+        path.write_text('{"version": "1.0", "model": ')  # cut short, as a copy that stopped midway
+    with pytest.raises(BundleError) as e:
+        synthetic_prompt_ids(path, 16)
+    said = str(e.value)
+    assert str(path) in said and said.endswith("copy the bundle again or re-convert it.") and "\n" not in said
+    assert ("is missing" in said) == (damage == "missing")
 
 
 def test_synthetic_prompt_has_exactly_n_deterministic_ids(tmp_path):
@@ -251,6 +277,27 @@ def test_worker_peak_rss_is_not_inherited_from_its_parent():
 def test_worker_failure_is_reported_with_its_stderr():
     with pytest.raises(BenchError, match="exited with code 1(.|\n)*no 'NoSuchEngine'"):
         WorkerProcess("broken", local_worker_argv("nomoat.runtime.bench:NoSuchEngine", {})).start()
+
+
+@pytest.mark.parametrize(("sig", "said"), [("SIGKILL", "was killed by SIGKILL (out of memory? check dmesg):"),
+                                           ("SIGSEGV", "was killed by SIGSEGV:")])
+def test_a_worker_killed_by_a_signal_is_said_so_by_name(sig, said):
+    # The kernel's out-of-memory killer leaves nothing on the worker's stderr: the signal is all there is.
+    worker = WorkerProcess("doomed", [sys.executable, "-c", f"import os, signal; os.kill(os.getpid(), signal.{sig})"])
+    with pytest.raises(BenchError) as e:
+        worker.start()
+    assert f"worker doomed ({sys.executable} -c import os, signal; os.kill(os.getpid(), signal.{sig}) ...) {said}" \
+        in str(e.value)
+    assert "code -" not in str(e.value)
+
+
+def test_the_worker_reports_the_versions_of_its_engines_libraries():
+    from importlib.metadata import version
+
+    with _worker("versioned", libraries=["nomoat", "no-such-distribution"]) as worker:
+        assert worker.ready["libraries"] == {"nomoat": version("nomoat"), "no-such-distribution": None}
+    with _worker("plain") as worker:  # an engine that names none
+        assert worker.ready["libraries"] == {}
 
 
 def test_lines_before_the_ready_message_are_skipped():
@@ -362,6 +409,64 @@ def test_a_probe_without_memory_costs_the_column_not_the_run(monkeypatch, capsys
                              pause_s=0, probe=local_bandwidth)
     assert "read_bandwidth_bytes_per_s" not in report and len(report["results"][0]["rounds"]) == 1
     assert "no memory for the bandwidth probe" in capsys.readouterr().err
+
+
+def _threads_worker(threads_of: dict[str, int]):
+    """Workers whose engine, asked no thread count, resolves each bundle's own, as NomoatEngine does."""
+    def make(config: Config) -> WorkerProcess:
+        options = {"threads": config.threads or threads_of[config.bundle]}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+        return WorkerProcess(config.label, local_worker_argv("test_bench:CeilingEngine", options), env=env)
+    return make
+
+
+def test_the_table_shows_the_thread_count_each_bundle_resolved_and_warns_when_they_differ(capsys):
+    cpus = os.cpu_count()
+    configs = [Config(None, 16, 4, bundle="host"), Config(None, 16, 4, bundle="pixel6")]
+    report = measure_configs(configs, lambda c: list(range(16)), _threads_worker({"host": 1, "pixel6": cpus + 2}),
+                             rounds=1, warmup=0, pause_s=0)
+    err = capsys.readouterr().err
+    lines = format_table({"bundles": ["host", "pixel6"], **report}).splitlines()
+    assert [re.split(r"\s{2,}", line)[:2] for line in lines[3:5]] == [["host", "default (1)"],
+                                                                      ["pixel6", f"default ({cpus + 2})"]]
+    assert (f"warning: pixel6 runs {cpus + 2} threads (its own count, from the target it was converted for) on "
+            f"{cpus} CPU{'s' if cpus > 1 else ''}: they take turns on the cores and every number comes out low; "
+            f"give --threads {cpus}") in err
+    assert (f"warning: the bundles run thread counts of their own (host: 1, pixel6: {cpus + 2}), so their rows "
+            "differ in threads as well as in recipe; give --threads N to compare the recipes alone") in err
+    assert err.index("warning: the bundles") < err.index("round 1")  # said before the rounds, not after
+    # Given --threads, every bundle runs it: nothing to warn about, and the table shows the number.
+    report = measure_configs([Config(1, 16, 4, bundle="host"), Config(1, 16, 4, bundle="pixel6")],
+                             lambda c: list(range(16)), _threads_worker({}), rounds=1, warmup=0, pause_s=0)
+    assert "thread" not in capsys.readouterr().err.split("round 1")[0]
+    assert [re.split(r"\s{2,}", line)[1] for line in format_table({"bundles": ["host", "pixel6"],
+                                                                    **report}).splitlines()[3:5]] == ["1", "1"]
+
+
+def test_a_row_whose_rounds_kept_few_cores_busy_is_flagged_as_measured_on_a_busy_machine(capsys):
+    # CeilingEngine sleeps through its rounds: a thread that waits is what other work on the cores looks like.
+    report = measure_configs([Config(2, 16, 4)], lambda c: list(range(16)), _ceiling_worker, rounds=2, warmup=0,
+                             pause_s=0)
+    (r,) = report["results"]
+    cores = min(2, os.cpu_count())
+    assert r["contended"] is True and r["cores_busy"] < 0.2 and (r["threads_used"], r["cores"]) == (2, cores)
+    err = capsys.readouterr().err
+    assert (f"warning: 2 thr, 16+4 tok: its rounds kept a median {r['cores_busy']:.2f} of the {cores} "
+            f"core{'s' if cores > 1 else ''} its threads can use busy: the machine was busy with other work, so these "
+            "numbers are low; measure again when it is idle") in err
+    assert json.loads(json.dumps(report))["results"][0]["contended"] is True
+
+
+def test_contention_is_fewer_busy_cores_than_most_of_the_threads():
+    from nomoat.runtime.bench import contended, median_cores_busy, usable_cores
+
+    assert not contended(1.95, 2) and not contended(1.6, 2) and contended(1.5, 2) and contended(0.7, 1)
+    assert not contended(None, 2) and not contended(0.1, None)  # unknown is no finding
+    # Four threads on two CPUs keep two cores busy at most: too many threads is a warning of its own.
+    assert usable_cores(4, 2) == 2 and usable_cores(2, 8) == 2 and usable_cores(2, None) == 2
+    assert usable_cores(None, 8) is None
+    busy = [RoundResult(16, 4, 0.5, 0.5, cpu_s=c) for c in (1.9, 1.0, 2.0, 1.95)]
+    assert median_cores_busy(busy) == pytest.approx(1.925) and median_cores_busy([_round(0.1, 1.0)]) is None
 
 
 def test_no_ceiling_without_an_engine_that_counts_its_bytes():
@@ -566,6 +671,25 @@ def test_cli_refuses_a_run_longer_than_the_context(tiny_bundle, capsys):
     assert "exceed the bundle's context of 96 tokens" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the tiny bundle, as above
+@pytest.mark.parametrize("damage", ["missing", "broken"])
+def test_cli_names_a_missing_or_broken_tokenizer_instead_of_a_traceback(tiny_bundle, tmp_path, capsys, damage):
+    import shutil
+
+    from nomoat.__main__ import main
+
+    copy = Path(shutil.copytree(tiny_bundle, tmp_path / "copy"))
+    tokenizer = copy / "tokenizer.json"
+    if damage == "missing":
+        tokenizer.unlink()
+    else:
+        tokenizer.write_text(tokenizer.read_text()[:100])
+    assert main(["bench", str(copy), "--prompt-tokens", "16", "--new-tokens", "4", "--rounds", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"nomoat bench: error: the bundle's tokenizer file {tokenizer} ")
+    assert err.endswith("copy the bundle again or re-convert it.\n") and "Traceback" not in err
+
+
 def test_cli_refuses_bad_counts_before_loading_anything(tmp_path, capsys):
     from nomoat.__main__ import main
 
@@ -573,6 +697,44 @@ def test_cli_refuses_bad_counts_before_loading_anything(tmp_path, capsys):
     assert "--new-tokens must be >= 2" in capsys.readouterr().err
     assert main(["bench", str(tmp_path / "nope")]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("plot", "problem"), [
+    ("no-such-folder/chart.png", "the folder {tmp}/no-such-folder does not exist; create it first"),
+    ("chart.txt", "matplotlib cannot write .txt files; end the name with one of "),
+])
+def test_cli_checks_the_chart_path_before_measuring(tmp_path, capsys, plot, problem):
+    pytest.importorskip("matplotlib")
+    from nomoat.__main__ import main
+
+    # tmp_path is no bundle: the chart's problem is said first, before any bundle is read or measured.
+    assert main(["bench", str(tmp_path), "--plot", str(tmp_path / plot)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"nomoat bench: error: --plot {tmp_path / plot}: {problem.format(tmp=tmp_path)}")
+    assert ".png" in err and "\n" not in err.rstrip("\n")
+
+
+def test_a_chart_named_without_a_suffix_is_a_png_and_said_so(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    import argparse
+
+    import nomoat.runtime.cli_bench as cli_bench
+
+    report = measure_configs([Config(1, 16, 4)], lambda c: list(range(16)), _sleepy_worker, rounds=1, warmup=0,
+                             pause_s=0)
+    monkeypatch.setattr(cli_bench, "bench_bundles", lambda args: {"bundle": "fake", "bundles": ["fake"], **report})
+    assert cli_bench.run(argparse.Namespace(json=False, plot=tmp_path / "chart")) == 0
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "chart").exists()
+    assert capsys.readouterr().err.endswith(f"chart written to {tmp_path / 'chart.png'}\n")
+
+
+def test_the_table_heading_counts_rounds_in_words_and_says_the_peak_includes_the_load():
+    report = measure_configs([Config(1, 16, 4)], lambda c: list(range(16)), _sleepy_worker, rounds=1, warmup=1,
+                             pause_s=0)
+    heading = format_table({"bundle": "fake", **report}).splitlines()[0]
+    assert "; 1 round after 1 warm-up, median (min–max)" in heading
+    assert "peak RSS: the worker's peak since it started, the model's load included" in heading
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -82,7 +82,7 @@ def test_nomoat_bench_reports_the_largest_reading_as_the_peak_and_the_rss_before
     header, row = (re.split(r"\s{2,}", line.strip()) for line in lines[2:4])
     assert header[-2:] == ["peak RSS MB", "RSS before load MB"]
     assert row[-2:] == [f"{r['peak_rss_mb']:.0f}", f"{r['rss_before_load_mb']:.0f}"]
-    assert "peak RSS: the worker's largest over its rounds" in lines[0]
+    assert "peak RSS: the worker's peak since it started, the model's load included" in lines[0]
 
 
 def test_a_report_with_only_the_rounds_readings_keeps_its_table():

@@ -106,7 +106,8 @@ def test_table_ratios_are_each_system_over_llama_cpp_at_the_same_threads():
 
     results = [result("llama.cpp Q4_0", 1, 1000, 200, 100, 250), result("nomoat int4", 1, 1500, 300, 80, 200),
                result("llama.cpp Q4_0", 2, 2000, 400, 50, 260), result("nomoat int4", 2, 1000, 200, 100, 130)]
-    ratios = [line.split("|")[9:13] for line in run.markdown_table(results).splitlines()[2:]]
+    rows = run.markdown_table(results).split("\n\n")[0].splitlines()[2:]  # the table, not the legend under it
+    ratios = [line.split("|")[9:13] for line in rows]
     # decode, prefill, TTFT, RSS: above 1 is faster for the rates, below 1 is better for TTFT and RSS
     assert [[x.strip() for x in row] for row in ratios] == [
         ["1.00×"] * 4, ["1.50×", "1.50×", "0.80×", "0.80×"],
@@ -192,7 +193,7 @@ def test_peak_rss_is_each_workers_largest_reading_and_the_ratio_divides_peaks():
     llama |= {"peak_rss_mb": 300.0, "rss_before_load_mb": 40.4}
     nomoat["summary"]["peak_rss_mb"] = {"median": 100.0, "min": 100.0, "max": 150.0}
     nomoat |= {"peak_rss_mb": 150.0, "rss_before_load_mb": 31.6}
-    rows = run.markdown_table([llama, nomoat]).splitlines()
+    rows = run.markdown_table([llama, nomoat]).split("\n\n")[0].splitlines()  # the table, not the legend under it
     assert [c.strip() for c in rows[0].split("|")[7:9]] == ["peak RSS MB", "RSS before load MB"]
     assert [[c.strip() for c in row.split("|")[7:9]] for row in rows[2:]] == [["300", "40"], ["150", "32"]]
     assert rows[3].endswith("| 0.50× |")  # 150 / 300, not 100 / 200 of the medians
@@ -211,3 +212,100 @@ def test_counts_that_would_measure_something_else_are_refused_in_one_line(tmp_pa
         run.main(["--bundle", str(tmp_path / "no-bundle"), *args])  # refused before the bundle is read
     message = str(exit_.value.code)
     assert message.startswith(f"benchmarks/run.py: {problem}") and "\n" not in message
+
+
+def test_ratio_columns_say_which_way_is_better():
+    """Above 1 is good for the rates and bad for TTFT and RSS: each column's heading says so, and a line under
+    the table says what the marks mean."""
+    lines = run.markdown_table([_result("llama.cpp Q4_0", [None]), _result("nomoat int4", [None])]).splitlines()
+    assert [c.strip() for c in lines[0].split("|")[9:13]] == ["decode × (↑)", "prefill × (↑)", "TTFT × (↓)",
+                                                              "RSS × (↓)"]
+    assert lines[-1] == ("× columns: each system over llama.cpp Q4_0 at the same threads; (↑) higher is better, "
+                         "(↓) lower is better.")
+
+
+def test_every_system_names_the_libraries_whose_versions_the_report_records(tmp_path):
+    import importlib
+
+    for prompt_lookup, genai_graph in ((0, True), (8, False)):
+        for label, engine, _ in run.systems(tmp_path / "int4", PEERS, 1, 2048, prompt_lookup, genai_graph):
+            module, name = engine.split(":")
+            assert getattr(importlib.import_module(module), name).libraries, label
+    libraries = {"nomoat": "0.1.0", "onnxruntime": "1.23.0"}
+    results = [{"libraries": libraries}, {"libraries": {"llama-cpp-python": "0.3.36"}},
+               {"libraries": {"onnxruntime-genai": "0.18.0", "onnxruntime": "1.23.0"}}]
+    versions = run.library_versions(results)
+    assert versions == {"nomoat": "0.1.0", "onnxruntime": "1.23.0", "llama-cpp-python": "0.3.36",
+                        "onnxruntime-genai": "0.18.0"}
+    heading = run.report_heading({**_REPORT, "libraries": versions})
+    assert (" Libraries: nomoat 0.1.0, onnxruntime 1.23.0, llama-cpp-python 0.3.36, onnxruntime-genai 0.18.0.\n"
+            in heading)
+
+
+_REPORT = {"date": "2026-11-27T18:00:00", "source": "/x/m.gguf", "prompt_tokens": 128, "new_tokens": 128,
+           "context": 2048, "rounds": 1, "warmup": 1, "load_average_before": 0.1, "load_average_after": 0.2,
+           "command": "python benchmarks/run.py", "prompt_lookup": 0,
+           "results": [{"machine": {"cpu": "cpu", "cpus": 2}}]}
+
+
+def test_the_heading_counts_rounds_in_words_and_says_the_peak_includes_the_load():
+    heading = run.report_heading(_REPORT)
+    assert "median (min–max) of 1 alternating round after 1 warm-up" in heading
+    assert "peak RSS: each worker's peak since it started, the model's load included" in heading
+
+
+class _RoundsJob:
+    def __init__(self, label: str, rounds: list):
+        self.worker = type("Worker", (), {"label": label, "rss_before_load_mb": 30.0, "ready": {
+            "model_bytes": 1, "load_s": 0.1, "machine": {}, "libraries": {"nomoat": "0.1.0"}}})()
+        self.rounds = rounds
+
+
+def test_a_systems_result_flags_rounds_that_kept_few_cores_busy_and_agrees_on_prefill(capsys):
+    from nomoat.runtime.bench import RoundResult
+
+    # Two rounds, 1 s each, prefill 0.1 s and 0.3 s: the median prefill is 100 / 0.2 s, not the mean of the rates.
+    idle = [RoundResult(100, 4, ttft, 1.0 - ttft, cpu_s=1.9) for ttft in (0.1, 0.3)]
+    result = run.system_result(_RoundsJob("nomoat int4", idle), 2, {"answer_ok": True})
+    assert (result["cores_busy"], result["contended"]) == (pytest.approx(1.9), False)
+    assert result["summary"]["prefill_tps"]["median"] == pytest.approx(500)
+    assert result["summary"]["ttft_ms"]["median"] == pytest.approx(200)
+    assert result["libraries"] == {"nomoat": "0.1.0"} and capsys.readouterr().err == ""
+    busy = [RoundResult(100, 4, 0.1, 0.9, cpu_s=1.1) for _ in range(3)]
+    result = run.system_result(_RoundsJob("llama.cpp Q4_0", busy), 2, {"answer_ok": True})
+    assert (result["cores_busy"], result["contended"]) == (pytest.approx(1.1), True)
+    assert capsys.readouterr().err == ("warning: llama.cpp Q4_0: its rounds kept a median 1.10 of the 2 cores its "
+                                       "threads can use busy: the machine was busy with other work, so these "
+                                       "numbers are low; measure again when it is idle\n")
+    # Four threads on two CPUs can keep two cores busy, not four.
+    job = _RoundsJob("nomoat int4", idle)
+    job.worker.ready["machine"] = {"cpus": 2}
+    assert run.system_result(job, 4, {"answer_ok": True})["contended"] is False
+
+
+def test_a_run_longer_than_the_context_is_refused_in_the_scripts_words(monkeypatch, tmp_path):
+    monkeypatch.setattr(run, "read_manifest", lambda bundle: type("Manifest", (), {"max_context": 96})())
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--bundle", str(tmp_path), "--prompt-tokens", "90", "--new-tokens", "10"])
+    assert str(exit_.value.code) == (f"benchmarks/run.py: --prompt-tokens 90 + --new-tokens 10 exceed the bundle's "
+                                     f"context of 96 tokens ({tmp_path}); measure shorter runs or convert with a "
+                                     "larger --max-context")
+
+
+@pytest.mark.parametrize(("plot", "problem"), [("nowhere/chart.png", "the folder"), ("chart.txt", "cannot write .txt")])
+def test_the_chart_path_is_checked_before_the_peers_are_built(monkeypatch, tmp_path, plot, problem):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(run, "read_manifest", lambda bundle: type("Manifest", (), {"max_context": 2048})())
+    monkeypatch.setattr(run, "peer_artifacts", lambda *a: pytest.fail("built the peers before checking --plot"))
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--bundle", str(tmp_path), "--plot", str(tmp_path / plot)])
+    assert str(exit_.value.code).startswith(f"benchmarks/run.py: --plot {tmp_path / plot}: ")
+    assert problem in str(exit_.value.code)
+
+
+def test_help_says_nox_passes_extra_arguments_to_all_three_runs(capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "arguments after `nox -s bench --` go to all three" in said
+    assert "--threads, which repeats, adds a count to the session's 1 and 2" in said
