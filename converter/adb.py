@@ -13,20 +13,15 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from .transport import Reply, TransportError, TransportTimeout, last_line
+from . import transport
+from .transport import Reply, TransportError, TransportTimeout, Wording, last_line
 
 # Old phones (adbd without the shell_v2 feature) always report exit status 0 for `adb shell`,
 # so every command echoes its own status after this marker and we parse it back.
 _STATUS_MARKER = "__nomoat_rc="
 _STATUS_RE = re.compile(re.escape(_STATUS_MARKER) + r"(\d+)\s*$")
-
-# adb has no keepalive: a phone that drops off wifi mid-push leaves its connection open and silent, and
-# `adb push` would wait on it forever. So a push gets a deadline from the file's size: a minute, plus
-# a second a MB (1 MB/s is slower than a working cable or wifi pushes; USB 2 does 20-40). Module
-# values, read at each push, so a test can shrink them.
-PUSH_GRACE_S = 60.0
-PUSH_MIN_BYTES_PER_S = 1e6
 
 # What adb says when it has no such device to send a command to ("error: device 'X' not found").
 _NO_DEVICE = re.compile(r"device '[^']*' not found|no devices/emulators found")
@@ -59,11 +54,6 @@ class AdbTimeout(AdbError, TransportTimeout):
 SILENT_PHONE_ADVICE = "check the phone (awake, on its cable or wifi) and that `adb devices` lists it"
 
 
-def push_deadline(size: int) -> float:
-    """Seconds a push of size bytes may take before the device counts as gone (see PUSH_GRACE_S)."""
-    return PUSH_GRACE_S + size / PUSH_MIN_BYTES_PER_S
-
-
 @dataclass(frozen=True)
 class Device:
     """One device as seen by one adb server: run commands on it with shell() and push()."""
@@ -71,6 +61,10 @@ class Device:
     serial: str
     adb: str  # path of the adb program
     server_port: int | None = None  # None: the user's adb server (5037 or $ANDROID_ADB_SERVER_PORT)
+    # How deploy's messages speak of it: a phone, not a board.
+    words: ClassVar[Wording] = Wording(noun="phone", requirement="Android 7 or newer is needed.",
+                                       push_advice="check the cable (or the wifi) and the free space on the phone",
+                                       writable_dir="over adb, e.g. /data/local/tmp/nomoat")
 
     @property
     def name(self) -> str:
@@ -94,15 +88,15 @@ class Device:
 
     def push(self, local: Path, remote: str, timeout: float | None = None) -> None:
         """Copy one file to the device (adb creates the remote parent folders). timeout None: the
-        deadline push_deadline gives the file's size."""
-        deadline = push_deadline(local.stat().st_size) if timeout is None else timeout
+        deadline transport.push_deadline gives the file's size."""
+        deadline = transport.push_deadline(local.stat().st_size) if timeout is None else timeout
         try:
             result = run_adb(self.adb, self.server_port, ["-s", self.serial, "push", str(local), remote],
                              timeout=deadline)
         except AdbTimeout as e:
             raise AdbError(f"{local.name} did not reach {self.serial} in {deadline:.0f} s (at least "
-                           f"{PUSH_MIN_BYTES_PER_S / 1e6:g} MB/s was expected): the device stopped answering, as a "
-                           "phone that left the wifi or a loose cable does") from e
+                           f"{transport.PUSH_MIN_BYTES_PER_S / 1e6:g} MB/s was expected): the device stopped "
+                           "answering, as a phone that left the wifi or a loose cable does") from e
         if result.returncode != 0:
             raise AdbError(f"`adb push` of {local.name} to {remote} failed: "
                            f"{_last_error(result.stdout + result.stderr)}")

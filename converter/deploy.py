@@ -10,12 +10,14 @@ the bundle's name. Ctrl-C (and SIGTERM or SIGHUP, which the CLI turns into the s
 exception with bundle.signals_interrupt) unwinds the same way; during the swap itself they
 are held until it is done, so an interrupt lands either before it (the old bundle stays) or
 after it (the new one is in place), never between its two renames. Every command on the device has a
-deadline (STEP_S, check_deadline, sync_deadline; the push's is adb.push_deadline), so a device that goes
+deadline (STEP_S, check_deadline, sync_deadline; the push's is transport.push_deadline), so a device that goes
 silent ends the deploy with one line naming the step instead of a wait of minutes.
 
 A swap given up on that way may still run on the device later (SwapUnsettled), while the next deploy cleans up
 what earlier ones left: so the swap and that cleanup each hold a lock folder on the device, REMOTE_DIR/.NAME.swapping
 (lock_path), and never run at once; the cleanup refuses while a swap holds it (see recover_interrupted_deploy).
+It removes only the folders a deploy makes (.NAME.KIND-TAG, see STAGING), and a staging folder only once nothing
+has changed in it for a while (STALE_STAGING_S): another deploy of the same name may be copying into it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from .transport import Reply, TransportError, TransportTimeout
+from .transport import ANY_DEVICE, Reply, TransportError, TransportTimeout, Wording
 
 if TYPE_CHECKING:
     from .adb import Device
@@ -63,7 +65,7 @@ STEP_S = 60.0
 CHECK_GRACE_S = 60.0
 CHECK_MIN_BYTES_PER_S = 10e6
 # sync writes what the copy left in the page cache: at most the copy itself, plus whatever else the device
-# had waiting. A minute plus a second a MB, the push's own floor (adb.PUSH_MIN_BYTES_PER_S): slower than a
+# had waiting. A minute plus a second a MB, the push's own floor (transport.PUSH_MIN_BYTES_PER_S): slower than a
 # worn SD card or a cheap phone's flash writes.
 # What is left to write is read from the device just before (pending_writes): most of the copy was written back
 # during the push and the check already, so a 2 GB bundle does not get 34 minutes; the copy's size when the
@@ -74,9 +76,28 @@ SYNC_MIN_BYTES_PER_S = 1e6
 # device restarted: one made before the device's last boot counts at once), not one still running: those take
 # seconds once they run.
 STALE_LOCK_S = 600
+# A staging folder in which nothing has changed for this long (by the ctime of it and of each file in it), or nothing
+# since before the device's last boot, counts as left behind by a deploy that was killed or gave up: a later deploy's
+# cleanup removes it. A younger one is left alone, as another deploy of the same name may be copying into it (a push
+# changes its file all along; the check and sync after the last push take a few minutes at most, at their deadlines'
+# rates for bundles up to 5 GB). ctime, not mtime: adb push dates each file with its date on this computer.
+STALE_STAGING_S = STALE_LOCK_S
 # What the swap's command exits with when the lock is taken (another deploy is swapping or cleaning up), and the
 # cleanup's when the lock is not stale.
 LOCKED = 4
+# What the check's and the swap's commands exit with when the staging folder is not there (anymore).
+GONE = 5
+# Beside the bundle REMOTE_DIR/NAME a deploy makes folders of its own, each named .NAME.KIND-TAG, TAG being
+# 8 lowercase hex digits (secrets.token_hex(4)): the staging copy, the bundle moved aside during the swap, what a
+# cleanup deletes. The cleanup matches only that form (TAG_GLOB), so a user's .NAME.old-backup is not taken for a
+# leftover, nor bundle m.old-1's staging folder (.m.old-1.partial-TAG) for bundle m's old bundle; and no bundle name
+# holds .KIND- or the lock's .swapping (RESERVED), so neither can one bundle's folder take another's form.
+STAGING, OLD, TRASH = "partial", "old", "trash"
+TAG_GLOB = "[0-9a-f]" * 8
+LOCK_SUFFIX = ".swapping"
+RESERVED = (*(f".{kind}-" for kind in (STAGING, OLD, TRASH)), LOCK_SUFFIX)
+# The longest bundle name: its staging folder's name is 18 characters longer, and file systems take 255.
+NAME_MAX = 200
 UNCHANGED = "the bundle deployed before is unchanged"  # what the device holds after a failure before the swap
 
 
@@ -86,8 +107,8 @@ class DeployError(Exception):
 
 class SwapUnsettled(DeployError):
     """The swap's command went to the device but no answer came back (it stopped answering, or the connection
-    broke): the swap may have run, may still be running there, or not. The staging folder is then left for the
-    next deploy, whose cleanup waits for the swap's lock: an `rm -rf` of it racing a rename still under way
+    broke): the swap may have run, may still be running there, or not. The staging folder is then left for a
+    later deploy's cleanup, which waits for the swap's lock: an `rm -rf` of it racing a rename still under way
     could empty the new bundle."""
 
 
@@ -147,12 +168,12 @@ def deploy_bundle(bundle: Path, device: Target, remote_dir: str = DEFAULT_REMOTE
     if not force:
         check_replaceable(device, target)
     check_free_space(device, remote_dir, size)
-    staging = posixpath.join(remote_dir, f".{name}.partial-{secrets.token_hex(4)}")
+    staging = beside(target, STAGING)
     try:
         make_dir(device, staging)
         seconds = push_files(device, files, staging, say)
         say(f"checking sha256 of {len(files)} files on {device.name}")
-        verify_on_device(device, staging, files)
+        verify_on_device(device, staging, files, target)
         flush_to_storage(device, size)
         if android_app:
             make_readable(device, staging)
@@ -172,9 +193,33 @@ def deploy_bundle(bundle: Path, device: Target, remote_dir: str = DEFAULT_REMOTE
 
 
 def check_name(name: str) -> None:
-    if not name or "/" in name or name in (".", "..") or name.startswith((".", "-")):
+    """A name any device's file system takes, in a shell command too, that is none of a deploy's own folders'
+    (RESERVED), with room for theirs (NAME_MAX)."""
+    if not re.fullmatch(f"[A-Za-z0-9_][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}", name):
         raise DeployError(f"bundle name {name!r} cannot be a folder name on the device; pass --name with a plain "
-                          "name (letters, digits, '-', '_', not starting with '.' or '-').")
+                          f"name (ASCII letters, digits, '.', '-', '_', not starting with '.' or '-', at most "
+                          f"{NAME_MAX} characters).")
+    reserved = [infix for infix in RESERVED if infix in name]
+    if reserved:
+        raise DeployError(f"bundle name {name!r} holds {reserved[0]!r}, which deploy keeps for its own folders beside "
+                          "a bundle (.NAME.partial-*, .NAME.old-*, .NAME.trash-*, .NAME.swapping); pass --name with "
+                          "a name without it.")
+
+
+def beside(target: str, kind: str) -> str:
+    """A new REMOTE_DIR/.NAME.KIND-TAG for the bundle at target (see STAGING)."""
+    folder, name = posixpath.split(target)
+    return posixpath.join(folder, f".{name}.{kind}-{secrets.token_hex(4)}")
+
+
+def tagged(name: str, kind: str) -> str:
+    """The shell pattern of every .NAME.KIND-TAG (see STAGING), for a command run in REMOTE_DIR."""
+    return f"{shlex.quote(f'.{name}.{kind}-')}{TAG_GLOB}"
+
+
+def words(device: Target) -> Wording:
+    """How messages speak of device: a phone, a board (a test's stand-in may not say)."""
+    return getattr(device, "words", ANY_DEVICE)
 
 
 def normalize_remote_dir(remote_dir: str) -> str:
@@ -248,48 +293,64 @@ def silent_device_message(device: Target, what: str, e: TransportTimeout, outcom
 def lock_path(remote_dir: str, name: str) -> str:
     """The folder that the swap into REMOTE_DIR/NAME and the cleanup before a deploy there hold while they
     run (mkdir is atomic: of two at once, one makes it). It holds nothing, so its mtime is when it was taken."""
-    return posixpath.join(remote_dir, f".{name}.swapping")
+    return posixpath.join(remote_dir, f".{name}{LOCK_SUFFIX}")
 
 
-def _take_lock(lock: str) -> str:
-    """A shell snippet that takes lock (after cd to its folder), or exits LOCKED. A lock that counts as stale
-    (see STALE_LOCK_S; by the device's own clock and uptime, and `stat -c %Y`, which toybox and coreutils
-    have; when one of them fails it is not stale) is renamed away first: of two cleanups breaking it at once,
-    one rename wins, and the loser's mkdir then finds the winner's lock."""
+def _age_tests() -> str:
+    """Shell functions for the cleanup: `stale LOCK` holds for a lock left behind (by its mtime, which its mkdir
+    set; see STALE_LOCK_S), `idle FOLDER` for a staging folder left behind (by the newest ctime of the folder and
+    what it holds; see STALE_STAGING_S). Both by the device's own clock and uptime: a time before the device's last
+    boot, or after now, is too old whatever its age. With `date +%s`, `stat -c` and `find -exec {} +`, which
+    toybox, busybox and coreutils have; when one of them fails, neither holds: a lock or a folder is kept rather
+    than taken from a deploy that still runs."""
+    too_old = ('now=$(date +%s) && read up rest < /proc/uptime && up=${up%.*} && '
+               '{ [ "$1" -gt "$now" ] || [ "$1" -lt $((now - up - 5)) ] || [ $((now - $1)) -ge "$2" ]; }')
+    newest = ('newest=; for t in $(find "$1" -exec stat -c %Z {} + 2>/dev/null); do '
+              'if [ -z "$newest" ] || [ "$t" -gt "$newest" ]; then newest=$t; fi; done; [ -n "$newest" ]')
+    return (f"too_old() {{ {too_old}; }}; "
+            f'stale() {{ made=$(stat -c %Y "$1") && too_old "$made" {STALE_LOCK_S}; }}; '
+            f'idle() {{ {newest} && too_old "$newest" {STALE_STAGING_S}; }}; ')
+
+
+def _take_lock(lock: str, trash: str) -> str:
+    """A shell snippet that takes lock (after cd to its folder and _age_tests), or exits LOCKED. A stale lock is
+    renamed away first, to trash (a folder name that does not exist yet): of two cleanups breaking it at once, one
+    rename wins, and the loser's mkdir then finds the winner's lock."""
     lk = shlex.quote(posixpath.basename(lock))
-    broken = shlex.quote(f"{posixpath.basename(lock).removesuffix('.swapping')}.trash-lock-")
-    stale = ('now=$(date +%s) && made=$(stat -c %Y "$1") && read up rest < /proc/uptime && up=${up%.*} && '
-             '{ [ "$made" -gt "$now" ] || [ "$made" -lt $((now - up - 5)) ] || '
-             f'[ $((now - made)) -ge {STALE_LOCK_S} ]; }}')
-    return (f"stale() {{ {stale}; }}; "
-            f"if ! mkdir {lk} 2>/dev/null; then "
+    return (f"if ! mkdir {lk} 2>/dev/null; then "
             f"if [ ! -d {lk} ] || [ -L {lk} ]; then mkdir {lk}; exit 1; fi; "  # not a lock: mkdir says why
             f"stale {lk} || exit {LOCKED}; "
-            f"mv {lk} {broken}$$ 2>/dev/null || exit {LOCKED}; "
+            f"mv {lk} {trash} 2>/dev/null || exit {LOCKED}; "
             f"mkdir {lk} 2>/dev/null || exit {LOCKED}; fi; ")
 
 
 def recover_interrupted_deploy(device: Target, remote_dir: str, name: str) -> None:
-    """Undo what a killed earlier deploy left: restore a bundle moved aside, drop stale staging folders.
+    """Undo what a killed earlier deploy left: restore a bundle moved aside, drop staging folders left behind
+    (see STALE_STAGING_S; a younger one may be another deploy's, copying). Only the folders a deploy makes
+    (.NAME.KIND-TAG, see STAGING) are touched.
 
     Under the lock (lock_path), so never while a swap runs: a swap given up on (SwapUnsettled) may still run on
     the device, and this cleanup racing it could put the old bundle back between its two renames (its second
     `mv` would then move the staging folder into it) or `rm -rf` the staging folder as it becomes the bundle
-    (emptying it). While the lock is held, a one-line DeployError. Each leftover is renamed before it is
-    deleted (to .NAME.trash-*, which no swap touches): a rename against a rename has one winner, an `rm -rf`
-    against one does not. HUP and PIPE are ignored, as in swap_in, so a cleanup given up on still finishes and
-    lets go of the lock."""
+    (emptying it). While the lock is held, a one-line DeployError. Each leftover is moved into a new trash
+    folder (.NAME.trash-TAG, which no swap touches) before it is deleted: a rename against a rename has one
+    winner, an `rm -rf` against one does not. HUP and PIPE are ignored, as in swap_in, so a cleanup given up on
+    still finishes and lets go of the lock."""
     lock = lock_path(remote_dir, name)
-    n = shlex.quote(name)
-    old, partial, trash = (shlex.quote(f".{name}.{kind}-") for kind in ("old", "partial", "trash"))
+    lk = shlex.quote(posixpath.basename(lock))
+    trash = shlex.quote(posixpath.basename(beside(posixpath.join(remote_dir, name), TRASH)))
+    n, old, staging = shlex.quote(name), tagged(name, OLD), tagged(name, STAGING)
+    there = '{ [ -e "$f" ] || [ -L "$f" ]; }'
     reply = run_step(device,
-                     f"trap '' HUP PIPE; cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; {_take_lock(lock)}"
-                     f"( if [ ! -e {n} ] && [ ! -L {n} ]; then for o in {old}*; do "
+                     f"trap '' HUP PIPE; cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; {_age_tests()}"
+                     f"{_take_lock(lock, trash)}"
+                     f"( mkdir -p {trash} || exit 1; "
+                     f"if [ ! -e {n} ] && [ ! -L {n} ]; then for o in {old}; do "
                      f'if [ -d "$o" ]; then mv "$o" {n}; break; fi; done; fi; '
-                     f'i=0; for f in {partial}* {old}*; do if [ -e "$f" ] || [ -L "$f" ]; then i=$((i + 1)); '
-                     f'mv "$f" {trash}$$-$i || exit 1; fi; done; '
-                     f"rm -rf {trash}* ); "
-                     f"rc=$?; rmdir {shlex.quote(posixpath.basename(lock))}; exit $rc",
+                     f'for f in {old}; do if {there}; then mv "$f" {trash}/ || exit 1; fi; done; '
+                     f'for f in {staging}; do if {there} && idle "$f"; then mv "$f" {trash}/ || exit 1; fi; done; '
+                     f"rm -rf {tagged(name, TRASH)} ); "
+                     f"rc=$?; rmdir {lk}; exit $rc",
                      "cleaning up after an earlier interrupted deploy")
     if reply.status == LOCKED:
         target = posixpath.join(remote_dir, name)
@@ -334,12 +395,12 @@ def check_free_space(device: Target, remote_dir: str, needed: int) -> None:
     out = shell(device, f"df -k {shlex.quote(remote_dir)}", f"`df -k {remote_dir}`")
     available_kib = parse_df_available_kib(out)
     if available_kib is None:
-        raise DeployError(f"could not read the free space at {remote_dir} on {device.name} from `df -k`:\n{out}"
-                          "(Android 7 or newer is needed.)")
+        raise DeployError(f"could not read the free space at {remote_dir} on {device.name} from `df -k`:\n"
+                          f"{out.rstrip()}\n{words(device).requirement}")
     if available_kib * 1024 < needed:
         raise DeployError(f"not enough space on {device.name} at {remote_dir}: the bundle needs "
                           f"{needed / MiB:.1f} MiB, only {available_kib / 1024:.1f} MiB is free. Free some "
-                          "space on the phone (or delete old bundles there), then deploy again.")
+                          f"space on the {words(device).noun} (or delete old bundles there), then deploy again.")
 
 
 def parse_df_available_kib(text: str) -> int | None:
@@ -360,7 +421,7 @@ def parse_df_available_kib(text: str) -> int | None:
 
 def make_dir(device: Target, path: str) -> None:
     shell(device, f"mkdir -p {shlex.quote(path)}", f"creating {path}",
-          fix=f"; use a --remote-dir you may write there (over adb, e.g. {DEFAULT_REMOTE_DIR})")
+          fix=f"; use a --remote-dir you may write there ({words(device).writable_dir})")
 
 
 def push_files(device: Target, files: list[BundleFile], staging: str, say: Callable[[str], None]) -> float:
@@ -369,32 +430,64 @@ def push_files(device: Target, files: list[BundleFile], staging: str, say: Calla
     for i, f in enumerate(files, 1):
         say(f"pushing {i}/{len(files)} {f.name} ({_size(f.size)})")
         start = time.perf_counter()
-        try:
-            device.push(f.path, posixpath.join(staging, f.name))
-        except TransportError as e:
-            raise DeployError(f"pushing {f.name} failed: {e}. Nothing was changed at the bundle's place on the "
-                              "device; check the cable and the free space, then deploy again.") from e
+        push_file(device, f, posixpath.join(staging, f.name))
         total += time.perf_counter() - start
     return total
 
 
-def verify_on_device(device: Target, staging: str, files: list[BundleFile]) -> None:
+def push_file(device: Target, f: BundleFile, remote: str) -> None:
+    """device.push(f), its failures told as DeployErrors that say what the device holds and what to do."""
+    try:
+        device.push(f.path, remote)
+    except OSError as e:  # the file here: the transports raise TransportErrors for their own failures
+        raise DeployError(local_file_message(f, e)) from e
+    except TransportTimeout as e:  # ssh's (adb's push says its own words: AdbError)
+        raise DeployError(silent_device_message(device, f"pushing {f.name}", e, UNCHANGED)) from e
+    except TransportError as e:
+        raise DeployError(f"pushing {f.name} failed: {e}. Nothing was changed at the bundle's place on the "
+                          f"device; {words(device).push_advice}, then deploy again.") from e
+
+
+def local_file_message(f: BundleFile, e: OSError) -> str:
+    """Why f could not be pushed from this computer, since the check read it whole."""
+    if isinstance(e, FileNotFoundError):
+        return (f"{f.name} disappeared from this computer after the check (re-converted while deploying?); "
+                f"{UNCHANGED}. Deploy again once the bundle is complete.")
+    return f"{f.name} could not be read on this computer for the push ({e.strerror or e}); {UNCHANGED}."
+
+
+def verify_on_device(device: Target, staging: str, files: list[BundleFile], target: str) -> None:
     """sha256sum on the device (toybox has it since Android 7) against what we pushed."""
     args = " ".join(shlex.quote(f"./{f.name}") for f in files)  # "./": a name cannot read as an option
-    out, status = _sha256sum(device, staging, args, sum(f.size for f in files))
-    if status == 127:
-        raise DeployError(f"{device.name} has no sha256sum, so the copy cannot be checked there; Android 7 or "
-                          "newer is needed.")
-    found = parse_sha256sum(out)
+    reply = _sha256sum(device, staging, args, sum(f.size for f in files))
+    if reply.status == 127:
+        raise DeployError(f"{device.name} has no sha256sum, so the copy cannot be checked there. "
+                          f"{words(device).requirement}")
+    found = parse_sha256sum(reply.out)
+    if reply.status == GONE or copies_gone(reply, found, files):
+        raise DeployError(removed_while_copying_message(device, staging, target))
     for f in files:
         if found.get(f.name) != f.sha256:
             raise DeployError(mismatch_message(device, f))
 
 
-def _sha256sum(device: Target, staging: str, args: str, size: int) -> tuple[str, int]:
-    reply = run_step(device, f"cd {shlex.quote(staging)} && sha256sum {args}", "checking the copy with `sha256sum`",
-                     timeout=check_deadline(size))
-    return reply.out, reply.status
+def _sha256sum(device: Target, staging: str, args: str, size: int) -> Reply:
+    s = shlex.quote(staging)
+    return run_step(device, f"[ -d {s} ] || exit {GONE}; cd {s} && sha256sum {args}",
+                    "checking the copy with `sha256sum`", timeout=check_deadline(size))
+
+
+def copies_gone(reply: Reply, found: dict[str, str], files: list[BundleFile]) -> bool:
+    """Whether sha256sum found no copy of a file that was pushed: something removed it since (a push recreates
+    the staging folder, adb's and ssh's alike, so the files pushed after it are there)."""
+    return any(f.name not in found for f in files) and "No such file" in reply.out + reply.err
+
+
+def removed_while_copying_message(device: Target, staging: str, target: str) -> str:
+    """The staging folder went while this deploy used it: not the storage failing, most likely another deploy
+    of the same name whose cleanup took it for a leftover (see STALE_STAGING_S)."""
+    return (f"the staging folder {staging} on {device.name} was removed while copying: is another deploy to {target} "
+            "running? This deploy swapped nothing in; deploy again once that one is done.")
 
 
 def check_deadline(size: int) -> float:
@@ -472,7 +565,7 @@ def swap_in(device: Target, staging: str, target: str, force: bool = False) -> N
     from start to end, so the next deploy's cleanup waits for a swap that runs late; and it finds its
     staging folder still there before it moves the old bundle aside (a cleanup that ran first removed it).
     """
-    old = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.old-{secrets.token_hex(4)}")
+    old = beside(target, OLD)
     t, s, o = shlex.quote(target), shlex.quote(staging), shlex.quote(old)
     lock_dir = lock_path(posixpath.dirname(target), posixpath.basename(target))
     lock = shlex.quote(lock_dir)
@@ -483,13 +576,14 @@ def swap_in(device: Target, staging: str, target: str, force: bool = False) -> N
     # The lock: LOCKED when another deploy holds it; the swap itself runs in a subshell, so that every way out
     # of it (each `exit`) comes back here to let go of the lock.
     take = f"mkdir {lock} 2>/dev/null || {{ [ -d {lock} ] && exit {LOCKED}; mkdir {lock}; exit 1; }}; "
-    gone = shlex.quote(f"the staging folder {staging} is gone")
-    present = f"[ -d {s} ] || {{ echo {gone} >&2; exit 1; }}; "
+    present = f"[ -d {s} ] || exit {GONE}; "
     guard = "" if force else f"if {_not_a_bundle_test(target)}; then exit {NOT_A_BUNDLE}; fi; "
+    # sync once the new bundle has its name, before the old one is deleted and the lock let go: the renames are
+    # written to storage then, so a power cut after the deploy cannot find the name absent, nor the old bundle gone.
     try:
         reply = device.shell(f"{keep_going}{take}( {present}{guard}if [ -e {t} ] || [ -L {t} ]; then mv {t} {o} "
-                             f"|| exit 1; fi; if mv {s} {t}; then rm -rf {o}; else if [ -e {o} ]; then mv {o} {t}; "
-                             f"fi; exit 1; fi ); rc=$?; rmdir {lock}; exit $rc",
+                             f"|| exit 1; fi; if mv {s} {t}; then sync; rm -rf {o}; else if [ -e {o} ]; then "
+                             f"mv {o} {t}; fi; exit 1; fi ); rc=$?; rmdir {lock}; exit $rc",
                              timeout=STEP_S)
     except TransportError as e:
         if e.never_ran:  # ssh could not connect, adb has no such device: the swap did not start
@@ -502,6 +596,8 @@ def swap_in(device: Target, staging: str, target: str, force: bool = False) -> N
                           "and deploy again.")
     if reply.status == NOT_A_BUNDLE and not force:
         raise DeployError(not_a_bundle_message(device, target))
+    if reply.status == GONE:
+        raise DeployError(removed_while_copying_message(device, staging, target))
     if reply.status != 0:
         raise DeployError(f"moving the checked bundle into {target} failed on {device.name} "
                           f"(exit {reply.status}): {reply.error()}")
@@ -557,7 +653,8 @@ def clean_up_staging(device: Target, staging: str, cause: BaseException, say: Ca
     CLEANUP_AFTER_INTERRUPT_S), and say so when it stays."""
     timeout = CLEANUP_AFTER_INTERRUPT_S if isinstance(cause, KeyboardInterrupt) else CLEANUP_AFTER_ERROR_S
     if not remove_quietly(device, staging, timeout):
-        say(f"could not remove the staging folder {staging} on {device.name}; the next deploy there removes it")
+        say(f"could not remove the staging folder {staging} on {device.name}; a later deploy there removes it once "
+            f"it has been left for {STALE_STAGING_S // 60} minutes")
 
 
 def remove_quietly(device: Target, path: str, timeout: float = CLEANUP_AFTER_ERROR_S) -> bool:

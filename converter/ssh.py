@@ -19,8 +19,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from .transport import Reply, TransportError, TransportTimeout, last_line
+from . import transport
+from .transport import Reply, TransportError, TransportTimeout, Wording, last_line
 
 # ssh exits with 255 when it could not connect or log in (a remote command's own status otherwise).
 SSH_FAILED = 255
@@ -95,6 +97,11 @@ class SshHost:
     ssh: str  # path of the ssh program
     config: str | None = None  # ssh -F FILE instead of ~/.ssh/config
     keepalive: tuple[str, ...] = KEEPALIVE  # () when the config sets its own
+    # How deploy's messages speak of it: a board, not a phone.
+    words: ClassVar[Wording] = Wording(
+        noun="board", requirement="The board needs the usual Linux tools (coreutils or busybox).",
+        push_advice="check the network and the free space on the board",
+        writable_dir="one in your home folder there, e.g. ~/nomoat")
 
     @property
     def name(self) -> str:
@@ -115,10 +122,12 @@ class SshHost:
 
     def push(self, local: Path, remote: str, timeout: float | None = None) -> None:
         """Copy one file to the board, creating its folder; `cat` on the far side, so the board needs
-        neither scp nor sftp."""
+        neither scp nor sftp. timeout None: the deadline transport.push_deadline gives the file's size
+        (ssh's keepalives give up on a board gone silent, not on a copy stuck writing to a failing SD card)."""
         folder, path = shlex.quote(os.path.dirname(remote) or "."), shlex.quote(remote)
         with open(local, "rb") as source:
-            result = self._run(f"mkdir -p {folder} && cat > {path}", stdin=source, timeout=timeout)
+            deadline = transport.push_deadline(os.fstat(source.fileno()).st_size) if timeout is None else timeout
+            result = self._run(f"mkdir -p {folder} && cat > {path}", stdin=source, timeout=deadline)
         if result.returncode != 0:
             raise SshError(f"copying {local.name} to {remote} on {self.host} failed (exit {result.returncode}): "
                            f"{last_line(result.stderr)}")

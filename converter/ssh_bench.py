@@ -17,7 +17,7 @@ from typing import Any
 
 from .deploy import DeployError
 from .ssh import SshHost
-from .transport import last_line
+from .transport import TransportError, last_line
 
 DEFAULT_REMOTE_PYTHON = "python3"
 WORKER_MODULE = "nomoat.runtime.bench_worker"
@@ -93,11 +93,12 @@ def read_bandwidth_over_ssh(board: SshHost, python: str, threads: Sequence[int],
     """The board's read bandwidth at each thread count (nomoat.runtime.bandwidth run there), for
     the decode-against-ceiling column; {} with a warning if it cannot be had: the rounds matter more."""
     command = f"{python} -m nomoat.runtime.bandwidth {' '.join(str(int(t)) for t in threads)}"
-    reply = board.shell(command, timeout=300)
     try:
+        reply = board.shell(command, timeout=300)
         if reply.status != 0:
             raise ValueError(reply.error())
         return {int(t): float(bw) for t, bw in json.loads(last_line(reply.out)).items()}
-    except (ValueError, AttributeError, TypeError) as e:  # a failed run, not JSON, not a map of rates
+    # ssh lost the board or the probe overran its time, a failed run, not JSON, not a map of rates
+    except (TransportError, ValueError, AttributeError, TypeError) as e:
         say(f"warning: could not measure the read bandwidth on {board.name} ({e}); the table has no ceiling column")
         return {}

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from fake_adbd import FakeAdbDevice
 from nomoat.__main__ import main
+from nomoat.converter import deploy as deploy_module
 from nomoat.converter.adb import AdbError, Device, find_adb, parse_devices, pick_device
 from nomoat.converter.deploy import DeployError, deploy_bundle, parse_df_available_kib
 from nomoat.converter.deploy_bench import parse_bench_lines
@@ -214,6 +215,30 @@ def test_a_file_changed_after_the_check_is_not_swapped_in(bundle, fake, remote, 
     assert tree_hashes(remote / "tiny-bundle") == before
 
 
+def test_a_file_gone_after_the_check_is_one_line(bundle, fake, remote, adb_server, tmp_path, monkeypatch, capsys):
+    """The bundle re-converted while it was being deployed: a file the check read is gone by its push."""
+    from nomoat.converter import cli_deploy
+
+    device, dev = fake
+    deploy_bundle(bundle, dev, str(remote))
+    before = tree_hashes(remote / "tiny-bundle")
+    going = Path(shutil.copytree(bundle, tmp_path / "tiny-bundle"))
+    real_connect = cli_deploy.connect
+
+    def remove_then_connect(args):
+        (going / "model.onnx.data").unlink()
+        return real_connect(args)
+
+    monkeypatch.setattr(cli_deploy, "connect", remove_then_connect)
+    assert main(deploy_cli(going, dev.serial, adb_server, remote)) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "nomoat deploy: error: model.onnx.data disappeared from this computer after the check (re-converted while "
+        "deploying?); the bundle deployed before is unchanged. Deploy again once the bundle is complete."), err
+    assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
+    assert tree_hashes(remote / "tiny-bundle") == before
+
+
 def test_deploy_checks_sha256_on_the_device(bundle, fake, remote):
     device, dev = fake
     result = deploy_bundle(bundle, dev, str(remote))
@@ -268,8 +293,9 @@ def test_push_failure_midway_keeps_the_deployed_bundle(bundle, padded_bundle, fa
     assert tree_hashes(remote / "tiny-bundle") == before
 
 
-def test_leftovers_of_a_killed_deploy_are_recovered(bundle, padded_bundle, fake, remote):
+def test_leftovers_of_a_killed_deploy_are_recovered(bundle, padded_bundle, fake, remote, monkeypatch):
     """Killed between the two renames: the old bundle sits at .NAME.old-*, beside a stale staging dir."""
+    monkeypatch.setattr(deploy_module, "STALE_STAGING_S", 0)  # the staging dir counts as left long ago
     device, dev = fake
     deploy_bundle(bundle, dev, str(remote))
     before = tree_hashes(remote / "tiny-bundle")

@@ -58,7 +58,8 @@ def test_deadlines_grow_with_the_bundle():
     ("chmod -R a+rX", "making the bundle readable for the app (`chmod`)"),
 ])
 def test_a_phone_gone_silent_after_the_push_is_given_up_with_one_line(bundle, padded_bundle, fake, remote, adb_server,
-                                                                      short_deadlines, capsys, command, step):
+                                                                      short_deadlines, monkeypatch, capsys, command,
+                                                                      step):
     """A phone that leaves the wifi after the push keeps its connection open and says nothing: the step it
     was given gives up on it at its deadline, names itself, and the bundle deployed before stays."""
     device, dev = fake
@@ -75,7 +76,9 @@ def test_a_phone_gone_silent_after_the_push_is_given_up_with_one_line(bundle, pa
         f"the bundle deployed before is unchanged. {ADVICE}"), err
     assert "Traceback" not in err
     assert tree_hashes(remote / "tiny-bundle") == before
-    # Once the phone answers again, the next deploy tidies up what the silent one left.
+    # Once the phone answers again, a deploy tidies up what the silent one left, once that has been left long enough
+    # (here at once) not to be another deploy's copy under way.
+    monkeypatch.setattr(deploy_module, "STALE_STAGING_S", 0)
     deploy_bundle(padded_bundle, dev, str(remote))
     assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
     assert tree_hashes(remote / "tiny-bundle") == tree_hashes(padded_bundle)
@@ -235,6 +238,8 @@ def test_a_late_swap_and_the_next_deploys_cleanup_never_run_at_once(bundle, padd
     [staging] = remote.glob(".tiny-bundle.partial-*")
     staged = len(list(staging.iterdir()))
     monkeypatch.setattr(deploy_module, "STEP_S", 60.0)  # the next deploy's steps, with the slow rm below
+    # The late swap's staging folder counts as left long ago, so the next deploy's cleanup goes for it: the race.
+    monkeypatch.setattr(deploy_module, "STALE_STAGING_S", 0)
     device.slow_rm(0.4)
     watch = WholeBundleWatch(target, bundle, padded_bundle)
     outcome: dict[str, object] = {}
@@ -415,5 +420,6 @@ def test_a_device_unplugged_mid_deploy_names_the_step(bundle, padded_bundle, fak
         f"`adb shell` on {dev.serial} failed (exit 1): error: device '{dev.serial}' not found. Check the connection "
         "with `adb devices`."), err
     assert tree_hashes(remote / "tiny-bundle") == before
-    deploy_bundle(padded_bundle, dev, str(remote))  # plugged back in, the next deploy tidies up
+    monkeypatch.setattr(deploy_module, "STALE_STAGING_S", 0)  # what the unplugged deploy left counts as left long ago
+    deploy_bundle(padded_bundle, dev, str(remote))  # plugged back in, a deploy tidies up
     assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]

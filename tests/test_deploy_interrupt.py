@@ -18,6 +18,7 @@ import test_deploy_adb as adb_tests
 from nomoat.__main__ import main
 from nomoat.converter import adb as adb_module
 from nomoat.converter import deploy as deploy_module
+from nomoat.converter import transport
 from nomoat.converter.deploy import deploy_bundle
 from test_deploy_adb import deploy_cli, tree_hashes
 
@@ -28,7 +29,7 @@ adb_server, connected, fake, remote = adb_tests.adb_server, adb_tests.connected,
 bundle, padded_bundle = adb_tests.bundle, adb_tests.padded_bundle
 
 UNCHANGED = "the bundle deployed before is unchanged"
-LEFT_FOR_NEXT = "the next deploy there removes it"
+LEFT_FOR_NEXT = "a later deploy there removes it once it has been left for 10 minutes"
 
 
 def wait_for_push_of(remote: Path, name: str, at_least: int = 1, timeout: float = 30) -> None:
@@ -87,8 +88,8 @@ def test_a_device_gone_silent_mid_push_is_given_up_with_one_line(bundle, padded_
     device, dev = fake
     deploy_bundle(bundle, dev, str(remote))
     before = tree_hashes(remote / "tiny-bundle")
-    monkeypatch.setattr(adb_module, "PUSH_GRACE_S", 3.0)
-    monkeypatch.setattr(adb_module, "PUSH_MIN_BYTES_PER_S", 1e9)
+    monkeypatch.setattr(transport, "PUSH_GRACE_S", 3.0)
+    monkeypatch.setattr(transport, "PUSH_MIN_BYTES_PER_S", 1e9)
     monkeypatch.setattr(deploy_module, "CLEANUP_AFTER_ERROR_S", 2.0)
     device.freeze_on_push("padding.bin")
     status, seconds = device.timed_while_frozen(lambda: main(deploy_cli(padded_bundle, dev.serial, adb_server, remote)))
@@ -101,15 +102,17 @@ def test_a_device_gone_silent_mid_push_is_given_up_with_one_line(bundle, padded_
     assert f"could not remove the staging folder {remote}/.tiny-bundle.partial-" in err and LEFT_FOR_NEXT in err
     assert "Traceback" not in err
     assert tree_hashes(remote / "tiny-bundle") == before
-    # Once the device answers again, the next deploy tidies up what the silent one kept.
+    # Once the device answers again, a deploy tidies up what the silent one kept, once it has been left long enough
+    # (here at once) not to be another deploy's copy under way.
+    monkeypatch.setattr(deploy_module, "STALE_STAGING_S", 0)
     deploy_bundle(padded_bundle, dev, str(remote))
     assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
     assert tree_hashes(remote / "tiny-bundle") == tree_hashes(padded_bundle)
 
 
 def test_push_deadline_grows_with_the_file():
-    assert adb_module.push_deadline(0) == 60
-    assert adb_module.push_deadline(90_000_000) == 150  # SmolLM2-135M's weights: 2.5 minutes at worst
+    assert transport.push_deadline(0) == 60
+    assert transport.push_deadline(90_000_000) == 150  # SmolLM2-135M's weights: 2.5 minutes at worst
 
 
 @pytest.mark.parametrize("signum, how", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "stopped by SIGTERM"),
@@ -137,9 +140,9 @@ def test_a_signal_mid_push_says_one_line_and_leaves_the_old_bundle(bundle, padde
     assert tree_hashes(remote / "tiny-bundle") == before
 
 
-def test_ctrl_c_on_a_silent_device_returns_in_seconds(bundle, padded_bundle, fake, remote, adb_server):
-    """Ctrl-C while the device says nothing: the cleanup gets a few seconds, not a minute, and says that the
-    next deploy removes what it could not."""
+def test_ctrl_c_on_a_silent_device_returns_in_seconds(bundle, padded_bundle, fake, remote, adb_server, monkeypatch):
+    """Ctrl-C while the device says nothing: the cleanup gets a few seconds, not a minute, and says that a
+    later deploy removes what it could not."""
     device, dev = fake
     deploy_bundle(bundle, dev, str(remote))
     before = tree_hashes(remote / "tiny-bundle")
@@ -157,6 +160,7 @@ def test_ctrl_c_on_a_silent_device_returns_in_seconds(bundle, padded_bundle, fak
     lines = [line for line in err.splitlines() if line]
     assert LEFT_FOR_NEXT in lines[-2] and lines[-1] == f"nomoat deploy: interrupted; {UNCHANGED}"
     assert tree_hashes(remote / "tiny-bundle") == before
+    monkeypatch.setattr(deploy_module, "STALE_STAGING_S", 0)  # the staging folder left counts as left long ago
     deploy_bundle(padded_bundle, dev, str(remote))
     assert sorted(x.name for x in remote.iterdir()) == ["tiny-bundle"]
 

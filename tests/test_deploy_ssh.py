@@ -35,6 +35,7 @@ from nomoat.converter.ssh import (
     KEEPALIVE,
     SshError,
     SshHost,
+    SshOverdue,
     SshTimeout,
     connect,
     connection_failure,
@@ -462,6 +463,27 @@ def test_a_board_without_the_bandwidth_probe_loses_only_the_ceiling():
     # The rates are read from stdout alone: a login shell's warning on stderr does not cost the column.
     warned = Board(Reply('{"1": 4.5e9}\n', f"{LOCALE_WARNING}\n", 0))
     assert read_bandwidth_over_ssh(warned, "python3", [1], said.append) == {1: 4.5e9} and len(said) == 4
+
+
+@pytest.mark.parametrize("error", [
+    SshOverdue(SshHost(host="pi", ssh="ssh"), 300),  # the probe overran its time
+    SshTimeout("ssh to pi failed: Timeout, server pi not responding.", seconds=None, advice="check the board"),
+    SshError("ssh to pi failed: Connection refused."),
+])
+def test_a_bandwidth_probe_that_ssh_gives_up_on_loses_only_the_ceiling(error):
+    """The rounds were measured already: ssh losing the board, or the probe overrunning its time, costs the ceiling
+    column with a warning, not the whole benchmark."""
+    from nomoat.converter.ssh_bench import read_bandwidth_over_ssh
+
+    class Lost:
+        name = "pi"
+
+        def shell(self, command, timeout=None):
+            raise error
+
+    said = []
+    assert read_bandwidth_over_ssh(Lost(), "python3", [1, 4], said.append) == {}
+    assert said == [f"warning: could not measure the read bandwidth on pi ({error}); the table has no ceiling column"]
 
 
 @pytest.mark.ssh
