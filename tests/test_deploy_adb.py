@@ -548,7 +548,7 @@ def test_bench_prints_the_apps_rounds_as_a_table(bundle, fake, remote, adb_serve
     lines = out.splitlines()
     assert lines[0] == deployed and lines[1] == ""
     assert re.fullmatch(rf"nomoat bench {re.escape(deployed)} on FakeSoC \(\d+ CPUs\); 3 rounds after 0 warm-up, "
-                        r"median \(min–max\); peak RSS: the worker's largest over its rounds \(it only grows\)",
+                        r"median \(min–max\); peak RSS: the worker's peak since it started, the model's load included",
                         lines[2])
     # (ro.soc.model and nproc of the "phone"; its app is the worker)
     assert lines[4].split()[:6] == ["threads", "prompt", "new", "prefill", "tok/s", "decode"]
