@@ -78,7 +78,8 @@ def board(ssh_here) -> SshHost:
     return SshHost(host=HOST, ssh=str(ssh_here))
 
 
-@pytest.fixture(params=["coreutils", "busybox", "toybox"])
+# toybox's case runs with the Android tests (`nox -s android`), whose CI step installs toybox beside adb.
+@pytest.fixture(params=["coreutils", "busybox", pytest.param("toybox", marks=pytest.mark.android)])
 def any_board(request, ssh_here, tmp_path, monkeypatch) -> SshHost:
     """A board with coreutils, one with busybox alone, and an Android phone's toybox and mksh."""
     folder = tools_folder(request.param, tmp_path / "tools")
