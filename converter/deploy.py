@@ -550,8 +550,8 @@ def sync_deadline(size: int, pending: int | None = None) -> float:
 
 
 def make_readable(device: Target, staging: str) -> None:
-    """adb push keeps the local modes (the converter writes the weights 0600), but the app reading the
-    bundle runs as its own user, not as adb's shell user."""
+    """adb push keeps the local modes (a bundle copied or written with a strict umask may be 0600 or 0700),
+    but the app reading the bundle runs as its own user, not as adb's shell user."""
     shell(device, f"chmod -R a+rX {shlex.quote(staging)}", "making the bundle readable for the app (`chmod`)")
 
 
