@@ -199,9 +199,15 @@ def test_each_streamed_token_carries_the_log_softmax_of_the_logits_it_came_from(
 
 def test_logprobs_leave_the_answer_alone_and_are_off_unless_asked(model):
     plain = model.generate("Name a colour.", 10, temperature=0)
-    scored = model.generate("Name a colour.", 10, logprobs=0, prompt_lookup=4, temperature=0)  # without lookup
+    scored = model.generate("Name a colour.", 10, logprobs=0, temperature=0)
     assert scored.token_ids == plain.token_ids and plain.logprobs == []
-    assert all(s.top == () for s in scored.logprobs) and scored.stats.drafted_tokens == 0
+    assert all(s.top == () for s in scored.logprobs)
+    # The server's --prompt-lookup meets such a request in stream_ids, which runs it without lookup
+    # (the SDK's stream refuses the two together).
+    events = list(model.stream_ids(model.prompt_ids("Name a colour."), 10, params=model.sampling_params(temperature=0),
+                                   prompt_lookup=4, logprobs=0))
+    assert [e.token_id for e in events if e.token_id is not None] == plain.token_ids
+    assert events[-1].stats.drafted_tokens == 0
     with pytest.raises(ValueError, match="logprobs must be at least 0"):
         model.generate("x", 2, logprobs=-1)
 
