@@ -271,10 +271,10 @@ def lookup_refusal(args: argparse.Namespace) -> str | None:
     from .sampling import SamplingParams
 
     fields = SamplingParams.__dataclass_fields__
-    defaults = read_manifest(args.bundle, verify_files=False).generation_defaults
     given = {k: v for k, v in sampling_kwargs(args).items() if k in fields and v is not None}
+    defaults = read_manifest(args.bundle, verify_files=False).generation_defaults
     try:
-        params = SamplingParams.from_dict({**{k: v for k, v in defaults.items() if k in fields}, **given})
+        params = SamplingParams.over_defaults(defaults, given)
     except ValueError:
         return None  # a bad value: the runtime's own check names it
     obstacle = lookup_obstacle(params, grammar=args.grammar)

@@ -263,9 +263,7 @@ class Model:
 
     def sampling_params(self, **overrides: Any) -> SamplingParams:
         """The bundle's generation defaults, with the caller's non-None values on top."""
-        defaults = {k: v for k, v in self.manifest.generation_defaults.items()
-                    if k in SamplingParams.__dataclass_fields__}
-        return SamplingParams.from_dict({**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+        return SamplingParams.over_defaults(self.manifest.generation_defaults, overrides)
 
     def generate_tokens(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
                         ignore_eos: bool = False, stats: GenerationStats | None = None,

@@ -112,6 +112,14 @@ class SamplingParams:
             raise ValueError(f"unknown sampling parameter(s) {unknown}; expected some of {sorted(known)}")
         return cls(**{k: v for k, v in values.items() if v is not None})
 
+    @classmethod
+    def over_defaults(cls, defaults: Mapping[str, object], overrides: Mapping[str, object]) -> SamplingParams:
+        """A bundle's generation defaults (its keys that are no sampling setting, e.g. max_new_tokens, left
+        out) with the caller's non-None values on top."""
+        known = {f.name for f in fields(cls)}
+        return cls.from_dict({**{k: v for k, v in defaults.items() if k in known},
+                              **{k: v for k, v in overrides.items() if v is not None}})
+
 
 _REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 

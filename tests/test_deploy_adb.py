@@ -185,26 +185,36 @@ def test_cli_deploy_hashes_each_file_once(padded_bundle, fake, remote, adb_serve
     assert hashed == Counter(bundle_file_names(padded_bundle))
 
 
+def _deploy_altered_after_the_check(bundle, dev, remote, adb_server, tmp_path, monkeypatch, alter) -> int:
+    """Deploy a copy of bundle over the one already deployed, running alter(copy) between deploy's check of
+    the copy and its first contact with the phone; deploy's exit status."""
+    from nomoat.converter import cli_deploy
+
+    copy = Path(shutil.copytree(bundle, tmp_path / "tiny-bundle"))
+    real_connect = cli_deploy.connect
+
+    def alter_then_connect(args):
+        alter(copy)
+        return real_connect(args)
+
+    monkeypatch.setattr(cli_deploy, "connect", alter_then_connect)
+    return main(deploy_cli(copy, dev.serial, adb_server, remote))
+
+
 def test_a_file_changed_after_the_check_is_not_swapped_in(bundle, fake, remote, adb_server, tmp_path, monkeypatch,
                                                           capsys):
     """The copy on the phone is compared with the hashes of the check before connecting: a file changed since
     (something still writing the bundle) never becomes the bundle, and the line says what happened."""
-    from nomoat.converter import cli_deploy
-
     device, dev = fake
     deploy_bundle(bundle, dev, str(remote))
     before = tree_hashes(remote / "tiny-bundle")
-    changing = Path(shutil.copytree(bundle, tmp_path / "tiny-bundle"))
-    real_connect = cli_deploy.connect
 
-    def change_then_connect(args):
-        data = bytearray((changing / "model.onnx.data").read_bytes())
+    def flip_a_byte(copy: Path) -> None:
+        data = bytearray((copy / "model.onnx.data").read_bytes())
         data[len(data) // 2] ^= 0x01
-        (changing / "model.onnx.data").write_bytes(bytes(data))
-        return real_connect(args)
+        (copy / "model.onnx.data").write_bytes(bytes(data))
 
-    monkeypatch.setattr(cli_deploy, "connect", change_then_connect)
-    assert main(deploy_cli(changing, dev.serial, adb_server, remote)) == 2
+    assert _deploy_altered_after_the_check(bundle, dev, remote, adb_server, tmp_path, monkeypatch, flip_a_byte) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (
         f"nomoat deploy: error: model.onnx.data changed on this computer after the bundle was checked (is something "
@@ -217,20 +227,11 @@ def test_a_file_changed_after_the_check_is_not_swapped_in(bundle, fake, remote, 
 
 def test_a_file_gone_after_the_check_is_one_line(bundle, fake, remote, adb_server, tmp_path, monkeypatch, capsys):
     """The bundle re-converted while it was being deployed: a file the check read is gone by its push."""
-    from nomoat.converter import cli_deploy
-
     device, dev = fake
     deploy_bundle(bundle, dev, str(remote))
     before = tree_hashes(remote / "tiny-bundle")
-    going = Path(shutil.copytree(bundle, tmp_path / "tiny-bundle"))
-    real_connect = cli_deploy.connect
-
-    def remove_then_connect(args):
-        (going / "model.onnx.data").unlink()
-        return real_connect(args)
-
-    monkeypatch.setattr(cli_deploy, "connect", remove_then_connect)
-    assert main(deploy_cli(going, dev.serial, adb_server, remote)) == 2
+    assert _deploy_altered_after_the_check(bundle, dev, remote, adb_server, tmp_path, monkeypatch,
+                                           lambda copy: (copy / "model.onnx.data").unlink()) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (
         "nomoat deploy: error: model.onnx.data disappeared from this computer after the check (re-converted while "
