@@ -338,8 +338,28 @@ def test_connections_past_the_cap_wait_until_one_closes(model):
                 sock.close()
 
 
+class _WatchedSlots:
+    """The server's connection slots, telling the test once a connection has been accepted and is
+    waiting for a slot: only then can shutdown hang on it. Before that the connection sits in the
+    listen backlog, which server_close resets, and the test would prove nothing."""
+
+    def __init__(self, slots: threading.BoundedSemaphore):
+        self._slots = slots
+        self.waited = threading.Event()
+
+    def acquire(self, timeout: float) -> bool:
+        got = self._slots.acquire(timeout=timeout)
+        if not got:
+            self.waited.set()
+        return got
+
+    def release(self) -> None:
+        self._slots.release()
+
+
 def test_shutdown_is_prompt_with_a_connection_waiting_past_the_cap(model):
     server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(MODEL_ID, Limits(16, 1 << 20, 4, max_connections=1))))
+    slots = server._connection_slots = _WatchedSlots(server._connection_slots)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     port = server.server_address[1]
@@ -348,6 +368,7 @@ def test_shutdown_is_prompt_with_a_connection_waiting_past_the_cap(model):
     held.getresponse().read()  # answered, and kept alive: its thread holds the one slot
     waiting = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
+        assert slots.waited.wait(10), "the server never took the second connection off the backlog"
         stopper = threading.Thread(target=server.shutdown, daemon=True)
         stopper.start()
         stopper.join(5)
