@@ -7,7 +7,7 @@ ExecuTorch 8da4w (XNNPACK, its own export_llm),
 all made from the same weights (see artifacts.py; built once into build/bench-cache/). Every
 system runs in its own worker process (its own peak RSS), on the same prompt ids, with the
 same threads and the same KV-cache capacity (the bundle's max context); rounds alternate
-A B C A B C ... so machine drift spreads over all of them. Before timing, each system answers
+forward and backward, A B C C B A ..., so machine drift spreads over all of them. Before timing, each system answers
 one question greedily, so a broken artifact is caught instead of timed.
 Ratios are against llama.cpp Q4_0 at the same thread count (median / median); ↑ marks a ratio
 where higher is better, ↓ one where lower is. The report names each library's version.

@@ -55,7 +55,7 @@ def bench_on_device(device: Device, bundle: str, prompt_tokens: int, new_tokens:
                     progress: Callable[[str], None] | None = None, prompt_lookup: int = 0) -> AppBench:
     """Start the app's benchmark on bundle (a path on the device, or a bundle name the app finds)
     and wait for its rounds; a DeployError says what went wrong and what to do. With prompt_lookup
-    the app runs each round plain, then with prompt lookup: twice the lines."""
+    the app runs each round plain and with prompt lookup (alternating which goes first): twice the lines."""
     say = progress or (lambda _msg: None)
     shell(device, "logcat -c", "clearing the log (`logcat -c`)")  # only this run's lines count
     start_app(device, bench_extras(bundle, prompt_tokens, new_tokens, rounds, threads, prompt_lookup))

@@ -278,11 +278,13 @@ class Job:
 
 def run_alternating(jobs: Sequence[Job], rounds: int, warmup: int = 1, pause_s: float = 0.25,
                     on_round: Callable[[Job, int, RoundResult], None] | None = None) -> None:
-    """Measure every job `rounds` times, alternating A B C A B C ... so that machine drift
-    (thermal throttling, other load) spreads evenly over the systems. The first `warmup`
+    """Measure every job `rounds` times, alternating A B C C B A A B C ... so that machine drift
+    (thermal throttling, other load) spreads evenly over the systems: in a fixed order A would
+    always run first in a round, and a machine slowing down steadily would favour it, where over
+    each forward and backward pair every system's mean position is the same. The first `warmup`
     rounds of each job are run and thrown away (first-run allocations, weight pre-packing)."""
     for index in range(warmup + rounds):
-        for job in jobs:
+        for job in round_order(jobs, index):
             # Engines with spinning thread pools keep burning cores briefly after a run; a
             # pause keeps that from slowing the next engine down.
             time.sleep(pause_s)
@@ -291,6 +293,11 @@ def run_alternating(jobs: Sequence[Job], rounds: int, warmup: int = 1, pause_s: 
                 job.rounds.append(result)
                 if on_round is not None:
                     on_round(job, index - warmup, result)
+
+
+def round_order(jobs: Sequence[Job], index: int) -> Sequence[Job]:
+    """The jobs in the order round `index` (warm-ups counted) runs them: forward, then backward."""
+    return jobs if index % 2 == 0 else jobs[::-1]
 
 
 if __name__ == "__main__":

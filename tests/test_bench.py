@@ -238,10 +238,12 @@ class RecordingWorker:
 def test_rounds_alternate_between_systems_and_warmup_is_dropped():
     log: list[str] = []
     jobs = [Job(RecordingWorker(name, log), [1], 2) for name in "ABC"]
-    run_alternating(jobs, rounds=2, warmup=1, pause_s=0)
-    assert log == list("ABCABCABC")
-    assert [len(j.rounds) for j in jobs] == [2, 2, 2]
-    assert jobs[0].rounds[0].ttft_s == pytest.approx(0.4)  # the 4th call overall, not the warm-up
+    run_alternating(jobs, rounds=3, warmup=1, pause_s=0)
+    # Forward, then backward: over each pair of rounds every system's mean position is the same.
+    assert log == list("ABCCBAABCCBA")
+    assert [len(j.rounds) for j in jobs] == [3, 3, 3]
+    assert jobs[0].rounds[0].ttft_s == pytest.approx(0.6)  # the 6th call overall, not the warm-up
+    assert jobs[2].rounds[0].ttft_s == pytest.approx(0.4)
 
 
 # -- the worker process --------------------------------------------------------------------
@@ -642,7 +644,7 @@ def test_cli_compares_bundles_in_alternating_rounds(tiny_bundle, tmp_path):
     assert [(r["bundle"], len(r["rounds"])) for r in report["results"]] == [(str(tiny_bundle), 2), (str(copy), 2)]
     # The progress lines show the rounds alternating between the two workers.
     rounds = [line.split(": round")[0].strip() for line in out.stderr.splitlines() if ": round" in line]
-    assert rounds == [f"{b}: 1 thr, 16+4 tok" for b in (tiny_bundle, copy)] * 2
+    assert rounds == [f"{b}: 1 thr, 16+4 tok" for b in (tiny_bundle, copy, copy, tiny_bundle)]
     table = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     rows = table.stdout.split("\n\n")[1].splitlines()  # the table between its heading and the ceiling's note
@@ -660,7 +662,8 @@ def test_cli_compares_ort_options_in_alternating_rounds(tiny_bundle):
     assert [(r.get("ort_options"), len(r["rounds"])) for r in report["results"]] == [
         (None, 2), ({"session.intra_op.allow_spinning": "0"}, 2)]
     rounds = [line.split(": round")[0].strip() for line in out.stderr.splitlines() if ": round" in line]
-    assert rounds == ["1 thr, 16+4 tok", "1 thr, 16+4 tok, session.intra_op.allow_spinning=0"] * 2
+    plain, spinning = "1 thr, 16+4 tok", "1 thr, 16+4 tok, session.intra_op.allow_spinning=0"
+    assert rounds == [plain, spinning, spinning, plain]
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ from nomoat.converter.adb import AdbError, Device, find_adb, parse_devices, pick
 from nomoat.converter.deploy import DeployError, deploy_bundle, parse_df_available_kib
 from nomoat.converter.deploy_bench import parse_bench_lines
 from nomoat.converter.transport import Reply
+from nomoat.runtime.bench_worker import round_order
 
 pytestmark = pytest.mark.android
 
@@ -476,7 +477,8 @@ def simulated_app(logged: list[dict] | None = None):
     measured with the Python runtime on the deployed bundle, logged with the keys the app writes
     (GenerationStats.toBenchJson, then round and peak_rss_bytes, then open()'s bundle, verify_s,
     load_s, threads) and Android org.json's escaping of '/'. Each round line also goes to logged.
-    With a prompt_lookup extra each round runs plain, then with lookup (prompt_lookup in its line)."""
+    With a prompt_lookup extra each round runs plain and with lookup (prompt_lookup in its line), in
+    the order of the host's rounds: plain first in even rounds, lookup first in odd ones."""
 
     def app(extras: dict) -> object:
         from nomoat.runtime.bandwidth import read_bandwidth
@@ -502,7 +504,7 @@ def simulated_app(logged: list[dict] | None = None):
                  "bandwidth_threads": probe_threads}
         prompt = synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, extras.get("prompt_tokens", 128))
         for i in range(extras.get("rounds", 1)):
-            for n, engine in engines.items():
+            for n, engine in round_order(list(engines.items()), i):  # Bench.roundOrder
                 r = measure_once(engine, prompt, extras.get("new_tokens", 64))
                 line = {"prompt_tokens": r.prompt_tokens, "cached_tokens": 0, "new_tokens": r.new_tokens,
                         "ttft_s": r.ttft_s, "decode_s": r.decode_s, "ttft_ms": r.ttft_ms,
@@ -613,17 +615,20 @@ def test_bench_with_prompt_lookup_reports_plain_and_lookup_rounds_apart(bundle, 
                           "--prompt-tokens", "32", "--new-tokens", "32")) == 0
     report = json.loads(capsys.readouterr().out)
     assert device.app_starts[0]["prompt_lookup"] == 3
-    # The app alternates plain and lookup rounds; each kind is its own row with its own rounds.
-    assert [line.get("prompt_lookup", 0) for line in logged] == [0, 3] * 3
+    # The app alternates plain and lookup rounds, forward then backward; each kind is its own row with
+    # its own rounds.
+    assert [line.get("prompt_lookup", 0) for line in logged] == [0, 3, 3, 0, 0, 3]
+    logged_plain = [line for line in logged if not line.get("prompt_lookup")]
+    logged_lookup = [line for line in logged if line.get("prompt_lookup")]
     plain, lookup = report["results"]
     assert (plain["prompt_lookup"], lookup["prompt_lookup"]) == (0, 3)
-    assert [r["decode_s"] for r in plain["rounds"]] == [line["decode_s"] for line in logged[0::2]]
-    assert [r["decode_s"] for r in lookup["rounds"]] == [line["decode_s"] for line in logged[1::2]]
+    assert [r["decode_s"] for r in plain["rounds"]] == [line["decode_s"] for line in logged_plain]
+    assert [r["decode_s"] for r in lookup["rounds"]] == [line["decode_s"] for line in logged_lookup]
     assert lookup["label"].endswith("lookup 3") and "lookup" not in plain["label"]
     # The app's draft counts reach the rounds, and the table's "drafts kept" column.
-    assert [r["drafted_tokens"] for r in lookup["rounds"]] == [line["drafted_tokens"] for line in logged[1::2]]
-    assert sum(line["accepted_tokens"] for line in logged[1::2]) > 0
-    assert all(line["drafted_tokens"] == 0 for line in logged[0::2])
+    assert [r["drafted_tokens"] for r in lookup["rounds"]] == [line["drafted_tokens"] for line in logged_lookup]
+    assert sum(line["accepted_tokens"] for line in logged_lookup) > 0
+    assert all(line["drafted_tokens"] == 0 for line in logged_plain)
     from nomoat.runtime.cli_bench import format_drafts, format_table
 
     assert format_drafts(lookup) != "-" and format_drafts(lookup) in format_table(report)

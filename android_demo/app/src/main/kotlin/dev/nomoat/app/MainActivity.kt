@@ -215,10 +215,10 @@ class MainActivity : Activity() {
                 Log.w(BENCH_TAG, "no memory for the bandwidth probe: the table will have no ceiling column")
             }
             val prompt = Bench.promptIds(gen.codec, promptTokens)
-            // With prompt lookup each round runs plain, then with lookup: the two alternate as on the host.
+            // With prompt lookup each round runs plain and with lookup, alternating as on the host.
             val lookups = if (promptLookup > 0) listOf(0, promptLookup) else listOf(0)
             for (round in 0 until rounds) {
-                for (lookup in lookups) {
+                for (lookup in Bench.roundOrder(lookups, round)) {
                     gen.reset()
                     val result = gen.generate(prompt, newTokens, SamplingParams(), ignoreEos = true, promptLookup = lookup)
                     val line = result.stats.toBenchJson().put("round", round).put("peak_rss_bytes", peakRssBytes())

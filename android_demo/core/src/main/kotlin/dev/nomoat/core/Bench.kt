@@ -18,4 +18,8 @@ object Bench {
         require(ids.isNotEmpty()) { "cannot build a prompt from an empty token list" }
         return IntArray(n) { ids[it % ids.size] }
     }
+
+    /** The kinds in the order round [round] runs them: forward, then backward (A B B A A B ...), as
+     *  runtime/bench_worker.py round_order, so that a phone slowing down as it warms favours none. */
+    fun <T> roundOrder(kinds: List<T>, round: Int): List<T> = if (round % 2 == 0) kinds else kinds.asReversed()
 }

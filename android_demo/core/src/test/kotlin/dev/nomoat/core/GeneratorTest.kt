@@ -287,4 +287,10 @@ class GeneratorTest {
         assertArrayEquals(intArrayOf(1, 2, 3, 1, 2), Bench.repeatToLength(intArrayOf(1, 2, 3), 5))
         assertArrayEquals(intArrayOf(1, 2), Bench.repeatToLength(intArrayOf(1, 2, 3), 2))
     }
+
+    @Test
+    fun benchRoundsRunForwardThenBackward() {
+        val order = (0 until 4).flatMap { Bench.roundOrder(listOf(0, 8), it) }
+        assertEquals(listOf(0, 8, 8, 0, 0, 8, 8, 0), order)
+    }
 }
