@@ -18,7 +18,10 @@ command arrives, before it runs (it runs once thawed, as on a phone that comes b
 command whose stream the host closes before it ended gets SIGHUP in its whole process group, as
 an old phone's pty (adbd without shell_v2) hangs up on it; each shell starts with SIGHUP, SIGPIPE
 and SIGINT at their defaults, as adbd's do, whatever this process inherited. slow_rm(seconds)
-makes `rm -rf` take that long for each entry of a tree (a phone's slow storage).
+makes `rm -rf` take that long for each entry of a tree (a phone's slow storage). The device's
+`sync` is a script on its PATH that returns at once: its storage is a temp folder of this host,
+and the host's own sync would wait for every disk of the machine (seconds under a CI run's writes,
+past a test's shrunk deadlines). A phone gone silent in its sync is freeze_on_shell("( sync )").
 
 The phone's own tools the nomoat app is driven with are simulated too: `am` (start and
 force-stop), `logcat` (-c, -d, -v raw, TAG:PRIORITY filters) and `getprop` are scripts on the
@@ -408,7 +411,7 @@ class FakeAdbDevice:
             rm.chmod(0o755)
         else:
             rm.unlink(missing_ok=True)
-        env["PATH"] = f"{self._bin}:{env.get('PATH', '/usr/bin:/bin')}"  # am, logcat, getprop (and df, rm)
+        env["PATH"] = f"{self._bin}:{env.get('PATH', '/usr/bin:/bin')}"  # am, logcat, getprop, sync (and df, rm)
         return env
 
     # --- the phone's tools: am, logcat, getprop ---
@@ -419,6 +422,9 @@ class FakeAdbDevice:
             script.write_text(TOOL_SCRIPT.format(python=sys.executable, socket=str(self._bin / "tools.sock"),
                                                  name=name))
             script.chmod(0o755)
+        sync = self._bin / "sync"  # instant: see the module doc
+        sync.write_text("#!/bin/sh\nexit 0\n")
+        sync.chmod(0o755)
 
     async def _serve_tool(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         name, args = json.loads(await reader.readline())

@@ -566,8 +566,17 @@ def test_kotlin_bandwidth_probe_reads_memory_as_the_python_one_does():
     # The app's probe (Bandwidth.kt, JIT-compiled loops) against runtime/bandwidth.py (numpy) on
     # this machine: the same method, so the same memory within the noise; a probe bound by its
     # own loop, or reading a cache, would be off by far more than 2x.
+    # Other work on the machine slows a probe down by a share that comes and goes (on a busy 2-core
+    # machine, 2x and more): each Kotlin run is set against the better of the Python runs just before
+    # and just after it, and while the load keeps them apart another turn is taken, up to 6. A probe
+    # that is really off is off in every turn; on a quiet machine the first turn decides.
     from nomoat.runtime.bandwidth import read_bandwidth
 
-    kotlin = json.loads(kotlin_host.run_kotlin("dev.nomoat.core.BandwidthCli", "1").strip())["1"]
-    python = read_bandwidth(1)
-    assert 0.5 < kotlin / python < 2.0, (kotlin, python)
+    python, kotlin = [read_bandwidth(1)], []
+    for _ in range(6):
+        kotlin.append(json.loads(kotlin_host.run_kotlin("dev.nomoat.core.BandwidthCli", "1").strip())["1"])
+        python.append(read_bandwidth(1))
+        if 0.5 < kotlin[-1] / max(python[-2:]) < 2.0:
+            break
+    else:
+        pytest.fail(f"Kotlin's read bandwidth {kotlin} is not within 2x of Python's {python} in any turn")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import pytest
@@ -81,16 +82,27 @@ def test_read_bandwidth_is_a_plausible_rate():
     assert 1e8 < bw < 1e12  # between 0.1 GB/s and 1 TB/s
 
 
-def test_read_bandwidth_takes_the_fastest_kernel():
-    # A kernel bound by its own arithmetic must not set the ceiling: fakes with known sleeps.
-    def slow(chunk):
-        time.sleep(0.04)
+def test_read_bandwidth_takes_the_fastest_pass_of_the_fastest_kernel(monkeypatch):
+    # A kernel bound by its own arithmetic must not set the ceiling, nor a pass that something else slowed:
+    # fakes that take known times on a fake clock (exact, whatever else the machine is doing).
+    import nomoat.runtime.bandwidth as bandwidth
 
-    def fast(chunk):
-        time.sleep(0.01)
+    now = [0.0]
+    monkeypatch.setattr(bandwidth, "time", SimpleNamespace(perf_counter=lambda: now[0]))
 
-    bw = read_bandwidth(1, megabytes=8, passes=2, kernels=(slow, fast))
-    assert 8 * 2**20 / 0.02 < bw <= 8 * 2**20 / 0.01  # the fast kernel's rate, not the slow one's
+    def taking(*seconds: float):
+        times = itertools.cycle(seconds)
+
+        def kernel(chunk):
+            now[0] += next(times)
+        return kernel
+
+    # Binary fractions of a second, so the clock's sums are exact. The fast kernel's second pass is the best,
+    # whether that kernel runs first or last.
+    for slow_first in (True, False):
+        slow, fast = taking(0.5), taking(0.25, 0.0625, 0.125)
+        kernels = (slow, fast) if slow_first else (fast, slow)
+        assert read_bandwidth(1, megabytes=8, passes=3, kernels=kernels) == 8 * 2**20 / 0.0625
 
 
 def test_bandwidth_command_prints_one_json_line(capsys):

@@ -670,7 +670,13 @@ def test_bench_gives_up_when_the_app_never_finishes(bundle, fake, remote, adb_se
     hang = threading.Event()
 
     def stuck_app(extras):
-        yield from list(simulated_app()(extras))[:1]  # one round, then never a "done"
+        # One round logged at once, then never a "done". A fixed line with the keys the app writes, not a measured
+        # one: measuring (the model's load, the bandwidth probe) takes seconds on a cold run, past --bench-timeout.
+        yield org_json({"prompt_tokens": extras["prompt_tokens"], "cached_tokens": 0,
+                        "new_tokens": extras["new_tokens"], "ttft_s": 0.05, "decode_s": 0.4, "ttft_ms": 50.0,
+                        "prefill_tps": 320.0, "decode_tps": 17.5, "drafted_tokens": 0, "accepted_tokens": 0,
+                        "round": 0, "peak_rss_bytes": 200_000_000, "bundle": extras["bundle"], "verify_s": 0.01,
+                        "load_s": 0.1, "threads": 2, "read_bandwidth_bytes_per_s": 1e10, "bandwidth_threads": 2})
         hang.wait(30)
 
     device.install_app(stuck_app)
@@ -681,7 +687,8 @@ def test_bench_gives_up_when_the_app_never_finishes(bundle, fake, remote, adb_se
         hang.set()
     assert time.monotonic() - start < 15
     err = capsys.readouterr().err
-    assert "logged 1 of 3 rounds and no end within 2 s" in err and "--bench-timeout" in err
+    assert "round 1/3 on the phone" in err and "logged 1 of 3 rounds and no end within 2 s" in err, err
+    assert "--bench-timeout" in err
     assert any("am force-stop dev.nomoat.app" in c for c in device.shell_log)  # not left benchmarking
 
 

@@ -17,6 +17,7 @@ import getpass
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -251,26 +252,38 @@ def sshd_sessions(board: Board, listener: bool = False) -> list[psutil.Process]:
 
 
 class FrozenBoard:
-    """SIGSTOP to the board's sshd processes `after` seconds into the step whose command holds `at` (which is
-    made to last long enough), as a board that drops off the network: its connections stay open and say nothing.
-    SIGCONT again in thaw()."""
+    """SIGSTOP to the board's sshd processes once the step whose command holds `at` (made to last long enough) has
+    started on the board, as a board that drops off the network mid-step: its connections stay open and say
+    nothing. The board is this machine: the step's command first creates a file, which a thread here waits for,
+    so the freeze comes after ssh has logged in and the command runs, however long that took. SIGCONT again in
+    thaw()."""
 
-    def __init__(self, board: Board, at: str, after: float, listener: bool):
-        self.board, self.at, self.after, self.listener = board, at, after, listener
+    def __init__(self, board: Board, at: str, listener: bool):
+        self.board, self.at, self.listener = board, at, listener
+        self.started = board.folder / "frozen-step-started"
         self.stopped: list[psutil.Process] = []
-        self.timer: threading.Timer | None = None
+        self.watcher: threading.Thread | None = None
+        self._thawed = threading.Event()
 
     def install(self, monkeypatch) -> None:
         real_shell = SshHost.shell
+        self.started.unlink(missing_ok=True)
 
         def shell(host, command, timeout=600):
-            if self.at in command and self.timer is None:
-                self.timer = threading.Timer(self.after, self.freeze)
-                self.timer.start()
-                command = f"sleep 30; {command}"
+            if self.at in command and self.watcher is None:
+                self.watcher = threading.Thread(target=self._freeze_once_started, daemon=True)
+                self.watcher.start()
+                command = f"touch {shlex.quote(str(self.started))}; sleep 30; {command}"
             return real_shell(host, command, timeout)
 
         monkeypatch.setattr(SshHost, "shell", shell)
+
+    def _freeze_once_started(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.started.exists():
+            if self._thawed.wait(0.01) or time.monotonic() > deadline:
+                return  # the step never started: nothing frozen, which the tests check
+        self.freeze()
 
     def freeze(self) -> None:
         for p in sshd_sessions(self.board, self.listener):
@@ -278,8 +291,9 @@ class FrozenBoard:
             self.stopped.append(p)
 
     def thaw(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        self._thawed.set()
+        if self.watcher is not None:
+            self.watcher.join(timeout=10)  # a freeze under way ends before the resume below
         for p in self.stopped:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.resume()
@@ -296,7 +310,7 @@ def test_a_board_that_drops_off_mid_step_is_named_with_the_step(board, bundle, o
     before = tree_hashes(remote / "tiny-bundle")
     config = tmp_path / "ssh_config"
     config.write_text(board.config.read_text() + "  ServerAliveInterval 1\n  ServerAliveCountMax 2\n")
-    frozen = FrozenBoard(board, "sha256sum", after=1.0, listener=False)
+    frozen = FrozenBoard(board, "sha256sum", listener=False)
     frozen.install(monkeypatch)
     try:
         start = time.monotonic()
@@ -327,7 +341,7 @@ def test_a_board_silent_past_a_steps_deadline_is_told_from_a_stuck_step(board, b
     monkeypatch.setattr(deploy_module, "CHECK_MIN_BYTES_PER_S", 1e15)
     monkeypatch.setattr(deploy_module, "CLEANUP_AFTER_ERROR_S", 2.0)
     monkeypatch.setattr(ssh_module, "PROBE_S", 4)
-    frozen = FrozenBoard(board, "sha256sum", after=0.5, listener=True)  # new connections get no banner
+    frozen = FrozenBoard(board, "sha256sum", listener=True)  # new connections get no banner
     frozen.install(monkeypatch)
     try:
         assert main(board.cli(other_bundle, remote)) == 2

@@ -278,7 +278,10 @@ def test_a_client_that_hangs_up_during_a_long_prefill_stops_it_between_chunks(mo
 
     def slow_forward(ids, *args, **kwargs):
         runs.append(len(ids))
-        time.sleep(0.3)  # a Pi's prefill: the client gives up before it ends
+        if len(runs) == 1:  # a Pi's prefill: the client gives up before its first chunk ends, and the server
+            jobs[0]._cancelled.wait(30)  # notices (its handler polls the socket) before the next chunk starts
+        else:
+            time.sleep(0.3)
         return forward(ids, *args, **kwargs)
 
     monkeypatch.setattr(model.session, "forward", slow_forward)
@@ -286,12 +289,13 @@ def test_a_client_that_hangs_up_during_a_long_prefill_stops_it_between_chunks(mo
     chunks = -(-len(model.encode(prompt)) // 8)
     assert chunks >= 10
     with running_server(model) as server:
+        jobs = jobs_of(server)
         url = url_of(server)
         sock = raw_request(url, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "cache_prompt": False})
         wait_for(lambda: len(runs) >= 1)
         sock.close()
         wait_for(lambda: not health(url)["generating"], timeout=chunks * 0.3)
-        assert len(runs) <= 4, runs  # the rest of the prompt never ran
+        assert jobs[0].cancelled and runs == [8], runs  # the rest of the prompt never ran
         monkeypatch.setattr(model.session, "forward", forward)
         assert ask(url, "Tell me about the fox.", stream=False)  # the cache it left is sound
 
@@ -519,6 +523,7 @@ def test_server_close_returns_once_the_waiting_and_running_requests_have_their_a
     monkeypatch.setattr(Handler, "_send_event", slowly(Handler._send_event))
     monkeypatch.setattr(Handler, "_send_json", slowly(Handler._send_json))
     server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(MODEL_ID, LIMITS, KEY)))
+    jobs = jobs_of(server)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = url_of(server)
@@ -530,7 +535,9 @@ def test_server_close_returns_once_the_waiting_and_running_requests_have_their_a
     waiting = raw_request(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
     wait_for(lambda: health(url)["waiting"] == 1)
     server.shutdown()
-    threading.Timer(0.2, go_on.set).start()
+    # The generation goes on once server_close has cancelled it (and the writes turn slow), whenever that is.
+    running = jobs[0]
+    threading.Thread(target=lambda: (running._cancelled.wait(30), go_on.set()), daemon=True).start()
     server.server_close()
     thread.join(10)
     stream_text = (head + _received(streamed)).decode()
