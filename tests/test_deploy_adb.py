@@ -505,19 +505,24 @@ def simulated_app(logged: list[dict] | None = None):
         prompt = synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, extras.get("prompt_tokens", 128))
         for i in range(extras.get("rounds", 1)):
             for n, engine in round_order(list(engines.items()), i):  # Bench.roundOrder
-                r = measure_once(engine, prompt, extras.get("new_tokens", 64))
-                line = {"prompt_tokens": r.prompt_tokens, "cached_tokens": 0, "new_tokens": r.new_tokens,
-                        "ttft_s": r.ttft_s, "decode_s": r.decode_s, "ttft_ms": r.ttft_ms,
-                        "prefill_tps": r.prefill_tps, "decode_tps": r.decode_tps,
-                        "drafted_tokens": r.drafted_tokens or 0, "accepted_tokens": r.accepted_tokens or 0,
-                        "round": i, "peak_rss_bytes": r.peak_rss_bytes,
-                        **({"prompt_lookup": n} if n else {}), **info}
+                line = app_round_line(measure_once(engine, prompt, extras.get("new_tokens", 64)), i, n, info)
                 if logged is not None:
                     logged.append(line)
                 yield org_json(line)
         yield org_json({"done": True})
 
     return app
+
+
+def app_round_line(r, round_index: int, lookup: int, info: dict) -> dict:
+    """The line the app logs for a round (a RoundResult r): GenerationStats.toBenchJson's keys, then
+    round and peak_rss_bytes, prompt_lookup on a lookup round, then open()'s info."""
+    return {"prompt_tokens": r.prompt_tokens, "cached_tokens": 0, "new_tokens": r.new_tokens,
+            "ttft_s": r.ttft_s, "decode_s": r.decode_s, "ttft_ms": r.ttft_ms,
+            "prefill_tps": r.prefill_tps, "decode_tps": r.decode_tps,
+            "drafted_tokens": r.drafted_tokens or 0, "accepted_tokens": r.accepted_tokens or 0,
+            "round": round_index, "peak_rss_bytes": r.peak_rss_bytes,
+            **({"prompt_lookup": lookup} if lookup else {}), **info}
 
 
 def org_json(value: dict) -> str:
@@ -672,11 +677,12 @@ def test_bench_gives_up_when_the_app_never_finishes(bundle, fake, remote, adb_se
     def stuck_app(extras):
         # One round logged at once, then never a "done". A fixed line with the keys the app writes, not a measured
         # one: measuring (the model's load, the bandwidth probe) takes seconds on a cold run, past --bench-timeout.
-        yield org_json({"prompt_tokens": extras["prompt_tokens"], "cached_tokens": 0,
-                        "new_tokens": extras["new_tokens"], "ttft_s": 0.05, "decode_s": 0.4, "ttft_ms": 50.0,
-                        "prefill_tps": 320.0, "decode_tps": 17.5, "drafted_tokens": 0, "accepted_tokens": 0,
-                        "round": 0, "peak_rss_bytes": 200_000_000, "bundle": extras["bundle"], "verify_s": 0.01,
-                        "load_s": 0.1, "threads": 2, "read_bandwidth_bytes_per_s": 1e10, "bandwidth_threads": 2})
+        from nomoat.runtime.bench import RoundResult
+
+        fixed = RoundResult(extras["prompt_tokens"], extras["new_tokens"], 0.05, 0.4, 200_000_000)
+        yield org_json(app_round_line(fixed, 0, 0, {"bundle": extras["bundle"], "verify_s": 0.01, "load_s": 0.1,
+                                                    "threads": 2, "read_bandwidth_bytes_per_s": 1e10,
+                                                    "bandwidth_threads": 2}))
         hang.wait(30)
 
     device.install_app(stuck_app)
