@@ -87,13 +87,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print one JSON object (like `nomoat bench --json`, plus device_path) instead of the "
                         "path line and the table")
     b.add_argument("--bench-timeout", type=float, default=unset, metavar="SECONDS",
-                   help=f"(adb) give up when the app has not finished by then (default: {DEFAULT_TIMEOUT_S:.0f})")
+                   help="give up when the benchmark has not finished by then: the app's on a phone, the worker's "
+                        f"on a board, which is then killed there (default: {DEFAULT_TIMEOUT_S:.0f})")
     b.add_argument("--remote-python", default=None, metavar="COMMAND",
                    help=f"(ssh) the board's Python with nomoat installed, a shell command like rsync's "
                         f"--rsync-path, e.g. ~/nomoat-venv/bin/python (default: {DEFAULT_REMOTE_PYTHON})")
 
 # Flags that belong to one transport; given with the other, they are an error rather than ignored.
-ADB_ONLY = ("serial", "adb_port", "bench_timeout")
+ADB_ONLY = ("serial", "adb_port")
 SSH_ONLY = ("ssh_config", "remote_python")
 
 
@@ -247,4 +248,4 @@ def run_ssh_bench(board: SshHost, device_path: str, args: argparse.Namespace) ->
 
     return bench_over_ssh(board, device_path, args.bundle, args.prompt_tokens, args.new_tokens, args.rounds,
                           args.threads, python=args.remote_python, progress=progress,
-                          prompt_lookup=args.prompt_lookup)
+                          prompt_lookup=args.prompt_lookup, timeout=args.bench_timeout)

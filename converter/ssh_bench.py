@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .deploy import DeployError
+from .deploy_bench import DEFAULT_TIMEOUT_S
 from .ssh import SshHost
 from .transport import TransportError, last_line
 
@@ -57,12 +59,15 @@ def worker_argv(board: SshHost, python: str, options: dict[str, Any]) -> list[st
 
 def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens: int, new_tokens: int,
                    rounds: int, threads: int | None, python: str = DEFAULT_REMOTE_PYTHON,
-                   progress: Callable[[str], None] | None = None, prompt_lookup: int = 0) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, prompt_lookup: int = 0,
+                   timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """Measure the bundle deployed at device_path (a copy of the local `bundle`) on the board; the
     report `nomoat bench` prints, plus where it ran. prompt_lookup > 0 adds prompt-lookup decoding
-    with up to that many drafts a pass, in rows of its own, alternating with plain decoding."""
+    with up to that many drafts a pass, in rows of its own, alternating with plain decoding. A
+    benchmark not finished within `timeout` seconds is given up, its workers killed on the board:
+    ssh's keepalives end a board gone silent, not a worker hung on a board that still answers."""
     from nomoat.runtime.bench import synthetic_prompt_ids
-    from nomoat.runtime.bench_worker import WorkerProcess
+    from nomoat.runtime.bench_worker import WorkerOverdue, WorkerProcess
     from nomoat.runtime.cli_bench import Config, measure_configs
     from nomoat.runtime.manifest import read_manifest
 
@@ -72,29 +77,48 @@ def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens
     prompt = synthetic_prompt_ids(bundle / manifest.tokenizer.tokenizer_file, prompt_tokens)
     lookups = [0, prompt_lookup] if prompt_lookup else [0]
     configs = [Config(threads, prompt_tokens, new_tokens, lookup) for lookup in lookups]
+    deadline = time.monotonic() + timeout  # for every worker's every reply, and the bandwidth probe
 
     def start_worker(c: Config) -> WorkerProcess:
         # prompt_lookup only when asked: a board's older nomoat need not know the option.
         options = {"bundle": device_path, "threads": c.threads, "name": f"nomoat on {board.name}",
                    **({"prompt_lookup": c.prompt_lookup} if c.prompt_lookup else {})}
-        return WorkerProcess(c.label, worker_argv(board, python, options))
+        return WorkerProcess(c.label, worker_argv(board, python, options), deadline=deadline,
+                             stop_hung=lambda pid: stop_worker(board, pid))
 
     def board_bandwidth(threads: Sequence[int]) -> dict[int, float]:
-        return read_bandwidth_over_ssh(board, python, threads, say)
+        return read_bandwidth_over_ssh(board, python, threads, say, timeout=min(300.0, deadline - time.monotonic()))
 
     say(f"benchmarking on {board.name}: {rounds} rounds of {prompt_tokens}+{new_tokens} tokens "
         f"after 1 warm-up, with {python} there ...")
-    report = measure_configs(configs, lambda _config: prompt, start_worker, rounds, warmup=1, probe=board_bandwidth)
+    try:
+        report = measure_configs(configs, lambda _config: prompt, start_worker, rounds, warmup=1,
+                                 probe=board_bandwidth)
+    except WorkerOverdue as e:
+        raise DeployError(f"the benchmark on {board.name} had not finished within {timeout:.0f} s: {e}\n"
+                          "The board may be too slow for this many rounds, or the worker stuck (swapping, "
+                          "out of memory): give it longer with --bench-timeout, or ask for fewer "
+                          "--rounds/--new-tokens.") from None
     return {"bundle": device_path, "device_path": device_path, "host": board.name, **report}
 
 
+def stop_worker(board: SshHost, pid: int) -> None:
+    """Kill a hung bench worker on the board: closing its ssh connection does not end a process that never
+    reads or writes again. Only a bench worker: the pid may have been reused since it announced itself."""
+    check = f"grep -q bench_worker /proc/{int(pid)}/cmdline 2>/dev/null && kill -9 {int(pid)}"
+    try:
+        board.shell(check, timeout=30)
+    except TransportError:
+        pass  # the board is gone too: nothing left to do from here
+
+
 def read_bandwidth_over_ssh(board: SshHost, python: str, threads: Sequence[int],
-                            say: Callable[[str], None]) -> dict[int, float]:
+                            say: Callable[[str], None], timeout: float = 300) -> dict[int, float]:
     """The board's read bandwidth at each thread count (nomoat.runtime.bandwidth run there), for
     the decode-against-ceiling column; {} with a warning if it cannot be had: the rounds matter more."""
     command = f"{python} -m nomoat.runtime.bandwidth {' '.join(str(int(t)) for t in threads)}"
     try:
-        reply = board.shell(command, timeout=300)
+        reply = board.shell(command, timeout=max(1.0, timeout))
         if reply.status != 0:
             raise ValueError(reply.error())
         return {int(t): float(bw) for t, bw in json.loads(last_line(reply.out)).items()}

@@ -6,7 +6,9 @@ allocations. The worker speaks JSON lines:
 
     parent -> worker   {"cmd": "round", "prompt_ids": [...], "new_tokens": 128}
                        {"cmd": "generate", "prompt_ids": [...], "new_tokens": 16}  |  {"cmd": "quit"}
-    worker -> parent   {"event": "ready", "name": ..., "model_bytes": ..., "load_s": ..., "machine": {...},
+    worker -> parent   {"event": "started", "pid": 4242}   (first, before the engine loads: the pid a parent
+                                                          kills a hung worker by, where it runs)
+                       {"event": "ready", "name": ..., "model_bytes": ..., "load_s": ..., "machine": {...},
                         "rss_before_load_bytes": ..., "peak_rss_bytes": ..., "libraries": {"onnxruntime": "1.23.0"}}
                        {"event": "round", "result": {...RoundResult...}}
                        {"event": "tokens", "ids": [...]}   (untimed: to check the engine's answers)
@@ -24,6 +26,7 @@ import argparse
 import importlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -124,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--options", default="{}", help="JSON object of keyword arguments for the factory")
     args = parser.parse_args(argv)
     replies = _protocol_stream()
+    _send(replies, {"event": "started", "pid": os.getpid()})
     try:
         serve(load_engine(args.engine, json.loads(args.options)), sys.stdin, replies)
     except (BenchError, BundleError, OrtOptionsError) as e:
@@ -141,27 +145,45 @@ def local_worker_argv(engine: str, options: dict[str, Any], python: str = sys.ex
     return [python, "-m", "nomoat.runtime.bench_worker", "--engine", engine, "--options", json.dumps(options)]
 
 
+class WorkerOverdue(BenchError):
+    """A worker sent no reply by its deadline (and was killed)."""
+
+
 class WorkerProcess:
     """A running worker: send it rounds, read back RoundResults. Use as a context manager."""
 
+    QUIT_WAIT_S = 30.0  # for a worker to end after its quit, before it is taken for hung and killed
+
     def __init__(self, label: str, argv: Sequence[str], env: dict[str, str] | None = None,
-                 cwd: str | None = None):
+                 cwd: str | None = None, deadline: float | None = None,
+                 stop_hung: Callable[[int], None] | None = None):
+        """deadline: a time.monotonic() by which every reply must have come (None: wait as long as it
+        takes); a worker still silent then is killed and WorkerOverdue raised. stop_hung(pid): kills a
+        hung worker by the pid it announced, where killing argv's process does not reach it (behind
+        ssh, the board's worker outlives the local ssh client)."""
         self.label = label
         self.argv = list(argv)
         self.env = env
         self.cwd = cwd
+        self.deadline = deadline
+        self.stop_hung = stop_hung
         self.ready: dict[str, Any] = {}
+        self.pid: int | None = None  # the worker's own pid, where it runs (its "started" message)
+        self.replies = 0  # rounds and generations answered
         self._proc: subprocess.Popen | None = None
         self._stderr: IO[bytes] | None = None
         self._noise: list[str] = []  # lines on stdout before the ready message that were no message
+        self._pending = b""  # bytes read from stdout past the last full line
 
     def start(self) -> dict[str, Any]:
         """Start the process and wait until the engine is loaded; return its ready message."""
         # stderr goes to a file, not a pipe: a chatty engine cannot fill a pipe and block, and
         # the tail is at hand to explain a crash.
         self._stderr = tempfile.TemporaryFile()
+        # stdout is read raw (_read_line), never through a buffered file object: select() must see
+        # every byte not yet consumed, or a line already buffered would wait out the deadline.
         self._proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._stderr, text=True, bufsize=1, env=self.env, cwd=self.cwd)
+                                      stderr=self._stderr, bufsize=0, env=self.env, cwd=self.cwd)
         self.ready = self._receive("ready")
         return self.ready
 
@@ -187,10 +209,12 @@ class WorkerProcess:
         if proc.poll() is None:
             try:
                 self._command_to(proc, {"cmd": "quit"})
-                proc.wait(timeout=30)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
+                proc.wait(timeout=self.QUIT_WAIT_S)
+            except BrokenPipeError:
                 proc.kill()
                 proc.wait()
+            except subprocess.TimeoutExpired:  # it did not take its quit: hung
+                self._kill(proc)
         if self._stderr is not None:
             self._stderr.close()
 
@@ -211,15 +235,20 @@ class WorkerProcess:
 
     @staticmethod
     def _command_to(proc: subprocess.Popen, message: dict[str, Any]) -> None:
-        proc.stdin.write(json.dumps(message) + "\n")
-        proc.stdin.flush()
+        # stdin is unbuffered (bufsize=0 for the raw stdout): a write may take only part of a long prompt.
+        data = memoryview((json.dumps(message) + "\n").encode())
+        while data:
+            data = data[proc.stdin.write(data):]
 
     def _receive(self, event: str) -> dict[str, Any]:
         while True:
-            line = self._proc.stdout.readline()
+            line = self._read_line(event)
             if not line:
                 raise BenchError(self._died_message())
             message = _message(line)
+            if message is not None and message.get("event") == "started" and not self.ready:
+                self.pid = message.get("pid")
+                continue
             if message is not None:
                 break
             if self.ready:
@@ -231,16 +260,51 @@ class WorkerProcess:
             self._noise.append(line.rstrip("\n"))
         if message.get("event") != event:
             raise BenchError(f"worker {self.label} sent {message!r} while {event!r} was expected")
+        if event != "ready":
+            self.replies += 1
         return message
+
+    def _read_line(self, event: str) -> str:
+        """The next line on the worker's stdout ('' at its end), by the deadline."""
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._pending:
+            timeout = None if self.deadline is None else self.deadline - time.monotonic()
+            if timeout is not None and (timeout <= 0 or not select.select([fd], [], [], timeout)[0]):
+                raise self._overdue(event)
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                line, self._pending = self._pending, b""
+                return line.decode(errors="replace")
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode(errors="replace") + "\n"
+
+    def _overdue(self, event: str) -> WorkerOverdue:
+        """Kill the worker that missed the deadline; the error that says so, with its stderr's tail."""
+        self._kill(self._proc)
+        doing = "loading its model" if event == "ready" else f"on its {event} #{self.replies + 1}"
+        pid = f" (pid {self.pid} where it ran)" if self.pid is not None else ""
+        tail = self._stderr_tail().strip()
+        return WorkerOverdue(f"worker {self.label}{pid} sent no reply by the deadline, {doing}, and was killed"
+                             + (f"; the end of its stderr:\n{tail}" if tail else "."))
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        proc.kill()
+        proc.wait()
+        if self.stop_hung is not None and self.pid is not None:
+            self.stop_hung(self.pid)
 
     def _died_message(self) -> str:
         code = self._proc.wait() if self._proc is not None else None
-        tail = ""
-        if self._stderr is not None:
-            self._stderr.seek(0)
-            tail = self._stderr.read().decode(errors="replace")[-3000:]
+        tail = self._stderr_tail()
         noise = f"before it, on stdout: {' | '.join(self._noise)[-500:]}\n" if self._noise else ""
         return f"worker {self.label} ({' '.join(self.argv[:4])} ...) {how_it_ended(code)}:\n{noise}{tail}"
+
+    def _stderr_tail(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")[-3000:]
 
 
 def how_it_ended(code: int | None) -> str:

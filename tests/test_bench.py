@@ -21,7 +21,7 @@ from nomoat.runtime.bench import (
     summarize,
     synthetic_prompt_ids,
 )
-from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
+from nomoat.runtime.bench_worker import Job, WorkerOverdue, WorkerProcess, local_worker_argv, run_alternating
 from nomoat.runtime.cli_bench import Config, decode_ceiling, format_drafts, format_table, measure_configs
 
 TESTS = Path(__file__).parent
@@ -337,6 +337,75 @@ def test_a_worker_that_dies_after_a_notice_shows_the_notice():
     worker = WorkerProcess("broken", ["sh", "-c", 'echo "pyenv: python3: command not found"; exit 127'])
     with pytest.raises(BenchError, match="exited with code 127:\nbefore it, on stdout: pyenv: python3: command"):
         worker.start()
+
+
+# -- deadlines: a worker that hangs is killed, not waited on forever (a board's worker over ssh) --
+
+def test_a_worker_silent_past_its_deadline_is_killed_and_said_so():
+    stopped = []
+    worker = _worker("stuck", prefill_s=60)  # its first token would come a minute into the round
+    worker.argv = ["sh", "-c", 'echo "the board is swapping" >&2; exec "$@"', "sh", *worker.argv]
+    worker.stop_hung = stopped.append
+    with worker:
+        assert worker.pid == worker._proc.pid  # sh exec'd the worker: its announced pid is the process's
+        worker.deadline = time.monotonic() + 1.0
+        began = time.monotonic()
+        with pytest.raises(WorkerOverdue) as e:
+            worker.measure([1, 2, 3], 3)
+        waited = time.monotonic() - began
+        assert worker._proc.poll() is not None  # killed, not left running
+    assert 1.0 <= waited < 10
+    assert str(e.value) == (f"worker stuck (pid {worker.pid} where it ran) sent no reply by the deadline, on its "
+                            "round #1, and was killed; the end of its stderr:\nthe board is swapping")
+    assert stopped == [worker.pid]  # where a kill here does not reach it (ssh), it is killed where it ran
+
+
+def test_a_worker_that_never_loads_is_given_up_at_the_deadline():
+    stopped = []
+    hangs = ("import json, os, time; print(json.dumps({'event': 'started', 'pid': os.getpid()}), flush=True); "
+             "time.sleep(60)")
+    worker = WorkerProcess("loading", [sys.executable, "-c", hangs], deadline=time.monotonic() + 1.0,
+                           stop_hung=stopped.append)
+    with pytest.raises(WorkerOverdue, match=r"^worker loading \(pid \d+ where it ran\) sent no reply by the deadline, "
+                                            r"loading its model, and was killed\.$"):
+        worker.start()
+    assert worker._proc.poll() is not None and stopped == [worker._proc.pid] == [worker.pid]
+    worker.close()
+
+
+def test_replies_already_read_are_not_waited_for_again():
+    """Two messages in one write, and one message in two writes: every reply is there by its deadline,
+    whether it came with the one before it or split in half."""
+    fake = ("import json, sys, time; "
+            "ready = json.dumps({'event': 'ready', 'name': 'x'}); "
+            "tokens = json.dumps({'event': 'tokens', 'ids': [7]}); "
+            "sys.stdout.write(ready + '\\n' + tokens + '\\n'); sys.stdout.flush(); sys.stdin.readline(); "
+            "sys.stdout.write(tokens[:9]); sys.stdout.flush(); time.sleep(0.3); sys.stdout.write(tokens[9:] + '\\n'); "
+            "sys.stdout.flush(); sys.stdin.readline(); time.sleep(60)")
+    worker = WorkerProcess("chunked", [sys.executable, "-c", fake], deadline=time.monotonic() + 20)
+    with worker:
+        assert worker.ready == {"event": "ready", "name": "x"}
+        began = time.monotonic()
+        assert worker.generate([1], 1) == [7]  # the second line of the first write
+        assert time.monotonic() - began < 5  # taken from what was read, not waited on until the deadline
+        assert worker.generate([1], 1) == [7]  # a line in two pieces
+        worker.deadline = time.monotonic() + 0.5
+        with pytest.raises(WorkerOverdue, match="on its tokens #3"):
+            worker.generate([1], 1)
+
+
+def test_a_worker_that_ignores_quit_is_killed_where_it_runs(monkeypatch):
+    monkeypatch.setattr(WorkerProcess, "QUIT_WAIT_S", 0.5)
+    stopped = []
+    deaf = ("import json, os, time; print(json.dumps({'event': 'started', 'pid': os.getpid()}), flush=True); "
+            "print(json.dumps({'event': 'ready', 'name': 'x'}), flush=True); time.sleep(60)")  # never reads its quit
+    worker = WorkerProcess("deaf", [sys.executable, "-c", deaf], stop_hung=stopped.append)
+    worker.start()
+    proc = worker._proc
+    began = time.monotonic()
+    worker.close()
+    assert time.monotonic() - began < 10 and proc.poll() is not None
+    assert stopped == [proc.pid]
 
 
 # -- the CLI -------------------------------------------------------------------------------

@@ -661,6 +661,72 @@ def test_a_python_that_prints_on_stdout_before_the_worker_does_not_break_the_ben
     assert report["read_bandwidth_bytes_per_s"]  # the probe's last line is still its JSON
 
 
+def running(pid: int) -> bool:
+    """Whether the process is alive: neither gone nor a zombie waiting for its parent to reap it."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def freezing_python(folder: Path, at_round: int) -> Path:
+    """A Python for the board whose bench worker stops itself (SIGSTOP) when its round `at_round` begins,
+    warm-up counted, after writing its pid to folder/frozen.pid: a worker hung on a board that still
+    answers ssh, which ssh's keepalives never give up on."""
+    site = folder / "freezing-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "import nomoat.runtime.bench as bench\n"
+        "real, calls = bench.measure_once, []\n"
+        "def measure_once(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        f"    if len(calls) == {at_round}:\n"
+        f"        open({str(folder / 'frozen.pid')!r}, 'w').write(str(os.getpid()))\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "    return real(*args, **kwargs)\n"
+        "bench.measure_once = measure_once\n")
+    script = folder / "freezing-python"
+    script.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.ssh
+def test_a_worker_hung_on_the_board_is_given_up_at_bench_timeout_and_killed_there(board, bundle, remote, tmp_path,
+                                                                                 capsys):
+    python = freezing_python(tmp_path, at_round=2)  # after the warm-up: loading and one round went well
+    argv = board.cli(bundle, remote, "--bench", "--prompt-tokens", "8", "--new-tokens", "4", "--rounds", "3",
+                     "--threads", "1", "--remote-python", str(python), "--bench-timeout", "20")
+    outcome: list[int] = []
+    began = time.monotonic()
+    run = threading.Thread(target=lambda: outcome.append(main(argv)), daemon=True)
+    run.start()
+    run.join(timeout=120)
+    frozen = tmp_path / "frozen.pid"
+    pid = int(frozen.read_text()) if frozen.exists() else None
+    if run.is_alive():  # the old way: waiting on the frozen worker for ever. Free it, then fail.
+        if pid is not None:
+            os.kill(pid, 9)
+        run.join(timeout=30)
+        pytest.fail("deploy --bench waited past --bench-timeout on a worker hung on the board")
+    took = time.monotonic() - began
+    out, err = capsys.readouterr()
+    assert outcome == [2] and pid is not None
+    assert out.strip() == str(remote / "tiny-bundle")  # deployed, whatever the benchmark did
+    assert f"the benchmark on {ALIAS} had not finished within 20 s: worker 1 thr, 8+4 tok" in err
+    assert f"(pid {pid} where it ran) sent no reply by the deadline, on its round #2, and was killed" in err
+    assert "give it longer with --bench-timeout" in err
+    assert took < 20 + 60, took  # the deploy and the runtime check come before the benchmark's 20 s
+    # Killed on the board, where the ssh client's end did not reach it (a zombie until its parent reaps it).
+    gone = time.monotonic() + 10
+    while running(pid):
+        if time.monotonic() > gone:
+            os.kill(pid, 9)  # not left behind stopped when the test fails
+            pytest.fail(f"the hung worker {pid} still ran on the board after the benchmark gave up")
+        time.sleep(0.1)
+
+
 @pytest.mark.ssh
 def test_a_changed_host_key_says_how_to_remove_the_old_one(board, tmp_path):
     keygen(tmp_path / "old_host_key")
@@ -786,7 +852,6 @@ def test_keepalives_give_way_to_the_users_own(board, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--ssh", "pi", "--serial", "X"], "--serial only applies with --adb"),
-    (["--ssh", "pi", "--bench-timeout", "5", "--bench"], "--bench-timeout only applies with --adb"),
     (["--adb", "--ssh-config", "f"], "--ssh-config only applies with --ssh"),
     (["--adb", "--remote-python", "python3", "--bench"], "--remote-python only applies with --ssh"),
     (["--ssh", "pi", "--remote-python", "python3"], "--remote-python only applies with --bench"),
