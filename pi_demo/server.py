@@ -91,6 +91,20 @@ class App:
                 self._answering -= 1
                 self._answered.notify_all()
 
+    @contextmanager
+    def waiting_on_client(self) -> Iterator[None]:
+        """Within answering(): leave the request out of the count while it waits for its client's
+        bytes (a body sent slowly, or never finished). Shutdown waits for answers to be written, not
+        for a client to finish sending: a stalled body would hold a SIGTERM for CLOSE_WAIT."""
+        with self._answered:
+            self._answering -= 1
+            self._answered.notify_all()
+        try:
+            yield
+        finally:
+            with self._answered:
+                self._answering += 1
+
     def wait_answered(self, timeout: float) -> bool:
         """Wait until no request is being answered; False if some still are after timeout seconds."""
         with self._answered:
@@ -312,7 +326,8 @@ class Handler(BaseHTTPRequestHandler):
         if size > limit:
             raise ApiError(413, f"the request body is {size} bytes; this server takes at most {limit}",
                            code="request_too_large")
-        raw = self.rfile.read(size)
+        with self.server.app.waiting_on_client():
+            raw = self.rfile.read(size)
         self._body_read = True
         if len(raw) < size:
             raise ConnectionResetError("the client closed the connection mid-body")
@@ -355,11 +370,12 @@ class Handler(BaseHTTPRequestHandler):
         if chunked or remaining is None or remaining > DRAIN_LIMIT:
             self.close_connection = True
             return
-        while remaining:
-            chunk = self.rfile.read(min(remaining, 1 << 16))
-            if not chunk:
-                break
-            remaining -= len(chunk)
+        with self.server.app.waiting_on_client():
+            while remaining:
+                chunk = self.rfile.read(min(remaining, 1 << 16))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
         self._body_read = True
 
     def _send_event(self, data: dict[str, Any] | str) -> None:

@@ -3,12 +3,14 @@ large max_tokens is cut to the cap; more stop strings; IPv6 hosts; a full line r
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -378,6 +380,38 @@ def test_shutdown_is_prompt_with_a_connection_waiting_past_the_cap(model):
         held.close()
         waiting.close()
         server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/no-such-route"])  # read, or read to be dropped
+def test_stopping_does_not_wait_for_a_client_stalled_mid_body(model, path):
+    """SIGTERM with a client that sent its headers and half its body: the server stops at once, as with an
+    idle connection; it waits only for answers it has to write."""
+    server = PiServer(("127.0.0.1", 0), App(model, ServerConfig(MODEL_ID, Limits(16, 1 << 20, 4))))
+    parsed = threading.Event()
+    real_answering = server.app.answering
+
+    @contextlib.contextmanager
+    def answering():
+        with real_answering():
+            parsed.set()  # its headers are read: the handler now works on this request
+            yield
+
+    server.app.answering = answering
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    stalled = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+    try:
+        stalled.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        "Content-Length: 100\r\n\r\n{\"model\": ".encode())
+        assert parsed.wait(10), "the server never started on the request"
+        began = time.monotonic()
+        server.shutdown()
+        server.server_close()
+        took = time.monotonic() - began
+        assert took < 5, f"stopping waited {took:.1f} s for a client that never finished its body"
+    finally:
+        stalled.close()
         thread.join(10)
 
 
