@@ -86,12 +86,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--json", action="store_true", default=unset,
                    help="print one JSON object (like `nomoat bench --json`, plus device_path) instead of the "
                         "path line and the table")
-    b.add_argument("--bench-timeout", type=float, default=unset, metavar="SECONDS",
-                   help="give up when the benchmark has not finished by then: the app's on a phone, the worker's "
-                        f"on a board, which is then killed there (default: {DEFAULT_TIMEOUT_S:.0f})")
+    b.add_argument("--bench-timeout", type=timeout_seconds, default=unset, metavar="SECONDS",
+                   help="give up when the benchmark has not finished by then; over ssh, its worker is then "
+                        f"killed on the board (default: {DEFAULT_TIMEOUT_S:.0f})")
     b.add_argument("--remote-python", default=None, metavar="COMMAND",
                    help=f"(ssh) the board's Python with nomoat installed, a shell command like rsync's "
                         f"--rsync-path, e.g. ~/nomoat-venv/bin/python (default: {DEFAULT_REMOTE_PYTHON})")
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: past that a number is a typo, and select() cannot wait so long anyway
+
+
+def timeout_seconds(value: str) -> float:
+    """argparse type for --bench-timeout: a positive, finite number of seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # also false for nan
+        raise argparse.ArgumentTypeError(f"{value!r} is not a time to wait: give seconds above 0 and at most "
+                                         f"{MAX_TIMEOUT_S:.0f} (a week), e.g. 1800")
+    return seconds
+
 
 # Flags that belong to one transport; given with the other, they are an error rather than ignored.
 ADB_ONLY = ("serial", "adb_port")

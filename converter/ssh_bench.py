@@ -84,7 +84,7 @@ def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens
         options = {"bundle": device_path, "threads": c.threads, "name": f"nomoat on {board.name}",
                    **({"prompt_lookup": c.prompt_lookup} if c.prompt_lookup else {})}
         return WorkerProcess(c.label, worker_argv(board, python, options), deadline=deadline,
-                             stop_hung=lambda pid: stop_worker(board, pid))
+                             stop_hung=lambda pid: stop_worker(board, pid, say))
 
     def board_bandwidth(threads: Sequence[int]) -> dict[int, float]:
         return read_bandwidth_over_ssh(board, python, threads, say, timeout=min(300.0, deadline - time.monotonic()))
@@ -95,21 +95,29 @@ def bench_over_ssh(board: SshHost, device_path: str, bundle: Path, prompt_tokens
         report = measure_configs(configs, lambda _config: prompt, start_worker, rounds, warmup=1,
                                  probe=board_bandwidth)
     except WorkerOverdue as e:
-        raise DeployError(f"the benchmark on {board.name} had not finished within {timeout:.0f} s: {e}\n"
+        raise DeployError(f"the benchmark on {board.name} had not finished within {timeout:g} s: {e}\n"
                           "The board may be too slow for this many rounds, or the worker stuck (swapping, "
                           "out of memory): give it longer with --bench-timeout, or ask for fewer "
                           "--rounds/--new-tokens.") from None
     return {"bundle": device_path, "device_path": device_path, "host": board.name, **report}
 
 
-def stop_worker(board: SshHost, pid: int) -> None:
-    """Kill a hung bench worker on the board: closing its ssh connection does not end a process that never
-    reads or writes again. Only a bench worker: the pid may have been reused since it announced itself."""
-    check = f"grep -q bench_worker /proc/{int(pid)}/cmdline 2>/dev/null && kill -9 {int(pid)}"
+def stop_worker(board: SshHost, pid: int, say: Callable[[str], None]) -> None:
+    """Kill a bench worker left busy or hung on the board (after a deadline, Ctrl-C or an error): closing its
+    ssh connection does not end a process that never reads or writes again. Only a bench worker: the pid may
+    have been reused since it announced itself. A kill that fails is said, with what to do."""
+    pid = int(pid)
+    # Exit 0 when the worker is gone or the pid is another process's; kill's own status otherwise.
+    command = (f"[ ! -e /proc/{pid} ] || ! grep -q bench_worker /proc/{pid}/cmdline 2>/dev/null || "
+               f"kill -9 {pid}")
     try:
-        board.shell(check, timeout=30)
-    except TransportError:
-        pass  # the board is gone too: nothing left to do from here
+        reply = board.shell(command, timeout=15)
+        failed = reply.error() if reply.status != 0 else None
+    except TransportError as e:
+        failed = str(e)
+    if failed:
+        say(f"warning: could not stop the benchmark worker (pid {pid}) on {board.name} ({failed}); it may still "
+            f"be running there: `ssh {board.name} kill -9 {pid}`")
 
 
 def read_bandwidth_over_ssh(board: SshHost, python: str, threads: Sequence[int],

@@ -95,7 +95,8 @@ class App:
     def waiting_on_client(self) -> Iterator[None]:
         """Within answering(): leave the request out of the count while it waits for its client's
         bytes (a body sent slowly, or never finished). Shutdown waits for answers to be written, not
-        for a client to finish sending: a stalled body would hold a SIGTERM for CLOSE_WAIT."""
+        for a client to finish sending: a stalled body would hold a SIGTERM for CLOSE_WAIT. The price: a
+        body still arriving when shutdown looks loses its 503 with the process, as an idle connection does."""
         with self._answered:
             self._answering -= 1
             self._answered.notify_all()

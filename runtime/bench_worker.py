@@ -26,7 +26,7 @@ import argparse
 import importlib
 import json
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -169,7 +169,9 @@ class WorkerProcess:
         self.stop_hung = stop_hung
         self.ready: dict[str, Any] = {}
         self.pid: int | None = None  # the worker's own pid, where it runs (its "started" message)
-        self.replies = 0  # rounds and generations answered
+        self.answered: dict[str, int] = {}  # replies had, by event ("round": 3, counting the warm-up)
+        self._awaiting = False  # a reply is due: the worker is loading or working on a command
+        self._stdout_ended = False  # the worker's stdout reached its end: it exited, or its link went
         self._proc: subprocess.Popen | None = None
         self._stderr: IO[bytes] | None = None
         self._noise: list[str] = []  # lines on stdout before the ready message that were no message
@@ -180,6 +182,7 @@ class WorkerProcess:
         # stderr goes to a file, not a pipe: a chatty engine cannot fill a pipe and block, and
         # the tail is at hand to explain a crash.
         self._stderr = tempfile.TemporaryFile()
+        self._awaiting = True
         # stdout is read raw (_read_line), never through a buffered file object: select() must see
         # every byte not yet consumed, or a line already buffered would wait out the deadline.
         self._proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -206,14 +209,15 @@ class WorkerProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
+        if self._awaiting:
+            # Closed with a reply due: Ctrl-C, or an error, came while the worker was busy. It may be hung,
+            # and a quit would wait behind its work: end it now.
+            self._kill(proc)
+        elif proc.poll() is None:
             try:
                 self._command_to(proc, {"cmd": "quit"})
                 proc.wait(timeout=self.QUIT_WAIT_S)
-            except BrokenPipeError:
-                proc.kill()
-                proc.wait()
-            except subprocess.TimeoutExpired:  # it did not take its quit: hung
+            except (BrokenPipeError, subprocess.TimeoutExpired):  # it did not take its quit: hung
                 self._kill(proc)
         if self._stderr is not None:
             self._stderr.close()
@@ -228,6 +232,7 @@ class WorkerProcess:
     def _command(self, message: dict[str, Any]) -> None:
         if self._proc is None:
             raise BenchError(f"worker {self.label} is not running")
+        self._awaiting = True
         try:
             self._command_to(self._proc, message)
         except BrokenPipeError:
@@ -260,19 +265,23 @@ class WorkerProcess:
             self._noise.append(line.rstrip("\n"))
         if message.get("event") != event:
             raise BenchError(f"worker {self.label} sent {message!r} while {event!r} was expected")
-        if event != "ready":
-            self.replies += 1
+        self.answered[event] = self.answered.get(event, 0) + 1
+        self._awaiting = False
         return message
 
     def _read_line(self, event: str) -> str:
         """The next line on the worker's stdout ('' at its end), by the deadline."""
         fd = self._proc.stdout.fileno()
         while b"\n" not in self._pending:
-            timeout = None if self.deadline is None else self.deadline - time.monotonic()
-            if timeout is not None and (timeout <= 0 or not select.select([fd], [], [], timeout)[0]):
-                raise self._overdue(event)
+            if self.deadline is not None:
+                # A reply already in the pipe at the deadline is still taken (a zero wait looks).
+                with selectors.DefaultSelector() as waiting:  # not select(): it fails on fds past 1023
+                    waiting.register(fd, selectors.EVENT_READ)
+                    if not waiting.select(max(0.0, self.deadline - time.monotonic())):
+                        raise self._overdue(event)
             chunk = os.read(fd, 65536)
             if not chunk:
+                self._stdout_ended = True
                 line, self._pending = self._pending, b""
                 return line.decode(errors="replace")
             self._pending += chunk
@@ -282,17 +291,31 @@ class WorkerProcess:
     def _overdue(self, event: str) -> WorkerOverdue:
         """Kill the worker that missed the deadline; the error that says so, with its stderr's tail."""
         self._kill(self._proc)
-        doing = "loading its model" if event == "ready" else f"on its {event} #{self.replies + 1}"
-        pid = f" (pid {self.pid} where it ran)" if self.pid is not None else ""
+        pid = f" (pid {self.pid})" if self.pid is not None else ""
         tail = self._stderr_tail().strip()
-        return WorkerOverdue(f"worker {self.label}{pid} sent no reply by the deadline, {doing}, and was killed"
-                             + (f"; the end of its stderr:\n{tail}" if tail else "."))
+        return WorkerOverdue(f"worker {self.label}{pid} sent no reply by the deadline, {self._doing(event)}, and "
+                             "was stopped" + (f"; the end of its stderr:\n{tail}" if tail else "."))
+
+    def _doing(self, event: str) -> str:
+        """What the worker was doing when its reply for `event` was due, in words."""
+        count = self.answered.get(event, 0) + 1
+        if event == "ready":
+            return "loading its model"
+        if event == "round":
+            return f"in round {count} (the warm-up counted)"
+        return f"generating its answer {count} (untimed)" if event == "tokens" else f"before its {event!r} {count}"
 
     def _kill(self, proc: subprocess.Popen) -> None:
-        proc.kill()
-        proc.wait()
-        if self.stop_hung is not None and self.pid is not None:
+        """End the worker: its process here, and through stop_hung where it runs, unless its stdout was
+        seen to end (it exited there, or the link to it is gone)."""
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        # A process here that ended unseen (Ctrl-C also ends a local ssh client, which exits 255 as for a
+        # lost link) leaves the worker behind it running.
+        if self.stop_hung is not None and self.pid is not None and not self._stdout_ended:
             self.stop_hung(self.pid)
+        self._awaiting = False  # no reply will come now
 
     def _died_message(self) -> str:
         code = self._proc.wait() if self._proc is not None else None

@@ -348,15 +348,15 @@ def test_a_worker_silent_past_its_deadline_is_killed_and_said_so():
     worker.stop_hung = stopped.append
     with worker:
         assert worker.pid == worker._proc.pid  # sh exec'd the worker: its announced pid is the process's
-        worker.deadline = time.monotonic() + 1.0
         began = time.monotonic()
+        worker.deadline = began + 1.0
         with pytest.raises(WorkerOverdue) as e:
             worker.measure([1, 2, 3], 3)
         waited = time.monotonic() - began
         assert worker._proc.poll() is not None  # killed, not left running
     assert 1.0 <= waited < 10
-    assert str(e.value) == (f"worker stuck (pid {worker.pid} where it ran) sent no reply by the deadline, on its "
-                            "round #1, and was killed; the end of its stderr:\nthe board is swapping")
+    assert str(e.value) == (f"worker stuck (pid {worker.pid}) sent no reply by the deadline, in round 1 (the warm-up "
+                            "counted), and was stopped; the end of its stderr:\nthe board is swapping")
     assert stopped == [worker.pid]  # where a kill here does not reach it (ssh), it is killed where it ran
 
 
@@ -366,8 +366,8 @@ def test_a_worker_that_never_loads_is_given_up_at_the_deadline():
              "time.sleep(60)")
     worker = WorkerProcess("loading", [sys.executable, "-c", hangs], deadline=time.monotonic() + 1.0,
                            stop_hung=stopped.append)
-    with pytest.raises(WorkerOverdue, match=r"^worker loading \(pid \d+ where it ran\) sent no reply by the deadline, "
-                                            r"loading its model, and was killed\.$"):
+    with pytest.raises(WorkerOverdue, match=r"^worker loading \(pid \d+\) sent no reply by the deadline, "
+                                            r"loading its model, and was stopped\.$"):
         worker.start()
     assert worker._proc.poll() is not None and stopped == [worker._proc.pid] == [worker.pid]
     worker.close()
@@ -390,8 +390,33 @@ def test_replies_already_read_are_not_waited_for_again():
         assert time.monotonic() - began < 5  # taken from what was read, not waited on until the deadline
         assert worker.generate([1], 1) == [7]  # a line in two pieces
         worker.deadline = time.monotonic() + 0.5
-        with pytest.raises(WorkerOverdue, match="on its tokens #3"):
+        with pytest.raises(WorkerOverdue, match="generating its answer 3"):
             worker.generate([1], 1)
+
+
+def test_a_worker_closed_while_busy_is_killed_at_once_where_it_runs():
+    """Ctrl-C or an error while a round runs: the worker is not asked to quit (it would answer after its
+    round, or never if it hangs) but killed, here and where it runs."""
+    stopped = []
+    worker = _worker("busy", prefill_s=60)
+    worker.stop_hung = stopped.append
+    worker.start()
+    worker._command({"cmd": "round", "prompt_ids": [1, 2], "new_tokens": 2})  # its reply is a minute away
+    proc, began = worker._proc, time.monotonic()
+    worker.close()
+    assert time.monotonic() - began < 10 and proc.poll() is not None
+    assert stopped == [worker.pid]
+
+
+def test_a_worker_that_exits_by_itself_is_not_killed_again():
+    stopped = []
+    worker = WorkerProcess("broken", [sys.executable, "-c", "import json, os; print(json.dumps("
+                                      "{'event': 'started', 'pid': os.getpid()}), flush=True); raise SystemExit(3)"],
+                           stop_hung=stopped.append)
+    with pytest.raises(BenchError, match="exited with code 3"):
+        worker.start()
+    worker.close()
+    assert worker.pid is not None and stopped == []  # over ssh: no kill sent to a board whose worker is gone
 
 
 def test_a_worker_that_ignores_quit_is_killed_where_it_runs(monkeypatch):

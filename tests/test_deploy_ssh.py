@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -714,8 +715,8 @@ def test_a_worker_hung_on_the_board_is_given_up_at_bench_timeout_and_killed_ther
     out, err = capsys.readouterr()
     assert outcome == [2] and pid is not None
     assert out.strip() == str(remote / "tiny-bundle")  # deployed, whatever the benchmark did
-    assert f"the benchmark on {ALIAS} had not finished within 20 s: worker 1 thr, 8+4 tok" in err
-    assert f"(pid {pid} where it ran) sent no reply by the deadline, on its round #2, and was killed" in err
+    assert f"the benchmark on {ALIAS} had not finished within 20 s: worker 1 thr, 8+4 tok (pid {pid}) sent no " \
+           "reply by the deadline, in round 2 (the warm-up counted), and was stopped." in err
     assert "give it longer with --bench-timeout" in err
     assert took < 20 + 60, took  # the deploy and the runtime check come before the benchmark's 20 s
     # Killed on the board, where the ssh client's end did not reach it (a zombie until its parent reaps it).
@@ -724,6 +725,41 @@ def test_a_worker_hung_on_the_board_is_given_up_at_bench_timeout_and_killed_ther
         if time.monotonic() > gone:
             os.kill(pid, 9)  # not left behind stopped when the test fails
             pytest.fail(f"the hung worker {pid} still ran on the board after the benchmark gave up")
+        time.sleep(0.1)
+
+
+@pytest.mark.ssh
+def test_ctrl_c_during_a_hung_benchmark_kills_the_worker_on_the_board(board, bundle, remote, tmp_path):
+    """Ctrl-C, how a user gives up long before --bench-timeout: the terminal's SIGINT reaches nomoat and its
+    ssh client, not the worker on the board, which would live on stopped (or swapping) there."""
+    python = freezing_python(tmp_path, at_round=2)
+    argv = [sys.executable, "-m", "nomoat", *board.cli(bundle, remote, "--bench", "--prompt-tokens", "8",
+                                                        "--new-tokens", "4", "--rounds", "3", "--threads", "1",
+                                                        "--remote-python", str(python))]
+    # A session of its own: SIGINT to its process group is a terminal's Ctrl-C to nomoat and its children.
+    deploy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    frozen = tmp_path / "frozen.pid"
+    try:
+        deadline = time.monotonic() + 120
+        while not frozen.exists() or not frozen.read_text():
+            assert deploy.poll() is None, deploy.communicate()
+            assert time.monotonic() < deadline, "the worker never reached its second round"
+            time.sleep(0.1)
+        pid = int(frozen.read_text())
+        time.sleep(0.5)  # nomoat is now waiting on the frozen worker's reply
+        os.killpg(deploy.pid, signal.SIGINT)
+        out, err = deploy.communicate(timeout=60)
+    finally:
+        if deploy.poll() is None:
+            os.killpg(deploy.pid, signal.SIGKILL)
+            deploy.wait()
+    assert deploy.returncode != 0 and out.strip() == str(remote / "tiny-bundle")
+    assert "Traceback" not in err, err
+    gone = time.monotonic() + 10
+    while running(pid):
+        if time.monotonic() > gone:
+            os.kill(pid, 9)
+            pytest.fail(f"the worker {pid} still ran on the board after Ctrl-C")
         time.sleep(0.1)
 
 
@@ -848,6 +884,16 @@ def test_keepalives_give_way_to_the_users_own(board, tmp_path):
 
 
 # -- flag checks: refused before any connection, no sshd needed --
+
+
+@pytest.mark.parametrize("transport", [["--ssh", "pi"], ["--adb"]])
+@pytest.mark.parametrize("value", ["0", "-5", "inf", "nan", "1e12", "soon"])
+def test_a_bench_timeout_that_is_no_time_to_wait_is_refused(bundle, transport, value, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SystemExit) as exit_:
+        main(["deploy", str(bundle), *transport, "--bench", "--bench-timeout", value])
+    assert exit_.value.code == 2
+    assert f"argument --bench-timeout: {value!r} is not a time to wait: give seconds above 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [
