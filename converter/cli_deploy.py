@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"(ssh) the board's Python with nomoat installed, a shell command like rsync's "
                         f"--rsync-path, e.g. ~/nomoat-venv/bin/python (default: {DEFAULT_REMOTE_PYTHON})")
 
-MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: past that a number is a typo, and select() cannot wait so long anyway
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: past that a number is a typo (and past ~1e9 s no wait is possible)
 
 
 def timeout_seconds(value: str) -> float:

@@ -107,6 +107,7 @@ def stop_worker(board: SshHost, pid: int, say: Callable[[str], None]) -> None:
     ssh connection does not end a process that never reads or writes again. Only a bench worker: the pid may
     have been reused since it announced itself. A kill that fails is said, with what to do."""
     pid = int(pid)
+    say(f"stopping the benchmark worker (pid {pid}) on {board.name} ...")
     # Exit 0 when the worker is gone or the pid is another process's; kill's own status otherwise.
     command = (f"[ ! -e /proc/{pid} ] || ! grep -q bench_worker /proc/{pid}/cmdline 2>/dev/null || "
                f"kill -9 {pid}")

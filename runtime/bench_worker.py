@@ -217,7 +217,10 @@ class WorkerProcess:
             try:
                 self._command_to(proc, {"cmd": "quit"})
                 proc.wait(timeout=self.QUIT_WAIT_S)
-            except (BrokenPipeError, subprocess.TimeoutExpired):  # it did not take its quit: hung
+            except BrokenPipeError:  # its end of the pipe is closed: it has exited, or is exiting
+                proc.kill()
+                proc.wait()
+            except subprocess.TimeoutExpired:  # it did not take its quit: hung
                 self._kill(proc)
         if self._stderr is not None:
             self._stderr.close()
@@ -236,6 +239,7 @@ class WorkerProcess:
         try:
             self._command_to(self._proc, message)
         except BrokenPipeError:
+            self._awaiting = False  # its end of the pipe is closed: it ended by itself, no reply will come
             raise BenchError(self._died_message()) from None
 
     @staticmethod
@@ -313,9 +317,9 @@ class WorkerProcess:
             proc.wait()
         # A process here that ended unseen (Ctrl-C also ends a local ssh client, which exits 255 as for a
         # lost link) leaves the worker behind it running.
+        self._awaiting = False  # no reply will come now (and a Ctrl-C during stop_hung must not run it again)
         if self.stop_hung is not None and self.pid is not None and not self._stdout_ended:
             self.stop_hung(self.pid)
-        self._awaiting = False  # no reply will come now
 
     def _died_message(self) -> str:
         code = self._proc.wait() if self._proc is not None else None

@@ -394,6 +394,16 @@ def test_replies_already_read_are_not_waited_for_again():
             worker.generate([1], 1)
 
 
+def test_a_reply_in_the_pipe_at_the_deadline_is_taken():
+    fake = ("import json, sys, time; print(json.dumps({'event': 'ready', 'name': 'x'}), flush=True); time.sleep(0.2); "
+            "print(json.dumps({'event': 'tokens', 'ids': [7]}), flush=True); "
+            "any('quit' in line for line in sys.stdin)")  # ends at its quit
+    with WorkerProcess("punctual", [sys.executable, "-c", fake], deadline=time.monotonic() + 30) as worker:
+        time.sleep(1.5)  # its reply is written by now, and not yet read
+        worker.deadline = time.monotonic() - 1  # and the deadline has passed
+        assert worker.generate([1], 1) == [7]
+
+
 def test_a_worker_closed_while_busy_is_killed_at_once_where_it_runs():
     """Ctrl-C or an error while a round runs: the worker is not asked to quit (it would answer after its
     round, or never if it hangs) but killed, here and where it runs."""
