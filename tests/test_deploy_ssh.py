@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -730,37 +729,37 @@ def test_a_worker_hung_on_the_board_is_given_up_at_bench_timeout_and_killed_ther
 
 @pytest.mark.ssh
 def test_ctrl_c_during_a_hung_benchmark_kills_the_worker_on_the_board(board, bundle, remote, tmp_path):
-    """Ctrl-C, how a user gives up long before --bench-timeout: the terminal's SIGINT reaches nomoat and its
+    """Ctrl-C, how a user gives up long before --bench-timeout: typed at the terminal, it reaches nomoat and its
     ssh client, not the worker on the board, which would live on stopped (or swapping) there."""
+    from pty_terminal import Terminal
+
     python = freezing_python(tmp_path, at_round=2)
     argv = [sys.executable, "-m", "nomoat", *board.cli(bundle, remote, "--bench", "--prompt-tokens", "8",
                                                         "--new-tokens", "4", "--rounds", "3", "--threads", "1",
                                                         "--remote-python", str(python))]
-    # A session of its own: SIGINT to its process group is a terminal's Ctrl-C to nomoat and its children.
-    deploy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A terminal of its own, with Ctrl-C live whatever this test run inherited (`.ci/run &` ignores SIGINT).
+    term = Terminal(argv)
     frozen = tmp_path / "frozen.pid"
     try:
+        term.expect("benchmarking on", timeout=120)
         deadline = time.monotonic() + 120
         while not frozen.exists() or not frozen.read_text():
-            assert deploy.poll() is None, deploy.communicate()
-            assert time.monotonic() < deadline, "the worker never reached its second round"
-            time.sleep(0.1)
+            assert time.monotonic() < deadline, f"the worker never reached its second round:\n{term.seen[-2000:]}"
+            term._read(0.1)
         pid = int(frozen.read_text())
-        time.sleep(0.5)  # nomoat is now waiting on the frozen worker's reply
-        os.killpg(deploy.pid, signal.SIGINT)
-        out, err = deploy.communicate(timeout=60)
+        term.send("\x03")  # Ctrl-C: SIGINT to the terminal's foreground group, nomoat and its ssh client
+        status = term.wait(timeout=60)
     finally:
-        if deploy.poll() is None:
-            os.killpg(deploy.pid, signal.SIGKILL)
-            deploy.wait()
-    assert deploy.returncode != 0 and out.strip() == str(remote / "tiny-bundle")
-    assert "Traceback" not in err, err
+        term.close()
     gone = time.monotonic() + 10
     while running(pid):
         if time.monotonic() > gone:
-            os.kill(pid, 9)
-            pytest.fail(f"the worker {pid} still ran on the board after Ctrl-C")
+            os.kill(pid, 9)  # not left behind stopped when the test fails
+            pytest.fail(f"the worker {pid} still ran on the board after Ctrl-C:\n{term.seen[-2000:]}")
         time.sleep(0.1)
+    assert status != 0 and str(remote / "tiny-bundle") in term.seen  # deployed before the benchmark
+    assert "Traceback" not in term.seen, term.seen[-3000:]
+    assert f"stopping the benchmark worker (pid {pid}) on {ALIAS}" in term.seen
 
 
 @pytest.mark.ssh
