@@ -183,7 +183,7 @@ class WorkerProcess:
         # the tail is at hand to explain a crash.
         self._stderr = tempfile.TemporaryFile()
         self._awaiting = True
-        # stdout is read raw (_read_line), never through a buffered file object: select() must see
+        # stdout is read raw (_read_line), never through a buffered file object: the selector must see
         # every byte not yet consumed, or a line already buffered would wait out the deadline.
         self._proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._stderr, bufsize=0, env=self.env, cwd=self.cwd)
@@ -301,13 +301,13 @@ class WorkerProcess:
                              "was stopped" + (f"; the end of its stderr:\n{tail}" if tail else "."))
 
     def _doing(self, event: str) -> str:
-        """What the worker was doing when its reply for `event` was due, in words."""
+        """What the worker was doing when its reply for `event` ("ready", "round" or "tokens") was due."""
         count = self.answered.get(event, 0) + 1
         if event == "ready":
             return "loading its model"
         if event == "round":
             return f"in round {count} (the warm-up counted)"
-        return f"generating its answer {count} (untimed)" if event == "tokens" else f"before its {event!r} {count}"
+        return f"generating its answer {count} (untimed)"
 
     def _kill(self, proc: subprocess.Popen) -> None:
         """End the worker: its process here, and through stop_hung where it runs, unless its stdout was

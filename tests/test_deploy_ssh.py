@@ -669,6 +669,16 @@ def running(pid: int) -> bool:
         return False
 
 
+def assert_gone_from_the_board(pid: int, after: str) -> None:
+    """Wait (10 s) until the worker is gone; otherwise kill it, so it is not left behind stopped, and fail."""
+    gone = time.monotonic() + 10
+    while running(pid):
+        if time.monotonic() > gone:
+            os.kill(pid, 9)
+            pytest.fail(f"the worker {pid} still ran on the board after {after}")
+        time.sleep(0.1)
+
+
 def freezing_python(folder: Path, at_round: int) -> Path:
     """A Python for the board whose bench worker stops itself (SIGSTOP) when its round `at_round` begins,
     warm-up counted, after writing its pid to folder/frozen.pid: a worker hung on a board that still
@@ -719,12 +729,7 @@ def test_a_worker_hung_on_the_board_is_given_up_at_bench_timeout_and_killed_ther
     assert "give it longer with --bench-timeout" in err
     assert took < 20 + 60, took  # the deploy and the runtime check come before the benchmark's 20 s
     # Killed on the board, where the ssh client's end did not reach it (a zombie until its parent reaps it).
-    gone = time.monotonic() + 10
-    while running(pid):
-        if time.monotonic() > gone:
-            os.kill(pid, 9)  # not left behind stopped when the test fails
-            pytest.fail(f"the hung worker {pid} still ran on the board after the benchmark gave up")
-        time.sleep(0.1)
+    assert_gone_from_the_board(pid, "the benchmark gave up")
 
 
 @pytest.mark.ssh
@@ -751,12 +756,7 @@ def test_ctrl_c_during_a_hung_benchmark_kills_the_worker_on_the_board(board, bun
         status = term.wait(timeout=60)
     finally:
         term.close()
-    gone = time.monotonic() + 10
-    while running(pid):
-        if time.monotonic() > gone:
-            os.kill(pid, 9)  # not left behind stopped when the test fails
-            pytest.fail(f"the worker {pid} still ran on the board after Ctrl-C:\n{term.seen[-2000:]}")
-        time.sleep(0.1)
+    assert_gone_from_the_board(pid, f"Ctrl-C:\n{term.seen[-2000:]}")
     assert status != 0 and str(remote / "tiny-bundle") in term.seen  # deployed before the benchmark
     assert "Traceback" not in term.seen, term.seen[-3000:]
     assert f"stopping the benchmark worker (pid {pid}) on {ALIAS}" in term.seen
