@@ -118,7 +118,8 @@ def _model_line(model: dict[str, Any]) -> str:
     params = model.get("parameters", 0)
     return (f"{model['architecture']}, {params / 1e6:.1f}M parameters, {model['num_layers']} layers, hidden "
             f"{model['hidden_size']}, heads {model['num_heads']} (KV {model['num_kv_heads']}) x {model['head_dim']}, "
-            f"vocab {model['vocab_size']}")
+            f"vocab {model['vocab_size']}"
+            + (f", sliding window {model['sliding_window']}" if model.get("sliding_window") else ""))
 
 
 def _source_line(source: dict[str, Any]) -> str:

@@ -92,7 +92,7 @@ def _norm(graph: _Graph, x: str, residual: str | None, gamma: str, eps: float, n
 
 
 def _attention(graph: _Graph, ckpt: Checkpoint, layer: int, h: str, io: GraphIO,
-               cos: str, sin: str, kv_dtype: str = "float32") -> str:
+               cos: str, sin: str, kv_dtype: str, max_context: int) -> str:
     import torch
 
     spec, t = ckpt.spec, ckpt.tensors
@@ -119,6 +119,7 @@ def _attention(graph: _Graph, ckpt: Checkpoint, layer: int, h: str, io: GraphIO,
         outputs=[f"layers.{layer}.attn.gqa/out0", io.present_key.format(layer=layer),
                  io.present_value.format(layer=layer)],
         num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+        **_window_attribute(spec, max_context),
     )
     attn = attn_out[0]
     if half:
@@ -127,6 +128,19 @@ def _attention(graph: _Graph, ckpt: Checkpoint, layer: int, h: str, io: GraphIO,
                                                        _linear_weight(t[p + "o_proj.weight"]))],
                     name=f"layers.{layer}.attn.o_proj")
     return o
+
+
+def _window_attribute(spec: ModelSpec, max_context: int) -> dict[str, int]:
+    """GroupQueryAttention's local_window_size for a sliding-window model, when the window is shorter
+    than the cache (otherwise every position is within it: plain causal attention, the same numbers).
+
+    Since ONNX Runtime 1.24 the attribute counts the window as transformers' sliding_window does (the
+    position itself and the window - 1 before it); 1.23 and older attend to one position more, so a
+    graph with it needs 1.24 (converter/ort_floor.py)."""
+    window = spec.sliding_window
+    if window is None or window >= max_context:
+        return {}
+    return {"local_window_size": window}
 
 
 def _mlp(graph: _Graph, ckpt: Checkpoint, layer: int, h: str) -> str:
@@ -180,7 +194,7 @@ def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO()
         h, residual = _norm(g, x, residual, g.const(p + "input_layernorm.weight",
                                                      t[p + "input_layernorm.weight"].float().numpy()),
                             eps, name=f"layers.{layer}.input_norm")
-        attn = _attention(g, ckpt, layer, h, io, cos, sin, kv_dtype)
+        attn = _attention(g, ckpt, layer, h, io, cos, sin, kv_dtype, max_context)
         h, residual = _norm(g, attn, residual, g.const(p + "post_attention_layernorm.weight",
                                                         t[p + "post_attention_layernorm.weight"].float().numpy()),
                             eps, name=f"layers.{layer}.post_attention_norm")

@@ -17,15 +17,23 @@ from typing import Any
 
 # What every graph holds: ONNX opset 21 (1.17 stops at 20), GroupQueryAttention with a KV buffer
 # shared by past and present and rotary inside, the skip/simplified layer norms, 4-bit MatMulNBits.
-BASE_FLOOR = "1.18.0"
+# 1.18 and 1.19 load all that, and GroupQueryAttention computes a run of several new tokens on top
+# of a filled cache wrong (found 2026-12-07; the floors below were checked with one short prompt,
+# which never does that). The runtime does it for every prompt longer than a prefill chunk, every
+# later turn of a chat and every prompt-lookup check, so no graph runs right before 1.20.
+BASE_FLOOR = "1.20.0"
 GATHER_FLOOR = "1.20.0"  # GatherBlockQuantized (the 4-bit embedding table) is not registered before
 INT8_MATMUL_FLOOR = "1.22.0"  # MatMulNBits with bits=8 (earlier kernels accept 4 only)
 # GatherBlockQuantized over uint8-packed 4-bit codes (the tied table, quantize_axis=2): 1.23 loads
 # it, but up to 1.26 the zero points come out wrong once a row has more than two blocks (SmolLM2's
 # 576-wide rows: wrong embeddings, nonsense text, while a 64-wide test model looked right).
 PACKED_GATHER_FLOOR = "1.27.0"
-# GroupQueryAttention in fp16 (a float16 KV cache, `--kv-dtype float16`) needs nothing newer: 1.18.0
-# computes it as 1.32 does (checked like the floors above).
+# GroupQueryAttention with local_window_size (a sliding-window Mistral whose window is shorter than
+# the cache): 1.20-1.23 run it and attend to one position more than the window (a sliding_window of
+# 8 saw 9 positions); 1.24.1, the first 1.24 on PyPI, counts it as transformers does.
+WINDOW_FLOOR = "1.24.1"
+# GroupQueryAttention in fp16 (a float16 KV cache, `--kv-dtype float16`) needs nothing newer: the
+# base floor computes it as 1.32 does (checked like the floors above).
 
 
 def required_onnxruntime(model: Any) -> str:
@@ -38,6 +46,8 @@ def required_onnxruntime(model: Any) -> str:
     for node in model.graph.node:
         if node.op_type == "MatMulNBits" and _int_attribute(node, "bits", 4) == 8:
             floors.append(INT8_MATMUL_FLOOR)
+        if node.op_type == "GroupQueryAttention" and _int_attribute(node, "local_window_size", -1) >= 0:
+            floors.append(WINDOW_FLOOR)
         if node.op_type == "GatherBlockQuantized":
             packed = initializer_type.get(node.input[0]) == onnx.TensorProto.UINT8
             floors.append(PACKED_GATHER_FLOOR if packed else GATHER_FLOOR)

@@ -134,6 +134,8 @@ class ModelSpec:
     tie_word_embeddings: bool
     attention_bias: bool = False  # Qwen2: q/k/v projections carry a bias
     rope_scaling: RopeScaling | None = None
+    # Mistral: each position attends to itself and the sliding_window - 1 before it; None: all before it
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -168,8 +170,6 @@ class ModelSpec:
                 f"model_type {arch!r} is not supported; nomoat converts "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} models (LLaMA-style decoders)."
             )
-        if arch == "mistral":
-            _refuse_mistral_sliding_window(cfg, source)
         if arch == "qwen2" and cfg.get("use_sliding_window"):
             raise ConversionError("Qwen2 with use_sliding_window=true is not supported.")
         if cfg.get("mlp_bias") or (arch == "llama" and cfg.get("attention_bias")):
@@ -197,6 +197,7 @@ class ModelSpec:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2",
             rope_scaling=RopeScaling.from_config(_rope_scaling_section(c, rope_params)),
+            sliding_window=_mistral_sliding_window(c) if arch == "mistral" else None,
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -221,7 +222,7 @@ class ModelSpec:
         if self.rope_scaling:
             cfg["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
         if self.architecture == "mistral":
-            cfg["sliding_window"] = None
+            cfg["sliding_window"] = self.sliding_window
         if self.architecture == "qwen2":
             cfg["use_sliding_window"] = False
         return cfg
@@ -271,23 +272,17 @@ class ModelSpec:
 MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
 
 
-def _refuse_mistral_sliding_window(cfg: dict[str, Any], source: str) -> None:
-    """A sliding window changes attention beyond a distance; exporting it as full attention would be wrong
-    past that distance, so refuse rather than guess. A config.json without the key has transformers'
-    default window (only an explicit null means full attention)."""
-    window = cfg.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
-    if window in (None, 0):
-        return
-    if "sliding_window" not in cfg:
-        raise ConversionError(
-            f"{source} has no sliding_window, which transformers reads as Mistral's sliding attention window of "
-            f"{window} tokens, and that is not supported; if the model attends to its whole context, add "
-            '"sliding_window": null to it.'
-        )
-    raise ConversionError(
-        f"Mistral with a sliding attention window (sliding_window={window}) is not supported; use a checkpoint "
-        "with sliding_window: null."
-    )
+def _mistral_sliding_window(c: ConfigFile) -> int | None:
+    """Mistral's sliding attention window in tokens, or None when each position attends to all before it.
+
+    As transformers reads config.json: without the key, MistralConfig's default window (Mistral 7B
+    v0.1's 4096); an explicit null means no window (v0.2 and later). 0 is taken as no window too,
+    as a window of nothing would attend to nothing."""
+    if "sliding_window" not in c.data:
+        return MISTRAL_DEFAULT_SLIDING_WINDOW
+    if c.get("sliding_window") in (None, 0):
+        return None
+    return c.int("sliding_window")
 
 
 _HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

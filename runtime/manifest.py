@@ -51,6 +51,9 @@ class ModelInfo:
     rope_theta: float
     rope_scaling: dict[str, Any] | None = None
     parameters: int = 0
+    # Mistral's sliding attention window, in the graph already (GroupQueryAttention's
+    # local_window_size); here for people and tools reading the bundle. None: full attention.
+    sliding_window: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
@@ -64,6 +67,8 @@ class ModelInfo:
                 or not math.isfinite(info.rope_theta) or info.rope_theta <= 0:
             raise ValueError(f"model.rope_theta {info.rope_theta!r} is not a positive number")
         _check_type("model.rope_scaling", info.rope_scaling, (dict, type(None)))
+        if info.sliding_window is not None:
+            _check_count("model.sliding_window", info.sliding_window)
         return info
 
 

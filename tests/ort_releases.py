@@ -18,7 +18,14 @@ from pathlib import Path
 from nomoat.runtime.manifest import version_tuple
 
 REPO = Path(__file__).resolve().parents[1]
+# The prompt runs in chunks of this many tokens and its last DECODE_TAIL tokens one at a time, as
+# generation runs them: several new tokens on top of a filled cache is what 1.18 and 1.19 compute
+# wrong, and a prompt in one pass never shows it. The logits compared against here are computed
+# with the same two numbers.
+PREFILL_CHUNK, DECODE_TAIL = 4, 2
 VENVS = REPO / "build" / "ort-releases"
+# Long enough for several chunks on the tiny test tokenizers.
+LONG_PROMPT = "Hello there, how are you today? Tell me about the weather in Paris this week."
 
 CHILD = r"""
 import json, sys
@@ -30,16 +37,17 @@ from nomoat.runtime.errors import BundleError
 from nomoat.runtime.manifest import OnnxBackend
 
 prompt, new_tokens, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+PREFILL_CHUNK, DECODE_TAIL = int(sys.argv[4]), int(sys.argv[5])
 
 # Greedy ids; the prompt's logits go to an .npy file too: tokens alone hide a wrong kernel on a
 # random model, whose greedy text is one token repeated.
 def greedy(bundle, name):
-    model = Model.load(bundle)
+    model = Model.load(bundle, prefill_chunk=PREFILL_CHUNK)
     ids = model.prompt_ids(prompt, raw=True)
-    np.save(out / f"{Path(bundle).name}-{ort.__version__}-{name}.npy", model.logits(ids))
+    np.save(out / f"{Path(bundle).name}-{ort.__version__}-{name}.npy", model.logits(ids, decode_tail=DECODE_TAIL))
     return list(model.generate_tokens(ids, new_tokens, ignore_eos=True))
 
-for bundle in sys.argv[4:]:
+for bundle in sys.argv[6:]:
     row = {"bundle": bundle, "onnxruntime": ort.__version__}
     try:
         row["ids"] = greedy(bundle, "ids")
@@ -89,14 +97,15 @@ def release_python(version: str, wheel: Path) -> Path:
     return python
 
 
-def run_bundles(python: Path, bundles: list[Path], out: Path, prompt: str = "Hello there",
+def run_bundles(python: Path, bundles: list[Path], out: Path, prompt: str = LONG_PROMPT,
                 new_tokens: int = 12) -> list[dict]:
     """One row per bundle: greedy token ids ("ids"), or why the runtime refused ("refused") and what
     the release did without the check ("unchecked_ids" or "unchecked_error"). Each row's prompt
     logits are under "logits" / "unchecked_logits" (arrays), read from files the child wrote in `out`."""
     import numpy as np
 
-    stdout = _run([str(python), "-c", CHILD, prompt, str(new_tokens), str(out), *map(str, bundles)], timeout=600)
+    stdout = _run([str(python), "-c", CHILD, prompt, str(new_tokens), str(out), str(PREFILL_CHUNK), str(DECODE_TAIL),
+                   *map(str, bundles)], timeout=600)
     rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     for row in rows:
         for key, logits_key in (("ids", "logits"), ("unchecked_ids", "unchecked_logits")):

@@ -473,24 +473,3 @@ def test_a_running_conversion_holds_its_staging_lock_and_the_bundle_has_no_lock_
     assert not (out / STAGING_LOCK).exists()
     assert STAGING_LOCK not in json.loads((out / MANIFEST_NAME).read_text())["files"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
-
-
-# -- Mistral's default sliding window --------------------------------------------------------------------
-
-def test_a_mistral_config_without_sliding_window_has_transformers_default_window(tmp_path):
-    """transformers' MistralConfig gives a config.json without the key a window of 4096 tokens."""
-    from nomoat.converter.spec import ModelSpec
-    from transformers import MistralConfig
-
-    assert MistralConfig().sliding_window == 4096
-    model = make_tiny_hf_dir(tmp_path / "mistral", arch="mistral", sliding_window=None)
-    cfg = json.loads((model / "config.json").read_text())
-    assert load_checkpoint(model).spec.architecture == "mistral"  # null: full attention
-    del cfg["sliding_window"]
-    (model / "config.json").write_text(json.dumps(cfg))
-    refusal = (r"config.json has no sliding_window, which transformers reads as Mistral's sliding attention window "
-               r"of 4096 tokens, .* add \"sliding_window\": null")
-    with pytest.raises(ConversionError, match=refusal):
-        ModelSpec.from_hf_config(cfg, source=str(model / "config.json"))
-    with pytest.raises(ConversionError, match=refusal):
-        _convert(model, tmp_path / "b")

@@ -459,9 +459,11 @@ def test_unknown_model_type_is_refused(tmp_path):
         load_checkpoint(_hf_copy(tmp_path, model_type="gpt_neox"))
 
 
-def test_mistral_with_sliding_window_is_refused(tmp_path):
-    with pytest.raises(ConversionError, match="sliding attention window"):
-        load_checkpoint(_hf_copy(tmp_path, model_type="mistral", sliding_window=4096))
+def test_qwen2_with_sliding_window_is_refused(tmp_path):
+    # Qwen2's window applies to some layers only (max_window_layers); Mistral's is exported
+    # (tests/test_sliding_window.py).
+    with pytest.raises(ConversionError, match="Qwen2 with use_sliding_window=true is not supported"):
+        load_checkpoint(_hf_copy(tmp_path, model_type="qwen2", use_sliding_window=True))
 
 
 def test_untied_model_without_lm_head_is_refused(tmp_path):

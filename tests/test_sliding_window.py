@@ -1,0 +1,149 @@
+"""Mistral's sliding attention window (Mistral 7B v0.1: 4,096 tokens), exported as GroupQueryAttention's
+local_window_size and checked against transformers, which applies the window as the model was trained."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from nomoat.__main__ import main as nomoat_main
+from nomoat.converter.convert import ConvertOptions, convert
+from nomoat.converter.errors import ConversionError
+from nomoat.converter.load import load_checkpoint
+from nomoat.converter.ort_floor import BASE_FLOOR, WINDOW_FLOOR
+from nomoat.converter.reference import greedy_tokens
+from nomoat.runtime import Model
+from tiny_models import make_tiny_hf_dir
+
+WINDOW = 6
+CONTEXT = 64
+
+
+def _convert(model: Path, out: Path, quant: str = "fp32", max_context: int = CONTEXT) -> Path:
+    return convert(ConvertOptions(model=str(model), out=out, target="host", quant=quant, max_context=max_context,
+                                  algorithm=None if quant == "fp32" else "rtn", progress=False, skip_verify=True))
+
+
+def _ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, vocab, n).tolist()
+
+
+def _hf(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return _hf(model_dir)(torch.tensor([ids])).logits[0].numpy()
+
+
+def _with_config(model_dir: Path, dest: Path, **changes) -> Path:
+    copy = Path(shutil.copytree(model_dir, dest))
+    cfg = json.loads((copy / "config.json").read_text())
+    for key, value in changes.items():
+        if value is _ABSENT:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (copy / "config.json").write_text(json.dumps(cfg))
+    return copy
+
+
+_ABSENT = object()
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory) -> Path:
+    return make_tiny_hf_dir(tmp_path_factory.mktemp("mistral") / "hf", arch="mistral", sliding_window=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def windowed_bundle(mistral_dir, tmp_path_factory) -> Path:
+    return _convert(mistral_dir, tmp_path_factory.mktemp("b") / "fp32")
+
+
+def _gqa_windows(bundle: Path) -> set[int | None]:
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    return {next((a.i for a in node.attribute if a.name == "local_window_size"), None)
+            for node in graph.node if node.op_type == "GroupQueryAttention"}
+
+
+def _floor(bundle: Path) -> str:
+    return json.loads((bundle / "manifest.json").read_text())["onnx"]["min_onnxruntime"]
+
+
+def test_logits_past_the_window_match_transformers(mistral_dir, windowed_bundle, tmp_path):
+    # Chunks of 5 and a decode tail: the window is applied across chunks and in decode steps, as
+    # generation runs the graph.
+    model = Model.load(windowed_bundle, prefill_chunk=5)
+    ids = _ids(24, model.manifest.model.vocab_size)
+    ours = model.logits(ids, decode_tail=6)
+    np.testing.assert_allclose(ours, _hf_logits(mistral_dir, ids), atol=1e-4, rtol=1e-4)
+    # The window matters from position WINDOW on: the same weights attending to every position
+    # agree before it and not after, so a graph without the window fails the comparison above.
+    everything = _hf_logits(_with_config(mistral_dir, tmp_path / "full", sliding_window=None), ids)
+    np.testing.assert_allclose(ours[:WINDOW], everything[:WINDOW], atol=1e-4, rtol=1e-4)
+    assert np.abs(ours[WINDOW:] - everything[WINDOW:]).max(axis=-1).min() > 1e-3
+
+
+def test_greedy_generation_past_the_window_matches_transformers(mistral_dir, windowed_bundle):
+    model = Model.load(windowed_bundle)
+    prompt = _ids(4, model.manifest.model.vocab_size, seed=2)
+    assert list(model.generate_tokens(prompt, 24, ignore_eos=True)) == greedy_tokens(_hf(mistral_dir), prompt, 24)
+
+
+def test_the_graph_holds_the_window_and_the_manifest_its_floor(mistral_dir, windowed_bundle, tmp_path, capsys):
+    assert _gqa_windows(windowed_bundle) == {WINDOW}
+    assert _floor(windowed_bundle) == WINDOW_FLOOR
+    manifest = json.loads((windowed_bundle / "manifest.json").read_text())
+    assert manifest["model"]["sliding_window"] == WINDOW
+    assert Model.load(windowed_bundle).manifest.model.sliding_window == WINDOW
+    assert nomoat_main(["inspect", str(windowed_bundle)]) == 0
+    assert f"sliding window {WINDOW}" in capsys.readouterr().out
+    # Quantizing keeps the attention nodes as they are.
+    int4 = _convert(mistral_dir, tmp_path / "int4", quant="int4")
+    assert _gqa_windows(int4) == {WINDOW}
+    assert _floor(int4) == WINDOW_FLOOR
+
+
+def test_a_window_as_long_as_the_cache_is_plain_attention(mistral_dir, tmp_path):
+    """Within a window every position sees all before it: no attribute, no higher floor, and the
+    same logits as transformers with its window."""
+    wide = _with_config(mistral_dir, tmp_path / "wide", sliding_window=CONTEXT)
+    bundle = _convert(wide, tmp_path / "b")
+    assert _gqa_windows(bundle) == {None}
+    assert _floor(bundle) == BASE_FLOOR
+    model = Model.load(bundle)
+    ids = _ids(CONTEXT, model.manifest.model.vocab_size, seed=4)
+    np.testing.assert_allclose(model.logits(ids), _hf_logits(wide, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_a_config_without_the_key_has_transformers_default_window(mistral_dir, tmp_path):
+    """transformers' MistralConfig gives a config.json without sliding_window Mistral 7B v0.1's 4,096."""
+    from transformers import MistralConfig
+
+    assert MistralConfig().sliding_window == 4096
+    assert load_checkpoint(_with_config(mistral_dir, tmp_path / "absent", sliding_window=_ABSENT)) \
+        .spec.sliding_window == 4096
+    assert load_checkpoint(_with_config(mistral_dir, tmp_path / "null", sliding_window=None)).spec.sliding_window \
+        is None
+
+
+@pytest.mark.parametrize("value", ["wide", -3, 4.5, True])
+def test_a_sliding_window_that_is_not_a_count_is_refused(mistral_dir, tmp_path, value):
+    bad = _with_config(mistral_dir, tmp_path / "bad", sliding_window=value)
+    refusal = r"config.json lacks or has an invalid sliding_window .*correct that value"
+    with pytest.raises(ConversionError, match=refusal):
+        load_checkpoint(bad)
+
+
+def test_the_config_written_for_transformers_keeps_the_window(mistral_dir):
+    """The reference verify checks against and `nomoat merge`'s config.json are built from it."""
+    assert load_checkpoint(mistral_dir).spec.to_hf_config()["sliding_window"] == WINDOW
