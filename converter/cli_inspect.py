@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nomoat.runtime.manifest import RUNTIME_ONNXRUNTIME_FLOOR, version_tuple
+
 MiB = 2**20
 
 
@@ -80,7 +82,7 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
     lines = [
         f"bundle     {bundle} (format {m['format_version']}, {len(m['files'])} files, "
         f"{_files_status(files_ok, checked)})",
-        f"model      {_model_line(m['model'])}",
+        f"model      {_model_line(m['model'], m['max_context'])}",
         f"source     {_source_line(m.get('source', {}))}",
         f"target     {target.get('name', '?')}: {target.get('description', '')}",
         f"           {target.get('soc', '?')}; ISA {' '.join(target.get('isa', []))}; {target.get('ram_gb', '?')} GB "
@@ -103,6 +105,8 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
         lines.append("graph      " + ", ".join(f"{n} {op}" for op, n in ops))
     floor = (m.get("onnx") or {}).get("min_onnxruntime")
     if floor:
+        # What the runtime asks for: a bundle written before 2026-12-07 names 1.18.0, below the runtime's own floor.
+        floor = max(floor, RUNTIME_ONNXRUNTIME_FLOOR, key=version_tuple)
         lines.append(f"runs on    onnxruntime >= {floor} (older releases fail on this graph or compute it wrong)")
     lines.append(format_quality_table(report.get("quality", {"skipped": True})))
     return "\n".join(lines)
@@ -114,12 +118,19 @@ def _files_status(ok: bool | None, checked: bool) -> str:
     return {True: "sha256 ok", False: "SHA256 MISMATCH: copy the bundle again", None: "sha256 not checked"}[ok]
 
 
-def _model_line(model: dict[str, Any]) -> str:
+def _model_line(model: dict[str, Any], max_context: int) -> str:
     params = model.get("parameters", 0)
     return (f"{model['architecture']}, {params / 1e6:.1f}M parameters, {model['num_layers']} layers, hidden "
             f"{model['hidden_size']}, heads {model['num_heads']} (KV {model['num_kv_heads']}) x {model['head_dim']}, "
-            f"vocab {model['vocab_size']}"
-            + (f", sliding window {model['sliding_window']}" if model.get("sliding_window") else ""))
+            f"vocab {model['vocab_size']}{_window_text(model.get('sliding_window'), max_context)}")
+
+
+def _window_text(window: int | None, max_context: int) -> str:
+    if not window:
+        return ""
+    if window >= max_context:
+        return f", sliding window {window} (not reached within the {max_context}-token context)"
+    return f", sliding window {window}"
 
 
 def _source_line(source: dict[str, Any]) -> str:

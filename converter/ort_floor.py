@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from nomoat.runtime.manifest import RUNTIME_ONNXRUNTIME_FLOOR, version_tuple
+
 # What every graph holds: ONNX opset 21 (1.17 stops at 20), GroupQueryAttention with a KV buffer
 # shared by past and present and rotary inside, the skip/simplified layer norms, 4-bit MatMulNBits.
 # 1.18 and 1.19 load all that, and GroupQueryAttention computes a run of several new tokens on top
 # of a filled cache wrong (found 2026-12-07; the floors below were checked with one short prompt,
 # which never does that). The runtime does it for every prompt longer than a prefill chunk, every
-# later turn of a chat and every prompt-lookup check, so no graph runs right before 1.20.
-BASE_FLOOR = "1.20.0"
+# later turn of a chat and every prompt-lookup check, so no graph runs right before 1.20. The runtime
+# holds the number: it refuses 1.18 and 1.19 also for bundles whose manifests name 1.18.0.
+BASE_FLOOR = RUNTIME_ONNXRUNTIME_FLOOR
 GATHER_FLOOR = "1.20.0"  # GatherBlockQuantized (the 4-bit embedding table) is not registered before
 INT8_MATMUL_FLOOR = "1.22.0"  # MatMulNBits with bits=8 (earlier kernels accept 4 only)
 # GatherBlockQuantized over uint8-packed 4-bit codes (the tied table, quantize_axis=2): 1.23 loads
@@ -39,7 +42,6 @@ WINDOW_FLOOR = "1.24.1"
 def required_onnxruntime(model: Any) -> str:
     """The oldest release of ONNX Runtime whose CPU kernels run `model` (an onnx.ModelProto) right."""
     import onnx
-    from nomoat.runtime.manifest import version_tuple
 
     initializer_type = {t.name: t.data_type for t in model.graph.initializer}
     floors = [BASE_FLOOR]

@@ -277,12 +277,21 @@ def _mistral_sliding_window(c: ConfigFile) -> int | None:
 
     As transformers reads config.json: without the key, MistralConfig's default window (Mistral 7B
     v0.1's 4096); an explicit null means no window (v0.2 and later). 0 is taken as no window too,
-    as a window of nothing would attend to nothing."""
-    if "sliding_window" not in c.data:
-        return MISTRAL_DEFAULT_SLIDING_WINDOW
-    if c.get("sliding_window") in (None, 0):
+    as a window of nothing would attend to nothing (not false or 0.0: those are refused, as transformers
+    refuses them). A `layer_types` list mixing full and sliding layers is Ministral's alternating
+    attention, which transformers' Mistral classes do not run either: refused."""
+    value = c.data.get("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
+    if value is None or (type(value) is int and value == 0):
         return None
-    return c.int("sliding_window")
+    window = c.int("sliding_window", MISTRAL_DEFAULT_SLIDING_WINDOW)
+    layer_types = c.get("layer_types")
+    if layer_types is not None and (not isinstance(layer_types, list) or set(layer_types) != {"sliding_attention"}):
+        raise ConversionError(
+            f"{c.name} sets layer_types, attention that differs from layer to layer (Ministral's alternating "
+            "full and sliding-window layers), which nomoat does not export: it applies one sliding_window to "
+            "every layer. Convert a model whose layers all attend alike."
+        )
+    return window
 
 
 _HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

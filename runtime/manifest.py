@@ -28,6 +28,12 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 
 
+# What this runtime needs of ONNX Runtime whatever a bundle's manifest says: it runs several new
+# tokens on a filled cache (a prompt past one chunk, a chat's next turn, prompt lookup), which
+# GroupQueryAttention computes wrong before 1.20 (converter/ort_floor.py, BASE_FLOOR).
+RUNTIME_ONNXRUNTIME_FLOOR = "1.20.0"
+
+
 def version_tuple(version: str) -> tuple[int, int, int]:
     """(major, minor, patch) of a release string: "1.23.0", "1.24.0.dev20250601", "1.22.1+cpu"."""
     match = _VERSION.match(version.strip())
@@ -51,8 +57,9 @@ class ModelInfo:
     rope_theta: float
     rope_scaling: dict[str, Any] | None = None
     parameters: int = 0
-    # Mistral's sliding attention window, in the graph already (GroupQueryAttention's
-    # local_window_size); here for people and tools reading the bundle. None: full attention.
+    # Mistral's sliding attention window, for people and tools reading the bundle (the graph applies
+    # it as GroupQueryAttention's local_window_size when it is shorter than max_context; a longer
+    # one changes nothing). None: full attention.
     sliding_window: int | None = None
 
     @classmethod
@@ -113,12 +120,19 @@ class OnnxBackend:
 
     def check_onnxruntime(self, installed: str) -> None:
         """Refuse to run on an ONNX Runtime older than the graph needs, naming the fix."""
-        if self.min_onnxruntime and version_tuple(installed) < version_tuple(self.min_onnxruntime):
+        floor = self.required_onnxruntime()
+        if version_tuple(installed) < version_tuple(floor):
             raise BundleError(
-                f"this bundle's graph needs onnxruntime >= {self.min_onnxruntime}, and {installed} is installed "
+                f"this bundle's graph needs onnxruntime >= {floor}, and {installed} is installed "
                 "(older kernels fail on this graph or compute it wrong). "
-                f"Upgrade: pip install 'onnxruntime>={self.min_onnxruntime}'."
+                f"Upgrade: pip install 'onnxruntime>={floor}'."
             )
+
+    def required_onnxruntime(self) -> str:
+        """The manifest's floor, and never below RUNTIME_ONNXRUNTIME_FLOOR: bundles converted before
+        2026-12-07 name 1.18.0, on which this runtime's multi-token steps compute wrong."""
+        floors = [RUNTIME_ONNXRUNTIME_FLOOR, *([self.min_onnxruntime] if self.min_onnxruntime else [])]
+        return max(floors, key=version_tuple)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,23 @@ def test_the_runtime_refuses_a_bundle_that_needs_a_newer_onnxruntime(bundles, tm
     Model.load(_copy_with_floor(bundles["int4_untied"], tmp_path / "same", onnxruntime.__version__))
 
 
+def test_the_runtime_refuses_releases_before_its_own_floor_whatever_the_manifest_says(bundles, tmp_path, capsys):
+    """Bundles converted before 2026-12-07 name 1.18.0; the runtime's multi-token steps need 1.20."""
+    from nomoat.runtime.manifest import RUNTIME_ONNXRUNTIME_FLOOR, OnnxBackend
+
+    assert RUNTIME_ONNXRUNTIME_FLOOR == BASE_FLOOR == "1.20.0"
+    old = OnnxBackend(model_file="model.onnx", data_file=None, io={}, min_onnxruntime="1.18.0")
+    with pytest.raises(BundleError, match=r"needs onnxruntime >= 1\.20\.0, and 1\.19\.2 is installed"):
+        old.check_onnxruntime("1.19.2")
+    old.check_onnxruntime("1.20.0")
+    OnnxBackend(model_file="model.onnx", data_file=None, io={}).check_onnxruntime("1.20.0")  # no floor written
+    with pytest.raises(BundleError, match=r"needs onnxruntime >= 1\.20\.0"):
+        OnnxBackend(model_file="model.onnx", data_file=None, io={}).check_onnxruntime("1.18.0")
+    copy = _copy_with_floor(bundles["fp32"], tmp_path / "old", "1.18.0")
+    assert nomoat_main(["inspect", str(copy)]) == 0
+    assert "runs on    onnxruntime >= 1.20.0" in capsys.readouterr().out
+
+
 def test_a_malformed_floor_is_a_malformed_manifest(bundles, tmp_path):
     with pytest.raises(BundleError, match="manifest.json is malformed.*min_onnxruntime 'soon'"):
         Model.load(_copy_with_floor(bundles["fp32"], tmp_path / "b", "soon"))

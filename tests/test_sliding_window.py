@@ -24,9 +24,11 @@ WINDOW = 6
 CONTEXT = 64
 
 
-def _convert(model: Path, out: Path, quant: str = "fp32", max_context: int = CONTEXT) -> Path:
+def _convert(model: Path, out: Path, quant: str = "fp32", max_context: int = CONTEXT,
+             kv_dtype: str = "float32") -> Path:
     return convert(ConvertOptions(model=str(model), out=out, target="host", quant=quant, max_context=max_context,
-                                  algorithm=None if quant == "fp32" else "rtn", progress=False, skip_verify=True))
+                                  algorithm=None if quant == "fp32" else "rtn", kv_dtype=kv_dtype, progress=False,
+                                  skip_verify=True))
 
 
 def _ids(n: int, vocab: int, seed: int = 0) -> list[int]:
@@ -79,18 +81,31 @@ def _floor(bundle: Path) -> str:
     return json.loads((bundle / "manifest.json").read_text())["onnx"]["min_onnxruntime"]
 
 
-def test_logits_past_the_window_match_transformers(mistral_dir, windowed_bundle, tmp_path):
-    # Chunks of 5 and a decode tail: the window is applied across chunks and in decode steps, as
-    # generation runs the graph.
-    model = Model.load(windowed_bundle, prefill_chunk=5)
-    ids = _ids(24, model.manifest.model.vocab_size)
-    ours = model.logits(ids, decode_tail=6)
+@pytest.mark.parametrize("prefill_chunk", [5, 10, None])
+def test_logits_past_the_window_match_transformers(mistral_dir, windowed_bundle, tmp_path, prefill_chunk):
+    # Chunks shorter and longer than the window, and a decode tail: the window is applied across
+    # chunks and in decode steps, as generation runs the graph; None: the whole prompt in one pass.
+    ids = _ids(24, Model.load(windowed_bundle).manifest.model.vocab_size)
+    if prefill_chunk is None:
+        ours = Model.load(windowed_bundle).logits(ids)
+    else:
+        ours = Model.load(windowed_bundle, prefill_chunk=prefill_chunk).logits(ids, decode_tail=6)
     np.testing.assert_allclose(ours, _hf_logits(mistral_dir, ids), atol=1e-4, rtol=1e-4)
     # The window matters from position WINDOW on: the same weights attending to every position
     # agree before it and not after, so a graph without the window fails the comparison above.
     everything = _hf_logits(_with_config(mistral_dir, tmp_path / "full", sliding_window=None), ids)
     np.testing.assert_allclose(ours[:WINDOW], everything[:WINDOW], atol=1e-4, rtol=1e-4)
     assert np.abs(ours[WINDOW:] - everything[WINDOW:]).max(axis=-1).min() > 1e-3
+
+
+def test_a_float16_cache_keeps_the_window(mistral_dir, tmp_path):
+    """--kv-dtype float16 runs attention in fp16: the window holds there too (within fp16 rounding)."""
+    model = Model.load(_convert(mistral_dir, tmp_path / "kv16", kv_dtype="float16"), prefill_chunk=5)
+    ids = _ids(24, model.manifest.model.vocab_size, seed=5)
+    ours = model.logits(ids, decode_tail=6)
+    np.testing.assert_allclose(ours, _hf_logits(mistral_dir, ids), atol=2e-3, rtol=2e-3)
+    everything = _hf_logits(_with_config(mistral_dir, tmp_path / "full", sliding_window=None), ids)
+    assert np.abs(ours[WINDOW:] - everything[WINDOW:]).max(axis=-1).min() > 1e-2
 
 
 def test_greedy_generation_past_the_window_matches_transformers(mistral_dir, windowed_bundle):
@@ -113,9 +128,9 @@ def test_the_graph_holds_the_window_and_the_manifest_its_floor(mistral_dir, wind
     assert _floor(int4) == WINDOW_FLOOR
 
 
-def test_a_window_as_long_as_the_cache_is_plain_attention(mistral_dir, tmp_path):
+def test_a_window_as_long_as_the_cache_is_plain_attention(mistral_dir, tmp_path, capsys):
     """Within a window every position sees all before it: no attribute, no higher floor, and the
-    same logits as transformers with its window."""
+    same logits as transformers with its window. One position shorter, the window is applied."""
     wide = _with_config(mistral_dir, tmp_path / "wide", sliding_window=CONTEXT)
     bundle = _convert(wide, tmp_path / "b")
     assert _gqa_windows(bundle) == {None}
@@ -123,6 +138,10 @@ def test_a_window_as_long_as_the_cache_is_plain_attention(mistral_dir, tmp_path)
     model = Model.load(bundle)
     ids = _ids(CONTEXT, model.manifest.model.vocab_size, seed=4)
     np.testing.assert_allclose(model.logits(ids), _hf_logits(wide, ids), atol=1e-4, rtol=1e-4)
+    assert nomoat_main(["inspect", str(bundle)]) == 0
+    assert f"sliding window {CONTEXT} (not reached within the {CONTEXT}-token context)" in capsys.readouterr().out
+    shorter = _with_config(mistral_dir, tmp_path / "shorter", sliding_window=CONTEXT - 1)
+    assert _gqa_windows(_convert(shorter, tmp_path / "c")) == {CONTEXT - 1}
 
 
 def test_a_config_without_the_key_has_transformers_default_window(mistral_dir, tmp_path):
@@ -136,12 +155,23 @@ def test_a_config_without_the_key_has_transformers_default_window(mistral_dir, t
         is None
 
 
-@pytest.mark.parametrize("value", ["wide", -3, 4.5, True])
+@pytest.mark.parametrize("value", ["wide", -3, 4.5, True, False, 0.0])
 def test_a_sliding_window_that_is_not_a_count_is_refused(mistral_dir, tmp_path, value):
     bad = _with_config(mistral_dir, tmp_path / "bad", sliding_window=value)
     refusal = r"config.json lacks or has an invalid sliding_window .*correct that value"
     with pytest.raises(ConversionError, match=refusal):
         load_checkpoint(bad)
+
+
+@pytest.mark.parametrize("layer_types", [["full_attention", "sliding_attention"], "sliding_attention"])
+def test_attention_that_differs_from_layer_to_layer_is_refused(mistral_dir, tmp_path, layer_types):
+    """Ministral's alternating layers under model_type mistral: transformers' Mistral would put the
+    window on every layer, the checkpoint was trained otherwise."""
+    mixed = _with_config(mistral_dir, tmp_path / "mixed", layer_types=layer_types)
+    with pytest.raises(ConversionError, match=r"sets layer_types, attention that differs from layer to layer"):
+        load_checkpoint(mixed)
+    alike = _with_config(mistral_dir, tmp_path / "alike", layer_types=["sliding_attention"] * 2)
+    assert load_checkpoint(alike).spec.sliding_window == WINDOW
 
 
 def test_the_config_written_for_transformers_keeps_the_window(mistral_dir):
