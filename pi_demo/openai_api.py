@@ -85,7 +85,8 @@ class GenerationRequest:
 
 # Fields that change what OpenAI would answer -> the values that mean "not used" (accepted).
 # function_call goes with functions: without its own entry it passed, and was ignored, when functions was absent.
-_NEUTRAL = {"echo": (None, False), "tools": (None, []), "functions": (None, []), "function_call": (None,),
+# Its "none" (call no function) is tool_choice's "none", accepted likewise.
+_NEUTRAL = {"echo": (None, False), "tools": (None, []), "functions": (None, []), "function_call": (None, "none"),
             "n": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})}
 _ROLES = {"system", "user", "assistant", "developer"}
 
@@ -189,6 +190,8 @@ def _grammar(body: dict[str, Any]) -> tuple[tuple[str, Any] | None, str | None]:
 
 def _check_common(body: dict[str, Any], model_id: str) -> None:
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("'model' must be a string (the id /v1/models lists)", "model")
     if model is not None and model != model_id:
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_id}'.",
                        param="model", code="model_not_found")
@@ -218,7 +221,9 @@ def _message(message: Any, index: int) -> dict[str, str]:
         texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
         if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
             raise bad_request(f"{param}.content: only text parts are supported", f"{param}.content")
-        content = "".join(texts)
+        # One part per line, as vLLM and llama.cpp's server join them: clients that send a question
+        # and an attached document as two parts would otherwise run their words together.
+        content = "\n".join(texts)
     if not isinstance(content, str):
         raise bad_request(f"{param}.content must be a string", f"{param}.content")
     _check_unicode(content, f"{param}.content")

@@ -126,7 +126,8 @@ class App:
                               "context_length_exceeded")
         cache_prompt = self.config.cache_prompt if request.cache_prompt is None else request.cache_prompt
         return Job(ids, request.max_tokens, params, request.stop, prompt_lookup=self.config.prompt_lookup,
-                   cache_prompt=cache_prompt, logprobs=request.logprobs, grammar=self.grammar(request))
+                   cache_prompt=cache_prompt, logprobs=request.logprobs, grammar=self.grammar(request),
+                   continues_prompt=request.kind == "completion")
 
     def grammar(self, request: GenerationRequest) -> Grammar | None:
         """The request's structured-output grammar, checked against the model's tokenizer now, so a bad
@@ -185,7 +186,8 @@ class Scored:
         self._offsets: list[int] = []
         # A text completion's text_offset: where each token starts in the tokens' own text, before stop
         # strings hold any back (the events' text is after), as the legacy API counts. Chat has none.
-        self._text = IncrementalDetokenizer(model.tokenizer) if self.wanted and reply.kind == "completion" else None
+        self._text = (IncrementalDetokenizer(model.tokenizer, context=job.prompt_ids)
+                      if self.wanted and reply.kind == "completion" else None)
         self._length = 0
 
     def add(self, event: StreamEvent) -> None:

@@ -54,6 +54,7 @@ class Job:
     cache_prompt: bool = True  # False: the prompt runs from an empty KV cache (the same answer whatever ran before)
     logprobs: int | None = None  # each token's logprob with this many alternatives; None = none
     grammar: Grammar | None = None  # what the answer must match (structured output); None = anything
+    continues_prompt: bool = False  # a text completion: its text goes on from the prompt's (Model.stream_ids)
     stats: GenerationStats | None = None  # set once results() is exhausted
     _events: SimpleQueue = field(default_factory=SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -180,7 +181,7 @@ class Worker:
         events = self.model.stream_ids(job.prompt_ids, job.max_tokens, params=job.params, stop=job.stop,
                                        prompt_lookup=job.prompt_lookup, cache_prompt=job.cache_prompt,
                                        should_stop=lambda: job.cancelled, logprobs=job.logprobs,
-                                       grammar=job.grammar)
+                                       grammar=job.grammar, continues_prompt=job.continues_prompt)
         try:
             for event in events:
                 if job.cancelled:

@@ -26,6 +26,7 @@ U+FFFD it shows, because ByteFallback replaces a whole run of byte tokens when a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 __all__ = ["IncrementalDetokenizer"]
@@ -52,12 +53,19 @@ class IncrementalDetokenizer:
 
     Call ``add(token_id)`` for every generated id and print what it returns (often ''), then
     ``flush()`` once at the end for anything still held back.
+
+    ``context``: ids the text continues (a raw prompt's), never emitted. Its last few tokens open
+    the window, so the first new token decodes as it does inside prompt + answer: a SentencePiece
+    word keeps its leading space (" jumps" after "The quick brown fox", as a text completion
+    continues its prompt) where alone it would lose it. Without it the text is that of the new
+    ids decoded alone, as a chat answer is.
     """
 
-    def __init__(self, tokenizer: _Decoder, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: _Decoder, skip_special_tokens: bool = True, context: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._ids: list[int] = []
+        self._context = 0  # how many of _ids are context
         # The window is ids[_start:]. _start is always a character boundary (the text up to it
         # decoded without a trailing U+FFFD), so the window decodes on its own without garbage.
         self._start = 0
@@ -65,11 +73,23 @@ class IncrementalDetokenizer:
         self._emitted = 0
         # Character boundaries seen since _start (token indices), candidates for the next _start.
         self._boundaries: list[int] = []
+        self._open_with(list(context)[-CONTEXT_TOKENS:])
+
+    def _open_with(self, context: list[int]) -> None:
+        """Start the window with context ids as if they had been emitted. Not when they end inside a
+        character (the answer's first token would finish the prompt's character) or render nothing
+        (all skipped special tokens: the first new token is the decoder's first either way)."""
+        text = self._tokenizer.decode([int(t) for t in context], skip_special_tokens=self._skip_special)
+        if not text or text.endswith(REPLACEMENT_CHAR):
+            return
+        self._ids = [int(t) for t in context]
+        self._context = len(context)
+        self._emitted = len(text)
 
     @property
     def ids(self) -> list[int]:
-        """Every id added so far (a copy)."""
-        return list(self._ids)
+        """Every id added so far (a copy; not the context)."""
+        return self._ids[self._context:]
 
     def add(self, token_id: int) -> str:
         """Append one id; return the newly decodable text (often '', e.g. mid-character)."""

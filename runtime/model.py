@@ -466,14 +466,20 @@ class Model:
         check_lookup_applies(prompt_lookup, params, logprobs, grammar, given)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
         yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup,
-                                   logprobs=logprobs, grammar=grammar)
+                                   logprobs=logprobs, grammar=grammar, continues_prompt=raw)
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
                    params: SamplingParams | None = None, stop: str | Sequence[str] | None = None,
                    prompt_lookup: int = 0, *, cache_prompt: bool = True,
                    should_stop: Callable[[], bool] | None = None, logprobs: int | None = None,
-                   grammar: Grammar | None = None) -> Iterator[StreamEvent]:
+                   grammar: Grammar | None = None, continues_prompt: bool = False) -> Iterator[StreamEvent]:
         """Stream the answer to prompt ids (see stream).
+
+        params=None decodes greedily (stream() fills in the bundle's generation defaults; this one
+        does not, for callers that choose every setting themselves, as the server and the bench do).
+        continues_prompt: the text goes on from the prompt's (a raw prompt, a text completion), so
+        its first word keeps the leading space it has there (a SentencePiece tokenizer drops it from
+        the first token decoded alone; a chat answer is decoded alone, as transformers decodes it).
 
         cache_prompt=False computes the prompt from an empty KV cache (the same answer whatever ran
         before; see _prefill). should_stop is asked between prefill chunks; when it says yes the
@@ -494,7 +500,7 @@ class Model:
             check_count("logprobs", logprobs, minimum=0)
         constraint = self.constraint(grammar) if grammar is not None else None  # a bad grammar fails here
         stats = GenerationStats()
-        detok = IncrementalDetokenizer(self.tokenizer)
+        detok = IncrementalDetokenizer(self.tokenizer, context=prompt_ids if continues_prompt else ())
         stops = StopMatcher(stop)  # None is none; a bare string is one stop string
         # The detokenizer drops special tokens from the text, so a stop string that is one
         # ("<|im_start|>", "<|endoftext|>") would never match there: it stops as a token instead.

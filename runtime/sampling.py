@@ -1,6 +1,7 @@
 """Next-token sampling over one row of logits: numpy only, called once per generated token.
 
-The order of operations follows Hugging Face ``generate`` (and llama.cpp's default chain):
+The order of operations follows Hugging Face ``generate`` (llama.cpp's default chain differs:
+it applies the temperature after top-k, top-p and min-p):
 
     penalties -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> draw
 

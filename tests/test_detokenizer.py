@@ -3,20 +3,12 @@ and SentencePiece-style BPE with byte fallback (LLaMA-2/Mistral style), two deco
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 from nomoat.runtime.detokenizer import MAX_WINDOW_TOKENS, IncrementalDetokenizer
+from tiny_models import CORPUS, llama2_decoder, sentencepiece_parts, sentencepiece_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. Hello world, hello there!",
-    "Streaming text one token at a time must never show half a character.",
-    "你好世界。今天天气很好，我们去公园散步吧。中文分词很有意思。",
-    "Emoji time: 👋🏽 hello 🎉 party 🚀 launch 😀 smile ❤️ love",
-    "Mixed: naïve café, résumé — “quotes” and 東京 and Ünïcödé.\nNew line\n\n  indented",
-]
 
 TEXTS = [
     "Hello world",
@@ -30,9 +22,6 @@ TEXTS = [
     "",
     "The quick brown fox jumps over the lazy dog. " * 6 + "你好 👋🏽",
 ]
-
-SP_SPECIALS = ["<unk>", "<s>", "</s>"]
-
 
 def _byte_level_tokenizer() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
@@ -49,45 +38,18 @@ def _byte_level_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _sentencepiece_parts() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train a Metaspace BPE, then prepend the specials and the 256 <0xNN> byte tokens to its vocab
-    (the trainer would make them special, and decode would then skip them)."""
-    base = Tokenizer(models.BPE())
-    base.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=200, limit_alphabet=60, show_progress=False)
-    base.train_from_iterator(CORPUS * 3, trainer)
-    trained = json.loads(base.to_str())["model"]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    vocab = {token: i for i, token in enumerate(SP_SPECIALS + byte_tokens)}
-    for token in sorted(trained["vocab"], key=trained["vocab"].get):
-        vocab.setdefault(token, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
-    return vocab, merges
-
-
-def _sentencepiece_tokenizer(vocab, merges, decoder: decoders.Decoder) -> Tokenizer:
-    model = models.BPE(vocab=dict(vocab), merges=list(merges), byte_fallback=True, unk_token="<unk>")
-    tokenizer = Tokenizer(model)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tokenizer.decoder = decoder
-    tokenizer.add_special_tokens(SP_SPECIALS)
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def tokenizers_by_kind() -> dict[str, Tokenizer]:
-    vocab, merges = _sentencepiece_parts()
+    vocab, merges = sentencepiece_parts()
     metaspace = decoders.Sequence(
         [decoders.ByteFallback(), decoders.Metaspace(replacement="▁", prepend_scheme="first")]
     )
     # The chain LLaMA-2's tokenizer.json uses: the leading space is stripped from the whole text.
-    llama2 = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    llama2 = llama2_decoder()
     return {
         "byte_level": _byte_level_tokenizer(),
-        "metaspace": _sentencepiece_tokenizer(vocab, merges, metaspace),
-        "llama2_decoder": _sentencepiece_tokenizer(vocab, merges, llama2),
+        "metaspace": sentencepiece_tokenizer(vocab, merges, metaspace),
+        "llama2_decoder": sentencepiece_tokenizer(vocab, merges, llama2),
     }
 
 
@@ -220,3 +182,37 @@ def test_work_per_token_is_bounded(tokenizers_by_kind, kind):
     # (at most 4 bytes, hence 4 byte-level tokens) before sliding back.
     assert max(counting.sizes) <= MAX_WINDOW_TOKENS + 4
     assert len(counting.sizes) < 1.2 * len(ids) + 2  # about one decode per token
+
+
+# -- A continuation of a prompt (a text completion) ---------------------------------------------------
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("text", ["jumps over", "你好 👋🏽 world", "over the lazy dog. " * 4])
+def test_a_continuation_streams_as_it_reads_after_its_prompt(tokenizers_by_kind, kind, text):
+    """With the prompt as context the stream is the full text past the prompt's: the first word
+    keeps its space, which LLaMA-2's decoder strips from a first token decoded alone."""
+    tokenizer = tokenizers_by_kind[kind]
+    prompt, answer = tokenizer.encode(PROMPT).ids, tokenizer.encode(" " + text).ids
+    expected = tokenizer.decode(prompt + answer)[len(tokenizer.decode(prompt)):]
+    assert expected.startswith(" ")
+    detok = IncrementalDetokenizer(tokenizer, context=prompt)
+    deltas = [detok.add(token_id) for token_id in answer]
+    assert "".join(deltas) + detok.flush() == expected
+    assert detok.ids == answer
+    assert not any("\ufffd" in delta for delta in deltas)
+    if kind == "llama2_decoder":  # what the context is for
+        assert not "".join(stream(tokenizer, answer)[0]).startswith(" ")
+
+
+def test_a_context_that_ends_inside_a_character_or_renders_nothing_is_not_used(tokenizers_by_kind):
+    byte_level = tokenizers_by_kind["byte_level"]
+    answer = byte_level.encode(" ok").ids
+    cut = byte_level.encode("hi 👋").ids[:-1]  # the emoji's last piece would come with the answer
+    assert byte_level.decode(cut).endswith("\ufffd")
+    bos = byte_level.token_to_id("<|im_start|>")
+    for context in (cut, [bos]):
+        detok = IncrementalDetokenizer(byte_level, context=context)
+        assert "".join(detok.add(t) for t in answer) + detok.flush() == byte_level.decode(answer)

@@ -187,6 +187,33 @@ def test_text_completion_takes_the_prompt_raw(base_url, model):
     assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
 
 
+def test_a_text_completion_goes_on_from_its_prompt_with_the_space_its_first_word_has(tmp_path_factory):
+    """A LLaMA-2-style tokenizer drops the space of a first token decoded alone; a completion's text
+    continues its prompt, so it keeps it (" jumps", as OpenAI returns it), streamed or not, in the
+    logprobs' text_offset too; a chat answer is decoded alone, as transformers decodes it."""
+    from nomoat.runtime import Grammar, Model
+    from tiny_models import llama2_style_fp32_bundle
+
+    model = Model.load(llama2_style_fp32_bundle(tmp_path_factory), threads=1)
+    jumps = Grammar.gbnf('root ::= " jumps over the lazy dog."')
+    assert model.generate("The quick brown fox", 16, raw=True, grammar=jumps).text == " jumps over the lazy dog."
+    with running_server(model) as server:
+        body = {"model": MODEL_ID, "prompt": "The quick brown fox", "max_tokens": 16, "logprobs": 0,
+                "grammar": 'root ::= " jumps over the lazy dog."'}
+        status, r = _raw_post(url_of(server), "/v1/completions", json.dumps(body).encode())
+        assert status == 200, r
+        choice = r["choices"][0]
+        assert choice["text"] == " jumps over the lazy dog."
+        assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
+        assert choice["logprobs"]["text_offset"][1] == len(choice["logprobs"]["tokens"][0])
+        streamed = client(url_of(server)).completions.create(
+            model=MODEL_ID, prompt="The quick brown fox", max_tokens=16, stream=True,
+            extra_body={"grammar": 'root ::= " jumps over the lazy dog."'})
+        assert "".join(ch.choices[0].text for ch in streamed) == " jumps over the lazy dog."
+    chat = model.generate("Say it", 16, grammar=jumps)
+    assert chat.text == model.tokenizer.decode(chat.token_ids) == "jumps over the lazy dog."
+
+
 def test_seed_temperature_top_p_and_stop_are_honoured(base_url):
     c = client(base_url)
 
@@ -687,9 +714,12 @@ def test_request_parsing_refuses_wrong_types_with_the_field_named():
     assert param_of({"stop": [str(i) for i in range(17)]}) == "stop"
     assert param_of({"messages": [{"role": "robot", "content": "hi"}]}) == "messages[0].role"
     assert param_of({"stream_options": {"include_usage": True}}) == "stream_options"
-    parts = [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]
+    parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]
     request = parse_chat({"messages": [{"role": "developer", "content": parts}], "seed": 1}, MODEL_ID, LIMITS, 16)
-    assert request.prompt == [{"role": "system", "content": "hi there"}] and request.sampling == {"seed": 1}
+    assert request.prompt == [{"role": "system", "content": "Say\nhi"}] and request.sampling == {"seed": 1}
+    with pytest.raises(ApiError) as info:  # a 400 naming the field, not "the model '123' does not exist"
+        parse_chat({"messages": [{"role": "user", "content": "hi"}], "model": 123}, MODEL_ID, LIMITS, 16)
+    assert (info.value.status, info.value.param) == (400, "model")
     assert request.max_tokens == 16
 
 

@@ -237,10 +237,11 @@ def test_include_usage_of_the_wrong_type_is_a_400_naming_it():
 
 
 def test_function_call_is_refused_as_functions_is():
-    for value in ("auto", "none", {"name": "f"}):
+    for value in ("auto", {"name": "f"}, "None"):
         error = _refused({"function_call": value})
         assert error.param == "function_call" and error.code == "unsupported_parameter"
-    assert parse_chat({**CHAT, "function_call": None}, MODEL_ID, LIMITS, 16).kind == "chat"
+    for value in (None, "none"):  # no function called: tool_choice "none" likewise
+        assert parse_chat({**CHAT, "function_call": value}, MODEL_ID, LIMITS, 16).kind == "chat"
 
 
 def test_a_full_line_is_refused_before_the_request_is_prepared(model):

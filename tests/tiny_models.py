@@ -465,3 +465,74 @@ def padded_copy(bundle: Path, out: Path, file_name: str, size: int) -> Path:
     manifest["files"][file_name] = hashlib.sha256(extra.read_bytes()).hexdigest()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
+
+
+# -- A SentencePiece-style tokenizer (LLaMA-2 / Mistral: Metaspace BPE with byte fallback) --------------
+
+# Text the tests' small tokenizers are trained on (tests/test_detokenizer.py trains a byte-level one on it too).
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello world, hello there!",
+    "Streaming text one token at a time must never show half a character.",
+    "你好世界。今天天气很好，我们去公园散步吧。中文分词很有意思。",
+    "Emoji time: 👋🏽 hello 🎉 party 🚀 launch 😀 smile ❤️ love",
+    "Mixed: naïve café, résumé — “quotes” and 東京 and Ünïcödé.\nNew line\n\n  indented",
+]
+SP_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def llama2_decoder() -> Any:
+    """The decoder chain LLaMA-2's tokenizer.json uses: the leading space is stripped from the whole text."""
+    from tokenizers import decoders
+
+    return decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+
+
+@lru_cache(maxsize=1)
+def sentencepiece_parts() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train a Metaspace BPE, then prepend the specials and the 256 <0xNN> byte tokens to its vocab
+    (the trainer would make them special, and decode would then skip them)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    base = Tokenizer(models.BPE())
+    base.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=200, limit_alphabet=60, show_progress=False)
+    base.train_from_iterator(CORPUS * 3, trainer)
+    trained = json.loads(base.to_str())["model"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    vocab = {token: i for i, token in enumerate(SP_SPECIALS + byte_tokens)}
+    for token in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    return vocab, merges
+
+
+def sentencepiece_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], decoder: Any) -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = models.BPE(vocab=dict(vocab), merges=list(merges), byte_fallback=True, unk_token="<unk>")
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoder
+    tokenizer.add_special_tokens(SP_SPECIALS)
+    return tokenizer
+
+
+def llama2_style_fp32_bundle(tmp_path_factory: Any, max_context: int = 128) -> Path:
+    """A tiny fp32 bundle whose tokenizer decodes as LLaMA-2's does (a first word loses its space)."""
+    from nomoat.converter.convert import ConvertOptions, convert
+
+    vocab, merges = sentencepiece_parts()
+    tokenizer = sentencepiece_tokenizer(vocab, merges, llama2_decoder())
+    hf = make_tiny_hf_dir(tmp_path_factory.mktemp("llama2-style") / "hf", vocab_size=tokenizer.get_vocab_size(),
+                          eos_token_id=vocab["</s>"])
+    (hf / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    config.update({"eos_token": "</s>", "pad_token": "<unk>", "bos_token": "<s>", "add_bos_token": True})
+    (hf / "tokenizer_config.json").write_text(json.dumps(config))
+    generation = json.loads((hf / "generation_config.json").read_text())
+    generation.update({"eos_token_id": vocab["</s>"], "bos_token_id": vocab["<s>"]})
+    (hf / "generation_config.json").write_text(json.dumps(generation))
+    return convert(ConvertOptions(model=str(hf), out=tmp_path_factory.mktemp("b") / "llama2-style", quant="fp32",
+                                  max_context=max_context, progress=False, skip_verify=True))
