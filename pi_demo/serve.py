@@ -43,8 +43,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "true: the same request gets the same answer whatever ran before (a cached prompt can "
                         "flip an int4 bundle's near-ties), at the cost of a whole prefill every time "
                         "(default: off, a request's prompt reuses the cache unless it says false)")
+    p.add_argument("--cors-origin", type=cors_origin, default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000, or * for any) call the API from "
+                        "a browser: CORS headers and preflight answers (default: none; a browser chat UI that "
+                        "calls the server through its own backend needs none)")
     add_prompt_lookup_argument(p, when="for greedy requests without a penalty, logprobs or a grammar (the others "
                                        "run plain)")
+
+
+def cors_origin(value: str) -> str:
+    """argparse type: "*" or a web origin, scheme://host[:port] with nothing after it (what a browser
+    sends as Origin, and compares the answer's Access-Control-Allow-Origin with, character for character)."""
+    from urllib.parse import urlsplit
+
+    if value == "*":
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or value != f"{parts.scheme}://{parts.netloc}":
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a web origin: give scheme://host[:port] with no path or trailing slash "
+            "(e.g. http://localhost:3000), or * for any origin")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,13 +92,17 @@ def run(args: argparse.Namespace) -> int:
         structured = f"off: {e}"
     config = ServerConfig(model_id=args.model_id or bundle_name(args.bundle), api_key=api_key,
                           limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue, args.max_connections),
-                          prompt_lookup=args.prompt_lookup, cache_prompt=args.cache_prompt)
+                          prompt_lookup=args.prompt_lookup, cache_prompt=args.cache_prompt,
+                          cors_origin=args.cors_origin)
     try:
         server = PiServer((args.host, args.port), App(model, config))
     except OSError as e:
         return _fail(f"cannot listen on {host_port(args.host, args.port)}: {e.strerror or e}")
     if api_key is None and not _is_loopback(args.host):
         log.warning("listening on %s without an API key: anyone who reaches this port can use the model", args.host)
+    if api_key is None and config.cors_origin == "*":
+        log.warning("--cors-origin * without an API key: any web page open in a browser that reaches this port "
+                    "can use the model")
     # systemd stops the service with SIGTERM: finish like Ctrl-C. shutdown() waits for serve_forever
     # to return, so it must run outside the (main) thread that serve_forever blocks.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

@@ -62,6 +62,10 @@ class ServerConfig:
     api_key: str | None = None
     prompt_lookup: int = 0  # most drafted tokens per pass for greedy requests; 0 = off
     cache_prompt: bool = True  # a request's default for llama.cpp's "cache_prompt" (--no-cache-prompt: False)
+    # --cors-origin: the web origin ("*": any) whose pages may call the API from a browser; None: no
+    # page may (a browser's preflight gets 405, as without CORS). Off by default: with "*" and no
+    # API key any page a user visits could use the model.
+    cors_origin: str | None = None
 
 
 class App:
@@ -255,6 +259,14 @@ class Handler(BaseHTTPRequestHandler):
         self._responded = True  # a status line is out (or buffered): an error found now cannot be a second one
         super().send_response(code, message)
 
+    def end_headers(self) -> None:
+        # Every answer, errors and event streams included: a browser hides from the page any response
+        # without it, so an error would look like a network failure.
+        origin = self.server.app.config.cors_origin
+        if origin is not None:
+            self.send_header("Access-Control-Allow-Origin", origin)
+        super().end_headers()
+
     def _route(self, routes: dict[str, Callable[[], None]]) -> None:
         self._body_read = False
         self._responded = False
@@ -294,6 +306,9 @@ class Handler(BaseHTTPRequestHandler):
             allowed = ROUTES["/v1/models"]
             if self.command in ("GET", "HEAD"):  # OpenAI's client percent-encodes the id ("org%2Fmodel")
                 action = partial(self._model, unquote(path.removeprefix("/v1/models/")))
+        if self.command == "OPTIONS" and allowed and self.server.app.config.cors_origin is not None:
+            self._preflight(allowed)  # a browser asks before its cross-origin request, without the key
+            return
         if action is None and allowed:
             raise ApiError(405, f"{path} takes {allowed}, not {self.command}", code="method_not_allowed",
                            headers={"Allow": allowed})
@@ -302,6 +317,20 @@ class Handler(BaseHTTPRequestHandler):
         if path != "/health":  # monitoring needs no key
             self._authorize()
         action()
+
+    def _preflight(self, allowed: str) -> None:
+        """CORS preflight: the methods the route takes and the headers the page wants to send (OpenAI's
+        JavaScript client sends x-stainless-* ones besides Authorization and Content-Type)."""
+        self._drop_unread_body()
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", f"{allowed}, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers",
+                         self.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
 
     def _authorize(self) -> None:
         key = self.server.app.config.api_key
@@ -345,10 +374,13 @@ class Handler(BaseHTTPRequestHandler):
             raise bad_request("the request body must be a JSON object", code="invalid_json")
         return body
 
-    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def _drop_unread_body(self) -> None:
         declares_body = "Content-Length" in self.headers or "Transfer-Encoding" in self.headers
         if (self.command == "POST" or declares_body) and not self._body_read:
             self._discard_body()
+
+    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._drop_unread_body()
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

@@ -51,9 +51,10 @@ def model(bundle):
 
 @contextmanager
 def running_server(model, limits: Limits = LIMITS, api_key: str | None = KEY, prompt_lookup: int = 0,
-                   model_id: str = MODEL_ID, cache_prompt: bool = True) -> Iterator[PiServer]:
+                   model_id: str = MODEL_ID, cache_prompt: bool = True,
+                   cors_origin: str | None = None) -> Iterator[PiServer]:
     """The server in a thread of this process."""
-    config = ServerConfig(model_id, limits, api_key, prompt_lookup, cache_prompt=cache_prompt)
+    config = ServerConfig(model_id, limits, api_key, prompt_lookup, cache_prompt=cache_prompt, cors_origin=cors_origin)
     server = PiServer(("127.0.0.1", 0), App(model, config))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -212,6 +213,69 @@ def test_a_text_completion_goes_on_from_its_prompt_with_the_space_its_first_word
         assert "".join(ch.choices[0].text for ch in streamed) == " jumps over the lazy dog."
     chat = model.generate("Say it", 16, grammar=jumps)
     assert chat.text == model.tokenizer.decode(chat.token_ids) == "jumps over the lazy dog."
+
+
+def _exchange(base_url: str, method: str, path: str, headers: dict, body: bytes | None = None):
+    host, port = base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}
+
+
+PREFLIGHT = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+
+
+def test_cors_is_off_unless_an_origin_is_given(base_url):
+    status, headers = _exchange(base_url, "OPTIONS", "/v1/chat/completions", PREFLIGHT)
+    assert status == 405 and headers["allow"] == "POST"
+    status, headers = _exchange(base_url, "GET", "/v1/models", {"Authorization": f"Bearer {KEY}"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:3000", "*"])
+def test_a_browser_on_the_cors_origin_may_call_the_api(model, origin):
+    """--cors-origin: the preflight (sent without the key) gets the methods and the headers asked for,
+    and every answer, errors and streams included, names the origin."""
+    with running_server(model, cors_origin=origin) as server:
+        url = url_of(server)
+        status, headers = _exchange(url, "OPTIONS", "/v1/chat/completions", PREFLIGHT)
+        assert status == 204
+        assert headers["access-control-allow-origin"] == origin
+        assert headers["access-control-allow-methods"] == "POST, OPTIONS"
+        assert headers["access-control-allow-headers"] == "authorization, content-type, x-stainless-os"
+        status, headers = _exchange(url, "OPTIONS", "/v1/models/tiny", PREFLIGHT)
+        assert status == 204 and headers["access-control-allow-methods"].startswith("GET")
+        assert _exchange(url, "OPTIONS", "/v1/nowhere", PREFLIGHT)[0] == 404
+        body = json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        for key, stream, expected in ((KEY, False, 200), (KEY, True, 200), ("wrong", False, 401)):
+            sent = json.loads(body) | {"stream": stream}
+            status, headers = _exchange(url, "POST", "/v1/chat/completions",
+                                        {"Authorization": f"Bearer {key}", "Origin": PREFLIGHT["Origin"],
+                                         "Content-Type": "application/json"}, json.dumps(sent).encode())
+            assert status == expected and headers["access-control-allow-origin"] == origin, (key, stream)
+        # The connection the preflight used still serves the next request.
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("OPTIONS", "/v1/completions", headers=PREFLIGHT)
+        assert conn.getresponse().read() == b""
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+
+
+@pytest.mark.parametrize("value", ["localhost:3000", "http://localhost:3000/", "http://host/path", "ftp://host", ""])
+def test_a_cors_origin_that_is_no_origin_is_refused(value):
+    import argparse
+
+    from pi_demo.serve import cors_origin
+
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a web origin: give scheme://host"):
+        cors_origin(value)
+    assert cors_origin("https://chat.example:8443") == "https://chat.example:8443" and cors_origin("*") == "*"
 
 
 def test_seed_temperature_top_p_and_stop_are_honoured(base_url):
