@@ -34,6 +34,16 @@ _GPT2 = {"default", "gpt-2", "gpt2"}
 _GPT2_WITH_DIGITS = {"smollm"}
 # Qwen2's tokenizer.json normalizes to NFC before splitting (llama.cpp does not; the original does).
 _NFC = {"qwen2", "deepseek-r1-qwen"}
+# What llama.cpp's vocabulary loader (llama-vocab.cpp) sets for these names besides their split:
+# ignore_merges, as Llama 3's and Tekken's own tokenizer.json have it (a word the vocabulary holds
+# whole is one token, where the merges alone would cut " Việt" into seven), and a BOS token when
+# the GGUF does not say (no tokenizer.ggml.add_bos_token, as in older Llama 3 GGUFs).
+_LLAMA3_LIKE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "tekken"}
+
+
+def adds_bos_by_default(pre: str | None) -> bool:
+    """Does llama.cpp add a BOS token for this byte-level vocabulary when its GGUF has no flag?"""
+    return pre in _LLAMA3_LIKE
 
 
 def known_pre_tokenizers() -> list[str]:
@@ -59,6 +69,8 @@ def set_pre_tokenizer(tokenizer: Any, pre: str | None) -> None:
             pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"), byte_level])
         if pre in _NFC:
             tokenizer.normalizer = normalizers.NFC()
+        if pre in _LLAMA3_LIKE:
+            tokenizer.model.ignore_merges = True
     else:
         raise ConversionError(
             f"the GGUF's tokenizer splits text as {pre!r} (tokenizer.ggml.pre), which nomoat does not know "

@@ -10,6 +10,7 @@ The tokenizer is rebuilt as an HF tokenizer.json from the vocabulary in the meta
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConversionError
-from .gguf_pretokenizer import set_pre_tokenizer
+from .gguf_pretokenizer import adds_bos_by_default, set_pre_tokenizer
 from .load_hf import END_OF_TURN_TOKENS, end_of_turn_ids
 from .load_meta import interleaved_to_half_rotary
 from .sampling_defaults import checked_generation_defaults
@@ -65,6 +66,7 @@ _TOKENIZER_KEYS = {
     "ggml.add_space_prefix": "add_prefix_space",
 }
 _CONTROL = 3  # llama.cpp token type of special tokens like <|im_end|>
+_USER_DEFINED = 4  # llama.cpp token type of tokens added by the model's makers, matched whole in text
 _SAMPLING_KEYS = {
     "general.sampling.temp": "temperature",
     "general.sampling.top_p": "top_p",
@@ -381,8 +383,10 @@ def tokenizer_from_gguf(meta: dict[str, Any], arch: str) -> TokenizerInfo:
         )
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if add_bos is None:
-        # llama.cpp's default when the flag is absent: add BOS for SentencePiece vocabularies only.
-        add_bos = tokenizer_dict.get("tokenizer_type") == "llama"
+        # llama.cpp's default when the flag is absent: add BOS for SentencePiece vocabularies and for
+        # the Llama 3 and Tekken byte-level ones.
+        add_bos = (tokenizer_dict.get("tokenizer_type") == "llama"
+                   or adds_bos_by_default(tokenizer_dict.get("pre_tokenizer_type")))
     texts = {
         "bos": bos_id,
         "eos": eos_ids[0],
@@ -416,6 +420,35 @@ def _build_tokenizer_json(arch: str, tokenizer_dict: dict[str, Any]) -> str:
             f"{tokenizer_dict.get('tokenizer_type')!r}): {e}. "
             "Convert from the Hugging Face checkpoint instead."
         ) from e
-    if tokenizer_dict.get("tokenizer_type") == "gpt2":  # byte-level BPE: the split is nomoat's (gguf_pretokenizer.py)
-        set_pre_tokenizer(tokenizer, tokenizer_dict.get("pre_tokenizer_type"))
-    return tokenizer.to_str()
+    if tokenizer_dict.get("tokenizer_type") != "gpt2":
+        return tokenizer.to_str()
+    set_pre_tokenizer(tokenizer, tokenizer_dict.get("pre_tokenizer_type"))  # byte-level BPE: the split is nomoat's
+    return json.dumps(_with_raw_special_tokens(json.loads(tokenizer.to_str()), tokenizer_dict))
+
+
+def _with_raw_special_tokens(data: dict[str, Any], tokenizer_dict: dict[str, Any]) -> dict[str, Any]:
+    """Control and user-defined tokens spelt with characters outside the byte-level alphabet, whole.
+
+    llama.cpp's converter stores a byte-level vocabulary's added tokens as their text, and DeepSeek-R1's
+    are not ASCII ("<｜User｜>", "<｜end▁of▁sentence｜>"). transformers' rebuild (5.25) takes them for
+    byte-level spellings gone wrong and leaves them out of the added tokens, so a chat template's
+    "<｜User｜>" was cut into byte pieces. llama.cpp matches them whole in the text: so do we."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    key_of = {i: key for key, i in vocab.items()}
+    added = {t["id"] for t in data["added_tokens"]}
+    kinds = tokenizer_dict.get("token_type") or []
+    for i, text in enumerate(tokenizer_dict["tokens"]):
+        kind = kinds[i] if i < len(kinds) else None
+        if kind not in (_CONTROL, _USER_DEFINED) or i in added or set(text) <= alphabet:
+            continue
+        if vocab.get(text, i) != i:  # the text is another token's: leave both as they are
+            continue
+        vocab.pop(key_of.get(i, text), None)
+        vocab[text] = i
+        data["added_tokens"].append({"id": i, "content": text, "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": kind == _CONTROL})
+    data["added_tokens"].sort(key=lambda t: t["id"])
+    return data

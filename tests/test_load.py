@@ -276,6 +276,55 @@ def test_gguf_byte_level_tokenizer_splits_as_its_pre_tokenizer_says(pre):
         assert rebuilt.encode(text).tokens == original.encode(text).tokens, text
 
 
+def _as_gguf_metadata(tokenizer_dict: dict, **more) -> dict:
+    names = {"tokenizer_type": "model", "pre_tokenizer_type": "pre", "tokens": "tokens", "merges": "merges",
+             "token_type": "token_type"}
+    return {f"tokenizer.ggml.{names[k]}": v for k, v in tokenizer_dict.items()} | {
+        f"tokenizer.ggml.{k}": v for k, v in more.items()}
+
+
+def test_gguf_special_tokens_outside_the_byte_alphabet_are_matched_whole():
+    """DeepSeek-R1-Distill GGUFs store "<｜User｜>" as its text; llama.cpp matches it whole, and so must the
+    bundle (transformers' rebuild leaves such tokens out, and a chat template's turn markers became byte pieces)."""
+    from nomoat.converter.load_gguf import _build_tokenizer_json
+
+    tokenizer_dict = _gguf_tokenizer_dict(_original_byte_level_bpe("qwen2"), "deepseek-r1-qwen")
+    specials = {"<｜begin▁of▁sentence｜>": 3, "<｜User｜>": 3, "<｜Assistant｜>": 3, "<think>": 4}
+    first = len(tokenizer_dict["tokens"])
+    tokenizer_dict["tokens"] += list(specials)
+    tokenizer_dict["token_type"] += list(specials.values())
+    rebuilt = Tokenizer.from_str(_build_tokenizer_json("qwen2", tokenizer_dict))
+    ids = {text: first + n for n, text in enumerate(specials)}
+    text = "<｜begin▁of▁sentence｜><｜User｜>return 12<｜Assistant｜><think>"
+    encoded = rebuilt.encode(text, add_special_tokens=False).ids
+    assert encoded[:2] == [ids["<｜begin▁of▁sentence｜>"], ids["<｜User｜>"]]
+    assert encoded[-2:] == [ids["<｜Assistant｜>"], ids["<think>"]]
+    assert rebuilt.decode(encoded, skip_special_tokens=False) == text
+    assert rebuilt.decode(encoded) == "return 12<think>"  # control tokens skipped, user-defined ones kept
+    assert rebuilt.get_vocab_size() == len(tokenizer_dict["tokens"])
+
+
+@pytest.mark.parametrize("pre,whole", [("llama-bpe", True), ("qwen2", False)])
+def test_gguf_llama3_vocabularies_take_whole_words_the_merges_do_not_reach(pre, whole):
+    """llama.cpp's ignore_merges for Llama 3 and Tekken (their tokenizer.json has it too): a word in the
+    vocabulary is one token even when no chain of merges builds it (Llama 3's " Việt")."""
+    from nomoat.converter.load_gguf import _build_tokenizer_json
+
+    tokenizer_dict = _gguf_tokenizer_dict(_original_byte_level_bpe(pre), pre)
+    tokenizer_dict["tokens"].append("Ġzqxv")
+    tokenizer_dict["token_type"].append(1)
+    tokens = Tokenizer.from_str(_build_tokenizer_json("llama", tokenizer_dict)).encode("a zqxv").tokens
+    assert (tokens[-1:] == ["Ġzqxv"]) is whole, tokens
+
+
+@pytest.mark.parametrize("pre,adds", [("llama-bpe", True), ("tekken", True), ("smollm", False), ("qwen2", False)])
+def test_a_gguf_without_the_bos_flag_gets_llama_cpps_default(pre, adds):
+    tokenizer_dict = _gguf_tokenizer_dict(_original_byte_level_bpe("gpt-2"), pre)
+    meta = _as_gguf_metadata(tokenizer_dict, bos_token_id=0, eos_token_id=0)
+    assert tokenizer_from_gguf(meta, "llama").add_bos_token is adds
+    assert tokenizer_from_gguf(meta | {"tokenizer.ggml.add_bos_token": not adds}, "llama").add_bos_token is not adds
+
+
 def test_gguf_with_a_pre_tokenizer_nomoat_does_not_know_is_refused():
     from nomoat.converter.load_gguf import _build_tokenizer_json
 
