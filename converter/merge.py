@@ -355,7 +355,7 @@ def _read_peft(path: Path, ckpt: Checkpoint) -> tuple[AdapterReport, list[Update
         report.notices.append("fan_in_fan_out=true ignored: it only applies to Conv1D layers (GPT-2), and PEFT "
                               "ignores it for LLaMA's nn.Linear layers too.")
     lora, replacements = _group_peft_keys(tensors, ckpt, path)
-    _check_config_targets(config, ckpt, path)
+    _check_config_targets(config, ckpt, path, report)
     _note_chat_template(path, ckpt, report)
     _note_base_model(path, ckpt, report)
     updates: list[Update] = [_lora_update(module, parts, config, report, path) for module, parts in lora.items()]
@@ -416,10 +416,19 @@ def _refuse_unmergeable(config: dict[str, Any], path: Path) -> None:
         if config.get(option):
             raise ConversionError(f"{path}: cannot merge this adapter: {reason} ({option} is set).")
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+    # PEFT reads the name in any case ("OLoRA" runs OLoRA).
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        if init.lower().startswith("loftq"):
+            raise ConversionError(
+                f"{path}: the adapter was initialised with {init!r}, which trains against a LoftQ-quantized base; it "
+                "only fits that base. Pass the base PEFT saved for it as --model and set init_lora_weights to true "
+                "in adapter_config.json (PEFT's path_initial_model_for_weight_conversion does not convert LoftQ)."
+            )
         raise ConversionError(
             f"{path}: the adapter was initialised with {init!r}, which rewrites the base weights; it only fits that "
-            "rewritten base. Save it with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA."
+            "rewritten base. Save it with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA, or, "
+            "if --model already is the residual model PEFT saved, set init_lora_weights to true in "
+            "adapter_config.json."
         )
 
 
@@ -591,8 +600,12 @@ def _names_match(a: str, b: str) -> bool:
     return short == long or (len(short) >= 4 and short in long)
 
 
-def _check_config_targets(config: dict[str, Any], ckpt: Checkpoint, path: Path) -> None:
-    """target_modules naming a module this model does not have means the adapter is for another architecture."""
+def _check_config_targets(config: dict[str, Any], ckpt: Checkpoint, path: Path, report: AdapterReport) -> None:
+    """target_modules of which no name is a module of this model mean the adapter is for another architecture.
+
+    Some names missing is not enough: training scripts pass one list for several architectures
+    ("q_proj", "query_key_value", "c_attn", ...), and PEFT trains such an adapter on the modules that
+    exist. The weights' own names are checked one by one (_group_peft_keys)."""
     targets = config.get("target_modules")
     modules = [name.removesuffix(".weight") for name, t in ckpt.tensors.items() if t.dim() == 2]
     if ckpt.spec.tie_word_embeddings:
@@ -602,13 +615,17 @@ def _check_config_targets(config: dict[str, Any], ckpt: Checkpoint, path: Path) 
             raise ConversionError(f"{path}: target_modules {targets!r} matches no module of this "
                                   f"{ckpt.spec.architecture} model; the adapter is for another architecture.")
         return
-    for target in targets or []:
-        if not any(m == target or m.endswith(f".{target}") for m in modules):
-            raise ConversionError(
-                f"{path}: unknown target module {target!r} in adapter_config.json: this {ckpt.spec.architecture} "
-                "model has no such module (it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, "
-                "embed_tokens, lm_head); the adapter is for another architecture."
-            )
+    targets = list(targets or [])
+    missing = [t for t in targets if not any(m == t or m.endswith(f".{t}") for m in modules)]
+    if targets and len(missing) == len(targets):
+        raise ConversionError(
+            f"{path}: unknown target modules {', '.join(map(repr, missing))} in adapter_config.json: this "
+            f"{ckpt.spec.architecture} model has none of them (it has q_proj, k_proj, v_proj, o_proj, gate_proj, "
+            "up_proj, down_proj, embed_tokens, lm_head); the adapter is for another architecture."
+        )
+    if missing:
+        report.notices.append(f"target_modules names {', '.join(map(repr, missing))}, which this "
+                              f"{ckpt.spec.architecture} model does not have; PEFT trained the others, which merge.")
 
 
 def _sha256(path: Path) -> str:

@@ -438,10 +438,20 @@ def test_unknown_target_module_in_weights(untied, tmp_path):
                                                "target module")
 
 
-def test_unknown_target_module_in_config(untied, tmp_path):
+def test_target_modules_of_another_architecture_are_refused(untied, tmp_path):
     adapter = _adapter(untied, tmp_path / "a")
-    _edit_config(adapter, target_modules=["q_proj", "c_attn"])
-    _assert_refused(untied, tmp_path, adapter, "unknown target module 'c_attn'")
+    _edit_config(adapter, target_modules=["query_key_value", "c_attn"])
+    _assert_refused(untied, tmp_path, adapter, "unknown target modules 'query_key_value', 'c_attn'.*has none of them")
+
+
+def test_target_modules_listed_for_several_architectures_merge_with_a_notice(untied, tmp_path):
+    """One list for many architectures, as training scripts pass it: PEFT trains the modules that exist."""
+    adapter = _adapter(untied, tmp_path / "a", targets=("q_proj", "v_proj"))
+    _edit_config(adapter, target_modules=["q_proj", "v_proj", "query_key_value", "c_attn"])
+    notes: list[str] = []
+    _ours(untied, AdapterRef(adapter), notes=notes)
+    assert any("'query_key_value', 'c_attn'" in n and "does not have" in n for n in notes), notes
+    _assert_merge_equals(untied, adapter)  # PEFT loads and merges it the same
 
 
 def test_key_matching_nothing_is_an_error_not_a_skip(untied, tmp_path):
@@ -470,11 +480,18 @@ def test_dora_without_magnitude_is_refused(untied, tmp_path):
 
 
 @pytest.mark.parametrize("option,value", [("alora_invocation_tokens", [1, 2]), ("init_lora_weights", "pissa"),
+                                          ("init_lora_weights", "OLoRA"),  # PEFT reads it in any case
                                           ("layer_replication", [[0, 2]])])
 def test_unmergeable_adapters_are_refused(untied, tmp_path, option, value):
     adapter = _adapter(untied, tmp_path / "a")
     _edit_config(adapter, **{option: value})
     _assert_refused(untied, tmp_path, adapter, "cannot merge|rewrites the base weights")
+
+
+def test_a_loftq_adapter_is_sent_to_the_base_it_was_trained_on(untied, tmp_path):
+    adapter = _adapter(untied, tmp_path / "a")
+    _edit_config(adapter, init_lora_weights="loftq")
+    _assert_refused(untied, tmp_path, adapter, "LoftQ-quantized base.*init_lora_weights to true")
 
 
 def test_lora_gguf_for_another_architecture_or_a_model_gguf(untied, tmp_path):
