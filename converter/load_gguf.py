@@ -208,7 +208,7 @@ def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> Mode
         intermediate_size=int(key("feed_forward_length")),
         num_layers=int(key("block_count")),
         num_heads=heads,
-        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        num_kv_heads=_one_count(key("attention.head_count_kv", heads), "attention.head_count_kv"),
         head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         rope_theta=rope_theta,
@@ -342,6 +342,16 @@ def dequantize(t: Any) -> Any:
         ) from e
     # np.array copies: the reader's arrays are read-only views of the memory-mapped file.
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(_hf_shape(t)))
+
+
+def _one_count(value: Any, name: str) -> int:
+    """A count llama.cpp may also write per layer (a list): one value for every layer is that value."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ConversionError(f"the GGUF's {name} differs from layer to layer ({sorted(set(value))}); nomoat "
+                                  "converts models whose layers are alike.")
+        value = value[0]
+    return int(value)
 
 
 def _hf_shape(t: Any) -> tuple[int, ...]:

@@ -100,7 +100,15 @@ def read_safetensors(files: list[Path]) -> dict[str, Any]:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for name in sf.keys():
-                    tensors[name] = sf.get_tensor(name).to(torch.float32)
+                    tensor = sf.get_tensor(name)
+                    if not tensor.is_floating_point():
+                        # int8 / packed weights under the usual names (a quantized export): read as numbers
+                        # they would be nonsense, not an error.
+                        raise ConversionError(
+                            f"{f} stores {name} as {str(tensor.dtype).removeprefix('torch.')}, not as floating-point "
+                            "weights: the checkpoint is quantized. Convert the unquantized model (float32, "
+                            "float16 or bfloat16 safetensors) or its GGUF.")
+                    tensors[name] = tensor.to(torch.float32)
         except (SafetensorError, OSError) as e:
             raise ConversionError(
                 f"{f} is not a readable safetensors file ({e}). It is probably truncated or corrupt: "

@@ -192,7 +192,9 @@ class ModelSpec:
             num_kv_heads=c.int("num_key_value_heads", heads),
             head_dim=c.int("head_dim", hidden // heads),
             rms_norm_eps=c.float("rms_norm_eps", 1e-6),
-            rope_theta=c.float("rope_theta", rope_params.float("rope_theta", 10000.0) if rope_params else 10000.0),
+            # transformers 5 reads rope_parameters first when a config has both
+            rope_theta=(rope_params.float("rope_theta", c.float("rope_theta", 10000.0)) if rope_params
+                        else c.float("rope_theta", 10000.0)),
             max_position_embeddings=c.int("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2",

@@ -607,3 +607,34 @@ def test_uncached_hub_id_asks_for_a_local_copy():
 def test_missing_local_path_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
+
+
+def test_a_quantized_safetensors_checkpoint_is_refused_not_read_as_numbers(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = make_tiny_hf_dir(tmp_path / "m")
+    weights = load_file(hf / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weights[name] = (weights[name] * 127 / weights[name].abs().max()).round().to(torch.int8)
+    save_file(weights, hf / "model.safetensors")
+    with pytest.raises(ConversionError, match=rf"stores {name} as int8, not as floating-point.*quantized"):
+        load_checkpoint(hf)
+
+
+def test_a_per_layer_gguf_count_is_one_value_or_refused():
+    from nomoat.converter.load_gguf import _one_count
+
+    assert _one_count(3, "attention.head_count_kv") == 3
+    assert _one_count([3, 3, 3], "attention.head_count_kv") == 3
+    with pytest.raises(ConversionError, match=r"head_count_kv differs from layer to layer \(\[1, 3\]\)"):
+        _one_count([3, 1, 3], "attention.head_count_kv")
+
+
+def test_rope_parameters_win_over_a_top_level_rope_theta_as_in_transformers(tmp_path):
+    from transformers import LlamaConfig
+
+    hf = make_tiny_hf_dir(tmp_path / "m")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.update({"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}})
+    assert ModelSpec.from_hf_config(cfg).rope_theta == 50000.0
+    assert LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}).rope_parameters["rope_theta"] == 50000.0
