@@ -430,10 +430,28 @@ def _build_tokenizer_json(arch: str, tokenizer_dict: dict[str, Any]) -> str:
             f"{tokenizer_dict.get('tokenizer_type')!r}): {e}. "
             "Convert from the Hugging Face checkpoint instead."
         ) from e
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        return json.dumps(_with_llamas_space_prefix(json.loads(tokenizer.to_str()), tokenizer_dict))
     if tokenizer_dict.get("tokenizer_type") != "gpt2":
         return tokenizer.to_str()
     set_pre_tokenizer(tokenizer, tokenizer_dict.get("pre_tokenizer_type"))  # byte-level BPE: the split is nomoat's
     return json.dumps(_with_raw_special_tokens(json.loads(tokenizer.to_str()), tokenizer_dict))
+
+
+def _with_llamas_space_prefix(data: dict[str, Any], tokenizer_dict: dict[str, Any]) -> dict[str, Any]:
+    """A SentencePiece vocabulary's spaces as llama.cpp and Llama 2's own tokenizer.json write them.
+
+    llama.cpp gives every stretch of text that starts the prompt or follows a special token a leading
+    space ("<s>[INST]" is "<s>", "▁[", "INST", ...) unless tokenizer.ggml.add_space_prefix is false,
+    and keeps runs of spaces as they are. transformers' rebuild (a Metaspace pre-tokenizer that
+    prepends only at the very start) did neither. Llama 2's tokenizer.json does it with a normalizer,
+    which runs on each stretch between special tokens: the same here."""
+    prefix = tokenizer_dict.get("add_prefix_space")
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    data["normalizer"] = {"type": "Sequence", "normalizers": (
+        [replace] if prefix is False else [{"type": "Prepend", "prepend": "▁"}, replace])}
+    data["pre_tokenizer"] = None
+    return data
 
 
 def _with_raw_special_tokens(data: dict[str, Any], tokenizer_dict: dict[str, Any]) -> dict[str, Any]:

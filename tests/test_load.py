@@ -340,12 +340,37 @@ def test_gguf_sentencepiece_tokenizer_encodes_like_sentencepiece():
     tok = tokenizer_from_gguf(meta, "llama")
     sp = spm.SentencePieceProcessor(model_proto=sentencepiece_model())
     rebuilt = Tokenizer.from_str(tok.tokenizer_json)
-    # (not leading double spaces: transformers' Metaspace rebuild merges those differently)
-    for text in ["What is the capital of France?", "Emoji 😀🚀 and 中文字符, café; 12345", "a\nb  c"]:
+    for text in ["What is the capital of France?", "Emoji 😀🚀 and 中文字符, café; 12345", "a\nb  c", "  two  spaces "]:
         assert rebuilt.encode(text, add_special_tokens=False).ids == sp.encode(text), text
     assert tok.add_bos_token is True  # llama.cpp's default for SentencePiece vocabularies
     assert (tok.bos_token_id, tok.eos_token_ids) == (1, [2])
     assert tok.special_tokens == {"bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+
+
+@pytest.mark.parametrize("space_prefix", [True, False])
+def test_gguf_sentencepiece_text_between_special_tokens_is_split_as_llama_cpp_splits_it(space_prefix):
+    """llama.cpp encodes each stretch of text between special tokens on its own, with a leading space
+    unless add_space_prefix is false: "<s>[INST] ..." is "<s>", "▁[", ... as Llama 2's tokenizer.json has it."""
+    import re
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sentencepiece_model())
+    proto.normalizer_spec.add_dummy_prefix = space_prefix
+    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+    def llama_cpp(text: str) -> list[int]:
+        pieces = re.split(r"(<s>|</s>)", text)
+        return [i for piece in pieces if piece
+                for i in ([sp.piece_to_id(piece)] if piece in ("<s>", "</s>") else sp.encode(piece))]
+
+    meta = sentencepiece_gguf_metadata() | {"tokenizer.ggml.add_space_prefix": space_prefix}
+    rebuilt = Tokenizer.from_str(tokenizer_from_gguf(meta, "llama").tokenizer_json)
+    for text in ["<s>[INST] The quick fox [/INST]", "The quick fox</s>\nThe lazy dog", "a</s> b", "  two  spaces ",
+                 "Emoji 😀 café 12345"]:
+        assert rebuilt.encode(text, add_special_tokens=False).ids == llama_cpp(text), text
 
 
 def test_gguf_stops_at_eos_and_at_the_templates_end_of_turn(llama_gguf):
