@@ -357,6 +357,7 @@ def _read_peft(path: Path, ckpt: Checkpoint) -> tuple[AdapterReport, list[Update
     lora, replacements = _group_peft_keys(tensors, ckpt, path)
     _check_config_targets(config, ckpt, path, report)
     _note_chat_template(path, ckpt, report)
+    _note_added_tokens(path, ckpt, report)
     _note_base_model(path, ckpt, report)
     updates: list[Update] = [_lora_update(module, parts, config, report, path) for module, parts in lora.items()]
     return report, updates + replacements
@@ -563,6 +564,28 @@ def _note_chat_template(path: Path, ckpt: Checkpoint, report: AdapterReport) -> 
         f"{path / name} holds a chat template of its own, unlike the base model's; the merge uses only the "
         f"adapter's weights, so the bundle keeps {kept}. To ship the adapter's template, `nomoat merge` the "
         "adapter, copy its tokenizer files into the merged folder and convert that folder."
+    )
+
+
+def _note_added_tokens(path: Path, ckpt: Checkpoint, report: AdapterReport) -> None:
+    """An adapter folder whose tokenizer has tokens the base's lacks (special tokens added without
+    resizing, on a model with spare embedding rows, their rows trained via modules_to_save): the
+    bundle keeps the base tokenizer, which can neither encode nor produce them, so say so."""
+    from tokenizers import Tokenizer
+
+    try:
+        theirs = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        ours = Tokenizer.from_str(ckpt.tokenizer.tokenizer_json).get_vocab(with_added_tokens=True)
+    except Exception:  # no tokenizer.json beside the adapter, or one tokenizers cannot read: nothing to compare
+        return
+    new = sorted((t for t in theirs if t not in ours), key=theirs.get)
+    if not new:
+        return
+    shown = ", ".join(map(repr, new[:5])) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+    report.notices.append(
+        f"{path / 'tokenizer.json'} has {len(new)} token(s) the base model's tokenizer lacks ({shown}); the bundle "
+        "keeps the base's, which can neither encode nor produce them. To ship them, `nomoat merge` the adapter, "
+        "copy its tokenizer files into the merged folder and convert that folder."
     )
 
 

@@ -193,6 +193,24 @@ def test_adapters_own_chat_template_and_base_model_are_noticed(untied, tmp_path)
         assert report.notices == [], named
 
 
+def test_tokens_the_adapters_tokenizer_adds_are_noticed(untied, tmp_path):
+    """Special tokens added without resizing (spare embedding rows) and saved with the adapter's tokenizer:
+    the bundle keeps the base tokenizer, which cannot encode them, and says so; the same tokenizer, no word."""
+    from tokenizers import AddedToken, Tokenizer
+
+    adapter = _adapter(untied, tmp_path / "a", targets=["q_proj"])
+    tokenizer = Tokenizer.from_file(str(untied / "tokenizer.json"))
+    tokenizer.save(str(adapter / "tokenizer.json"))
+    notes: list[str] = []
+    _ours(untied, AdapterRef(adapter), notes=notes)
+    assert notes == []
+    tokenizer.add_special_tokens([AddedToken("<tool_call>", special=True), AddedToken("</tool_call>", special=True)])
+    tokenizer.save(str(adapter / "tokenizer.json"))
+    _ours(untied, AdapterRef(adapter), notes=notes)
+    assert any("has 2 token(s) the base model's tokenizer lacks ('<tool_call>', '</tool_call>')" in n
+               and "nomoat merge" in n for n in notes), notes
+
+
 def test_fan_in_fan_out_is_ignored_for_linear_layers_like_peft(untied, tmp_path):
     """PEFT cannot write fan_in_fan_out for LLaMA (it resets the flag for nn.Linear), so set it by hand.
 
