@@ -617,10 +617,15 @@ def _loose_name(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+# What a GGUF's or a converted copy's name adds to the model's (loose names: lowercase letters and
+# digits): its quantization (q80, q41, q4km, iq4xs), its dtype, "gguf".
+_FILE_TAGS = re.compile(r"(?:q\d(?:\d|k[sml]?)?|iq\d(?:xxs|xs|nl|s|m)?|bf16|fp16|fp32|f16|f32|gguf)+$")
+
+
 def _names_match(a: str, b: str) -> bool:
-    """Equal, or one inside the other (a GGUF's name adds its quantization: smollm2135minstructq80)."""
-    short, long = sorted((a, b), key=len)
-    return short == long or (len(short) >= 4 and short in long)
+    """The same model's names once a file's tags are dropped (smollm2135minstructq80 is smollm2135minstruct).
+    Not one inside the other: a base model's name is inside its Instruct model's, the commonest mix-up."""
+    return (_FILE_TAGS.sub("", a) or a) == (_FILE_TAGS.sub("", b) or b)
 
 
 def _check_config_targets(config: dict[str, Any], ckpt: Checkpoint, path: Path, report: AdapterReport) -> None:

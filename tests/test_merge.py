@@ -193,6 +193,23 @@ def test_adapters_own_chat_template_and_base_model_are_noticed(untied, tmp_path)
         assert report.notices == [], named
 
 
+@pytest.mark.parametrize("named,model,same", [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf", True),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct-q4_k_m.gguf", True),
+    ("meta-llama/Llama-3.2-1B-Instruct", "Llama-3.2-1B-Instruct-GGUF", True),
+    ("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M-Instruct", False),  # a base model's adapter on the Instruct one
+    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B", False),
+    ("meta-llama/Llama-3.2-1B", "Llama-3.2-3B", False),
+])
+def test_the_base_model_named_is_told_from_its_instruct_model(named, model, same):
+    from pathlib import PurePath
+
+    from nomoat.converter.merge import _loose_name, _model_names, _names_match
+
+    theirs = _loose_name(PurePath(named).name)
+    assert any(_names_match(theirs, ours) for ours in _model_names(Path("/models") / model)) is same
+
+
 def test_tokens_the_adapters_tokenizer_adds_are_noticed(untied, tmp_path):
     """Special tokens added without resizing (spare embedding rows) and saved with the adapter's tokenizer:
     the bundle keeps the base tokenizer, which cannot encode them, and says so; the same tokenizer, no word."""
