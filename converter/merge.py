@@ -54,6 +54,8 @@ _UNMERGEABLE_OPTIONS = {
 }
 # Initialisations that rewrite the base weights when training starts: their adapters only make
 # sense on that rewritten base, unless PEFT converted them back (then the config says True).
+# PEFT task types that train a head the causal LM does not have (saved beside the LoRA weights).
+_TASKS_WITH_A_HEAD = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
@@ -365,6 +367,11 @@ def _read_peft(path: Path, ckpt: Checkpoint) -> tuple[AdapterReport, list[Update
 
 def _read_peft_files(path: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
     config_file = path / "adapter_config.json"
+    named = sorted(p.parent.name for p in path.glob("*/adapter_config.json")) if path.is_dir() else []
+    if not config_file.is_file() and named:
+        # PEFT's save_pretrained puts an adapter not called "default" in a subfolder of its name.
+        raise ConversionError(f"{path} holds adapters in subfolders ({', '.join(named)}), as PEFT saves named "
+                              f"adapters: pass one of them, e.g. --lora {path / named[0]}")
     if not config_file.is_file():
         raise ConversionError(f"{path} has no adapter_config.json; it is not a PEFT adapter folder (or the config "
                               "was not copied with the weights). Pass the folder PEFT's save_pretrained wrote, or "
@@ -377,6 +384,10 @@ def _read_peft_files(path: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         raise ConversionError(f"{config_file} should hold a JSON object.")
     if config.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"{path}: peft_type {config.get('peft_type')!r} is not LoRA; only LoRA merges.")
+    task = config.get("task_type")
+    if task in _TASKS_WITH_A_HEAD:
+        raise ConversionError(f"{path}: the adapter was trained for task_type {task!r}, with a head of its own "
+                              "that a text-generating model lacks; CAUSAL_LM adapters merge.")
     st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
     if st.is_file():
         return config, _load_safetensors(st), st

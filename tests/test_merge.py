@@ -465,6 +465,18 @@ def test_missing_config(untied, tmp_path):
     _assert_refused(untied, tmp_path, adapter, "no adapter_config.json")
 
 
+def test_a_folder_of_named_adapters_names_them(untied, tmp_path):
+    """PEFT saves an adapter not called "default" in a subfolder of its name."""
+    _adapter(untied, tmp_path / "run" / "style")
+    _assert_refused(untied, tmp_path, tmp_path / "run", r"holds adapters in subfolders \(style\).*--lora .*run/style")
+
+
+def test_an_adapter_for_another_task_is_refused_by_name(untied, tmp_path):
+    adapter = _adapter(untied, tmp_path / "a")
+    _edit_config(adapter, task_type="SEQ_CLS")
+    _assert_refused(untied, tmp_path, adapter, "task_type 'SEQ_CLS', with a head of its own")
+
+
 def test_unknown_target_module_in_weights(untied, tmp_path):
     adapter = _adapter(untied, tmp_path / "a")
     _edit_tensors(adapter, lambda t: {k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qkv_proj"): v
