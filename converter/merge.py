@@ -357,11 +357,15 @@ def _read_peft(path: Path, ckpt: Checkpoint) -> tuple[AdapterReport, list[Update
         report.notices.append("fan_in_fan_out=true ignored: it only applies to Conv1D layers (GPT-2), and PEFT "
                               "ignores it for LLaMA's nn.Linear layers too.")
     lora, replacements = _group_peft_keys(tensors, ckpt, path)
-    _check_config_targets(config, ckpt, path, report)
+    # PEFT applied to the inner LlamaModel names its modules without "model.", and its config's
+    # target_modules regex and rank/alpha patterns were matched against those names.
+    inner = not any(key.removeprefix(PEFT_PREFIX).startswith("model.") for key in tensors)
+    _check_config_targets(config, ckpt, path, report, inner)
     _note_chat_template(path, ckpt, report)
     _note_added_tokens(path, ckpt, report)
     _note_base_model(path, ckpt, report)
-    updates: list[Update] = [_lora_update(module, parts, config, report, path) for module, parts in lora.items()]
+    updates: list[Update] = [_lora_update(module, parts, config, report, path, inner)
+                             for module, parts in lora.items()]
     return report, updates + replacements
 
 
@@ -505,7 +509,7 @@ def _resolve_tensor(name: str, ckpt: Checkpoint) -> str | None:
 
 
 def _lora_update(module: str, parts: dict[str, Any], config: dict[str, Any], report: AdapterReport,
-                 path: Path) -> LoraUpdate:
+                 path: Path, inner: bool = False) -> LoraUpdate:
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     a = parts.get("lora_embedding_A" if embedding else "lora_A")
     b = parts.get("lora_embedding_B" if embedding else "lora_B")
@@ -518,7 +522,7 @@ def _lora_update(module: str, parts: dict[str, Any], config: dict[str, Any], rep
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
         raise ConversionError(f"{path}: {module} has lora_A of shape {tuple(a.shape)} and lora_B of shape "
                               f"{tuple(b.shape)}; their ranks disagree.")
-    r, alpha = _rank_alpha(config, module)
+    r, alpha = _rank_alpha(config, _as_peft_named_it(module, inner))
     if a.shape[0] != r:
         raise ConversionError(
             f"{path}: {module} has rank {a.shape[0]} in its weights but {r} in adapter_config.json "
@@ -535,6 +539,11 @@ def _lora_update(module: str, parts: dict[str, Any], config: dict[str, Any], rep
                               f"its update has {b.shape[0]} output rows.")
     scale = alpha / (math.sqrt(r) if report.use_rslora else r)
     return LoraUpdate(target=f"{module}.weight", a=a, b=b, scale=scale, magnitude=magnitude, transposed=embedding)
+
+
+def _as_peft_named_it(module: str, inner: bool) -> str:
+    """The module's name as PEFT matched patterns against it (without "model." for the inner LlamaModel)."""
+    return module.removeprefix("model.") if inner else module
 
 
 def _rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
@@ -639,7 +648,8 @@ def _names_match(a: str, b: str) -> bool:
     return (_FILE_TAGS.sub("", a) or a) == (_FILE_TAGS.sub("", b) or b)
 
 
-def _check_config_targets(config: dict[str, Any], ckpt: Checkpoint, path: Path, report: AdapterReport) -> None:
+def _check_config_targets(config: dict[str, Any], ckpt: Checkpoint, path: Path, report: AdapterReport,
+                          inner: bool = False) -> None:
     """target_modules of which no name is a module of this model mean the adapter is for another architecture.
 
     Some names missing is not enough: training scripts pass one list for several architectures
@@ -649,6 +659,7 @@ def _check_config_targets(config: dict[str, Any], ckpt: Checkpoint, path: Path, 
     modules = [name.removesuffix(".weight") for name, t in ckpt.tensors.items() if t.dim() == 2]
     if ckpt.spec.tie_word_embeddings:
         modules.append(LM_HEAD.removesuffix(".weight"))
+    modules = [_as_peft_named_it(m, inner) for m in modules]
     if isinstance(targets, str):
         if targets != "all-linear" and not any(re.fullmatch(targets, m) for m in modules):
             raise ConversionError(f"{path}: target_modules {targets!r} matches no module of this "

@@ -254,6 +254,24 @@ def test_adapter_saved_from_the_inner_model_without_model_prefix(untied, tmp_pat
     np.testing.assert_allclose(_logits(reference_model(ckpt), ids), _logits(_peft(untied, adapter, True), ids), **TOL)
 
 
+def test_an_inner_model_adapters_patterns_match_the_names_peft_matched(untied, tmp_path):
+    """PEFT matched the config's regex target_modules and anchored rank/alpha patterns against the inner
+    model's names ("layers.0.self_attn.q_proj"): so does the merge (it refused the regex, and merged
+    layer 0 with the default alpha: 0.12 off PEFT)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r"layers\.\d+\.self_attn\.(q_proj|v_proj)",
+                        alpha_pattern={r"^layers\.0\.self_attn\.q_proj": 32}, init_lora_weights=False)
+    model = get_peft_model(AutoModel.from_pretrained(untied, dtype=torch.float32), config)
+    model.save_pretrained(tmp_path / "inner")
+    ckpt, _ = _ours(untied, AdapterRef(tmp_path / "inner"))
+    merged = model.merge_and_unload().state_dict()
+    for name in ("layers.0.self_attn.q_proj.weight", "layers.1.self_attn.v_proj.weight"):
+        torch.testing.assert_close(ckpt.tensors[f"model.{name}"], merged[name], atol=1e-6, rtol=1e-6)
+
+
 # -- tied embeddings: untie on purpose, never change the embedding silently -------------------
 
 
