@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nomoat.runtime.manifest import RUNTIME_ONNXRUNTIME_FLOOR, version_tuple
+from nomoat.runtime.manifest import OnnxBackend
 
 MiB = 2**20
 
@@ -103,10 +103,9 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
     if report.get("ops"):
         ops = sorted(report["ops"].items(), key=lambda item: -item[1])
         lines.append("graph      " + ", ".join(f"{n} {op}" for op, n in ops))
-    floor = (m.get("onnx") or {}).get("min_onnxruntime")
-    if floor:
-        # What the runtime asks for: a bundle written before 2026-12-07 names 1.18.0, below the runtime's own floor.
-        floor = max(floor, RUNTIME_ONNXRUNTIME_FLOOR, key=version_tuple)
+    if (m.get("onnx") or {}).get("min_onnxruntime"):
+        # What the runtime asks for (a bundle written before 2026-12-07 names 1.18.0, below the runtime's own floor).
+        floor = OnnxBackend.from_dict(m["onnx"]).required_onnxruntime()
         lines.append(f"runs on    onnxruntime >= {floor} (older releases fail on this graph or compute it wrong)")
     lines.append(format_quality_table(report.get("quality", {"skipped": True})))
     return "\n".join(lines)

@@ -52,10 +52,10 @@ _UNMERGEABLE_OPTIONS = {
     "monteclora_config": "the MonteCLoRA variant is not supported",
     "arrow_config": "Arrow routing picks adapters per token, which a merged model cannot do",
 }
-# Initialisations that rewrite the base weights when training starts: their adapters only make
-# sense on that rewritten base, unless PEFT converted them back (then the config says True).
 # PEFT task types that train a head the causal LM does not have (saved beside the LoRA weights).
 _TASKS_WITH_A_HEAD = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+# Initialisations that rewrite the base weights when training starts: their adapters only make
+# sense on that rewritten base, unless PEFT converted them back (then the config says True).
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
@@ -509,7 +509,7 @@ def _resolve_tensor(name: str, ckpt: Checkpoint) -> str | None:
 
 
 def _lora_update(module: str, parts: dict[str, Any], config: dict[str, Any], report: AdapterReport,
-                 path: Path, inner: bool = False) -> LoraUpdate:
+                 path: Path, inner: bool) -> LoraUpdate:
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     a = parts.get("lora_embedding_A" if embedding else "lora_A")
     b = parts.get("lora_embedding_B" if embedding else "lora_B")
@@ -593,11 +593,13 @@ def _note_added_tokens(path: Path, ckpt: Checkpoint, report: AdapterReport) -> N
     bundle keeps the base tokenizer, which can neither encode nor produce them, so say so."""
     from tokenizers import Tokenizer
 
+    if not (path / "tokenizer.json").is_file():
+        return
     try:
         theirs = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab(with_added_tokens=True)
-        ours = Tokenizer.from_str(ckpt.tokenizer.tokenizer_json).get_vocab(with_added_tokens=True)
-    except Exception:  # no tokenizer.json beside the adapter, or one tokenizers cannot read: nothing to compare
+    except Exception:  # tokenizers raises plain Exception for a file it cannot read: nothing to compare
         return
+    ours = Tokenizer.from_str(ckpt.tokenizer.tokenizer_json).get_vocab(with_added_tokens=True)
     new = sorted((t for t in theirs if t not in ours), key=theirs.get)
     if not new:
         return
@@ -649,7 +651,7 @@ def _names_match(a: str, b: str) -> bool:
 
 
 def _check_config_targets(config: dict[str, Any], ckpt: Checkpoint, path: Path, report: AdapterReport,
-                          inner: bool = False) -> None:
+                          inner: bool) -> None:
     """target_modules of which no name is a module of this model mean the adapter is for another architecture.
 
     Some names missing is not enough: training scripts pass one list for several architectures

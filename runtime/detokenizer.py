@@ -73,16 +73,16 @@ class IncrementalDetokenizer:
         self._emitted = 0
         # Character boundaries seen since _start (token indices), candidates for the next _start.
         self._boundaries: list[int] = []
-        self._open_with(list(context)[-CONTEXT_TOKENS:])
+        self._open_with([int(t) for t in context[-CONTEXT_TOKENS:]])
 
     def _open_with(self, context: list[int]) -> None:
         """Start the window with context ids as if they had been emitted. Not when they end inside a
         character (the answer's first token would finish the prompt's character) or render nothing
         (all skipped special tokens: the first new token is the decoder's first either way)."""
-        text = self._tokenizer.decode([int(t) for t in context], skip_special_tokens=self._skip_special)
+        text = self._tokenizer.decode(context, skip_special_tokens=self._skip_special)
         if not text or text.endswith(REPLACEMENT_CHAR):
             return
-        self._ids = [int(t) for t in context]
+        self._ids = context
         self._context = len(context)
         self._emitted = len(text)
 
