@@ -445,12 +445,17 @@ def _with_llamas_space_prefix(data: dict[str, Any], tokenizer_dict: dict[str, An
     space ("<s>[INST]" is "<s>", "▁[", "INST", ...) unless tokenizer.ggml.add_space_prefix is false,
     and keeps runs of spaces as they are. transformers' rebuild (a Metaspace pre-tokenizer that
     prepends only at the very start) did neither. Llama 2's tokenizer.json does it with a normalizer,
-    which runs on each stretch between special tokens: the same here."""
+    which runs on each stretch between special tokens: the same here. Decoding strips the leading
+    space only where one was added, as sentencepiece and llama.cpp do."""
     prefix = tokenizer_dict.get("add_prefix_space")
     replace = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
     data["normalizer"] = {"type": "Sequence", "normalizers": (
         [replace] if prefix is False else [{"type": "Prepend", "prepend": "▁"}, replace])}
     data["pre_tokenizer"] = None
+    if prefix is False:  # nothing was prepended, so decoding must not strip a space the text really had
+        decoder = data.get("decoder") or {}
+        if decoder.get("type") == "Sequence":
+            decoder["decoders"] = [d for d in decoder["decoders"] if d.get("type") != "Strip"]
     return data
 
 

@@ -370,7 +370,10 @@ def test_gguf_sentencepiece_text_between_special_tokens_is_split_as_llama_cpp_sp
     rebuilt = Tokenizer.from_str(tokenizer_from_gguf(meta, "llama").tokenizer_json)
     for text in ["<s>[INST] The quick fox [/INST]", "The quick fox</s>\nThe lazy dog", "a</s> b", "  two  spaces ",
                  "Emoji 😀 café 12345"]:
-        assert rebuilt.encode(text, add_special_tokens=False).ids == llama_cpp(text), text
+        ids = rebuilt.encode(text, add_special_tokens=False).ids
+        assert ids == llama_cpp(text), text
+        if "<s>" not in text and "</s>" not in text:  # a leading space is stripped on decode only if one was added
+            assert rebuilt.decode(ids) == sp.decode(ids), text
 
 
 def test_gguf_stops_at_eos_and_at_the_templates_end_of_turn(llama_gguf):
