@@ -312,6 +312,30 @@ def test_chat_format_renders_what_the_template_renders(tiny_bundle):
     assert rendered == [model.template.render(c, add_generation_prompt=True) for c in CONVERSATIONS]
 
 
+@pytest.mark.parametrize("name", ["LLAMA32_TEMPLATE", "DEEPSEEK_R1_TEMPLATE", "QWEN3_STYLE_TEMPLATE"])
+def test_chat_format_content_changes_and_dates_render_as_jinja_does(name, tiny_bundle, tmp_path):
+    """Templates that trim content, drop an earlier answer's reasoning or put in today's date: the app
+    renders the converter's pieces as Jinja renders the template, on the day it is given."""
+    import test_chat_format
+    from nomoat.converter.chat_format import derive_chat_format
+    from nomoat.runtime.chat_template import ChatTemplate
+
+    template = ChatTemplate(getattr(test_chat_format, name), bos_token="<s>")
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["chat_format"] = derive_chat_format(template)
+    assert set(manifest["chat_format"]) & {"content", "dates"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    conversations = CONVERSATIONS + test_chat_format.CONVERSATIONS
+    lines = "".join(json.dumps(c) + "\n" for c in conversations)
+    day = test_chat_format.DAY
+    out = kotlin_host.run_kotlin("dev.nomoat.core.BundleCli", str(bundle), "--render", f"--now={day.isoformat()}",
+                                 input=lines)
+    rendered = [json.loads(line) for line in out.splitlines()]
+    assert rendered == [template.render(c, add_generation_prompt=True, strftime_now=day.strftime)
+                        for c in conversations]
+
+
 # -- the sampler -----------------------------------------------------------------------------
 
 

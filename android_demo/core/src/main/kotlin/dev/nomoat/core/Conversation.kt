@@ -17,7 +17,9 @@ class Conversation(val generator: Generator, format: ChatFormat?, private val sy
      * to show after it (or null). */
     class Turn(val result: Generation?, val note: String?)
 
-    /** One thing the user sent; [onDelta] gets the answer's text as it comes (nothing for a command). */
+    /** One thing the user sent; [onDelta] gets the answer's text as it comes (nothing for a command or a
+     * blank message). The message is sent without its outer whitespace, as `nomoat chat` sends a line
+     * (a keyboard's trailing space after a suggestion would otherwise be a token of the prompt). */
     fun send(
         text: String,
         maxNewTokens: Int,
@@ -25,13 +27,15 @@ class Conversation(val generator: Generator, format: ChatFormat?, private val sy
         promptLookup: Int = 0,
         onDelta: (String) -> Unit = {}
     ): Turn {
-        if (text.trim() == RESET) {
+        val message = ChatFormat.pythonStrip(text)
+        if (message.isEmpty()) return Turn(null, null)
+        if (message == RESET) {
             reset()
             return Turn(null, RESET_NOTE)
         }
         val result = try {
-            chat?.send(text, maxNewTokens, params, promptLookup = promptLookup, onDelta = onDelta)
-                ?: generator.generate(generator.encode(text), maxNewTokens, params, promptLookup = promptLookup,
+            chat?.send(message, maxNewTokens, params, promptLookup = promptLookup, onDelta = onDelta)
+                ?: generator.generate(generator.encode(message), maxNewTokens, params, promptLookup = promptLookup,
                     onDelta = onDelta)
         } catch (e: ContextOverflowException) {
             // In a chat it is the conversation that no longer fits: only starting over helps.

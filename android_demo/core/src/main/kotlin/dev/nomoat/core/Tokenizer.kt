@@ -4,6 +4,7 @@ import org.json.JSONArray
 import org.json.JSONObject
 import java.io.File
 import java.text.Normalizer
+import java.util.Locale
 import java.util.PriorityQueue
 import java.util.regex.Pattern
 
@@ -44,6 +45,7 @@ class Tokenizer private constructor(
     }
 
     override fun encode(text: String): IntArray {
+        refuseLoneSurrogates(text)
         val out = IntList()
         for ((raw, rawId) in rawAdded.split(text)) {
             if (rawId >= 0) { out.add(rawId); continue }
@@ -588,4 +590,24 @@ internal class IntList {
     fun addAll(vs: IntArray) = vs.forEach(::add)
     fun last(): Int = data[size - 1]
     fun toArray(): IntArray = data.copyOf(size)
+}
+
+/**
+ * Text with half of a surrogate pair (an emoji cut in two when it was copied) has no UTF-8 form:
+ * refused as runtime/model.py check_utf8 and Hugging Face tokenizers refuse it, where Java's
+ * encoder would silently make it a "?".
+ */
+internal fun refuseLoneSurrogates(text: String) {
+    var i = 0
+    while (i < text.length) {
+        val c = text[i]
+        val paired = Character.isHighSurrogate(c) && i + 1 < text.length && Character.isLowSurrogate(text[i + 1])
+        if (paired) { i += 2; continue }
+        if (Character.isSurrogate(c)) {
+            throw IllegalArgumentException("the text is not valid Unicode: a lone surrogate U+" +
+                String.format(Locale.ROOT, "%04X", text.codePointAt(i)) + " at character ${text.codePointCount(0, i) + 1} " +
+                "(often half of an emoji cut when the text was copied); remove it")
+        }
+        i++
+    }
 }

@@ -3,21 +3,24 @@ package dev.nomoat.core
 import org.json.JSONArray
 import org.json.JSONObject
 import java.io.File
+import java.time.LocalDateTime
 
 /**
  * For the host cross-check against runtime/manifest.py and converter/chat_format.py (tests/test_android_core.py).
  *
  *     BundleCli DIR [--no-verify]    stdout: the manifest as the app read it (JSON), or {"error": "..."}
  *     BundleCli DIR --bench-prompt=N  stdout: the benchmark's N prompt ids (a JSON list), with the bundle's tokenizer
- *     BundleCli DIR --render         stdin: a JSON list of {"role", "content"} a line;
- *                                    stdout a line each: the chat_format rendering (a JSON string) or {"error": "..."}
+ *     BundleCli DIR --render [--now=2024-03-05T07:08:09]
+ *                                    stdin: a JSON list of {"role", "content"} a line;
+ *                                    stdout a line each: the chat_format rendering (a JSON string) or {"error": "..."},
+ *                                    with the dates of that time (default: the clock's)
  *
  * Output is ASCII (non-ASCII as \uXXXX), so the host's locale does not matter.
  */
 object BundleCli {
     @JvmStatic
     fun main(args: Array<String>) {
-        require(args.size in 1..2) { "usage: BundleCli DIR [--no-verify | --render | --bench-prompt=N]" }
+        require(args.size in 1..3) { "usage: BundleCli DIR [--no-verify | --render [--now=TIME] | --bench-prompt=N]" }
         val dir = File(args[0])
         val mode = args.getOrNull(1)
         if (mode != null && mode.startsWith("--bench-prompt=")) {
@@ -27,7 +30,9 @@ object BundleCli {
             return
         }
         if (mode == "--render") {
-            val format = ChatFormat.fromManifest(Bundle.open(dir, verify = false).manifest)
+            val now = args.getOrNull(2)?.removePrefix("--now=")?.let { LocalDateTime.parse(it) }
+            val format = ChatFormat.fromManifest(Bundle.open(dir, verify = false).manifest,
+                clock = { now ?: LocalDateTime.now() })
             val out = StringBuilder()
             System.`in`.bufferedReader(Charsets.UTF_8).forEachLine { line ->
                 val a = JSONArray(line)

@@ -7,6 +7,7 @@ import org.junit.Assert.assertNull
 import org.junit.Assert.assertTrue
 import org.junit.Assert.fail
 import org.junit.Test
+import java.time.LocalDateTime
 
 class ChatFormatTest {
     // SmolLM2's template as converter/chat_format.py writes it (tests/test_chat_format.py checks the same pieces).
@@ -99,6 +100,58 @@ class ChatFormatTest {
                 fail("accepted $section")
             } catch (e: BundleException) {
                 assertTrue(e.message!!, e.message!!.contains("chat_format") && e.message!!.contains("re-convert"))
+            }
+        }
+    }
+
+    // Llama 3.2's shape as converter/chat_format.py writes it: every content trimmed, today's date in the system turn.
+    private val llama32 = ChatFormat(
+        firstTurn = listOf("<s>sys\nToday Date: ${ChatFormat.dateMark(0)}\n\nuser\n", "user", "\nassistant\n"),
+        firstTurnWithSystem = listOf("<s>sys\nToday Date: ${ChatFormat.dateMark(0)}\n\n", "system", "\nuser\n",
+            "user", "\nassistant\n"),
+        nextTurn = listOf("", "assistant", "\nuser\n", "user", "\nassistant\n"),
+        contentOps = mapOf("system" to listOf("strip"), "user" to listOf("strip"), "assistant" to listOf("strip")),
+        dates = listOf("%d %b %Y"),
+        clock = { LocalDateTime.of(2024, 3, 5, 7, 8, 9) }
+    )
+
+    @Test
+    fun contentIsTrimmedAsPythonTrimsAndTheDateIsTodays() {
+        assertEquals("<s>sys\nToday Date: 05 Mar 2024\n\nuser\nHi\u200b\nassistant\n",
+            llama32.render(listOf(Message("user", " \u0085\u001cHi\u200b\u2003\n"))))
+    }
+
+    @Test
+    fun anEarlierAnswerLosesItsReasoning() {
+        val qwen3 = ChatFormat(smol.firstTurn, smol.firstTurnWithSystem, smol.nextTurn,
+            contentOps = mapOf("assistant" to listOf("after_think_lstrip")))
+        val messages = listOf(Message("user", "Hi"), Message("assistant", "<think>\nhm</think>\n\nHello! "),
+            Message("user", "Bye"))
+        assertTrue(qwen3.render(messages).contains("<|im_start|>assistant\nHello! <|im_end|>"))
+        val plain = listOf(Message("user", "Hi"), Message("assistant", "\nHello"), Message("user", "Bye"))
+        assertTrue(qwen3.render(plain).contains("<|im_start|>assistant\n\nHello<|im_end|>"))
+    }
+
+    @Test
+    fun formatsDatesAsPythonsStrftime() {
+        val t = LocalDateTime.of(2024, 9, 3, 13, 4, 5)
+        assertEquals("03|09|24|2024|Sep|September|Tue|Tuesday|13|04|05|247|PM|%|%q",
+            ChatFormat.strftime("%d|%m|%y|%Y|%b|%B|%a|%A|%H|%M|%S|%j|%p|%%|%q", t))
+    }
+
+    @Test
+    fun refusesContentOpsAndDateCodesItCannotDo() {
+        val section = JSONObject()
+            .put("first_turn", JSONArray(smol.firstTurn))
+            .put("first_turn_with_system", JSONArray(smol.firstTurnWithSystem))
+            .put("next_turn", JSONArray(smol.nextTurn))
+        for ((key, value) in listOf("content" to JSONObject().put("user", JSONArray(listOf("upper"))),
+            "content" to JSONObject().put("tool", JSONArray(listOf("strip"))), "dates" to JSONArray(listOf("%d %Z")))) {
+            try {
+                ChatFormat.fromManifest(manifest(JSONObject(section.toString()).put(key, value)))
+                fail("accepted $key $value")
+            } catch (e: BundleException) {
+                assertTrue(e.message!!, e.message!!.contains("chat_format.$key") && e.message!!.contains("update the app"))
             }
         }
     }

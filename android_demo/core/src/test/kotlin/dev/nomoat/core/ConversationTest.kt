@@ -35,6 +35,19 @@ class ConversationTest {
     }
 
     @Test
+    fun aMessageIsSentWithoutItsOuterWhitespaceAndABlankOneNotAtAll() {
+        // As `nomoat chat` strips a line: a keyboard's trailing space would otherwise be a token of the prompt.
+        val conversation = conversation(FakeForward.countingUp())
+        val blank = conversation.send(" \n\u3000", 10)
+        assertNull(blank.result)
+        assertNull(blank.note)
+        assertEquals(emptyList<Message>(), conversation.chat!!.messages)
+        val turn = conversation.send("\u00a0 hi \n", 10).result!!
+        assertEquals(codec.encode("u:hi\na:").size, turn.stats.promptTokens)
+        assertEquals(Message("user", "hi"), conversation.chat!!.messages.first())
+    }
+
+    @Test
     fun anEmptySystemMessageIsASystemTurnAndNullIsNone() {
         val empty = Conversation(Generator(FakeForward.countingUp(), codec, listOf(Letters.END)), format, system = "")
         assertEquals(listOf(Message("system", "")), empty.chat!!.messages)

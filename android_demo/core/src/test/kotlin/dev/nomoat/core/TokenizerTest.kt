@@ -189,4 +189,18 @@ class TokenizerTest {
         fail("the tokenizer was accepted")
         throw AssertionError()
     }
+
+    @Test
+    fun textWithHalfASurrogatePairIsRefusedNotChangedToAQuestionMark() {
+        assertArrayEquals(intArrayOf(14, 15), tokenizer.encode("\uD83D\uDE00"))  // 😀, a whole pair: "ðŁ", "ĺĢ"
+        for ((text, said) in listOf("a\uD800b" to "U+D800 at character 2", "😀\uDE00" to "U+DE00 at character 2",
+            "ab\uD83D" to "U+D83D at character 3")) {
+            try {
+                tokenizer.encode(text)
+                fail("encoded $text")
+            } catch (e: IllegalArgumentException) {
+                assertTrue(e.message!!, e.message!!.contains("lone surrogate $said") && e.message!!.contains("remove it"))
+            }
+        }
+    }
 }
