@@ -76,7 +76,21 @@ def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
                                           max_context=opts.max_context, threads=opts.threads,
                                           kv_dtype=opts.kv_dtype)
     recipe.quant_recipe()  # validates --quant / --block-size before any work
+    if target.os == "android" and recipe.kv_dtype != "float32":
+        raise ConversionError(f"--kv-dtype {recipe.kv_dtype} makes a bundle the Android app cannot load (it keeps "
+                              f"the KV cache in float32), and --target {target.name} is a phone. Drop --kv-dtype, "
+                              "or convert for a Pi or this machine (e.g. --target rpi5-8gb, or host).")
+    _refuse_idle_verify_flags(opts)
     return target, recipe
+
+
+def _refuse_idle_verify_flags(opts: ConvertOptions) -> None:
+    """--skip-verify leaves the quality gate out: a text or limit for it would be recorded as if applied."""
+    idle = [flag for flag, value in (("--eval-text", opts.eval_text), ("--max-ppl-increase", opts.max_ppl_increase))
+            if value is not None]
+    if opts.skip_verify and idle:
+        raise ConversionError(f"{' and '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect with "
+                              f"--skip-verify: nothing is measured. Drop {' and '.join(idle)}, or --skip-verify.")
 
 
 def _check_max_ppl_increase(limit: float | None) -> None:
@@ -92,7 +106,12 @@ def _check_max_ppl_increase(limit: float | None) -> None:
 def fit_recipe(spec: ModelSpec, recipe: Recipe, target: Target, mode: str) -> tuple[Recipe, MemoryEstimate]:
     """Clamp the context to what the model was trained for, shrink it if allowed, then check the budget."""
     from .fit import check_fit, estimate_memory, largest_fitting_context
+    from .targets import MIN_CONTEXT
 
+    if spec.max_position_embeddings < MIN_CONTEXT:
+        raise ConversionError(f"the model was trained for only {spec.max_position_embeddings} positions "
+                              f"(max_position_embeddings), fewer than the {MIN_CONTEXT} a bundle needs; it is not a "
+                              "model to chat with. Check the model's config.")
     if recipe.max_context > spec.max_position_embeddings:
         recipe = recipe.adjusted(f"the model was trained for {spec.max_position_embeddings} positions",
                                  max_context=spec.max_position_embeddings)
@@ -153,16 +172,32 @@ def _convert(opts: ConvertOptions) -> Path:
         _stage(f"fit: {note}", opts.progress)
     _stage(f"fit: estimated peak {estimate.summary()}", opts.progress)
 
-    with staging_dir(out) as staging:
-        manifest, report = _build(ckpt, adapters, recipe, target, estimate, staging, eval_text, opts)
-        report["seconds"] = round(time.perf_counter() - t0, 1)
-        _package(staging, manifest, report, out, opts.force)
+    try:
+        with staging_dir(out) as staging:
+            manifest, report = _build(ckpt, adapters, recipe, target, estimate, staging, eval_text, opts)
+            report["seconds"] = round(time.perf_counter() - t0, 1)
+            _package(staging, manifest, report, out, opts.force)
+    except OSError as e:  # a full disk, a quota, a folder made read-only meanwhile: staging_dir removed what was staged
+        raise ConversionError(_write_failure(e, out, estimate)) from e
     _stage(f"wrote {out}", opts.progress)
     if opts.progress:
         from .verify import format_quality_table
 
         print(format_quality_table(report["quality"]), file=sys.stderr, flush=True)
     return out
+
+
+def _write_failure(e: OSError, out: Path, estimate: MemoryEstimate) -> str:
+    import errno
+
+    where = f"beside {out}" if e.filename is None else f"writing {e.filename}"
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = estimate.weights / 2**20
+        fix = f"free at least {need:,.0f} MB on that disk (the bundle's weights alone), or choose another --out"
+    else:
+        fix = "check that the folder of --out is writable, or choose another --out"
+    return f"{what} ({where}); {fix}. Nothing was written."
 
 
 def _describe(recipe: Recipe) -> str:

@@ -256,7 +256,7 @@ def check_app_can_load(bundle: Path, manifest) -> None:
     if kv_dtype != "float32":
         # A bundle converted with --kv-dtype float16 for a Pi or a workstation: 90 MB pushed for nothing otherwise.
         raise DeployError(f"refusing to deploy {bundle}: its KV cache is {kv_dtype}, and the Android app keeps the "
-                          "cache in float32; convert for the phone (e.g. --target pixel6) or pass --kv-dtype float32.")
+                          "cache in float32; convert it again without --kv-dtype (e.g. --target pixel6).")
 
 
 # --- on the device ---

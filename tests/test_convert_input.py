@@ -426,7 +426,49 @@ def test_a_max_ppl_increase_the_gate_cannot_use_is_refused_before_the_model_is_r
 
 
 def test_a_max_ppl_increase_of_zero_is_a_limit(tiny_dir, tmp_path):
-    _convert(tiny_dir, tmp_path / "b", max_ppl_increase=0.0)  # only refused when the gate measures a rise
+    # only refused when the gate measures a rise
+    convert_module.plan(ConvertOptions(model=str(tiny_dir), out=tmp_path / "b", max_ppl_increase=0.0))
+
+
+@pytest.mark.parametrize("given", [{"eval_text": "text.txt"}, {"max_ppl_increase": 5.0},
+                                   {"eval_text": "text.txt", "max_ppl_increase": 5.0}])
+def test_flags_for_the_quality_gate_are_refused_with_skip_verify(tiny_dir, tmp_path, given):
+    flags = " and ".join(f"--{name.replace('_', '-')}" for name in given)
+    with pytest.raises(ConversionError, match=f"^{flags} ha(s|ve) no effect with --skip-verify.*Drop {flags}, or"):
+        _convert(tiny_dir, tmp_path / "b", skip_verify=True, **given)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_float16_kv_cache_for_a_phone_is_refused_before_any_work(tiny_dir, tmp_path):
+    """The Android app keeps its cache in float32: deploy would refuse the bundle only after the conversion."""
+    with pytest.raises(ConversionError, match="--kv-dtype float16 makes a bundle the Android app cannot load.*"
+                                              "--target pixel6 is a phone. Drop --kv-dtype"):
+        convert_module.plan(ConvertOptions(model=str(tiny_dir), out=tmp_path / "b", target="pixel6",
+                                           kv_dtype="float16"))
+    convert_module.plan(ConvertOptions(model=str(tiny_dir), out=tmp_path / "b", target="rpi5-8gb", kv_dtype="float16"))
+
+
+def test_a_model_trained_for_fewer_positions_than_a_bundle_needs_is_refused_naming_the_model(tmp_path):
+    short = make_tiny_hf_dir(tmp_path / "short", max_position_embeddings=12)
+    with pytest.raises(ConversionError, match="the model was trained for only 12 positions .max_position_embeddings."):
+        _convert(short, tmp_path / "b")  # --max-context 64 was asked for: not what is wrong
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(ckpt, adapters, recipe, target, estimate, staging, *rest):
+        (staging / "model.onnx.data").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(staging / "model.onnx.data"))
+
+    monkeypatch.setattr(convert_module, "_build", full)
+    out = tmp_path / "b"
+    code = main(["convert", "--model", str(tiny_dir), "--out", str(out), "--quant", "fp32", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("nomoat convert: error: No space left on device (writing ") and "free at least" in err
+    assert err.rstrip().endswith("Nothing was written.")
+    assert list(tmp_path.iterdir()) == [], "nothing may be left beside --out"
 
 
 # -- staging folders left by a killed conversion, whatever its process id ------------------------------------

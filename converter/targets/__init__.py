@@ -32,6 +32,8 @@ INT8_DOT_FEATURES = frozenset({"dotprod", "i8mm", "avx2", "avxvnni", "avx512vnni
 # The KV cache's element types are the ones nomoat.runtime can allocate.
 KV_DTYPES = RUNTIME_KV_DTYPES
 FORMATS = ("onnx",)
+# The shortest context a bundle may have: verify's eval windows and a chat turn need some room.
+MIN_CONTEXT = 16
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ class Recipe:
                                   f"{', '.join(FORMATS)}.")
         if self.threads < 1:
             raise ConversionError(f"--threads {self.threads} must be at least 1.")
-        if self.max_context < 16:
-            raise ConversionError(f"--max-context {self.max_context} is too small; give at least 16 tokens.")
+        if self.max_context < MIN_CONTEXT:
+            raise ConversionError(f"--max-context {self.max_context} is too small; give at least {MIN_CONTEXT} tokens.")
 
     def with_overrides(self, **values: Any) -> Recipe:
         """The recipe with the user's non-None values, remembering which fields they set."""
