@@ -122,11 +122,20 @@ class QuantRecipe:
 
     def block_size_for(self, node_name: str) -> int:
         if node_name == LM_HEAD_NODE and self.bits_for(node_name) == 8:
-            return self.lm_head_block_size
+            # an 8-bit head's blocks are never below lm_head_block_size, nor below the model's --block-size
+            return max(self.block_size, self.lm_head_block_size)
         return self.block_size
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "symmetric": list(self.symmetric)}
+        """The recipe as the graph was built with it, for the manifest: an int8 model's head is 8-bit whatever
+        lm_head_bits says, only 4-bit models quantize the embedding, and fp32 rounds nothing."""
+        if self.weights == "fp32":
+            return {"weights": "fp32", "block_size": None, "accuracy_level": None, "quantize_embedding": False,
+                    "lm_head_bits": None, "lm_head_block_size": None, "algorithm": None, "smoothing": False,
+                    "symmetric": []}
+        return {**self.__dict__, "symmetric": list(self.symmetric), "smoothing": self.smooths,
+                "quantize_embedding": self.quantize_embedding and self.weights == "int4",
+                "lm_head_bits": self.bits_for(LM_HEAD_NODE), "lm_head_block_size": self.block_size_for(LM_HEAD_NODE)}
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,22 @@ def test_quantized_graph_holds_the_fast_ops(tiny_dir, tmp_path, quant, op):
         assert ops["GatherBlockQuantized"] == 1
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["quantization"]["weights"] == quant
+    # the manifest says what the graph holds, not the recipe's defaults an int8 model does not use
+    head = {a.name: a.i for n in graph.node if n.name == "lm_head" for a in n.attribute}
+    assert (manifest["quantization"]["lm_head_bits"], manifest["quantization"]["lm_head_block_size"]) == \
+        (head["bits"], head["block_size"])
+    assert manifest["quantization"]["quantize_embedding"] is (ops["GatherBlockQuantized"] == 1)
+
+
+def test_an_int8_models_head_takes_a_larger_block_size_and_an_fp32_manifest_names_no_rounding(tiny_dir, tmp_path):
+    import onnx
+
+    bundle = _convert(tiny_dir, tmp_path / "int8", quant="int8", block_size=128)
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    blocks = {n.name: {a.name: a.i for a in n.attribute}["block_size"] for n in graph.node if n.op_type == "MatMulNBits"}
+    assert set(blocks.values()) == {128}, blocks
+    fp32 = json.loads((_convert(tiny_dir, tmp_path / "fp32", quant="fp32") / "manifest.json").read_text())
+    assert {k: v for k, v in fp32["quantization"].items() if v not in (None, False, [])} == {"weights": "fp32"}
 
 
 def _matmul_bits(graph) -> dict[str, int]:
