@@ -128,7 +128,8 @@ def test_an_int8_models_head_takes_a_larger_block_size_and_an_fp32_manifest_name
 
     bundle = _convert(tiny_dir, tmp_path / "int8", quant="int8", block_size=128)
     graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
-    blocks = {n.name: {a.name: a.i for a in n.attribute}["block_size"] for n in graph.node if n.op_type == "MatMulNBits"}
+    blocks = {n.name: {a.name: a.i for a in n.attribute}["block_size"]
+              for n in graph.node if n.op_type == "MatMulNBits"}
     assert set(blocks.values()) == {128}, blocks
     fp32 = json.loads((_convert(tiny_dir, tmp_path / "fp32", quant="fp32") / "manifest.json").read_text())
     assert {k: v for k, v in fp32["quantization"].items() if v not in (None, False, [])} == {"weights": "fp32"}
