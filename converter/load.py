@@ -5,7 +5,7 @@ path's name):
 
 - a Hugging Face directory: config.json + *.safetensors (+ tokenizer.json, ...)
 - a GGUF file (or a directory holding exactly one)
-- a Meta directory: params.json + consolidated.*.pth (+ an HF tokenizer.json)
+- a Meta directory: params.json + consolidated*.pth (+ an HF tokenizer.json)
 
 A Hugging Face hub id is accepted only if it is already in the local cache: the
 converter never downloads.
@@ -26,7 +26,7 @@ from .spec import Checkpoint
 
 ACCEPTED = (
     "a Hugging Face model directory (config.json + *.safetensors), "
-    "a .gguf file, or a Meta checkpoint directory (params.json + consolidated.*.pth)"
+    "a .gguf file, or a Meta checkpoint directory (params.json + consolidated*.pth)"
 )
 
 
@@ -90,12 +90,14 @@ def folder_kind(p: Path) -> tuple[str | None, Path]:
     """What the folder holds, by its files: ("hf", p), ("meta", p), ("gguf", its one .gguf file), ("adapter", p),
     ("hf-config", p) for a config.json without weights, or (None, p). The load and the fit pre-check (peek.py)
     both ask here, so they cannot read one folder as two different things."""
+    from .load_meta import is_shard_name  # the loader's own shard names: a folder found Meta has weights
+
     names = sorted(child.name for child in p.iterdir())
     # adapter_model.safetensors is no model weight: a training run's output folder holds it next to a
     # config.json (the base model's), and is still only an adapter
     if "config.json" in names and any(n.endswith(".safetensors") and not n.startswith("adapter_") for n in names):
         return "hf", p
-    if "params.json" in names and any(n.startswith("consolidated.") and n.endswith(".pth") for n in names):
+    if "params.json" in names and any(is_shard_name(n) for n in names):
         return "meta", p
     ggufs = [n for n in names if n.lower().endswith(".gguf")]
     if len(ggufs) == 1:
@@ -132,7 +134,7 @@ def _unrecognised_dir_message(p: Path, names: list[str], ggufs: list[str]) -> st
             "--local-dir DIR`) and point --model at that folder."
         )
     if "params.json" in names:
-        return f"{p} has params.json but no consolidated.*.pth weights; copy the Meta weights next to it."
+        return f"{p} has params.json but no consolidated*.pth weights; copy the Meta weights next to it."
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "nothing"
     return f"{p} is not a model directory nomoat recognises (it holds: {shown}). Accepted: {ACCEPTED}."
 

@@ -63,23 +63,41 @@ def _gguf_spec(path: Path) -> ModelSpec | None:
 
 
 def _meta_spec(folder: Path) -> ModelSpec | None:
-    """params.json plus the shapes in the first shard (torch memory-maps it: no tensor data is read)."""
+    """params.json plus the shapes in the first shard (torch memory-maps it: no tensor data is read).
+
+    The load's own checks run on what is read (shard names and count, the layers params.json says), so
+    the fit check sizes the model the load would build, or the folder is refused with the load's words.
+    """
     import torch
 
-    from .load_meta import _load_shard, _split_axis, check_params, spec_from_params
+    from .load_meta import (
+        _load_shard,
+        _split_axis,
+        check_layers,
+        check_params,
+        check_shard_count,
+        is_zip_format,
+        shard_files,
+        spec_from_params,
+    )
     from .spec import ConfigFile
 
     params_file = folder / "params.json"
-    shards = sorted(folder.glob("consolidated.*.pth"))
     try:
         params: dict[str, Any] = json.loads(params_file.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if not shards or not isinstance(params, dict):
+    if not isinstance(params, dict):
         return None
     check_params(params, params_file)  # the messages the load would give, before the shard is opened
-    dim = ConfigFile(params, str(params_file)).int("dim")
+    shards = shard_files(folder)
+    if not shards or not is_zip_format(shards[0]):
+        return None  # a file in torch's pre-1.6 format cannot be memory-mapped: only the load reads it whole
+    p = ConfigFile(params, str(params_file))
+    dim = p.int("dim")
     first = _load_shard(shards[0])
+    check_shard_count(shards, first)
+    check_layers(first, p)
     shapes = {}
     for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight", "output.weight"):
         if name in first:

@@ -335,8 +335,11 @@ class Checkpoint:
     source: dict[str, Any] = field(default_factory=dict)
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
-    def check_tensors(self) -> None:
-        """Refuse a checkpoint with missing, extra-shaped or non-finite tensors."""
+    def check_tensors(self, config: str = "config.json") -> None:
+        """Refuse a checkpoint with missing, extra-shaped or non-finite tensors.
+
+        `config` names the file the shapes come from in the messages (a Meta folder's is params.json).
+        """
         import torch
 
         for name, shape in self.spec.expected_shapes().items():
@@ -348,8 +351,8 @@ class Checkpoint:
                 )
             if tuple(t.shape) != shape:
                 raise ConversionError(
-                    f"tensor {name!r} has shape {tuple(t.shape)} but the config says {shape}; "
-                    "the weights and config.json do not belong together."
+                    f"tensor {name!r} has shape {tuple(t.shape)} but {config} says {shape}; "
+                    f"the weights and {config} do not belong together."
                 )
             if not torch.isfinite(t).all():
                 raise ConversionError(f"tensor {name!r} contains NaN or Inf values; the checkpoint is corrupt.")

@@ -592,6 +592,136 @@ def test_meta_dir_without_tokenizer_is_refused(tmp_path, llama_dir):
         load_checkpoint(meta)
 
 
+def _edit_params(meta: Path, **changes) -> None:
+    params = json.loads((meta / "params.json").read_text())
+    (meta / "params.json").write_text(json.dumps({**params, **changes}))
+
+
+def _edit_shard(shard: Path, edit, **save) -> None:
+    state = torch.load(shard, weights_only=True)
+    edit(state)
+    torch.save(state, shard, **save)
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_meta_params_with_another_layer_count_is_refused_by_load_and_peek(tmp_path, llama_dir, n_layers):
+    """n_layers 1 with 2 layers in the .pth was converted into a model cut after its first layer."""
+    from nomoat.converter.peek import peek_spec
+
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta")
+    _edit_params(meta, n_layers=n_layers)
+    expected = rf"params\.json says n_layers {n_layers} but the weights hold 2 layers \(layers\.0 to layers\.1\)"
+    with pytest.raises(ConversionError, match=expected):
+        load_checkpoint(meta)
+    with pytest.raises(ConversionError, match=expected):
+        peek_spec(meta)  # the fit pre-check sizes the model the load would build
+
+
+def _other_models_shard(tmp_path: Path, meta: Path) -> None:
+    other = write_meta_from_hf(make_tiny_hf_dir(tmp_path / "hf2", intermediate_size=96), tmp_path / "other", shards=2)
+    shutil.copy(other / "consolidated.01.pth", meta / "consolidated.01.pth")
+
+
+@pytest.mark.parametrize(
+    "mismatch",
+    [
+        lambda tmp, meta: _edit_shard(meta / "consolidated.01.pth", lambda s: s.update(
+            {"layers.0.attention.wo.weight": s["layers.0.attention.wo.weight"][:8]})),  # was a torch.cat error
+        lambda tmp, meta: _edit_shard(meta / "consolidated.01.pth", lambda s: s.update(
+            {"layers.0.attention.wo.weight": s["layers.0.attention.wo.weight"].half()})),
+        _other_models_shard,  # another FFN size: was merged into a model that never existed
+    ],
+    ids=["shape", "dtype", "other-model"],
+)
+def test_meta_shards_from_different_downloads_are_refused(tmp_path, llama_dir, mismatch):
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta", shards=2)
+    mismatch(tmp_path, meta)
+    with pytest.raises(ConversionError, match=r"tensor layers\.0\.\S+ is \(.*\) \w+ in consolidated\.00\.pth but "
+                                              r"\(.*\) \w+ in consolidated\.01\.pth; the shards come from different "
+                                              r"downloads"):
+        load_checkpoint(meta)
+
+
+def test_meta_quantized_release_is_refused_as_such(tmp_path, llama_dir):
+    """Meta's Llama 3.2 QLoRA / SpinQuant int4 downloads: params.json has quantization_args."""
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta")
+    _edit_params(meta, quantization_args={"group_size": 32, "scheme": "int4_weight_int8_dynamic_activation"})
+    with pytest.raises(ConversionError, match=r"quantization_args: this is Meta's quantized release .* Download the "
+                                              r"bf16 one \(e\.g\. Llama3\.2-1B-Instruct\)"):
+        load_checkpoint(meta)
+
+
+def test_meta_integer_weights_are_refused_not_read_as_numbers(tmp_path, llama_dir):
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta")
+    name = "layers.0.attention.wq.weight"
+    _edit_shard(meta / "consolidated.00.pth", lambda s: s.update({name: (s[name] * 100).round().to(torch.int8)}))
+    with pytest.raises(ConversionError, match=rf"consolidated\.00\.pth stores {name} as int8, not as floating-point "
+                                              "weights: the checkpoint is quantized"):
+        load_checkpoint(meta)
+
+
+@pytest.mark.parametrize(
+    ("vocab", "params", "positions"),
+    [
+        (32016, {"rope_theta": 1000000.0}, 16384),  # CodeLlama, as transformers' convert_llama_weights_to_hf
+        (32000, {}, 4096),  # Llama 2
+        (128256, {"rope_theta": 500000.0}, 8192),  # Llama 3
+        (128256, {"rope_theta": 500000.0, "use_scaled_rope": True}, 131072),  # Llama 3.1
+        (32016, {"rope_theta": 1000000.0, "max_seq_len": 2048}, 2048),  # a length params.json states wins
+    ],
+)
+def test_meta_trained_context_length(vocab, params, positions):
+    state = {"tok_embeddings.weight": torch.empty(vocab, 4096, device="meta"),
+             "layers.0.feed_forward.w1.weight": torch.empty(11008, 4096, device="meta")}
+    spec = spec_from_params({"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": -1, **params}, state)
+    assert spec.max_position_embeddings == positions
+
+
+@pytest.mark.parametrize(("shards", "removed"), [(4, 1), (2, 1)])  # a gap in the numbering; the last one
+def test_missing_meta_shard_is_named(tmp_path, llama_dir, shards, removed):
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta", shards=shards)
+    (meta / f"consolidated.{removed:02d}.pth").unlink()
+    with pytest.raises(ConversionError, match=rf"^consolidated\.{removed:02d}\.pth is missing: .* split into {shards} "
+                                              "shards"):
+        load_checkpoint(meta)
+
+
+def test_single_consolidated_pth_loads(tmp_path, llama_dir):
+    """folder_kind recognised consolidated.pth as a Meta folder, whose load then found no consolidated.*.pth."""
+    from nomoat.converter.peek import peek_spec
+
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta")
+    (meta / "consolidated.00.pth").rename(meta / "consolidated.pth")
+    ckpt = load_checkpoint(meta)
+    assert_same_tensors(ckpt, hf_state_dict(llama_dir))
+    assert peek_spec(meta) == ckpt.spec
+
+
+def test_legacy_torch_save_format_loads(tmp_path, llama_dir):
+    """torch.save's pre-1.6 format cannot be memory-mapped; it is no corrupt file."""
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta")
+    _edit_shard(meta / "consolidated.00.pth", lambda s: None, _use_new_zipfile_serialization=False)
+    assert_same_tensors(load_checkpoint(meta), hf_state_dict(llama_dir))
+
+
+def test_meta_shard_with_pickled_objects_is_a_one_line_error(tmp_path, llama_dir):
+    import argparse
+
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta")
+    _edit_shard(meta / "consolidated.00.pth", lambda s: s.update({"args": argparse.Namespace(a=1)}))
+    with pytest.raises(ConversionError, match=r"consolidated\.00\.pth holds pickled Python objects "
+                                              r"\(argparse\.Namespace\)") as e:
+        load_checkpoint(meta)
+    assert "\n" not in str(e.value) and "WeightsUnpickler" not in str(e.value)
+
+
+def test_meta_shape_mismatch_names_params_json(tmp_path, llama_dir):
+    meta = write_meta_from_hf(llama_dir, tmp_path / "meta")
+    _edit_params(meta, n_kv_heads=4)
+    with pytest.raises(ConversionError, match=r"but params\.json says \(64, 64\); the weights and params\.json do not"):
+        load_checkpoint(meta)
+
+
 def test_mistral_native_layout_asks_for_the_hugging_face_files(tmp_path):
     """mistral-inference's download: params.json + consolidated.safetensors + tokenizer.model.v3, no .pth."""
     from safetensors.torch import save_file
