@@ -16,8 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ContextOverflowError
+from .errors import BundleError, ContextOverflowError
 from .manifest import Manifest
+
+# The element type ONNX Runtime reports for a KV cache kept in each of manifest.KV_DTYPES.
+_ORT_TENSOR_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+_GRAPH_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,68 @@ def is_onnxruntime_error(error: BaseException) -> bool:
     return Path(innermost.filename).is_relative_to(package)
 
 
+class _Mismatch(Exception):
+    """One manifest field the graph contradicts: the field, the manifest's value, the graph's."""
+
+
+def check_graph_matches_manifest(session, manifest: Manifest) -> None:
+    """Refuse (BundleError) a manifest.json that contradicts model.onnx's inputs and outputs. No sha256
+    covers manifest.json, so an edited field (a kv_dtype, num_layers, vocab_size) would otherwise pass
+    every check and fail the first forward pass with ONNX Runtime's multi-line error. Reads only the
+    session's declared inputs and outputs: no forward pass. Symbolic dims (batch, positions) match any."""
+    try:
+        _check_graph_io(session, manifest)
+    except _Mismatch as e:
+        field, ours, theirs = e.args
+        raise BundleError(f"manifest.json says {field} is {ours!r}, but {manifest.onnx.model_file} has "
+                          f"{theirs}; re-convert the bundle, or undo the edit to manifest.json.") from None
+
+
+def _check_graph_io(session, manifest: Manifest) -> None:
+    io, m = manifest.onnx.io, manifest.model
+    inputs = {arg.name: arg for arg in session.get_inputs()}
+    outputs = {arg.name: arg for arg in session.get_outputs()}
+    for key in _GRAPH_INPUTS:
+        _graph_arg(inputs, f"onnx.io.{key}", io[key], "input")
+    logits = _graph_arg(outputs, "onnx.io.logits", io["logits"], "output")
+    _check_dim(logits, -1, "model.vocab_size", m.vocab_size, "a vocabulary of {}")
+    layers = 0  # the graph's layers, counted as the manifest's name pattern numbers them
+    while io["past_key"].format(layer=layers) in inputs:
+        layers += 1
+    # No layer 0 is a wrong name pattern, not a graph without layers.
+    _graph_arg(inputs, "onnx.io.past_key", io["past_key"].format(layer=0), "input")
+    if layers != m.num_layers:
+        raise _Mismatch("model.num_layers", m.num_layers, f"{layers} layers of KV cache inputs")
+    for layer in range(layers):
+        for key, side, names in (("past_key", "input", inputs), ("past_value", "input", inputs),
+                                 ("present_key", "output", outputs), ("present_value", "output", outputs)):
+            arg = _graph_arg(names, f"onnx.io.{key}", io[key].format(layer=layer), side)
+            _check_kv(arg, key, manifest)
+
+
+def _graph_arg(args: dict, field: str, name: str, side: str):
+    if name not in args:
+        raise _Mismatch(field, name, f"no {side} of that name (its {side}s: {', '.join(args)[:200]})")
+    return args[name]
+
+
+def _check_kv(arg, key: str, manifest: Manifest) -> None:
+    """A KV cache input or output is [batch, kv heads, positions, head_dim] of the manifest's kv_dtype."""
+    if arg.type != _ORT_TENSOR_TYPES[manifest.onnx.kv_dtype]:
+        raise _Mismatch("onnx.kv_dtype", manifest.onnx.kv_dtype, f"{arg.name} of type {arg.type}")
+    if len(arg.shape) != 4:
+        raise _Mismatch(f"onnx.io.{key}", arg.name, f"{arg.name} of shape {arg.shape}, not a KV cache's "
+                        "[batch, kv heads, positions, head_dim]")
+    _check_dim(arg, 1, "model.num_kv_heads", manifest.model.num_kv_heads, "{} KV heads")
+    _check_dim(arg, 3, "model.head_dim", manifest.model.head_dim, "a head_dim of {}")
+
+
+def _check_dim(arg, axis: int, field: str, expected: int, phrase: str) -> None:
+    dim = arg.shape[axis] if arg.shape else None
+    if isinstance(dim, int) and dim != expected:  # a str (or None) is a symbolic dim: any size fits
+        raise _Mismatch(field, expected, f"{phrase.format(dim)} in {arg.name} {arg.shape}")
+
+
 class DecoderSession:
     """Runs the decoder graph; remembers which tokens its KV cache holds."""
 
@@ -126,6 +192,7 @@ class DecoderSession:
         self.vocab_size = manifest.model.vocab_size
         self._io_names = manifest.onnx.io
         self.session = ort_session(Path(bundle) / manifest.onnx.model_file, options)
+        check_graph_matches_manifest(self.session, manifest)
         if options.release_file_pages and manifest.onnx.data_file:
             from .pages import release_file_pages
 

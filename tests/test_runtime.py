@@ -65,6 +65,30 @@ def test_missing_file_is_refused(bundle, tmp_path):
         Model.load(b)
 
 
+@pytest.mark.parametrize("section, field, value, said", [
+    ("onnx", "kv_dtype", "float16", r"onnx.kv_dtype is 'float16', but model.onnx has past_key_values.0.key of "
+                                    r"type tensor\(float\)"),
+    ("model", "num_kv_heads", 4, "model.num_kv_heads is 4, but model.onnx has 2 KV heads"),
+    ("model", "head_dim", 8, "model.head_dim is 8, but model.onnx has a head_dim of 16"),
+    ("model", "num_layers", 1, "model.num_layers is 1, but model.onnx has 2 layers"),
+    ("model", "num_layers", 3, "model.num_layers is 3, but model.onnx has 2 layers"),
+    ("model", "vocab_size", 300, "model.vocab_size is 300, but model.onnx has a vocabulary of"),
+    ("onnx", "io", "logits=out", "onnx.io.logits is 'out', but model.onnx has no output of that name"),
+])
+def test_a_manifest_that_contradicts_the_graph_is_refused_at_load(bundle, tmp_path, section, field, value, said):
+    # manifest.json has no sha256: an edit passed every check and failed the first forward pass in ONNX Runtime.
+    b = _copy(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    if field == "io":
+        key, name = value.split("=")
+        m["onnx"]["io"][key] = name
+    else:
+        m[section][field] = value
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=said + ".*re-convert the bundle, or undo the edit to manifest.json"):
+        Model.load(b)
+
+
 def test_ort_options_parse_into_session_config_entries():
     from nomoat.runtime.onnx_session import parse_ort_options
 
