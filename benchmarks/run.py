@@ -348,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if plot is not None:
-        plot_report(report, plot)
+        try:
+            plot_report(report, plot)
+        except BenchError as e:  # the disk filled or the folder went during the rounds: one line, no traceback
+            raise SystemExit(f"benchmarks/run.py: {e}") from None
         print(f"chart written to {plot}", file=sys.stderr)
     return 0 if all(r["answer_ok"] for r in results) else 1
 

@@ -7,6 +7,7 @@ when a chart is asked for.
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,20 +35,38 @@ def require_matplotlib() -> None:
 
 def chart_path(out: str | Path) -> Path:
     """Where a chart asked for at `out` will be written, checked before minutes of measuring rather than
-    after: matplotlib installed, a format it writes, an existing folder. A name without a suffix gets .png,
+    after: matplotlib installed, a format it writes, a file (not a folder) in an existing folder this user can
+    write in. A name without a suffix gets .png,
     as matplotlib's savefig would add it, so the path said afterwards is the file's."""
     require_matplotlib()
     out = Path(out)
+    check_not_a_folder(out)  # before the suffix: `--plot results` meant into that folder, not beside it
     if not out.suffix:
         out = out.with_suffix(".png")
     formats = supported_formats()
     if out.suffix[1:].lower() not in formats:
         raise BenchError(f"--plot {out}: matplotlib cannot write {out.suffix} files; end the name with one of "
                          f"{', '.join('.' + f for f in formats)} (or none, for .png)")
+    check_writable(out)
+    return out
+
+
+def check_not_a_folder(out: Path) -> None:
+    if out.is_dir():
+        raise BenchError(f"--plot {out}: that is a folder; name a file in it, e.g. {out / 'chart.png'}")
+
+
+def check_writable(out: Path) -> None:
+    """Refuse a chart path savefig would fail on only after the rounds: a folder, a folder that is a
+    file or is missing, one this user cannot write in."""
+    check_not_a_folder(out)
+    if out.parent.exists() and not out.parent.is_dir():
+        raise BenchError(f"--plot {out}: {out.parent} is a file, not a folder; name a file in a folder")
     if not out.parent.is_dir():
         raise BenchError(f"--plot {out}: the folder {out.parent} does not exist; create it first "
                          "(mkdir -p) or name a file in an existing folder")
-    return out
+    if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise BenchError(f"--plot {out}: this user cannot write there; name a file in a folder you can write to")
 
 
 def supported_formats() -> list[str]:
@@ -68,8 +87,13 @@ def plot_summaries(entries: Sequence[tuple[str, Summary]], out: str | Path, titl
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as e:  # checked before measuring (chart_path), but the disk can fill or the folder go since
+        raise BenchError(f"--plot {out}: the chart cannot be written ({e.strerror or e}); the measurements "
+                         "are printed above") from None
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -96,9 +96,13 @@ def run(args: argparse.Namespace) -> int:
                    for r in report["results"]]
         machine = report["machine"]
         bandwidth = report.get("read_bandwidth_bytes_per_s") or {}
-        out = plot_summaries(entries, plot, f"nomoat bench {' '.join(report['bundles'])} — "
-                             f"{machine['cpu']}, {plural(report['rounds'], 'round')} (median, min–max)",
-                             ceilings=[decode_ceiling(r, bandwidth) for r in report["results"]])
+        try:
+            out = plot_summaries(entries, plot, f"nomoat bench {' '.join(report['bundles'])} — "
+                                 f"{machine['cpu']}, {plural(report['rounds'], 'round')} (median, min–max)",
+                                 ceilings=[decode_ceiling(r, bandwidth) for r in report["results"]])
+        except BenchError as e:  # the table is out; the chart's failure is one line, not a traceback
+            print(f"nomoat bench: error: {e}", file=sys.stderr)
+            return 1
         print(f"chart written to {out}", file=sys.stderr)
     return 0
 

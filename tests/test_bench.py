@@ -852,6 +852,53 @@ def test_cli_checks_the_chart_path_before_measuring(tmp_path, capsys, plot, prob
     assert ".png" in err and "\n" not in err.rstrip("\n")
 
 
+@pytest.mark.parametrize(("plot", "problem"), [
+    ("charts", "that is a folder; name a file in it, e.g. {tmp}/charts/chart.png"),
+    ("charts.png", "that is a folder; name a file in it"),
+    ("notes.txt/chart.png", "{tmp}/notes.txt is a file, not a folder; name a file in a folder"),
+    ("chart.png", "this user cannot write there; name a file in a folder you can write to"),
+])
+def test_cli_refuses_a_chart_path_savefig_would_fail_on_before_measuring(tmp_path, capsys, monkeypatch, plot,
+                                                                          problem):
+    pytest.importorskip("matplotlib")
+    import nomoat.runtime.bench_plot as bench_plot
+    from nomoat.__main__ import main
+
+    (tmp_path / "charts").mkdir()
+    (tmp_path / "charts.png").mkdir()
+    (tmp_path / "notes.txt").write_text("")
+    if plot == "chart.png":  # an unwritable folder; root may write anywhere, so ask os.access as a user would
+        monkeypatch.setattr(bench_plot.os, "access", lambda path, mode: Path(path) != tmp_path)
+    # tmp_path is no bundle: the chart's problem is said first, in one line, before anything is measured.
+    assert main(["bench", str(tmp_path), "--plot", str(tmp_path / plot)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"nomoat bench: error: --plot {tmp_path / plot}: {problem.format(tmp=tmp_path)}"), err
+    assert "\n" not in err.rstrip("\n")
+
+
+def test_a_chart_savefig_cannot_write_after_the_rounds_is_an_error_not_a_traceback(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    import argparse
+    import shutil
+
+    import nomoat.runtime.cli_bench as cli_bench
+
+    report = measure_configs([Config(1, 16, 4)], lambda c: list(range(16)), _sleepy_worker, rounds=1, warmup=0,
+                             pause_s=0)
+
+    def folder_gone_while_measuring(args):
+        shutil.rmtree(tmp_path / "charts")
+        return {"bundle": "fake", "bundles": ["fake"], **report}
+
+    (tmp_path / "charts").mkdir()
+    monkeypatch.setattr(cli_bench, "bench_bundles", folder_gone_while_measuring)
+    assert cli_bench.run(argparse.Namespace(json=False, plot=tmp_path / "charts" / "c.png")) == 1
+    captured = capsys.readouterr()
+    assert "decode" in captured.out  # the measurements are out before the chart fails
+    assert captured.err.endswith(f"\nnomoat bench: error: --plot {tmp_path / 'charts' / 'c.png'}: the chart cannot be "
+                            "written (No such file or directory); the measurements are printed above\n"), captured.err
+
+
 def test_a_chart_named_without_a_suffix_is_a_png_and_said_so(monkeypatch, capsys, tmp_path):
     pytest.importorskip("matplotlib")
     import argparse
