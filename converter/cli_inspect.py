@@ -27,53 +27,95 @@ def run(args: argparse.Namespace) -> int:
     from nomoat.runtime.errors import BundleError
 
     try:
-        manifest, report, files_ok, problems = read_bundle(args.bundle, check=not args.no_check)
+        manifest, report, sha_ok, report_ok, problems = read_bundle(args.bundle, check=not args.no_check)
     except BundleError as e:
         print(f"nomoat inspect: error: {e}", file=sys.stderr)
         return 1
+    files_ok = False if not report_ok else sha_ok
     if args.json:
         print(json.dumps({"manifest": manifest, "report": report, "files_ok": files_ok}, indent=2))
     else:
-        print(describe(args.bundle, manifest, report, files_ok, checked=not args.no_check))
+        print(describe(args.bundle, manifest, report, sha_ok, checked=not args.no_check, report_ok=report_ok))
     if files_ok is False:  # shown above, and an exit status a script can test
         print(f"nomoat inspect: error: {args.bundle} is damaged: {' '.join(problems)}", file=sys.stderr)
         return 1
     return 0
 
 
-def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[str, Any], bool | None, list[str]]:
-    """(manifest, report, files_ok, problems): files_ok is False when a file does not match its sha256
-    or report.json cannot be read (then report is {}), None when the sha256 were not checked and
-    report.json reads; problems says what is damaged. Raises BundleError for a manifest it cannot read."""
+def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[str, Any], bool | None, bool,
+                                                           list[str]]:
+    """(manifest, report, sha_ok, report_ok, problems): sha_ok is False when a file does not match its sha256,
+    None when the sha256 were not checked; report_ok is False when report.json cannot be read (then report is
+    {}) or holds a field of the wrong type (then that field is left out); problems says what is damaged.
+    Raises BundleError for a manifest it cannot read."""
     from nomoat.runtime.errors import BundleError
     from nomoat.runtime.manifest import check_files, read_manifest
 
     manifest = read_manifest(bundle, verify_files=False)  # refuses unknown format versions and a bad manifest
     raw = json.loads((Path(bundle) / "manifest.json").read_text())
-    files_ok, problems = None, []
+    sha_ok, report_ok, problems = None, True, []
     if check:  # before report.json is read: a truncated one is a damaged file, not a parse error
         try:
             manifest.check_runtime_files_listed()  # a file the runtime opens but no sha256 covers
             check_files(Path(bundle), manifest.files)
-            files_ok = True
+            sha_ok = True
         except BundleError as e:
-            files_ok, problems = False, [str(e)]
+            sha_ok, problems = False, [str(e)]
     report_file = Path(bundle) / "report.json"
     report: dict[str, Any] = {}
     if report_file.is_file():
+        advice = "" if problems else "; copy the bundle again or re-convert."  # said once is enough
         try:
             report = json.loads(report_file.read_text())
             if not isinstance(report, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            advice = "" if problems else "; copy the bundle again or re-convert."  # said once is enough
             problems.append(f"report.json cannot be read ({e}){advice}")
-            report, files_ok = {}, False
-    return raw, report, files_ok, problems
+            report, report_ok = {}, False
+        damage = report_damage(report)
+        for name, why in damage.items():
+            del report[name]  # said as damage, not drawn from
+            problems.append(f"report.json's {why}")
+        if damage:
+            problems[-1] += advice
+            report_ok = False
+    return raw, report, sha_ok, report_ok, problems
+
+
+def report_damage(report: dict[str, Any]) -> dict[str, str]:
+    """report.json's fields that describe reads but are of the wrong type (another nomoat version wrote them,
+    or an edit), each with what is wrong: {field: problem}. Shown, they would fail with a traceback."""
+    from .verify import json_kind, quality_damage
+
+    damage = {}
+    if "quality" in report and (why := quality_damage(report["quality"])):
+        damage["quality"] = why
+    ops = report.get("ops")
+    if ops and not (isinstance(ops, dict) and all(_is_number(n) for n in ops.values())):
+        damage["ops"] = f"ops is {json_kind(ops)}, not an object of op counts"
+    estimate = report.get("memory_estimate")
+    if estimate and not _is_estimate(estimate):
+        damage["memory_estimate"] = (f"memory_estimate is {json_kind(estimate)}, not an object of byte counts "
+                                     f"({', '.join(_ESTIMATE_BYTES)})")
+    return damage
+
+
+# The byte counts _memory_line shows: these in every estimate, the optional ones in some.
+_ESTIMATE_BYTES = ("total_bytes", "budget_bytes", "weights_bytes", "kv_cache_bytes", "activations_bytes")
+_ESTIMATE_OPTIONAL = ("resident_weights_bytes", "runtime_bytes", "overhead_bytes")
+
+
+def _is_estimate(estimate: object) -> bool:
+    return isinstance(estimate, dict) and all(_is_number(estimate.get(k)) for k in _ESTIMATE_BYTES) \
+        and all(_is_number(estimate[k]) for k in _ESTIMATE_OPTIONAL if k in estimate)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: bool | None,
-             checked: bool = True) -> str:
+             checked: bool = True, report_ok: bool = True) -> str:
     from .verify import format_quality_table
 
     target = m.get("target", {})
@@ -81,7 +123,7 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
     estimate = target.get("memory_estimate") or report.get("memory_estimate")
     lines = [
         f"bundle     {bundle} (format {m['format_version']}, {len(m['files'])} files, "
-        f"{_files_status(files_ok, checked)})",
+        f"{_files_status(files_ok, checked, report_ok)})",
         f"model      {_model_line(m['model'], m['max_context'])}",
         f"source     {_source_line(m.get('source', {}))}",
         f"target     {target.get('name', '?')}: {target.get('description', '')}",
@@ -107,14 +149,19 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
         # What the runtime asks for (a bundle written before 2026-12-07 names 1.18.0, below the runtime's own floor).
         floor = OnnxBackend.from_dict(m["onnx"]).required_onnxruntime()
         lines.append(f"runs on    onnxruntime >= {floor} (older releases fail on this graph or compute it wrong)")
-    lines.append(format_quality_table(report.get("quality", {"skipped": True})))
+    if "quality" in report or report_ok:
+        lines.append(format_quality_table(report.get("quality", {"skipped": True})))
+    else:  # not "not verified": what verify measured is in report.json, damaged
+        lines.append("quality    not shown: report.json is damaged")
     return "\n".join(lines)
 
 
-def _files_status(ok: bool | None, checked: bool) -> str:
-    if ok is False and not checked:  # report.json unreadable, found without the sha256 check
-        return "DAMAGED: report.json unreadable, copy the bundle again"
-    return {True: "sha256 ok", False: "SHA256 MISMATCH: copy the bundle again", None: "sha256 not checked"}[ok]
+def _files_status(sha_ok: bool | None, checked: bool, report_ok: bool = True) -> str:
+    if sha_ok is False:
+        return "SHA256 MISMATCH: copy the bundle again"
+    if not report_ok:  # unchecked, or its sha256 matches: another nomoat version wrote it, or an edit did
+        return "DAMAGED: report.json unreadable, copy the bundle again" + (" or re-convert" if checked else "")
+    return {True: "sha256 ok", None: "sha256 not checked"}[sha_ok]
 
 
 def _model_line(model: dict[str, Any], max_context: int) -> str:

@@ -277,6 +277,50 @@ def _greedy_tokens_label(q: dict) -> str:
     return f"{high} tokens" if low == high else f"{low}-{high} tokens"
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+# The fields format_quality_table reads (name, required, test, what it must be): report.json may be written by
+# another nomoat version, or edited, and a field of another type would fail the table with a traceback.
+_NUMBER, _INTS = (_is_number, "a number"), (_is_int_list, "a list of whole numbers")
+_QUALITY_FIELDS = (
+    *((name, True, *_NUMBER) for name in ("eval_tokens", "eval_window", "ppl_reference", "ppl_bundle",
+                                          "ppl_increase_percent", "max_ppl_increase_percent", "mean_kl",
+                                          "top1_agreement", "greedy_tokens_per_prompt")),
+    ("greedy_first_divergence", True, *_INTS),
+    ("passed", True, lambda v: isinstance(v, bool), "true or false"),
+    ("seconds", False, *_NUMBER),
+    ("greedy_tokens", False, *_INTS),
+    ("greedy_skipped", False, lambda v: isinstance(v, list), "a list"),
+)
+
+
+def quality_damage(q: object) -> str | None:
+    """What keeps format_quality_table from showing `q` (report.json's quality), naming the field, or None."""
+    if not isinstance(q, dict):
+        return f"quality is {json_kind(q)}, not an object"
+    if q.get("skipped"):
+        return None
+    for name, required, test, what in _QUALITY_FIELDS:
+        if name not in q:
+            if required:
+                return f"quality has no {name}"
+        elif not test(q[name]):
+            return f"quality.{name} is {json_kind(q[name])}, not {what}"
+    return None
+
+
+def json_kind(value: object) -> str:
+    """How a value reads in JSON's terms (null, a string, an object ...), for a message about a field."""
+    kinds = {type(None): "null", bool: "true/false", str: "a string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), repr(value))
+
+
 def format_quality_table(q: dict) -> str:
     """The short table convert prints at the end and `nomoat inspect` shows (q: QualityReport.to_dict())."""
     if q.get("skipped"):

@@ -250,6 +250,62 @@ def test_inspect_reports_a_truncated_report_json_as_damage(tiny_dir, tmp_path, c
     assert "report.json cannot be read (" in err and "copy the bundle again or re-convert." in err
 
 
+@pytest.fixture(scope="module")
+def skip_verified_bundle(tiny_dir, tmp_path_factory) -> Path:
+    return convert(ConvertOptions(model=str(tiny_dir), out=tmp_path_factory.mktemp("inspect") / "b", quant="fp32",
+                                  max_context=64, progress=False, skip_verify=True))
+
+
+_MEASURED = {"eval_source": "default", "eval_tokens": 100, "eval_window": 64, "ppl_reference": 10.0,
+             "ppl_bundle": 10.1, "ppl_increase_percent": 1.0, "mean_kl": 0.01, "top1_agreement": 0.9,
+             "greedy_tokens_per_prompt": 8, "greedy_agreement": 1.0, "greedy_first_divergence": [-1],
+             "max_ppl_increase_percent": 30.0, "passed": True, "seconds": 1.0}
+
+
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("quality", None, "report.json's quality is null, not an object"),
+    ("quality", "passed", "report.json's quality is a string, not an object"),
+    ("quality", {**_MEASURED, "ppl_bundle": "10.1"}, "report.json's quality.ppl_bundle is a string, not a number"),
+    ("quality", {**_MEASURED, "greedy_first_divergence": None},
+     "report.json's quality.greedy_first_divergence is null, not a list of whole numbers"),
+    ("quality", {k: v for k, v in _MEASURED.items() if k != "passed"}, "report.json's quality has no passed"),
+    ("ops", "MatMul", "report.json's ops is a string, not an object of op counts"),
+    ("memory_estimate", [1], "report.json's memory_estimate is a list, not an object of byte counts (total_bytes, "
+                             "budget_bytes, weights_bytes, kv_cache_bytes, activations_bytes)"),
+])
+def test_inspect_reports_a_report_field_of_the_wrong_type_as_damage(skip_verified_bundle, tmp_path, capsys,
+                                                                     field, value, said):
+    """report.json from another nomoat version, or edited: a field of another type is damage named, not an
+    AttributeError."""
+    import hashlib
+    import shutil
+
+    out = Path(shutil.copytree(skip_verified_bundle, tmp_path / "b"))
+    report = json.loads((out / "report.json").read_text())
+    report[field] = value
+    (out / "report.json").write_text(json.dumps(report))
+    assert nomoat_main(["inspect", str(out), "--no-check"]) == 1
+    text, err = capsys.readouterr()
+    assert "DAMAGED: report.json unreadable" in text.splitlines()[0] and "model      llama" in text
+    assert err == f"nomoat inspect: error: {out} is damaged: {said}; copy the bundle again or re-convert.\n"
+    assert nomoat_main(["inspect", str(out)]) == 1  # checked: its sha256 differs too, both said
+    text, err = capsys.readouterr()
+    assert "SHA256 MISMATCH" in text.splitlines()[0] and "does not match its sha256" in err and said in err
+    # With its sha256 in manifest.json (a report.json another nomoat version wrote): damaged all the same.
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["report.json"] = hashlib.sha256((out / "report.json").read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert nomoat_main(["inspect", str(out)]) == 1
+    text, err = capsys.readouterr()
+    assert "DAMAGED: report.json unreadable, copy the bundle again or re-convert" in text.splitlines()[0]
+    assert err == f"nomoat inspect: error: {out} is damaged: {said}; copy the bundle again or re-convert.\n"
+    if field == "quality":
+        assert "quality    not shown: report.json is damaged" in text
+    assert nomoat_main(["inspect", str(out), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["files_ok"] is False and field not in data["report"]
+
+
 def test_targets_command(capsys):
     assert nomoat_main(["targets"]) == 0
     listing = capsys.readouterr().out
