@@ -180,7 +180,9 @@ class Scored:
     """The logprobs of a reply's tokens not sent yet, in the reply's layout (None when not asked for).
 
     A token that ends inside a character has no text of its own yet; its logprob goes out with
-    the next chunk that has text, as the text it is part of does."""
+    the next chunk that has text, as the text it is part of does. The tokens a stop string was cut
+    from (those that start at or after the cut) are dropped, as llama.cpp's server drops them: their
+    text is not in the reply."""
 
     def __init__(self, reply: Reply, job: Job, model: Model):
         self.wanted = job.logprobs is not None
@@ -188,19 +190,23 @@ class Scored:
         self._model = model
         self._scored: list = []
         self._offsets: list[int] = []
-        # A text completion's text_offset: where each token starts in the tokens' own text, before stop
-        # strings hold any back (the events' text is after), as the legacy API counts. Chat has none.
-        self._text = (IncrementalDetokenizer(model.tokenizer, context=job.prompt_ids)
-                      if self.wanted and reply.kind == "completion" else None)
+        # Where each token starts in the tokens' own text, before stop strings hold any back (the
+        # events' text is after): a text completion's text_offset, as the legacy API counts, and
+        # for both kinds the way to tell the tokens past a stop string's cut.
+        self._text = (IncrementalDetokenizer(model.tokenizer, context=job.prompt_ids if job.continues_prompt else ())
+                      if self.wanted else None)
         self._length = 0
+        self._emitted = 0  # characters of the reply's text so far (the events' text)
 
     def add(self, event: StreamEvent) -> None:
-        if event.logprob is None:
-            return
-        self._scored.append(event.logprob)
-        if self._text is not None:
+        self._emitted += len(event.text)
+        if event.logprob is not None and self._text is not None:
+            self._scored.append(event.logprob)
             self._offsets.append(self._length)
             self._length += len(self._text.add(event.logprob.token_id))
+        if event.finish_reason == "stop" and self._emitted < self._length:  # a stop string cut the text
+            kept = sum(start < self._emitted for start in self._offsets)
+            del self._scored[kept:], self._offsets[kept:]
 
     def take(self) -> dict[str, Any] | None:
         """For a stream's chunk: those not sent yet, or None if there are none."""

@@ -11,6 +11,7 @@ for a JSON schema over SmolLM2's 49,152 tokens. It is an optional dependency
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,16 @@ __all__ = ["Grammar", "Constraint", "StructuredOutputUnavailable"]
 # Between JSON tokens: nothing, a space, or a newline and an indent of up to 20, as llama.cpp's
 # JSON-schema grammars allow (its `space` rule). llguidance's default takes any run of whitespace,
 # and a model unsure of what comes next (a small one, a quantized one) can fill its answer with it.
-JSON_LAYOUT = {"whitespace_pattern": r"(?: |\n[ \t]{0,20})?"}
+JSON_LAYOUT = {"whitespace_pattern": r"(?: |\n[ \t]{0,20})?",
+               # oneOf as anyOf, as llama.cpp's json-schema-to-grammar takes it: llguidance refuses a oneOf whose
+               # branches could overlap ({"type": "integer"} and {"type": "number"}), which no model output can fix
+               "coerce_one_of": True}
+# Schema keywords whose value is a schema, a list of schemas, or a map of names to schemas: where
+# _closed_objects looks for object schemas (enum and const hold data, not schemas, and are not entered).
+_SCHEMA_KEYWORDS = ("items", "additionalItems", "additionalProperties", "unevaluatedProperties", "unevaluatedItems",
+                    "not", "if", "then", "else", "contains", "propertyNames")
+_SCHEMA_LIST_KEYWORDS = ("prefixItems", "anyOf", "oneOf", "allOf")
+_SCHEMA_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 INSTALL_HINT = "install it with: pip install 'nomoat[structured]' (or: pip install llguidance)"
 
@@ -60,7 +70,7 @@ class Grammar:
         if not isinstance(schema, dict):
             raise ValueError(f"a JSON schema is a JSON object, got {type(schema).__name__}")
         try:
-            return cls(llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT), "json")
+            return cls(llg.LLMatcher.grammar_from_json_schema(_closed_objects(schema), defaults=JSON_LAYOUT), "json")
         except ValueError as e:
             raise ValueError(f"the JSON schema cannot be used: {e}") from None
 
@@ -78,10 +88,58 @@ class Grammar:
     def gbnf(cls, grammar: str) -> Grammar:
         """A llama.cpp GBNF grammar (`root ::= ...`), converted to Lark by llguidance."""
         llg = _llguidance()
+        if not _GBNF_ROOT.search(grammar):
+            raise ValueError("the GBNF grammar has no root rule (`root ::= ...`), where llama.cpp's grammars start; "
+                             "name the rule the answer must match root")
         try:
-            return cls(llg.grammar_from("gbnf", grammar), "gbnf")
+            return cls(llg.grammar_from("gbnf", _plain_unicode_escapes(grammar)), "gbnf")
         except ValueError as e:
             raise ValueError(f"the GBNF grammar cannot be read: {e}") from None
+
+
+def _closed_objects(schema: Any, in_all_of: bool = False) -> Any:
+    """The schema with every object schema that lists its properties closed to others
+    (`"additionalProperties": false` where it says nothing about them), as llama.cpp's
+    json-schema-to-grammar reads a schema and OpenAI's strict mode demands. JSON Schema itself allows
+    any other key, and a small model given that freedom adds keys until max_tokens runs out. The
+    branches of an allOf are left open: each lists only its share of the object's properties."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_KEYWORDS:
+        if key in out:
+            out[key] = _closed_objects(out[key])
+    for key in _SCHEMA_LIST_KEYWORDS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed_objects(branch, in_all_of=key == "allOf") for branch in out[key]]
+    for key in _SCHEMA_MAP_KEYWORDS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _closed_objects(sub) for name, sub in out[key].items()}
+    says_nothing = not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & out.keys()
+    if "properties" in out and says_nothing and not in_all_of:
+        out["additionalProperties"] = False
+    return out
+
+
+_GBNF_ROOT = re.compile(r"^\s*root\s*::=", re.MULTILINE)
+_GBNF_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
+
+
+def _plain_unicode_escapes(grammar: str) -> str:
+    """llama.cpp's \\uXXXX and \\UXXXXXXXX escapes as llguidance's GBNF reader takes them. It drops their
+    leading zeros (\\u00e9 -> \\ue9) and then refuses its own spelling, so one below 0x100 becomes \\xHH
+    (a quote, a bracket or a control character stays escaped) and a higher one the character itself.
+    Other escapes (\\\\, \\n, \\x..) and surrogates, which no text holds, are left as they are."""
+    def plain(m: re.Match) -> str:
+        code = m.group(1)
+        if code[0] not in "uU" or len(code) == 1:
+            return m.group(0)
+        point = int(code[1:], 16)
+        if point < 0x100:
+            return f"\\x{point:02x}"
+        return m.group(0) if 0xD800 <= point <= 0xDFFF or point > 0x10FFFF else chr(point)
+
+    return _GBNF_ESCAPE.sub(plain, grammar)
 
 
 class Constraint:

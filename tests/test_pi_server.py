@@ -875,6 +875,30 @@ def _entry(model, token_id: int, logprob: float) -> dict:
             "bytes": list(raw)}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_leave_out_the_tokens_a_stop_string_was_cut_from(base_url, stream):
+    """As llama.cpp's server: the reply's logprobs are those of its text's tokens, not of the stop string's."""
+    gbnf = 'root ::= " jumps over the lazy dog."'
+    for path, body, text_of in (
+            ("/v1/completions", {"prompt": "The quick brown fox", "logprobs": 0},
+             lambda choice: choice.get("text", "")),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True},
+             lambda choice: (choice.get("delta") or choice.get("message") or {}).get("content") or "")):
+        body = {"model": MODEL_ID, "max_tokens": 16, "grammar": gbnf, "stop": [" lazy"], "stream": stream, **body}
+        choices = ([event["choices"][0] for event in _sse_events(base_url, path, body)[:-1] if event.get("choices")]
+                   if stream else [_raw_post(base_url, path, json.dumps(body).encode())[1]["choices"][0]])
+        text = "".join(text_of(choice) for choice in choices)
+        assert text.strip() == "jumps over the", (path, choices)
+        logprobs = [choice["logprobs"] for choice in choices if choice.get("logprobs")]
+        if path == "/v1/completions":
+            tokens = [t for lp in logprobs for t in lp["tokens"]]
+            offsets = [o for lp in logprobs for o in lp["text_offset"]]
+            assert max(offsets) < len(text), (offsets, text)
+        else:
+            tokens = [entry["token"] for lp in logprobs for entry in lp["content"]]
+        assert "".join(tokens) == text, (path, tokens, text)
+
+
 def test_chat_logprobs_whole_and_streamed_are_the_runtimes_for_the_answers_tokens(base_url, model):
     messages = [{"role": "user", "content": "Tell me a story."}]
     body = {"model": MODEL_ID, "messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True,

@@ -78,7 +78,62 @@ def test_logprobs_are_the_models_own_under_a_grammar(model):
     assert any(scored.top[0][0] != scored.token_id for scored in answer.logprobs)
 
 
+def _follows(model, grammar: Grammar, text: str, then: str) -> bool:
+    """Whether the grammar lets `then` come after `text` (each as the model's tokenizer splits it)."""
+    import numpy as np
+
+    constraint = model.constraint(grammar)
+    for token in model.tokenizer.encode(text, add_special_tokens=False).ids:
+        constraint.accept(token)
+    first = model.tokenizer.encode(then, add_special_tokens=False).ids[0]
+    return bool(np.isfinite(constraint.mask(np.zeros(model.manifest.model.vocab_size, np.float32))[first]))
+
+
+OPEN_PERSON = {key: value for key, value in PERSON.items() if key != "additionalProperties"}
+
+
+@pytest.mark.parametrize("schema", [
+    OPEN_PERSON,  # listed properties, nothing said about others
+    {"type": "array", "items": OPEN_PERSON},
+    {"$defs": {"p": OPEN_PERSON}, "anyOf": [{"$ref": "#/$defs/p"}, {"type": "integer"}]},
+])
+def test_an_object_that_lists_its_properties_takes_no_others_as_in_llama_cpp(model, schema):
+    """JSON Schema allows any other key; llama.cpp's grammars (and OpenAI's strict mode) do not, and a small
+    model given the freedom adds keys until max_tokens runs out (SmolLM2 did, on the README's example)."""
+    prefix = ("[" if schema.get("type") == "array" else "") + '{"name": "a", "age": 1, "pets": []'
+    assert _follows(model, Grammar.json(schema), prefix, "}")
+    assert not _follows(model, Grammar.json(schema), prefix, ",")
+
+
+def test_an_object_that_says_it_takes_others_or_lists_none_still_does(model):
+    prefix = '{"name": "a", "age": 1, "pets": []'
+    assert _follows(model, Grammar.json({**OPEN_PERSON, "additionalProperties": True}), prefix, ",")
+    assert _follows(model, Grammar.json({"type": "object"}), '{"a": 1', ",")  # json_object: any object
+    # an allOf's branches each list a share of the properties: the object is theirs together
+    both = {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                      {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    assert _follows(model, Grammar.json(both), '{"a": 1', ",")
+
+
+def test_one_of_is_read_as_any_of_as_llama_cpp_reads_it(model):
+    answer = model.generate("n:", 8, grammar=Grammar.json({"oneOf": [{"type": "integer"}, {"type": "number"}]}),
+                            temperature=0)
+    float(answer.text)  # a number, from either branch
+
+
+@pytest.mark.parametrize(("gbnf", "text", "bad"), [
+    ('root ::= "caf\\u00e9"', "caf", "e"),  # llama.cpp's \uXXXX: was refused (llguidance dropped its zeros)
+    ('root ::= [\\u0400-\\u04FF]+', "", "a"),
+    ('root ::= "\\"" [\\x20\\x21\\x23-\\x5b\\x5d-\\U0010FFFF]* "\\""', '"caf', "\\"),  # old json.gbnf's string
+])
+def test_gbnf_unicode_escapes_are_read_as_llama_cpp_reads_them(model, gbnf, text, bad):
+    good = {"caf": "é", "": "п", '"caf': "é"}[text]
+    assert _follows(model, Grammar.gbnf(gbnf), text, good)
+    assert not _follows(model, Grammar.gbnf(gbnf), text, bad)
+
+
 @pytest.mark.parametrize(("grammar", "words"), [
+    (lambda: Grammar.gbnf('start ::= "a"'), "GBNF grammar has no root rule"),
     (lambda: Grammar.regex("(unclosed"), "regex grammar cannot be used"),
     (lambda: Grammar.json({"type": "objekt"}), "json grammar cannot be used"),
     (lambda: Grammar.json("{not json"), "JSON schema is not valid JSON"),
