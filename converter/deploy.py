@@ -344,14 +344,17 @@ def recover_interrupted_deploy(device: Target, remote_dir: str, name: str) -> No
     reply = run_step(device,
                      f"trap '' HUP PIPE; cd {shlex.quote(remote_dir)} 2>/dev/null || exit 0; {_age_tests()}"
                      f"{_take_lock(lock, trash)}"
-                     f"( mkdir -p {trash} || exit 1; "
+                     # the trash folder only when there is something to move: on a full disk its mkdir fails
+                     f"( bin() {{ {{ [ -d {trash} ] || mkdir {trash}; }} && mv \"$1\" {trash}/; }}; "
                      f"if [ ! -e {n} ] && [ ! -L {n} ]; then for o in {old}; do "
                      f'if [ -d "$o" ]; then mv "$o" {n}; break; fi; done; fi; '
-                     f'for f in {old}; do if {there}; then mv "$f" {trash}/ || exit 1; fi; done; '
-                     f'for f in {staging}; do if {there} && idle "$f"; then mv "$f" {trash}/ || exit 1; fi; done; '
+                     f'for f in {old}; do if {there}; then bin "$f" || exit 1; fi; done; '
+                     f'for f in {staging}; do if {there} && idle "$f"; then bin "$f" || exit 1; fi; done; '
                      f"rm -rf {tagged(name, TRASH)} ); "
                      f"rc=$?; rmdir {lk}; exit $rc",
                      "cleaning up after an earlier interrupted deploy")
+    if reply.status != 0 and NO_SPACE in reply.error():
+        raise DeployError(full_disk_message(device, remote_dir, "not even the deploy's lock folder could be made"))
     if reply.status == LOCKED:
         target = posixpath.join(remote_dir, name)
         raise DeployError(f"a swap from an earlier deploy may still be running on {device.name} ({lock} is there), "
@@ -398,9 +401,45 @@ def check_free_space(device: Target, remote_dir: str, needed: int) -> None:
         raise DeployError(f"could not read the free space at {remote_dir} on {device.name} from `df -k`:\n"
                           f"{out.rstrip()}\n{words(device).requirement}")
     if available_kib * 1024 < needed:
-        raise DeployError(f"not enough space on {device.name} at {remote_dir}: the bundle needs "
-                          f"{needed / MiB:.1f} MiB, only {available_kib / 1024:.1f} MiB is free. Free some "
-                          f"space on the {words(device).noun} (or delete old bundles there), then deploy again.")
+        need, free = _sizes(needed, available_kib * 1024)
+        raise DeployError(f"not enough space on {device.name} at {remote_dir}: the bundle needs {need}, only "
+                          f"{free} is free. Free some space on the {words(device).noun} (or delete old bundles "
+                          f"there){_leftovers_hint(device, remote_dir)}, then deploy again.")
+
+
+NO_SPACE = "No space left on device"
+
+
+def full_disk_message(device: Target, remote_dir: str, consequence: str) -> str:
+    return (f"the disk holding {remote_dir} on {device.name} is full ({NO_SPACE}), so {consequence}; "
+            f"{UNCHANGED}. Free some space on the {words(device).noun}{_leftovers_hint(device, remote_dir)}, "
+            "then deploy again.")
+
+
+def _leftovers_hint(device: Target, remote_dir: str) -> str:
+    """The hidden folders interrupted deploys left in remote_dir (`ls` does not show them), with their sizes and
+    the command that removes them, or "" when there are none or they cannot be listed."""
+    globs = " ".join(f".*.{kind}-{TAG_GLOB}" for kind in (STAGING, OLD, TRASH))
+    try:
+        reply = device.shell(f"cd {shlex.quote(remote_dir)} 2>/dev/null && for f in {globs}; do "
+                             f'[ -d "$f" ] && du -sk "$f"; done; true', timeout=STEP_S)
+    except TransportError:
+        return ""  # the hint is a courtesy: the error it would be added to says what matters
+    found = [line.split("\t", 1) for line in reply.out.splitlines() if "\t" in line]
+    found = [(name, int(kib)) for kib, name in found if kib.isdigit()]
+    if not found:
+        return ""
+    listed = ", ".join(f"{name} ({_size(kib * 1024)})" for name, kib in found)
+    paths = " ".join(shlex.quote(posixpath.join(remote_dir, name)) for name, _ in found)
+    return (f"; interrupted deploys left hidden folders there, which `ls` does not show: {listed}; remove them "
+            f"(while no deploy runs) with: rm -rf {paths}")
+
+
+def _sizes(needed: int, free: int) -> tuple[str, str]:
+    """Both sizes in MiB, or in KiB where MiB would round them to the same number."""
+    if f"{needed / MiB:.1f}" != f"{free / MiB:.1f}":
+        return f"{needed / MiB:.1f} MiB", f"{free / MiB:.1f} MiB"
+    return f"{needed / 1024:,.0f} KiB", f"{free / 1024:,.0f} KiB"
 
 
 def parse_df_available_kib(text: str) -> int | None:

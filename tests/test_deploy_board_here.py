@@ -195,6 +195,30 @@ def test_a_killed_deploys_leftovers_are_recovered(any_board, bundles, remote, mo
     assert holds(remote / "m", old)
 
 
+def test_a_full_disk_names_the_hidden_folders_interrupted_deploys_left_and_how_to_remove_them(
+        any_board, bundles, remote, monkeypatch):
+    """A deploy killed mid-copy leaves .NAME.partial-TAG, which `ls` does not show. Once it fills the disk, even
+    the cleanup's lock folder cannot be made: the error says the disk is full and names what to remove, where it
+    said "cleaning up after an earlier interrupted deploy failed" (and the space check said "delete old bundles")."""
+    old, new = bundles
+    deploy(any_board, old, remote)
+    (remote / ".other.partial-12345678").mkdir()
+    (remote / ".other.partial-12345678" / "w.bin").write_bytes(b"x" * 300_000)
+    monkeypatch.setenv("FAKE_BOARD_FAIL_ON", ".m.swapping")
+    monkeypatch.setenv("FAKE_BOARD_FAIL_WITH", "mkdir: cannot create directory '.m.swapping': No space left on device")
+    with pytest.raises(DeployError, match=r"the disk holding .* is full .*not even the deploy.s lock folder could be "
+                                          r"made; the bundle "
+                                          r"deployed before is unchanged.*\.other\.partial-12345678 \(.*B\).*"
+                                          r"rm -rf .*/\.other\.partial-12345678"):
+        deploy(any_board, new, remote)
+    monkeypatch.delenv("FAKE_BOARD_FAIL_ON")
+    monkeypatch.setattr(deploy_module, "parse_df_available_kib", lambda out: 0)  # the space check's turn
+    with pytest.raises(DeployError, match=r"not enough space .* needs \d+ KiB, only 0 KiB is free.*"
+                                          r"rm -rf .*/\.other\.partial-12345678, then deploy again"):
+        deploy(any_board, new, remote)
+    assert holds(remote / "m", old)
+
+
 def test_a_second_deploy_of_the_same_name_leaves_a_copy_under_way_alone(any_board, bundles, remote, tmp_path):
     """Two deploys of m at once: the second's cleanup leaves the first's staging folder alone (it changed moments
     ago), so both go through; the one that swaps last holds the name. Before, the cleanup removed the first's copy
