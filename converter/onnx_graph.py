@@ -13,10 +13,18 @@ Linear weights stay plain `MatMul` with fp32 initializers here; the quantize sta
 them (and the embedding Gather) into MatMulNBits / GatherBlockQuantized with ONNX
 Runtime's own quantizer. Keeping the two stages apart means the fp32 graph is the exact
 float reference of the quantized one.
+
+The large weights (the linears and the embedding table) are not copied into the graph when it
+is built: their initializers are placeholders (name, type and shape, no data) and `Weights`
+makes each fp32 array from the checkpoint when a later stage asks for it. A protobuf copy of
+every fp32 weight, next to the loaded checkpoint, was the bulk of the converter's memory (an
+int4 export held ~3 extra fp32 copies of the model); now the quantize stage rounds one weight
+at a time and the export writes each initializer to the data file as soon as it is final.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,18 +55,46 @@ class GraphIO:
         return dict(self.__dict__)
 
 
+class Weights(dict[str, Callable[[], np.ndarray]]):
+    """The graph's large fp32 initializers, by name: each a function making the array from the checkpoint.
+
+    The graph holds a placeholder for each (an initializer without data); an array is made only when a
+    stage asks for it, and is a view of the checkpoint's tensor where the layout allows (the
+    embedding table, a tied LM head), so no more than one weight's copy is alive at a time.
+    """
+
+    def array(self, name: str) -> np.ndarray:
+        return self[name]()
+
+    def tensor(self, name: str):
+        """The fp32 TensorProto the graph would hold under `name` (a copy of the data)."""
+        from onnx import numpy_helper
+
+        return numpy_helper.from_array(np.ascontiguousarray(self.array(name)), name)
+
+
 class _Graph:
     """Collects nodes and initializers under unique names (a thin wrapper, no model logic)."""
 
     def __init__(self) -> None:
         self.nodes: list = []
         self.initializers: list = []
+        self.weights = Weights()
         self._count = 0
 
     def const(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def weight(self, name: str, shape: tuple[int, ...], make: Callable[[], np.ndarray]) -> str:
+        """A large fp32 initializer left as a placeholder: `make` builds it when a stage needs it."""
+        from onnx import TensorProto
+
+        # Name, type and shape only: the graph's structure is complete, its data comes later.
+        self.initializers.append(TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape))
+        self.weights[name] = make
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
@@ -75,6 +111,18 @@ class _Graph:
 def _linear_weight(w) -> np.ndarray:
     """HF stores linears as [out, in]; MatMul wants B as [in, out]."""
     return w.detach().float().numpy().T
+
+
+def _linear(graph: _Graph, name: str, parts: list) -> str:
+    """The MatMul weight of HF linears [out, in] stacked along out (q|k|v, gate|up), as a placeholder:
+    the stacked copy is made when a stage asks for it, one layer at a time."""
+    import torch
+
+    def make() -> np.ndarray:
+        return _linear_weight(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0])
+
+    shape = (int(parts[0].shape[1]), sum(int(w.shape[0]) for w in parts))
+    return graph.weight(name, shape, make)
 
 
 def _norm(graph: _Graph, x: str, residual: str | None, gamma: str, eps: float, name: str) -> tuple[str, str]:
@@ -99,9 +147,8 @@ def _attention(graph: _Graph, ckpt: Checkpoint, layer: int, h: str, io: GraphIO,
     p = f"model.layers.{layer}.self_attn."
     # q, k and v packed into one weight: one MatMul (one MatMulNBits after quantization)
     # instead of three; GroupQueryAttention accepts the packed layout directly.
-    qkv_w = torch.cat([t[p + "q_proj.weight"], t[p + "k_proj.weight"], t[p + "v_proj.weight"]], dim=0)
-    (qkv,) = graph.op("MatMul", [h, graph.const(f"layers.{layer}.attn.qkv_proj.weight", _linear_weight(qkv_w))],
-                      name=f"layers.{layer}.attn.qkv_proj")
+    qkv_w = _linear(graph, f"layers.{layer}.attn.qkv_proj.weight", [t[p + f"{x}_proj.weight"] for x in "qkv"])
+    (qkv,) = graph.op("MatMul", [h, qkv_w], name=f"layers.{layer}.attn.qkv_proj")
     if spec.attention_bias:
         qkv_b = torch.cat([t[p + "q_proj.bias"], t[p + "k_proj.bias"], t[p + "v_proj.bias"]]).float().numpy()
         (qkv,) = graph.op("Add", [qkv, graph.const(f"layers.{layer}.attn.qkv_proj.bias", qkv_b)],
@@ -124,8 +171,7 @@ def _attention(graph: _Graph, ckpt: Checkpoint, layer: int, h: str, io: GraphIO,
     attn = attn_out[0]
     if half:
         (attn,) = graph.op("Cast", [attn], name=f"layers.{layer}.attn.to_fp32", to=_onnx_type("float32"))
-    (o,) = graph.op("MatMul", [attn, graph.const(f"layers.{layer}.attn.o_proj.weight",
-                                                       _linear_weight(t[p + "o_proj.weight"]))],
+    (o,) = graph.op("MatMul", [attn, _linear(graph, f"layers.{layer}.attn.o_proj.weight", [t[p + "o_proj.weight"]])],
                     name=f"layers.{layer}.attn.o_proj")
     return o
 
@@ -144,22 +190,19 @@ def _window_attribute(spec: ModelSpec, max_context: int) -> dict[str, int]:
 
 
 def _mlp(graph: _Graph, ckpt: Checkpoint, layer: int, h: str) -> str:
-    import torch
-
     t = ckpt.tensors
     p = f"model.layers.{layer}.mlp."
-    gate_up_w = torch.cat([t[p + "gate_proj.weight"], t[p + "up_proj.weight"]], dim=0)
-    (gu,) = graph.op("MatMul", [h, graph.const(f"layers.{layer}.mlp.gate_up_proj.weight",
-                                               _linear_weight(gate_up_w))], name=f"layers.{layer}.mlp.gate_up_proj")
+    gate_up_w = _linear(graph, f"layers.{layer}.mlp.gate_up_proj.weight", [t[p + "gate_proj.weight"],
+                                                                          t[p + "up_proj.weight"]])
+    (gu,) = graph.op("MatMul", [h, gate_up_w], name=f"layers.{layer}.mlp.gate_up_proj")
     inter = ckpt.spec.intermediate_size
     gate, up = graph.op("Split", [gu, graph.const(f"layers.{layer}.mlp.split", np.array([inter, inter]))],
                         n_out=2, name=f"layers.{layer}.mlp.split", axis=-1)
     (sig,) = graph.op("Sigmoid", [gate], name=f"layers.{layer}.mlp.sigmoid")
     (silu,) = graph.op("Mul", [gate, sig], name=f"layers.{layer}.mlp.silu")
     (act,) = graph.op("Mul", [silu, up], name=f"layers.{layer}.mlp.act")
-    (down,) = graph.op("MatMul", [act, graph.const(f"layers.{layer}.mlp.down_proj.weight",
-                                                   _linear_weight(t[p + "down_proj.weight"]))],
-                       name=f"layers.{layer}.mlp.down_proj")
+    (down,) = graph.op("MatMul", [act, _linear(graph, f"layers.{layer}.mlp.down_proj.weight",
+                                               [t[p + "down_proj.weight"]])], name=f"layers.{layer}.mlp.down_proj")
     return down
 
 
@@ -171,7 +214,18 @@ def _onnx_type(dtype: str) -> int:
 
 def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO(), kv_dtype: str = "float32"):
     """Return an onnx.ModelProto of the whole decoder with fp32 weights and a KV cache of kv_dtype
-    ("float32" or "float16": half the cache's memory, attention in fp16 around fp32 layers)."""
+    ("float32" or "float16": half the cache's memory, attention in fp16 around fp32 layers).
+
+    Every weight is copied into the protobuf: the export builds the graph with `build_graph` instead."""
+    model, weights = build_graph(ckpt, max_context, io, kv_dtype)
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name in weights:
+            model.graph.initializer[i].CopyFrom(weights.tensor(tensor.name))
+    return model
+
+
+def build_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO(), kv_dtype: str = "float32"):
+    """build_fp32_graph's graph with the large weights left as placeholders: (onnx.ModelProto, Weights)."""
     from onnx import TensorProto, helper
 
     if kv_dtype not in KV_DTYPES:
@@ -185,7 +239,9 @@ def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO()
     # The rotary tables go into GroupQueryAttention, so they take the cache's element type.
     cos, sin = (g.const("rotary.cos_cache", cos_np.astype(kv_dtype)),
                 g.const("rotary.sin_cache", sin_np.astype(kv_dtype)))
-    embed = g.const("model.embed_tokens.weight", t["model.embed_tokens.weight"].float().numpy())
+    table = t["model.embed_tokens.weight"]
+    # A view of the checkpoint's table (no copy) when it is fp32 already.
+    embed = g.weight("model.embed_tokens.weight", tuple(table.shape), lambda: table.float().numpy())
     (x,) = g.op("Gather", [embed, io.input_ids], name="embed_tokens", axis=0)
 
     residual = None
@@ -207,7 +263,7 @@ def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO()
     h, _ = _norm(g, x_sel, r_sel, g.const("model.norm.weight", t["model.norm.weight"].float().numpy()), eps,
                  name="final_norm")
     lm_head = t["model.embed_tokens.weight"] if spec.tie_word_embeddings else t["lm_head.weight"]
-    g.op("MatMul", [h, g.const("lm_head.weight", _linear_weight(lm_head))], name="lm_head", outputs=[io.logits])
+    g.op("MatMul", [h, _linear(g, "lm_head.weight", [lm_head])], name="lm_head", outputs=[io.logits])
 
     kv_shape = ["batch_size", spec.num_kv_heads, "kv_capacity", spec.head_dim]
     inputs = [
@@ -231,4 +287,4 @@ def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO()
         producer_name="nomoat",
     )
     model.ir_version = 10
-    return model
+    return model, g.weights

@@ -36,6 +36,7 @@ from .errors import ConversionError
 
 if TYPE_CHECKING:
     from .calibrate import Importance
+    from .onnx_graph import Weights
 
 QUANT_TYPES = ("fp32", "int8", "int4")
 # imatrix: the MSE search with each channel's error weighted by its calibration activations
@@ -312,15 +313,22 @@ def _mse_search(x, qmax: int, steps: int = 7, weight=None):
     return best_q, best_scale, best_zero
 
 
-def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Importance | None = None):
+def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Importance | None = None,
+                   weights: Weights | None = None):
     """Return the ModelProto with MatMuls (and the embedding Gather) block-quantized.
 
     importance (the calibrate stage's) weighs each MatMul's rounding errors by its input activations.
+    weights: the fp32 arrays of the graph's placeholder initializers (onnx_graph.build_graph). Each is
+    made, rounded and dropped in turn, so one fp32 weight is alive at a time; what stays unquantized
+    (an int8 model's embedding table) is left in it for the export to write.
     """
     if recipe.weights == "fp32":
         return model
     from onnx import helper, numpy_helper
 
+    from .onnx_graph import Weights
+
+    weights = Weights() if weights is None else weights
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
@@ -328,7 +336,7 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Import
         progress.reset(total=len(matmuls))
     tied_head = None
     for node in matmuls:
-        w = numpy_helper.to_array(inits[node.input[1]])
+        w = _fp32(inits[node.input[1]], weights)
         bits = recipe.bits_for(node.name)
         block_size = recipe.block_size_for(node.name)
         q = quantize_blockwise(w, bits, block_size, recipe.algorithm,
@@ -336,10 +344,11 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Import
                                importance.gram_for(node.name) if importance is not None else None,
                                symmetric=recipe.is_symmetric(node.name))
         # A tied table can read the head's codes only when its blocks tile the hidden size exactly.
-        if node.name == LM_HEAD_NODE and w.shape[0] % block_size == 0 and _is_embedding_transposed(graph, inits, w):
+        if node.name == LM_HEAD_NODE and w.shape[0] % block_size == 0 and \
+                _is_embedding_transposed(graph, inits, weights, w):
             tied_head = (f"{node.input[1]}_Q{bits}", q, bits, block_size)
         name = node.input[1]
-        graph.initializer.remove(inits[name])
+        _drop(graph, inits, weights, name)
         inputs = [node.input[0], f"{name}_Q{bits}", f"{name}_scales"]
         graph.initializer.extend([numpy_helper.from_array(q.packed, inputs[1]),
                                   numpy_helper.from_array(q.scales, inputs[2])])
@@ -351,6 +360,7 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Import
             list(node.output), name=node.name, domain="com.microsoft", K=w.shape[0], N=w.shape[1], bits=bits,
             block_size=block_size, accuracy_level=recipe.accuracy_level,
         )
+        del w, q  # the fp32 copy goes before the next weight's is made
         idx = list(graph.node).index(node)
         graph.node.remove(node)
         graph.node.insert(idx, new)
@@ -358,25 +368,42 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Import
             progress.update(1)
     if recipe.quantize_embedding and recipe.weights == "int4":
         if tied_head is not None:
-            _gather_from_lm_head(graph, inits, *tied_head)
+            _gather_from_lm_head(graph, inits, weights, *tied_head)
         else:
+            # ONNX Runtime's quantizer reads the table from the graph: fill its placeholder first.
+            table = _embedding_node(graph).input[0]
+            if table in weights:
+                inits[table].CopyFrom(weights.tensor(table))
+                del weights[table]
             model = _quantize_embedding(model, recipe)
     return model
+
+
+def _fp32(tensor, weights: Weights) -> np.ndarray:
+    """An initializer's fp32 array: made from the checkpoint for a placeholder, else read from the graph."""
+    from onnx import numpy_helper
+
+    return weights.array(tensor.name) if tensor.name in weights else numpy_helper.to_array(tensor)
+
+
+def _drop(graph, inits, weights: Weights, name: str) -> None:
+    """Remove an fp32 initializer that its quantized form replaces (and its maker, if a placeholder)."""
+    graph.initializer.remove(inits.pop(name))
+    weights.pop(name, None)
 
 
 def _embedding_node(graph):
     return next(n for n in graph.node if n.name == EMBEDDING_NODE)
 
 
-def _is_embedding_transposed(graph, inits, lm_head_w: np.ndarray) -> bool:
+def _is_embedding_transposed(graph, inits, weights: Weights, lm_head_w: np.ndarray) -> bool:
     """True when the LM head is the embedding table transposed (tied weights)."""
-    from onnx import numpy_helper
-
-    table = numpy_helper.to_array(inits[_embedding_node(graph).input[0]])
+    table = _fp32(inits[_embedding_node(graph).input[0]], weights)
     return table.shape == lm_head_w.shape[::-1] and np.array_equal(table, lm_head_w.T)
 
 
-def _gather_from_lm_head(graph, inits, codes_name: str, q: BlockQuantized, bits: int, block_size: int) -> None:
+def _gather_from_lm_head(graph, inits, weights: Weights, codes_name: str, q: BlockQuantized, bits: int,
+                         block_size: int) -> None:
     """Tied weights, stored once: the embedding lookup reads the LM head's quantized codes.
 
     GatherBlockQuantized takes MatMulNBits' codes [vocab, k_blocks, block*bits/8] as they are
@@ -391,7 +418,7 @@ def _gather_from_lm_head(graph, inits, codes_name: str, q: BlockQuantized, bits:
     # MatMulNBits packs two blocks' zero points per byte; here each block has its own byte.
     zero_points = block_zero_points(q, bits, vocab, k_blocks)
     prefix = node.input[0]
-    graph.initializer.remove(inits[prefix])
+    _drop(graph, inits, weights, prefix)
     graph.initializer.extend([
         numpy_helper.from_array(q.scales.reshape(vocab, k_blocks, 1), f"{prefix}_scales"),
         numpy_helper.from_array(np.ascontiguousarray(zero_points).reshape(vocab, k_blocks, 1), f"{prefix}_zero_points"),

@@ -480,3 +480,45 @@ def test_reference_model_matches_checkpoint(tiny_dir):
     with torch.no_grad():
         ours = reference_model(ckpt)(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(ours, _hf_logits(tiny_dir, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("quant, tie", [("int4", False), ("int4", True), ("int8", False), ("fp32", False)])
+def test_export_makes_each_fp32_weight_while_no_other_is_held(tmp_path, monkeypatch, quant, tie):
+    """The export's memory bound, by structure instead of RSS: the graph is built with its large
+    weights as placeholders, and each weight's fp32 array is made only when no other one is alive
+    (beyond the one just used) and no fp32 weight's data sits in the graph. Building the fp32 graph
+    eagerly again, or making all weights before rounding them, fails here."""
+    import weakref
+
+    import nomoat.converter.export_onnx as export
+    from nomoat.converter.quantize import QuantRecipe
+
+    made: list[tuple[str, weakref.ref]] = []
+    names: set[str] = set()
+    build = export.build_graph
+
+    def spying_build(*args, **kwargs):
+        model, weights = build(*args, **kwargs)
+        names.update(weights)
+
+        def spy(name, make):
+            def wrapped():
+                held = [t.name for t in model.graph.initializer if t.name in names and t.HasField("raw_data")]
+                assert not held, f"fp32 data of {held} is in the graph while {name} is made"
+                alive = [n for n, ref in made if ref() is not None]
+                assert len(alive) <= 1, f"the fp32 arrays of {alive} are alive while {name} is made"
+                array = make()
+                made.append((name, weakref.ref(array)))
+                return array
+            return wrapped
+
+        for name, make in list(weights.items()):
+            weights[name] = spy(name, make)
+        return model, weights
+
+    monkeypatch.setattr(export, "build_graph", spying_build)
+    ckpt = load_checkpoint(make_tiny_hf_dir(tmp_path / "hf", tie=tie))
+    export.export_onnx(ckpt, tmp_path, QuantRecipe(weights=quant, algorithm="rtn"), max_context=64)
+    # 4 linears per layer, the LM head and the embedding table, all placeholders, all made.
+    assert len(names) == 4 * ckpt.spec.num_layers + 2
+    assert {n for n, _ in made} == names
