@@ -51,7 +51,7 @@ _ROLES = ("system", "user", "assistant")
 # The content changes tried, the plain one first: every message trimmed or not, and an answer's
 # reasoning dropped (DeepSeek-R1-Distill) or dropped with the newlines after it (Qwen3) or kept.
 _CANDIDATES: list[dict[str, list[str]]] = [
-    {role: ([*think] if role == "assistant" else []) + trim for role in _ROLES}
+    {role: ops for role in _ROLES if (ops := (think if role == "assistant" else []) + trim)}
     for trim in ([], ["strip"]) for think in ([], ["after_think"], ["after_think_lstrip"])
 ]
 # strftime codes the app formats as Python does (English names, as in the C locale)
@@ -79,8 +79,7 @@ def derive_chat_format(template) -> dict[str, Any] | None:
         if not all(set(re.findall(r"%(.)", fmt)) <= _DATE_CODES for fmt in dates):
             return None
         for content in _CANDIDATES:
-            fmt = dict(pieces, **({"content": _used(content)} if _used(content) else {}),
-                       **({"dates": dates} if dates else {}))
+            fmt = {**pieces, **({"content": content} if content else {}), **({"dates": dates} if dates else {})}
             if _renders_like(template, fmt):
                 return fmt
     except (TemplateError, ValueError, TypeError, LookupError):
@@ -113,10 +112,6 @@ def _renders_like(template, fmt: dict[str, Any]) -> bool:
             if render_pieces(fmt, conversation, now=_CHECK_DAY) != jinja:
                 return False
     return True
-
-
-def _used(content: dict[str, list[str]]) -> dict[str, list[str]]:
-    return {role: ops for role, ops in content.items() if ops}
 
 
 def _fill(pieces: list[str], messages: list[dict[str, str]], ops: dict[str, list[str]]) -> str:

@@ -85,13 +85,13 @@ def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[
 def report_damage(report: dict[str, Any]) -> dict[str, str]:
     """report.json's fields that describe reads but are of the wrong type (another nomoat version wrote them,
     or an edit), each with what is wrong: {field: problem}. Shown, they would fail with a traceback."""
-    from .verify import json_kind, quality_damage
+    from .verify import is_number, json_kind, quality_damage
 
     damage = {}
     if "quality" in report and (why := quality_damage(report["quality"])):
         damage["quality"] = why
     ops = report.get("ops")
-    if ops and not (isinstance(ops, dict) and all(_is_number(n) for n in ops.values())):
+    if ops and not (isinstance(ops, dict) and all(is_number(n) for n in ops.values())):
         damage["ops"] = f"ops is {json_kind(ops)}, not an object of op counts"
     estimate = report.get("memory_estimate")
     if estimate and not _is_estimate(estimate):
@@ -106,12 +106,10 @@ _ESTIMATE_OPTIONAL = ("resident_weights_bytes", "runtime_bytes", "overhead_bytes
 
 
 def _is_estimate(estimate: object) -> bool:
-    return isinstance(estimate, dict) and all(_is_number(estimate.get(k)) for k in _ESTIMATE_BYTES) \
-        and all(_is_number(estimate[k]) for k in _ESTIMATE_OPTIONAL if k in estimate)
+    from .verify import is_number
 
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(estimate, dict) and all(is_number(estimate.get(k)) for k in _ESTIMATE_BYTES) \
+        and all(is_number(estimate[k]) for k in _ESTIMATE_OPTIONAL if k in estimate)
 
 
 def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: bool | None,

@@ -212,20 +212,10 @@ def _onnx_type(dtype: str) -> int:
     return {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
 
 
-def build_fp32_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO(), kv_dtype: str = "float32"):
-    """Return an onnx.ModelProto of the whole decoder with fp32 weights and a KV cache of kv_dtype
-    ("float32" or "float16": half the cache's memory, attention in fp16 around fp32 layers).
-
-    Every weight is copied into the protobuf: the export builds the graph with `build_graph` instead."""
-    model, weights = build_graph(ckpt, max_context, io, kv_dtype)
-    for i, tensor in enumerate(model.graph.initializer):
-        if tensor.name in weights:
-            model.graph.initializer[i].CopyFrom(weights.tensor(tensor.name))
-    return model
-
-
 def build_graph(ckpt: Checkpoint, max_context: int, io: GraphIO = GraphIO(), kv_dtype: str = "float32"):
-    """build_fp32_graph's graph with the large weights left as placeholders: (onnx.ModelProto, Weights)."""
+    """(onnx.ModelProto, Weights): the whole decoder with fp32 weights and a KV cache of kv_dtype ("float32"
+    or "float16": half the cache's memory, attention in fp16 around fp32 layers). The large weights are
+    placeholders in the graph, made from the checkpoint by Weights when a stage asks for them."""
     from onnx import TensorProto, helper
 
     if kv_dtype not in KV_DTYPES:

@@ -277,7 +277,8 @@ def _greedy_tokens_label(q: dict) -> str:
     return f"{high} tokens" if low == high else f"{low}-{high} tokens"
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A JSON number (true and false are Python ints, not numbers here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -287,7 +288,7 @@ def _is_int_list(value: object) -> bool:
 
 # The fields format_quality_table reads (name, required, test, what it must be): report.json may be written by
 # another nomoat version, or edited, and a field of another type would fail the table with a traceback.
-_NUMBER, _INTS = (_is_number, "a number"), (_is_int_list, "a list of whole numbers")
+_NUMBER, _INTS = (is_number, "a number"), (_is_int_list, "a list of whole numbers")
 _QUALITY_FIELDS = (
     *((name, True, *_NUMBER) for name in ("eval_tokens", "eval_window", "ppl_reference", "ppl_bundle",
                                           "ppl_increase_percent", "max_ppl_increase_percent", "mean_kl",

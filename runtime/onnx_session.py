@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError, ContextOverflowError
-from .manifest import Manifest
+from .manifest import GRAPH_IO, KV_IO, Manifest
 
 # The element type ONNX Runtime reports for a KV cache kept in each of manifest.KV_DTYPES.
 _ORT_TENSOR_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
-_GRAPH_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
+# The graph's inputs besides the KV cache: GRAPH_IO without its one output and the KV names.
+_GRAPH_INPUTS = tuple(key for key in GRAPH_IO if key not in KV_IO and key != "logits")
 
 
 @dataclass(frozen=True)

@@ -157,18 +157,12 @@ class ChatFormat(
             fromManifestOrNull(manifest, clock) ?: throw BundleException(MISSING)
 
         fun fromJson(d: JSONObject, clock: () -> LocalDateTime = { LocalDateTime.now() }): ChatFormat {
-            fun pieces(key: String): List<String> {
-                val a: JSONArray = d.optJSONArray(key)
-                    ?: throw BundleException("manifest.json chat_format has no \"$key\" list; re-convert the model.")
-                return (0 until a.length()).map {
-                    a.opt(it) as? String
-                        ?: throw BundleException("manifest.json chat_format.$key[$it] is not a string; re-convert the model.")
-                }
-            }
             fun strings(a: JSONArray, key: String): List<String> = (0 until a.length()).map {
                 a.opt(it) as? String
                     ?: throw BundleException("manifest.json chat_format.$key[$it] is not a string; re-convert the model.")
             }
+            fun pieces(key: String): List<String> = strings(d.optJSONArray(key)
+                ?: throw BundleException("manifest.json chat_format has no \"$key\" list; re-convert the model."), key)
             val content = d.optJSONObject("content")?.let { c ->
                 c.keys().asSequence().associateWith { role ->
                     strings(c.optJSONArray(role) ?: throw BundleException(

@@ -59,15 +59,17 @@ class ChatFormatTest {
         }
     }
 
+    /** SmolLM2's pieces as the manifest holds them. */
+    private fun smolSection(): JSONObject = JSONObject()
+        .put("first_turn", JSONArray(smol.firstTurn))
+        .put("first_turn_with_system", JSONArray(smol.firstTurnWithSystem))
+        .put("next_turn", JSONArray(smol.nextTurn))
+
     private fun manifest(chatFormat: Any?): Manifest = Manifest.fromJson(BundleTest.manifestJson().put("chat_format", chatFormat))
 
     @Test
     fun readsTheManifestSection() {
-        val section = JSONObject()
-            .put("first_turn", JSONArray(smol.firstTurn))
-            .put("first_turn_with_system", JSONArray(smol.firstTurnWithSystem))
-            .put("next_turn", JSONArray(smol.nextTurn))
-        val format = ChatFormat.fromManifest(manifest(section))
+        val format = ChatFormat.fromManifest(manifest(smolSection()))
         assertEquals(smol.render(listOf(Message("user", "Hi"))), format.render(listOf(Message("user", "Hi"))))
     }
 
@@ -141,14 +143,10 @@ class ChatFormatTest {
 
     @Test
     fun refusesContentOpsAndDateCodesItCannotDo() {
-        val section = JSONObject()
-            .put("first_turn", JSONArray(smol.firstTurn))
-            .put("first_turn_with_system", JSONArray(smol.firstTurnWithSystem))
-            .put("next_turn", JSONArray(smol.nextTurn))
         for ((key, value) in listOf("content" to JSONObject().put("user", JSONArray(listOf("upper"))),
             "content" to JSONObject().put("tool", JSONArray(listOf("strip"))), "dates" to JSONArray(listOf("%d %Z")))) {
             try {
-                ChatFormat.fromManifest(manifest(JSONObject(section.toString()).put(key, value)))
+                ChatFormat.fromManifest(manifest(smolSection().put(key, value)))
                 fail("accepted $key $value")
             } catch (e: BundleException) {
                 assertTrue(e.message!!, e.message!!.contains("chat_format.$key") && e.message!!.contains("update the app"))
