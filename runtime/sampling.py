@@ -311,7 +311,11 @@ def _top_p_filter(ids: np.ndarray, weights: np.ndarray, top_p: float) -> tuple[n
         return ids[top:top + 1], weights[top:top + 1]
     total = float(weights.sum(dtype=np.float64))
     bound = total * (1.0 - top_p) / weights.shape[0]
-    maybe = np.flatnonzero(weights > bound)
+    # Compared in float64: a Python float against float32 weights is rounded to float32 first
+    # (numpy 2), and a top_p below ~3e-8 then rounds the bound up to the tied top weight's 1.0.
+    maybe = np.flatnonzero(weights > np.float64(bound))
+    if maybe.size == 0:  # every weight tied at the bound (1 - top_p rounds to 1): the top one stays
+        maybe = np.argmax(weights)[None]
     order = maybe[np.argsort(-weights[maybe], kind="stable")]
     sorted_weights = weights[order].astype(np.float64)
     mass_above = np.cumsum(sorted_weights) - sorted_weights  # exclusive cumulative sum

@@ -243,6 +243,8 @@ BAD_MANIFESTS = {
     "generation_defaults.temperature-negative": _set("generation_defaults", "temperature", -1),
     "generation_defaults.top_k-float": _set("generation_defaults", "top_k", 1.5),
     "generation_defaults.seed-string": _set("generation_defaults", "seed", "1"),
+    "generation_defaults.frequency_penalty-string": _set("generation_defaults", "frequency_penalty", "1"),
+    "generation_defaults.presence_penalty-bool": _set("generation_defaults", "presence_penalty", True),
     "generation_defaults.max_new_tokens-0": _set("generation_defaults", "max_new_tokens", 0),
     "target.threads-0": _set("target", "threads", 0),
     "target.threads-string": _set("target", "threads", "2"),
@@ -383,6 +385,10 @@ PARAMS = [
     {"temperature": 0.8, "frequency_penalty": 0.3, "presence_penalty": -0.4, "repetition_penalty": 1.2},
     {"temperature": 1.0, "frequency_penalty": 1.0, "repeat_last_n": 5},
     {"frequency_penalty": 2.0, "presence_penalty": 1.0, "repeat_last_n": 10, "repetition_penalty": 1.1},
+    # a nucleus so small its bound rounds to the one candidate's weight (float32 in numpy, 1 - p = 1 in double)
+    {"temperature": 1.0, "top_k": 1, "top_p": 1e-8},
+    {"temperature": 1.0, "top_k": 1, "top_p": 1e-17},
+    {"temperature": 1.0, "top_k": 2 ** 40, "repeat_last_n": 2 ** 40, "repetition_penalty": 1.2},  # as if unset
 ]
 
 

@@ -146,6 +146,14 @@ def test_top_p_zero_keeps_the_top_token_even_among_equals():
     assert draws(SamplingParams(temperature=1.0, top_p=0.0, seed=1), flat, 50).tolist() == [0] * 50
 
 
+@pytest.mark.parametrize("top_p", [1e-8, 1e-9, 1e-17])
+def test_a_vanishing_top_p_keeps_the_top_token(top_p):
+    """Its bound rounds to the top weight (float32 in numpy 2, 1 - top_p = 1 in float64): the top stays."""
+    assert set(draws(SamplingParams(temperature=1.0, top_k=1, top_p=top_p, seed=0), LOGITS, 20)) == {0}
+    flat = np.zeros(16, np.float32)  # every token tied at the top: the first one, as with top_p=0
+    assert draws(SamplingParams(temperature=1.0, top_p=top_p, seed=1), flat, 20).tolist() == [0] * 20
+
+
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     probs = softmax(LOGITS.astype(np.float64))
     # The top two hold 0.65 of the mass, the top three 0.80: top_p=0.7 keeps exactly three.

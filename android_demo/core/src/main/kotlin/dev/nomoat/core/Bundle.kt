@@ -417,6 +417,8 @@ class Manifest(
             real("min_p", { it in 0.0..1.0 }, "in [0, 1] (0 turns it off)")
             real("repetition_penalty", { it > 0.0 }, "> 0 (1 turns it off)")
             integer("repeat_last_n", -1, ">= -1 (-1 = the whole history, 0 = none)")
+            real("frequency_penalty", { true }, "a finite number")
+            real("presence_penalty", { true }, "a finite number")
             integer("seed", 0, "a non-negative integer or None")
             if (!g.isNull("max_new_tokens")) count(g, "max_new_tokens", "generation_defaults.max_new_tokens")
         }

@@ -92,10 +92,12 @@ data class SamplingParams(
                 }
                 return (v as Number).toLong()
             }
-            val topK = integer("top_k")
-            require(topK == null || topK in 0..Int.MAX_VALUE) { "top_k must be >= 0 (0 turns it off), got $topK" }
-            val lastN = integer("repeat_last_n")
-            require(lastN == null || lastN in -1..Int.MAX_VALUE) {
+            // Above Int.MAX_VALUE both mean what Int.MAX_VALUE means (more than any vocabulary or
+            // history), and Python takes them: clamped rather than refused.
+            val topK = integer("top_k")?.coerceAtMost(Int.MAX_VALUE.toLong())
+            require(topK == null || topK >= 0) { "top_k must be >= 0 (0 turns it off), got $topK" }
+            val lastN = integer("repeat_last_n")?.coerceAtMost(Int.MAX_VALUE.toLong())
+            require(lastN == null || lastN >= -1) {
                 "repeat_last_n must be >= -1 (-1 = the whole history, 0 = none), got $lastN"
             }
             return SamplingParams(
@@ -326,6 +328,8 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
             var total = 0.0
             for (x in w) total += x.toDouble()
             val bound = total * (1.0 - topP) / w.size
+            // Every weight tied at the bound (1 - topP rounds to 1): the top one alone, as below.
+            if (w.none { it > bound }) return topP(w, 0.0)
             val maybe = w.indices.filter { w[it] > bound }
                 .sortedWith(Comparator { a, b -> if (w[a] != w[b]) w[b].compareTo(w[a]) else a.compareTo(b) })
             // mass above = cumsum - own weight, spelled as numpy does so the boundary rounds alike.
