@@ -84,7 +84,8 @@ def _dispatch(argv: list[str]) -> int:
 
 def _missing(verb: str, error: ModuleNotFoundError) -> int:
     print(f"nomoat {verb}: missing dependency {error.name!r}. The converter needs the extra: "
-          "pip install 'nomoat[convert]' --extra-index-url https://download.pytorch.org/whl/cpu", file=sys.stderr)
+          "pip install 'nomoat[convert]' --extra-index-url https://download.pytorch.org/whl/cpu "
+          "(until nomoat is on PyPI: '.[convert]' in its checkout, README \"Install\")", file=sys.stderr)
     return 2
 
 

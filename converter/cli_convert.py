@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "~7 %% slower decode, +14 MB); default: the recipe, 4")
     p.add_argument("--algorithm", choices=ALGORITHMS, default=None,
                    help="how weights are rounded: imatrix searches each block's scale for the least error weighted "
-                        "by activations the model produces on text it writes itself (~20 s more for a 135M model "
+                        "by activations the model produces on text it writes itself (~17 s more for a 135M model "
                         "on 2 cores), gptq also pushes each channel's rounding error onto the channels not yet "
                         "rounded (GPTQ; ~2 min more; on SmolLM2 lower KL but higher perplexity than imatrix), mse "
                         "the imatrix search unweighted, rtn plain min/max rounding; default: the recipe, imatrix")
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit", choices=["strict", "shrink-context"], default="strict",
                    help="when the model does not fit the device: fail (strict) or use the largest context that fits")
     p.add_argument("--eval-text", type=Path, default=None,
-                   help="UTF-8 text for the quality check; default: ~4,700 tokens of prose shipped with nomoat")
+                   help="UTF-8 text for the quality check; default: ~4,750 tokens of prose shipped with nomoat")
     p.add_argument("--max-ppl-increase", type=float, default=None, metavar="PERCENT",
                    help="fail when perplexity rises by more than this many percent over the fp32 reference "
                         f"(default per quant: {_gate_defaults()})")

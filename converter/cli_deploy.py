@@ -13,10 +13,10 @@ object alone (the path is its "device_path").
 
 --ssh HOST does the same for a board: the same staging, sha256sum check and swap, over the
 user's own ssh (keys, ~/.ssh/config); --bench there runs `nomoat bench`'s worker on the board
-through ssh (ssh_bench.py), so the board needs `pip install nomoat`.
+through ssh (ssh_bench.py), so the board needs nomoat installed (this checkout's wheel).
 
 Needs adb (Debian/Ubuntu: `apt install adb`) and a phone with USB debugging on, Android 7 or
-newer; or the ssh client and a board that takes your key.
+newer (8 for the app that --bench runs); or the ssh client and a board that takes your key.
 """
 
 from __future__ import annotations

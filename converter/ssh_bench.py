@@ -38,14 +38,15 @@ def check_remote_runtime(board: SshHost, python: str) -> None:
                           "--remote-python with the Python that has nomoat (e.g. ~/nomoat-venv/bin/python).")
     if reply.status != 0:
         raise DeployError(f"{python} on {board.name} cannot run nomoat's benchmark ({reply.error()}): "
-                          f"`{python} -m pip install nomoat` there (README, \"Raspberry Pi\"), or pass "
+                          f"install nomoat's wheel there (`pip wheel --no-deps -w dist .` here, then "
+                          f"`{python} -m pip install` the .whl there: README, \"Raspberry Pi\"), or pass "
                           "--remote-python with the Python that has it.")
     # stdout's last line: a wrapper or an environment manager may print a notice before it.
     here, there = version("nomoat"), last_line(reply.out)
     if there != here:
         raise DeployError(f"{board.name} has nomoat {there} and this computer {here}; install the same release "
-                          f"on both (`{python} -m pip install nomoat=={here}` there) so the benchmark's messages "
-                          "match.")
+                          f"on both (this checkout's wheel: `{python} -m pip install nomoat-{here}-py3-none-any.whl` "
+                          "there) so the benchmark's messages match.")
 
 
 def worker_argv(board: SshHost, python: str, options: dict[str, Any]) -> list[str]:

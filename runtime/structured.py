@@ -33,7 +33,7 @@ _SCHEMA_KEYWORDS = ("items", "additionalItems", "additionalProperties", "unevalu
 _SCHEMA_LIST_KEYWORDS = ("prefixItems", "anyOf", "oneOf", "allOf")
 _SCHEMA_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
-INSTALL_HINT = "install it with: pip install 'nomoat[structured]' (or: pip install llguidance)"
+INSTALL_HINT = "install it with: pip install llguidance (the extra 'nomoat[structured]')"
 
 
 class StructuredOutputUnavailable(ImportError):

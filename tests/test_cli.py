@@ -37,7 +37,7 @@ def test_a_converter_library_missing_at_run_time_is_the_install_line(tmp_path, m
     code = main(["convert", "--model", str(model), "--target", "rpi5", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert f"missing dependency '{missing}'" in err and "pip install 'nomoat[convert]'" in err
+    assert f"missing dependency '{missing}'" in err and "pip install 'nomoat[convert]'" in err and "'.[convert]'" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 

@@ -521,7 +521,7 @@ def test_bench_with_a_python_without_nomoat_fails_before_the_push(board, bundle,
                           "--remote-python", str(bare / "bin" / "python"))) == 2
     err = capsys.readouterr().err
     assert "cannot run nomoat's benchmark" in err and "No module named 'nomoat'" in err
-    assert "pip install nomoat" in err and "--remote-python" in err
+    assert "pip wheel --no-deps -w dist ." in err and "-m pip install" in err and "--remote-python" in err
     assert not (remote / "tiny-bundle").exists()
 
 
@@ -540,7 +540,7 @@ def test_bench_with_another_nomoat_release_on_the_board_is_refused(board, bundle
                           "--remote-python", str(python))) == 2
     err = capsys.readouterr().err
     assert f"nomoat-board has nomoat 9.9.9 and this computer {version('nomoat')}" in err
-    assert f"pip install nomoat=={version('nomoat')}" in err
+    assert f"pip install nomoat-{version('nomoat')}-py3-none-any.whl" in err
     assert not (remote / "tiny-bundle").exists()
 
 

@@ -148,7 +148,7 @@ def test_a_bad_grammar_is_a_one_line_error_before_any_token(model, grammar, word
 
 def test_without_llguidance_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llguidance", None)  # import fails as if it were not installed
-    with pytest.raises(StructuredOutputUnavailable, match=r"pip install 'nomoat\[structured\]'"):
+    with pytest.raises(StructuredOutputUnavailable, match=r"pip install llguidance"):
         Grammar.json()
 
 
