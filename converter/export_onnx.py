@@ -58,17 +58,24 @@ EXTERNAL_THRESHOLD = 1024
 
 def save_model(model, weights: Weights, out_dir: Path) -> None:
     """Write model.onnx and model.onnx.data as onnx.save_model(save_as_external_data=True,
-    all_tensors_to_one_file=True, size_threshold=EXTERNAL_THRESHOLD) does, byte for byte, with its
-    own helpers, but one initializer at a time: each placeholder's fp32 array is made, written and
-    dropped before the next is made, and each other tensor's data leaves memory once written.
+    all_tensors_to_one_file=True, size_threshold=EXTERNAL_THRESHOLD) does, with its own helpers,
+    but one initializer at a time: each placeholder's fp32 array is made, written and dropped
+    before the next is made, and each other tensor's data leaves memory once written.
+
+    One difference: a tensor whose bytes equal an earlier one's points at those bytes rather than
+    writing them again. A tied embedding's scales are the LM head's, stored in the rank
+    GatherBlockQuantized demands, which MatMulNBits refuses (3.5 MB of SmolLM2's file).
 
     Weights go to one external file: the protobuf stays small (no 2 GB limit) and ONNX Runtime can
     memory-map the data.
     """
+    import hashlib
+
     import onnx
     from onnx.external_data_helper import save_external_data, set_external_data
 
     (out_dir / DATA_FILE).unlink(missing_ok=True)  # the data is appended to the file
+    written_at: dict[bytes, tuple[int, int]] = {}  # sha256 of bytes written -> their offset and length
     for tensor in model.graph.initializer:
         if tensor.name in weights:
             # Written from a tensor of its own: the graph never holds this fp32 data at all.
@@ -78,8 +85,14 @@ def save_model(model, weights: Weights, out_dir: Path) -> None:
             written = tensor
         # The test onnx.external_data_helper.convert_model_to_external_data applies.
         if written.HasField("raw_data") and sys.getsizeof(written.raw_data) >= EXTERNAL_THRESHOLD:
-            set_external_data(written, DATA_FILE)
-            save_external_data(written, str(out_dir))  # appends, and records the offset and length
+            digest = hashlib.sha256(written.raw_data).digest()
+            if digest in written_at:
+                set_external_data(written, DATA_FILE, *written_at[digest])
+            else:
+                set_external_data(written, DATA_FILE)
+                save_external_data(written, str(out_dir))  # appends, and records the offset and length
+                where = {e.key: e.value for e in written.external_data}
+                written_at[digest] = int(where["offset"]), int(where["length"])
             written.ClearField("raw_data")
         if written is not tensor:
             tensor.CopyFrom(written)

@@ -408,8 +408,10 @@ def _gather_from_lm_head(graph, inits, weights: Weights, codes_name: str, q: Blo
 
     GatherBlockQuantized takes MatMulNBits' codes [vocab, k_blocks, block*bits/8] as they are
     (quantize_axis 2, one block per row of the last axis) and yields [..., k_blocks, block]; a
-    Reshape folds that back to [..., hidden]. Only the per-block scales and zero points are
-    stored a second time, in the rank GatherBlockQuantized wants (~1/8 of the codes' size).
+    Reshape folds that back to [..., hidden]. The per-block scales and zero points are tensors of
+    their own, in the rank GatherBlockQuantized wants: the scales' bytes are the LM head's, so
+    save_model stores them once; the zero points (a byte per block here, two per byte there) are
+    stored a second time (~1/16 of the codes' size).
     """
     from onnx import helper, numpy_helper
 

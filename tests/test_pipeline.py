@@ -167,6 +167,12 @@ def test_tied_embedding_reads_the_lm_heads_codes(tmp_path, head_bits, symmetric)
     nodes = {n.name: n for n in model.graph.node}
     assert nodes["embed_tokens"].op_type == "GatherBlockQuantized"
     assert nodes["embed_tokens"].input[0] == nodes["lm_head"].input[1]  # one copy of the table's codes
+    # and of its scales: two tensors (ranks 3 and 1), the same bytes of model.onnx.data
+    stored = {t.name: {e.key: e.value for e in t.external_data}
+              for t in onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.initializer}
+    lookup_scales, head_scales = stored[nodes["embed_tokens"].input[2]], stored[nodes["lm_head"].input[2]]
+    assert "offset" in head_scales and lookup_scales == head_scales
+    assert (bundle / "model.onnx.data").stat().st_size < sum(int(s.get("length", 0)) for s in stored.values())
     # The lookup yields each token's row of the LM head exactly as MatMulNBits stores it.
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     head = {a.name: a.i for a in nodes["lm_head"].attribute}

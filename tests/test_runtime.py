@@ -31,6 +31,19 @@ def test_import_runtime_leaves_torch_out():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_running_a_bundle_leaves_nothing_in_home(bundle, tmp_path):
+    """ONNX Runtime 1.32's Linux wheel writes a device id and a queued telemetry event under
+    ~/.cache/Microsoft at its first session unless ORT_DISABLE_TELEMETRY is set before its import."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    code = "import sys; from nomoat.runtime import Model; Model.load(sys.argv[1]).logits([1, 2])"
+    result = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True,
+                            env={**env, "HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+
+
 def test_jinja_is_imported_only_when_a_template_renders(bundle):
     # ~3 MB of RSS that a process running token ids (a benchmark, perplexity) does not need
     code = ("import sys; from nomoat.runtime import Model; m = Model.load(sys.argv[1]); "

@@ -10,6 +10,9 @@ import ai.onnxruntime.OnnxTensor
 import ai.onnxruntime.OnnxValue
 import ai.onnxruntime.OrtEnvironment
 import ai.onnxruntime.OrtSession
+import android.system.ErrnoException
+import android.system.Os
+import android.util.Log
 import dev.nomoat.core.Bundle
 import dev.nomoat.core.BundleException
 import dev.nomoat.core.ContextOverflowException
@@ -49,7 +52,7 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
     override val maxContext: Int = manifest.maxContext
     private val vocab = manifest.model.vocabSize
 
-    private val env: OrtEnvironment = OrtEnvironment.getEnvironment()
+    private val env: OrtEnvironment = keepTelemetryOff().let { OrtEnvironment.getEnvironment() }
     private val options = OrtSession.SessionOptions() // native; closed after the session that uses it
     private val session: OrtSession
 
@@ -206,5 +209,19 @@ class OrtForward(bundle: Bundle, threads: Int? = null) : Forward, AutoCloseable 
 
     private companion object {
         fun direct(bytes: Int): ByteBuffer = ByteBuffer.allocateDirect(bytes).order(ByteOrder.nativeOrder())
+    }
+}
+
+/**
+ * ONNX Runtime's Linux builds (1.32) write a device id and queue a telemetry event when the first
+ * session is made, unless ORT_DISABLE_TELEMETRY is set before that (the Python runtime sets it in
+ * nomoat/__init__.py). Whether the Android AAR carries the same telemetry was not checked (no phone
+ * here); the variable costs nothing where it does not. An explicit setting is left alone.
+ */
+private fun keepTelemetryOff() {
+    try {
+        Os.setenv("ORT_DISABLE_TELEMETRY", "1", false)
+    } catch (e: ErrnoException) {
+        Log.w("nomoat", "could not set ORT_DISABLE_TELEMETRY: $e")
     }
 }
