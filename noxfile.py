@@ -116,7 +116,9 @@ def bench(session: nox.Session) -> None:
     nomoat's loop, a diagnostic row): a flag given once (--rounds, --prompt-tokens, --json) replaces the
     session's value in every run, --threads adds a count to its 1 and 2. Results: the tables on stdout,
     every number in build/bench/results.json, results-long.json and results-lookup.json, and the first
-    run's chart in build/bench/results.png.
+    run's chart in build/bench/results.png. A --json or --plot file given after `--` is the first run's;
+    the other two write theirs beside it, with -long and -lookup added to its name (run.py's --file-tag),
+    so `-- --json out/r.json --plot out/r.png` gives r.json, r-long.json, r-lookup.json and three charts.
     """
     _install(session)
     # llama.cpp is compiled for this CPU (-march=native) but without Intel AMX: on the AMX host of
@@ -141,15 +143,18 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
                 "--prompt-tokens", "128", "--new-tokens", "128", "--json", "build/bench/results.json",
                 "--plot", "build/bench/results.png", *session.posargs)
+    # The next two runs tag their files (results.json -> results-long.json), and so the files of a --json or
+    # --plot given after `--` too, which would otherwise be the same file for all three runs, each
+    # overwriting the one before.
     # A long prompt too: chunked prefill, attention over a long cache and the arena's peak show there.
     session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
                 "--prompt-tokens", "1024", "--new-tokens", "64", "--rounds", "3",
-                "--json", "build/bench/results-long.json", *session.posargs)
+                "--json", "build/bench/results.json", "--file-tag", "long", *session.posargs)
     # Prompt-lookup speculative decoding, apart from plain decoding: each system plain and with its own
     # drafter, on prose that repeats (the best case for drafting).
     session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
                 "--prompt-tokens", "256", "--new-tokens", "128", "--prompt-lookup", "8", "--rounds", "3",
-                "--json", "build/bench/results-lookup.json", *session.posargs)
+                "--json", "build/bench/results.json", "--file-tag", "lookup", *session.posargs)
 
 
 @nox.session

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 from artifacts import default_gguf, llamacpp_q4_0
+from nomoat.runtime.bench import BenchError
+from nomoat.runtime.bench_plot import check_writable
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -223,12 +225,21 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.json:  # before minutes of merging, converting and scoring, not after
+        try:
+            check_writable(args.json, "--json", "lora-quality.json")
+        except BenchError as e:
+            raise SystemExit(f"benchmarks/lora_quality.py: {e}") from None
     t0 = time.perf_counter()
     result = measure(args)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(table(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as e:  # the disk filled or the folder went since the check
+            raise SystemExit(f"benchmarks/lora_quality.py: --json {args.json}: the numbers cannot be written "
+                             f"({e.strerror or e}); the table is printed above") from None
     return 0
 
 

@@ -8,7 +8,8 @@ all made from the same weights (see artifacts.py; built once into build/bench-ca
 system runs in its own worker process (its own peak RSS), on the same prompt ids, with the
 same threads and the same KV-cache capacity (the bundle's max context); rounds alternate
 forward and backward, A B C C B A ..., so machine drift spreads over all of them. Before timing, each system answers
-one question greedily, so a broken artifact is caught instead of timed.
+one question greedily, so a broken artifact is caught instead of timed: a system that answers wrong is left out of
+the rounds (its row says so, with no numbers) and the script ends with status 1.
 Ratios are against llama.cpp Q4_0 at the same thread count (median / median); ↑ marks a ratio
 where higher is better, ↓ one where lower is. The report names each library's version.
 
@@ -19,7 +20,8 @@ drafted tokens per pass), on the same repeating prose; reported apart from plain
 `nox -s bench` runs this script three times (a short prompt, a long one, prompt lookup), and
 arguments after `nox -s bench --` go to all three, after the session's own: a flag given once
 (--rounds, --prompt-tokens, --json, ...) replaces the session's value in every run, and --threads,
-which repeats, adds a count to the session's 1 and 2.
+which repeats, adds a count to the session's 1 and 2. The session passes the long and the lookup
+runs --file-tag long and lookup, so the files of --json and --plot are three, not one overwritten.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import GENAI_ALL_LOGITS, default_gguf, peer_artifacts
-from bandwidth import bytes_per_token, ceiling_table
+from bandwidth import bytes_per_token, ceiling_table, gguf_tensor_bytes
 from nomoat.runtime.bandwidth import read_bandwidth
 from nomoat.runtime.bench import (
     BenchError,
@@ -44,11 +46,12 @@ from nomoat.runtime.bench import (
     median_cores_busy,
     plural,
     process_peak_rss_mb,
+    report_summary,
     summarize,
     synthetic_prompt_ids,
     usable_cores,
 )
-from nomoat.runtime.bench_plot import chart_path, plot_summaries
+from nomoat.runtime.bench_plot import chart_path, check_writable, plot_summaries
 from nomoat.runtime.bench_worker import Job, WorkerProcess, local_worker_argv, run_alternating
 from nomoat.runtime.chat_template import ChatTemplate, as_messages
 from nomoat.runtime.cli_bench import drafts_kept, refuse_repeats
@@ -87,7 +90,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every number here")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG",
                    help="also draw a chart, in the format its suffix names (.png if none; matplotlib)")
+    p.add_argument("--file-tag", default="", metavar="TAG",
+                   help="added with a dash to the names of the --json and --plot files, before their suffix "
+                        "(long: results.json -> results-long.json), so that several runs keep their files apart")
     return p.parse_args(argv)
+
+
+def tagged(path: Path, tag: str) -> Path:
+    """The file `path` names, with `tag` before its suffix: results.json, long -> results-long.json."""
+    return path.with_name(f"{path.stem}-{tag}{path.suffix}") if tag else path
 
 
 def systems(bundle: Path, peers: dict[str, Path], threads: int, context: int,
@@ -177,28 +188,50 @@ def measure_threads(args: argparse.Namespace, peers: dict[str, Path], manifest: 
         if args.prompt_lookup:
             checks = [{**c, **m} for c, m in zip(checks, compare_with_plain(jobs, prompt_ids, args.new_tokens,
                                                                              args.prompt_lookup), strict=True)]
+        right = answered_right(jobs, checks)
         print(f"[bench] {args.warmup} warm-up + {plural(args.rounds, 'round')}, alternating ...", file=sys.stderr)
-        run_alternating(jobs, args.rounds, args.warmup, on_round=_print_round)
+        run_alternating(right, args.rounds, args.warmup, on_round=_print_round)
     finally:
         for job in jobs:
             job.worker.close()
     return [system_result(job, threads, check) for job, check in zip(jobs, checks, strict=True)]
 
 
+def answered_right(jobs: list[Job], checks: list[dict[str, Any]]) -> list[Job]:
+    """The jobs to time: a system that answered the check wrong runs a broken artifact, and its speed would
+    be that of the wrong computation. Its worker is closed now, so its memory is not held during the rounds."""
+    right = []
+    for job, check in zip(jobs, checks, strict=True):
+        if check["answer_ok"]:
+            right.append(job)
+        else:
+            print(f"[bench] {job.worker.label} answered wrong: not timed", file=sys.stderr)
+            job.worker.close()
+    return right
+
+
 def system_result(job: Job, threads: int, check: dict[str, Any]) -> dict[str, Any]:
     """One system's numbers at one thread count, as the JSON report holds them; a warning on stderr when
-    its rounds kept well under the cores its threads can use busy (something else ran: its numbers are low)."""
+    its rounds kept well under the cores its threads can use busy (something else ran: its numbers are low).
+    A system that answered the check wrong was not timed: its summary is None and it has no rounds."""
     ready = job.worker.ready
+    loaded = {"system": job.worker.label, "threads": threads, "model_bytes": ready["model_bytes"],
+              "load_s": ready["load_s"], "machine": ready["machine"], "libraries": ready.get("libraries") or {},
+              **check, "rss_before_load_mb": job.worker.rss_before_load_mb}
+    if not check["answer_ok"]:
+        return {**loaded, "peak_rss_mb": None, "cores_busy": None, "contended": None, "summary": None, "rounds": []}
     cores_busy = median_cores_busy(job.rounds)
     cores = usable_cores(threads, ready["machine"].get("cpus"))
     busy = contended(cores_busy, cores)
     if busy:
         print(contention_warning(job.worker.label, cores_busy, cores), file=sys.stderr)
-    return {"system": job.worker.label, "threads": threads, "model_bytes": ready["model_bytes"],
-            "load_s": ready["load_s"], "machine": ready["machine"], "libraries": ready.get("libraries") or {},
-            **check, "rss_before_load_mb": job.worker.rss_before_load_mb,
-            "peak_rss_mb": process_peak_rss_mb(job.rounds), "cores_busy": cores_busy, "contended": busy,
-            "summary": summarize(job.rounds).to_dict(), "rounds": [r.to_dict() for r in job.rounds]}
+    return {**loaded, "peak_rss_mb": process_peak_rss_mb(job.rounds), "cores_busy": cores_busy, "contended": busy,
+            "summary": report_summary(job.rounds), "rounds": [r.to_dict() for r in job.rounds]}
+
+
+def timed(result: dict[str, Any]) -> bool:
+    """Whether the system was timed: only those that answered the check right were (answered_right)."""
+    return result.get("answer_ok", True)
 
 
 def compare_with_plain(jobs: list[Job], prompt_ids: list[int], new_tokens: int,
@@ -256,23 +289,35 @@ def _with_range(result: dict[str, Any], metric: str, fmt: str) -> str:
 def markdown_table(results: list[dict[str, Any]], prompt_lookup: int = 0) -> str:
     """One row per system and thread count; ratios against llama.cpp Q4_0 at the same threads.
     Peak RSS is the worker's over all its rounds; RSS before load, its peak with its library imported
-    and no model. A prompt-lookup run adds the drafted tokens kept a round where a system counts them."""
+    and no model. A prompt-lookup run adds the drafted tokens kept a round where a system counts them.
+    A system that answered the check wrong has a row, without numbers: it was not timed."""
     lookup_head, lookup_rule = (" drafts kept |", "---|") if prompt_lookup else ("", "")
     lines = ["| system | threads | file MB | prefill t/s | decode t/s | TTFT ms | peak RSS MB | RSS before load MB "
              f"| {' | '.join(RATIO_HEADS)} |{lookup_head}",
              f"|---|---|---|---|---|---|---|---|---|---|---|---|{lookup_rule}"]
     for r in results:
         base = next(b for b in results if b["system"] == BASELINE and b["threads"] == r["threads"])
-        ratios = [_ratio_value(r, m) / _ratio_value(base, m) for m in RATIO_METRICS]
-        name = r["system"] if r["answer_ok"] else f"{r['system']} (wrong answer!)"
+        name = r["system"] if timed(r) else f"{r['system']} (wrong answer: not timed)"
         drafts = f" {drafts_kept(r['rounds'])} |" if prompt_lookup else ""
-        lines.append(f"| {name} | {r['threads']} | {r['model_bytes'] / 1e6:.0f} "
-                     f"| {_with_range(r, 'prefill_tps', '.0f')} | {_with_range(r, 'decode_tps', '.1f')} "
-                     f"| {_with_range(r, 'ttft_ms', '.0f')} | {r['peak_rss_mb']:.0f} "
-                     f"| {_mb(r['rss_before_load_mb'])} | "
-                     + " | ".join(f"{x:.2f}×" for x in ratios) + f" |{drafts}")
+        lines.append(f"| {name} | {r['threads']} | {r['model_bytes'] / 1e6:.0f} | {' | '.join(_measured(r))} "
+                     f"| {_mb(r['rss_before_load_mb'])} | {' | '.join(_ratios(r, base))} |{drafts}")
     return "\n".join([*lines, "", f"× columns: each system over {BASELINE} at the same threads; (↑) higher is better, "
                                  "(↓) lower is better."])
+
+
+def _measured(result: dict[str, Any]) -> list[str]:
+    """The cells of prefill, decode, TTFT and peak RSS; dashes for a system that was not timed."""
+    if not timed(result):
+        return ["–"] * 4
+    return [_with_range(result, "prefill_tps", ".0f"), _with_range(result, "decode_tps", ".1f"),
+            _with_range(result, "ttft_ms", ".0f"), f"{result['peak_rss_mb']:.0f}"]
+
+
+def _ratios(result: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """The ratio cells against the baseline; dashes where either of the two was not timed."""
+    if not (timed(result) and timed(base)):
+        return ["–"] * len(RATIO_METRICS)
+    return [f"{_ratio_value(result, m) / _ratio_value(base, m):.2f}×" for m in RATIO_METRICS]
 
 
 def _mb(value: float | None) -> str:
@@ -310,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"benchmarks/run.py: --prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} "
                          f"exceed the bundle's context of {manifest.max_context} tokens ({args.bundle}); measure "
                          "shorter runs or convert with a larger --max-context")
-    try:
-        plot = chart_path(args.plot) if args.plot else None  # before minutes of measuring, not after
+    try:  # both files checked before minutes of measuring, not after
+        json_file = report_file(tagged(args.json, args.file_tag)) if args.json else None
+        plot = chart_path(tagged(args.plot, args.file_tag)) if args.plot else None
         prompt_ids = synthetic_prompt_ids(args.bundle / manifest.tokenizer.tokenizer_file, args.prompt_tokens)
     except (BenchError, BundleError) as e:
         raise SystemExit(f"benchmarks/run.py: {e}") from None
@@ -345,20 +391,46 @@ def main(argv: list[str] | None = None) -> int:
     print("\nDecode against the memory-bandwidth ceiling (read bandwidth measured here / weight bytes one "
           "token reads):\n")
     print(ceiling_table(results, bytes_read, bandwidth))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    if plot is not None:
-        try:
-            plot_report(report, plot)
-        except BenchError as e:  # the disk filled or the folder went during the rounds: one line, no traceback
-            raise SystemExit(f"benchmarks/run.py: {e}") from None
-        print(f"chart written to {plot}", file=sys.stderr)
-    return 0 if all(r["answer_ok"] for r in results) else 1
+    # Each file is written whatever became of the other: a report that cannot be written must not cost the chart.
+    problems = [problem for problem in (write_report(report, json_file) if json_file else None,
+                                        draw_chart(report, plot) if plot else None) if problem]
+    for problem in problems:
+        print(f"benchmarks/run.py: {problem}", file=sys.stderr)
+    return 0 if not problems and all(r["answer_ok"] for r in results) else 1
+
+
+def report_file(path: Path) -> Path:
+    """--json's file, checked as --plot's is: it is written only after minutes of measuring."""
+    check_writable(path, "--json", "results.json")
+    return path
+
+
+def write_report(report: dict[str, Any], path: Path) -> str | None:
+    """Write every number to `path`; the problem in one line if that fails (checked before the rounds, but
+    the disk can fill or the folder go since)."""
+    try:
+        path.write_text(json.dumps(report, indent=2))
+    except OSError as e:
+        return f"--json {path}: the report cannot be written ({e.strerror or e}); the tables are printed above"
+    return None
+
+
+def draw_chart(report: dict[str, Any], path: Path) -> str | None:
+    """Draw the chart to `path`; the problem in one line if that fails."""
+    try:
+        plot_report(report, path)
+    except BenchError as e:
+        return str(e)
+    print(f"chart written to {path}", file=sys.stderr)
+    return None
 
 
 def _bytes_per_token(path: Path) -> int:
-    """ONNX models: counted from the graph; a GGUF or .pte file: all of it (an upper bound: llama.cpp's
-    tied LM head does read the whole table, ExecuTorch's separate embedding table is only looked up)."""
+    """ONNX models: counted from the graph; a GGUF: its tensors (not its metadata, the vocabulary mostly, read
+    at load and not per token; llama.cpp's tied LM head does read the whole table); a .pte file: all of it (an
+    upper bound: ExecuTorch's separate embedding table is only looked up)."""
+    if path.suffix == ".gguf":
+        return gguf_tensor_bytes(path)
     return path.stat().st_size if path.is_file() else bytes_per_token(path)
 
 
@@ -395,13 +467,17 @@ def libraries_line(libraries: dict[str, str | None] | None) -> str:
 
 
 def plot_report(report: dict[str, Any], out: Path) -> None:
+    """The chart of the systems that were timed (one that answered wrong has no numbers to draw)."""
+    results = [r for r in report["results"] if timed(r)]
+    if not results:
+        raise BenchError(f"--plot {out}: no system answered the check right, so none was timed; nothing to draw")
     entries = [(f"{r['system']}, {r['threads']} thr",
-                summarize([RoundResult.from_dict(x) for x in r["rounds"]])) for r in report["results"]]
+                summarize([RoundResult.from_dict(x) for x in r["rounds"]])) for r in results]
     title = (f"{Path(report['source']).name}: {report['prompt_tokens']}-token prompt, {report['new_tokens']} "
              f"tokens; median and min–max of {plural(report['rounds'], 'round')}")
     bandwidth, bytes_read = report["read_bandwidth_bytes_per_s"], report["weight_bytes_per_token"]
-    plot_summaries(entries, out, title, groups=[r["system"] for r in report["results"]],
-                   ceilings=[bandwidth[r["threads"]] / bytes_read[r["system"]] for r in report["results"]])
+    plot_summaries(entries, out, title, groups=[r["system"] for r in results],
+                   ceilings=[bandwidth[r["threads"]] / bytes_read[r["system"]] for r in results])
 
 
 if __name__ == "__main__":

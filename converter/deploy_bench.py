@@ -197,7 +197,7 @@ def bench_report(device_path: str, machine: dict[str, Any], bench: AppBench, rou
     result, or two (plain decoding, then prompt lookup) when the app's lines carry prompt_lookup.
     With the bundle's bytes a token and the phone's read bandwidth (which the app measures before
     its rounds), decode is set against the phone's ceiling, as `nomoat bench` does."""
-    from nomoat.runtime.bench import process_peak_rss_mb, summarize
+    from nomoat.runtime.bench import process_peak_rss_mb, report_summary
 
     first = bench.lines[0] if bench.lines else {}
     app_threads = first.get("threads") if first.get("threads") is not None else threads  # the bundle's, if asked none
@@ -218,7 +218,7 @@ def bench_report(device_path: str, machine: dict[str, Any], bench: AppBench, rou
             "verify_s": first.get("verify_s"),
             "load_s": first.get("load_s"),
             **({"weight_bytes_per_token": weight_bytes_per_token, "threads_used": probe_threads} if ceiling else {}),
-            "summary": summarize(rounds_of).to_dict(),
+            "summary": report_summary(rounds_of),
             "peak_rss_mb": process_peak_rss_mb(rounds_of),  # the app's process ran every round
             "rounds": [r.to_dict() for r in rounds_of],
         })

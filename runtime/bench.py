@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import BundleError
 
@@ -227,6 +227,14 @@ def process_peak_rss_mb(rounds: Sequence[RoundResult]) -> float | None:
     and understates the last."""
     values = [mb for r in rounds if (mb := r.peak_rss_mb) is not None]
     return max(values) if values else None
+
+
+def report_summary(rounds: Sequence[RoundResult]) -> dict[str, Any]:
+    """summarize(rounds) as a JSON report holds it, its peak RSS the process's peak (the largest reading) as
+    median, min and max alike: each reading is the peak so far, so their median understates the peak and
+    their spread is no spread of a measurement. The same number as the report's own peak_rss_mb."""
+    peak = process_peak_rss_mb(rounds)
+    return {**summarize(rounds).to_dict(), "peak_rss_mb": None if peak is None else asdict(Stat(peak, peak, peak))}
 
 
 # A row whose rounds kept fewer cores busy than this share of the cores its threads can use ran beside other work.

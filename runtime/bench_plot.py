@@ -51,22 +51,22 @@ def chart_path(out: str | Path) -> Path:
     return out
 
 
-def check_not_a_folder(out: Path) -> None:
+def check_not_a_folder(out: Path, flag: str = "--plot", example: str = "chart.png") -> None:
     if out.is_dir():
-        raise BenchError(f"--plot {out}: that is a folder; name a file in it, e.g. {out / 'chart.png'}")
+        raise BenchError(f"{flag} {out}: that is a folder; name a file in it, e.g. {out / example}")
 
 
-def check_writable(out: Path) -> None:
-    """Refuse a chart path savefig would fail on only after the rounds: a folder, a folder that is a
-    file or is missing, one this user cannot write in."""
-    check_not_a_folder(out)
+def check_writable(out: Path, flag: str = "--plot", example: str = "chart.png") -> None:
+    """Refuse a path that writing would fail on only after the rounds: a folder, a folder that is a
+    file or is missing, one this user cannot write in. `flag` and `example` word the error (--json's too)."""
+    check_not_a_folder(out, flag, example)
     if out.parent.exists() and not out.parent.is_dir():
-        raise BenchError(f"--plot {out}: {out.parent} is a file, not a folder; name a file in a folder")
+        raise BenchError(f"{flag} {out}: {out.parent} is a file, not a folder; name a file in a folder")
     if not out.parent.is_dir():
-        raise BenchError(f"--plot {out}: the folder {out.parent} does not exist; create it first "
+        raise BenchError(f"{flag} {out}: the folder {out.parent} does not exist; create it first "
                          "(mkdir -p) or name a file in an existing folder")
     if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise BenchError(f"--plot {out}: this user cannot write there; name a file in a folder you can write to")
+        raise BenchError(f"{flag} {out}: this user cannot write there; name a file in a folder you can write to")
 
 
 def supported_formats() -> list[str]:

@@ -33,6 +33,7 @@ from .bench import (
     median_cores_busy,
     plural,
     process_peak_rss_mb,
+    report_summary,
     summarize,
     synthetic_prompt_ids,
     usable_cores,
@@ -303,6 +304,9 @@ def _job_report(job: Job, config: Config) -> dict[str, Any]:
         "weight_bytes_per_token": ready.get("weight_bytes_per_token"),
         "threads_used": ready.get("threads_used"),
         "load_s": ready.get("load_s"),
+        # The versions the worker found installed (onnxruntime, nomoat): the next release of either may move
+        # the numbers, and a board's need not be this machine's.
+        "libraries": ready.get("libraries") or {},
         "rss_before_load_mb": job.worker.rss_before_load_mb,
         "peak_rss_mb": process_peak_rss_mb(job.rounds),
         # Cores the rounds kept busy (median) of those the threads can use; contended: well under, so the
@@ -310,7 +314,7 @@ def _job_report(job: Job, config: Config) -> dict[str, Any]:
         "cores_busy": cores_busy,
         "cores": cores,
         "contended": contended(cores_busy, cores),
-        "summary": summarize(job.rounds).to_dict(),
+        "summary": report_summary(job.rounds),
         "rounds": [r.to_dict() for r in job.rounds],
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -309,3 +310,178 @@ def test_help_says_nox_passes_extra_arguments_to_all_three_runs(capsys):
     said = " ".join(capsys.readouterr().out.split())
     assert "arguments after `nox -s bench --` go to all three" in said
     assert "--threads, which repeats, adds a count to the session's 1 and 2" in said
+
+
+# -- main, with fake workers ---------------------------------------------------------------
+
+WORDS = {1: "The capital of France is Paris.", 2: "Lyon."}
+
+
+class _FakeWorkerProcess:
+    """Stands in for a worker process: answers the check question as its system would (`wrong` names the
+    systems that answer Lyon), times rounds without running anything, and logs what it is asked."""
+
+    wrong: set[str] = set()
+    log: list[tuple[str, str]] = []
+
+    def __init__(self, label: str, argv: list[str], env: dict | None = None):
+        self.label, self.rss_before_load_mb = label, 30.0
+        self.ready = {"model_bytes": 90e6, "load_s": 0.1, "machine": {"cpu": "cpu", "cpus": 2},
+                      "libraries": {"nomoat": "0.1.0"}}
+
+    def start(self) -> dict:
+        return self.ready
+
+    def generate(self, prompt_ids, new_tokens):
+        return [2] if self.label in self.wrong else [1]
+
+    def measure(self, prompt_ids, new_tokens):
+        from nomoat.runtime.bench import RoundResult
+
+        self.log.append(("measure", self.label))
+        return RoundResult(len(prompt_ids), new_tokens, 0.1, 0.2, peak_rss_bytes=200 * 10**6, cpu_s=0.6)
+
+    def close(self) -> None:
+        self.log.append(("close", self.label))
+
+
+@pytest.fixture
+def fake_run(monkeypatch, tmp_path):
+    """benchmarks/run.py's main with everything it would load or measure faked: peers, manifest, tokenizer,
+    bandwidth and the workers (_FakeWorkerProcess); the rounds without their pause."""
+    import functools
+    import types
+
+    from nomoat.runtime import bench_worker
+
+    manifest = types.SimpleNamespace(max_context=2048, stop_token_ids=[],
+                                     tokenizer=types.SimpleNamespace(tokenizer_file="tokenizer.json"))
+    monkeypatch.setattr(run, "read_manifest", lambda bundle: manifest)
+    monkeypatch.setattr(run, "synthetic_prompt_ids", lambda tokenizer_file, n: list(range(n)))
+    monkeypatch.setattr(run, "default_gguf", lambda: Path("/x/m.gguf"))
+    monkeypatch.setattr(run, "peer_artifacts", lambda source, cache: PEERS)
+    monkeypatch.setattr(run, "read_bandwidth", lambda threads, megabytes: 40e9)
+    monkeypatch.setattr(run, "_bytes_per_token", lambda path: 100 * 10**6)
+    monkeypatch.setattr(run, "question_ids", lambda bundle, manifest: [0])
+    tokenizer = types.SimpleNamespace(decode=lambda ids: " ".join(WORDS[i] for i in ids))
+    monkeypatch.setitem(sys.modules, "tokenizers", types.SimpleNamespace(
+        Tokenizer=types.SimpleNamespace(from_file=lambda path: tokenizer)))
+    monkeypatch.setattr(run, "WorkerProcess", _FakeWorkerProcess)
+    monkeypatch.setattr(run, "run_alternating", functools.partial(bench_worker.run_alternating, pause_s=0))
+    monkeypatch.setattr(_FakeWorkerProcess, "wrong", set())
+    monkeypatch.setattr(_FakeWorkerProcess, "log", [])
+    charts = []
+    monkeypatch.setattr(run, "chart_path", lambda path: path)  # no matplotlib needed
+    monkeypatch.setattr(run, "plot_report", lambda report, path: charts.append(path))
+    bundle = tmp_path / "int4"
+    bundle.mkdir()
+    return types.SimpleNamespace(args=["--bundle", str(bundle), "--threads", "1", "--rounds", "2", "--warmup", "1"],
+                                 charts=charts, log=_FakeWorkerProcess.log)
+
+
+def test_a_system_that_answers_wrong_is_not_timed_and_the_others_are(fake_run, tmp_path, capsys):
+    _FakeWorkerProcess.wrong = {"ONNX Runtime GenAI int4"}
+    out = tmp_path / "results.json"
+    assert run.main([*fake_run.args, "--json", str(out)]) == 1
+    measured = [label for event, label in fake_run.log if event == "measure"]
+    assert "ONNX Runtime GenAI int4" not in measured
+    assert sorted(set(measured)) == ["ExecuTorch 8da4w", "llama.cpp Q4_0", "nomoat int4"]
+    assert all(measured.count(label) == 3 for label in set(measured))  # 1 warm-up + 2 rounds each
+    # Its worker is closed before the rounds, so its memory is not held while the others are timed.
+    first_round = next(i for i, (event, _) in enumerate(fake_run.log) if event == "measure")
+    assert fake_run.log.index(("close", "ONNX Runtime GenAI int4")) < first_round
+    genai = next(r for r in json.loads(out.read_text())["results"] if r["system"] == "ONNX Runtime GenAI int4")
+    assert (genai["answer"], genai["answer_ok"], genai["summary"], genai["rounds"]) == ("Lyon.", False, None, [])
+    printed = capsys.readouterr()
+    row = next(line for line in printed.out.splitlines() if line.startswith("| ONNX Runtime GenAI int4 (wrong"))
+    assert row.startswith("| ONNX Runtime GenAI int4 (wrong answer: not timed) | 1 | 90 | – | – | – | – | 30 | – |")
+    ceiling_row = next(line for line in printed.out.splitlines() if line.startswith("| ONNX Runtime GenAI int4 |"))
+    assert ceiling_row.endswith("| – | – |")
+    assert "[bench] ONNX Runtime GenAI int4 answered wrong: not timed" in printed.err
+
+
+def test_a_baseline_that_answers_wrong_leaves_no_ratios(fake_run, capsys):
+    _FakeWorkerProcess.wrong = {"llama.cpp Q4_0"}
+    assert run.main(fake_run.args) == 1
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| nomoat int4 | 1 | 90 |")]
+    assert rows[0].endswith("| – | – | – | – |")  # nothing to divide by
+
+
+def test_a_report_that_cannot_be_written_does_not_cost_the_chart(fake_run, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    measure_threads = run.measure_threads
+
+    def folder_goes_during_the_rounds(*args):
+        folder.rmdir()
+        return measure_threads(*args)
+
+    monkeypatch.setattr(run, "measure_threads", folder_goes_during_the_rounds)
+    code = run.main([*fake_run.args, "--json", str(folder / "r.json"), "--plot", str(tmp_path / "r.png")])
+    assert code == 1 and fake_run.charts == [tmp_path / "r.png"]
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"benchmarks/run.py: --json {folder / 'r.json'}: the report cannot be written (No such file or directory); "
+        "the tables are printed above")
+
+
+@pytest.mark.parametrize(("json_file", "problem"), [
+    ("nowhere/r.json", "the folder {tmp}/nowhere does not exist; create it first (mkdir -p) or name a file in an "
+                       "existing folder"),
+    (".", "that is a folder; name a file in it, e.g. {tmp}/results.json"),
+])
+def test_the_json_path_is_checked_before_the_peers_are_built(monkeypatch, tmp_path, json_file, problem):
+    monkeypatch.setattr(run, "read_manifest", lambda bundle: type("Manifest", (), {"max_context": 2048})())
+    monkeypatch.setattr(run, "peer_artifacts", lambda *a: pytest.fail("built the peers before checking --json"))
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--bundle", str(tmp_path), "--json", str(tmp_path / json_file)])
+    assert str(exit_.value.code) == f"benchmarks/run.py: --json {tmp_path / json_file}: {problem.format(tmp=tmp_path)}"
+
+
+def test_each_run_of_nox_bench_tags_its_files_so_none_overwrites_another(fake_run, tmp_path):
+    """nox -s bench passes every run the same --json and --plot after `--`; --file-tag keeps their files apart."""
+    run.main([*fake_run.args, "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"),
+              "--file-tag", "long"])
+    assert (tmp_path / "r-long.json").is_file() and not (tmp_path / "r.json").exists()
+    assert fake_run.charts == [tmp_path / "r-long.png"]
+    assert run.tagged(Path("build/bench/results.json"), "lookup") == Path("build/bench/results-lookup.json")
+
+
+def test_llama_cpp_reads_the_tensors_of_its_gguf_a_token_not_its_vocabulary(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_array("tokenizer.ggml.tokens", [f"token {i}" for i in range(20_000)])  # read at load only
+    weights = np.ones((64, 128), dtype=np.float32)
+    writer.add_tensor("blk.0.ffn_up.weight", weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert run._bytes_per_token(path) == weights.nbytes < path.stat().st_size - 200_000
+
+
+def test_lora_quality_checks_its_json_path_before_minutes_of_work(monkeypatch, tmp_path):
+    import lora_quality
+
+    monkeypatch.setattr(lora_quality, "measure", lambda args: pytest.fail("measured before checking --json"))
+    with pytest.raises(SystemExit) as exit_:
+        lora_quality.main(["--json", str(tmp_path / "nowhere" / "q.json")])
+    assert str(exit_.value.code) == (f"benchmarks/lora_quality.py: --json {tmp_path / 'nowhere' / 'q.json'}: the "
+                                     f"folder {tmp_path / 'nowhere'} does not exist; create it first (mkdir -p) or "
+                                     "name a file in an existing folder")
+
+
+def test_lora_quality_says_in_one_line_when_its_numbers_cannot_be_written(monkeypatch, tmp_path, capsys):
+    import lora_quality
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    monkeypatch.setattr(lora_quality, "measure", lambda args: folder.rmdir() or {"systems": []})
+    monkeypatch.setattr(lora_quality, "table", lambda result: "the table")
+    with pytest.raises(SystemExit) as exit_:
+        lora_quality.main(["--json", str(folder / "q.json")])
+    assert str(exit_.value.code) == (f"benchmarks/lora_quality.py: --json {folder / 'q.json'}: the numbers cannot be "
+                                     "written (No such file or directory); the table is printed above")
+    assert capsys.readouterr().out == "the table\n"
