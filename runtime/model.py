@@ -290,7 +290,8 @@ class Model:
         self._check_token_ids(prompt_ids)
         if len(prompt_ids) >= self.max_context:
             raise ContextOverflowError(
-                f"the prompt has {len(prompt_ids)} tokens but the bundle's context holds {self.max_context}; "
+                f"the prompt has {len(prompt_ids)} tokens and the bundle's context holds {self.max_context}, with "
+                f"room needed for at least one answer token (at most {self.max_context - 1} prompt tokens); "
                 "shorten the prompt, reset the conversation, or convert with a larger --max-context."
             )
         sampler = Sampler(params)
@@ -637,7 +638,8 @@ class Chat:
         conversation, as Model.stream does from its prompt (plain greedy only, as there);
         logprobs and grammar as in Model.stream."""
         check_utf8(text, "the message")  # here, at a position in this message rather than in the conversation
-        self.messages.append({"role": "user", "content": text})
+        message = {"role": "user", "content": text}
+        self.messages.append(message)
         parts: list[str] = []
         answer: list[int] = []
         done = False
@@ -654,15 +656,31 @@ class Chat:
                 if event.finish_reason is not None:
                     # The answer is whole: kept before the caller sees its end, so a caller that
                     # stops reading at the finish_reason still has the turn in the history.
-                    self.messages.append({"role": "assistant", "content": "".join(parts)})
-                    self._ids = ids + answer
-                    self._text = rendered + self.model.tokenizer.decode(answer, skip_special_tokens=False)
                     done = True
+                    if self._is_last(message):  # not after a reset() made while this answer streamed
+                        self._keep_turn(rendered, ids, answer, "".join(parts))
                 yield event
         except BaseException:
-            if not done:  # an interrupted or failed turn leaves no half-answer in the history
+            # An interrupted or failed turn leaves no half-answer in the history: its own message
+            # is taken back, not whatever is last after a reset() made meanwhile.
+            if not done and self._is_last(message):
                 self.messages.pop()
             raise
+
+    def _is_last(self, message: dict[str, str]) -> bool:
+        return bool(self.messages) and self.messages[-1] is message
+
+    def _keep_turn(self, rendered: str, ids: list[int], answer: list[int], content: str) -> None:
+        self.messages.append({"role": "assistant", "content": content})
+        if self.model.tokenizer.decode(answer, skip_special_tokens=True) == content:
+            self._ids = ids + answer
+            self._text = rendered + self.model.tokenizer.decode(answer, skip_special_tokens=False)
+        else:
+            # Cut by a stop string: the tokens hold text the history does not (the stop string and
+            # what followed it in its token), which the next rendering may happen to begin with
+            # ("<" before "<|im_end|>") and would then leave as plain text. The next prompt starts
+            # from this turn's prompt instead; _prefill still reuses the answer's matching tokens.
+            self._ids, self._text = ids, rendered
 
     def send(self, text: str, max_new_tokens: int | None = None, **kwargs: Any) -> Completion:
         return _collect(self.stream(text, max_new_tokens, **kwargs), self.model)

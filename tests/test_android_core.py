@@ -525,6 +525,8 @@ def test_generation_and_chat_match_pythons(tiny_bundle):
     # A special token mid-answer, then the bundle's stop token; one that loops until max_new.
     chain = {nl: a, a: eot, eot: b, b: c, c: im_end}
     loop = {nl: a, a: im_start, im_start: b, b: nl}
+    lt, bar = one("<"), one("|")
+    cut = {nl: a, a: lt, lt: b, b: im_end}  # "The<" cut at "<", the start of the template's "<|im_end|>"
     base = {"max_context": 96, "fallback": im_end, "max_new": 12}
     requests = [
         {**base, "prompt": prompt, "next": chain},
@@ -538,6 +540,7 @@ def test_generation_and_chat_match_pythons(tiny_bundle):
         {**base, "chat": ["hi", "more", "again"], "next": chain},
         {**base, "chat": ["hi", "more"], "next": loop, "stop": ["<|im_start|>"]},
         {**base, "chat": ["hi", "more", "and more", "still more"], "next": loop, "max_context": 64},
+        {**base, "chat": ["hi", "more"], "next": cut, "stop": ["<"]},
     ]
     out = kotlin_host.run_kotlin("dev.nomoat.core.GenerateCli", str(tiny_bundle),
                                  input="".join(json.dumps(r) + "\n" for r in requests))
@@ -549,7 +552,9 @@ def test_generation_and_chat_match_pythons(tiny_bundle):
     assert answers[0]["ids"] == [a, eot, b, c] and "<|endoftext|>" not in answers[0]["text"]
     assert im_start in answers[1]["ids"] and "<|im_start|>" not in answers[1]["text"]
     assert answers[2]["ids"] == [a] and answers[2]["finish"] == "stop"
-    assert any("error" in turn for turn in answers[-1]["turns"])
+    assert any("error" in turn for turn in answers[-2]["turns"])
+    # The turn cut at "<" is fed back as its text and the special <|im_end|>, not "<" and "|im_end|>" as text.
+    assert answers[-1]["turns"][0]["text"] == "The" and bar not in [t for _, run in answers[-1]["fed"] for t in run]
 
 
 # -- prompt lookup ---------------------------------------------------------------------------

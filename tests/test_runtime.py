@@ -519,6 +519,41 @@ def test_a_chat_keeps_a_whole_turn_when_the_caller_stops_at_its_end(bundle):
     assert [m["role"] for m in chat.messages] == ["user", "assistant"]
 
 
+def test_a_chat_turn_cut_by_a_stop_string_is_not_fed_back_with_the_cut_text(bundle):
+    """A stop string the template's next text begins with ("<" before "<|im_end|>"): the model's
+    tokens held it, the history does not. The next prompt must end the turn with the special
+    <|im_end|>, not with "<" followed by "|im_end|>" spelled out as plain text."""
+    pytest.importorskip("llguidance")
+    from nomoat.runtime import Grammar
+
+    model = Model.load(bundle)
+    im_end = model.tokenizer.token_to_id("<|im_end|>")
+    chat = model.chat()
+    first = chat.send("hi", 6, temperature=0, stop="<", grammar=Grammar.regex("<[a-z]{1,4}"))
+    assert first.finish_reason == "stop" and first.text == ""
+    second = chat.send("more", 4, temperature=0)
+    prompt = chat._ids[:len(chat._ids) - len(second.token_ids)]
+    rendered = model.render(chat.messages[:-1])
+    assert prompt.count(im_end) == rendered.count("<|im_end|>")
+    assert model.tokenizer.decode(prompt, skip_special_tokens=False) == rendered
+
+
+def test_a_chat_stream_closed_after_a_reset_leaves_the_new_conversation_alone(bundle):
+    model = Model.load(bundle)
+    for system in ("be brief", None):
+        chat = model.chat(system="old")
+        stream = chat.stream("fox", 5, temperature=0)
+        next(stream)
+        chat.reset(system=system)  # a "new chat" button while the answer streams
+        stream.close()
+        assert chat.messages == ([{"role": "system", "content": system}] if system else [])
+        finished = chat.stream("dog", 3, temperature=0)
+        next(finished)
+        chat.reset()
+        list(finished)  # an answer that ends after the reset is not written into the new conversation
+        assert chat.messages == []
+
+
 def test_logits_for_all_positions_match_last_position(bundle):
     model = Model.load(bundle)
     ids = model.encode("the quick brown fox")

@@ -188,7 +188,8 @@ class Generator(
         vocabSize?.let { checkTokenIds(promptIds, it) }
         if (promptIds.size >= maxContext) {
             throw ContextOverflowException(
-                "the prompt has ${promptIds.size} tokens but the bundle's context holds $maxContext; " +
+                "the prompt has ${promptIds.size} tokens and the bundle's context holds $maxContext, with " +
+                    "room needed for at least one answer token (at most ${maxContext - 1} prompt tokens); " +
                     "shorten the prompt, reset the conversation, or convert with a larger --max-context.")
         }
         val stops = if (ignoreEos) emptySet() else stopIds + extraStopIds
@@ -423,8 +424,24 @@ class Chat(val generator: Generator, val format: ChatFormat, system: String? = n
             throw e
         }
         history.add(Message("assistant", result.text))
-        ids = prompt + result.tokenIds
-        text = rendered + generator.codec.decode(result.tokenIds)
+        if (shownText(result.tokenIds) == result.text) {
+            ids = prompt + result.tokenIds
+            text = rendered + generator.codec.decode(result.tokenIds)
+        } else {
+            // Cut by a stop string (Python's Chat._keep_turn): the tokens hold text the history does
+            // not, which the next rendering may begin with ("<" before "<|im_end|>") and would then
+            // leave as plain text. The next prompt starts from this turn's; the cache reuses the rest.
+            ids = prompt
+            text = rendered
+        }
         return result
+    }
+
+    /** The text [tokenIds] stream as (special tokens give none), as the answer's text is made. */
+    private fun shownText(tokenIds: IntArray): String {
+        val decoder = generator.codec.streamDecoder()
+        val out = StringBuilder()
+        for (id in tokenIds) out.append(decoder.push(id))
+        return out.append(decoder.flush()).toString()
     }
 }
