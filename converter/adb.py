@@ -159,20 +159,26 @@ def parse_devices(text: str) -> list[tuple[str, str]]:
 
 
 def pick_device(serial: str | None = None, server_port: int | None = None) -> Device:
-    """The device to use: the one --serial names, or the only one attached; AdbError otherwise."""
+    """The device to use: the one --serial names, else the one $ANDROID_SERIAL names (as adb itself
+    takes it), else the only one attached; AdbError otherwise."""
     adb = find_adb()
     devices = list_devices(adb, server_port)
+    named_by = "--serial"
+    if serial is None and os.environ.get("ANDROID_SERIAL"):
+        serial, named_by = os.environ["ANDROID_SERIAL"], "$ANDROID_SERIAL"
     if serial is not None:
         chosen = [d for d in devices if d[0] == serial]
         if not chosen:
-            raise AdbError(f"no device {serial!r} in `adb devices` (found: {_serials(devices) or 'none'}). "
-                           "Check the serial, or `adb connect HOST:PORT` for a network device.")
+            raise AdbError(f"no device {serial!r} ({named_by}) in `adb devices` (found: "
+                           f"{_serials(devices) or 'none'}). Check the serial, or `adb connect HOST:PORT` for a "
+                           "network device.")
     elif not devices:
         raise AdbError("no Android device found by adb. Plug the phone in with a data cable, enable "
                        "Developer options > USB debugging and accept the prompt; or `adb connect HOST:PORT` "
                        "for wireless debugging. `adb devices` must list it as 'device'.")
     elif len(devices) > 1:
-        raise AdbError(f"several devices are attached ({_serials(devices)}); choose one with --serial.")
+        raise AdbError(f"several devices are attached ({_serials(devices)}); choose one with --serial "
+                       "(or set $ANDROID_SERIAL, as for adb itself).")
     else:
         chosen = devices
     serial, state = chosen[0]

@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            help="deploy with ssh to a Linux board such as a Raspberry Pi: [user@]host, "
                                 "ssh://[user@]host:port or a Host alias from your ssh config")
     p.add_argument("--serial", default=None,
-                   help="(adb) the device's serial from `adb devices` when several are attached")
+                   help="(adb) the device's serial from `adb devices` when several are attached (default: "
+                        "$ANDROID_SERIAL, as for adb itself)")
     p.add_argument("--ssh-config", default=None, metavar="FILE", help="(ssh) this ssh config file instead of "
                    "~/.ssh/config (ssh -F)")
     p.add_argument("--remote-dir", default=None,

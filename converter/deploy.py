@@ -262,32 +262,36 @@ def check_app_can_load(bundle: Path, manifest) -> None:
 # --- on the device ---
 
 
-def shell(device: Target, command: str, what: str, timeout: float | None = None, fix: str = "") -> str:
+def shell(device: Target, command: str, what: str, timeout: float | None = None, fix: str = "",
+          outcome: str = UNCHANGED, retry: str = "deploy again") -> str:
     """Run command on the device (see run_step); its stdout, or a DeployError saying what failed, then fix."""
-    reply = run_step(device, command, what, timeout)
+    reply = run_step(device, command, what, timeout, outcome, retry)
     if reply.status != 0:
         raise DeployError(f"{what} failed on {device.name} (exit {reply.status}): {reply.error()}{fix}")
     return reply.out
 
 
-def run_step(device: Target, command: str, what: str, timeout: float | None = None) -> Reply:
+def run_step(device: Target, command: str, what: str, timeout: float | None = None, outcome: str = UNCHANGED,
+             retry: str = "deploy again") -> Reply:
     """Run command on the device, given timeout seconds (None: STEP_S); its reply, whatever its exit
-    status. A DeployError naming the step (what) when it could not run there. Only for the steps before
-    the swap: the message says the old bundle is unchanged."""
+    status. A DeployError naming the step (what) when it could not run there, with what the device
+    holds then (outcome: before the swap the old bundle is unchanged; a step after it, such as the
+    bench's, says the new one is in place) and what to do once it answers again (retry)."""
     try:
         return device.shell(command, timeout=STEP_S if timeout is None else timeout)
     except TransportTimeout as e:
-        raise DeployError(silent_device_message(device, what, e, UNCHANGED)) from e
+        raise DeployError(silent_device_message(device, what, e, outcome, retry)) from e
     except TransportError as e:  # the transport's own message ends with its fix (`adb devices`, ...)
-        raise DeployError(f"{what} on {device.name} failed; {UNCHANGED}. {e}") from e
+        raise DeployError(f"{what} on {device.name} failed; {outcome}. {e}") from e
 
 
-def silent_device_message(device: Target, what: str, e: TransportTimeout, outcome: str) -> str:
+def silent_device_message(device: Target, what: str, e: TransportTimeout, outcome: str,
+                          retry: str = "deploy again") -> str:
     """One line: the step that got no answer, on which device, what the transport saw, what the device
     holds, what to do."""
     took = f"did not finish in {e.seconds:.0f} s" if e.seconds is not None else "was cut off"
     return (f"{what} on {device.name} {took}: {e.symptom}; {outcome}. {e.advice[:1].upper()}{e.advice[1:]}, "
-            "then deploy again.")
+            f"then {retry}.")
 
 
 def lock_path(remote_dir: str, name: str) -> str:

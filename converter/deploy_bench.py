@@ -3,8 +3,10 @@
 The measuring happens on the phone, in the app (android_demo, MainActivity's benchmark mode):
 this module only starts it with `am start` and reads the JSON lines it logs under the logcat
 tag `nomoat-bench`: one per round, with runtime/bench.py RoundResult's keys, then
-{"done": true} or {"error": "..."}. The rounds are summarized and printed by the same code as
-`nomoat bench` (runtime/bench.py summarize, runtime/cli_bench.py format_table).
+{"done": true} or {"error": "..."}, each with the id this run passed the app (bench_run): the
+log is never cleared, so it may still hold an earlier run's lines, and only this run's are read.
+The rounds are summarized and printed by the same code as `nomoat bench` (runtime/bench.py
+summarize, runtime/cli_bench.py format_table).
 
 runtime/bench_worker's seam ("only the argv that starts a worker knows where it runs") does not
 fit here: it needs Python on the device, and the app is Kotlin speaking its own logcat protocol.
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shlex
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import deploy
 from .adb import AdbError, Device
 from .deploy import DeployError, shell
 
@@ -30,11 +35,22 @@ if TYPE_CHECKING:
 APP_PACKAGE = "dev.nomoat.app"
 APP_COMPONENT = f"{APP_PACKAGE}/.MainActivity"
 BENCH_TAG = "nomoat-bench"  # MainActivity.BENCH_TAG; the app logs with Log.i
+RUN_KEY = "bench_run"  # Bench.RUN: the extra that passes the app this run's id, and the key its lines repeat it under
 INSTALL_HINT = ("build and install the nomoat Android app first: `cd android_demo && gradle :app:assembleRelease && "
                 "adb install -r app/build/outputs/apk/release/app-release.apk` (android_demo/README.md, "
                 "\"Building the APK\")")
 POLL_S = 0.5
 DEFAULT_TIMEOUT_S = 900.0
+# Each step on the phone (am start, each read of the log) gets what is left of --bench-timeout, so a phone that
+# stops answering is given up on near it, not a step's whole minute (deploy.STEP_S) later; but at least this
+# long, so that a read begun just before the end is not cut short and blamed on the phone (it takes well under
+# a second). Module values, read at each step, so a test can shrink them.
+STEP_MIN_S = 5.0
+# am force-stop after a timeout, an error or Ctrl-C: a moment's work on a phone that answers, and one that
+# stopped answering must not hold the user long past the error that is already known.
+STOP_S = 10.0
+DROPPED_LINES_FIX = ("logcat may have dropped lines (its buffer is the whole phone's, and small): enlarge it with "
+                     "`adb logcat -G 16M` and deploy again with --bench")
 
 # `am start` exits 0 even when it fails; its errors are lines starting "Error:" or "Error type N"
 # (not "Error" anywhere: an activity may be named .ErrorReportActivity).
@@ -50,6 +66,24 @@ class AppBench:
     lines: list[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class BenchRun:
+    """One start of the app's benchmark: on which phone, on which deployed bundle, the id its lines carry
+    (RUN_KEY) and when --bench-timeout runs out (time.monotonic)."""
+
+    device: Device
+    bundle: str
+    run_id: str
+    deadline: float
+
+    def step(self, command: str, what: str) -> str:
+        """deploy.shell for a step of the bench: given at most the time left (STEP_MIN_S at least), and, if the
+        phone stops answering, an error that says the new bundle is in place already."""
+        left = min(deploy.STEP_S, max(self.deadline - time.monotonic(), STEP_MIN_S))
+        return shell(self.device, command, what, timeout=left, outcome=f"the new bundle is in place at {self.bundle}",
+                     retry="deploy again with --bench to measure it")
+
+
 def bench_on_device(device: Device, bundle: str, prompt_tokens: int, new_tokens: int, rounds: int,
                     threads: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                     progress: Callable[[str], None] | None = None, prompt_lookup: int = 0) -> AppBench:
@@ -57,67 +91,102 @@ def bench_on_device(device: Device, bundle: str, prompt_tokens: int, new_tokens:
     and wait for its rounds; a DeployError says what went wrong and what to do. With prompt_lookup
     the app runs each round plain and with prompt lookup (alternating which goes first): twice the lines."""
     say = progress or (lambda _msg: None)
-    shell(device, "logcat -c", "clearing the log (`logcat -c`)")  # only this run's lines count
-    start_app(device, bench_extras(bundle, prompt_tokens, new_tokens, rounds, threads, prompt_lookup))
+    # No `logcat -c` first: the run id tells this run's lines from an earlier run's, and clearing fails on a
+    # phone whose log another reader streams (Android Studio's Logcat) and would wipe the user's log besides.
+    run = BenchRun(device, bundle, secrets.token_hex(8), time.monotonic() + timeout)
     try:
-        lines = wait_for_rounds(device, rounds * (2 if prompt_lookup else 1), timeout, say)
+        start_app(run, bench_extras(bundle, prompt_tokens, new_tokens, rounds, threads, prompt_lookup, run.run_id))
+        lines = wait_for_rounds(run, rounds * (2 if prompt_lookup else 1), timeout, say)
     except BaseException:  # timeout or Ctrl-C: do not leave the phone busy benchmarking
         stop_app(device)
         raise
-    if prompt_lookup and not any(line.get("prompt_lookup") for line in lines):
-        raise DeployError("the app measured no prompt-lookup rounds (an app older than --prompt-lookup); "
-                          "install the app built from this version of nomoat.")
+    check_round_counts(lines, rounds, prompt_lookup, device.serial)
     results = [round_result(line, prompt_tokens, new_tokens) for line in lines]
     return AppBench(results, lines)
 
 
 def bench_extras(bundle: str, prompt_tokens: int, new_tokens: int, rounds: int,
-                 threads: int | None, prompt_lookup: int = 0) -> list[str]:
+                 threads: int | None, prompt_lookup: int = 0, run_id: str | None = None) -> list[str]:
     """The intent extras MainActivity reads; no threads extra means the bundle's own thread count."""
     extras = ["--es", "bundle", bundle, "--ez", "bench", "true", "--ei", "prompt_tokens", str(prompt_tokens),
               "--ei", "new_tokens", str(new_tokens), "--ei", "rounds", str(rounds)]
     extras += ["--ei", "threads", str(threads)] if threads is not None else []
-    return extras + (["--ei", "prompt_lookup", str(prompt_lookup)] if prompt_lookup else [])
+    extras += ["--ei", "prompt_lookup", str(prompt_lookup)] if prompt_lookup else []
+    return extras + (["--es", RUN_KEY, run_id] if run_id is not None else [])
 
 
-def start_app(device: Device, extras: list[str]) -> None:
+def start_app(run: BenchRun, extras: list[str]) -> None:
     """am start -S (a chat left open would otherwise get the intent without running the bench) -W."""
     command = shlex.join(["am", "start", "-S", "-W", "-n", APP_COMPONENT, *extras])
-    out = shell(device, command, "starting the app (`am start`)")
+    out = run.step(command, "starting the app (`am start`)")
     errors = [e.strip() for e in _AM_ERROR.findall(out)]
+    serial = run.device.serial
     if any(m in out for m in _AM_MISSING):
         said = errors[-1] if errors else "no such activity"
-        raise DeployError(f"the nomoat app is not installed on {device.serial} ({said}); {INSTALL_HINT}.")
+        raise DeployError(f"the nomoat app is not installed on {serial} ({said}); {INSTALL_HINT}.")
     if errors:
-        raise DeployError(f"`am start` could not start the nomoat app on {device.serial}: {errors[-1]}")
+        raise DeployError(f"`am start` could not start the nomoat app on {serial}: {errors[-1]}")
 
 
-def wait_for_rounds(device: Device, rounds: int, timeout: float, say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Poll the app's log lines until it logs done or an error; the round lines."""
-    deadline = time.monotonic() + timeout
-    seen = 0
+def wait_for_rounds(run: BenchRun, expected: int, timeout: float, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Poll the app's log until this run's lines end with done or an error; this run's round lines, each once."""
+    # Keyed by the whole line, not by its place in the log: a line read again counts once, and one gone from the
+    # log since it was read (logcat's buffer turns over) still counts.
+    rounds: dict[str, dict[str, Any]] = {}
+    earlier_ends = None  # done and error lines without a run id at the first read: earlier runs'
     while True:
-        messages = read_bench_log(device)
-        round_lines = [m for m in messages if "ttft_s" in m]
-        for line in round_lines[seen:]:
-            seen += 1
-            say(f"  round {seen}/{rounds} on the phone: {_round_note(line)}")
-        failed = [m for m in messages if "error" in m]
-        if failed:
-            raise DeployError(f"the app's benchmark failed on {device.serial}: {failed[0]['error']}")
-        if any(m.get("done") is True for m in messages):
-            return round_lines
-        if time.monotonic() >= deadline:
-            raise DeployError(f"the app logged {seen} of {rounds} rounds and no end within {timeout:.0f} s on "
-                              f"{device.serial}. It may still be loading, or have crashed (see `adb logcat`); "
+        messages = read_bench_log(run)
+        mine = [m for m in messages if m.get(RUN_KEY) == run.run_id]
+        for line in (m for m in mine if "ttft_s" in m):
+            key = json.dumps(line, sort_keys=True)
+            if key not in rounds:
+                rounds[key] = line
+                say(f"  round {len(rounds)}/{expected} on the phone: {_round_note(line)}")
+        if has_ended(mine, run.device.serial):
+            return list(rounds.values())
+        earlier_ends = check_no_untagged_end(messages, earlier_ends, run.device.serial)
+        if time.monotonic() >= run.deadline:
+            raise DeployError(f"the app logged {len(rounds)} of {expected} rounds and no end within {timeout:.0f} s "
+                              f"on {run.device.serial}. It may still be loading, or have crashed (see `adb logcat`); "
                               "give it longer with --bench-timeout, or ask for fewer --rounds/--new-tokens.")
         time.sleep(POLL_S)
 
 
-def read_bench_log(device: Device) -> list[dict[str, Any]]:
+def has_ended(mine: list[dict[str, Any]], serial: str) -> bool:
+    """Whether this run's lines hold its done; a DeployError with the app's own error if they hold one."""
+    failed = [m for m in mine if "error" in m]
+    if failed:
+        raise DeployError(f"the app's benchmark failed on {serial}: {failed[0]['error']}")
+    return any(m.get("done") is True for m in mine)
+
+
+def check_no_untagged_end(messages: list[dict[str, Any]], earlier: int | None, serial: str) -> int:
+    """An app older than run ids tags none of its lines: a done or error line without a run id that was not
+    in the log at the first read (earlier: their count then, None at the first read) is this run's end,
+    which would otherwise be waited for until the timeout. Their count now."""
+    ends = sum(1 for m in messages if RUN_KEY not in m and (m.get("done") is True or "error" in m))
+    if earlier is not None and ends > earlier:
+        raise DeployError(f"the app on {serial} ended its benchmark without this run's id in its lines (an app "
+                          "older than run ids); install the app built from this version of nomoat.")
+    return ends
+
+
+def check_round_counts(lines: list[dict[str, Any]], rounds: int, prompt_lookup: int, serial: str) -> None:
+    """Every round asked for, plain and (with prompt_lookup) with lookup, before the app said done."""
+    counts = Counter(bool(line.get("prompt_lookup")) for line in lines)
+    if prompt_lookup and counts[False] and not counts[True]:
+        raise DeployError("the app measured no prompt-lookup rounds (an app older than --prompt-lookup); "
+                          "install the app built from this version of nomoat.")
+    kinds = [(" plain", counts[False]), (" prompt-lookup", counts[True])] if prompt_lookup else [("", counts[False])]
+    short = [f"{n} of {rounds}{kind} rounds" for kind, n in kinds if n < rounds]
+    if short:
+        raise DeployError(f"the app on {serial} said done after only {' and '.join(short)} in its log; "
+                          f"{DROPPED_LINES_FIX}.")
+
+
+def read_bench_log(run: BenchRun) -> list[dict[str, Any]]:
     """The JSON objects the app logged so far under its tag (-v raw: the message alone on each line)."""
-    out = shell(device, f"logcat -d -v raw -s {BENCH_TAG}:I", "reading the app's log (`logcat -d`)")
-    return parse_bench_lines(out)
+    return parse_bench_lines(run.step(f"logcat -d -v raw -s {BENCH_TAG}:I", "reading the app's log (`logcat -d`)"))
 
 
 def parse_bench_lines(text: str) -> list[dict[str, Any]]:
@@ -156,7 +225,7 @@ def round_result(line: dict[str, Any], prompt_tokens: int, new_tokens: int) -> R
 def stop_app(device: Device) -> None:
     """Best effort: the error that got us here matters more than one from stopping the app."""
     try:
-        device.shell(f"am force-stop {APP_PACKAGE}", timeout=30)
+        device.shell(f"am force-stop {APP_PACKAGE}", timeout=STOP_S)
     except AdbError:
         pass
 

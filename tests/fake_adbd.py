@@ -28,8 +28,12 @@ force-stop), `logcat` (-c, -d, -v raw, TAG:PRIORITY filters) and `getprop` are s
 shell's PATH that call back into this process over a Unix socket. install_app(app) puts the
 nomoat Android app "on the phone": `am start -n dev.nomoat.app/.MainActivity` then runs app(extras)
 in a thread and logs each line it yields with Log.i under the tag nomoat-bench, as MainActivity's
-benchmark mode does (an exception becomes {"error": ...}, like its catch). Without an app,
-`am start` answers what a phone answers for a missing activity (Error type 3, exit status 0).
+benchmark mode does (an exception becomes {"error": ...}, like its catch), each JSON line with the
+`--es bench_run ID` extra's id added as the app's Bench.roundLine/doneLine/errorLine add it
+(install_app(app, tags_run=False): an app older than run ids). Without an app, `am start` answers
+what a phone answers for a missing activity (Error type 3, exit status 0). ignore_logcat_clear()
+makes `logcat -c` leave the log as it is (failing, as on a phone whose log another reader streams),
+and drop_oldest_log_lines() forgets lines as logcat's ring buffer does once full.
 
 The asyncio loop runs in a daemon thread so that synchronous tests can use it.
 """
@@ -67,6 +71,7 @@ SYNC_DATA_MAX = 64 * 1024
 APP_PACKAGE = "dev.nomoat.app"
 APP_ACTIVITY = "dev.nomoat.app.MainActivity"  # MainActivity.kt
 BENCH_TAG = "nomoat-bench"  # MainActivity.BENCH_TAG
+BENCH_RUN = "bench_run"  # Bench.RUN: the extra with the host's run id, repeated in each line the app logs
 LOG_PRIORITIES = "VDIWEFS"  # logcat's order, verbose to silent
 
 # An app's benchmark mode: the `am start` extras in, the messages it logs out (one per yield).
@@ -259,6 +264,8 @@ class FakeAdbDevice:
         self.props: dict[str, str] = {"ro.product.model": "fake", "ro.soc.model": "FakeSoC"}
         self.app_starts: list[dict[str, object]] = []  # the extras of each `am start` of the app
         self._app: SimulatedApp | None = None
+        self._app_tags_run = True
+        self._logcat_clear_status: int | None = None  # None: `logcat -c` clears the log
         self._app_stop = threading.Event()  # set by force-stop: the running app logs nothing more
         self._logcat: list[tuple[str, str, str]] = []  # (priority, tag, message)
         self._logcat_lock = threading.Lock()  # the app thread logs while the loop dumps
@@ -317,9 +324,23 @@ class FakeAdbDevice:
             rescue.cancel()
             self.thaw()
 
-    def install_app(self, app: SimulatedApp | None) -> None:
-        """Put the nomoat app on the phone (None: uninstall it); see the module doc."""
+    def install_app(self, app: SimulatedApp | None, tags_run: bool = True) -> None:
+        """Put the nomoat app on the phone (None: uninstall it); tags_run False: an app that does not add the
+        run id to its lines. See the module doc."""
         self._app = app
+        self._app_tags_run = tags_run
+
+    def ignore_logcat_clear(self, status: int = 1) -> None:
+        """`logcat -c` leaves the log as it is and exits with status: not 0, saying "failed to clear the 'main'
+        log" as a phone does while another reader streams its log; 0, silently."""
+        self._logcat_clear_status = status
+
+    def drop_oldest_log_lines(self, count: int, tag: str | None = None) -> None:
+        """Forget the count oldest log lines (of tag, if given), as logcat's ring buffer does once it is full."""
+        with self._logcat_lock:
+            mine = [entry for entry in self._logcat if tag is None or entry[1] == tag][:count]
+            for entry in mine:
+                self._logcat.remove(entry)
 
     def log_line(self, priority: str, tag: str, message: str) -> None:
         with self._logcat_lock:
@@ -336,6 +357,8 @@ class FakeAdbDevice:
         self.events.clear()
         self._app_stop.set()  # an app thread left running by an earlier test
         self._app = None
+        self._app_tags_run = True
+        self._logcat_clear_status = None
         self.app_starts.clear()
         with self._logcat_lock:
             self._logcat.clear()
@@ -471,22 +494,26 @@ class FakeAdbDevice:
         """Run the app's bench on its own thread, as MainActivity does on its worker: `am start -W`
         returns once the activity is up, long before the rounds are done."""
         stop = self._app_stop = threading.Event()
+        run_id = extras.get(BENCH_RUN) if self._app_tags_run else None
 
         def run() -> None:
             try:
                 for message in app(extras):
                     if stop.is_set():
                         return
-                    self.log_line("I", BENCH_TAG, message)
+                    self.log_line("I", BENCH_TAG, with_run_id(message, run_id))
             except Exception as e:  # MainActivity.bench's catch
                 if not stop.is_set():
-                    self.log_line("I", BENCH_TAG, json.dumps({"error": str(e) or repr(e)}))
+                    self.log_line("I", BENCH_TAG, with_run_id(json.dumps({"error": str(e) or repr(e)}), run_id))
 
         threading.Thread(target=run, name="fake-nomoat-app", daemon=True).start()
 
     def _logcat_tool(self, args: list[str]) -> tuple[str, str, int]:
         """logcat -c | -d [-v raw] [-s] [TAG:PRIORITY ...]; without -d it dumps too instead of following."""
         if "-c" in args:
+            if self._logcat_clear_status is not None:
+                failed = self._logcat_clear_status != 0
+                return "", "failed to clear the 'main' log\n" if failed else "", self._logcat_clear_status
             with self._logcat_lock:
                 self._logcat.clear()
             return "", "", 0
@@ -620,6 +647,18 @@ def default_signals() -> None:
     survives it with `trap '' HUP` (deploy.swap_in's) would pass its test without the trap."""
     for signum in (signal.SIGHUP, signal.SIGPIPE, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
+
+
+def with_run_id(message: str, run_id: object) -> str:
+    r"""A JSON object's line with the run id added, as Bench.roundLine/doneLine/errorLine add it (org.json's
+    compact form, '/' as '\/'); without a run id, or for a line that is not a JSON object (a warning), as it is."""
+    try:
+        value = json.loads(message)
+    except ValueError:
+        return message
+    if run_id is None or not isinstance(value, dict):
+        return message
+    return json.dumps({**value, BENCH_RUN: run_id}, separators=(",", ":")).replace("/", "\\/")
 
 
 def _flip_first_byte(path: str) -> None:

@@ -41,7 +41,7 @@ def test_build_config_takes_the_version_from_gradle():
 # One mistake in each shell file, each against a declaration: (file, the shell's text, the mistake).
 MISTAKES = [
     ("OrtForward.kt", "session.run(inputs, outputs)", "session.run(inputs, outputs, 3)"),  # no such overload
-    ("MainActivity.kt", "Log.i(BENCH_TAG, line.toString())", "Log.i(BENCH_TAG, round)"),  # an Int for a String
+    ("MainActivity.kt", "Log.i(BENCH_TAG, Bench.doneLine(run))", "Log.i(BENCH_TAG, rounds)"),  # an Int for a String
 ]
 
 

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from fake_adbd import FakeAdbDevice
+from fake_adbd import BENCH_TAG, FakeAdbDevice, with_run_id
 from nomoat.__main__ import main
 from nomoat.converter import deploy as deploy_module
 from nomoat.converter.adb import AdbError, Device, find_adb, parse_devices, pick_device
@@ -415,7 +415,27 @@ def test_several_devices_need_a_serial(fake, adb_server, monkeypatch):
         with pytest.raises(AdbError, match="several devices") as e:
             pick_device(None, adb_server)
         assert dev.serial in str(e.value) and serial in str(e.value) and "--serial" in str(e.value)
+        assert "$ANDROID_SERIAL" in str(e.value)
         assert pick_device(serial, adb_server).serial == serial
+    finally:
+        adb(adb_server, "disconnect", serial, check=False)
+        second.stop()
+
+
+def test_android_serial_chooses_the_device_as_for_adb(fake, adb_server, monkeypatch):
+    """adb itself takes $ANDROID_SERIAL when given no -s; so does deploy when given no --serial."""
+    _, dev = fake
+    second = FakeAdbDevice().start()
+    serial = f"127.0.0.1:{second.port}"
+    try:
+        adb(adb_server, "connect", serial)
+        wait_for_state(adb_server, serial)
+        monkeypatch.setenv("ANDROID_SERIAL", serial)
+        assert pick_device(None, adb_server).serial == serial
+        assert pick_device(dev.serial, adb_server).serial == dev.serial  # --serial first, as adb's -s
+        monkeypatch.setenv("ANDROID_SERIAL", "R58M-unplugged")
+        with pytest.raises(AdbError, match=r"^no device 'R58M-unplugged' \(\$ANDROID_SERIAL\) in `adb devices`"):
+            pick_device(None, adb_server)
     finally:
         adb(adb_server, "disconnect", serial, check=False)
         second.stop()
@@ -548,12 +568,12 @@ def test_bench_prints_the_apps_rounds_as_a_table(bundle, fake, remote, adb_serve
     assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--threads", "2")) == 0
     out, err = capsys.readouterr()
     deployed = str(remote / "tiny-bundle")
-    assert device.app_starts == [{"bundle": deployed, "bench": True, "prompt_tokens": 16, "new_tokens": 8,
-                                  "rounds": 3, "threads": 2}]
-    # The log is cleared before the app starts, so only this run's lines are read.
-    commands = device.shell_log
-    clear = next(i for i, c in enumerate(commands) if "logcat -c" in c)
-    assert clear < next(i for i, c in enumerate(commands) if "am start" in c)
+    [extras] = device.app_starts
+    run_id = extras.pop("bench_run")  # the id the app repeats in each line, so that only this run's are read
+    assert extras == {"bundle": deployed, "bench": True, "prompt_tokens": 16, "new_tokens": 8, "rounds": 3,
+                      "threads": 2}
+    assert re.fullmatch(r"[0-9a-f]{16}", run_id)
+    assert not any("logcat -c" in c for c in device.shell_log)  # the user's log is left as it is
     lines = out.splitlines()
     assert lines[0] == deployed and lines[1] == ""
     assert re.fullmatch(rf"nomoat bench {re.escape(deployed)} on FakeSoC \(\d+ CPUs\); 3 rounds after 0 warm-up, "
@@ -671,19 +691,24 @@ def test_bench_without_the_app_says_to_install_it(bundle, fake, remote, adb_serv
     assert "adb install -r app/build/outputs/apk/release/app-release.apk" in err
 
 
+def fixed_round(extras: dict, round_index: int, lookup: int = 0, ttft_s: float = 0.05) -> str:
+    """A round's line with the keys the app writes and fixed numbers, for a test that needs its lines at once:
+    measuring (the model's load, the bandwidth probe) takes seconds on a cold run."""
+    from nomoat.runtime.bench import RoundResult
+
+    fixed = RoundResult(extras["prompt_tokens"], extras["new_tokens"], ttft_s, 0.4, 200_000_000)
+    return org_json(app_round_line(fixed, round_index, lookup, {"bundle": extras["bundle"], "verify_s": 0.01,
+                                                                "load_s": 0.1, "threads": 2,
+                                                                "read_bandwidth_bytes_per_s": 1e10,
+                                                                "bandwidth_threads": 2}))
+
+
 def test_bench_gives_up_when_the_app_never_finishes(bundle, fake, remote, adb_server, capsys):
     device, dev = fake
     hang = threading.Event()
 
     def stuck_app(extras):
-        # One round logged at once, then never a "done". A fixed line with the keys the app writes, not a measured
-        # one: measuring (the model's load, the bandwidth probe) takes seconds on a cold run, past --bench-timeout.
-        from nomoat.runtime.bench import RoundResult
-
-        fixed = RoundResult(extras["prompt_tokens"], extras["new_tokens"], 0.05, 0.4, 200_000_000)
-        yield org_json(app_round_line(fixed, 0, 0, {"bundle": extras["bundle"], "verify_s": 0.01, "load_s": 0.1,
-                                                    "threads": 2, "read_bandwidth_bytes_per_s": 1e10,
-                                                    "bandwidth_threads": 2}))
+        yield fixed_round(extras, 0)  # one round logged at once, then never a "done"
         hang.wait(30)
 
     device.install_app(stuck_app)
@@ -697,6 +722,102 @@ def test_bench_gives_up_when_the_app_never_finishes(bundle, fake, remote, adb_se
     assert "round 1/3 on the phone" in err and "logged 1 of 3 rounds and no end within 2 s" in err, err
     assert "--bench-timeout" in err
     assert any("am force-stop dev.nomoat.app" in c for c in device.shell_log)  # not left benchmarking
+
+
+@pytest.mark.parametrize("clear_status", [1, 0], ids=["clear-fails", "clear-does-nothing"])
+def test_bench_reads_only_its_own_runs_lines(bundle, fake, remote, adb_server, capsys, clear_status):
+    """The log may still hold earlier runs' lines: `logcat -c` fails on a phone whose log another reader streams
+    (Android Studio's Logcat), or may clear nothing. An earlier run's rounds, done and error, tagged with its own
+    id or with none (an app older than run ids), are neither this run's numbers nor its end."""
+    device, dev = fake
+    device.ignore_logcat_clear(clear_status)
+    earlier = {"prompt_tokens": 16, "new_tokens": 8, "bundle": "/data/local/tmp/nomoat/earlier"}
+    for run_id in ("0123456789abcdef", None):
+        for i in range(3):
+            device.log_line("I", BENCH_TAG, with_run_id(fixed_round(earlier, i, ttft_s=0.999), run_id))
+        device.log_line("I", BENCH_TAG, with_run_id(org_json({"done": True}), run_id))
+    device.log_line("I", BENCH_TAG, with_run_id(org_json({"error": "an earlier run's failure"}), "fedcba9876543210"))
+    device.install_app(lambda extras: iter([*(fixed_round(extras, i) for i in range(3)), org_json({"done": True})]))
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--json")) == 0, capsys.readouterr().err
+    [result] = json.loads(capsys.readouterr().out)["results"]
+    assert [r["ttft_s"] for r in result["rounds"]] == [0.05] * 3
+
+
+def test_bench_refuses_an_app_that_does_not_tag_its_lines(bundle, fake, remote, adb_server, capsys):
+    """An app older than run ids: its end is seen for what it is, not waited for until --bench-timeout."""
+    device, dev = fake
+
+    def untagged_app(extras):
+        time.sleep(1.5)  # after the first read of the log, as the app's load takes seconds
+        yield from (fixed_round(extras, i) for i in range(3))
+        yield org_json({"done": True})
+
+    device.install_app(untagged_app, tags_run=False)
+    start = time.monotonic()
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote)) == 2
+    assert time.monotonic() - start < 15
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"nomoat deploy: error: the app on {dev.serial} ended its benchmark without this run's id in its "
+                   "lines (an app older than run ids); install the app built from this version of nomoat.")
+
+
+@pytest.mark.parametrize("plain, lookup, missing", [
+    (1, 0, "1 of 3 rounds"),
+    (0, 0, "0 of 3 rounds"),
+    (3, 1, "1 of 3 prompt-lookup rounds"),
+    (2, 1, "2 of 3 plain rounds and 1 of 3 prompt-lookup rounds"),
+])
+def test_bench_with_rounds_missing_from_the_log_says_so(bundle, fake, remote, adb_server, capsys, plain, lookup,
+                                                        missing):
+    """logcat drops lines when its buffer turns over faster than it is read: fewer rounds than asked for before
+    the app's done are an error that says so, not a summary of the rest (nor, of none, a traceback)."""
+    device, dev = fake
+    lookup_flags = ("--prompt-lookup", "3") if "lookup" in missing else ()
+
+    def app(extras):
+        yield from (fixed_round(extras, i) for i in range(plain))
+        yield from (fixed_round(extras, i, lookup=3) for i in range(lookup))
+        yield org_json({"done": True})
+
+    device.install_app(app)
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote, *lookup_flags)) == 2
+    out, err = capsys.readouterr()
+    assert out.strip() == str(remote / "tiny-bundle")  # the deploy itself went through
+    assert err.strip().splitlines()[-1] == (
+        f"nomoat deploy: error: the app on {dev.serial} said done after only {missing} in its log; logcat may have "
+        "dropped lines (its buffer is the whole phone's, and small): enlarge it with `adb logcat -G 16M` and deploy "
+        "again with --bench."), err
+    assert "Traceback" not in err
+
+
+def test_bench_counts_each_round_once_as_the_log_turns_over(bundle, fake, remote, adb_server, capsys):
+    """A round read at one poll may be gone from the log at the next (logcat's ring buffer), shifting the
+    others: each round is still counted once, in the progress lines and in the table."""
+    device, dev = fake
+
+    def after_two_reads() -> None:  # the second read of the log after now began after the first one ended
+        reads = sum("logcat -d" in c for c in device.shell_log)
+        deadline = time.monotonic() + 10
+        while sum("logcat -d" in c for c in device.shell_log) < reads + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def app(extras):
+        yield fixed_round(extras, 0, ttft_s=0.01)
+        after_two_reads()
+        device.drop_oldest_log_lines(1, BENCH_TAG)  # round 0 read, then gone
+        yield fixed_round(extras, 1, ttft_s=0.02)
+        after_two_reads()
+        yield fixed_round(extras, 2, ttft_s=0.03)
+        yield org_json({"done": True})
+
+    device.install_app(app)
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--json")) == 0
+    out, err = capsys.readouterr()
+    [result] = json.loads(out)["results"]
+    assert [r["ttft_s"] for r in result["rounds"]] == [0.01, 0.02, 0.03]
+    progress = [line.split(":")[0].strip() for line in err.splitlines() if "on the phone:" in line]
+    assert progress == ["round 1/3 on the phone", "round 2/3 on the phone", "round 3/3 on the phone"]
+    assert "TTFT 20 ms" in next(line for line in err.splitlines() if "round 2/3" in line)
 
 
 def test_bench_request_is_checked_before_deploying(bundle, fake, remote, adb_server, capsys):

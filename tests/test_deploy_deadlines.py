@@ -423,3 +423,32 @@ def test_a_device_unplugged_mid_deploy_names_the_step(bundle, padded_bundle, fak
     monkeypatch.setattr(deploy_module, "STALE_STAGING_S", 0)  # what the unplugged deploy left counts as left long ago
     deploy_bundle(padded_bundle, dev, str(remote))  # plugged back in, a deploy tidies up
     assert sorted(p.name for p in remote.iterdir()) == ["tiny-bundle"]
+
+
+def test_a_phone_gone_silent_during_the_bench_is_given_up_near_its_timeout(bundle, fake, remote, adb_server, capsys):
+    """The phone stops answering while the app benchmarks: each read of its log gets what is left of
+    --bench-timeout (a few seconds at least), not a step's minute, and stopping the app a few more. The new
+    bundle is in place by then (its path is already printed), and the one line says so."""
+    device, dev = fake
+    hang = threading.Event()
+
+    def busy_app(extras):
+        hang.wait(60)
+        yield from ()
+
+    device.install_app(busy_app)
+    device.freeze_on_shell("logcat -d")
+    try:
+        status, seconds = device.timed_while_frozen(
+            lambda: main(adb_tests.bench_cli(bundle, dev.serial, adb_server, remote, "--bench-timeout", "2")))
+    finally:
+        hang.set()
+    out, err = capsys.readouterr()
+    deployed = f"{remote}/tiny-bundle"
+    assert status == 2 and out.strip() == deployed, err
+    assert seconds < 30, err  # the deploy, then 5 s for the read and 10 for the app's stop; not 60 + 30
+    assert err.strip().splitlines()[-1] == (
+        f"nomoat deploy: error: reading the app's log (`logcat -d`) on {dev.serial} did not finish in 5 s: the device "
+        f"stopped answering; the new bundle is in place at {deployed}. Check the phone (awake, on its cable or wifi) "
+        "and that `adb devices` lists it, then deploy again with --bench to measure it."), err
+    assert (Path(deployed) / "manifest.json").is_file()

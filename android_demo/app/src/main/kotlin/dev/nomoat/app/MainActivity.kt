@@ -32,12 +32,14 @@ import java.util.concurrent.Executors
 /**
  * A minimal chat screen over one bundle, plus a benchmark mode for `nomoat deploy --adb --bench`:
  *
- *     adb shell am start -W -n dev.nomoat.app/.MainActivity --es bundle smollm2 \
+ *     adb shell am start -S -W -n dev.nomoat.app/.MainActivity --es bundle smollm2 \
  *         --ez bench true --ei prompt_tokens 128 --ei new_tokens 64 --ei rounds 3 [--ei threads 4] \
- *         [--ei prompt_lookup 8]
+ *         [--ei prompt_lookup 8] [--es bench_run ID]
  *
  * writes one JSON line per round to logcat with the tag `nomoat-bench` (runtime/bench.py RoundResult's
- * keys, plus load timings and peak RSS), then `{"done": true}` or `{"error": "..."}`, and finishes.
+ * keys, plus load timings and peak RSS), then `{"done": true}` or `{"error": "..."}`, and finishes;
+ * with `bench_run`, every line carries that id (Bench.roundLine), so the host tells this run's lines
+ * from an earlier run's still in the log.
  * `--ei prompt_lookup N` (chat or bench) drafts up to N tokens a pass from the context for greedy
  * answers (Generator.generateTokens: greedy's tokens, fewer passes when the answer repeats its context).
  * "New chat" (or sending "/reset") starts the conversation over; what a message does is Conversation's.
@@ -197,6 +199,7 @@ class MainActivity : Activity() {
 
     /** Benchmark rounds: fresh cache, the host's prompt ids, greedy, stop tokens ignored (bench.py measure_once). */
     private fun bench(name: String?) {
+        val run = intent.getStringExtra(Bench.RUN) // the host's id for this run, echoed in every line
         try {
             val promptTokens = intent.getIntExtra("prompt_tokens", 128)
             val newTokens = intent.getIntExtra("new_tokens", 64)
@@ -221,15 +224,12 @@ class MainActivity : Activity() {
                 for (lookup in Bench.roundOrder(lookups, round)) {
                     gen.reset()
                     val result = gen.generate(prompt, newTokens, SamplingParams(), ignoreEos = true, promptLookup = lookup)
-                    val line = result.stats.toBenchJson().put("round", round).put("peak_rss_bytes", peakRssBytes())
-                    if (lookup > 0) line.put("prompt_lookup", lookup)
-                    for (key in info.keys()) line.put(key, info.get(key))
-                    Log.i(BENCH_TAG, line.toString())
+                    Log.i(BENCH_TAG, Bench.roundLine(run, result.stats, round, peakRssBytes(), lookup, info))
                 }
             }
-            Log.i(BENCH_TAG, JSONObject().put("done", true).toString())
+            Log.i(BENCH_TAG, Bench.doneLine(run))
         } catch (e: Throwable) { // an Error too: the host reads this line at once instead of waiting out its timeout
-            Log.i(BENCH_TAG, JSONObject().put("error", failureText(e)).toString())
+            Log.i(BENCH_TAG, Bench.errorLine(run, failureText(e)))
         }
         ui { finish() }
     }

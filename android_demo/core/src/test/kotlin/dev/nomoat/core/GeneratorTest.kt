@@ -2,8 +2,10 @@ package dev.nomoat.core
 
 import org.junit.Assert.assertArrayEquals
 import org.junit.Assert.assertEquals
+import org.junit.Assert.assertFalse
 import org.junit.Assert.assertTrue
 import org.junit.Assert.fail
+import org.json.JSONObject
 import org.junit.Test
 
 class GeneratorTest {
@@ -292,5 +294,24 @@ class GeneratorTest {
     fun benchRoundsRunForwardThenBackward() {
         val order = (0 until 4).flatMap { Bench.roundOrder(listOf(0, 8), it) }
         assertEquals(listOf(0, 8, 8, 0, 0, 8, 8, 0), order)
+    }
+
+    @Test
+    fun everyBenchLineCarriesTheHostsRunId() {
+        val stats = generator(FakeForward.endless()).generate(codec.encode("abc"), 4).stats
+        val info = JSONObject().put("bundle", "/data/local/tmp/nomoat/b").put("threads", 4)
+        val round = JSONObject(Bench.roundLine("run7", stats, 2, 1000L, 8, info))
+        assertEquals("run7", round.getString(Bench.RUN))
+        assertEquals(2, round.getInt("round"))
+        assertEquals(8, round.getInt("prompt_lookup"))
+        assertEquals(4, round.getInt("threads"))
+        assertEquals(4, round.getInt("new_tokens"))
+        assertEquals("run7", JSONObject(Bench.doneLine("run7")).getString(Bench.RUN))
+        assertTrue(JSONObject(Bench.doneLine("run7")).getBoolean("done"))
+        val error = JSONObject(Bench.errorLine("run7", "no bundle"))
+        assertEquals("run7" to "no bundle", error.getString(Bench.RUN) to error.getString("error"))
+        // A plain round has no prompt_lookup key; a run started without the extra, no run id.
+        val plain = JSONObject(Bench.roundLine(null, stats, 0, 1000L, 0, info))
+        assertFalse(plain.has("prompt_lookup") || plain.has(Bench.RUN))
     }
 }
