@@ -220,7 +220,10 @@ class Connection:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            self.close(stream)
+            # Not when the coroutine is destroyed after its loop stopped (the device stopped while a
+            # service hung, as a silent phone's does): no host is left to tell, no task to ask about.
+            if _loop_running():
+                self.close(stream)
 
     async def write(self, stream: Stream, data: bytes) -> None:
         """WRTE data in packets the host accepts, waiting for its OKAY after each one."""
@@ -244,6 +247,14 @@ class Connection:
         self.streams.pop(stream.local_id, None)
         if stream.task is not None and stream.task is not asyncio.current_task():
             stream.task.cancel()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class FakeAdbDevice:
