@@ -50,7 +50,7 @@ def check_destination(out: Path, force: bool, sources: Iterable[tuple[str, str |
         where = ("is" if real == src_real else "is inside" if real.is_relative_to(src_real)
                  else "contains" if src_real.is_relative_to(real) else None)
         if where:
-            raise ConversionError(f"--out {out} {where} {flag} {source}; writing the bundle there would replace "
+            raise ConversionError(f"--out {out} {where} {flag} {source}; writing there would replace "
                                   f"the {'model' if flag == '--model' else 'adapter'}'s files. Choose an --out "
                                   "outside it.")
     # What --force cannot replace is refused first, and without suggesting --force, which would refuse it next.

@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit", choices=["strict", "shrink-context"], default="strict",
                    help="when the model does not fit the device: fail (strict) or use the largest context that fits")
     p.add_argument("--eval-text", type=Path, default=None,
-                   help="UTF-8 text for the quality check; default: ~4,750 tokens of prose shipped with nomoat")
+                   help="UTF-8 text for the quality check (its first 8,192 tokens); default: ~4,750 tokens of prose "
+                        "shipped with nomoat")
     p.add_argument("--max-ppl-increase", type=float, default=None, metavar="PERCENT",
                    help="fail when perplexity rises by more than this many percent over the fp32 reference "
                         f"(default per quant: {_gate_defaults()})")

@@ -31,11 +31,13 @@ def run(args: argparse.Namespace) -> int:
     except BundleError as e:
         print(f"nomoat inspect: error: {e}", file=sys.stderr)
         return 1
-    files_ok = False if not report_ok else sha_ok
+    manifest_ok = not any(p.startswith("manifest.json's ") for p in problems)
+    files_ok = False if not (report_ok and manifest_ok) else sha_ok
     if args.json:
         print(json.dumps({"manifest": manifest, "report": report, "files_ok": files_ok}, indent=2))
     else:
-        print(describe(args.bundle, manifest, report, sha_ok, checked=not args.no_check, report_ok=report_ok))
+        print(describe(args.bundle, manifest, report, sha_ok, checked=not args.no_check, report_ok=report_ok,
+                       manifest_ok=manifest_ok))
     if files_ok is False:  # shown above, and an exit status a script can test
         print(f"nomoat inspect: error: {args.bundle} is damaged: {' '.join(problems)}", file=sys.stderr)
         return 1
@@ -54,6 +56,13 @@ def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[
     manifest = read_manifest(bundle, verify_files=False)  # refuses unknown format versions and a bad manifest
     raw = json.loads((Path(bundle) / "manifest.json").read_text())
     sha_ok, report_ok, problems = None, True, []
+    # Fields only inspect shows (the runtime reads none of them, and no sha256 covers manifest.json).
+    for (section, name), why in manifest_damage(raw).items():
+        if name is None:
+            raw[section] = {}  # said as damage, shown as unknown
+        else:
+            del raw[section][name]  # said as damage, not drawn from
+        problems.append(f"manifest.json's {why}; re-convert the model.")
     if check:  # before report.json is read: a truncated one is a damaged file, not a parse error
         try:
             manifest.check_runtime_files_listed()  # a file the runtime opens but no sha256 covers
@@ -63,7 +72,11 @@ def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[
             sha_ok, problems = False, [str(e)]
     report_file = Path(bundle) / "report.json"
     report: dict[str, Any] = {}
-    if report_file.is_file():
+    if not report_file.is_file() and "report.json" in raw.get("files", {}):
+        if not problems:  # unchecked: else check_files named it
+            problems.append("report.json is missing; copy the bundle again.")
+        report_ok = False
+    elif report_file.is_file():
         advice = "" if problems else "; copy the bundle again or re-convert."  # said once is enough
         try:
             report = json.loads(report_file.read_text())
@@ -100,6 +113,40 @@ def report_damage(report: dict[str, Any]) -> dict[str, str]:
     return damage
 
 
+def manifest_damage(raw: dict[str, Any]) -> dict[tuple[str, str | None], str]:
+    """manifest.json's target and source fields (what inspect shows) of the wrong type, each with what is
+    wrong: {(section, field): problem}. The runtime checks the fields it reads; these it never reads."""
+    from .verify import is_number, json_kind
+
+    def strings(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    def adapters(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(a, dict) and is_number(a.get("weight", 1.0)) for a in value)
+
+    expected = {
+        ("target", "memory_estimate"): (_is_estimate, "an object of byte counts"),
+        ("target", "memory_budget_bytes"): (is_number, "a number"),
+        ("target", "isa"): (strings, "a list of strings"),
+        ("target", "recipe"): (lambda v: isinstance(v, dict), "an object"),
+        ("source", "loras"): (adapters, "a list of adapters, each an object with a number as its weight"),
+    }
+    damage = {}
+    for section in ("target", "source"):
+        if section in raw and not isinstance(raw[section], dict):
+            damage[(section, None)] = f"{section} is {json_kind(raw[section])}, not an object"
+            continue
+        for (where, name), (ok, kind) in expected.items():
+            value = raw.get(section, {}).get(name) if where == section else None
+            if value is not None and not ok(value):
+                damage[(section, name)] = f"{section}.{name} is {json_kind(value)}, not {kind}"
+    recipe = raw.get("target", {}).get("recipe") if isinstance(raw.get("target"), dict) else None
+    for name in ("overrides", "adjustments") if isinstance(recipe, dict) else ():
+        if name in recipe and not strings(recipe[name]):
+            damage[("target", "recipe")] = f"target.recipe.{name} is {json_kind(recipe[name])}, not a list of strings"
+    return damage
+
+
 # The byte counts _memory_line shows: these in every estimate, the optional ones in some.
 _ESTIMATE_BYTES = ("total_bytes", "budget_bytes", "weights_bytes", "kv_cache_bytes", "activations_bytes")
 _ESTIMATE_OPTIONAL = ("resident_weights_bytes", "runtime_bytes", "overhead_bytes")
@@ -113,7 +160,7 @@ def _is_estimate(estimate: object) -> bool:
 
 
 def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: bool | None,
-             checked: bool = True, report_ok: bool = True) -> str:
+             checked: bool = True, report_ok: bool = True, manifest_ok: bool = True) -> str:
     from .verify import format_quality_table
 
     target = m.get("target", {})
@@ -121,7 +168,7 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
     estimate = target.get("memory_estimate") or report.get("memory_estimate")
     lines = [
         f"bundle     {bundle} (format {m['format_version']}, {len(m['files'])} files, "
-        f"{_files_status(files_ok, checked, report_ok)})",
+        f"{_files_status(files_ok, checked, report_ok, manifest_ok)})",
         f"model      {_model_line(m['model'], m['max_context'])}",
         f"source     {_source_line(m.get('source', {}))}",
         f"target     {target.get('name', '?')}: {target.get('description', '')}",
@@ -149,14 +196,17 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
         lines.append(f"runs on    onnxruntime >= {floor} (older releases fail on this graph or compute it wrong)")
     if "quality" in report or report_ok:
         lines.append(format_quality_table(report.get("quality", {"skipped": True})))
-    else:  # not "not verified": what verify measured is in report.json, damaged
-        lines.append("quality    not shown: report.json is damaged")
+    else:  # not "not verified": what verify measured is in report.json, damaged or missing
+        state = "damaged" if (bundle / "report.json").is_file() else "missing"
+        lines.append(f"quality    not shown: report.json is {state}")
     return "\n".join(lines)
 
 
-def _files_status(sha_ok: bool | None, checked: bool, report_ok: bool = True) -> str:
+def _files_status(sha_ok: bool | None, checked: bool, report_ok: bool = True, manifest_ok: bool = True) -> str:
     if sha_ok is False:
         return "SHA256 MISMATCH: copy the bundle again"
+    if not manifest_ok:  # fields only inspect reads, of the wrong type: an edit, or another nomoat version
+        return "DAMAGED: manifest.json's target or source fields, re-convert"
     if not report_ok:  # unchecked, or its sha256 matches: another nomoat version wrote it, or an edit did
         return "DAMAGED: report.json unreadable, copy the bundle again" + (" or re-convert" if checked else "")
     return {True: "sha256 ok", None: "sha256 not checked"}[sha_ok]

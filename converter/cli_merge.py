@@ -49,10 +49,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", text, re.IGNORECASE)
+    # transformers' save_pretrained units: KB/MB/GB decimal, KiB/MiB/GiB binary
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise ConversionError(f"--max-shard-size {text!r} is not a size like 500MB or 2GB.")
-    unit = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[(m[2] or "").upper()]
+        raise ConversionError(f"--max-shard-size {text!r} is not a size like 500MB, 2GB or 2GiB.")
+    unit = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[(m[2] or "").upper()]
     return max(1, int(float(m[1]) * unit))
 
 
@@ -105,7 +107,7 @@ def write_hf_dir(ckpt: Checkpoint, folder: Path, max_shard_bytes: int = DEFAULT_
     config = {**ckpt.spec.to_hf_config(), "bos_token_id": tok.bos_token_id, "eos_token_id": eos}
     write_json(folder / "config.json", config)
     _write_safetensors(ckpt, folder, max_shard_bytes)
-    (folder / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
+    (folder / "tokenizer.json").write_text(_tokenizer_json_adding_bos(tok), encoding="utf-8")
     write_json(folder / "tokenizer_config.json", _tokenizer_config(ckpt))
     # Greedy (no temperature, or 0) is do_sample false, which tells loaders (ours included) to ignore
     # the sampling keys; a repetition penalty (and its window) applies either way.
@@ -117,6 +119,48 @@ def write_hf_dir(ckpt: Checkpoint, folder: Path, max_shard_bytes: int = DEFAULT_
     else:
         sampling = {"do_sample": False, **{k: v for k, v in defaults.items() if k in PENALTY_KEYS}}
     write_json(folder / "generation_config.json", {"bos_token_id": tok.bos_token_id, "eos_token_id": eos, **sampling})
+
+
+def _tokenizer_json_adding_bos(tok) -> str:
+    """tokenizer.json with a post-processor that puts the BOS first when the model wants one.
+
+    transformers' PreTrainedTokenizerFast ignores tokenizer_config.json's add_bos_token: the BOS
+    comes from tokenizer.json's post-processor, as in Hugging Face's own Llama files. A GGUF or
+    Meta tokenizer has none, so without it transformers would give a Llama-2-style model no <s>.
+    (nomoat reads add_bos_token and encodes without the post-processor: unchanged for convert.)
+    """
+    import json
+
+    bos = tok.special_tokens.get("bos")
+    data = json.loads(tok.tokenizer_json)
+    if not (tok.add_bos_token and tok.bos_token_id is not None and bos) or _adds_a_prefix(data.get("post_processor")):
+        return tok.tokenizer_json
+    template = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [tok.bos_token_id], "tokens": [bos]}}}
+    # A template that adds nothing (nomoat's GGUF tokenizers have one) is replaced; another processor
+    # (ByteLevel's offsets) is kept, first, as in Llama 3's tokenizer.json.
+    kept = [p for p in _processors(data.get("post_processor")) if p.get("type") != "TemplateProcessing"]
+    data["post_processor"] = {"type": "Sequence", "processors": [*kept, template]} if kept else template
+    return json.dumps(data, ensure_ascii=False)
+
+
+def _processors(processor: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not processor:
+        return []
+    return processor.get("processors", []) if processor.get("type") == "Sequence" else [processor]
+
+
+def _adds_a_prefix(processor: dict[str, Any] | None) -> bool:
+    """Whether a post-processor already puts a special token first (a template that does, or BERT's)."""
+    for p in _processors(processor):
+        if p.get("type") in ("BertProcessing", "RobertaProcessing"):
+            return True
+        if p.get("type") == "TemplateProcessing" and "SpecialToken" in (p.get("single") or [{}])[0]:
+            return True
+    return False
 
 
 def _tokenizer_config(ckpt: Checkpoint) -> dict[str, Any]:

@@ -51,6 +51,9 @@ ARENA_FACTOR = 1.8
 # each table at most (Linux >= 5.4; measured for SmolLM2 at a full context: README, "Memory fit").
 PAGE_BYTES = 4096
 
+# What loading costs above the resident weights, in LM heads (see estimate_memory).
+LOAD_TRANSIENT_FACTOR = 1.5
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -58,7 +61,7 @@ class MemoryEstimate:
     resident_weights: int  # what a full context keeps of them: the embedding only where looked up
     kv_cache: int
     activations: int
-    load_transient: int  # a copy of the largest weight while ONNX Runtime repacks it at load
+    load_transient: int  # the largest weight's copies while ONNX Runtime repacks it at load
     runtime: int
     budget: int
     max_context: int
@@ -123,12 +126,22 @@ def weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int, kv_dtype
 
 
 def _embedding_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
-    return sum(_embedding_tables(spec, quant).values()) + (3 * 8 if _reads_lm_head_codes(spec, quant) else 0)
+    if not _reads_lm_head_codes(spec, quant):
+        return sum(_stored_embedding_tables(spec, quant).values())
+    block = quant.block_size_for(LM_HEAD_NODE)
+    shapes = 3 if spec.hidden_size % block == 0 else 6  # the Reshape's shape; a Slice's start, end, axis
+    return sum(_stored_embedding_tables(spec, quant).values()) + shapes * 8
+
+
+def _stored_embedding_tables(spec: ModelSpec, quant: QuantRecipe) -> dict[str, int]:
+    """_embedding_tables without what model.onnx.data holds once for the LM head too: a tied
+    lookup's scales are the head's bytes (export_onnx.save_model stores equal bytes once)."""
+    tables = _embedding_tables(spec, quant)
+    return {name: size for name, size in tables.items() if not (name == "scales" and _reads_lm_head_codes(spec, quant))}
 
 
 def _reads_lm_head_codes(spec: ModelSpec, quant: QuantRecipe) -> bool:
-    return (quant.quantize_embedding and quant.weights == "int4" and spec.tie_word_embeddings
-            and spec.hidden_size % quant.block_size_for(LM_HEAD_NODE) == 0)
+    return quant.quantize_embedding and quant.weights == "int4" and spec.tie_word_embeddings
 
 
 def _embedding_tables(spec: ModelSpec, quant: QuantRecipe) -> dict[str, int]:
@@ -138,9 +151,10 @@ def _embedding_tables(spec: ModelSpec, quant: QuantRecipe) -> dict[str, int]:
     if not (quant.quantize_embedding and quant.weights == "int4"):
         return {"table": v * h * 4}
     if _reads_lm_head_codes(spec, quant):
-        # The lookup reads the LM head's codes; only its scales, zero points (a byte per block)
-        # and the reshape's target shape are stored again (quantize._gather_from_lm_head).
-        blocks = v * (h // quant.block_size_for(LM_HEAD_NODE))
+        # The lookup reads the LM head's codes and its own scales (the head's bytes, in another
+        # rank) and zero points (a byte per block), plus the reshape's target shape
+        # (quantize._gather_from_lm_head).
+        blocks = v * -(-h // quant.block_size_for(LM_HEAD_NODE))
         return {"scales": blocks * 4, "zero_points": blocks}
     blocks = v * -(-h // quant.block_size)
     return {"codes": -(-v * h // 2), "scales": blocks * 4, "zero_points": -(-blocks // 2)}
@@ -155,8 +169,10 @@ def resident_weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int,
     if _reads_lm_head_codes(spec, quant):
         # Those codes are also the LM head's, counted once (its packed copy); their file pages
         # come back where rows are looked up.
-        read["lm_head_codes"] = spec.vocab_size * spec.hidden_size // 2
-    stored_only = sum(_embedding_tables(spec, quant).values())
+        block = quant.block_size_for(LM_HEAD_NODE)
+        padded_row = -(-spec.hidden_size // block) * block
+        read["lm_head_codes"] = spec.vocab_size * padded_row * quant.bits_for(LM_HEAD_NODE) // 8
+    stored_only = sum(_stored_embedding_tables(spec, quant).values())
     looked_up = sum(min(size, rows * _pages_per_row(size, spec.vocab_size) * PAGE_BYTES) for size in read.values())
     return weight_bytes(spec, quant, max_context, kv_dtype) - stored_only + looked_up
 
@@ -215,8 +231,10 @@ def estimate_memory(spec: ModelSpec, recipe: Recipe, target: Target) -> MemoryEs
         kv_cache=kv_cache_bytes(spec, recipe.max_context, recipe.kv_dtype),
         activations=activation_bytes(spec, recipe.max_context),
         # ONNX Runtime repacks each MatMulNBits weight into a new buffer and then frees the
-        # original: for a moment the largest one (the LM head) exists twice.
-        load_transient=lm_head_bytes(spec, quant),
+        # original: for a moment the largest one (the LM head) exists twice, and more: measured
+        # (VmHWM of a load at a short context, 2026-12-07) 1.3-1.5x the head on top of the
+        # resident weights (int4 29.5 MiB for a 20 MiB head, int8 44 for 33.7).
+        load_transient=int(LOAD_TRANSIENT_FACTOR * lm_head_bytes(spec, quant)),
         runtime=runtime_bytes(spec),
         budget=target.memory_budget_bytes,
         max_context=recipe.max_context,

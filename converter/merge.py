@@ -77,6 +77,9 @@ class AdapterRef:
             try:
                 value = float(weight)
             except ValueError:
+                if path and Path(path).expanduser().exists():  # an adapter, then something not a weight
+                    raise ConversionError(f"--lora {text}: the weight {weight!r} is not a number "
+                                          f"(PATH:WEIGHT, e.g. {path}:0.5).") from None
                 return cls(Path(text), 1.0)
             if not math.isfinite(value):
                 raise ConversionError(f"--lora {text}: the weight {weight!r} is not a finite number.")

@@ -343,10 +343,8 @@ def quantize_graph(model, recipe: QuantRecipe, progress=None, importance: Import
                                importance.for_node(node.name) if importance is not None else None,
                                importance.gram_for(node.name) if importance is not None else None,
                                symmetric=recipe.is_symmetric(node.name))
-        # A tied table can read the head's codes only when its blocks tile the hidden size exactly.
-        if node.name == LM_HEAD_NODE and w.shape[0] % block_size == 0 and \
-                _is_embedding_transposed(graph, inits, weights, w):
-            tied_head = (f"{node.input[1]}_Q{bits}", q, bits, block_size)
+        if node.name == LM_HEAD_NODE and _is_embedding_transposed(graph, inits, weights, w):
+            tied_head = (f"{node.input[1]}_Q{bits}", q, bits, block_size, w.shape[0])
         name = node.input[1]
         _drop(graph, inits, weights, name)
         inputs = [node.input[0], f"{name}_Q{bits}", f"{name}_scales"]
@@ -403,15 +401,16 @@ def _is_embedding_transposed(graph, inits, weights: Weights, lm_head_w: np.ndarr
 
 
 def _gather_from_lm_head(graph, inits, weights: Weights, codes_name: str, q: BlockQuantized, bits: int,
-                         block_size: int) -> None:
+                         block_size: int, hidden: int) -> None:
     """Tied weights, stored once: the embedding lookup reads the LM head's quantized codes.
 
     GatherBlockQuantized takes MatMulNBits' codes [vocab, k_blocks, block*bits/8] as they are
     (quantize_axis 2, one block per row of the last axis) and yields [..., k_blocks, block]; a
-    Reshape folds that back to [..., hidden]. The per-block scales and zero points are tensors of
-    their own, in the rank GatherBlockQuantized wants: the scales' bytes are the LM head's, so
-    save_model stores them once; the zero points (a byte per block here, two per byte there) are
-    stored a second time (~1/16 of the codes' size).
+    Reshape folds that back to [..., k_blocks * block], and when the blocks do not tile the hidden
+    size (576 in blocks of 128), a Slice drops the padding the last block holds. The per-block
+    scales and zero points are tensors of their own, in the rank GatherBlockQuantized wants: the
+    scales' bytes are the LM head's, so save_model stores them once; the zero points (a byte per
+    block here, two per byte there) are stored a second time (~1/16 of the codes' size).
     """
     from onnx import helper, numpy_helper
 
@@ -431,12 +430,21 @@ def _gather_from_lm_head(graph, inits, weights: Weights, codes_name: str, q: Blo
                                                       f"{prefix}_zero_points"], [blocks_out],
                               name=node.name, domain="com.microsoft", gather_axis=0, quantize_axis=2,
                               block_size=block_size, bits=bits)
-    reshape = helper.make_node("Reshape", [blocks_out, f"{prefix}_shape"], list(node.output),
-                               name=f"{node.name}.reshape")
+    padded = k_blocks * block_size != hidden
+    rows_out = f"{node.output[0]}_padded" if padded else node.output[0]
+    new_nodes = [gather, helper.make_node("Reshape", [blocks_out, f"{prefix}_shape"], [rows_out],
+                                          name=f"{node.name}.reshape")]
+    if padded:
+        graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), f"{prefix}_slice_start"),
+                                  numpy_helper.from_array(np.array([hidden], np.int64), f"{prefix}_slice_end"),
+                                  numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}_slice_axis")])
+        new_nodes.append(helper.make_node("Slice", [rows_out, f"{prefix}_slice_start", f"{prefix}_slice_end",
+                                                    f"{prefix}_slice_axis"], list(node.output),
+                                          name=f"{node.name}.slice"))
     idx = list(graph.node).index(node)
     graph.node.remove(node)
-    graph.node.insert(idx, reshape)
-    graph.node.insert(idx, gather)
+    for offset, new in enumerate(new_nodes):
+        graph.node.insert(idx + offset, new)
 
 
 def _quantize_embedding(model, recipe: QuantRecipe):

@@ -36,12 +36,17 @@ def _config_only(path: Path, config: dict) -> Path:
 
 
 def _initializer_bytes(onnx_file: Path) -> int:
+    """Bytes the initializers are stored in: tensors pointing at the same bytes of the data file
+    (a tied lookup's scales are the LM head's) count once."""
     model = onnx.load(str(onnx_file), load_external_data=False)
-    total = 0
+    inline, stored = 0, set()
     for t in model.graph.initializer:
         ext = {e.key: e.value for e in t.external_data}
-        total += int(ext["length"]) if ext else len(t.raw_data)
-    return total
+        if ext:
+            stored.add((int(ext["offset"]), int(ext["length"])))
+        else:
+            inline += len(t.raw_data)
+    return inline + sum(length for _, length in stored)
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +62,20 @@ def tiny_dir(tmp_path_factory) -> Path:
     # the cache's type, whatever this machine's host recipe picks: the rotary tables take it
     ("llama", True, "int4", None, None, "float16"), ("llama", True, "int4", None, None, "float32"),
 ])
-def test_weight_estimate_is_the_exported_size(tmp_path, arch, tie, quant, head, symmetric, kv):
+def test_weight_estimate_is_the_exported_size(tmp_path, arch, tie, quant, head, symmetric, kv, block=None):
     model = make_tiny_hf_dir(tmp_path / "m", arch=arch, tie=tie)
     out = convert(ConvertOptions(model=str(model), out=tmp_path / "b", quant=quant, max_context=64,
                                  lm_head_bits=head, symmetric=symmetric, kv_dtype=kv, progress=False,
-                                 skip_verify=True))
+                                 skip_verify=True, block_size=block))
     manifest = json.loads((out / "manifest.json").read_text())
     estimated = manifest["target"]["memory_estimate"]["weights_bytes"]
     assert estimated == _initializer_bytes(out / "model.onnx")  # every byte accounted for, the LM head included
+
+
+@pytest.mark.parametrize("head", [None, 8])
+def test_weight_estimate_is_the_exported_size_when_blocks_do_not_tile_the_hidden_size(tmp_path, head):
+    """A tied table read through the LM head's padded codes (blocks of 128 over a hidden size of 64)."""
+    test_weight_estimate_is_the_exported_size(tmp_path, "llama", True, "int4", head, None, None, block=128)
 
 
 def test_estimate_grows_with_context_and_precision(tmp_path):

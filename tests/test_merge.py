@@ -599,6 +599,11 @@ def test_adapter_ref_parse(tmp_path):
     assert AdapterRef.parse(str(odd)) == AdapterRef(odd, 1.0)  # an existing path wins over a weight
     with pytest.raises(ConversionError, match="not a finite number"):
         AdapterRef.parse("a/b:nan")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    with pytest.raises(ConversionError, match=r"the weight 'abc' is not a number \(PATH:WEIGHT"):
+        AdapterRef.parse(f"{adapter}:abc")  # an adapter that exists, then no weight: not "does not exist"
+    assert AdapterRef.parse("missing:abc") == AdapterRef(Path("missing:abc"), 1.0)  # named as missing later
 
 
 # -- nomoat merge: the merged model as a Hugging Face folder ----------------------------------
@@ -728,3 +733,42 @@ def test_the_merged_folder_samples_as_its_source_did(untied, tmp_path, defaults,
     ckpt = dataclasses.replace(load_checkpoint(untied), generation_defaults=defaults)
     write_hf_dir(ckpt, tmp_path)
     assert read_generation_defaults(tmp_path) == reloaded
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_a_merged_gguf_sentencepiece_model_gets_its_bos_in_transformers(untied, tmp_path, add_bos):
+    """transformers ignores tokenizer_config's add_bos_token for PreTrainedTokenizerFast: the BOS a
+    Llama-2-style GGUF asks for must come from tokenizer.json's post-processor, and nomoat's own
+    reading of the folder must not add a second one."""
+    import dataclasses
+
+    from nomoat.converter.cli_merge import write_hf_dir
+    from nomoat.converter.load_gguf import tokenizer_from_gguf
+    from nomoat.converter.load_hf import read_hf_tokenizer
+    from tiny_models import sentencepiece_gguf_metadata
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    meta = sentencepiece_gguf_metadata() | {"tokenizer.ggml.add_bos_token": add_bos}
+    tok = tokenizer_from_gguf(meta, "llama")
+    write_hf_dir(dataclasses.replace(load_checkpoint(untied), tokenizer=tok), tmp_path)
+    plain = Tokenizer.from_str(tok.tokenizer_json).encode("hello there", add_special_tokens=False).ids
+    assert AutoTokenizer.from_pretrained(tmp_path)("hello there").input_ids == ([1] if add_bos else []) + plain
+    reread = read_hf_tokenizer(tmp_path)
+    assert (reread.add_bos_token, reread.bos_token_id) == (add_bos, 1)
+    assert Tokenizer.from_str(reread.tokenizer_json).encode("hello there", add_special_tokens=False).ids == plain
+
+
+@pytest.mark.parametrize(("text", "size"), [("500MB", 500 * 10**6), ("2GB", 2 * 10**9), ("2GiB", 2 * 2**30),
+                                            ("1.5 mib", int(1.5 * 2**20)), ("50KB", 50_000), ("0", 1)])
+def test_max_shard_size_takes_transformers_units(text, size):
+    from nomoat.converter.cli_merge import parse_size
+
+    assert parse_size(text) == size
+
+
+def test_a_max_shard_size_that_is_not_a_size_is_refused():
+    from nomoat.converter.cli_merge import parse_size
+
+    with pytest.raises(ConversionError, match="is not a size like 500MB, 2GB or 2GiB"):
+        parse_size("2 gigs")

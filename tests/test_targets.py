@@ -306,6 +306,45 @@ def test_inspect_reports_a_report_field_of_the_wrong_type_as_damage(skip_verifie
     assert data["files_ok"] is False and field not in data["report"]
 
 
+@pytest.mark.parametrize(("section", "field", "value", "said"), [
+    ("target", "memory_estimate", "big", "target.memory_estimate is a string, not an object of byte counts"),
+    ("target", "memory_budget_bytes", "lots", "target.memory_budget_bytes is a string, not a number"),
+    ("target", "isa", "neon", "target.isa is a string, not a list of strings"),
+    ("target", "recipe", {"overrides": "abc"}, "target.recipe.overrides is a string, not a list of strings"),
+    ("target", "recipe", {"adjustments": "xyz"}, "target.recipe.adjustments is a string, not a list of strings"),
+    ("source", "loras", [{"weight": "heavy"}],
+     "source.loras is a list, not a list of adapters, each an object with a number as its weight"),
+])
+def test_inspect_reports_a_manifest_field_it_shows_of_the_wrong_type_as_damage(skip_verified_bundle, tmp_path,
+                                                                              capsys, section, field, value, said):
+    """Fields only inspect reads (no sha256 covers manifest.json): damage named, not a TypeError, nor
+    "overrides a=None, b=None, c=None"."""
+    import shutil
+
+    out = Path(shutil.copytree(skip_verified_bundle, tmp_path / "b"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest[section][field] = value
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert nomoat_main(["inspect", str(out)]) == 1
+    text, err = capsys.readouterr()
+    assert "DAMAGED: manifest.json's target or source fields" in text.splitlines()[0] and "model      llama" in text
+    assert err == f"nomoat inspect: error: {out} is damaged: manifest.json's {said}; re-convert the model.\n"
+    assert nomoat_main(["inspect", str(out), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["files_ok"] is False and field not in data["manifest"][section]
+
+
+def test_inspect_says_a_missing_report_json_is_missing_not_unverified(skip_verified_bundle, tmp_path, capsys):
+    import shutil
+
+    out = Path(shutil.copytree(skip_verified_bundle, tmp_path / "b"))
+    (out / "report.json").unlink()
+    assert nomoat_main(["inspect", str(out), "--no-check"]) == 1
+    text, err = capsys.readouterr()
+    assert "quality    not shown: report.json is missing" in text and "not verified" not in text
+    assert err == f"nomoat inspect: error: {out} is damaged: report.json is missing; copy the bundle again.\n"
+
+
 def test_targets_command(capsys):
     assert nomoat_main(["targets"]) == 0
     listing = capsys.readouterr().out

@@ -18,6 +18,7 @@ from nomoat.__main__ import main as nomoat_main
 from nomoat.converter.convert import CORRUPT_WEIGHTS_ENV, ConvertOptions, convert
 from nomoat.converter.errors import ConversionError
 from nomoat.converter.verify import (
+    BROKEN_TOP1,
     DEFAULT_MAX_PPL_INCREASE,
     GREEDY_PROMPTS,
     LogitStats,
@@ -139,6 +140,9 @@ def test_gate_passes_a_normal_export_and_fails_a_broken_one(trained_tiny, short_
     assert "No bundle was written" in msg
     increase = float(msg.split("(")[1].split("%")[0])
     assert increase > 50  # the numbers are in the message, and they are bad
+    top1 = float(msg.split("top-1 agreement ")[1].split("%")[0]) / 100
+    # a higher limit is suggested only for an export that is lossy, not broken
+    assert ("raise --max-ppl-increase if" in msg) == (top1 >= BROKEN_TOP1), msg
     assert not out.exists() and not list(tmp_path.glob(".broken*"))
 
 
