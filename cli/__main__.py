@@ -7,6 +7,7 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from . import __version__
 from .help_format import DefaultsHelpFormatter
@@ -30,17 +31,34 @@ CONVERT_EXTRA = {"torch", "transformers", "safetensors", "onnx", "onnx_ir", "ggu
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: _dispatch(sys.argv[1:] if argv is None else argv))
+
+
+def run_command(command: Callable[[], int]) -> int:
+    """command()'s exit status, ended as a shell expects where the command does not end itself: quietly
+    when stdout's reader leaves, and on Ctrl-C. Shared with `python -m pi_demo`."""
     try:
-        status = _dispatch(sys.argv[1:] if argv is None else argv)
+        status = command()
         sys.stdout.flush()  # inside the try: a reader gone shows at the last flush too
         return status
     except BrokenPipeError:
         return _reader_gone()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ImportError) as e:
+        if not interrupted(e):
+            raise
         # Ctrl-C where a verb does not stop on it itself (while its modules import, say): no traceback,
         # the shell's status for SIGINT, a newline after the terminal's echoed ^C.
         print(file=sys.stderr)
         return 128 + signal.SIGINT
+
+
+def interrupted(error: BaseException) -> bool:
+    """Is this Ctrl-C? Also when it came while a compiled module initialized (onnxruntime, as the
+    model loads): pybind11 raises ImportError("initialization failed") from the KeyboardInterrupt,
+    and a package's own __init__ may wrap that ImportError in another."""
+    while isinstance(error, ImportError):
+        error = error.__cause__ or error.__context__
+    return isinstance(error, KeyboardInterrupt)
 
 
 def _reader_gone() -> int:

@@ -7,9 +7,10 @@ import argparse
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's "(default: X)" after each option, except where the help already says what the
-    default is in words ("(default: the bundle's target)"): argparse would add "(default: None)"."""
+    default is in words ("(default: the bundle's target)", "(0 = off; default: the bundle's, else off)"):
+    argparse would add "(default: None)"."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.help and "(default" in action.help:
+        if action.help and ("(default" in action.help or "default:" in action.help):
             return action.help
         return super()._get_help_string(action)

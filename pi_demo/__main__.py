@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from nomoat.__main__ import run_command
 from nomoat.help_format import DefaultsHelpFormatter
 
 # command -> (module with add_arguments/run, one-line help). The chat is the runtime's own
@@ -17,6 +18,11 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # As `nomoat`: `pi_demo chat ... | head -1` ends quietly, Ctrl-C while the model loads with 130.
+    return run_command(lambda: _dispatch(argv))
+
+
+def _dispatch(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pi_demo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{chat,serve}")
     for name, (module_name, help_) in COMMANDS.items():
@@ -24,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         command = sub.add_parser(name, help=help_, description=module.__doc__,
                                  formatter_class=DefaultsHelpFormatter)
         module.add_arguments(command)
-        command.set_defaults(run=module.run)
+        command.set_defaults(run=module.run, command_name=f"pi_demo {name}")  # its errors' prefix
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
 

@@ -24,9 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 = every IPv4 interface, :: = every interface, ::1 = IPv6 "
                         "loopback)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
-    p.add_argument("--model-id", default=None, help="the model name clients send; None = the bundle's folder name")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'; None = $NOMOAT_API_KEY if set")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (0 = any free port)")
+    p.add_argument("--model-id", default=None,
+                   help="the model name clients send (default: the bundle's folder name)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $NOMOAT_API_KEY if set, else no key)")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="the most tokens one answer may have: a larger max_tokens is cut to this (finish_reason "
                         "\"length\"); a chat that leaves max_tokens out runs to this or the context's end")
@@ -49,6 +51,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "calls the server through its own backend needs none)")
     add_prompt_lookup_argument(p, when="for greedy requests without a penalty, logprobs or a grammar (the others "
                                        "run plain)")
+
+
+def port_number(value: str) -> int:
+    """argparse type for --port: 0 to 65535, refused at start rather than by the socket after the load."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port: give 0 to 65535 (0 = any free port)")
+    return port
 
 
 def cors_origin(value: str) -> str:
@@ -78,31 +91,48 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0:
         return _fail("--max-queue must be 0 or more")
-    api_key = args.api_key or os.environ.get("NOMOAT_API_KEY") or None
+    try:
+        # Before the model loads (seconds on a Pi): a port in use or a host that is not this machine's is
+        # said at once, not after each load of a service that systemd restarts.
+        server = PiServer((args.host, args.port), max_connections=args.max_connections)
+    except OSError as e:
+        return _fail(f"cannot listen on {host_port(args.host, args.port)}: {e.strerror or e}")
     try:
         model = Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
-    except BundleError as e:
-        return _fail(str(e))
-    except OrtOptionsError as e:
-        return _fail(refused_ort_options(e))
-    try:
-        # Built now, not while the first response_format request waits (and holds up an answer under way).
-        structured = "on" if model.prepare_grammars() else "off: pip install llguidance"
-    except ValueError as e:  # a bundle without a stop token: said to each such request, not a reason to stop
-        structured = f"off: {e}"
-    config = ServerConfig(model_id=args.model_id or bundle_name(args.bundle), api_key=api_key,
+    except (BundleError, OrtOptionsError) as e:
+        server.server_close()
+        return _fail(refused_ort_options(e) if isinstance(e, OrtOptionsError) else str(e))
+    config = ServerConfig(model_id=args.model_id or bundle_name(args.bundle),
+                          api_key=args.api_key or os.environ.get("NOMOAT_API_KEY") or None,
                           limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue, args.max_connections),
                           prompt_lookup=args.prompt_lookup, cache_prompt=args.cache_prompt,
                           cors_origin=args.cors_origin)
+    structured = _prepare_structured_output(model)
+    server.app = App(model, config)
+    _warn_if_open(server, config)
+    return _serve(server, config, structured)
+
+
+def _prepare_structured_output(model) -> str:
+    """Build llguidance's view of the tokenizer now, not while the first response_format request waits
+    (and holds up an answer under way); what the serving line says of structured output."""
     try:
-        server = PiServer((args.host, args.port), App(model, config))
-    except OSError as e:
-        return _fail(f"cannot listen on {host_port(args.host, args.port)}: {e.strerror or e}")
-    if api_key is None and not _is_loopback(args.host):
-        log.warning("listening on %s without an API key: anyone who reaches this port can use the model", args.host)
-    if api_key is None and config.cors_origin == "*":
+        return "on" if model.prepare_grammars() else "off: pip install llguidance"
+    except ValueError as e:  # a bundle without a stop token: said to each such request, not a reason to stop
+        return f"off: {e}"
+
+
+def _warn_if_open(server, config) -> None:
+    host = server.server_address[0]  # as bound: "" is 0.0.0.0, a name its address
+    if config.api_key is None and not _is_loopback(host):
+        log.warning("listening on %s without an API key: anyone who reaches this port can use the model",
+                    _address_words(host))
+    if config.api_key is None and config.cors_origin == "*":
         log.warning("--cors-origin * without an API key: any web page open in a browser that reaches this port "
                     "can use the model")
+
+
+def _serve(server, config, structured: str) -> int:
     # systemd stops the service with SIGTERM: finish like Ctrl-C. shutdown() waits for serve_forever
     # to return, so it must run outside the (main) thread that serve_forever blocks.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
@@ -132,6 +162,15 @@ def bundle_name(bundle: Path) -> str:
 def host_port(host: str, port: int) -> str:
     """host:port as a URL writes it: an IPv6 address in brackets ([::1]:8000), so a client can use it."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _address_words(host: str) -> str:
+    """The address bound, and what it means when it is a wildcard ("" binds 0.0.0.0)."""
+    if host == "0.0.0.0":
+        return "0.0.0.0 (every IPv4 interface)"
+    if host == "::":
+        return ":: (every interface)"
+    return host
 
 
 def _is_loopback(host: str) -> bool:

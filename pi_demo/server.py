@@ -571,13 +571,16 @@ class PiServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64  # listen backlog: many clients may connect at the same moment
 
-    def __init__(self, address: tuple[str, int], app: App):
+    def __init__(self, address: tuple[str, int], app: App | None = None, max_connections: int | None = None):
+        """Listening once made. Without an app (then max_connections says the cap), set .app before
+        serve_forever: serve.py takes the port before the model loads, and a client that connects
+        meanwhile waits in the listen backlog."""
         self.app = app
         # A thread per connection, so a cap on connections is a cap on threads (each with its stack) that
         # idle keep-alive or stalled clients could otherwise pile up without limit. Past it, a new
         # connection waits unaccepted in the listen backlog until one closes, as llama.cpp's server
         # queues connections behind its HTTP thread pool.
-        self._connection_slots = threading.BoundedSemaphore(app.config.limits.max_connections)
+        self._connection_slots = threading.BoundedSemaphore(max_connections or app.config.limits.max_connections)
         self._stopping = threading.Event()
         # ThreadingHTTPServer is IPv4 whatever the host: "::1" would fail to resolve as an IPv4 address.
         # A name (localhost) stays IPv4, as before, so IPv4 clients still reach it.
@@ -621,6 +624,8 @@ class PiServer(ThreadingHTTPServer):
         and [DONE]. The process exits after this, and its daemon handler threads with it, so an
         answer not written by then would be lost (the client seeing the connection dropped)."""
         super().server_close()
+        if self.app is None:  # closed before the model loaded: nothing was answered
+            return
         self.app.worker.close(timeout=CLOSE_WAIT)
         if not self.app.wait_answered(CLOSE_WAIT):
             log.warning("stopping with requests still unanswered after %.0f s (clients not reading?)", CLOSE_WAIT)

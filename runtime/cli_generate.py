@@ -11,24 +11,31 @@ from pathlib import Path
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    # "the bundle's": its manifest's generation_defaults; a setting they leave out is SamplingParams' own
+    # default (off for the filters and penalties)
     p.add_argument("--max-new-tokens", type=token_count, default=None,
-                   help="most tokens to generate (default: bundle's)")
+                   help="most tokens to generate (default: the bundle's)")
     p.add_argument("--temperature", type=sampling_value("temperature", float), default=None,
-                   help="0 = greedy (default: bundle's)")
+                   help="0 = greedy (default: the bundle's)")
     p.add_argument("--top-k", type=sampling_value("top_k", int), default=None,
-                   help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=sampling_value("top_p", float), default=None, help="nucleus sampling mass (1 = off)")
+                   help="sample from the k most likely tokens (0 = off; default: the bundle's, else off)")
+    p.add_argument("--top-p", type=sampling_value("top_p", float), default=None,
+                   help="nucleus sampling mass (1 = off; default: the bundle's, else off)")
     p.add_argument("--min-p", type=sampling_value("min_p", float), default=None,
-                   help="drop tokens below min-p x the top probability")
+                   help="drop tokens below min-p x the top probability (default: the bundle's, else off)")
     p.add_argument("--repetition-penalty", type=sampling_value("repetition_penalty", float), default=None,
-                   help="1 = off; 1.1 discourages repeats")
+                   help="1 = off; 1.1 discourages repeats (default: the bundle's, else off)")
     p.add_argument("--repeat-last-n", type=sampling_value("repeat_last_n", int), default=None,
-                   help="how many of the last tokens the penalties look at (-1 = all, the default; 0 = none)")
+                   help="how many of the last tokens the penalties look at (-1 = all; 0 = none; default: the "
+                        "bundle's, else -1)")
     p.add_argument("--frequency-penalty", type=sampling_value("frequency_penalty", float), default=None,
-                   help="OpenAI's: lower a token's logit by this much per time it occurs (0 = off)")
+                   help="OpenAI's: lower a token's logit by this much per time it occurs (0 = off; default: the "
+                        "bundle's, else off)")
     p.add_argument("--presence-penalty", type=sampling_value("presence_penalty", float), default=None,
-                   help="OpenAI's: lower the logit of every token that occurred by this much (0 = off)")
-    p.add_argument("--seed", type=sampling_value("seed", int), default=None, help="seed for reproducible sampling")
+                   help="OpenAI's: lower the logit of every token that occurred by this much (0 = off; default: "
+                        "the bundle's, else off)")
+    p.add_argument("--seed", type=sampling_value("seed", int), default=None,
+                   help="seed for reproducible sampling (default: the bundle's, else a fresh random one)")
     p.add_argument("--stop", type=stop_text, action="append", default=[], metavar="TEXT",
                    help="stop when TEXT appears; repeatable")
     p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: the bundle's target)")
@@ -157,17 +164,18 @@ def ort_options(spec: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def load_model(verb: str, args: argparse.Namespace):
+def load_model(command: str, args: argparse.Namespace):
     """Model.load with the CLI's --threads and --ort-options; an option ONNX Runtime refuses when it
     creates the session (the key has the right shape, the value is not one it takes) is a one-line
-    usage error, exit 2 like the --ort-options argparse refuses, rather than its traceback."""
+    usage error, exit 2 like the --ort-options argparse refuses, rather than its traceback. command
+    ("nomoat chat", "pi_demo chat") starts the error."""
     from .errors import OrtOptionsError
     from .model import Model
 
     try:
         return Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
     except OrtOptionsError as e:
-        print(f"nomoat {verb}: error: {refused_ort_options(e)}", file=sys.stderr)
+        print(f"{command}: error: {refused_ort_options(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -221,7 +229,7 @@ def generate(args: argparse.Namespace) -> int:
         if refusal := lookup_refusal(args):
             print(f"nomoat generate: error: {refusal}", file=sys.stderr)
             return 2
-        model = load_model("generate", args)
+        model = load_model("nomoat generate", args)
         for event in model.stream(prompt, args.max_new_tokens, system=args.system, raw=args.raw,
                                   prompt_lookup=args.prompt_lookup, **sampling_kwargs(args)):
             answer.write(event.text)

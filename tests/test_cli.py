@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -66,7 +67,7 @@ class _FailingModel:
         self.written = written
 
     def stream(self, *args, **kwargs):
-        yield type("Event", (), {"text": self.written})()
+        yield type("Event", (), {"text": self.written, "finish_reason": None})()
         raise ValueError("cannot sample: the largest logit is nan (NaN or infinite logits)")
 
     def chat(self, system=None):
@@ -94,3 +95,84 @@ def test_an_error_after_part_of_an_answer_starts_on_a_line_of_its_own(verb, writ
     module.run(args)
     error = ("nomoat generate: error: " if verb == "generate" else "[") + "cannot sample"
     assert terminal.getvalue().startswith(written + gap + error), terminal.getvalue()
+
+
+class _RecordingModel:
+    """A model whose chat records what it is sent and the system message of each reset."""
+
+    def __init__(self):
+        self.sent, self.systems = [], []
+
+    def chat(self, system=None):
+        model = self
+
+        class Chat:
+            def reset(self, system=None):
+                model.systems.append(system)
+
+            def stream(self, text, *args, **kwargs):
+                model.sent.append(text)
+                yield type("Event", (), {"text": "ok", "finish_reason": "stop"})()
+
+        return Chat()
+
+
+def _chat_reading(stdin: str, monkeypatch, capsys) -> tuple[_RecordingModel, str]:
+    """`nomoat chat bundle` in-process with stdin piped: the model, and what went to stderr."""
+    import argparse
+    import io
+
+    from nomoat.runtime import cli_chat
+
+    model = _RecordingModel()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    monkeypatch.setattr(cli_chat, "load_model", lambda name, args: model)
+    parser = argparse.ArgumentParser()
+    cli_chat.add_arguments(parser)
+    assert cli_chat.run(parser.parse_args(["bundle"])) == 0
+    return model, capsys.readouterr().err
+
+
+def test_a_piped_line_ending_in_a_backslash_continues_the_message(monkeypatch, capsys):
+    """llama.cpp's rule, from a pipe as in a terminal: the backslash dropped, the line break kept; a
+    backslash followed by anything (a space) is text; the end of input after one ends the message."""
+    model, _ = _chat_reading("one \\\ntwo\nC:\\dir\\ \n/system Be\\\nterse.\nlast\\", monkeypatch, capsys)
+    assert model.sent == ["one \ntwo", "C:\\dir\\", "last"]
+    assert model.systems == ["Be\nterse."]
+
+
+def test_system_alone_says_the_system_message_is_removed(monkeypatch, capsys):
+    model, err = _chat_reading("/system Be terse.\n/system\n", monkeypatch, capsys)
+    assert model.systems == ["Be terse.", None]
+    assert err.splitlines() == ["[system message set; conversation reset]",
+                                "[system message removed; conversation reset]"]
+
+
+def _pi_demo_main():
+    """`python -m pi_demo`'s main (pi_demo is a folder copied next to the bundle, not an installed package)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from pi_demo.__main__ import main as pi_demo
+
+    return pi_demo
+
+
+def test_pi_demo_chat_names_itself_in_its_errors(tmp_path, capsys):
+    assert _pi_demo_main()(["chat", str(tmp_path / "no-bundle")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pi_demo chat: error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", [["nomoat", "chat"], ["nomoat", "generate"], ["pi_demo", "chat"],
+                                     ["pi_demo", "serve"]])
+def test_help_says_the_bundles_default_in_words_not_none(command, capsys):
+    with pytest.raises(SystemExit):
+        (main if command[0] == "nomoat" else _pi_demo_main())([command[1], "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"default: [^()]*\) \(default", text) is None, text  # said in words, then "(default: None)"
+    assert "None =" not in text, text
+    if command[1] == "serve":
+        return
+    for flag in ("--top-k", "--top-p", "--min-p", "--repetition-penalty", "--frequency-penalty", "--seed"):
+        help_ = re.search(re.escape(flag) + r" [A-Z_]+ (.*?)(?= --[a-z]|$)", text)[1]
+        assert "default: the bundle's" in help_ and "None" not in help_, (flag, help_)

@@ -25,10 +25,30 @@ def bundle(tmp_path_factory) -> Path:
     return tiny_fp32_bundle(tmp_path_factory, max_context=256)
 
 
-def start_chat(bundle: Path, *flags: str) -> Terminal:
-    argv = [sys.executable, "-m", "pi_demo", "chat", str(bundle), "--temperature", "0", "--max-new-tokens", "12",
+# `python -m pi_demo`, each answer slowed to a token per 0.1 s: a Ctrl-C then lands mid-answer.
+SLOW_PI_DEMO = """
+import sys, time
+from nomoat.runtime.model import Model
+stream_ids = Model.stream_ids
+def slow(*args, **kwargs):
+    for event in stream_ids(*args, **kwargs):
+        time.sleep(0.1)
+        yield event
+Model.stream_ids = slow
+from pi_demo.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def child_env() -> dict[str, str]:
+    """This environment with pi_demo importable from the checkout (and what PYTHONPATH held kept)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def start_chat(bundle: Path, *flags: str, program: tuple[str, ...] = ("-m", "pi_demo")) -> Terminal:
+    argv = [sys.executable, *program, "chat", str(bundle), "--temperature", "0", "--max-new-tokens", "12",
             "--threads", "1", *flags]
-    term = Terminal(argv, env={**os.environ, "PYTHONPATH": str(REPO), "TERM": "dumb"}, cwd=str(REPO))
+    term = Terminal(argv, env={**child_env(), "TERM": "dumb"}, cwd=str(REPO))
     term.expect(r"/reset, /system TEXT, /stats, /quit", timeout=120)
     term.expect(PROMPT)
     return term
@@ -133,3 +153,79 @@ def test_a_message_that_starts_like_a_command_is_a_message(terminal, bundle):
     # an answer in the same conversation: the first turn came from the cache
     assert stats_of(match) == (chat.stats.prefill_tokens, chat.stats.cached_tokens, chat.stats.generated_tokens)
     assert stats_of(match)[1] > 0
+
+
+def test_a_line_longer_than_the_terminals_line_buffer_reaches_the_model_whole(terminal, bundle):
+    """The terminal's own line editing keeps 4,095 bytes of a line and drops the rest without a word;
+    readline has no such cap. The whole line overflows the tiny context: the error's count of tokens
+    is the whole line's."""
+    from nomoat.runtime import ContextOverflowError, Model
+
+    text = " ".join(f"word{i}" for i in range(900))
+    assert len(text.encode()) > 4095
+    terminal.wait_until_reading()
+    terminal.sendline(text)
+    seen = terminal.expect(r"the prompt has (\d+) tokens but the bundle's context holds")
+    terminal.expect(PROMPT)
+    with pytest.raises(ContextOverflowError, match=r"the prompt has (\d+) tokens") as whole:
+        Model.load(bundle, threads=1).chat().send(text, 12)
+    assert seen[0] in str(whole.value)
+
+
+def test_a_line_ending_in_a_backslash_continues_and_a_pasted_block_is_one_message(terminal, bundle):
+    from nomoat.runtime import Model
+
+    terminal.wait_until_reading()
+    terminal.sendline("Tell me about the quick brown fox \\")
+    terminal.expect(r"\n\.\.\. ")  # the continuation's prompt
+    terminal.sendline("and the lazy dog.")
+    seen = [stats_of(terminal.expect(STATS))]
+    terminal.expect(PROMPT)
+    terminal.wait_until_reading()
+    # A paste as a terminal in bracketed-paste mode sends it: between ESC[200~ and ESC[201~, Enter as CR.
+    terminal.send("\x1b[200~And Paris?\rAnd Rome?\x1b[201~\r")
+    seen.append(stats_of(terminal.expect(STATS)))
+    terminal.expect(PROMPT)
+    terminal.sendline("/stats")
+    assert stats_of(terminal.expect(STATS)) == seen[1]  # one answer each: no line was a message of its own
+    chat = Model.load(bundle, threads=1).chat()
+    expected = []
+    for text in ("Tell me about the quick brown fox \nand the lazy dog.", "And Paris?\nAnd Rome?"):
+        chat.send(text, 12, temperature=0)
+        expected.append((chat.stats.prefill_tokens, chat.stats.cached_tokens, chat.stats.generated_tokens))
+    assert seen == expected
+
+
+def test_ctrl_c_mid_answer_says_the_turn_is_left_out_of_the_conversation(bundle):
+    from nomoat.runtime import Model
+
+    term = start_chat(bundle, "--max-new-tokens", "30", program=("-c", SLOW_PI_DEMO))
+    try:
+        term.sendline(TURNS[0])
+        term.expect(re.escape(TURNS[0]) + r"\n\s*\S")  # the echo, then the answer's first characters
+        term.send("\x03")
+        term.expect(r"\n\[stopped: this message and the answer so far are left out of the conversation\]")
+        term.expect(PROMPT)
+        term.sendline(TURNS[1])
+        prefilled, cached, _ = stats_of(term.expect(STATS, timeout=120))
+    finally:
+        term.close()
+    chat = Model.load(bundle, threads=1).chat()
+    chat.send(TURNS[1], 30, temperature=0)
+    # The prompt is the new message alone, as in a new conversation: the stopped turn is not in it.
+    assert prefilled + cached == chat.stats.prefill_tokens + chat.stats.cached_tokens
+
+
+def test_pi_demo_chat_ends_quietly_when_its_reader_leaves(bundle):
+    """`python -m pi_demo chat BUNDLE < questions | head -1`: as `nomoat chat`, the status of a program
+    that SIGPIPE ended, and no traceback."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "pi_demo", "chat", str(bundle), "--max-new-tokens", "4",
+                             "--threads", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=child_env(), cwd=str(REPO))
+    proc.stdout.close()  # before the first answer is written
+    proc.stdin.write(b"hi\nand again\n")
+    proc.stdin.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in stderr, stderr  # 128 + SIGPIPE

@@ -1010,7 +1010,8 @@ def test_with_include_usage_every_other_chunk_has_a_null_usage(base_url, path):
 
 
 def test_serve_command_binds_loopback_takes_the_key_from_the_environment_and_stops_on_sigterm(bundle):
-    env = {**os.environ, "NOMOAT_API_KEY": "from-env", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "NOMOAT_API_KEY": "from-env",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "pi_demo", "serve", str(bundle), "--port", "0", "--model-id", MODEL_ID,
            "--prompt-lookup", "4", "--ort-options", "session.intra_op.allow_spinning=0", "--no-cache-prompt"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
@@ -1060,3 +1061,68 @@ def test_threads_below_one_is_a_usage_error_before_the_model_loads(capsys):
         main(["serve", "/nonexistent-bundle", "--threads", "0"])
     assert exit_info.value.code == 2
     assert "'0' is not a number of threads: give 1 or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_a_port_outside_0_to_65535_is_a_usage_error_before_the_model_loads(port, capsys):
+    from pi_demo.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:  # was an OverflowError's traceback, after the load
+        main(["serve", "/nonexistent-bundle", "--port", port])
+    assert exit_info.value.code == 2
+    assert f"{port!r} is not a TCP port: give 0 to 65535" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_said_before_the_model_loads(capsys):
+    """On a Pi the load takes seconds, and systemd repeats it at every restart: the port comes first."""
+    from pi_demo.__main__ import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "/nonexistent-bundle", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"pi_demo serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n", err
+
+
+def test_listening_on_every_interface_without_a_key_names_the_address(bundle, monkeypatch, caplog):
+    from pi_demo.__main__ import main
+    from pi_demo.server import PiServer
+
+    monkeypatch.delenv("NOMOAT_API_KEY", raising=False)
+    monkeypatch.setattr(PiServer, "serve_forever", lambda self: None)  # started, then stopped at once
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with caplog.at_level("INFO", logger="pi_demo.serve"):
+            assert main(["serve", str(bundle), "--host", "", "--port", "0", "--threads", "1"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # serve's, which stops its server, would outlive the test
+    assert "listening on 0.0.0.0 (every IPv4 interface) without an API key" in caplog.text, caplog.text
+
+
+def test_ctrl_c_while_onnxruntime_imports_stops_serve_with_130(bundle, monkeypatch, capsys):
+    from nomoat.runtime import Model
+
+    from pi_demo.__main__ import main
+
+    def interrupted_import(*args, **kwargs):  # pybind11 turns Ctrl-C in a module's init into this
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setattr(Model, "load", interrupted_import)
+    assert main(["serve", str(bundle), "--port", "0"]) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "\n"
+
+
+def test_the_service_gives_up_after_repeated_failures():
+    """Restart=on-failure alone restarts a service whose bundle is missing every 5 s for ever."""
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string((REPO / "pi_demo" / "nomoat.service").read_text())
+    assert unit["Service"]["Restart"] == "on-failure"
+    interval, burst = int(unit["Unit"]["StartLimitIntervalSec"]), int(unit["Unit"]["StartLimitBurst"])
+    assert burst * int(unit["Service"]["RestartSec"]) < interval  # quick failures do reach the limit

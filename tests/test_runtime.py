@@ -156,9 +156,10 @@ def test_a_value_onnx_runtime_refuses_is_one_line_in_serve_and_bench_and_an_erro
 
     option = "session.intra_op_thread_affinities=abc"
     repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))  # pi_demo from the checkout
     serve = subprocess.run([sys.executable, "-m", "pi_demo", "serve", str(bundle), "--port", "0", "--ort-options",
                             option], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PYTHONPATH": str(repo)})
+                           env={**os.environ, "PYTHONPATH": path})
     assert (serve.returncode, serve.stdout) == (1, ""), serve.stderr
     assert "Traceback" not in serve.stderr
     assert serve.stderr.splitlines()[-1].startswith(
@@ -235,7 +236,7 @@ def test_a_template_that_refuses_the_prompt_is_a_one_line_error_and_the_chat_goe
                      stdin="hi\nhello\n/system\nhi\n")
     assert result.returncode == 0, result.stderr
     refusal = "[the chat template failed: System role not supported; /system alone drops the system message]\n"
-    assert result.stderr == refusal * 2 + "[system message set; conversation reset]\n"
+    assert result.stderr == refusal * 2 + "[system message removed; conversation reset]\n"
     assert result.stdout == Model.load(b).chat().send("hi", 8, temperature=0).text + "\n"  # the one answer
 
 

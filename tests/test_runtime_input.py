@@ -158,6 +158,40 @@ def test_ctrl_c_anywhere_else_in_a_verb_is_quiet(monkeypatch, capsys):
     assert capsys.readouterr().err == "\n"
 
 
+def interrupted_import(*args, **kwargs):
+    """What Ctrl-C while onnxruntime imports raises: pybind11 turns the KeyboardInterrupt into this."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+        raise ImportError("initialization failed") from e
+
+
+@pytest.mark.parametrize("verb", [["chat"], ["generate", "--prompt", "tell a story"]])
+def test_ctrl_c_while_onnxruntime_imports_is_ctrl_c(bundle, verb, monkeypatch, capsys):
+    from nomoat import __main__ as cli
+
+    monkeypatch.setattr(Model, "load", interrupted_import)
+    assert _status(cli.main, [verb[0], str(bundle), *verb[1:]]) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "\n"
+
+
+def test_only_an_import_error_that_ctrl_c_caused_is_taken_for_ctrl_c(monkeypatch):
+    from nomoat import __main__ as cli
+
+    def broken(argv):
+        raise ImportError("libonnxruntime.so: cannot open shared object file")
+
+    monkeypatch.setattr(cli, "_dispatch", broken)
+    with pytest.raises(ImportError, match="cannot open shared object"):
+        cli.main(["generate"])
+    try:
+        interrupted_import()
+    except ImportError as e:
+        wrapped = ImportError("onnxruntime failed to import")  # a package's __init__ re-raising it as its own
+        wrapped.__context__ = e
+        assert cli.interrupted(wrapped) and cli.interrupted(e)
+
+
 # -- 3. stop=None -----------------------------------------------------------------------------
 
 

@@ -26,21 +26,20 @@ def bundle(tmp_path_factory) -> Path:
 
 
 def served_model_id(bundle_arg: str, monkeypatch, *extra: str) -> str:
-    """The model id `python -m pi_demo serve BUNDLE_ARG` would serve (the server is not started)."""
-    import pi_demo.server as server_module
+    """The model id `python -m pi_demo serve BUNDLE_ARG` would serve (the server is made, not started)."""
     from pi_demo import serve
 
     seen = []
 
-    class NoServer:
-        def __init__(self, address, app):
-            seen.append(app.config.model_id)
-            raise OSError(98, "not listening in this test")
+    def not_served(server, config, structured):
+        seen.append(config.model_id)
+        server.server_close()
+        return 0
 
-    monkeypatch.setattr(server_module, "PiServer", NoServer)
+    monkeypatch.setattr(serve, "_serve", not_served)
     p = argparse.ArgumentParser()
     serve.add_arguments(p)
-    assert serve.run(p.parse_args([bundle_arg, "--threads", "1", *extra])) == 1
+    assert serve.run(p.parse_args([bundle_arg, "--threads", "1", "--port", "0", *extra])) == 0
     return seen[0]
 
 
@@ -182,17 +181,16 @@ def test_model_load_and_the_cli_refuse_a_bad_key_in_the_same_words(bundle):
 
 def test_serve_refuses_a_bad_key_through_the_sdk_in_one_line(bundle, capsys, monkeypatch):
     """pi_demo's run() with options that did not come through its argparse (as a caller's own Namespace)."""
-    import pi_demo.server as server_module
     from pi_demo import serve
 
-    def no_server(*_args):
-        raise OSError(98, "the model should not have loaded")
+    def served(*_args):
+        raise AssertionError("the model should not have loaded")
 
-    monkeypatch.setattr(server_module, "PiServer", no_server)
+    monkeypatch.setattr(serve, "_serve", served)
 
     p = argparse.ArgumentParser()
     serve.add_arguments(p)
-    args = p.parse_args([str(bundle), "--threads", "1"])
+    args = p.parse_args([str(bundle), "--threads", "1", "--port", "0"])
     args.ort_options = {"nodots": "1"}
     assert serve.run(args) == 1
     err = capsys.readouterr().err
