@@ -165,7 +165,7 @@ def test_a_line_longer_than_the_terminals_line_buffer_reaches_the_model_whole(te
     assert len(text.encode()) > 4095
     terminal.wait_until_reading()
     terminal.sendline(text)
-    seen = terminal.expect(r"the prompt has (\d+) tokens but the bundle's context holds")
+    seen = terminal.expect(r"the prompt has (\d+) tokens and the bundle's context holds")
     terminal.expect(PROMPT)
     with pytest.raises(ContextOverflowError, match=r"the prompt has (\d+) tokens") as whole:
         Model.load(bundle, threads=1).chat().send(text, 12)
