@@ -58,10 +58,7 @@ def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[
     sha_ok, report_ok, problems = None, True, []
     # Fields only inspect shows (the runtime reads none of them, and no sha256 covers manifest.json).
     for (section, name), why in manifest_damage(raw).items():
-        if name is None:
-            raw[section] = {}  # said as damage, shown as unknown
-        else:
-            del raw[section][name]  # said as damage, not drawn from
+        del raw[section][name]  # said as damage, not drawn from
         problems.append(f"manifest.json's {why}; re-convert the model.")
     if check:  # before report.json is read: a truncated one is a damaged file, not a parse error
         try:
@@ -113,7 +110,7 @@ def report_damage(report: dict[str, Any]) -> dict[str, str]:
     return damage
 
 
-def manifest_damage(raw: dict[str, Any]) -> dict[tuple[str, str | None], str]:
+def manifest_damage(raw: dict[str, Any]) -> dict[tuple[str, str], str]:
     """manifest.json's target and source fields (what inspect shows) of the wrong type, each with what is
     wrong: {(section, field): problem}. The runtime checks the fields it reads; these it never reads."""
     from .verify import is_number, json_kind
@@ -132,15 +129,12 @@ def manifest_damage(raw: dict[str, Any]) -> dict[tuple[str, str | None], str]:
         ("source", "loras"): (adapters, "a list of adapters, each an object with a number as its weight"),
     }
     damage = {}
-    for section in ("target", "source"):
-        if section in raw and not isinstance(raw[section], dict):
-            damage[(section, None)] = f"{section} is {json_kind(raw[section])}, not an object"
-            continue
-        for (where, name), (ok, kind) in expected.items():
-            value = raw.get(section, {}).get(name) if where == section else None
-            if value is not None and not ok(value):
-                damage[(section, name)] = f"{section}.{name} is {json_kind(value)}, not {kind}"
-    recipe = raw.get("target", {}).get("recipe") if isinstance(raw.get("target"), dict) else None
+    # Both sections are objects: read_manifest refuses the bundle otherwise.
+    for (section, name), (ok, kind) in expected.items():
+        value = raw.get(section, {}).get(name)
+        if value is not None and not ok(value):
+            damage[(section, name)] = f"{section}.{name} is {json_kind(value)}, not {kind}"
+    recipe = raw.get("target", {}).get("recipe")
     for name in ("overrides", "adjustments") if isinstance(recipe, dict) else ():
         if name in recipe and not strings(recipe[name]):
             damage[("target", "recipe")] = f"target.recipe.{name} is {json_kind(recipe[name])}, not a list of strings"

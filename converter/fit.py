@@ -126,18 +126,21 @@ def weight_bytes(spec: ModelSpec, quant: QuantRecipe, max_context: int, kv_dtype
 
 
 def _embedding_bytes(spec: ModelSpec, quant: QuantRecipe) -> int:
+    tables = sum(_stored_embedding_tables(spec, quant).values())
     if not _reads_lm_head_codes(spec, quant):
-        return sum(_stored_embedding_tables(spec, quant).values())
-    block = quant.block_size_for(LM_HEAD_NODE)
-    shapes = 3 if spec.hidden_size % block == 0 else 6  # the Reshape's shape; a Slice's start, end, axis
-    return sum(_stored_embedding_tables(spec, quant).values()) + shapes * 8
+        return tables
+    # int64 shapes: the Reshape's target; when blocks do not tile the hidden size, a Slice's start, end, axis
+    shapes = 3 if spec.hidden_size % quant.block_size_for(LM_HEAD_NODE) == 0 else 6
+    return tables + shapes * 8
 
 
 def _stored_embedding_tables(spec: ModelSpec, quant: QuantRecipe) -> dict[str, int]:
     """_embedding_tables without what model.onnx.data holds once for the LM head too: a tied
     lookup's scales are the head's bytes (export_onnx.save_model stores equal bytes once)."""
     tables = _embedding_tables(spec, quant)
-    return {name: size for name, size in tables.items() if not (name == "scales" and _reads_lm_head_codes(spec, quant))}
+    if _reads_lm_head_codes(spec, quant):
+        del tables["scales"]
+    return tables
 
 
 def _reads_lm_head_codes(spec: ModelSpec, quant: QuantRecipe) -> bool:

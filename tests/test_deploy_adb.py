@@ -405,40 +405,39 @@ def test_the_fake_phones_shells_start_with_default_signals(fake, ignored):
     assert [s.name for s in (signal.SIGHUP, signal.SIGPIPE, signal.SIGINT) if mask & (1 << (s - 1))] == []
 
 
-def test_several_devices_need_a_serial(fake, adb_server, monkeypatch):
-    _, dev = fake
+@pytest.fixture
+def second_device(adb_server, monkeypatch):
+    """Another simulated phone connected to the same adb server: its serial. $ANDROID_SERIAL unset."""
+    monkeypatch.delenv("ANDROID_SERIAL", raising=False)
     second = FakeAdbDevice().start()
     serial = f"127.0.0.1:{second.port}"
     try:
         adb(adb_server, "connect", serial)
         wait_for_state(adb_server, serial)
-        with pytest.raises(AdbError, match="several devices") as e:
-            pick_device(None, adb_server)
-        assert dev.serial in str(e.value) and serial in str(e.value) and "--serial" in str(e.value)
-        assert "$ANDROID_SERIAL" in str(e.value)
-        assert pick_device(serial, adb_server).serial == serial
+        yield serial
     finally:
         adb(adb_server, "disconnect", serial, check=False)
         second.stop()
 
 
-def test_android_serial_chooses_the_device_as_for_adb(fake, adb_server, monkeypatch):
+def test_several_devices_need_a_serial(fake, adb_server, second_device):
+    _, dev = fake
+    with pytest.raises(AdbError, match="several devices") as e:
+        pick_device(None, adb_server)
+    assert dev.serial in str(e.value) and second_device in str(e.value) and "--serial" in str(e.value)
+    assert "$ANDROID_SERIAL" in str(e.value)
+    assert pick_device(second_device, adb_server).serial == second_device
+
+
+def test_android_serial_chooses_the_device_as_for_adb(fake, adb_server, second_device, monkeypatch):
     """adb itself takes $ANDROID_SERIAL when given no -s; so does deploy when given no --serial."""
     _, dev = fake
-    second = FakeAdbDevice().start()
-    serial = f"127.0.0.1:{second.port}"
-    try:
-        adb(adb_server, "connect", serial)
-        wait_for_state(adb_server, serial)
-        monkeypatch.setenv("ANDROID_SERIAL", serial)
-        assert pick_device(None, adb_server).serial == serial
-        assert pick_device(dev.serial, adb_server).serial == dev.serial  # --serial first, as adb's -s
-        monkeypatch.setenv("ANDROID_SERIAL", "R58M-unplugged")
-        with pytest.raises(AdbError, match=r"^no device 'R58M-unplugged' \(\$ANDROID_SERIAL\) in `adb devices`"):
-            pick_device(None, adb_server)
-    finally:
-        adb(adb_server, "disconnect", serial, check=False)
-        second.stop()
+    monkeypatch.setenv("ANDROID_SERIAL", second_device)
+    assert pick_device(None, adb_server).serial == second_device
+    assert pick_device(dev.serial, adb_server).serial == dev.serial  # --serial first, as adb's -s
+    monkeypatch.setenv("ANDROID_SERIAL", "R58M-unplugged")
+    with pytest.raises(AdbError, match=r"^no device 'R58M-unplugged' \(\$ANDROID_SERIAL\) in `adb devices`"):
+        pick_device(None, adb_server)
 
 
 def test_no_device_connected_is_a_clear_error(adb_server, bundle, tmp_path, capsys):
