@@ -76,7 +76,11 @@ class SamplingParams:
             raise ValueError(f"top_p must be in [0, 1] (1 turns it off), got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
-        if self.repetition_penalty <= 0.0:
+        # The penalty divides float32 logits in float32 (numpy's rule for a Python float): one that
+        # rounds to 0 there (below ~1.4e-45) would make 0 / 0 a NaN, reported as a broken model.
+        with np.errstate(over="ignore"):  # 1e40 is inf in float32: a huge penalty, allowed
+            in_float32 = np.float32(self.repetition_penalty)
+        if not in_float32 > 0.0:
             raise ValueError(
                 f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"
             )
@@ -150,18 +154,27 @@ def apply_repetition_penalty(
 
     Writes into ``out`` (a reusable buffer) so the caller's logits are never modified.
     Duplicated ids are harmless: every write of an id computes the same value from ``logits``.
+    An extreme penalty (1e-40, 1e40) takes a logit past float32's range: it stays at the largest
+    finite value of its sign, so sampling sees a very strong preference, not an infinity it refuses.
     """
     np.copyto(out, logits)
     seen = logits[previous_ids]
-    out[previous_ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+    with np.errstate(over="ignore", divide="ignore"):
+        penalized = np.where(seen < 0, seen * penalty, seen / penalty)
+    big = np.finfo(out.dtype).max
+    out[previous_ids] = np.clip(penalized, -big, big)
     return out
 
 
 def apply_count_penalties(logits: np.ndarray, previous_ids: np.ndarray, frequency: float, presence: float) -> None:
     """OpenAI's frequency and presence penalties, in place: each id seen c times loses
-    c * frequency + presence from its logit."""
+    c * frequency + presence from its logit (kept within the dtype's finite range, as the repetition
+    penalty's result is)."""
     ids, counts = np.unique(previous_ids, return_counts=True)
-    logits[ids] -= (counts * frequency + presence).astype(logits.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        penalized = logits[ids] - (counts * frequency + presence).astype(logits.dtype)
+    big = np.finfo(logits.dtype).max
+    logits[ids] = np.clip(penalized, -big, big)
 
 
 class Sampler:
@@ -284,10 +297,11 @@ def _softmax_weights(values: np.ndarray, temperature: float, out: np.ndarray | N
     top = values.max()
     if not math.isfinite(top):  # NaN anywhere makes max NaN; an all -inf row has nothing to sample
         raise ValueError(f"cannot sample: the largest logit is {top} (NaN or infinite logits)")
-    weights = np.subtract(values, top, out=out, dtype=np.float32)
     scale = 1.0 / temperature
-    # A gap times a large scale may pass float32's range: -inf, whose exp is the 0 it should be.
+    # A gap (between the largest finite logits of both signs, after an extreme penalty) or a gap
+    # times a large scale may pass float32's range: -inf, whose exp is the 0 it should be.
     with np.errstate(over="ignore"):
+        weights = np.subtract(values, top, out=out, dtype=np.float32)
         if scale <= _FLOAT32_MAX:
             weights *= scale
             return np.exp(weights, out=weights)

@@ -389,6 +389,11 @@ PARAMS = [
     {"temperature": 1.0, "top_k": 1, "top_p": 1e-8},
     {"temperature": 1.0, "top_k": 1, "top_p": 1e-17},
     {"temperature": 1.0, "top_k": 2 ** 40, "repeat_last_n": 2 ** 40, "repetition_penalty": 1.2},  # as if unset
+    # penalties that take logits past float32's range: the largest finite logit, not an infinity
+    {"temperature": 1.0, "repetition_penalty": 1e-40},
+    {"repetition_penalty": 1e40},
+    {"temperature": 1.0, "presence_penalty": -1e300},
+    {"temperature": 0.5, "frequency_penalty": 1e300, "repetition_penalty": 1e-40},
 ]
 
 
@@ -420,7 +425,8 @@ def test_sampler_distributions_equal_pythons(monkeypatch):
 
 
 @pytest.mark.parametrize("params", [{"temperature": -1.0}, {"top_k": -3}, {"top_p": -0.1}, {"top_p": 1.5},
-                                    {"min_p": 2.0}, {"repetition_penalty": 0.0}, {"seed": -1}, {"topk": 3},
+                                    {"min_p": 2.0}, {"repetition_penalty": 0.0},
+                                    {"repetition_penalty": 1e-300}, {"seed": -1}, {"topk": 3},
                                     {"top_k": 2.5}, {"temperature": True}, {"repeat_last_n": -2},
                                     {"repeat_last_n": 1.5}, {"frequency_penalty": "1"},
                                     {"presence_penalty": True}])

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from itertools import pairwise
 
 import numpy as np
@@ -54,6 +55,7 @@ def test_defaults_are_greedy_with_every_filter_off():
         ("min_p", -0.01, r"min_p must be in \[0, 1\]"),
         ("min_p", 1.01, r"min_p must be in \[0, 1\]"),
         ("repetition_penalty", 0.0, "repetition_penalty must be > 0"),
+        ("repetition_penalty", 1e-300, "repetition_penalty must be > 0"),  # 0 in float32, where it divides
         ("repetition_penalty", float("inf"), "repetition_penalty must be a finite number"),
         ("seed", -3, "seed must be a non-negative integer"),
         ("seed", 1.5, "seed must be an integer"),
@@ -114,6 +116,23 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     out = apply_repetition_penalty(logits, np.array([0, 1, 1, 3]), 2.0, np.empty_like(logits))
     np.testing.assert_array_equal(out, [2.0, -8.0, 1.0, 0.0])
     np.testing.assert_array_equal(logits, [4.0, -4.0, 1.0, 0.0])  # the caller's array is untouched
+
+
+@pytest.mark.parametrize("params, history, prompt_length, want", [
+    ({"repetition_penalty": 1e-40}, [0], 0, 0),  # 3 / 1e-40 is past float32: the seen id wins
+    ({"repetition_penalty": 1e40}, [2, 0], 0, 1),  # 3 / 1e40 ~ 0 and -1 * 1e40 past float32
+    ({"presence_penalty": -1e300, "temperature": 1.0}, [0], 0, 0),
+    ({"frequency_penalty": 1e300, "repetition_penalty": 1e-40}, [0], 0, 1),  # +inf, then -inf: both finite
+    # the largest finite logits of both signs in one row, sampled: their gap passes float32's range
+    ({"repetition_penalty": 1e-40, "frequency_penalty": 1e300, "temperature": 1.0}, [0, 2], 1, 0),
+])
+def test_extreme_penalties_stay_finite_and_quiet(params, history, prompt_length, want):
+    # Not an overflow warning nor "cannot sample: the largest logit is inf" (which blames the model).
+    logits = np.array([3.0, 1.0, -1.0], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = {Sampler(SamplingParams(**params, seed=s)).sample(logits, history, prompt_length) for s in range(20)}
+    assert out == {want}
 
 
 def test_negative_logits_get_more_negative_under_penalty():

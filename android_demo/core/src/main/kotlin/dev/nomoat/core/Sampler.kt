@@ -47,7 +47,8 @@ data class SamplingParams(
         finite("min_p", minP)
         require(minP in 0.0..1.0) { "min_p must be in [0, 1] (0 turns it off), got $minP" }
         finite("repetition_penalty", repetitionPenalty)
-        require(repetitionPenalty > 0.0) { "repetition_penalty must be > 0 (1 turns it off), got $repetitionPenalty" }
+        // > 0 in float32, where it divides (a smaller one would make 0 / 0 a NaN), as in Python.
+        require(repetitionPenalty.toFloat() > 0f) { "repetition_penalty must be > 0 (1 turns it off), got $repetitionPenalty" }
         require(repeatLastN >= -1) { "repeat_last_n must be >= -1 (-1 = the whole history, 0 = none), got $repeatLastN" }
         finite("frequency_penalty", frequencyPenalty)
         finite("presence_penalty", presencePenalty)
@@ -169,7 +170,8 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
             val id = history[i]
             require(id in logits.indices) { "history id $id is outside the vocabulary of ${logits.size}" }
             val seen = logits[id] // from the original row: a repeated id is penalized once
-            penalized[id] = if (seen < 0f) seen * p else seen / p
+            // An extreme penalty passes float32's range: kept at the largest finite value (as numpy's clip).
+            penalized[id] = (if (seen < 0f) seen * p else seen / p).coerceIn(-Float.MAX_VALUE, Float.MAX_VALUE)
         }
         val answerFrom = maxOf(from, promptLength)
         if ((params.frequencyPenalty != 0.0 || params.presencePenalty != 0.0) && answerFrom < history.size) {
@@ -180,7 +182,8 @@ class Sampler(val params: SamplingParams = SamplingParams()) {
                 var j = i
                 while (j < answer.size && answer[j] == answer[i]) j++
                 // As numpy computes it: the amount in float64, cast to float32, then subtracted in float32.
-                penalized[answer[i]] -= ((j - i) * params.frequencyPenalty + params.presencePenalty).toFloat()
+                val amount = ((j - i) * params.frequencyPenalty + params.presencePenalty).toFloat()
+                penalized[answer[i]] = (penalized[answer[i]] - amount).coerceIn(-Float.MAX_VALUE, Float.MAX_VALUE)
                 i = j
             }
         }
