@@ -80,8 +80,6 @@ def cors_origin(value: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nomoat.runtime import BundleError, Model, OrtOptionsError
-
     from .openai_api import Limits
     from .server import App, PiServer, ServerConfig
 
@@ -91,26 +89,45 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0:
         return _fail("--max-queue must be 0 or more")
-    try:
-        # Before the model loads (seconds on a Pi): a port in use or a host that is not this machine's is
-        # said at once, not after each load of a service that systemd restarts.
-        server = PiServer((args.host, args.port), max_connections=args.max_connections)
-    except OSError as e:
-        return _fail(f"cannot listen on {host_port(args.host, args.port)}: {e.strerror or e}")
-    try:
-        model = Model.load(args.bundle, threads=args.threads, ort_options=args.ort_options)
-    except (BundleError, OrtOptionsError) as e:
-        server.server_close()
-        return _fail(refused_ort_options(e) if isinstance(e, OrtOptionsError) else str(e))
     config = ServerConfig(model_id=args.model_id or bundle_name(args.bundle),
                           api_key=args.api_key or os.environ.get("NOMOAT_API_KEY") or None,
                           limits=Limits(args.max_tokens, args.max_body_bytes, args.max_queue, args.max_connections),
                           prompt_lookup=args.prompt_lookup, cache_prompt=args.cache_prompt,
                           cors_origin=args.cors_origin)
-    structured = _prepare_structured_output(model)
-    server.app = App(model, config)
-    _warn_if_open(server, config)
-    return _serve(server, config, structured)
+    try:
+        # Before the model loads (seconds on a Pi): a port in use or a host that is not this machine's is
+        # said at once, not after each load of a service that systemd restarts; and while it loads,
+        # clients (a health check, a chat UI) get a 503 to retry rather than a connection that hangs.
+        server = PiServer((args.host, args.port), App(None, config))
+    except OSError as e:
+        return _fail(f"cannot listen on {host_port(args.host, args.port)}: {e.strerror or e}")
+    return _serve(server, _Loader(server, args))
+
+
+class _Loader(threading.Thread):
+    """Loads the model while the main thread serves (503s until attached), then says "serving"; a
+    load that fails stops the server and leaves its error to the main thread, which says it."""
+
+    def __init__(self, server, args: argparse.Namespace):
+        super().__init__(name="load-model", daemon=True)  # a stop during the load does not wait for it
+        self.server, self.args = server, args
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        from nomoat.runtime import Model
+
+        host, port = self.server.server_address[:2]
+        log.info("loading %s (requests get 503 until it is ready) on http://%s", self.args.bundle,
+                 host_port(host, port))
+        try:
+            model = Model.load(self.args.bundle, threads=self.args.threads, ort_options=self.args.ort_options)
+            structured = _prepare_structured_output(model)
+        except Exception as e:  # BundleError, OrtOptionsError, or Ctrl-C as pybind11's ImportError: main says it
+            self.error = e
+            self.server.shutdown()
+            return
+        if self.server.app.attach(model):
+            _log_serving(self.server, structured)
 
 
 def _prepare_structured_output(model) -> str:
@@ -132,10 +149,8 @@ def _warn_if_open(server, config) -> None:
                     "can use the model")
 
 
-def _serve(server, config, structured: str) -> int:
-    # systemd stops the service with SIGTERM: finish like Ctrl-C. shutdown() waits for serve_forever
-    # to return, so it must run outside the (main) thread that serve_forever blocks.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+def _log_serving(server, structured: str) -> None:
+    config = server.app.config
     host, port = server.server_address[:2]
     log.info("serving %s on http://%s/v1 (max %d tokens per request, %d may wait; structured output %s%s%s)",
              config.model_id, host_port(host, port), config.limits.max_tokens, config.limits.max_queue,
@@ -143,13 +158,31 @@ def _serve(server, config, structured: str) -> int:
              f"; greedy requests draft up to {config.prompt_lookup} tokens by prompt lookup"
              if config.prompt_lookup else "",
              "; prompts run from an empty cache unless a request says cache_prompt" if not config.cache_prompt else "")
-    try:
+
+
+def _serve(server, loader: _Loader) -> int:
+    from nomoat.runtime import BundleError, OrtOptionsError
+
+    # systemd stops the service with SIGTERM: finish like Ctrl-C. shutdown() waits for serve_forever
+    # to return, so it must run outside the (main) thread that serve_forever blocks.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    interrupted = False
+    try:  # from here on the port is closed on every way out, Ctrl-C before serve_forever included
+        _warn_if_open(server, server.app.config)
+        loader.start()
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        interrupted = True
     finally:
         server.server_close()
-        log.info("stopped")
+    error = loader.error
+    if isinstance(error, (BundleError, OrtOptionsError)):
+        return _fail(refused_ort_options(error) if isinstance(error, OrtOptionsError) else str(error))
+    if error is not None:
+        raise error  # a bug's traceback, or Ctrl-C during onnxruntime's import: __main__ makes that 130
+    if interrupted and server.app.loading:
+        raise KeyboardInterrupt  # Ctrl-C before the model was ready: 130, as for `nomoat chat`
+    log.info("stopped")
     return 0
 
 

@@ -7,6 +7,8 @@ and wait for the Worker, which does the one thing that costs (see worker.py).
 Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream: true` as
 server-sent events), GET /v1/models, GET /v1/models/{id}, GET /health (no key needed); HEAD
 wherever GET goes. Any other method is a 405 (or a 404 off the routes) with OpenAI's error body.
+While the model loads, every route but /v1/models answers 503 "loading" with Retry-After, as
+llama.cpp's server does (OpenAI's clients retry it by themselves).
 """
 
 from __future__ import annotations
@@ -69,12 +71,15 @@ class ServerConfig:
 
 
 class App:
-    """What every request needs, shared by the handler threads."""
+    """What every request needs, shared by the handler threads. Made without a model (None) while it
+    loads: the port is open and answers at once, then attach() hands it the model."""
 
-    def __init__(self, model: Model, config: ServerConfig):
-        self.model = model
+    def __init__(self, model: Model | None, config: ServerConfig):
         self.config = config
-        self.worker = Worker(model, config.limits.max_queue)
+        self.model: Model | None = None
+        self.worker: Worker | None = None
+        self._attaching = threading.Lock()
+        self._closed = False
         self.created = int(time.time())
         # A chat that leaves max_tokens out runs until a stop, the server's cap or the context's end,
         # as OpenAI's API and llama.cpp's (n_predict -1) do, not to the bundle's max_new_tokens (256):
@@ -82,6 +87,31 @@ class App:
         self.default_max_tokens = config.limits.max_tokens
         self._answering = 0  # requests between their parse and their last byte written
         self._answered = threading.Condition()
+        if model is not None:
+            self.attach(model)
+
+    @property
+    def loading(self) -> bool:
+        return self.worker is None
+
+    def attach(self, model: Model) -> bool:
+        """Answer with model from now on. False, and nothing started, if the server closed meanwhile
+        (stopped while the model loaded)."""
+        with self._attaching:
+            if self._closed:
+                return False
+            self.model = model
+            self.worker = Worker(model, self.config.limits.max_queue)
+            return True
+
+    def close(self, timeout: float) -> bool:
+        """Cancel the running and waiting jobs and wait (bounded) until their clients have their answers;
+        a model that finishes loading after this is not attached. False if answers are still unwritten."""
+        with self._attaching:
+            self._closed = True
+        if self.worker is not None:
+            self.worker.close(timeout=timeout)
+        return self.wait_answered(timeout)
 
     @contextmanager
     def answering(self) -> Iterator[None]:
@@ -320,6 +350,10 @@ class Handler(BaseHTTPRequestHandler):
                            headers={"Allow": allowed})
         if action is None:
             raise ApiError(404, f"no route {self.command} {path}", code="not_found")
+        if self.server.app.loading and not path.startswith("/v1/models"):  # the model's name needs no model
+            # Before the key check, as llama.cpp: it says nothing a client could not learn from a timeout.
+            raise ApiError(503, "the model is loading; retry in a moment", "unavailable_error", code="model_loading",
+                           headers={"Retry-After": "1"})
         if path != "/health":  # monitoring needs no key
             self._authorize()
         action()
@@ -571,16 +605,15 @@ class PiServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64  # listen backlog: many clients may connect at the same moment
 
-    def __init__(self, address: tuple[str, int], app: App | None = None, max_connections: int | None = None):
-        """Listening once made. Without an app (then max_connections says the cap), set .app before
-        serve_forever: serve.py takes the port before the model loads, and a client that connects
-        meanwhile waits in the listen backlog."""
+    def __init__(self, address: tuple[str, int], app: App):
+        """Listening once made. serve.py makes it with an app still loading its model: the port is
+        taken (and a port in use said) before the seconds of the load."""
         self.app = app
         # A thread per connection, so a cap on connections is a cap on threads (each with its stack) that
         # idle keep-alive or stalled clients could otherwise pile up without limit. Past it, a new
         # connection waits unaccepted in the listen backlog until one closes, as llama.cpp's server
         # queues connections behind its HTTP thread pool.
-        self._connection_slots = threading.BoundedSemaphore(max_connections or app.config.limits.max_connections)
+        self._connection_slots = threading.BoundedSemaphore(app.config.limits.max_connections)
         self._stopping = threading.Event()
         # ThreadingHTTPServer is IPv4 whatever the host: "::1" would fail to resolve as an IPv4 address.
         # A name (localhost) stays IPv4, as before, so IPv4 clients still reach it.
@@ -624,8 +657,5 @@ class PiServer(ThreadingHTTPServer):
         and [DONE]. The process exits after this, and its daemon handler threads with it, so an
         answer not written by then would be lost (the client seeing the connection dropped)."""
         super().server_close()
-        if self.app is None:  # closed before the model loaded: nothing was answered
-            return
-        self.app.worker.close(timeout=CLOSE_WAIT)
-        if not self.app.wait_answered(CLOSE_WAIT):
+        if not self.app.close(CLOSE_WAIT):
             log.warning("stopping with requests still unanswered after %.0f s (clients not reading?)", CLOSE_WAIT)

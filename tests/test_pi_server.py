@@ -1086,6 +1086,109 @@ def test_a_port_in_use_is_said_before_the_model_loads(capsys):
     assert err == f"pi_demo serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n", err
 
 
+@contextmanager
+def serve_main_with_a_slow_load(bundle, monkeypatch, argv: list[str]) -> Iterator[tuple[dict, threading.Event]]:
+    """`python -m pi_demo serve` in this (main) thread, as the command runs it, with Model.load held
+    until the yielded event is set. The body of the with-block runs in a second thread (a client): it
+    gets {"server": the PiServer, "exit": main's return value once it returns}."""
+    from nomoat.runtime import Model
+
+    from pi_demo.__main__ import main
+
+    release, made, state = threading.Event(), threading.Event(), {}
+    real_load, real_init = Model.load, PiServer.__init__
+
+    def held_load(*args, **kwargs):
+        assert release.wait(60), "the test never released the load"
+        return real_load(*args, **kwargs)
+
+    def recorded_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        state["server"] = self
+        made.set()
+
+    monkeypatch.setattr(Model, "load", held_load)
+    monkeypatch.setattr(PiServer, "__init__", recorded_init)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield state, release, made
+        state["exit"] = main(["serve", str(bundle), "--port", "0", "--threads", "1", *argv])
+    finally:
+        release.set()
+        signal.signal(signal.SIGTERM, handler)  # serve's, which stops its server, would outlive the test
+
+
+def _get(url: str, method: str = "GET", body: dict | None = None, key: str | None = None):
+    request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def test_while_the_model_loads_requests_get_a_503_to_retry_then_answers(bundle, monkeypatch):
+    """As llama.cpp's server: the port answers at once (a health check, a chat UI), not a connection that hangs
+    for the seconds of a load on a Pi; OpenAI's clients retry a 503 after Retry-After by themselves."""
+    seen: dict[str, object] = {}
+
+    def client_side(state, release, made):
+        assert made.wait(30)
+        server = state["server"]
+        url = url_of(server)
+        seen["health"] = _get(f"{url}/health")
+        seen["chat"] = _get(f"{url}/v1/chat/completions", "POST",
+                            {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        seen["models"] = _get(f"{url}/v1/models", key=KEY)
+        seen["loading"] = server.app.loading
+        release.set()
+        retrying = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=5, timeout=60)
+        seen["answer"] = retrying.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
+        seen["health after"] = _get(f"{url}/health")
+        server.shutdown()
+
+    with serve_main_with_a_slow_load(bundle, monkeypatch, ["--model-id", MODEL_ID, "--api-key", KEY]) as (
+            state, release, made):
+        worker = threading.Thread(target=client_side, args=(state, release, made), daemon=True)
+        worker.start()
+    worker.join(60)
+    assert state["exit"] == 0
+    assert seen["loading"] is True
+    for name in ("health", "chat"):  # before the key check, as llama.cpp's: it tells nothing
+        status, headers, body = seen[name]
+        assert status == 503 and headers["Retry-After"] == "1", (name, status, headers)
+        assert body["error"]["code"] == "model_loading" and body["error"]["type"] == "unavailable_error"
+    status, _, body = seen["models"]  # the model's name is known before its weights
+    assert status == 200 and body["data"][0]["id"] == MODEL_ID
+    assert seen["answer"].usage.completion_tokens > 0
+    assert seen["health after"][0] == 200 and seen["health after"][2]["status"] == "ok"
+
+
+def test_a_stop_while_the_model_loads_attaches_nothing_and_ctrl_c_is_130(bundle, monkeypatch):
+    import _thread
+
+    def client_side(state, release, made):
+        assert made.wait(30)
+        _thread.interrupt_main()  # Ctrl-C, delivered to the main thread that serves
+
+    with serve_main_with_a_slow_load(bundle, monkeypatch, []) as (state, release, made):
+        threading.Thread(target=client_side, args=(state, release, made), daemon=True).start()
+    server = state["server"]
+    assert state["exit"] == 128 + signal.SIGINT
+    assert not server.app.attach(object())  # a load finishing after the stop starts no worker
+    assert server.app.loading
+
+
+def test_a_bundle_that_fails_to_load_is_said_once_the_server_stops(tmp_path, capsys):
+    from pi_demo.__main__ import main
+
+    assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pi_demo serve: error: ") and "missing" in err and "Traceback" not in err, err
+
+
 def test_listening_on_every_interface_without_a_key_names_the_address(bundle, monkeypatch, caplog):
     from pi_demo.__main__ import main
     from pi_demo.server import PiServer
