@@ -247,13 +247,21 @@ def _add_bos_token(tok_cfg: dict[str, Any], vocab: _TokenLookup, default: bool) 
 def _special_token_texts(
     tok_cfg: dict[str, Any], vocab: _TokenLookup, bos_id: int | None, eos_ids: list[int]
 ) -> dict[str, str]:
+    # A tokenizer_config that says "bos_token": null (Qwen2's, beside a config.json bos_token_id) has none
+    # for the chat template: transformers renders {{ bos_token }} as "", not as the id's text.
     texts = {
-        "bos": _token_text(tok_cfg.get("bos_token")) or vocab.text_of(bos_id),
-        "eos": _token_text(tok_cfg.get("eos_token")) or vocab.text_of(eos_ids[0]),
+        "bos": None if _said_null(tok_cfg, "bos_token") else
+        _token_text(tok_cfg.get("bos_token")) or vocab.text_of(bos_id),
+        "eos": None if _said_null(tok_cfg, "eos_token") else
+        _token_text(tok_cfg.get("eos_token")) or vocab.text_of(eos_ids[0]),
         "pad": _token_text(tok_cfg.get("pad_token")),
         "unk": _token_text(tok_cfg.get("unk_token")),
     }
     return {role: text for role, text in texts.items() if text}
+
+
+def _said_null(config: dict[str, Any], key: str) -> bool:
+    return key in config and config[key] is None
 
 
 class _TokenLookup:

@@ -73,18 +73,25 @@ class IncrementalDetokenizer:
         self._emitted = 0
         # Character boundaries seen since _start (token indices), candidates for the next _start.
         self._boundaries: list[int] = []
-        self._open_with([int(t) for t in context[-CONTEXT_TOKENS:]])
+        self._open_with([int(t) for t in context[-MAX_WINDOW_TOKENS:]])
 
     def _open_with(self, context: list[int]) -> None:
-        """Start the window with context ids as if they had been emitted. Not when they end inside a
-        character (the answer's first token would finish the prompt's character) or render nothing
-        (all skipped special tokens: the first new token is the decoder's first either way)."""
-        text = self._tokenizer.decode(context, skip_special_tokens=self._skip_special)
-        if not text or text.endswith(REPLACEMENT_CHAR):
-            return
-        self._ids = context
-        self._context = len(context)
-        self._emitted = len(text)
+        """Start the window with the last context ids as if they had been emitted: CONTEXT_TOKENS of
+        them, or more when those start inside a character. A SentencePiece byte-fallback run cut
+        mid-character decodes as U+FFFD throughout, the newline after an emoji included, and the
+        answer's first token would lose its leading space behind it: widen back to a start whose
+        text has no U+FFFD. No context at all when none within MAX_WINDOW_TOKENS does, when the ids
+        end inside a character (the answer's first token would finish the prompt's character), or
+        when they render nothing (all skipped special tokens: the first new token is the decoder's
+        first either way)."""
+        for count in range(min(CONTEXT_TOKENS, len(context)), len(context) + 1):
+            ids = context[len(context) - count:]
+            text = self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+            if text and REPLACEMENT_CHAR not in text:
+                self._ids = ids
+                self._context = len(ids)
+                self._emitted = len(text)
+                return
 
     @property
     def ids(self) -> list[int]:

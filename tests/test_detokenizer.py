@@ -216,3 +216,17 @@ def test_a_context_that_ends_inside_a_character_or_renders_nothing_is_not_used(t
     for context in (cut, [bos]):
         detok = IncrementalDetokenizer(byte_level, context=context)
         assert "".join(detok.add(t) for t in answer) + detok.flush() == byte_level.decode(answer)
+
+
+@pytest.mark.parametrize("kind", ["metaspace", "llama2_decoder"])
+@pytest.mark.parametrize("tail", ["🌞ǂ", "🦀Ω"])
+def test_a_context_whose_last_tokens_start_inside_a_character_is_widened(tokenizers_by_kind, kind, tail):
+    """A prompt ending in characters outside the vocabulary (byte-fallback tokens, a newline too in
+    LLaMA-2's): its last few tokens start mid-character and the whole byte run decodes as U+FFFD;
+    dropped, that context cost the answer's first space."""
+    tokenizer = tokenizers_by_kind[kind]
+    prompt, answer = tokenizer.encode(f"{PROMPT} {tail}").ids, tokenizer.encode(" jumps over").ids
+    assert "\ufffd" in tokenizer.decode(prompt[-4:])  # what makes the case: the short context starts mid-character
+    expected = tokenizer.decode(prompt + answer)[len(tokenizer.decode(prompt)):]
+    detok = IncrementalDetokenizer(tokenizer, context=prompt)
+    assert "".join(detok.add(token_id) for token_id in answer) + detok.flush() == expected

@@ -107,6 +107,27 @@ def test_hf_tokenizer_info_comes_from_the_tokenizer_files(llama_dir):
     assert tok.special_tokens == {"eos": "<|im_end|>", "pad": "<|endoftext|>"}
 
 
+def test_a_bos_token_said_null_is_not_rendered_by_the_chat_template(tmp_path):
+    """Qwen2's files: "bos_token": null beside a config.json bos_token_id. transformers renders the
+    template's {{ bos_token }} as "", so a fine-tune whose template writes it gets no <|endoftext|> first."""
+    from nomoat.runtime.chat_template import ChatTemplate
+    from transformers import AutoTokenizer
+
+    hf = make_tiny_hf_dir(tmp_path, bos_token_id=0)
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    assert "bos_token" in config and config["bos_token"] is None
+    config["chat_template"] = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                               "{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+    (hf / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_checkpoint(hf).tokenizer
+    assert tok.bos_token_id == 0  # the id stays known (config.json says it)
+    messages = [{"role": "user", "content": "hi"}]
+    ours = ChatTemplate.for_tokenizer(tok.chat_template, tok.special_tokens).render(messages)
+    assert ours == AutoTokenizer.from_pretrained(str(hf)).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert ours.startswith("<|im_start|>")
+
+
 def test_hf_generation_defaults_and_eos_list(tmp_path):
     hf = make_tiny_hf_dir(tmp_path)
     vocab = Tokenizer.from_file(str(hf / "tokenizer.json"))
