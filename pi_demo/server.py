@@ -18,6 +18,7 @@ import json
 import logging
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -458,9 +459,18 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {payload}\n\n".encode())
 
     def _client_gone(self) -> bool:
-        """Has the client closed its end? (A client waiting for its answer sends nothing, so a
-        readable socket with nothing to read is the end of the connection.)"""
+        """Has the client closed its end?
+
+        Linux's POLLRDHUP says so even with bytes unread before the close (a keep-alive client's next
+        request, sent before it gave up): peeking would see those bytes and take the client for still there.
+        Elsewhere, a peek: a client waiting for its answer sends nothing, so a readable socket with
+        nothing to read is the end of the connection.
+        """
         try:
+            if HANG_UP_EVENTS:
+                poller = select.poll()
+                poller.register(self.connection, select.POLLIN | POLLRDHUP)
+                return any(events & HANG_UP_EVENTS for _, events in poller.poll(0))
             readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):  # reset by the peer, or already closed
@@ -563,6 +573,12 @@ def _route_path(target: str) -> str:
         raise bad_request(f"cannot read the request target {target[:200]!r} ({e}); send a path such as "
                           "/v1/chat/completions") from e
     return path.rstrip("/") or "/"
+
+
+# Linux's peer-closed-its-end event: older Pythons lack the constant, the kernel has had it since 2.6.17.
+POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+HANG_UP_EVENTS = (POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+                  if sys.platform.startswith("linux") and hasattr(select, "poll") else 0)
 
 
 MAX_LENGTH_DIGITS = 19  # an int64's; a Content-Length longer than that is no body anyone sends

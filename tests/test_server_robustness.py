@@ -28,7 +28,9 @@ from test_pi_server import (  # noqa: E402  (skips this file too when OpenAI's c
     ask,
     client,
     health,
+    jobs_of,
     model_held,
+    raw_request,
     running_server,
     url_of,
     wait_for,
@@ -192,6 +194,29 @@ def test_a_client_gone_while_its_error_is_sent_logs_no_traceback(bug_server, cap
         sock.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")  # a 404, whose sending fails
         assert sock.recv(1) == b""  # closed after the handler is done (socketserver's handle_error included)
     assert handled == [] and _tracebacks(caplog) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="only Linux's POLLRDHUP tells a hang-up behind unread bytes")
+def test_a_client_that_sent_more_than_its_body_and_hung_up_is_noticed(model):
+    """A keep-alive client's next request (or any byte past its body) unread in the socket: its hang-up still
+    cancels its generation, or its place in line, at once, and the model is not held up for it."""
+    prompt = {"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0}  # greedy: 64 tokens, no stop
+    with running_server(model) as server:
+        url, jobs = url_of(server), jobs_of(server)
+        with model_held(model) as release:
+            whole = raw_request(url, "/v1/completions", prompt)
+            wait_for(lambda: health(url)["generating"])
+            streamed = raw_request(url, "/v1/completions", {**prompt, "stream": True})
+            wait_for(lambda: health(url)["waiting"] == 1)
+            for sock in (whole, streamed):  # sent once each body is read: the bytes wait in the socket
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.close()
+            # Both noticed while the model is still held: neither waits for the worker to reach it.
+            wait_for(lambda: len(jobs) == 2 and all(job.cancelled for job in jobs), timeout=10)
+            release()
+        wait_for(lambda: not health(url)["generating"] and health(url)["waiting"] == 0)
+        assert model.last_stats.generated_tokens <= 2  # the first stopped at once; the second never ran
 
 
 # -- limits ------------------------------------------------------------------------------------------
