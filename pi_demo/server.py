@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from email.message import Message
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
@@ -389,9 +390,13 @@ class Handler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise ApiError(411, "send the body with a Content-Length; chunked request bodies are not supported",
                            code="length_required")
-        length = self.headers.get("Content-Length")
-        if length is None:
+        lengths = _content_lengths(self.headers)
+        if not lengths:
             raise ApiError(411, "a Content-Length header is required", code="length_required")
+        if len(lengths) > 1:
+            raise bad_request(f"the request's Content-Length headers disagree ({', '.join(map(repr, lengths))}): "
+                              "send one, the body's size in bytes")
+        length = lengths[0]
         size = _content_length(length)
         if size is None:
             raise bad_request(f"invalid Content-Length {length[:40]!r}: send the body's size in bytes, "
@@ -441,7 +446,9 @@ class Handler(BaseHTTPRequestHandler):
         unread data makes the kernel send a reset that can destroy our error reply before the
         client reads it. Bodies too large to be worth reading get the close anyway.
         """
-        remaining = _content_length(self.headers.get("Content-Length", ""))
+        lengths = _content_lengths(self.headers)
+        # Lengths that disagree: where this body ends is anyone's guess, so the connection goes with it.
+        remaining = _content_length(lengths[0]) if len(lengths) == 1 else None
         chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         if chunked or remaining is None or remaining > DRAIN_LIMIT:
             self.close_connection = True
@@ -582,6 +589,14 @@ HANG_UP_EVENTS = (POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 MAX_LENGTH_DIGITS = 19  # an int64's; a Content-Length longer than that is no body anyone sends
+
+
+def _content_lengths(headers: Message) -> list[str]:
+    """The request's Content-Length values, each once and in order. The spaces and tabs around a value
+    are not part of it (RFC 9110 5.5); a value repeated is one length (RFC 9110 8.6), two that disagree
+    are a request to refuse (RFC 9112 6.3: behind a proxy that took the other, the rest of the body
+    would be read as a request of its own)."""
+    return list(dict.fromkeys(value.strip(" \t") for value in headers.get_all("Content-Length", [])))
 
 
 def _content_length(value: str) -> int | None:

@@ -121,6 +121,31 @@ def test_a_content_length_int_cannot_read_is_a_400(base_url, length):
     assert "Content-Length" in payload["error"]["message"]
 
 
+def _chat_head(*lengths: str) -> str:
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json" + "".join(f"\r\nContent-Length: {n}" for n in lengths))
+
+
+def test_content_lengths_that_disagree_are_a_400_and_close(base_url):
+    # RFC 9112 6.3: behind a proxy that takes the other one, the rest of the body would be read as a
+    # request of its own (request smuggling). Repeats of one value are one length (RFC 9110 8.6).
+    body = json.dumps({**CHAT, "max_tokens": 1}).encode()
+    status, headers, payload = _exchange(base_url, _chat_head(str(len(body)), str(len(body) + 24)), body)
+    assert status == 400 and headers["Connection"] == "close"
+    _assert_openai_error(payload, None)
+    assert "Content-Length" in payload["error"]["message"] and "disagree" in payload["error"]["message"]
+    status, _, payload = _exchange(base_url, _chat_head(str(len(body)), f"{len(body)} "), body)
+    assert status == 200 and payload["choices"], payload
+
+
+@pytest.mark.parametrize("pad", [" ", "\t", " \t "])
+def test_whitespace_after_a_content_length_is_not_part_of_it(base_url, pad):
+    # RFC 9110 5.5: the whitespace around a field's value is not part of it (the parser drops the leading one).
+    body = json.dumps({**CHAT, "max_tokens": 1}).encode()
+    status, _, payload = _exchange(base_url, _chat_head(f"{len(body)}{pad}"), body)
+    assert status == 200 and payload["choices"], payload
+
+
 def test_a_get_with_an_unreadable_content_length_is_answered(base_url):
     # The answer drops a body it does not read; an unreadable length says how much there is to drop.
     status, headers, payload = _exchange(base_url, "GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2")
