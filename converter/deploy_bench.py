@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from . import deploy
 from .adb import AdbError, Device
 from .deploy import DeployError, shell
+from .transport import Reply
 
 if TYPE_CHECKING:
     from nomoat.runtime.bench import RoundResult
@@ -79,9 +80,20 @@ class BenchRun:
     def step(self, command: str, what: str) -> str:
         """deploy.shell for a step of the bench: given at most the time left (STEP_MIN_S at least), and, if the
         phone stops answering, an error that says the new bundle is in place already."""
-        left = min(deploy.STEP_S, max(self.deadline - time.monotonic(), STEP_MIN_S))
-        return shell(self.device, command, what, timeout=left, outcome=f"the new bundle is in place at {self.bundle}",
+        return shell(self.device, command, what, timeout=self._left(), outcome=self.outcome,
                      retry="deploy again with --bench to measure it")
+
+    def reply(self, command: str, what: str) -> Reply:
+        """As step, with the command's reply whatever its exit status."""
+        return deploy.run_step(self.device, command, what, timeout=self._left(), outcome=self.outcome,
+                               retry="deploy again with --bench to measure it")
+
+    @property
+    def outcome(self) -> str:
+        return f"the new bundle is in place at {self.bundle}"
+
+    def _left(self) -> float:
+        return min(deploy.STEP_S, max(self.deadline - time.monotonic(), STEP_MIN_S))
 
 
 def bench_on_device(device: Device, bundle: str, prompt_tokens: int, new_tokens: int, rounds: int,
@@ -94,6 +106,7 @@ def bench_on_device(device: Device, bundle: str, prompt_tokens: int, new_tokens:
     # No `logcat -c` first: the run id tells this run's lines from an earlier run's, and clearing fails on a
     # phone whose log another reader streams (Android Studio's Logcat) and would wipe the user's log besides.
     run = BenchRun(device, bundle, secrets.token_hex(8), time.monotonic() + timeout)
+    check_screen_on(run)
     try:
         start_app(run, bench_extras(bundle, prompt_tokens, new_tokens, rounds, threads, prompt_lookup, run.run_id))
         lines = wait_for_rounds(run, rounds * (2 if prompt_lookup else 1), timeout, say)
@@ -113,6 +126,26 @@ def bench_extras(bundle: str, prompt_tokens: int, new_tokens: int, rounds: int,
     extras += ["--ei", "threads", str(threads)] if threads is not None else []
     extras += ["--ei", "prompt_lookup", str(prompt_lookup)] if prompt_lookup else []
     return extras + (["--es", RUN_KEY, run_id] if run_id is not None else [])
+
+
+def check_screen_on(run: BenchRun) -> None:
+    """Refuse to bench a phone whose screen is off: Android puts the front app of a sleeping phone in the
+    background CPU group ("top-sleeping": the little cores on a Pixel), so its numbers would be those of the
+    slow cores, unsaid. (The app keeps the screen on once it runs.) A phone that does not say is benched."""
+    said = re.search(r"^\s*mWakefulness=(\w+)", run.reply("dumpsys power", "asking whether the screen is on "
+                                                         "(`dumpsys power`)").out, re.M)
+    if said and said.group(1) != "Awake":
+        serial = run.device.serial
+        raise DeployError(f"the screen of {serial} is off (mWakefulness={said.group(1)}): a sleeping phone runs its "
+                          "front app on its slow cores, and the bench would measure those. Wake and unlock it "
+                          f"(`adb -s {serial} shell input keyevent KEYCODE_WAKEUP`, then unlock), then deploy again "
+                          f"with --bench; {run.outcome}.")
+
+
+def app_gone(run: BenchRun) -> bool:
+    """Whether the app's process is gone (pidof finds none). False when pidof cannot say (a phone without it)."""
+    reply = run.reply(f"pidof {APP_PACKAGE}", "looking for the app's process (`pidof`)")
+    return reply.status == 1 and not reply.out.strip()
 
 
 def start_app(run: BenchRun, extras: list[str]) -> None:
@@ -135,6 +168,10 @@ def wait_for_rounds(run: BenchRun, expected: int, timeout: float, say: Callable[
     rounds: dict[str, dict[str, Any]] = {}
     earlier_ends = None  # done and error lines without a run id at the first read: earlier runs'
     while True:
+        # Before the read: the app logs its end before it finishes, and Android keeps a finished app's process, so
+        # a process gone before a read that holds no end is an app that died (a native crash, the low-memory
+        # killer), which logs nothing more: said now, not after the rest of --bench-timeout.
+        gone = app_gone(run)
         messages = read_bench_log(run)
         mine = [m for m in messages if m.get(RUN_KEY) == run.run_id]
         for line in (m for m in mine if "ttft_s" in m):
@@ -145,6 +182,11 @@ def wait_for_rounds(run: BenchRun, expected: int, timeout: float, say: Callable[
         if has_ended(mine, run.device.serial):
             return list(rounds.values())
         earlier_ends = check_no_untagged_end(messages, earlier_ends, run.device.serial)
+        if gone:
+            serial = run.device.serial
+            raise DeployError(f"the app died on {serial} after {len(rounds)} of {expected} rounds, without a word "
+                              f"in its log (a crash in ONNX Runtime, or the low-memory killer: see `adb -s {serial} "
+                              "logcat -b crash -d`); a smaller --new-tokens or --prompt-tokens needs less memory.")
         if time.monotonic() >= run.deadline:
             raise DeployError(f"the app logged {len(rounds)} of {expected} rounds and no end within {timeout:.0f} s "
                               f"on {run.device.serial}. It may still be loading, or have crashed (see `adb logcat`); "

@@ -23,17 +23,21 @@ makes `rm -rf` take that long for each entry of a tree (a phone's slow storage).
 and the host's own sync would wait for every disk of the machine (seconds under a CI run's writes,
 past a test's shrunk deadlines). A phone gone silent in its sync is freeze_on_shell("( sync )").
 
-The phone's own tools the nomoat app is driven with are simulated too: `am` (start and
-force-stop), `logcat` (-c, -d, -v raw, TAG:PRIORITY filters) and `getprop` are scripts on the
-shell's PATH that call back into this process over a Unix socket. install_app(app) puts the
-nomoat Android app "on the phone": `am start -n dev.nomoat.app/.MainActivity` then runs app(extras)
-in a thread and logs each line it yields with Log.i under the tag nomoat-bench, as MainActivity's
-benchmark mode does (an exception becomes {"error": ...}, like its catch), each JSON line with the
-`--es bench_run ID` extra's id added as the app's Bench.roundLine/doneLine/errorLine add it
-(install_app(app, tags_run=False): an app older than run ids). Without an app, `am start` answers
-what a phone answers for a missing activity (Error type 3, exit status 0). ignore_logcat_clear()
-makes `logcat -c` leave the log as it is (failing, as on a phone whose log another reader streams),
-and drop_oldest_log_lines() forgets lines as logcat's ring buffer does once full.
+The phone's own tools the nomoat app is driven with are simulated too: `am` (start and force-stop),
+`logcat` (-c, -d, -v raw, TAG:PRIORITY filters), `getprop`, `dumpsys power` (its mWakefulness line:
+the `wakefulness` attribute, "Awake" unless a test says "Asleep") and `pidof dev.nomoat.app` are
+scripts on the shell's PATH that call back into this process over a Unix socket. install_app(app)
+puts the nomoat Android app "on the phone": `am start -n dev.nomoat.app/.MainActivity` then runs
+app(extras) in a thread and logs each line it yields with Log.i under the tag nomoat-bench, as
+MainActivity's benchmark mode does (an exception becomes {"error": ...}, like its catch), each JSON
+line with the `--es bench_run ID` extra's id added as the app's Bench.roundLine/doneLine/errorLine
+add it (install_app(app, tags_run=False): an app older than run ids). The app's process lives from
+its `am start` until a force-stop (a finished app's process stays cached, as Android keeps it), or
+until the app raises AppDied: then it logs nothing more, as after a native crash or the low-memory
+killer. Without an app, `am start` answers what a phone answers for a missing activity (Error type
+3, exit status 0). ignore_logcat_clear() makes `logcat -c` leave the log as it is (failing, as on a
+phone whose log another reader streams), and drop_oldest_log_lines() forgets lines as logcat's ring
+buffer does once full.
 
 The asyncio loop runs in a daemon thread so that synchronous tests can use it.
 """
@@ -76,6 +80,11 @@ LOG_PRIORITIES = "VDIWEFS"  # logcat's order, verbose to silent
 
 # An app's benchmark mode: the `am start` extras in, the messages it logs out (one per yield).
 SimulatedApp = Callable[[dict[str, object]], Iterable[str]]
+APP_PID = 4242
+
+
+class AppDied(Exception):  # noqa: N818 (what happens to the app, not an error of the fake)
+    """Raised by a SimulatedApp: its process ends there without a word in the log."""
 
 # What each tool script on the device's PATH runs: hand argv to the fake, print what it answers.
 TOOL_SCRIPT = """#!{python} -I
@@ -278,6 +287,8 @@ class FakeAdbDevice:
         self._app_tags_run = True
         self._logcat_clear_status: int | None = None  # None: `logcat -c` clears the log
         self._app_stop = threading.Event()  # set by force-stop: the running app logs nothing more
+        self._app_alive = False  # its process: from `am start` to a force-stop or AppDied
+        self.wakefulness = "Awake"  # what `dumpsys power` says
         self._logcat: list[tuple[str, str, str]] = []  # (priority, tag, message)
         self._logcat_lock = threading.Lock()  # the app thread logs while the loop dumps
         self._bin = Path(tempfile.mkdtemp(prefix="fake-adbd-bin-"))
@@ -367,6 +378,8 @@ class FakeAdbDevice:
         self.shell_log.clear()
         self.events.clear()
         self._app_stop.set()  # an app thread left running by an earlier test
+        self._app_alive = False
+        self.wakefulness = "Awake"
         self._app = None
         self._app_tags_run = True
         self._logcat_clear_status = None
@@ -451,7 +464,7 @@ class FakeAdbDevice:
     # --- the phone's tools: am, logcat, getprop ---
 
     def _write_tool_scripts(self) -> None:
-        for name in ("am", "logcat", "getprop"):
+        for name in ("am", "logcat", "getprop", "dumpsys", "pidof"):
             script = self._bin / name
             script.write_text(TOOL_SCRIPT.format(python=sys.executable, socket=str(self._bin / "tools.sock"),
                                                  name=name))
@@ -462,7 +475,8 @@ class FakeAdbDevice:
 
     async def _serve_tool(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         name, args = json.loads(await reader.readline())
-        tool = {"am": self._am, "logcat": self._logcat_tool, "getprop": self._getprop}[name]
+        tool = {"am": self._am, "logcat": self._logcat_tool, "getprop": self._getprop, "dumpsys": self._dumpsys,
+                "pidof": self._pidof}[name]
         stdout, stderr, status = tool(args)
         writer.write(json.dumps({"stdout": stdout, "stderr": stderr, "status": status}).encode())
         await writer.drain()
@@ -473,10 +487,20 @@ class FakeAdbDevice:
             return self.props.get(args[0], "") + "\n", "", 0
         return "".join(f"[{k}]: [{v}]\n" for k, v in sorted(self.props.items())), "", 0
 
+    def _dumpsys(self, args: list[str]) -> tuple[str, str, int]:
+        if args == ["power"]:  # a few of a phone's lines around the one the host reads
+            return (f"POWER MANAGER (dumpsys power)\n\nPower Manager State:\n  mDirty=0x0\n"
+                    f"  mWakefulness={self.wakefulness}\n  mWakefulnessChanging=false\n  mIsPowered=true\n"), "", 0
+        return "", f"Can't find service: {' '.join(args[:1])}\n", 0
+
+    def _pidof(self, args: list[str]) -> tuple[str, str, int]:
+        return (f"{APP_PID}\n", "", 0) if args == [APP_PACKAGE] and self._app_alive else ("", "", 1)
+
     def _am(self, args: list[str]) -> tuple[str, str, int]:
         if args[:1] == ["force-stop"] and len(args) == 2:
             if args[1] == APP_PACKAGE:
                 self._app_stop.set()
+                self._app_alive = False
             return "", "", 0
         if args[:1] != ["start"]:
             return "", f"Error: unknown command '{' '.join(args[:1])}' (fake_adbd knows start and force-stop)\n", 1
@@ -487,6 +511,7 @@ class FakeAdbDevice:
         out = f"Stopping: {APP_PACKAGE}\n" if "-S" in options and component.startswith(APP_PACKAGE + "/") else ""
         if "-S" in options:
             self._app_stop.set()
+            self._app_alive = False
         out += f"Starting: Intent {{ cmp={component}{' (has extras)' if extras else ''} }}\n"
         package, _, cls = component.partition("/")
         full_class = package + cls if cls.startswith(".") else cls
@@ -506,6 +531,7 @@ class FakeAdbDevice:
         returns once the activity is up, long before the rounds are done."""
         stop = self._app_stop = threading.Event()
         run_id = extras.get(BENCH_RUN) if self._app_tags_run else None
+        self._app_alive = True
 
         def run() -> None:
             try:
@@ -513,6 +539,9 @@ class FakeAdbDevice:
                     if stop.is_set():
                         return
                     self.log_line("I", BENCH_TAG, with_run_id(message, run_id))
+            except AppDied:
+                if not stop.is_set():
+                    self._app_alive = False
             except Exception as e:  # MainActivity.bench's catch
                 if not stop.is_set():
                     self.log_line("I", BENCH_TAG, with_run_id(json.dumps({"error": str(e) or repr(e)}), run_id))

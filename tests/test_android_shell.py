@@ -158,8 +158,8 @@ def test_the_member_check_sees_members():
     text = (kotlin_host.APICHECK / "android" / "widget" / "TextView.java").read_text()
     assert declared_members(text) == {"getText", "setText", "append", "getHint", "setHint", "setTextIsSelectable"}
     view = (kotlin_host.APICHECK / "android" / "view" / "View.java").read_text()
-    assert declared_members(view) == {"FOCUS_DOWN", "setPadding", "isEnabled", "setEnabled", "setOnClickListener",
-                                      "onClick"}
+    assert declared_members(view) == {"setPadding", "isEnabled", "setEnabled", "setOnClickListener", "onClick",
+                                      "post", "getBottom", "scrollTo"}
     assert used_by("getText", "x.text = 1") and used_by("setEnabled", "send.isEnabled = false")
     assert used_by("i", "Log.i(TAG, s)") and used_by("FOCUS_DOWN", "fullScroll(ScrollView.FOCUS_DOWN)")
     assert not used_by("getFoo", "bar()") and not used_by("close", "closed = true")

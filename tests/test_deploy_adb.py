@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from fake_adbd import BENCH_TAG, FakeAdbDevice, with_run_id
+from fake_adbd import BENCH_TAG, AppDied, FakeAdbDevice, with_run_id
 from nomoat.__main__ import main
 from nomoat.converter import deploy as deploy_module
 from nomoat.converter.adb import AdbError, Device, find_adb, parse_devices, pick_device
@@ -721,6 +721,37 @@ def test_bench_gives_up_when_the_app_never_finishes(bundle, fake, remote, adb_se
     assert "round 1/3 on the phone" in err and "logged 1 of 3 rounds and no end within 2 s" in err, err
     assert "--bench-timeout" in err
     assert any("am force-stop dev.nomoat.app" in c for c in device.shell_log)  # not left benchmarking
+
+
+def test_bench_says_at_once_when_the_app_dies_without_a_word(bundle, fake, remote, adb_server, capsys):
+    """A native crash or the low-memory killer logs no error line: the process gone is what says it, not the
+    rest of --bench-timeout."""
+    device, dev = fake
+
+    def crashing_app(extras):
+        yield fixed_round(extras, 0)
+        raise AppDied
+
+    device.install_app(crashing_app)
+    start = time.monotonic()
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote, "--bench-timeout", "60")) == 2
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err
+    assert "the app died on" in err and "after 1 of 3 rounds" in err and "logcat -b crash" in err, err
+
+
+def test_bench_refuses_a_phone_whose_screen_is_off(bundle, fake, remote, adb_server, capsys):
+    """A sleeping phone runs its front app on the little cores ("top-sleeping"): numbers of the wrong cores."""
+    device, dev = fake
+    device.install_app(simulated_app())
+    device.wakefulness = "Asleep"
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote)) == 2
+    out, err = capsys.readouterr()
+    assert out.strip() == str(remote / "tiny-bundle")  # deployed; only the bench was refused
+    assert "screen of" in err and "is off (mWakefulness=Asleep)" in err and "KEYCODE_WAKEUP" in err, err
+    assert device.app_starts == []  # never started on the slow cores
+    device.wakefulness = "Awake"
+    assert main(bench_cli(bundle, dev.serial, adb_server, remote)) == 0
 
 
 @pytest.mark.parametrize("clear_status", [1, 0], ids=["clear-fails", "clear-does-nothing"])

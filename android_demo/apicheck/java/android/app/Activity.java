@@ -6,6 +6,7 @@ import android.content.Intent;
 import android.os.Bundle;
 import android.view.ContextThemeWrapper;
 import android.view.View;
+import android.view.Window;
 
 public class Activity extends ContextThemeWrapper {
     public Activity() {
@@ -32,7 +33,11 @@ public class Activity extends ContextThemeWrapper {
         throw new UnsupportedOperationException("declaration only");
     }
 
-    public void finish() {
+    public void finishAndRemoveTask() {
+        throw new UnsupportedOperationException("declaration only");
+    }
+
+    public Window getWindow() {
         throw new UnsupportedOperationException("declaration only");
     }
 }

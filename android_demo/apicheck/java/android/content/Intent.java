@@ -3,6 +3,8 @@
 package android.content;
 
 public class Intent {
+    public static final int FLAG_ACTIVITY_LAUNCHED_FROM_HISTORY = 0x00100000;
+
     private Intent() {} // the shell only reads the Intent it was started with
 
     public String getStringExtra(String name) {
@@ -14,6 +16,10 @@ public class Intent {
     }
 
     public boolean getBooleanExtra(String name, boolean defaultValue) {
+        throw new UnsupportedOperationException("declaration only");
+    }
+
+    public int getFlags() {
         throw new UnsupportedOperationException("declaration only");
     }
 }

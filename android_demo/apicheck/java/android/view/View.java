@@ -4,8 +4,6 @@ package android.view;
 import android.content.Context;
 
 public class View {
-    public static final int FOCUS_DOWN = 130; // 0x00000082
-
     public View(Context context) {
         throw new UnsupportedOperationException("declaration only");
     }
@@ -23,6 +21,18 @@ public class View {
     }
 
     public void setOnClickListener(OnClickListener l) {
+        throw new UnsupportedOperationException("declaration only");
+    }
+
+    public boolean post(Runnable action) {
+        throw new UnsupportedOperationException("declaration only");
+    }
+
+    public final int getBottom() {
+        throw new UnsupportedOperationException("declaration only");
+    }
+
+    public void scrollTo(int x, int y) {
         throw new UnsupportedOperationException("declaration only");
     }
 

@@ -8,8 +8,4 @@ public class ScrollView extends FrameLayout {
         super(context);
         throw new UnsupportedOperationException("declaration only");
     }
-
-    public boolean fullScroll(int direction) {
-        throw new UnsupportedOperationException("declaration only");
-    }
 }

@@ -6,9 +6,11 @@ package dev.nomoat.app
 // calls (dev.nomoat.core) is compiled and tested on the host JVM; this screen never ran.
 
 import android.app.Activity
+import android.content.Intent
 import android.os.Bundle as AndroidBundle
 import android.os.SystemClock
 import android.util.Log
+import android.view.WindowManager
 import android.view.ViewGroup.LayoutParams.MATCH_PARENT
 import android.view.ViewGroup.LayoutParams.WRAP_CONTENT
 import android.widget.Button
@@ -69,7 +71,12 @@ class MainActivity : Activity() {
         buildScreen()
         val name = intent.getStringExtra("bundle")
         promptLookup = intent.getIntExtra("prompt_lookup", 0).coerceAtLeast(0)
-        if (intent.getBooleanExtra("bench", false)) {
+        // Reopened from Recents, a task replays the intent it was started with: a finished bench would run again.
+        val fromRecents = intent.flags and Intent.FLAG_ACTIVITY_LAUNCHED_FROM_HISTORY != 0
+        if (intent.getBooleanExtra("bench", false) && !fromRecents) {
+            // A front app whose screen went off runs in the background CPU group ("top-sleeping": the little
+            // cores on a Pixel): a bench longer than the screen timeout would measure those, unsaid.
+            window.addFlags(WindowManager.LayoutParams.FLAG_KEEP_SCREEN_ON)
             worker.execute { bench(name) }
         } else {
             worker.execute { load(name) }
@@ -129,11 +136,19 @@ class MainActivity : Activity() {
                 "`nomoat deploy --adb`")
     }
 
-    /** Open, verify and load a bundle; the load timings for the bench line. */
-    private fun open(name: String?, threads: Int?): JSONObject {
+    /** A bundle found, opened and verified (its files' hashes), not loaded yet. */
+    private class Verified(val dir: File, val bundle: Bundle, val seconds: Double)
+
+    private fun verify(name: String?): Verified {
         val dir = findBundle(name)
         val t0 = SystemClock.elapsedRealtimeNanos()
         val bundle = Bundle.open(dir, verify = true) // names the first damaged file and says to re-copy
+        return Verified(dir, bundle, (SystemClock.elapsedRealtimeNanos() - t0) / 1e9)
+    }
+
+    /** Load a verified bundle; the load timings for the bench line. */
+    private fun open(verified: Verified, threads: Int?): JSONObject {
+        val bundle = verified.bundle
         val t1 = SystemClock.elapsedRealtimeNanos()
         val tokenizer = Tokenizer.fromFile(bundle.tokenizerFile)
         val ort = OrtForward(bundle, threads)
@@ -144,13 +159,13 @@ class MainActivity : Activity() {
         maxNewTokens = bundle.manifest.defaultMaxNewTokens()
         params = SamplingParams.fromManifest(bundle.manifest)
         conversation = Conversation(gen, ChatFormat.fromManifestOrNull(bundle.manifest))
-        return JSONObject().put("bundle", dir.absolutePath).put("verify_s", (t1 - t0) / 1e9)
+        return JSONObject().put("bundle", verified.dir.absolutePath).put("verify_s", verified.seconds)
             .put("load_s", (t2 - t1) / 1e9).put("threads", threads ?: bundle.manifest.targetThreads ?: JSONObject.NULL)
     }
 
     private fun load(name: String?) {
         try {
-            val info = open(name, null)
+            val info = open(verify(name), null)
             val note = if (conversation?.chat == null) "\n${ChatFormat.MISSING}: prompts are sent as they are." else ""
             ui {
                 status.text = "${File(info.getString("bundle")).name}: ready$note"
@@ -170,7 +185,15 @@ class MainActivity : Activity() {
         transcript.append("\n> $text\n")
         worker.execute {
             try {
-                val onDelta = { delta: String -> ui { transcript.append(delta); scroll.fullScroll(ScrollView.FOCUS_DOWN) } }
+                // scrollTo once the appended text is laid out (post): fullScroll read the old bottom, and it moved
+                // the focus to the selectable transcript at every token, out of the box the user types the next
+                // message in.
+                val onDelta = { delta: String ->
+                    ui {
+                        transcript.append(delta)
+                        scroll.post { scroll.scrollTo(0, transcript.bottom) }
+                    }
+                }
                 val talk = conversation ?: throw IllegalStateException("no bundle loaded")
                 val turn = talk.send(text, maxNewTokens, params, promptLookup, onDelta)
                 turn.note?.let { note -> ui { transcript.append("\n$note\n") } }
@@ -205,18 +228,23 @@ class MainActivity : Activity() {
             val newTokens = intent.getIntExtra("new_tokens", 64)
             val rounds = intent.getIntExtra("rounds", 1)
             val threads = intent.getIntExtra("threads", 0).takeIf { it > 0 }
-            val info = open(name, threads)
-            val gen = generator ?: throw IllegalStateException("no bundle loaded")
+            val verified = verify(name)
             // For the host's decode-against-ceiling column: this phone's read bandwidth at the app's
             // threads, once, before the rounds. 64 MB is far past a phone's caches (a Pixel 6: 4 MB of
             // L3, 8 MB of system cache) and well within an app's Java heap; without it, no column.
-            val probeThreads = (info.opt("threads") as? Int) ?: Runtime.getRuntime().availableProcessors()
-            try {
-                info.put("read_bandwidth_bytes_per_s", Bandwidth.readBytesPerSecond(probeThreads, megabytes = 64))
-                    .put("bandwidth_threads", probeThreads)
+            // Before the model loads: the probe's array would otherwise sit on top of the weights and KV
+            // cache in the peak RSS (VmHWM) every round line reports, unlike the host's (its probe runs
+            // outside the engines' processes).
+            val probeThreads = threads ?: verified.bundle.manifest.targetThreads ?: Runtime.getRuntime().availableProcessors()
+            val bandwidth = try {
+                Bandwidth.readBytesPerSecond(probeThreads, megabytes = 64)
             } catch (e: OutOfMemoryError) {
                 Log.w(BENCH_TAG, "no memory for the bandwidth probe: the table will have no ceiling column")
+                null
             }
+            val info = open(verified, threads)
+            bandwidth?.let { info.put("read_bandwidth_bytes_per_s", it).put("bandwidth_threads", probeThreads) }
+            val gen = generator ?: throw IllegalStateException("no bundle loaded")
             val prompt = Bench.promptIds(gen.codec, promptTokens)
             // With prompt lookup each round runs plain and with lookup, alternating as on the host.
             val lookups = if (promptLookup > 0) listOf(0, promptLookup) else listOf(0)
@@ -231,7 +259,7 @@ class MainActivity : Activity() {
         } catch (e: Throwable) { // an Error too: the host reads this line at once instead of waiting out its timeout
             Log.i(BENCH_TAG, Bench.errorLine(run, failureText(e)))
         }
-        ui { finish() }
+        ui { finishAndRemoveTask() } // not left in Recents, whose relaunch would replay the bench's intent
     }
 
     /** VmHWM from /proc/self/status: the process's peak resident memory. */
