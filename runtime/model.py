@@ -449,7 +449,7 @@ class Model:
                repetition_penalty: float | None = None, repeat_last_n: int | None = None,
                frequency_penalty: float | None = None, presence_penalty: float | None = None,
                seed: int | None = None, prompt_lookup: int = 0, logprobs: int | None = None,
-               grammar: Grammar | None = None) -> Iterator[StreamEvent]:
+               grammar: Grammar | None = None, cache_prompt: bool = True) -> Iterator[StreamEvent]:
         """Stream the answer to a prompt (a string, wrapped in the chat template unless raw,
         or a list of {"role", "content"} messages) as text deltas.
 
@@ -459,7 +459,9 @@ class Model:
         raises ValueError rather than drafting nothing.
         logprobs=N gives each event its token's log-probability and the N most likely tokens at
         that position (0: the token's alone; see stream_ids). grammar= holds the answer to a
-        structured.Grammar (a JSON schema, a regex, a Lark or GBNF grammar)."""
+        structured.Grammar (a JSON schema, a regex, a Lark or GBNF grammar). cache_prompt=False
+        computes the prompt from an empty KV cache: the same answer whatever ran before (a prompt
+        continued from the cache can flip a quantized bundle's near-ties), for a whole prefill."""
         given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
                      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
@@ -467,7 +469,8 @@ class Model:
         check_lookup_applies(prompt_lookup, params, logprobs, grammar, given)
         ids = self.prompt_ids(prompt, system=system, raw=raw)
         yield from self.stream_ids(ids, max_new_tokens, params=params, stop=stop, prompt_lookup=prompt_lookup,
-                                   logprobs=logprobs, grammar=grammar, continues_prompt=raw)
+                                   cache_prompt=cache_prompt, logprobs=logprobs, grammar=grammar,
+                                   continues_prompt=raw)
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None,
                    params: SamplingParams | None = None, stop: str | Sequence[str] | None = None,

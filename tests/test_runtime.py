@@ -309,6 +309,17 @@ def test_stop_string_cuts_the_output(bundle):
     assert cut.text == text[: text.index(stop)]
 
 
+def test_generate_with_cache_prompt_false_computes_the_prompt_from_an_empty_cache(bundle):
+    model = Model.load(bundle)
+    first = model.generate("tell me a story", 6, temperature=0)
+    model.generate("tell me a story about a cat", 4, temperature=0)
+    assert model.last_stats.cached_tokens > 0  # the default: the shared prefix came from the cache
+    again = model.generate("tell me a story", 6, temperature=0, cache_prompt=False)
+    assert model.last_stats.cached_tokens == 0
+    assert model.last_stats.prefill_tokens == model.last_stats.prompt_tokens
+    assert again.token_ids == first.token_ids
+
+
 def test_chat_prefills_only_the_new_turn(bundle):
     model = Model.load(bundle)
     chat = model.chat(system="be brief")
