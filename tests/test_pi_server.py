@@ -1109,13 +1109,17 @@ def serve_main_with_a_slow_load(bundle, monkeypatch, argv: list[str]) -> Iterato
 
     monkeypatch.setattr(Model, "load", held_load)
     monkeypatch.setattr(PiServer, "__init__", recorded_init)
-    handler = signal.getsignal(signal.SIGTERM)
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C raising KeyboardInterrupt, as in a terminal, whatever the run inherited (a run started in the
+    # background by a shell without job control ignores SIGINT, and interrupt_main then does nothing).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield state, release, made
         state["exit"] = main(["serve", str(bundle), "--port", "0", "--threads", "1", *argv])
     finally:
         release.set()
-        signal.signal(signal.SIGTERM, handler)  # serve's, which stops its server, would outlive the test
+        for signum, handler in saved.items():  # serve's SIGTERM handler, which stops its server, included
+            signal.signal(signum, handler)
 
 
 def _get(url: str, method: str = "GET", body: dict | None = None, key: str | None = None):
