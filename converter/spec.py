@@ -96,8 +96,9 @@ class RopeScaling:
     original_max_position_embeddings: int
 
     @classmethod
-    def from_config(cls, d: ConfigFile | None) -> RopeScaling | None:
-        """From config.json's rope_scaling (or rope_parameters) object."""
+    def from_config(cls, d: ConfigFile | None, top: ConfigFile | None = None) -> RopeScaling | None:
+        """From config.json's rope_scaling (or rope_parameters) object; `top` is the whole config.json, whose
+        top-level original_max_position_embeddings transformers 5 reads too."""
         if d is None or not d.data:
             return None
         kind = d.get("rope_type", d.get("type"))
@@ -112,8 +113,39 @@ class RopeScaling:
             factor=d.float("factor"),
             low_freq_factor=d.float("low_freq_factor"),
             high_freq_factor=d.float("high_freq_factor"),
-            original_max_position_embeddings=d.int("original_max_position_embeddings"),
+            original_max_position_embeddings=_original_max_positions(d, top),
         )
+
+
+def _original_max_positions(d: ConfigFile, top: ConfigFile | None) -> int:
+    """llama3 rope's original_max_position_embeddings: the context the model was pretrained with, which the
+    scaling counts wavelengths against.
+
+    transformers 4 reads it from rope_scaling only; transformers 5 (standardize_rope_params) lets a top-level
+    key in config.json override the one in rope_scaling/rope_parameters. When only the top-level one is there,
+    it is used, as transformers 5 does (4 cannot load such a file at all). When both are there and differ, the
+    two versions build different models, and the reference verify rebuilds from our spec would agree with
+    whichever we picked: refused, so the user decides.
+    """
+    inner = d.int("original_max_position_embeddings", None)
+    outer = top.int("original_max_position_embeddings", None) if top is not None else None
+    if inner is not None and outer is not None and inner != outer:
+        raise ConversionError(
+            f"{d.name} sets original_max_position_embeddings twice: {outer} at the top level and {inner} in "
+            f"{d.prefix.rstrip('.')}; transformers 5 uses the top-level one and transformers 4 the other, so the "
+            f"model's llama3 rope is ambiguous: edit {d.name} so the two agree (the context the model was "
+            "pretrained with, 8192 for Meta's Llama 3.1 to 3.3), or remove the top-level one."
+        )
+    if inner is None and outer is None:
+        # transformers 5 would fall back to max_position_embeddings, which is not the pretraining context for the
+        # models that use llama3 rope (Llama 3.1: 8192, not 131072) and scales every wavelength wrong; 4 refuses.
+        raise ConversionError(
+            f"{d.name} sets llama3 rope scaling without {d.prefix}original_max_position_embeddings, which llama3 "
+            "rope needs: it is the context the model was pretrained with, which the scaling counts wavelengths "
+            f"against. Add it to {d.prefix.rstrip('.')} in {d.name} (8192 for Meta's Llama 3.1 to 3.3; see the "
+            "config.json the model was published with)."
+        )
+    return inner if outer is None else outer
 
 
 @dataclass(frozen=True)
@@ -170,8 +202,6 @@ class ModelSpec:
                 f"model_type {arch!r} is not supported; nomoat converts "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} models (LLaMA-style decoders)."
             )
-        if arch == "qwen2" and cfg.get("use_sliding_window"):
-            raise ConversionError("Qwen2 with use_sliding_window=true is not supported.")
         if cfg.get("mlp_bias") or (arch == "llama" and cfg.get("attention_bias")):
             raise ConversionError("LLaMA variants with biases in attention or MLP are not supported.")
         act = cfg.get("hidden_act", "silu")
@@ -180,6 +210,10 @@ class ModelSpec:
         c = ConfigFile(cfg, source)
         heads = c.int("num_attention_heads")
         hidden = c.int("hidden_size")
+        layers = c.int("num_hidden_layers")
+        defaults = _TRANSFORMERS_DEFAULTS[arch]
+        if arch == "qwen2":
+            _refuse_qwen2_sliding_layers(c, layers)
         # transformers 5 moved the rope settings into `rope_parameters`; read either
         rope_params = c.section("rope_parameters")
         return cls(
@@ -187,18 +221,18 @@ class ModelSpec:
             vocab_size=c.int("vocab_size"),
             hidden_size=hidden,
             intermediate_size=c.int("intermediate_size"),
-            num_layers=c.int("num_hidden_layers"),
+            num_layers=layers,
             num_heads=heads,
-            num_kv_heads=c.int("num_key_value_heads", heads),
+            num_kv_heads=c.int("num_key_value_heads", _default_kv_heads(cfg, defaults, heads)),
             head_dim=c.int("head_dim", hidden // heads),
             rms_norm_eps=c.float("rms_norm_eps", 1e-6),
             # transformers 5 reads rope_parameters first when a config has both
             rope_theta=(rope_params.float("rope_theta", c.float("rope_theta", 10000.0)) if rope_params
                         else c.float("rope_theta", 10000.0)),
-            max_position_embeddings=c.int("max_position_embeddings", 2048),
+            max_position_embeddings=c.int("max_position_embeddings", defaults["max_position_embeddings"]),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2",
-            rope_scaling=RopeScaling.from_config(_rope_scaling_section(c, rope_params)),
+            rope_scaling=RopeScaling.from_config(_rope_scaling_section(c, rope_params), c),
             sliding_window=_mistral_sliding_window(c) if arch == "mistral" else None,
         )
 
@@ -272,6 +306,74 @@ class ModelSpec:
 
 # transformers' MistralConfig default (4.x and 5.x): what a config.json without the key gets
 MISTRAL_DEFAULT_SLIDING_WINDOW = 4096
+
+# What transformers' LlamaConfig, MistralConfig and Qwen2Config (4.x and 5.25 alike) give a config.json that
+# lacks the key, so the bundle is the model transformers loads from the same file. Written out rather than
+# read from transformers, whose import costs seconds in `nomoat convert`'s first step. None: as many KV heads
+# as query heads.
+_TRANSFORMERS_DEFAULTS: dict[str, dict[str, int | None]] = {
+    "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None},
+    "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+}
+
+
+def _default_kv_heads(cfg: dict[str, Any], defaults: dict[str, int | None], heads: int) -> int:
+    """What transformers takes for a num_key_value_heads config.json lacks: absent, the config class's default
+    (Qwen2's 32, Mistral's 8); null, as many as the query heads (its __post_init__), as is Llama's default."""
+    if "num_key_value_heads" in cfg:
+        return heads
+    return defaults["num_key_value_heads"] or heads
+
+
+# Qwen2Config's defaults for its per-layer window: with use_sliding_window, layers from max_window_layers on
+# attend within sliding_window
+QWEN2_DEFAULT_SLIDING_WINDOW = 4096
+QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28
+
+
+def _refuse_qwen2_sliding_layers(c: ConfigFile, layers: int) -> None:
+    """Refuse a Qwen2 config in which transformers would run some layer with sliding-window attention.
+
+    Qwen2 slides only when use_sliding_window is true and sliding_window is not null, and then only in the
+    layers `layer_types` marks "sliding_attention", or without that list, layers max_window_layers and up.
+    A config with use_sliding_window true whose max_window_layers covers every layer attends fully
+    everywhere, so it is plain attention and exported as such. nomoat exports one kind of attention for
+    all layers, so any sliding layer is refused.
+    """
+    if not c.get("use_sliding_window") or c.data.get("sliding_window", QWEN2_DEFAULT_SLIDING_WINDOW) is None:
+        return
+    window = c.int("sliding_window", QWEN2_DEFAULT_SLIDING_WINDOW)
+    layer_types = c.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise c.invalid("layer_types")
+        sliding = [n for n, kind in enumerate(layer_types[:layers]) if kind == "sliding_attention"]
+        setting = f"layer_types marks layer(s) {_ranges(sliding)} as sliding_attention"
+    else:
+        first = c.int("max_window_layers", QWEN2_DEFAULT_MAX_WINDOW_LAYERS, positive=False)
+        sliding = list(range(max(first, 0), layers))
+        shown = "" if "max_window_layers" in c.data else " (Qwen2Config's default)"
+        setting = (f"max_window_layers {first}{shown} is below num_hidden_layers {layers}, so layer(s) "
+                   f"{_ranges(sliding)} attend within the window")
+    if sliding:
+        raise ConversionError(
+            f"{c.name} sets use_sliding_window=true with sliding_window {window}, and {setting}; nomoat exports "
+            "one kind of attention for every layer, so this Qwen2 cannot be converted. If the model was trained "
+            "without the window (Qwen2 and Qwen2.5 ship use_sliding_window false), set it to false in "
+            f"{c.name}."
+        )
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[2, 3, 4, 7] -> '2-4, 7'."""
+    parts: list[str] = []
+    for n in numbers:
+        if parts and parts[-1].split("-")[-1] == str(n - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{n}"
+        else:
+            parts.append(str(n))
+    return ", ".join(parts)
 
 
 def _mistral_sliding_window(c: ConfigFile) -> int | None:

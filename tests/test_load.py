@@ -557,11 +557,39 @@ def test_unknown_model_type_is_refused(tmp_path):
         load_checkpoint(_hf_copy(tmp_path, model_type="gpt_neox"))
 
 
-def test_qwen2_with_sliding_window_is_refused(tmp_path):
-    # Qwen2's window applies to some layers only (max_window_layers); Mistral's is exported
+@pytest.mark.parametrize(("changes", "setting"), [
+    pytest.param({"max_window_layers": 1}, r"max_window_layers 1 is below num_hidden_layers 2, so layer\(s\) 1 "
+                 "attend within the window", id="max_window_layers"),
+    pytest.param({"max_window_layers": 0, "num_hidden_layers": 3},
+                 r"max_window_layers 0 is below num_hidden_layers 3, so layer\(s\) 0-2", id="every layer"),
+    pytest.param({"max_window_layers": 2, "layer_types": ["full_attention", "sliding_attention"]},
+                 r"layer_types marks layer\(s\) 1 as sliding_attention", id="layer_types"),
+])
+def test_qwen2_with_sliding_layers_is_refused_naming_the_setting(tmp_path, changes, setting):
+    # Qwen2's window applies to some layers only (layers max_window_layers and up); Mistral's is exported
     # (tests/test_sliding_window.py).
-    with pytest.raises(ConversionError, match="Qwen2 with use_sliding_window=true is not supported"):
-        load_checkpoint(_hf_copy(tmp_path, model_type="qwen2", use_sliding_window=True))
+    hf = _hf_copy(tmp_path, model_type="qwen2", use_sliding_window=True, sliding_window=4, **changes)
+    with pytest.raises(ConversionError, match=rf"config.json sets use_sliding_window=true with sliding_window 4, "
+                                              rf"and {setting}.*set it to false in"):
+        load_checkpoint(hf)
+
+
+@pytest.mark.parametrize("changes", [
+    pytest.param({"max_window_layers": 2}, id="max_window_layers covers every layer"),
+    pytest.param({}, id="Qwen2Config's default 28 layers"),
+    pytest.param({"max_window_layers": 1, "sliding_window": None}, id="no window"),
+])
+def test_qwen2_with_use_sliding_window_but_no_sliding_layer_is_plain_attention(qwen2_dir, tmp_path, changes):
+    """transformers slides only layers max_window_layers and up: with as many as the model has, none does."""
+    hf = Path(shutil.copytree(qwen2_dir, tmp_path / "qwen2"))
+    cfg = {**json.loads((hf / "config.json").read_text()), "use_sliding_window": True, "sliding_window": 2,
+           **changes}
+    cfg.pop("layer_types", None)  # saved by transformers 5 from the model's own settings; rebuilt from these
+    (hf / "config.json").write_text(json.dumps(cfg))
+    ckpt = load_checkpoint(hf)
+    assert ckpt.spec.sliding_window is None
+    # the window of 2 changes the logits of an 8-token prompt wherever it applies: the reference does not slide
+    assert_same_logits(ckpt, hf)
 
 
 def test_untied_model_without_lm_head_is_refused(tmp_path):
@@ -817,3 +845,63 @@ def test_rope_parameters_win_over_a_top_level_rope_theta_as_in_transformers(tmp_
     cfg.update({"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}})
     assert ModelSpec.from_hf_config(cfg).rope_theta == 50000.0
     assert LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}).rope_parameters["rope_theta"] == 50000.0
+
+
+def _llama3_rope() -> dict:
+    """A fresh dict each time: transformers' config classes add keys to the one they are given."""
+    return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "rope_theta": 10000.0}
+
+
+def _tiny_config(tmp_path: Path, **changes) -> dict:
+    hf = make_tiny_hf_dir(tmp_path / "m")
+    return {**json.loads((hf / "config.json").read_text()), **changes}
+
+
+def test_a_top_level_original_max_position_embeddings_is_read_as_in_transformers_5(tmp_path):
+    """transformers 5 (standardize_rope_params, again when the model is built) lets a top-level key override
+    the one in rope_parameters: with only that one, the model it builds counts against it."""
+    hf = make_tiny_hf_dir(tmp_path / "m", rope_parameters=_llama3_rope())
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["rope_parameters"].pop("original_max_position_embeddings", None)
+    (hf / "config.json").write_text(json.dumps({**cfg, "original_max_position_embeddings": 64}))
+    ckpt = load_checkpoint(hf)
+    assert ckpt.spec.rope_scaling.original_max_position_embeddings == 64
+    assert_same_logits(ckpt, hf)  # 64 against the 256 max_position_embeddings changes every rotation
+
+
+@pytest.mark.parametrize("section", ["rope_scaling", "rope_parameters"])
+def test_original_max_position_embeddings_twice_must_agree(tmp_path, section):
+    """transformers 4 reads the one in rope_scaling, 5 the top-level one: which is meant is the user's call."""
+    rope = {**_llama3_rope(), "original_max_position_embeddings": 32}
+    cfg = _tiny_config(tmp_path, **{section: rope}, original_max_position_embeddings=64)
+    with pytest.raises(ConversionError, match=rf"config.json sets original_max_position_embeddings twice: 64 at the "
+                                              rf"top level and 32 in {section}; .*edit config.json so the two agree"):
+        ModelSpec.from_hf_config(cfg)
+    agreed = ModelSpec.from_hf_config({**cfg, "original_max_position_embeddings": 32})
+    assert agreed.rope_scaling.original_max_position_embeddings == 32
+
+
+def test_llama3_rope_without_original_max_position_embeddings_says_it_is_needed(tmp_path):
+    # transformers 5 would take max_position_embeddings instead (131072 for Llama 3.1, not its 8192)
+    cfg = _tiny_config(tmp_path, rope_scaling=_llama3_rope())
+    with pytest.raises(ConversionError, match=r"config.json sets llama3 rope scaling without "
+                                              r"rope_scaling.original_max_position_embeddings, which llama3 rope "
+                                              r"needs: it is the context the model was pretrained with.*Add it"):
+        ModelSpec.from_hf_config(cfg)
+
+
+def test_keys_a_config_lacks_get_transformers_defaults_per_architecture(tmp_path):
+    """MistralConfig has 131,072 positions and 8 KV heads, Qwen2Config 32,768 and 32, LlamaConfig 2,048 and
+    one per query head, whatever the model; a null num_key_value_heads is one per query head in each."""
+    from transformers import AutoConfig
+
+    base = _tiny_config(tmp_path, num_attention_heads=32, head_dim=16, hidden_size=512)
+    for arch in ("llama", "mistral", "qwen2"):
+        cfg = {k: v for k, v in base.items() if k not in ("max_position_embeddings", "num_key_value_heads")}
+        cfg["model_type"] = arch
+        spec = ModelSpec.from_hf_config(cfg)
+        expected = AutoConfig.for_model(arch, **{k: v for k, v in cfg.items() if k != "model_type"})
+        assert (arch, spec.max_position_embeddings, spec.num_kv_heads) == \
+            (arch, expected.max_position_embeddings, expected.num_key_value_heads)
+        assert ModelSpec.from_hf_config({**cfg, "num_key_value_heads": None}).num_kv_heads == 32
