@@ -62,6 +62,11 @@ def _stage(name: str, enabled: bool) -> None:
         print(f"[nomoat {time.perf_counter() - _T0[0]:6.1f}s] {name}", file=sys.stderr, flush=True)
 
 
+def _notice(message: str) -> None:
+    """Something the user should know about the bundle: printed even without progress lines, as merge's are."""
+    print(f"[nomoat] notice: {message}", file=sys.stderr, flush=True)
+
+
 def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
     """The target and its recipe with the user's overrides (recorded as such)."""
     from .targets import load_target
@@ -170,6 +175,14 @@ def _convert(opts: ConvertOptions) -> Path:
     recipe, estimate = fit_recipe(ckpt.spec, recipe, target, opts.fit)
     for note in recipe.adjustments:
         _stage(f"fit: {note}", opts.progress)
+    window = ckpt.unrecorded_window
+    if window is not None and recipe.max_context > window:
+        # not an error: llama.cpp runs these files the same way, and within the window the outputs agree
+        _notice(f"{opts.model} looks like Mistral 7B v0.1 or a fine-tune of it (its general.name says Mistral), "
+                f"which attends within a {window:,}-token sliding window that a GGUF does not record: the bundle "
+                f"attends to all {recipe.max_context:,} positions, as llama.cpp does, so past {window:,} tokens it "
+                "differs from the model. To keep the window, convert the Hugging Face folder instead, or pass "
+                f"--max-context {window}.")
     _stage(f"fit: estimated peak {estimate.summary()}", opts.progress)
 
     try:

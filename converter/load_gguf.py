@@ -23,7 +23,7 @@ from .gguf_pretokenizer import adds_bos_by_default, set_pre_tokenizer
 from .load_hf import END_OF_TURN_TOKENS, end_of_turn_ids
 from .load_meta import interleaved_to_half_rotary
 from .sampling_defaults import checked_generation_defaults
-from .spec import Checkpoint, ModelSpec, RopeScaling, TokenizerInfo
+from .spec import MISTRAL_DEFAULT_SLIDING_WINDOW, Checkpoint, ModelSpec, RopeScaling, TokenizerInfo
 
 # 'llama' covers Llama 1/2/3 and Mistral (llama.cpp writes Mistral as 'llama').
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -91,10 +91,24 @@ def load_gguf(path: Path) -> Checkpoint:
         generation_defaults=checked_generation_defaults(
             {name: meta[key] for key, name in _SAMPLING_KEYS.items() if key in meta},
             f"{path}'s general.sampling.* metadata"),
+        unrecorded_window=_unrecorded_mistral_window(meta, spec),
     )
     checkpoint.check_tensors()
     checkpoint.check_vocabulary(f"the tokenizer in {path} (tokenizer.ggml.tokens)")
     return checkpoint
+
+
+def _unrecorded_mistral_window(meta: dict[str, Any], spec: ModelSpec) -> int | None:
+    """Mistral 7B v0.1's 4,096-token window when the GGUF looks like it (or a fine-tune of it), else None.
+
+    llama.cpp writes Mistral as 'llama' without a window key, so the file cannot say; general.name mentioning
+    Mistral is the hint. Mistral's later models (7B v0.2 and v0.3, Nemo) have no window and a rope_theta of
+    1e6 or more, so only v0.1's 10000 is taken for the windowed one: the others get no false notice.
+    """
+    name = str(meta.get("general.name", ""))
+    if spec.architecture == "llama" and "mistral" in name.lower() and spec.rope_theta == 10000.0:
+        return MISTRAL_DEFAULT_SLIDING_WINDOW
+    return None
 
 
 def load_gguf_tokenizer(path: Path) -> TokenizerInfo:

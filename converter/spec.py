@@ -436,6 +436,9 @@ class Checkpoint:
     tokenizer: TokenizerInfo
     source: dict[str, Any] = field(default_factory=dict)
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # a sliding window (in tokens) the model was likely trained with that its file does not record, so the bundle
+    # attends past it: a GGUF of Mistral 7B v0.1, which llama.cpp writes as 'llama' with no window key
+    unrecorded_window: int | None = None
 
     def check_tensors(self, config: str = "config.json") -> None:
         """Refuse a checkpoint with missing, extra-shaped or non-finite tensors.

@@ -177,3 +177,32 @@ def test_attention_that_differs_from_layer_to_layer_is_refused(mistral_dir, tmp_
 def test_the_config_written_for_transformers_keeps_the_window(mistral_dir):
     """The reference verify checks against and `nomoat merge`'s config.json are built from it."""
     assert load_checkpoint(mistral_dir).spec.to_hf_config()["sliding_window"] == WINDOW
+
+
+def test_a_mistral_v0_1_gguf_says_its_window_is_lost_past_it(tmp_path, capsys):
+    """llama.cpp writes Mistral 7B v0.1 as 'llama' with no window key: the bundle attends to every position,
+    where transformers attends within 4,096. Only general.name can hint at it; a notice says so."""
+    from tiny_models import write_gguf_from_hf
+
+    hf = make_tiny_hf_dir(tmp_path / "hf", arch="mistral", sliding_window=None, max_position_embeddings=8192)
+    gguf = write_gguf_from_hf(hf, tmp_path / "mistral.gguf", name="Mistral 7B v0.1")
+    assert load_checkpoint(gguf).unrecorded_window == 4096
+    _convert(gguf, tmp_path / "long", max_context=8192)
+    notice = capsys.readouterr().err
+    assert "[nomoat] notice: " in notice and "looks like Mistral 7B v0.1" in notice
+    assert "attends to all 8,192 positions" in notice and "pass --max-context 4096" in notice
+    _convert(gguf, tmp_path / "within", max_context=4096)
+    assert "notice" not in capsys.readouterr().err
+
+
+def test_only_a_gguf_named_mistral_with_v0_1_rope_gets_the_window_notice(tmp_path):
+    """Mistral 7B v0.2 and v0.3 and Nemo have no window (and a rope_theta of 1e6 or more); another name says
+    nothing of Mistral."""
+    from tiny_models import write_gguf_from_hf
+
+    hf = make_tiny_hf_dir(tmp_path / "hf", arch="mistral", sliding_window=None)
+    assert load_checkpoint(write_gguf_from_hf(hf, tmp_path / "other.gguf")).unrecorded_window is None
+    later = make_tiny_hf_dir(tmp_path / "v0.2", arch="mistral", sliding_window=None,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    named = write_gguf_from_hf(later, tmp_path / "v0.2.gguf", name="Mistral 7B Instruct v0.2")
+    assert load_checkpoint(named).unrecorded_window is None

@@ -220,13 +220,14 @@ def gguf_name(hf_name: str) -> str:
 
 def write_gguf_from_hf(
     hf_dir: str | Path, out_path: str | Path, qtype: str = "F32", architecture: str | None = None,
-    penalty: tuple[float, int] | None = None,
+    penalty: tuple[float, int] | None = None, name: str = "tiny test model",
 ) -> Path:
     """The HF model as llama.cpp's convert_hf_to_gguf would write it (q/k permuted for 'llama').
 
     `qtype` (F32, F16, Q8_0, Q4_0, ...) applies to 2-D weights; norms and biases stay F32
     as in llama.cpp. `architecture` overrides general.architecture (to write a bad file).
-    `penalty` writes llama.cpp's repeat penalty and its window (general.sampling.penalty_*).
+    `penalty` writes llama.cpp's repeat penalty and its window (general.sampling.penalty_*). `name` is
+    general.name (llama.cpp writes the model's, e.g. "Mistral 7B v0.1").
     """
     import gguf
 
@@ -239,7 +240,7 @@ def write_gguf_from_hf(
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
 
     w = gguf.GGUFWriter(out_path, architecture or arch)
-    w.add_name("tiny test model")
+    w.add_name(name)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
