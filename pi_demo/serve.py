@@ -164,8 +164,10 @@ def _serve(server, loader: _Loader) -> int:
     from nomoat.runtime import BundleError, OrtOptionsError
 
     # systemd stops the service with SIGTERM: finish like Ctrl-C. shutdown() waits for serve_forever
-    # to return, so it must run outside the (main) thread that serve_forever blocks.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    # to return, so it must run outside the (main) thread that serve_forever blocks. The old handler comes
+    # back after: a caller of run() in its own process (a test, an SDK user) keeps its own.
+    previous = signal.signal(signal.SIGTERM,
+                             lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     interrupted = False
     try:  # from here on the port is closed on every way out, Ctrl-C before serve_forever included
         _warn_if_open(server, server.app.config)
@@ -175,6 +177,7 @@ def _serve(server, loader: _Loader) -> int:
         interrupted = True
     finally:
         server.server_close()
+        signal.signal(signal.SIGTERM, previous)
     error = loader.error
     if isinstance(error, (BundleError, OrtOptionsError)):
         return _fail(refused_ort_options(error) if isinstance(error, OrtOptionsError) else str(error))

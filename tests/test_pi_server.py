@@ -1188,9 +1188,11 @@ def test_a_stop_while_the_model_loads_attaches_nothing_and_ctrl_c_is_130(bundle,
 def test_a_bundle_that_fails_to_load_is_said_once_the_server_stops(tmp_path, capsys):
     from pi_demo.__main__ import main
 
+    handler = signal.getsignal(signal.SIGTERM)
     assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("pi_demo serve: error: ") and "missing" in err and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGTERM) is handler  # serve's, which stops its server, does not outlive it
 
 
 def test_listening_on_every_interface_without_a_key_names_the_address(bundle, monkeypatch, caplog):
