@@ -322,7 +322,7 @@ def _manifest_dict(ckpt, adapters, recipe: Recipe, target: Target, estimate: Mem
     }
 
 
-def _chat_format(tok) -> dict[str, list[str]] | None:
+def _chat_format(tok) -> dict[str, Any] | None:
     """The chat template as text pieces for runtimes without Jinja (the Android app); None when the
     template is not fixed text around each message. The template the Python runtime would use: the
     model's, or ChatML when it has none."""

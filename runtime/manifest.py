@@ -180,7 +180,7 @@ class Manifest:
     created_by: str = "nomoat"
     # The chat template as text pieces for runtimes without Jinja (converter/chat_format.py);
     # None when the template cannot be written that way. The Python runtime renders the template.
-    chat_format: dict[str, list[str]] | None = None
+    chat_format: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -314,19 +314,22 @@ def test_chat_format_renders_what_the_template_renders(tiny_bundle):
     assert rendered == [model.template.render(c, add_generation_prompt=True) for c in CONVERSATIONS]
 
 
-@pytest.mark.parametrize("name", ["LLAMA32_TEMPLATE", "DEEPSEEK_R1_TEMPLATE", "QWEN3_STYLE_TEMPLATE"])
+@pytest.mark.parametrize("name", ["LLAMA32_TEMPLATE", "DEEPSEEK_R1_TEMPLATE", "QWEN3_STYLE_TEMPLATE", "LLAMA2_TEMPLATE",
+                                  "MISTRAL_V01_TEMPLATE", "MISTRAL_V03_TEMPLATE", "PHI35_TEMPLATE"])
 def test_chat_format_content_changes_and_dates_render_as_jinja_does(name, tiny_bundle, tmp_path):
-    """Templates that trim content, drop an earlier answer's reasoning or put in today's date: the app
-    renders the converter's pieces as Jinja renders the template, on the day it is given."""
+    """Templates that trim content, drop an earlier answer's reasoning, put in today's date, end the
+    prompt with text an answered turn does not repeat (DeepSeek-R1-Distill's "<think>\\n") or take no
+    system message as fixed text: the app renders the converter's pieces as Jinja renders the template,
+    on the day it is given, and refuses a system message as Python's render_pieces does."""
     import test_chat_format
-    from nomoat.converter.chat_format import derive_chat_format
+    from nomoat.converter.chat_format import NO_SYSTEM, derive_chat_format
     from nomoat.runtime.chat_template import ChatTemplate
 
-    template = ChatTemplate(getattr(test_chat_format, name), bos_token="<s>")
+    template = ChatTemplate(getattr(test_chat_format, name), bos_token="<s>", eos_token="</s>")
     bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["chat_format"] = derive_chat_format(template)
-    assert set(manifest["chat_format"]) & {"content", "dates"}
+    fmt = manifest["chat_format"] = derive_chat_format(template)
+    assert set(fmt) & {"content", "dates", "generation_prompt"} or fmt["first_turn_with_system"] is None
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     conversations = CONVERSATIONS + test_chat_format.CONVERSATIONS
     lines = "".join(json.dumps(c) + "\n" for c in conversations)
@@ -334,7 +337,8 @@ def test_chat_format_content_changes_and_dates_render_as_jinja_does(name, tiny_b
     out = kotlin_host.run_kotlin("dev.nomoat.core.BundleCli", str(bundle), "--render", f"--now={day.isoformat()}",
                                  input=lines)
     rendered = [json.loads(line) for line in out.splitlines()]
-    assert rendered == [template.render(c, add_generation_prompt=True, strftime_now=day.strftime)
+    assert rendered == [{"error": NO_SYSTEM} if c[0]["role"] == "system" and fmt["first_turn_with_system"] is None
+                        else template.render(c, add_generation_prompt=True, strftime_now=day.strftime)
                         for c in conversations]
 
 

@@ -17,11 +17,14 @@ data class Message(val role: String, val content: String)
  *
  *     first_turn              [text, "user", text]
  *     first_turn_with_system  [text, "system", text, "user", text]
- *     next_turn               [text, "assistant", text, "user", text]   (appended after the prompt so far)
+ *     next_turn               [text, "assistant", text, "user", text]   (appended after the turns so far)
  *
  * Even positions are literal text, odd positions name the message whose content goes there. A
  * template's default system message (the one it inserts when the conversation has none) is part of
- * first_turn's literal text. Two optional keys: `content` ([contentOps]: what the template does to a
+ * first_turn's literal text. first_turn_with_system is null when the template's system message is not
+ * fixed text (Llama 2, Mistral, Gemma): a system message is then refused (the chat screen sends none).
+ * Three optional keys: `generation_prompt` (text that ends every prompt but not an answered turn:
+ * DeepSeek-R1-Distill's "<think>\n"), `content` ([contentOps]: what the template does to a
  * role's content first, e.g. Llama 3 trims every message, DeepSeek-R1 drops an earlier answer's
  * reasoning) and `dates` (strftime formats of the dates the template puts in, e.g. Llama 3.2's
  * "Today Date"; the literal text holds [DATE_MARK] in their places, filled from [clock]). The
@@ -30,15 +33,16 @@ data class Message(val role: String, val content: String)
  */
 class ChatFormat(
     val firstTurn: List<String>,
-    val firstTurnWithSystem: List<String>,
+    val firstTurnWithSystem: List<String>?,
     val nextTurn: List<String>,
     val contentOps: Map<String, List<String>> = emptyMap(),
     val dates: List<String> = emptyList(),
+    val generationPrompt: String = "",
     private val clock: () -> LocalDateTime = { LocalDateTime.now() }
 ) {
     init {
         check("first_turn", firstTurn, listOf("user"))
-        check("first_turn_with_system", firstTurnWithSystem, listOf("system", "user"))
+        if (firstTurnWithSystem != null) check("first_turn_with_system", firstTurnWithSystem, listOf("system", "user"))
         check("next_turn", nextTurn, listOf("assistant", "user"))
         for ((role, ops) in contentOps) {
             val unknown = ops.filter { it !in CONTENT_OPS }
@@ -72,10 +76,12 @@ class ChatFormat(
             "a chat_format prompt is an optional system message, then user and assistant turns in " +
                 "alternation ending with a user turn; got roles $roles"
         }
+        require(!hasSystem || firstTurnWithSystem != null) { NO_SYSTEM }
         val head = messages.take(if (hasSystem) 2 else 1)
-        val out = StringBuilder(fill(if (hasSystem) firstTurnWithSystem else firstTurn, head))
+        val out = StringBuilder(fill(if (hasSystem) firstTurnWithSystem!! else firstTurn, head))
         val rest = messages.drop(head.size)
         for (i in rest.indices step 2) out.append(fill(nextTurn, rest.subList(i, i + 2)))
+        out.append(generationPrompt)
         if (dates.isEmpty()) return out.toString()
         val now = clock()
         return DATE_MARK_RE.replace(out) { strftime(dates[it.groupValues[1].toInt()], now) }
@@ -145,6 +151,10 @@ class ChatFormat(
         // ASCII digits whatever the phone's locale ("%02d".format would use its digits)
         private fun pad(n: Int, width: Int): String = n.toString().padStart(width, '0')
 
+        /** converter/chat_format.py NO_SYSTEM: a system message for a format without a system turn. */
+        const val NO_SYSTEM = "this chat_format has no system turn (the model's chat template does not take a " +
+            "system message as fixed text): leave out the system message"
+
         const val MISSING = "this bundle has no chat_format (an older nomoat converted it, or its chat template is " +
             "not fixed text around each message); re-convert it with a newer nomoat, or use raw prompts"
 
@@ -163,6 +173,10 @@ class ChatFormat(
             }
             fun pieces(key: String): List<String> = strings(d.optJSONArray(key)
                 ?: throw BundleException("manifest.json chat_format has no \"$key\" list; re-convert the model."), key)
+            // null (or absent) when the template takes no system message as fixed text
+            val withSystem = if (d.isNull("first_turn_with_system")) null else pieces("first_turn_with_system")
+            val generationPrompt = if (!d.has("generation_prompt")) "" else d.opt("generation_prompt") as? String
+                ?: throw BundleException("manifest.json chat_format.generation_prompt is not a string; re-convert the model.")
             val content = d.optJSONObject("content")?.let { c ->
                 c.keys().asSequence().associateWith { role ->
                     strings(c.optJSONArray(role) ?: throw BundleException(
@@ -170,7 +184,7 @@ class ChatFormat(
                 }
             } ?: emptyMap()
             val dates = d.optJSONArray("dates")?.let { strings(it, "dates") } ?: emptyList()
-            return ChatFormat(pieces("first_turn"), pieces("first_turn_with_system"), pieces("next_turn"), content, dates,
+            return ChatFormat(pieces("first_turn"), withSystem, pieces("next_turn"), content, dates, generationPrompt,
                 clock)
         }
 

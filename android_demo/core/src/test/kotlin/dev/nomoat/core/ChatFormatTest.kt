@@ -153,4 +153,37 @@ class ChatFormatTest {
             }
         }
     }
+
+    @Test
+    fun theGenerationPromptEndsThePromptButNotAnAnsweredTurn() {
+        // DeepSeek-R1-Distill's shape: "<think>\n" opens the answer, an earlier answer renders without it.
+        val section = JSONObject().put("first_turn", JSONArray(listOf("<s><U>", "user", "<A>")))
+            .put("first_turn_with_system", JSONArray(listOf("<s>", "system", "<U>", "user", "<A>")))
+            .put("next_turn", JSONArray(listOf("", "assistant", "<E><U>", "user", "<A>")))
+            .put("generation_prompt", "<think>\n")
+        val format = ChatFormat.fromManifest(manifest(section))
+        assertEquals("<s><U>Hi<A><think>\n", format.render(listOf(Message("user", "Hi"))))
+        assertEquals("<s><U>Hi<A>Hello<E><U>Bye<A><think>\n",
+            format.render(listOf(Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Bye"))))
+        try {
+            ChatFormat.fromManifest(manifest(section.put("generation_prompt", 3)))
+            fail("a generation_prompt that is not a string accepted")
+        } catch (e: BundleException) {
+            assertTrue(e.message!!, e.message!!.contains("chat_format.generation_prompt") && e.message!!.contains("re-convert"))
+        }
+    }
+
+    @Test
+    fun withoutASystemTurnASystemMessageIsRefused() {
+        // Llama 2's, Mistral's, Gemma's: the template takes no system message as fixed text.
+        val format = ChatFormat.fromManifest(manifest(smolSection().put("first_turn_with_system", JSONObject.NULL)))
+        assertNull(format.firstTurnWithSystem)
+        assertEquals(smol.render(listOf(Message("user", "Hi"))), format.render(listOf(Message("user", "Hi"))))
+        try {
+            format.render(listOf(Message("system", "Be brief."), Message("user", "Hi")))
+            fail("a system message rendered without a system turn")
+        } catch (e: IllegalArgumentException) {
+            assertEquals(ChatFormat.NO_SYSTEM, e.message)
+        }
+    }
 }
