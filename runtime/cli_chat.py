@@ -178,5 +178,8 @@ def answer(text: str, chat, args: argparse.Namespace, interactive: bool) -> None
     except Exception as e:  # the template refused the conversation (e.g. a system message): the turn only
         if not is_template_error(e):
             raise
-        hint = "; /system alone drops the system message" if args.system is not None else ""
+        # A template that refuses a system message says so in its own words ("roles must alternate"):
+        # name the likely cause and the way out.
+        hint = (" (this model's template may not accept a system message: /system alone drops it)"
+                if args.system is not None else "")
         print(f"{writer.line_break()}[the chat template failed: {e}{hint}]", file=sys.stderr)

@@ -239,7 +239,11 @@ def generate(args: argparse.Namespace) -> int:
     except Exception as e:
         if not is_template_error(e):
             raise
-        print(f"{answer.line_break()}nomoat generate: error: the chat template failed: {e}", file=sys.stderr)
+        # A template that refuses a system message says so in its own words ("roles must alternate"):
+        # name the likely cause and the way out.
+        hint = (" (this model's template may not accept a system message: leave out --system)"
+                if args.system is not None else "")
+        print(f"{answer.line_break()}nomoat generate: error: the chat template failed: {e}{hint}", file=sys.stderr)
         return 1
     sys.stdout.write("\n")
     if args.stats:

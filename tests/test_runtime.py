@@ -230,12 +230,14 @@ def test_a_template_that_refuses_the_prompt_is_a_one_line_error_and_the_chat_goe
     b = _with_template(bundle, tmp_path, NO_SYSTEM_TEMPLATE)
     result = _nomoat("generate", str(b), "--prompt", "hi", "--system", "Be brief.")
     assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == "nomoat generate: error: the chat template failed: System role not supported\n"
+    assert result.stderr == ("nomoat generate: error: the chat template failed: System role not supported (this "
+                             "model's template may not accept a system message: leave out --system)\n")
 
     result = _nomoat("chat", str(b), "--system", "Be brief.", "--temperature", "0", "--max-new-tokens", "8",
                      stdin="hi\nhello\n/system\nhi\n")
     assert result.returncode == 0, result.stderr
-    refusal = "[the chat template failed: System role not supported; /system alone drops the system message]\n"
+    refusal = ("[the chat template failed: System role not supported (this model's template may not accept a "
+               "system message: /system alone drops it)]\n")
     assert result.stderr == refusal * 2 + "[system message removed; conversation reset]\n"
     assert result.stdout == Model.load(b).chat().send("hi", 8, temperature=0).text + "\n"  # the one answer
 
