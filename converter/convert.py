@@ -330,7 +330,13 @@ def _chat_format(tok) -> dict[str, Any] | None:
 
     from .chat_format import derive_chat_format
 
-    return derive_chat_format(ChatTemplate.for_tokenizer(tok.chat_template, tok.special_tokens))
+    fmt = derive_chat_format(ChatTemplate.for_tokenizer(tok.chat_template, tok.special_tokens))
+    if fmt is None:
+        # Said now, not first on the phone: the runtime on the host uses the template itself and works.
+        _notice("the chat template is not fixed text around each message, so the bundle has no chat_format: "
+                "the Android app cannot chat with it (raw prompts only); nomoat chat/generate/serve use the "
+                "template and are not affected")
+    return fmt
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

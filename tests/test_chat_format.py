@@ -230,6 +230,17 @@ def test_templates_that_are_not_fixed_pieces_get_none(source):
     assert derive_chat_format(ChatTemplate(source, bos_token="<s>")) is None
 
 
+def test_convert_says_when_the_app_cannot_chat_with_the_bundle(capsys):
+    from types import SimpleNamespace
+
+    from nomoat.converter.convert import _chat_format
+
+    assert _chat_format(SimpleNamespace(chat_template=NUMBERED_TEMPLATE, special_tokens={})) is None
+    assert "no chat_format: the Android app cannot chat with it" in capsys.readouterr().err
+    assert _chat_format(SimpleNamespace(chat_template=SMOLLM2_TEMPLATE, special_tokens={})) is not None
+    assert capsys.readouterr().err == ""
+
+
 def test_the_manifest_carries_the_pieces_of_the_bundles_template(tmp_path):
     hf = make_tiny_hf_dir(tmp_path / "hf")
     out = convert(ConvertOptions(model=str(hf), out=tmp_path / "bundle", quant="fp32", max_context=64,
