@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConversionError
-from .merge import AdapterRef
+from .merge import AdapterRef, notice
 
 if TYPE_CHECKING:
     from .fit import MemoryEstimate
@@ -60,11 +60,6 @@ def _stage(name: str, enabled: bool) -> None:
 
     if enabled:
         print(f"[nomoat {time.perf_counter() - _T0[0]:6.1f}s] {name}", file=sys.stderr, flush=True)
-
-
-def _notice(message: str) -> None:
-    """Something the user should know about the bundle: printed even without progress lines, as merge's are."""
-    print(f"[nomoat] notice: {message}", file=sys.stderr, flush=True)
 
 
 def plan(opts: ConvertOptions) -> tuple[Target, Recipe]:
@@ -178,7 +173,7 @@ def _convert(opts: ConvertOptions) -> Path:
     window = ckpt.unrecorded_window
     if window is not None and recipe.max_context > window:
         # not an error: llama.cpp runs these files the same way, and within the window the outputs agree
-        _notice(f"{opts.model} looks like Mistral 7B v0.1 or a fine-tune of it (its general.name says Mistral), "
+        notice(f"{opts.model} looks like Mistral 7B v0.1 or a fine-tune of it (its general.name says Mistral), "
                 f"which attends within a {window:,}-token sliding window that a GGUF does not record: the bundle "
                 f"attends to all {recipe.max_context:,} positions, as llama.cpp does, so past {window:,} tokens it "
                 "differs from the model. To keep the window, convert the Hugging Face folder instead, or pass "
@@ -333,7 +328,7 @@ def _chat_format(tok) -> dict[str, Any] | None:
     fmt = derive_chat_format(ChatTemplate.for_tokenizer(tok.chat_template, tok.special_tokens))
     if fmt is None:
         # Said now, not first on the phone: the runtime on the host uses the template itself and works.
-        _notice("the chat template is not fixed text around each message, so the bundle has no chat_format: "
+        notice("the chat template is not fixed text around each message, so the bundle has no chat_format: "
                 "the Android app cannot chat with it (raw prompts only); nomoat chat/generate/serve use the "
                 "template and are not affected")
     return fmt

@@ -247,21 +247,20 @@ def _add_bos_token(tok_cfg: dict[str, Any], vocab: _TokenLookup, default: bool) 
 def _special_token_texts(
     tok_cfg: dict[str, Any], vocab: _TokenLookup, bos_id: int | None, eos_ids: list[int]
 ) -> dict[str, str]:
-    # A tokenizer_config that says "bos_token": null (Qwen2's, beside a config.json bos_token_id) has none
-    # for the chat template: transformers renders {{ bos_token }} as "", not as the id's text.
+    def named_or_of_id(key: str, token_id: int | None) -> str | None:
+        # A tokenizer_config that says "bos_token": null (Qwen2's, beside a config.json bos_token_id) has none
+        # for the chat template: transformers renders {{ bos_token }} as "", not as the id's text.
+        if key in tok_cfg and tok_cfg[key] is None:
+            return None
+        return _token_text(tok_cfg.get(key)) or vocab.text_of(token_id)
+
     texts = {
-        "bos": None if _said_null(tok_cfg, "bos_token") else
-        _token_text(tok_cfg.get("bos_token")) or vocab.text_of(bos_id),
-        "eos": None if _said_null(tok_cfg, "eos_token") else
-        _token_text(tok_cfg.get("eos_token")) or vocab.text_of(eos_ids[0]),
+        "bos": named_or_of_id("bos_token", bos_id),
+        "eos": named_or_of_id("eos_token", eos_ids[0]),
         "pad": _token_text(tok_cfg.get("pad_token")),
         "unk": _token_text(tok_cfg.get("unk_token")),
     }
     return {role: text for role, text in texts.items() if text}
-
-
-def _said_null(config: dict[str, Any], key: str) -> bool:
-    return key in config and config[key] is None
 
 
 class _TokenLookup:

@@ -175,12 +175,13 @@ class ParsedAdapter:
 # --- the merge stage -------------------------------------------------------------------
 
 
-def _stderr(message: str) -> None:
+def notice(message: str) -> None:
+    """Something the user should know about the bundle: printed even without progress lines."""
     print(f"[nomoat] notice: {message}", file=sys.stderr, flush=True)
 
 
 def merge_adapters(ckpt: Checkpoint, adapters: list[AdapterRef],
-                   notify: Callable[[str], None] = _stderr) -> list[AdapterReport]:
+                   notify: Callable[[str], None] = notice) -> list[AdapterReport]:
     """Merge every adapter in order into ckpt (in place); return what each one did.
 
     All adapters are read and validated first, so a bad one fails before any weight changes.

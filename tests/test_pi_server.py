@@ -216,13 +216,19 @@ def test_a_text_completion_goes_on_from_its_prompt_with_the_space_its_first_word
 
 
 def _exchange(base_url: str, method: str, path: str, headers: dict, body: bytes | None = None):
+    """(status, headers with lower-case names) of one request on a connection of its own."""
+    return _response(base_url, method, path, headers, body)[:2]
+
+
+def _response(base_url: str, method: str, path: str, headers: dict, body: bytes | None = None):
+    """(status, headers with lower-case names, body) of one request on a connection of its own."""
     host, port = base_url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request(method, path, body=body, headers=headers)
     response = conn.getresponse()
-    response.read()
+    data = response.read()
     conn.close()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
 
 
 PREFLIGHT = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
@@ -1122,14 +1128,10 @@ def serve_main_with_a_slow_load(bundle, monkeypatch, argv: list[str]) -> Iterato
             signal.signal(signum, handler)
 
 
-def _get(url: str, method: str = "GET", body: dict | None = None, key: str | None = None):
-    request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
+def _json_exchange(url: str, method: str, path: str, body: dict | None = None, key: str | None = None):
+    status, headers, data = _response(url, method, path, {"Authorization": f"Bearer {key}"} if key else {},
+                                      None if body is None else json.dumps(body).encode())
+    return status, headers, json.loads(data)
 
 
 def test_while_the_model_loads_requests_get_a_503_to_retry_then_answers(bundle, monkeypatch):
@@ -1141,16 +1143,16 @@ def test_while_the_model_loads_requests_get_a_503_to_retry_then_answers(bundle, 
         assert made.wait(30)
         server = state["server"]
         url = url_of(server)
-        seen["health"] = _get(f"{url}/health")
-        seen["chat"] = _get(f"{url}/v1/chat/completions", "POST",
-                            {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-        seen["models"] = _get(f"{url}/v1/models", key=KEY)
+        seen["health"] = _json_exchange(url, "GET", "/health")
+        seen["chat"] = _json_exchange(url, "POST", "/v1/chat/completions", {
+            "model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        seen["models"] = _json_exchange(url, "GET", "/v1/models", key=KEY)
         seen["loading"] = server.app.loading
         release.set()
         retrying = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=5, timeout=60)
         seen["answer"] = retrying.chat.completions.create(
             model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
-        seen["health after"] = _get(f"{url}/health")
+        seen["health after"] = _json_exchange(url, "GET", "/health")
         server.shutdown()
 
     with serve_main_with_a_slow_load(bundle, monkeypatch, ["--model-id", MODEL_ID, "--api-key", KEY]) as (
@@ -1162,7 +1164,7 @@ def test_while_the_model_loads_requests_get_a_503_to_retry_then_answers(bundle, 
     assert seen["loading"] is True
     for name in ("health", "chat"):  # before the key check, as llama.cpp's: it tells nothing
         status, headers, body = seen[name]
-        assert status == 503 and headers["Retry-After"] == "1", (name, status, headers)
+        assert status == 503 and headers["retry-after"] == "1", (name, status, headers)
         assert body["error"]["code"] == "model_loading" and body["error"]["type"] == "unavailable_error"
     status, _, body = seen["models"]  # the model's name is known before its weights
     assert status == 200 and body["data"][0]["id"] == MODEL_ID
