@@ -153,6 +153,16 @@ def _is_estimate(estimate: object) -> bool:
         and all(is_number(estimate[k]) for k in _ESTIMATE_OPTIONAL if k in estimate)
 
 
+def _chat_line(chat_format: Any) -> str:
+    # The Android app has no Jinja: it chats only with bundles whose template is fixed text pieces.
+    if not chat_format:
+        return "template needs Jinja (the Android app cannot chat with this bundle; raw prompts only)"
+    if isinstance(chat_format, dict) and chat_format.get("first_turn_with_system") is None:
+        # Llama-2-chat's and Mistral's templates: a system message is not fixed text around its content.
+        return "template as text pieces too (the Android app can chat; without a system message)"
+    return "template as text pieces too (the Android app can chat)"
+
+
 def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: bool | None,
              checked: bool = True, report_ok: bool = True, manifest_ok: bool = True) -> str:
     from .verify import format_quality_table
@@ -170,9 +180,7 @@ def describe(bundle: Path, m: dict[str, Any], report: dict[str, Any], files_ok: 
         f"RAM, budget {target.get('memory_budget_bytes', 0) / MiB:.0f} MiB",
         f"recipe     {_recipe_line(recipe, m.get('quantization', {}))}",
         f"overrides  {_overrides_line(recipe)}",
-        # The Android app has no Jinja: it chats only with bundles whose template is fixed text pieces.
-        "chat       " + ("template as text pieces too (the Android app can chat)" if m.get("chat_format") else
-                         "template needs Jinja (the Android app cannot chat with this bundle; raw prompts only)"),
+        f"chat       {_chat_line(m.get('chat_format'))}",
     ]
     kv_dtype = (m.get("onnx") or {}).get("kv_dtype", "float32")
     if kv_dtype != "float32":

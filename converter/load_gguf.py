@@ -23,7 +23,14 @@ from .gguf_pretokenizer import adds_bos_by_default, set_pre_tokenizer
 from .load_hf import END_OF_TURN_TOKENS, end_of_turn_ids
 from .load_meta import interleaved_to_half_rotary
 from .sampling_defaults import checked_generation_defaults
-from .spec import MISTRAL_DEFAULT_SLIDING_WINDOW, Checkpoint, ModelSpec, RopeScaling, TokenizerInfo
+from .spec import (
+    MISTRAL_DEFAULT_SLIDING_WINDOW,
+    Checkpoint,
+    ModelSpec,
+    RopeScaling,
+    TokenizerInfo,
+    default_max_positions,
+)
 
 # 'llama' covers Llama 1/2/3 and Mistral (llama.cpp writes Mistral as 'llama').
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -226,7 +233,9 @@ def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> Mode
         head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         rope_theta=rope_theta,
-        max_position_embeddings=int(key("context_length", 2048)),
+        # llama.cpp requires the key; transformers' GGUF loader gives a file without it its config class's
+        # default (Qwen2's 32768, Llama's 2048), so the bundle is the model the reference is.
+        max_position_embeddings=int(key("context_length", default_max_positions(arch))),
         tie_word_embeddings="output.weight" not in raw,
         # Qwen2 has q/k/v biases (transformers' Qwen2 always does: the reference needs them too); the load
         # refuses a qwen2 GGUF without them, as it does a Hugging Face Qwen2 folder.

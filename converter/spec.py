@@ -318,6 +318,11 @@ _TRANSFORMERS_DEFAULTS: dict[str, dict[str, int | None]] = {
 }
 
 
+def default_max_positions(arch: str) -> int:
+    """The context length transformers gives a model of `arch` whose config (or GGUF) does not say."""
+    return int(_TRANSFORMERS_DEFAULTS[arch]["max_position_embeddings"])
+
+
 def _default_kv_heads(cfg: dict[str, Any], defaults: dict[str, int | None], heads: int) -> int:
     """What transformers takes for a num_key_value_heads config.json lacks: absent, the config class's default
     (Qwen2's 32, Mistral's 8); null, as many as the query heads (its __post_init__), as is Llama's default."""

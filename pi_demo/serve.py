@@ -21,7 +21,7 @@ log = logging.getLogger("pi_demo.serve")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, help="bundle folder written by `nomoat convert`")
-    p.add_argument("--host", default="127.0.0.1",
+    p.add_argument("--host", default="127.0.0.1", type=host_name,
                    help="address to listen on (0.0.0.0 = every IPv4 interface, :: = every interface, ::1 = IPv6 "
                         "loopback)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port (0 = any free port)")
@@ -62,6 +62,17 @@ def port_number(value: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port: give 0 to 65535 (0 = any free port)")
     return port
+
+
+def host_name(value: str) -> str:
+    """argparse type: a name or address the socket module can encode. It encodes names with the idna
+    codec, which refuses an empty label or one over 63 characters; bind() then raised a bare TypeError."""
+    try:
+        value.encode("idna")
+    except UnicodeError as e:
+        raise argparse.ArgumentTypeError(f"{value[:80]!r} is not a valid host name ({e}): give this machine's "
+                                         "address (e.g. 127.0.0.1, 0.0.0.0, ::) or a name of it") from None
+    return value
 
 
 def cors_origin(value: str) -> str:

@@ -593,10 +593,12 @@ MAX_LENGTH_DIGITS = 19  # an int64's; a Content-Length longer than that is no bo
 
 def _content_lengths(headers: Message) -> list[str]:
     """The request's Content-Length values, each once and in order. The spaces and tabs around a value
-    are not part of it (RFC 9110 5.5); a value repeated is one length (RFC 9110 8.6), two that disagree
-    are a request to refuse (RFC 9112 6.3: behind a proxy that took the other, the rest of the body
-    would be read as a request of its own)."""
-    return list(dict.fromkeys(value.strip(" \t") for value in headers.get_all("Content-Length", [])))
+    are not part of it (RFC 9110 5.5); a value repeated, in a header of its own or in a comma-separated
+    list ("42, 42", as some proxies fold them), is one length (RFC 9110 8.6); two that disagree are a
+    request to refuse (RFC 9112 6.3: behind a proxy that took the other, the rest of the body would be
+    read as a request of its own)."""
+    return list(dict.fromkeys(part.strip(" \t") for value in headers.get_all("Content-Length", [])
+                              for part in value.split(",")))
 
 
 def _content_length(value: str) -> int | None:

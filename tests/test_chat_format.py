@@ -250,3 +250,17 @@ def test_the_manifest_carries_the_pieces_of_the_bundles_template(tmp_path):
     assert model.manifest.chat_format == fmt
     for conversation in CONVERSATIONS:
         assert render_pieces(fmt, conversation) == model.template.render(conversation, add_generation_prompt=True)
+
+
+def test_inspect_says_when_the_pieces_have_no_system_turn(tmp_path):
+    from nomoat.converter.cli_inspect import describe
+
+    hf = make_tiny_hf_dir(tmp_path / "hf")
+    out = convert(ConvertOptions(model=str(hf), out=tmp_path / "bundle", quant="fp32", max_context=64,
+                                 progress=False, skip_verify=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "the Android app can chat)" in describe(out, manifest, {}, None)
+    llama2 = derive_chat_format(ChatTemplate(LLAMA2_TEMPLATE, bos_token="<s>"))
+    assert llama2 is not None and llama2["first_turn_with_system"] is None
+    text = describe(out, {**manifest, "chat_format": llama2}, {}, None)
+    assert "the Android app can chat; without a system message)" in text

@@ -905,3 +905,16 @@ def test_keys_a_config_lacks_get_transformers_defaults_per_architecture(tmp_path
         assert (arch, spec.max_position_embeddings, spec.num_kv_heads) == \
             (arch, expected.max_position_embeddings, expected.num_key_value_heads)
         assert ModelSpec.from_hf_config({**cfg, "num_key_value_heads": None}).num_kv_heads == 32
+
+
+@pytest.mark.parametrize("arch, expected", [("llama", 2048), ("qwen2", 32768)])
+def test_a_gguf_without_context_length_gets_what_transformers_gives_it(llama_dir, qwen2_dir, tmp_path, monkeypatch,
+                                                                        arch, expected):
+    """llama.cpp requires the key; transformers' GGUF loader leaves it to the config class's default."""
+    import gguf
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_context_length", lambda self, n: None)
+    path = write_gguf_from_hf({"llama": llama_dir, "qwen2": qwen2_dir}[arch], tmp_path / "m.gguf")
+    assert load_checkpoint(path).spec.max_position_embeddings == expected
+    assert AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf").max_position_embeddings == expected

@@ -1092,6 +1092,16 @@ def test_a_port_in_use_is_said_before_the_model_loads(capsys):
     assert err == f"pi_demo serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n", err
 
 
+@pytest.mark.parametrize("host", ["\u00e9" * 64, "a..b\u00e9"])  # idna refuses a label over 63 characters, or empty
+def test_a_host_name_the_socket_module_cannot_encode_is_a_usage_error(host, capsys):
+    from pi_demo.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:  # was bind()'s TypeError traceback
+        main(["serve", "/nonexistent-bundle", "--host", host])
+    assert exit_info.value.code == 2
+    assert f"{host!r} is not a valid host name" in capsys.readouterr().err
+
+
 @contextmanager
 def serve_main_with_a_slow_load(bundle, monkeypatch, argv: list[str]) -> Iterator[tuple[dict, threading.Event]]:
     """`python -m pi_demo serve` in this (main) thread, as the command runs it, with Model.load held

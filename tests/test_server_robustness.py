@@ -138,6 +138,17 @@ def test_content_lengths_that_disagree_are_a_400_and_close(base_url):
     assert status == 200 and payload["choices"], payload
 
 
+def test_a_content_length_list_is_one_length_when_its_values_agree(base_url):
+    # RFC 9110 8.6: "Content-Length: 42, 42" (a proxy folding two headers into one) is a length of 42;
+    # "42, 66" disagrees with itself, as two headers would.
+    body = json.dumps({**CHAT, "max_tokens": 1}).encode()
+    status, _, payload = _exchange(base_url, _chat_head(f"{len(body)}, {len(body)}"), body)
+    assert status == 200 and payload["choices"], payload
+    status, headers, payload = _exchange(base_url, _chat_head(f"{len(body)},{len(body) + 24}"), body)
+    assert status == 400 and headers["Connection"] == "close"
+    assert "disagree" in payload["error"]["message"]
+
+
 @pytest.mark.parametrize("pad", [" ", "\t", " \t "])
 def test_whitespace_after_a_content_length_is_not_part_of_it(base_url, pad):
     # RFC 9110 5.5: the whitespace around a field's value is not part of it (the parser drops the leading one).
