@@ -15,6 +15,7 @@ import nox
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tests"))
 import bundle_cache  # noqa: E402  (standard library only; decides when build/bench/int4 is converted again)
+import checkout_wheel  # noqa: E402  (standard library only)
 import find_links  # noqa: E402  (packaging, which nox depends on; which torch wheel a session can take)
 
 nox.options.sessions = ["tests"]
@@ -35,7 +36,7 @@ def _install(session: nox.Session, checkout: str = CONVERT) -> None:
     # `torch==2.13.*` is resolved.
     if not _local_cpu_torch(session):
         session.install("torch==2.13.*", "--index-url", "https://download.pytorch.org/whl/cpu")
-    _clean_setuptools_build()
+    checkout_wheel.clean_setuptools_build()  # else a module deleted from the checkout stays installed
     session.install(checkout)
     session.install("--no-deps", SMOLLM2)
 
@@ -49,13 +50,6 @@ def _local_cpu_torch(session: nox.Session) -> bool:
     out = session.run("python", "-c", find_links.TAGS_SCRIPT, silent=True)
     tags = out.strip().splitlines()[-1].split() if out.strip() else []  # the last line: a warning could precede it
     return find_links.cpu_torch_wheel(find, tags) is not None
-
-
-def _clean_setuptools_build() -> None:
-    """setuptools builds `pip install .` through build/lib and build/bdist.* and never empties them, so a
-    module deleted from the checkout would go on being installed. Only those: build/ also holds the bundles."""
-    for stale in [REPO / "build" / "lib", *(REPO / "build").glob("bdist.*")]:
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -110,7 +104,6 @@ def android(session: nox.Session) -> None:
     a device simulated on loopback, and deploy's clean-up under a phone's shell and tools. Needs a JDK
     (javac) and Debian's kotlin, junit4, libandroid-json-java and adb (`.ci/run` installs them); the
     clean-up case also toybox and mksh (skipped without them); no Android SDK, no phone."""
-    import shutil
     from pathlib import Path
 
     missing = [tool for tool in ("kotlinc", "java", "javac", "adb") if not shutil.which(tool)]
@@ -213,7 +206,6 @@ def pi(session: nox.Session) -> None:
     emulation times, not a Pi's. First, `nomoat deploy --ssh [--bench]` against a private OpenSSH
     server on loopback (tests/test_deploy_ssh.py; Debian's openssh-server, which `.ci/run` installs).
     """
-    import shutil
 
     if not shutil.which("/usr/sbin/sshd"):
         session.error("missing /usr/sbin/sshd: apt-get install openssh-server")

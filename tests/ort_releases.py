@@ -76,12 +76,6 @@ def _run(cmd: list[str], timeout: float = 900) -> str:
     return result.stdout
 
 
-def build_wheel(dist: Path) -> Path:
-    """This checkout as a wheel (the runtime as `pip install nomoat` would install it)."""
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(REPO), "-w", str(dist)])
-    return next(dist.glob("nomoat-*.whl"))
-
-
 def release_python(version: str, wheel: Path) -> Path:
     """A venv's python with onnxruntime==version, the runtime's other dependencies and `wheel`."""
     venv = VENVS / version

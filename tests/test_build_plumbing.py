@@ -1,4 +1,5 @@
-"""The noxfile's helpers in tests/: which torch wheel a session can take, when a cached bundle is stale."""
+"""The noxfile's helpers in tests/: which torch wheel a session can take, when a cached bundle is stale, the
+checkout's wheel without what an earlier build left."""
 
 from __future__ import annotations
 
@@ -64,3 +65,22 @@ def test_a_missing_package_is_named_absent(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", version)
     assert "gguf==absent" in bundle_cache.package_versions().splitlines()
+
+
+def test_the_checkouts_wheel_leaves_out_what_an_earlier_build_left(tmp_path):
+    """setuptools copies build/lib into every wheel: a module deleted from the checkout stayed in it."""
+    import zipfile
+
+    from checkout_wheel import REPO, build_wheel
+
+    ghost = REPO / "build" / "lib" / "nomoat" / "runtime" / "deleted_since.py"
+    ghost.parent.mkdir(parents=True, exist_ok=True)
+    ghost.write_text("# a module the checkout no longer has\n")
+    kept = REPO / "build" / "a-bundle-the-clean-up-keeps"  # build/ holds the bundles too
+    kept.mkdir(exist_ok=True)
+    try:
+        names = zipfile.ZipFile(build_wheel(tmp_path / "dist")).namelist()
+        assert "nomoat/runtime/model.py" in names and "nomoat/runtime/deleted_since.py" not in names
+        assert not ghost.exists() and kept.is_dir()
+    finally:
+        kept.rmdir()

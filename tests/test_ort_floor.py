@@ -154,7 +154,8 @@ def test_each_floor_is_the_oldest_release_that_runs_the_graph(bundles, tmp_path_
     """At its floor every bundle computes the logits and greedy tokens it computes here; on the
     release before a floor the runtime refuses the bundles that need it, and without that refusal
     the release fails or computes other logits (so no floor is higher than it must be)."""
-    from ort_releases import DECODE_TAIL, LONG_PROMPT, PREFILL_CHUNK, build_wheel, release_python, run_bundles
+    from checkout_wheel import build_wheel
+    from ort_releases import DECODE_TAIL, LONG_PROMPT, PREFILL_CHUNK, release_python, run_bundles
 
     here = {}
     for kind, bundle in bundles.items():

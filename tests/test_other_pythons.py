@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bundle_cache import converter_fingerprint, is_current, stamp_of
+from checkout_wheel import build_wheel
 from real_model import smollm2_gguf_path
 from test_pi_qemu import PROMPTS, RUNTIME_DEPS, TOKENS, _free_port, _wait_for_line
 
@@ -59,10 +60,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wheel() -> Path:
-    dist = BUILD / "dist"
-    shutil.rmtree(dist, ignore_errors=True)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", ".", "-w", dist], cwd=REPO)
-    return next(dist.glob("nomoat-*.whl"))
+    return build_wheel(BUILD / "dist")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from arm64_root import SUITE, Steps, ensure_root, entered, pip_environment, prepare_host, run
 from bundle_cache import converter_fingerprint, is_current, stamp_of
+from checkout_wheel import build_wheel
 from pty_terminal import Terminal
 from real_model import smollm2_gguf_path
 
@@ -94,11 +95,8 @@ def bundles() -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def installed(guest, bundles) -> dict[str, str]:
     """A fresh venv in the guest with this checkout's wheel; returns {package: version} installed."""
-    dist = BUILD / "dist"
-    shutil.rmtree(dist, ignore_errors=True)
     with STEPS.step("host: pip wheel --no-deps ."):
-        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", ".", "-w", str(dist)], cwd=REPO)
-    wheel = next(dist.glob("nomoat-*.whl"))
+        wheel = build_wheel(BUILD / "dist")
     check = guest.path(CHECK)
     with STEPS.step("copy wheel, bundles, pi_demo into the root"):
         shutil.rmtree(check, ignore_errors=True)
