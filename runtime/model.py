@@ -103,7 +103,8 @@ class Model:
     """A loaded bundle. Not safe for concurrent use: requests are serialized by a lock."""
 
     def __init__(self, bundle: Path, manifest: Manifest, session: DecoderSession, tokenizer,
-                 template: ChatTemplate | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 template: ChatTemplate | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 template_source: str | None = None):
         check_count("prefill_chunk", prefill_chunk)
         self.prefill_chunk = prefill_chunk
         self.bundle = bundle
@@ -111,6 +112,7 @@ class Model:
         self.session = session
         self.tokenizer = tokenizer
         self._template = template  # None: built from the bundle on first use (see `template`)
+        self._template_source = template_source  # the template file's text, as read at load
         self._token_text: TokenText | None = None
         self._grammar_tokenizer: Any = None  # llguidance's tokenizer, built when a grammar is first used
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
@@ -167,21 +169,25 @@ class Model:
                               "verify_checksums=False), or re-convert the model.") from e
         tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer.tokenizer_file))
         trim_heap()
-        return cls(bundle, manifest, session, tokenizer, prefill_chunk=prefill_chunk)
+        # Read now, with the files whose checksums were just checked; compiled on first use. Read at the
+        # first chat instead, it could be another bundle's (a deploy swaps the folder under a running
+        # server) or gone: the old weights chatting through the new template, or a 500 at every chat.
+        return cls(bundle, manifest, session, tokenizer, prefill_chunk=prefill_chunk,
+                   template_source=_template_source(bundle, manifest))
 
     @property
     def template(self) -> ChatTemplate:
         """The bundle's chat template, compiled on first use: Jinja costs ~3 MB of resident memory,
         which a process that only runs token ids (a benchmark, perplexity) need not pay. The
         converter compiled this template before writing the bundle, and the manifest's checksum
-        says the file is unchanged since."""
+        says the file is unchanged since (Model.load reads it with the files it checks)."""
         if self._template is None:
             from .chat_template import ChatTemplate
 
-            tok = self.manifest.tokenizer
-            template_file = tok.chat_template_file
-            source = (self.bundle / template_file).read_text(encoding="utf-8") if template_file else None
-            self._template = ChatTemplate.for_tokenizer(source, tok.special_tokens)
+            source = self._template_source
+            if source is None:  # a Model made by hand, not by load
+                source = _template_source(self.bundle, self.manifest)
+            self._template = ChatTemplate.for_tokenizer(source, self.manifest.tokenizer.special_tokens)
         return self._template
 
     @property
@@ -385,7 +391,6 @@ class Model:
             n_ok = accepted_prefix(draft, predicted)
             drafter.update(len(draft), n_ok)
             stats.drafted_tokens += len(draft)
-            stats.accepted_tokens += n_ok
             session.truncate(session.length - (len(draft) - n_ok))
             stats.decode_seconds = time.perf_counter() - t_first  # the pass that confirmed the drafts
             for token in draft[:n_ok]:
@@ -395,6 +400,8 @@ class Model:
                 context.append(token)
                 produced += 1
                 stats.generated_tokens = produced
+                # Counted as each reaches the answer: the confirmed ones after its end are not in it.
+                stats.accepted_tokens += 1
                 yield token
             if produced >= max_new_tokens:
                 break
@@ -691,6 +698,11 @@ class Chat:
     @property
     def stats(self) -> GenerationStats:
         return self.model.last_stats
+
+
+def _template_source(bundle: Path, manifest: Manifest) -> str | None:
+    template_file = manifest.tokenizer.chat_template_file
+    return (bundle / template_file).read_text(encoding="utf-8") if template_file else None
 
 
 def _collect(events: Iterator[StreamEvent], model: Model) -> Completion:

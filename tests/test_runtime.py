@@ -53,6 +53,21 @@ def test_jinja_is_imported_only_when_a_template_renders(bundle):
     assert result.stdout.strip() == "False True", result.stdout + result.stderr
 
 
+def test_the_template_is_the_loaded_bundles_after_its_folder_is_swapped_or_gone(bundle, tmp_path):
+    """`nomoat deploy` swaps a bundle's folder under a running `pi_demo serve`: the model it loaded must
+    go on chatting through its own template, not the new bundle's (or fail at every chat once it is gone)."""
+    loaded = _copy(bundle, tmp_path)
+    model = Model.load(loaded)
+    expected = model.render("hi")
+    model = Model.load(loaded)  # the template not compiled yet
+    other = _with_template(bundle, tmp_path / "other", "{% for m in messages %}<<{{ m.content }}>>{% endfor %}")
+    shutil.move(loaded, tmp_path / "moved-aside")
+    shutil.move(other, loaded)
+    assert model.render("hi") == expected
+    shutil.rmtree(loaded)
+    assert model.render("hi") == expected
+
+
 def test_unknown_format_version_is_refused(bundle, tmp_path):
     b = _copy(bundle, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
@@ -609,6 +624,27 @@ def test_prompt_lookup_decoding_gives_the_greedy_tokens_with_fewer_passes(bundle
     # Rejected drafts were rewound: the cache holds only real tokens of this sequence.
     cached = model.session.tokens
     assert cached == (ids + fast)[: len(cached)] and len(cached) >= len(ids) + len(fast) - 1
+
+
+def test_prompt_lookup_counts_only_the_accepted_drafts_that_reach_the_answer(bundle, monkeypatch):
+    """A pass can confirm drafts past where a stop string (or token) ends the answer; those were counted
+    ("3 tokens, 7/8 drafted tokens accepted"). Each decode pass but the last adds one token of its own,
+    and the prefill one: accepted drafts + passes <= tokens, with equality when an answer ends mid-draft."""
+    model = Model.load(bundle)
+    ids = model.encode("one two three four five six " * 4)[:60]  # the tiny model repeats two tokens here
+    full = list(model.generate_tokens_lookahead(ids, 30, draft_tokens=4, ignore_eos=True))
+    forward, calls = model.session.forward, []
+    monkeypatch.setattr(model.session, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    counts = []
+    for end in range(5, 16):  # stop strings that end the answer at each token from the 5th on
+        calls.clear()
+        events = list(model.stream_ids(ids, 30, stop=[model.tokenizer.decode(full[4:end])], prompt_lookup=4,
+                                       cache_prompt=False))
+        stats, passes = events[-1].stats, len(calls) - 1  # the prompt fits one prefill chunk
+        assert stats.generated_tokens == end and events[-1].finish_reason == "stop"
+        counts.append((end, stats.accepted_tokens, passes))
+    assert any(accepted for _, accepted, _ in counts), counts  # drafts were accepted at all
+    assert [c for c in counts if c[1] + c[2] > c[0]] == [], counts
 
 
 def test_prompt_lookup_fills_the_context_as_plain_decoding_does(bundle):

@@ -269,11 +269,14 @@ class Generator(
         var next = Sampler.argmax(prefillLogits)
         var generated = 0
         // Hands one token on; false when the answer ends with it (a stop token is not passed on).
-        fun produce(token: Int, at: Long): Boolean {
+        // A confirmed draft is counted as accepted only as it reaches the answer: a pass can confirm
+        // drafts past where the answer ends (Model.generate_tokens_lookahead).
+        fun produce(token: Int, at: Long, drafted: Boolean = false): Boolean {
             if (token in stops) {
                 stats.stopToken = true
                 return false
             }
+            if (drafted) stats.acceptedTokens++
             context[size++] = token
             generated++
             stats.generatedTokens = generated
@@ -293,11 +296,10 @@ class Generator(
             val ok = Lookup.acceptedPrefix(draft, predicted)
             drafter.update(draft.size, ok)
             stats.draftedTokens += draft.size
-            stats.acceptedTokens += ok
             length -= draft.size - ok
             val confirmed = clock() - start // the accepted drafts are ready when their pass is
             for (i in 0 until ok) {
-                if (!produce(draft[i], confirmed)) return
+                if (!produce(draft[i], confirmed, drafted = true)) return
             }
             if (generated >= maxNewTokens) return
             next = predicted[ok]
