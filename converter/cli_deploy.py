@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .deploy import DEFAULT_REMOTE_DIR
 from .deploy_bench import DEFAULT_TIMEOUT_S
-from .ssh_bench import DEFAULT_REMOTE_PYTHON
+from .ssh_bench import DEFAULT_REMOTE_PYTHON, README_VENV_PYTHON
 
 if TYPE_CHECKING:
     from .adb import Device
@@ -92,7 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"killed on the board (default: {DEFAULT_TIMEOUT_S:.0f})")
     b.add_argument("--remote-python", default=None, metavar="COMMAND",
                    help=f"(ssh) the board's Python with nomoat installed, a shell command like rsync's "
-                        f"--rsync-path, e.g. ~/nomoat-venv/bin/python (default: {DEFAULT_REMOTE_PYTHON})")
+                        f"--rsync-path (default: {README_VENV_PYTHON} if the board has it, as the README's "
+                        f"steps install it, else {DEFAULT_REMOTE_PYTHON})")
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: past that a number is a typo (and past ~1e9 s no wait is possible)
 
@@ -130,14 +131,18 @@ def run(args: argparse.Namespace) -> int:
             checked = check_bundle(args)
             device, remote_dir = connect(args)
             if args.bench and args.ssh:
-                from .ssh_bench import check_remote_runtime
+                from .ssh_bench import check_remote_runtime, remote_python
 
+                args.remote_python = remote_python(device, args.remote_python)
                 check_remote_runtime(device, args.remote_python)  # before the push, too
             result = deploy_bundle(args.bundle, device, remote_dir, args.name, progress=progress,
                                    android_app=not args.ssh, force=args.force, checked=checked)
             deployed = result.device_path
             progress(f"deployed {len(result.files)} files, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s "
                      f"({result.mb_per_s:.1f} MB/s) to {result.serial}")
+            if args.ssh:  # the app loads at each start; a server keeps the model it loaded, the old bundle's
+                progress("a pi_demo serve or chat started before keeps the bundle it loaded: restart it to use "
+                         "this one (the service: sudo systemctl restart nomoat)")
             if not getattr(args, "json", False):
                 print(result.device_path, flush=True)  # deployed, whatever the benchmark does next
             if args.bench:
@@ -207,7 +212,7 @@ def only_with(flags: list[str], needed: str, fix: str) -> str:
 
 
 def check_transport_flags(args: argparse.Namespace) -> None:
-    """Refuse the other transport's flags; fill in --remote-python for ssh."""
+    """Refuse the other transport's flags."""
     from .deploy import DeployError
 
     given = [k for k in (SSH_ONLY if args.adb else ADB_ONLY) if getattr(args, k, None) is not None]
@@ -216,8 +221,6 @@ def check_transport_flags(args: argparse.Namespace) -> None:
         raise DeployError(only_with(flags, "--ssh" if args.adb else "--adb", ""))
     if args.ssh and args.remote_python is not None and not args.bench:
         raise DeployError(only_with(["--remote-python"], "--bench", "add --bench or "))
-    if args.ssh and args.remote_python is None:
-        args.remote_python = DEFAULT_REMOTE_PYTHON
 
 
 def progress(message: str) -> None:

@@ -248,6 +248,13 @@ def connect(host: str, config: str | None = None) -> SshHost:
     """The board named `host`, checked reachable with `true` so a bad host fails before any work."""
     if not host or host.startswith("-") or any(c.isspace() for c in host):
         raise SshError(f"--ssh {host!r} is not a host: give [user@]host or a Host alias from your ssh config.")
+    name = host.rsplit("@", 1)[-1]
+    if not host.startswith("ssh://") and name.count(":") == 1:  # an IPv6 address has two or more
+        # ssh would look up "host:2222" (or scp's "host:") as a name and fail with advice about names.
+        where, _, port = name.partition(":")
+        fixed = f"ssh://{host.rsplit('@', 1)[0] + '@' if '@' in host else ''}{where}:{port or 22}"
+        raise SshError(f"--ssh {host!r}: ssh takes no ':' after the host (scp's host: or host:PORT). Give "
+                       f"{fixed}, or [user@]host with the port in a Host entry of your ssh config.")
     if config is not None and not Path(config).is_file():
         raise SshError(f"--ssh-config {config} is not a file; point it at an ssh config file or drop it.")
     ssh = find_ssh()

@@ -22,6 +22,17 @@ from .ssh import SshHost
 from .transport import TransportError, last_line
 
 DEFAULT_REMOTE_PYTHON = "python3"
+# The README's Raspberry Pi steps install nomoat there (Raspberry Pi OS refuses `pip install` into its own
+# Python: PEP 668); taken, when the board has it, before the default.
+README_VENV_PYTHON = "~/nomoat-venv/bin/python"
+
+
+def remote_python(board: SshHost, given: str | None) -> str:
+    """--remote-python, or the README's venv's Python when the board has one, else python3."""
+    if given is not None:
+        return given
+    venv = README_VENV_PYTHON.replace("~", "$HOME", 1)
+    return README_VENV_PYTHON if board.shell(f'test -x "{venv}"', timeout=60).status == 0 else DEFAULT_REMOTE_PYTHON
 WORKER_MODULE = "nomoat.runtime.bench_worker"
 
 
@@ -38,8 +49,9 @@ def check_remote_runtime(board: SshHost, python: str) -> None:
                           "--remote-python with the Python that has nomoat (e.g. ~/nomoat-venv/bin/python).")
     if reply.status != 0:
         raise DeployError(f"{python} on {board.name} cannot run nomoat's benchmark ({reply.error()}): "
-                          f"install nomoat's wheel there (`pip wheel --no-deps -w dist .` here, then "
-                          f"`{python} -m pip install` the .whl there: README, \"Raspberry Pi\"), or pass "
+                          f"install nomoat's wheel in a venv there (`pip wheel --no-deps -w dist .` here, then "
+                          f"`python3 -m venv ~/nomoat-venv && ~/nomoat-venv/bin/pip install` the .whl there: "
+                          f"README, \"Raspberry Pi\"; {README_VENV_PYTHON} is then found by itself), or pass "
                           "--remote-python with the Python that has it.")
     # stdout's last line: a wrapper or an environment manager may print a notice before it.
     here, there = version("nomoat"), last_line(reply.out)

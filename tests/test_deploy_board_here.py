@@ -444,3 +444,19 @@ def test_the_swap_writes_its_renames_to_storage_before_it_lets_go(board, bundles
     assert any(".m.swapping" in beside and any(f.startswith(".m.old-") for f in beside) and in_m == {"b.bin",
                                                                                                       "manifest.json"}
                for beside, in_m in seen), seen
+
+
+def test_the_benchmark_takes_the_readmes_venv_on_the_board_unless_told(board, tmp_path, monkeypatch):
+    """Raspberry Pi OS refuses `pip install` into its python3 (PEP 668): the README installs nomoat in
+    ~/nomoat-venv, which --bench without --remote-python missed, advising the install the OS refuses."""
+    from nomoat.converter.ssh_bench import remote_python
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert remote_python(board, None) == "python3"
+    venv_python = tmp_path / "nomoat-venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("#!/bin/sh\n")
+    assert remote_python(board, None) == "python3"  # not executable: not a Python
+    venv_python.chmod(0o755)
+    assert remote_python(board, None) == "~/nomoat-venv/bin/python"
+    assert remote_python(board, "nice python3") == "nice python3"

@@ -521,7 +521,9 @@ def test_bench_with_a_python_without_nomoat_fails_before_the_push(board, bundle,
                           "--remote-python", str(bare / "bin" / "python"))) == 2
     err = capsys.readouterr().err
     assert "cannot run nomoat's benchmark" in err and "No module named 'nomoat'" in err
-    assert "pip wheel --no-deps -w dist ." in err and "-m pip install" in err and "--remote-python" in err
+    assert "pip wheel --no-deps -w dist ." in err and "--remote-python" in err
+    # In a venv: Raspberry Pi OS refuses `python3 -m pip install` into its own Python (PEP 668).
+    assert "python3 -m venv ~/nomoat-venv && ~/nomoat-venv/bin/pip install" in err
     assert not (remote / "tiny-bundle").exists()
 
 
@@ -906,6 +908,23 @@ def test_flags_of_the_other_transport_are_refused(bundle, extra, message, capsys
     monkeypatch.setenv("PATH", "/nonexistent")  # neither adb nor ssh may be run for these
     assert main(["deploy", str(bundle), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host, fixed", [("pi@raspberrypi.local:", "ssh://pi@raspberrypi.local:22"),
+                                         ("pi@10.0.0.7:2222", "ssh://pi@10.0.0.7:2222"), ("board:22", "ssh://board:22")])
+def test_a_host_with_scps_colon_or_a_port_is_refused_with_the_ssh_url(bundle, host, fixed, capsys, monkeypatch):
+    """ssh looks the whole "host:2222" up as a name: the error was about names (raspberrypi.local, an IP)."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert main(["deploy", str(bundle), "--ssh", host]) == 2
+    err = capsys.readouterr().err
+    assert f"--ssh {host!r}: ssh takes no ':' after the host" in err and f"Give {fixed}," in err, err
+
+
+@pytest.mark.parametrize("host", ["pi@::1", "fe80::2", "ssh://pi@board:2222"])
+def test_an_ipv6_address_or_an_ssh_url_gets_past_the_colon_check(bundle, host, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # then ssh itself is missing: the check after it
+    assert main(["deploy", str(bundle), "--ssh", host]) != 0
+    assert "ssh is not installed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("remote_dir", ["~root/nomoat", "~pi", "~other/"])

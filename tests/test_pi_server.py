@@ -1247,3 +1247,5 @@ def test_the_service_gives_up_after_repeated_failures():
     assert unit["Service"]["Restart"] == "on-failure"
     interval, burst = int(unit["Unit"]["StartLimitIntervalSec"]), int(unit["Unit"]["StartLimitBurst"])
     assert burst * int(unit["Service"]["RestartSec"]) < interval  # quick failures do reach the limit
+    # ... and slow ones: a start that fails after a minute of checksums, as a large bundle's on a Pi 4's SD card
+    assert burst * (int(unit["Service"]["RestartSec"]) + 60) < interval
