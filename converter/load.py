@@ -125,6 +125,9 @@ def _unrecognised_dir_message(p: Path, names: list[str], ggufs: list[str]) -> st
             "re-save it with `model.save_pretrained(dir, safe_serialization=True)`."
         )
     if "config.json" in names:
+        if (p / "original" / "params.json").is_file():  # `hf download REPO --include 'original/*' ...`
+            return (f"{p} has config.json but no *.safetensors weights; its Meta weights are in original/: "
+                    f"point --model at {p / 'original'}, or fetch the safetensors.")
         return f"{p} has config.json but no *.safetensors weights; the download is incomplete: fetch them."
     if any(n.startswith("consolidated") and n.endswith(".safetensors") for n in names):
         return (

@@ -144,9 +144,12 @@ def model_tensors(tensors: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
 
 
 def read_hf_tokenizer(
-    tok_dir: Path, model_config: dict[str, Any] | None = None, default_add_bos: bool = False
+    tok_dir: Path, model_config: dict[str, Any] | None = None, default_add_bos: bool = False,
+    own_eos: tuple[str, ...] = (),
 ) -> TokenizerInfo:
-    """TokenizerInfo from tokenizer.json (+ tokenizer_config, generation_config, chat template)."""
+    """TokenizerInfo from tokenizer.json (+ tokenizer_config, generation_config, chat template).
+    own_eos: tokens of which the first the vocabulary has is an end of sequence whatever the files name
+    (the checkpoint's own tokenizer stops there, as Meta's does at its eos_id)."""
     tokenizer_json = _read_tokenizer_json(tok_dir)
     vocab = _TokenLookup(tokenizer_json)
     tok_cfg = read_json_if_exists(tok_dir / "tokenizer_config.json")
@@ -168,6 +171,7 @@ def read_hf_tokenizer(
         + _ids(model_config.get("eos_token_id"))
         + [i for i in [vocab.id_of(_token_text(tok_cfg.get("eos_token")), "eos_token")] if i is not None]
         + end_of_turn_ids(vocab.special, chat_template)
+        + [vocab.special[t] for t in own_eos if t in vocab.special][:1]
     )
     if not eos_ids:
         eos_ids = [vocab.special[t] for t in _WELL_KNOWN_EOS if t in vocab.special]

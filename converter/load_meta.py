@@ -47,6 +47,10 @@ _ROW_SPLIT = (
 _COLUMN_SPLIT = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
+# The eos_id of Meta's tokenizers: Llama 3's tiktoken model, Llama 1 and 2's SentencePiece model.
+META_EOS = ("<|end_of_text|>", "</s>")
+
+
 def load_meta_dir(path: Path) -> Checkpoint:
     params_file = path / "params.json"
     params = read_json(params_file)
@@ -67,8 +71,10 @@ def load_meta_dir(path: Path) -> Checkpoint:
         spec=spec,
         tensors=hf_tensors(state, spec),
         # Meta's reference generate() always starts a prompt with BOS.
+        # ... and its tokenizer's eos_id ends a sequence, whatever tokenizer_config.json names (an
+        # Instruct model's names <|eot_id|>): transformers' converter writes both, as a Hugging Face repo has.
         tokenizer=read_hf_tokenizer(
-            tok_dir, read_json_if_exists(tok_dir / "config.json"), default_add_bos=True
+            tok_dir, read_json_if_exists(tok_dir / "config.json"), default_add_bos=True, own_eos=META_EOS
         ),
         source={"format": "meta", "path": str(path), "shards": len(files)},
         generation_defaults=read_generation_defaults(tok_dir),

@@ -632,9 +632,11 @@ def _note_base_model(path: Path, ckpt: Checkpoint, report: AdapterReport) -> Non
 
 
 def _model_names(path: Path) -> set[str]:
-    """Loose names of the model at `path`: its folder or file name, and the repo of a Hugging Face cache
-    snapshot (hub/models--ORG--NAME/snapshots/<commit>)."""
+    """Loose names of the model at `path`: its folder or file name (the repo's, for the Meta weights in
+    a repo's original/), and the repo of a Hugging Face cache snapshot (hub/models--ORG--NAME/snapshots/<commit>)."""
     names = {path.stem if path.suffix.lower() == ".gguf" else path.name}
+    if path.name == "original":  # a Hugging Face repo's Meta checkpoint: REPO/original
+        names.add(path.parent.name)
     names |= {part.split("--")[-1] for part in path.parts if part.startswith("models--")}
     return {n for n in map(_loose_name, names) if n}
 

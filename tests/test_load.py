@@ -484,6 +484,24 @@ def test_meta_tokenizer_defaults(tmp_path, llama_dir):
     assert tok.chat_template is None
 
 
+def test_a_meta_instruct_folder_stops_at_its_tokenizers_eos_too(tmp_path):
+    """Meta's tokenizer ends a sequence at <|end_of_text|> (Llama 3; </s> for Llama 2), and transformers'
+    converter and the Hugging Face repo list it; tokenizer_config.json of an Instruct model names only
+    <|eot_id|>: a raw completion went on past <|end_of_text|> to the token limit."""
+    from tokenizers import AddedToken
+
+    # rows for the four special tokens added below (a tokenizer with more tokens than rows is refused)
+    meta = write_meta_from_hf(make_tiny_hf_dir(tmp_path / "hf", vocab_size=404), tmp_path / "meta")
+    vocab = Tokenizer.from_file(str(meta / "tokenizer.json"))
+    vocab.add_special_tokens([AddedToken(t, special=True) for t in ("<|begin_of_text|>", "<|end_of_text|>",
+                                                                   "<|eom_id|>", "<|eot_id|>")])
+    vocab.save(str(meta / "tokenizer.json"))
+    (meta / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                            "eos_token": "<|eot_id|>"}))
+    tok = load_checkpoint(meta).tokenizer
+    assert tok.eos_token_ids == [vocab.token_to_id("<|eot_id|>"), vocab.token_to_id("<|end_of_text|>")]
+
+
 def _llama3_params(dim: int, layers: int, **extra) -> dict:
     return {"dim": dim, "n_layers": layers, "n_heads": dim // 64, "n_kv_heads": 8, "vocab_size": 128256,
             "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True, **extra}
@@ -784,6 +802,17 @@ def test_mistral_native_layout_asks_for_the_hugging_face_files(tmp_path):
                                               r"model\*\.safetensors") as e:
         load_checkpoint(tmp_path)
     assert ".pth" not in str(e.value)
+
+
+def test_a_repo_with_its_meta_weights_in_original_points_there(tmp_path, llama_dir):
+    """`hf download REPO --include 'original/*' 'config.json' 'tokenizer*'`: the model is all there."""
+    repo = tmp_path / "Llama-3.2-1B-Instruct"
+    write_meta_from_hf(llama_dir, repo / "original")
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(llama_dir / name, repo / name)
+    with pytest.raises(ConversionError, match=r"its Meta weights are in original/: point --model at .*original, or"):
+        load_checkpoint(repo)
+    assert load_checkpoint(repo / "original").source["format"] == "meta"
 
 
 def test_unrecognised_directory_lists_what_it_found(tmp_path):

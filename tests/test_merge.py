@@ -200,6 +200,8 @@ def test_adapters_own_chat_template_and_base_model_are_noticed(untied, tmp_path)
     ("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M-Instruct", False),  # a base model's adapter on the Instruct one
     ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5-0.5B", False),
     ("meta-llama/Llama-3.2-1B", "Llama-3.2-3B", False),
+    ("meta-llama/Llama-3.2-1B-Instruct", "Llama-3.2-1B-Instruct/original", True),  # the repo's Meta weights
+    ("meta-llama/Llama-3.2-1B-Instruct", "Llama-3.2-3B-Instruct/original", False),
 ])
 def test_the_base_model_named_is_told_from_its_instruct_model(named, model, same):
     from pathlib import PurePath
