@@ -158,14 +158,21 @@ def answer(text: str, chat, args: argparse.Namespace, interactive: bool) -> None
     writer = AnswerWriter()
     whole = False  # the answer came to its end: Chat keeps the turn even if Ctrl-C comes now
     try:
+        end = None
         for event in chat.stream(text, args.max_new_tokens, prompt_lookup=args.prompt_lookup,
                                  **sampling_kwargs(args)):
             writer.write(event.text)
             whole = event.finish_reason is not None
+            end = event if whole else end
         sys.stdout.write("\n")
         sys.stdout.flush()
         if interactive:
             print(_stats_line(chat.stats), file=sys.stderr)
+        if end is not None and end.stats is not None and end.stats.context_full:
+            # Said now, not at the next message's refusal: the answer may have stopped mid-sentence.
+            cut = ", which cut this answer off" if end.finish_reason == "length" else ""
+            print(f"[the conversation filled the bundle's context of {chat.model.max_context} tokens{cut}: "
+                  "no next message fits. Type /reset to start over.]", file=sys.stderr)
     except KeyboardInterrupt:
         # Chat drops a turn cut short, so that the KV cache and the history agree: say so, since the
         # half answer stays on the screen.

@@ -230,9 +230,11 @@ def generate(args: argparse.Namespace) -> int:
             print(f"nomoat generate: error: {refusal}", file=sys.stderr)
             return 2
         model = load_model("nomoat generate", args)
+        end = None
         for event in model.stream(prompt, args.max_new_tokens, system=args.system, raw=args.raw,
                                   prompt_lookup=args.prompt_lookup, **sampling_kwargs(args)):
             answer.write(event.text)
+            end = event if event.finish_reason is not None else end
     except (BundleError, ContextOverflowError, ValueError) as e:
         print(f"{answer.line_break()}nomoat generate: error: {e}", file=sys.stderr)
         return 1
@@ -246,6 +248,10 @@ def generate(args: argparse.Namespace) -> int:
         print(f"{answer.line_break()}nomoat generate: error: the chat template failed: {e}{hint}", file=sys.stderr)
         return 1
     sys.stdout.write("\n")
+    if end is not None and end.finish_reason == "length" and end.stats is not None and end.stats.context_full:
+        sys.stdout.flush()  # the note after the answer it is about
+        print(f"[the prompt and the answer filled the bundle's context of {model.max_context} tokens, which cut "
+              "the answer off]", file=sys.stderr)
     if args.stats:
         s = model.last_stats
         print(f"prefill {s.prefill_tokens} tok @ {s.prefill_tokens_per_second:.1f} tok/s, decode "

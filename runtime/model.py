@@ -57,6 +57,10 @@ class GenerationStats:
     # should_stop said yes between prefill chunks: no token was generated, and the stream ended
     # without a finish_reason (the cache keeps the chunks that ran).
     stopped_in_prefill: bool = False
+    # The prompt and the answer filled the context: the answer could go no further (finish_reason
+    # "length", as at max_new_tokens) and in a chat no next message fits (GenerationStats.contextFull in
+    # the Android core).
+    context_full: bool = False
 
     @property
     def time_to_first_token(self) -> float:
@@ -534,6 +538,7 @@ class Model:
                     logprob = scored.pop() if scored else None
                     text, stopped = stops.feed(detok.add(token))
                     if stopped:
+                        stats.context_full = self.session.length >= self.max_context
                         yield StreamEvent(text, token, "stop", stats, logprob)
                         return
                     yield StreamEvent(text, token, logprob=logprob)
@@ -544,9 +549,13 @@ class Model:
                 tail = "" if stopped else stops.flush()
                 # "length" at max_new_tokens and at a full context alike, as OpenAI's API has it.
                 reason = "stop" if stopped or stats.stop_token else "length"
+                stats.context_full = self.session.length >= self.max_context
                 yield StreamEvent(text + tail, None, reason, stats)
             finally:
-                self.last_stats = stats
+                # A request refused before its prefill (a prompt too long, a bad grammar) leaves the last
+                # one's stats: /stats after a refused message showed zeros.
+                if stats.prompt_tokens:
+                    self.last_stats = stats
 
     def _special_token_ids(self, strings: Sequence[str]) -> frozenset[int]:
         """The ids of those strings that are each one special token (dropped from decoded text)."""

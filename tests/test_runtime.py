@@ -257,6 +257,28 @@ def test_a_template_that_refuses_the_prompt_is_a_one_line_error_and_the_chat_goe
     assert result.stdout == Model.load(b).chat().send("hi", 8, temperature=0).text + "\n"  # the one answer
 
 
+def test_an_answer_the_full_context_cut_off_is_said_at_once_and_stats_survive_a_refused_message(bundle):
+    """The answer stopped mid-sentence with no word why until the next message was refused, and /stats
+    then showed zeros (the refused request's stats)."""
+    message = "word " * 12  # most of the 96-token context (~80 tokens in the template), so the answer fills the rest
+    reply = Model.load(bundle).chat().send(message, 200, temperature=0)
+    assert reply.finish_reason == "length" and reply.stats.context_full and reply.stats.generated_tokens < 200
+    result = _nomoat("chat", str(bundle), "--temperature", "0", "--max-new-tokens", "200",
+                     stdin=f"{message}\n/stats\nmore\n/stats\n")
+    assert result.returncode == 0, result.stderr
+    full, stats, refused, stats_again = [line for line in result.stderr.splitlines() if line]
+    assert full == ("[the conversation filled the bundle's context of 96 tokens, which cut this answer off: no next "
+                    "message fits. Type /reset to start over.]")
+    assert refused.startswith("[the prompt has ") and stats_again == stats
+    assert not stats.startswith("[0 new prompt tokens"), stats
+
+    result = _nomoat("generate", str(bundle), "--prompt", message, "--temperature", "0", "--max-new-tokens", "200")
+    assert result.returncode == 0 and result.stderr == (
+        "[the prompt and the answer filled the bundle's context of 96 tokens, which cut the answer off]\n")
+    result = _nomoat("generate", str(bundle), "--prompt", message, "--temperature", "0", "--max-new-tokens", "3")
+    assert result.returncode == 0 and result.stderr == ""  # max_new_tokens, not the context
+
+
 def test_the_penalty_window_comes_from_the_bundle_or_the_caller(bundle, monkeypatch):
     import nomoat.runtime.model as model_module
 
