@@ -85,12 +85,42 @@ def merge_to_hf_dir(model: str | Path, loras: list[AdapterRef], out: Path, force
         if loras:
             _progress(f"merge {len(loras)} LoRA adapter(s) in fp32", progress)
             reports = merge_adapters(ckpt, loras)
-        with staging_dir(out) as staging:
-            _progress(f"write {out}", progress)
-            write_hf_dir(ckpt, staging, max_shard_bytes)
-            write_json(staging / REPORT_FILE, {"source": ckpt.source, "adapters": [r.to_dict() for r in reports]})
-            move_into_place(staging, out, force)
+        try:
+            with staging_dir(out) as staging:
+                _progress(f"write {out}", progress)
+                write_hf_dir(ckpt, staging, max_shard_bytes)
+                write_json(staging / REPORT_FILE, {"source": ckpt.source, "adapters": [r.to_dict() for r in reports]})
+                move_into_place(staging, out, force)
+        except Exception as e:  # a full disk, a quota, a folder made read-only: staging_dir removed what was staged
+            said = _write_failure(e, out, ckpt)
+            if said is None:
+                raise
+            raise ConversionError(said) from e
     return out
+
+
+def _write_failure(e: Exception, out: Path, ckpt: Checkpoint) -> str | None:
+    """One line for a failed write: OSError, or safetensors' own error (not an OSError), which gives
+    the OS's reason as text ("I/O error: No space left on device (os error 28)"). None: not a write's."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    if isinstance(e, OSError):
+        code, what = e.errno, e.strerror or str(e)
+    elif isinstance(e, SafetensorError):
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        code, what = (int(found[1]) if found else None), str(e)
+    else:
+        return None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        need = sum(t.numel() * t.element_size() for t in ckpt.tensors.values()) / 10**6
+        fix = f"free at least {need:,.0f} MB on that disk (the merged fp32 weights), or choose another --out"
+    elif code == errno.EFBIG:  # FAT32 (a USB stick, an SD card) takes files of at most 4 GB
+        fix = "the file system there takes no file this large: pass a smaller --max-shard-size, or choose another --out"
+    else:
+        fix = "check that the folder of --out is writable, or choose another --out"
+    return f"{what} (writing beside {out}); {fix}. Nothing was written."
 
 
 def _progress(message: str, enabled: bool) -> None:
@@ -108,7 +138,7 @@ def write_hf_dir(ckpt: Checkpoint, folder: Path, max_shard_bytes: int = DEFAULT_
     write_json(folder / "config.json", config)
     _write_safetensors(ckpt, folder, max_shard_bytes)
     (folder / "tokenizer.json").write_text(_tokenizer_json_adding_bos(tok), encoding="utf-8")
-    write_json(folder / "tokenizer_config.json", _tokenizer_config(ckpt))
+    _write_tokenizer_config(ckpt, folder)
     # Greedy (no temperature, or 0) is do_sample false, which tells loaders (ours included) to ignore
     # the sampling keys; a repetition penalty (and its window) applies either way.
     defaults = ckpt.generation_defaults
@@ -161,6 +191,46 @@ def _adds_a_prefix(processor: dict[str, Any] | None) -> bool:
         if p.get("type") == "TemplateProcessing" and "SpecialToken" in (p.get("single") or [{}])[0]:
             return True
     return False
+
+
+def _write_tokenizer_config(ckpt: Checkpoint, folder: Path) -> None:
+    """tokenizer_config.json: the source's (a Hugging Face or Meta folder's) with nomoat's keys over it, so
+    what transformers reads there and nomoat does not (padding_side, model_max_length, a tokenizer class)
+    stays as it was; and the source's named chat templates (a tool-use one beside the default) with it."""
+    import shutil
+
+    from .bundle import write_json
+    from .load_hf import read_json_if_exists
+
+    config = _tokenizer_config(ckpt)
+    source = _source_tokenizer_dir(ckpt)
+    theirs = read_json_if_exists(source / "tokenizer_config.json") if source else {}
+    ours_only = {"add_bos_token", "chat_template", *(f"{role}_token" for role in ckpt.tokenizer.special_tokens)}
+    config = {**config, **{k: v for k, v in theirs.items() if k not in ours_only}}
+    default = ckpt.tokenizer.chat_template
+    if isinstance(theirs.get("chat_template"), list) and default:  # [{"name": ..., "template": ...}, ...]
+        config["chat_template"] = [{**t, "template": default} if isinstance(t, dict) and t.get("name") == "default"
+                                   else t for t in theirs["chat_template"]]
+    named = source / "additional_chat_templates" if source else None
+    if named is not None and named.is_dir() and default:
+        # transformers 5's layout: with named templates beside it, the default must be chat_template.jinja
+        # (a tokenizer_config.json entry would be replaced by the named ones alone).
+        shutil.copytree(named, folder / named.name)
+        (folder / "chat_template.jinja").write_text(default, encoding="utf-8")
+        config.pop("chat_template", None)
+    write_json(folder / "tokenizer_config.json", config)
+
+
+def _source_tokenizer_dir(ckpt: Checkpoint) -> Path | None:
+    """Where the checkpoint's Hugging Face tokenizer files came from; None for a GGUF (built from its metadata)."""
+    path = Path(ckpt.source.get("path", ""))
+    if ckpt.source.get("format") == "safetensors":
+        return path
+    if ckpt.source.get("format") == "meta":
+        from .load_meta import find_tokenizer_dir
+
+        return find_tokenizer_dir(path)
+    return None
 
 
 def _tokenizer_config(ckpt: Checkpoint) -> dict[str, Any]:

@@ -8,6 +8,7 @@ where PEFT has no merge for it (weighted combinations).
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -687,6 +688,59 @@ def test_merge_writes_shards_and_replaces_only_with_force(untied, tmp_path):
     written, (in_memory, _) = load_checkpoint(out).tensors, _ours(untied, AdapterRef(adapter))
     assert written.keys() == in_memory.tensors.keys()
     assert all(torch.equal(written[k], in_memory.tensors[k]) for k in written)
+
+
+@pytest.mark.parametrize("layout", ["tokenizer_config list", "additional_chat_templates"])
+def test_merge_keeps_the_sources_tokenizer_settings_and_named_chat_templates(untied, tmp_path, layout):
+    """tokenizer_config.json was rebuilt from nomoat's keys alone: padding_side "left" came back "right" (batched
+    generate pads the wrong side) and a tool_use template beside the default was dropped (tools silently unused)."""
+    from nomoat.converter.cli_merge import merge_to_hf_dir
+    from transformers import AutoTokenizer
+
+    source = Path(shutil.copytree(untied, tmp_path / "source"))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    default = config["chat_template"]
+    tool_use = "{% if tools %}<|im_start|>system\nTOOLS: {{ tools | tojson }}<|im_end|>\n{% endif %}" + default
+    config |= {"padding_side": "left", "model_max_length": 131072,
+               "chat_template": [{"name": "default", "template": default}, {"name": "tool_use", "template": tool_use}]}
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    if layout == "additional_chat_templates":  # transformers 5 saves them as files
+        AutoTokenizer.from_pretrained(source).save_pretrained(source)
+        assert (source / "additional_chat_templates" / "tool_use.jinja").is_file()
+    merged = merge_to_hf_dir(source, [], tmp_path / "merged", progress=False)
+
+    messages = [{"role": "user", "content": "weather?"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    theirs, ours = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(merged)
+    assert "TOOLS: " in ours.apply_chat_template(messages, tools=tools, tokenize=False)
+    for tokenizer in (theirs, ours):
+        assert tokenizer.apply_chat_template(messages, tools=tools, tokenize=False) == \
+            theirs.apply_chat_template(messages, tools=tools, tokenize=False)
+        assert tokenizer.apply_chat_template(messages, tokenize=False) == \
+            theirs.apply_chat_template(messages, tokenize=False)
+    assert (ours.padding_side, ours.model_max_length) == ("left", 131072)
+    assert load_checkpoint(merged).tokenizer.chat_template == load_checkpoint(source).tokenizer.chat_template
+
+
+@pytest.mark.parametrize("said, fix", [
+    ("No space left on device (os error 28)", "free at least 1 MB on that disk (the merged fp32 weights)"),
+    ("File too large (os error 27)", "the file system there takes no file this large: pass a smaller --max-shard-size"),
+])
+def test_a_write_that_fails_is_one_line_and_leaves_nothing(untied, tmp_path, capsys, monkeypatch, said, fix):
+    """safetensors' own error is not an OSError: a full disk ended `nomoat merge` in a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError(f"Error while serializing: I/O error: {said}")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "merged"
+    assert _nomoat("merge", "--model", str(untied), "--out", str(out), "--quiet") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"nomoat merge: error: Error while serializing: I/O error: {said} (writing beside {out}); "
+                          f"{fix}") and err.endswith(". Nothing was written.\n"), err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
 
 
 def test_merge_with_a_bad_adapter_writes_nothing(untied, tmp_path, capsys):
