@@ -112,7 +112,7 @@ class _RecordingModel:
 
             def stream(self, text, *args, **kwargs):
                 model.sent.append(text)
-                yield type("Event", (), {"text": "ok", "finish_reason": "stop"})()
+                yield type("Event", (), {"text": "ok", "finish_reason": "stop", "stats": None})()
 
         return Chat()
 

@@ -101,7 +101,7 @@ class _InterruptedStream:
     """A model whose answer is cut by Ctrl-C after its first piece."""
 
     def stream(self, *args, **kwargs):
-        yield type("Event", (), {"text": "Once"})()
+        yield type("Event", (), {"text": "Once", "finish_reason": None})()
         raise KeyboardInterrupt
 
 
