@@ -520,6 +520,7 @@ class Model:
         # The detokenizer drops special tokens from the text, so a stop string that is one
         # ("<|im_start|>", "<|endoftext|>") would never match there: it stops as a token instead.
         special_stops = self._special_token_ids(stops.strings)
+        last: StreamEvent | None = None  # the event with the finish_reason, yielded after the lock is let go
         with self._exclusive():
             try:
                 drafts = prompt_lookup > 0 and lookup_obstacle(params or SamplingParams(), logprobs, constraint) is None
@@ -534,28 +535,33 @@ class Model:
                           if drafts
                           else self.generate_tokens(prompt_ids, max_new, params, stats=stats,
                                                     extra_stop_ids=special_stops, **prefill))
-                for token in tokens:
-                    logprob = scored.pop() if scored else None
-                    text, stopped = stops.feed(detok.add(token))
-                    if stopped:
-                        stats.context_full = self.session.length >= self.max_context
-                        yield StreamEvent(text, token, "stop", stats, logprob)
-                        return
-                    yield StreamEvent(text, token, logprob=logprob)
-                    self._resumed()
-                if stats.stopped_in_prefill:
-                    return
-                text, stopped = stops.feed(detok.flush())
-                tail = "" if stopped else stops.flush()
-                # "length" at max_new_tokens and at a full context alike, as OpenAI's API has it.
-                reason = "stop" if stopped or stats.stop_token else "length"
+                try:
+                    for token in tokens:
+                        logprob = scored.pop() if scored else None
+                        text, stopped = stops.feed(detok.add(token))
+                        if stopped:
+                            last = StreamEvent(text, token, "stop", stats, logprob)
+                            break
+                        yield StreamEvent(text, token, logprob=logprob)
+                        self._resumed()
+                finally:
+                    tokens.close()  # a stop string ended it: the decoding is over before the lock is let go
+                if last is None and not stats.stopped_in_prefill:
+                    text, stopped = stops.feed(detok.flush())
+                    tail = "" if stopped else stops.flush()
+                    # "length" at max_new_tokens and at a full context alike, as OpenAI's API has it.
+                    reason = "stop" if stopped or stats.stop_token else "length"
+                    last = StreamEvent(text + tail, None, reason, stats)
                 stats.context_full = self.session.length >= self.max_context
-                yield StreamEvent(text + tail, None, reason, stats)
             finally:
                 # A request refused before its prefill (a prompt too long, a bad grammar) leaves the last
                 # one's stats: /stats after a refused message showed zeros.
                 if stats.prompt_tokens:
                     self.last_stats = stats
+        # The answer is whole: a caller that stops reading at its finish_reason (Chat keeps the turn by
+        # then) and keeps the stream must not hold the model; the next request, on any thread, runs.
+        if last is not None:
+            yield last
 
     def _special_token_ids(self, strings: Sequence[str]) -> frozenset[int]:
         """The ids of those strings that are each one special token (dropped from decoded text)."""

@@ -359,6 +359,31 @@ def test_generate_with_cache_prompt_false_computes_the_prompt_from_an_empty_cach
     assert again.token_ids == first.token_ids
 
 
+def test_a_stream_read_to_its_finish_reason_and_kept_leaves_the_model_free(bundle):
+    """The README: a caller may stop reading at the finish_reason. The stream, kept (a notebook's variable),
+    held the model's lock: the next request on the thread was refused, one on another thread waited for ever."""
+    import threading
+
+    model = Model.load(bundle)
+    answer = model.chat().send("hi", 8, temperature=0)
+    assert answer.finish_reason == "length" and len(answer.text) > 6
+    for stop, reason in (((), "length"), ([answer.text[3:6]], "stop")):  # the answer's end, a stop string
+        chat = model.chat()
+        stream = chat.stream("hi", 8, temperature=0, stop=stop)
+        events = []
+        for event in stream:
+            events.append(event)
+            if event.finish_reason is not None:
+                break
+        assert events[-1].finish_reason == reason and len(chat.messages) == 2  # the turn was kept
+        assert model.generate("hello", 2, temperature=0).token_ids  # the same thread, the stream still open
+        other = threading.Thread(target=model.generate, args=("hello", 2), kwargs={"temperature": 0})
+        other.start()
+        other.join(30)
+        assert not other.is_alive()
+        assert list(stream) == []  # nothing after the finish_reason
+
+
 def test_chat_prefills_only_the_new_turn(bundle):
     model = Model.load(bundle)
     chat = model.chat(system="be brief")
