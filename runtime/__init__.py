@@ -3,11 +3,11 @@
 Imports numpy, onnxruntime, tokenizers and jinja2 only; never torch or transformers.
 """
 
-from .errors import BundleError, ContextOverflowError, OrtOptionsError
+from .errors import BundleError, ContextOverflowError, NomoatError, OrtOptionsError
 from .logprobs import TokenLogprob
 from .model import Chat, Completion, GenerationStats, Model, StreamEvent
 from .sampling import SamplingParams
-from .structured import Grammar
+from .structured import Grammar, StructuredOutputUnavailable
 
 __all__ = [
     "BundleError",
@@ -17,8 +17,10 @@ __all__ = [
     "GenerationStats",
     "Grammar",
     "Model",
+    "NomoatError",
     "OrtOptionsError",
     "SamplingParams",
     "StreamEvent",
+    "StructuredOutputUnavailable",
     "TokenLogprob",
 ]

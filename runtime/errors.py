@@ -1,15 +1,20 @@
 """Errors the runtime raises for problems a user can fix."""
 
 
-class BundleError(Exception):
+class NomoatError(Exception):
+    """Base of the errors the runtime raises for problems a user can fix: one `except` for them all."""
+
+
+class BundleError(NomoatError):
     """The bundle is missing, from an unknown format version, or its files do not match."""
 
 
-class ContextOverflowError(Exception):
-    """The prompt (or the conversation so far) does not fit in the bundle's context."""
+class ContextOverflowError(NomoatError, ValueError):
+    """The prompt (or the conversation so far) does not fit in the bundle's context. A ValueError too, as
+    llama-cpp-python's for a prompt past its context: a value the caller gave, too long."""
 
 
-class OrtOptionsError(ValueError):
+class OrtOptionsError(NomoatError, ValueError):
     """A session config entry the caller gave was refused: by ONNX Runtime (a key it knows, a value it does
     not take), or by nomoat before it (a key not shaped like ONNX Runtime's, which it would ignore)."""
 

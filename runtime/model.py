@@ -179,6 +179,22 @@ class Model:
         return cls(bundle, manifest, session, tokenizer, prefill_chunk=prefill_chunk,
                    template_source=_template_source(bundle, manifest))
 
+    def close(self) -> None:
+        """Free the model now: the ONNX Runtime session (weights, KV cache) goes, and the memory freed is
+        handed back to the system (glibc keeps a freed heap otherwise: five load-and-del cycles of
+        SmolLM2 grew the process from 195 to 280 MB). The Model cannot run after it; closing twice is fine.
+        `with Model.load(...) as model:` closes it at the block's end. Refused while a stream of this
+        model is open on this thread (close() that first)."""
+        with self._exclusive():
+            self.session = _ClosedSession()  # type: ignore[assignment]
+        trim_heap()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     @property
     def template(self) -> ChatTemplate:
         """The bundle's chat template, compiled on first use: Jinja costs ~3 MB of resident memory,
@@ -713,6 +729,14 @@ class Chat:
     @property
     def stats(self) -> GenerationStats:
         return self.model.last_stats
+
+
+class _ClosedSession:
+    """A closed Model's session: any use says so, not an AttributeError on None deep inside."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("this Model was closed (Model.close(), or the end of its with-block): "
+                           "Model.load the bundle again to run it")
 
 
 def _template_source(bundle: Path, manifest: Manifest) -> str | None:

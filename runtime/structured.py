@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import NomoatError
+
 __all__ = ["Grammar", "Constraint", "StructuredOutputUnavailable"]
 
 # Between JSON tokens: nothing, a space, or a newline and an indent of up to 20, as llama.cpp's
@@ -36,7 +38,7 @@ _SCHEMA_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions
 INSTALL_HINT = "install it with: pip install llguidance (the extra 'nomoat[structured]')"
 
 
-class StructuredOutputUnavailable(ImportError):
+class StructuredOutputUnavailable(NomoatError, ImportError):
     """llguidance is not installed."""
 
 

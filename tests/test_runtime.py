@@ -384,6 +384,33 @@ def test_a_stream_read_to_its_finish_reason_and_kept_leaves_the_model_free(bundl
         assert list(stream) == []  # nothing after the finish_reason
 
 
+def test_close_frees_the_session_and_a_closed_model_says_so(bundle):
+    """No close() existed, and del left the freed heap to the process: load-and-del cycles grew it."""
+    import gc
+    import weakref
+
+    import nomoat.runtime.model as model_module
+    from nomoat.runtime import NomoatError, StructuredOutputUnavailable
+
+    trims = []
+    with Model.load(bundle) as model:
+        ort_session = weakref.ref(model.session.session)
+        assert model.generate("hi", 2, temperature=0).token_ids
+        real_trim = model_module.trim_heap
+        model_module.trim_heap = lambda: trims.append(1) or real_trim()
+    try:
+        gc.collect()
+        assert ort_session() is None and trims == [1]  # freed, and the heap trimmed after it
+        with pytest.raises(RuntimeError, match=r"this Model was closed .*Model.load the bundle again"):
+            model.generate("hi", 2)
+        model.close()  # twice is fine
+    finally:
+        model_module.trim_heap = real_trim
+    # One except for every error the runtime raises for a caller's problem; a prompt too long is a ValueError too.
+    assert all(issubclass(e, NomoatError) for e in (BundleError, ContextOverflowError, StructuredOutputUnavailable))
+    assert issubclass(ContextOverflowError, ValueError)
+
+
 def test_chat_prefills_only_the_new_turn(bundle):
     model = Model.load(bundle)
     chat = model.chat(system="be brief")
