@@ -197,8 +197,6 @@ def _write_tokenizer_config(ckpt: Checkpoint, folder: Path) -> None:
     """tokenizer_config.json: the source's (a Hugging Face or Meta folder's) with nomoat's keys over it, so
     what transformers reads there and nomoat does not (padding_side, model_max_length, a tokenizer class)
     stays as it was; and the source's named chat templates (a tool-use one beside the default) with it."""
-    import shutil
-
     from .bundle import write_json
     from .load_hf import read_json_if_exists
 
@@ -211,14 +209,30 @@ def _write_tokenizer_config(ckpt: Checkpoint, folder: Path) -> None:
     if isinstance(theirs.get("chat_template"), list) and default:  # [{"name": ..., "template": ...}, ...]
         config["chat_template"] = [{**t, "template": default} if isinstance(t, dict) and t.get("name") == "default"
                                    else t for t in theirs["chat_template"]]
-    named = source / "additional_chat_templates" if source else None
-    if named is not None and named.is_dir() and default:
+    named = _named_templates(source) if source else {}
+    if named and default:
         # transformers 5's layout: with named templates beside it, the default must be chat_template.jinja
         # (a tokenizer_config.json entry would be replaced by the named ones alone).
-        shutil.copytree(named, folder / named.name)
+        (folder / NAMED_TEMPLATES).mkdir()
+        for name, text in named.items():
+            (folder / NAMED_TEMPLATES / name).write_text(text, encoding="utf-8")
         (folder / "chat_template.jinja").write_text(default, encoding="utf-8")
         config.pop("chat_template", None)
     write_json(folder / "tokenizer_config.json", config)
+
+
+NAMED_TEMPLATES = "additional_chat_templates"
+
+
+def _named_templates(source: Path) -> dict[str, str]:
+    """The source's named chat templates (additional_chat_templates/NAME.jinja): regular .jinja files only,
+    no link. A downloaded folder is not trusted: a link there to ~/.ssh was copied, keys and all, into
+    the merged folder, which users publish."""
+    folder = source / NAMED_TEMPLATES
+    if folder.is_symlink() or not folder.is_dir():
+        return {}
+    return {f.name: f.read_text(encoding="utf-8") for f in sorted(folder.iterdir())
+            if f.suffix == ".jinja" and not f.is_symlink() and f.is_file()}
 
 
 def _source_tokenizer_dir(ckpt: Checkpoint) -> Path | None:

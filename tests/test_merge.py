@@ -722,6 +722,31 @@ def test_merge_keeps_the_sources_tokenizer_settings_and_named_chat_templates(unt
     assert load_checkpoint(merged).tokenizer.chat_template == load_checkpoint(source).tokenizer.chat_template
 
 
+def test_merge_copies_only_named_templates_and_follows_no_link(untied, tmp_path):
+    """A downloaded folder whose additional_chat_templates linked to ~/.ssh had it copied, keys and all,
+    into the merged folder (which users publish)."""
+    from nomoat.converter.cli_merge import merge_to_hf_dir
+
+    secrets = tmp_path / "ssh"
+    secrets.mkdir()
+    (secrets / "id_ed25519").write_text("PRIVATE KEY")
+    (secrets / "evil.jinja").write_text("{{ 'a linked file' }}")
+    linked = Path(shutil.copytree(untied, tmp_path / "linked"))
+    (linked / "additional_chat_templates").symlink_to(secrets)
+    merged = merge_to_hf_dir(linked, [], tmp_path / "m1", progress=False)
+    assert not (merged / "additional_chat_templates").exists()
+
+    mixed = Path(shutil.copytree(untied, tmp_path / "mixed"))
+    (mixed / "additional_chat_templates").mkdir()
+    (mixed / "additional_chat_templates" / "tool_use.jinja").write_text("{{ 'tools' }}")
+    (mixed / "additional_chat_templates" / "notes.txt").write_text("not a template")
+    (mixed / "additional_chat_templates" / "key.jinja").symlink_to(secrets / "id_ed25519")
+    merged = merge_to_hf_dir(mixed, [], tmp_path / "m2", progress=False)
+    assert sorted(p.name for p in (merged / "additional_chat_templates").iterdir()) == ["tool_use.jinja"]
+    texts = [p.read_text() for p in merged.rglob("*") if p.is_file() and p.suffix != ".safetensors"]
+    assert not any("PRIVATE KEY" in text for text in texts)
+
+
 @pytest.mark.parametrize("said, fix", [
     ("No space left on device (os error 28)", "free at least 1 MB on that disk (the merged fp32 weights)"),
     ("File too large (os error 27)", "the file system there takes no file this large: pass a smaller --max-shard-size"),
