@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import signal
@@ -34,15 +35,30 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: _dispatch(sys.argv[1:] if argv is None else argv))
 
 
-def run_command(command: Callable[[], int]) -> int:
+def run_command(command: Callable[[], int], prog: str = "nomoat") -> int:
     """command()'s exit status, ended as a shell expects where the command does not end itself: quietly
     when stdout's reader leaves, and on Ctrl-C. Shared with `python -m pi_demo`."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`): said now, not as a traceback at the first answer
+        print(f"{prog}: error: standard output is closed; give the command somewhere to write (e.g. >/dev/null)",
+              file=sys.stderr)
+        return 2
+    if hasattr(sys.stdout, "reconfigure") and (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
+        # A terminal whose locale is not UTF-8 (Latin-1, ASCII): a character it cannot show would end the
+        # answer with an encoding error, taken for a bad message; shown as "?" instead, as stderr does.
+        sys.stdout.reconfigure(errors="replace")
     try:
         status = command()
         sys.stdout.flush()  # inside the try: a reader gone shows at the last flush too
         return status
     except BrokenPipeError:
         return _reader_gone()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EIO):
+            raise
+        # stdout a full disk (`> /dev/full`) or a terminal gone: one line, not a traceback
+        print(f"{prog}: error: cannot write the output: {e.strerror}", file=sys.stderr)
+        _drop_stdout()
+        return 1
     except (KeyboardInterrupt, ImportError) as e:
         if not interrupted(e):
             raise
@@ -67,9 +83,14 @@ def _reader_gone() -> int:
     Python ignores SIGPIPE, so the write raises instead; stdout goes to /dev/null so that the
     interpreter's own flush at exit does not print the error again.
     """
+    _drop_stdout()
+    return 128 + signal.SIGPIPE
+
+
+def _drop_stdout() -> None:
+    """What is left in stdout's buffer goes nowhere: the interpreter's flush at exit would fail again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
-    return 128 + signal.SIGPIPE
 
 
 def _dispatch(argv: list[str]) -> int:

@@ -19,7 +19,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     # As `nomoat`: `pi_demo chat ... | head -1` ends quietly, Ctrl-C while the model loads with 130.
-    return run_command(lambda: _dispatch(argv))
+    return run_command(lambda: _dispatch(argv), prog="pi_demo")
 
 
 def _dispatch(argv: list[str] | None) -> int:

@@ -312,7 +312,13 @@ def machine_info() -> dict[str, object]:
     # Other load on the machine is the usual reason two runs disagree: record it.
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu,
-            "cpus": os.cpu_count(), "python": platform.python_version(), "load_average_1min": load}
+            "cpus": usable_cpus(), "python": platform.python_version(), "load_average_1min": load}
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: taskset's or a container's --cpuset-cpus, not the machine's
+    count (under `taskset -c 0` a 2-thread run's slowdown was put down to other work, not to one CPU)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # -- the nomoat engine ---------------------------------------------------------------------

@@ -219,6 +219,10 @@ def generate(args: argparse.Namespace) -> int:
         print("nomoat generate: error: --system needs the chat template, which --raw skips; drop one of them "
               "(with --raw, write the instructions into the prompt itself)", file=sys.stderr)
         return 2
+    if args.prompt == "-" and sys.stdin is None:  # started with stdin closed (`<&-`)
+        print("nomoat generate: error: --prompt - reads the prompt from standard input, which is closed; pipe "
+              "the prompt in, or give it as --prompt TEXT", file=sys.stderr)
+        return 2
     prompt = read_stdin() if args.prompt == "-" else args.prompt
     answer = AnswerWriter()
     try:

@@ -336,7 +336,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def read_manifest(bundle: Path, verify_files: bool = True) -> Manifest:
     """Read and check a bundle's manifest; with verify_files, every file's sha256 too."""
-    bundle = Path(bundle)
+    bundle = Path(bundle).expanduser()  # a quoted "~/bundles/x" (a unit's ExecStart, a script), as convert reads it
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
         raise BundleError(f"{bundle} is not a directory; pass the folder `nomoat convert --out` wrote.")

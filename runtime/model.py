@@ -151,7 +151,7 @@ class Model:
                 check_ort_option(key, value)
             except ValueError as e:
                 raise OrtOptionsError(format_ort_options(ort_config), str(e), refused_by="nomoat") from None
-        bundle = Path(bundle)
+        bundle = Path(bundle).expanduser()  # "~/rpi5" quoted in a script, as `nomoat convert --out` takes it
         manifest = read_manifest(bundle, verify_files=verify_checksums)
         if manifest.onnx is None:
             raise BundleError(f"{bundle} holds no ONNX model; this runtime runs ONNX bundles.")

@@ -959,3 +959,14 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(BenchError, match="pip install matplotlib"):
         require_matplotlib()
+
+
+def test_the_machine_counts_the_cpus_this_process_may_use(monkeypatch):
+    """Under `taskset -c 0` (or a container's --cpuset-cpus) the report said 2 CPUs, and a 2-thread run's
+    slowdown was put down to other work rather than to the one CPU it had."""
+    import os
+
+    from nomoat.runtime.bench import machine_info
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert machine_info()["cpus"] == 1

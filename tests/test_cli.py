@@ -60,6 +60,42 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(verb):
     assert status == 141, (status, stderr)  # as a program killed by SIGPIPE: 128 + 13
 
 
+def _shell(command: str):
+    import subprocess
+
+    return subprocess.run(f"{sys.executable} -m nomoat {command}", shell=True, stderr=subprocess.PIPE, timeout=120)
+
+
+def test_closed_streams_and_a_full_disk_are_one_line_errors():
+    """`>&-` and `> /dev/full` ended in tracebacks (AttributeError on None, OSError)."""
+    assert _shell("targets > /dev/null").returncode == 0  # the baseline: stdout open and writable
+    result = _shell("targets >&-")
+    assert result.returncode == 2
+    assert result.stderr == b"nomoat: error: standard output is closed; give the command somewhere to write " \
+                            b"(e.g. >/dev/null)\n"
+    result = _shell("targets > /dev/full")
+    assert result.returncode == 1
+    assert result.stderr == b"nomoat: error: cannot write the output: No space left on device\n"
+
+
+def test_generate_from_a_closed_stdin_says_so(tmp_path):
+    result = _shell(f"generate {tmp_path} --prompt - <&-")
+    assert result.returncode == 2
+    assert b"--prompt - reads the prompt from standard input, which is closed" in result.stderr
+
+
+def test_an_answer_on_a_terminal_that_is_not_utf8_is_whole(monkeypatch, capsys):
+    """Under a Latin-1 (or ASCII) locale a character the terminal cannot show ended the answer with an
+    encoding error, taken for a bad message; now it shows as '?' and the answer goes on."""
+    import subprocess
+
+    code = ("import sys; from nomoat.__main__ import run_command; "
+            "sys.exit(run_command(lambda: print('caf\u00e9 \u304a end') or 0))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                            env={**__import__("os").environ, "PYTHONIOENCODING": "latin-1"})
+    assert result.returncode == 0 and result.stdout == "café ? end\n".encode("latin-1"), result
+
+
 class _FailingModel:
     """A model whose answer fails (a ValueError, as a sampler's NaN logits raise) after `written`."""
 

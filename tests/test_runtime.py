@@ -68,6 +68,16 @@ def test_the_template_is_the_loaded_bundles_after_its_folder_is_swapped_or_gone(
     assert model.render("hi") == expected
 
 
+def test_a_bundle_path_given_with_a_literal_tilde_is_in_home(bundle, tmp_path, monkeypatch):
+    """convert --out=~/x expands the ~ (bash leaves it after '='); the runtime took "~/x" literally."""
+    from nomoat.runtime.manifest import read_manifest
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(bundle, tmp_path / "mine")
+    assert Model.load("~/mine").generate("hi", 2, temperature=0).token_ids
+    assert read_manifest("~/mine").max_context == 96
+
+
 def test_unknown_format_version_is_refused(bundle, tmp_path):
     b = _copy(bundle, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
