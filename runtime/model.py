@@ -251,7 +251,16 @@ class Model:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Tokenize text; special-token strings in it (from a chat template) become their ids."""
         check_utf8(text, "the prompt")
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        except BaseException as e:
+            # tokenizers' Rust panics reach Python as pyo3's PanicException, a BaseException that every
+            # `except Exception` lets by: a bundle's pre-tokenizer regex that backtracks past Oniguruma's
+            # retry limit on this text dropped the server's connection without an answer.
+            if type(e).__name__ != "PanicException":
+                raise
+            raise ValueError(f"the bundle's tokenizer failed on this text ({str(e)[:200]}); its tokenizer.json "
+                             "may be damaged or hostile: re-convert the model") from None
         tok = self.manifest.tokenizer
         add_bos = tok.add_bos_token if add_bos is None else add_bos
         if add_bos and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):

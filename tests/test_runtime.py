@@ -78,6 +78,27 @@ def test_a_bundle_path_given_with_a_literal_tilde_is_in_home(bundle, tmp_path, m
     assert read_manifest("~/mine").max_context == 96
 
 
+def test_a_tokenizer_that_panics_on_a_prompt_is_a_value_error(bundle, tmp_path):
+    """A bundle's pre-tokenizer regex that backtracks past Oniguruma's retry limit panics in Rust: pyo3's
+    PanicException is a BaseException, which went by the server's handlers and dropped the connection."""
+    from nomoat.runtime.manifest import sha256_file
+
+    b = _copy(bundle, tmp_path)
+    tokenizer = json.loads((b / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"(\w+\s?)+$"}, "behavior": "Isolated", "invert": False},
+        tokenizer["pre_tokenizer"]]}
+    (b / "tokenizer.json").write_text(json.dumps(tokenizer))
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["tokenizer.json"] = sha256_file(b / "tokenizer.json")
+    (b / "manifest.json").write_text(json.dumps(m))
+    model = Model.load(b)
+    assert model.encode("short")  # the regex is fine on most text
+    with pytest.raises(ValueError, match=r"the bundle's tokenizer failed on this text \(.*retry-limit"):
+        model.encode("hello there friend how are you today my good old pal we have not met in a long long time "
+                     "so tell me all about it!")
+
+
 def test_unknown_format_version_is_refused(bundle, tmp_path):
     b = _copy(bundle, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
