@@ -15,6 +15,8 @@ and ``bos_token``/``eos_token``/``add_generation_prompt``.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -56,11 +58,32 @@ class ChatTemplateError(TemplateError):
     """Raised by a template's own ``raise_exception(message)`` (e.g. "roles must alternate")."""
 
 
+# A bundle or a downloaded model is not trusted: its template may loop for ever or build a string of
+# gigabytes. A real one renders a long conversation in milliseconds.
+RENDER_SECONDS = 5.0
+MAX_REPEATED = 1_000_000  # items of a string or list made by `*` (Jinja's sandbox caps range() alone)
+MAX_EXPONENT = 10_000
+
+
 class _StrictSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset(["*", "**"])
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         # The base class returns an Undefined that only raises if used further, and prints as ''
         # otherwise; raising here makes every attempt to reach an unsafe attribute an error.
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            sequence, times = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(sequence, (str, list, tuple)) and isinstance(times, int) \
+                    and len(sequence) * times > MAX_REPEATED:
+                raise SecurityError(f"the chat template repeats a {type(sequence).__name__} into more than "
+                                    f"{MAX_REPEATED:,} items")
+            return left * right
+        if isinstance(right, int) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"the chat template raises a number to the power {right}")
+        return left**right
 
 
 class _GenerationBlock(Extension):
@@ -77,6 +100,26 @@ class _GenerationBlock(Extension):
     @staticmethod
     def _render_body(caller: Any) -> str:
         return caller()
+
+
+def _within_deadline(render: Any) -> str:
+    """render() stopped with a ChatTemplateError once it has run RENDER_SECONDS: a template that loops for
+    ever (two nested range(100000)) held a server's request thread, and its core, until the process ended.
+    A trace function on this thread only, put back as it was after (a debugger's, coverage's)."""
+    deadline = time.monotonic() + RENDER_SECONDS
+    previous = sys.gettrace()
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise ChatTemplateError(f"the chat template did not finish rendering within {RENDER_SECONDS:g} s; "
+                                    "it may loop for ever: use the model's own template")
+        return trace
+
+    sys.settrace(trace)
+    try:
+        return render()
+    finally:
+        sys.settrace(previous)
 
 
 def _raise_exception(message: str) -> None:
@@ -152,10 +195,10 @@ class ChatTemplate:
         # As transformers' apply_chat_template: tools and documents are None unless given (a template
         # may test `tools is not none` without defining it first), and every special token is set.
         variables = {"tools": None, "documents": None, **self.other_special_tokens, **extra}
-        return self._template.render(
+        return _within_deadline(lambda: self._template.render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
             **variables,
-        )
+        ))

@@ -183,3 +183,25 @@ def test_a_template_sees_what_transformers_gives_it(tmp_path):
             messages, tokenize=False, **extra)
     assert ours.render([{"role": "user", "content": "hi"}], add_generation_prompt=False) == \
         "user: hi<|im_end|><|endoftext|>\n"
+
+
+@pytest.mark.parametrize("source, said", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x",
+     "did not finish rendering within 0.3 s"),
+    ("{{ 'x' * 100000000000 }}", "repeats a str into more than 1,000,000 items"),
+    ("{{ [1] * 10 ** 9 }}", "repeats a list into more than"),
+    ("{{ 2 ** 100000000 }}", "raises a number to the power 100000000"),
+])
+def test_a_hostile_template_is_stopped_not_run_for_ever(source, said, monkeypatch):
+    """A shared bundle's template that loops for ever held a server's request thread and its core until the
+    process ended; one that builds a string of 100 GB asked for the memory. Jinja's sandbox caps range() alone."""
+    import sys
+
+    import nomoat.runtime.chat_template as chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.3)
+    before = sys.gettrace()  # coverage's or a debugger's, if any: put back after the render
+    with pytest.raises(TemplateError, match=said):
+        ChatTemplate(source).render([{"role": "user", "content": "hi"}])
+    assert sys.gettrace() is before
+    assert ChatTemplate("{{ 'ab' * 3 }}{{ 2 ** 10 }}").render([]) == "ababab1024"  # ordinary use unchanged
