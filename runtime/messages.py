@@ -38,6 +38,8 @@ def as_messages(
         messages: list[dict[str, Any]] = [{"role": "user", "content": prompt_or_messages}]
     else:
         validate_messages(prompt_or_messages)
+        if not prompt_or_messages:  # the model would answer a conversation of nothing (the template's header)
+            raise ValueError("messages is empty: give at least one {'role': ..., 'content': ...} message")
         messages = [dict(message) for message in prompt_or_messages]
     if system is not None:
         if not isinstance(system, str):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     from .chat_template import ChatTemplate
     from .structured import Constraint, Grammar
 
-Messages = Sequence[dict[str, str]]
+Messages = Sequence[Mapping[str, str]]
+# What stream() returns: a generator, so that its close() (stop an answer early) is part of its type.
+EventStream = Generator["StreamEvent", None, None]
 
 
 @dataclass
@@ -485,7 +487,7 @@ class Model:
                repetition_penalty: float | None = None, repeat_last_n: int | None = None,
                frequency_penalty: float | None = None, presence_penalty: float | None = None,
                seed: int | None = None, prompt_lookup: int = 0, logprobs: int | None = None,
-               grammar: Grammar | None = None, cache_prompt: bool = True) -> Iterator[StreamEvent]:
+               grammar: Grammar | None = None, cache_prompt: bool = True) -> EventStream:
         """Stream the answer to a prompt (a string, wrapped in the chat template unless raw,
         or a list of {"role", "content"} messages) as text deltas.
 
@@ -512,7 +514,7 @@ class Model:
                    params: SamplingParams | None = None, stop: str | Sequence[str] | None = None,
                    prompt_lookup: int = 0, *, cache_prompt: bool = True,
                    should_stop: Callable[[], bool] | None = None, logprobs: int | None = None,
-                   grammar: Grammar | None = None, continues_prompt: bool = False) -> Iterator[StreamEvent]:
+                   grammar: Grammar | None = None, continues_prompt: bool = False) -> EventStream:
         """Stream the answer to prompt ids (see stream).
 
         params=None decodes greedily (stream() fills in the bundle's generation defaults; this one
@@ -538,6 +540,14 @@ class Model:
         check_count("prompt_lookup", prompt_lookup, minimum=0)
         if logprobs is not None:
             check_count("logprobs", logprobs, minimum=0)
+        from .structured import Grammar
+
+        if grammar is not None and not isinstance(grammar, Grammar):  # "json" failed deep inside, on .source
+            raise TypeError(f"grammar must be a Grammar (Grammar.json(schema), Grammar.regex(...), ...), "
+                            f"got {type(grammar).__name__}")
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError("params must be a SamplingParams (model.sampling_params(...)), "
+                            f"got {type(params).__name__}")
         constraint = self.constraint(grammar) if grammar is not None else None  # a bad grammar fails here
         stats = GenerationStats()
         detok = IncrementalDetokenizer(self.tokenizer, context=prompt_ids if continues_prompt else ())
@@ -683,7 +693,7 @@ class Chat:
 
     def stream(self, text: str, max_new_tokens: int | None = None, *, stop: str | Sequence[str] | None = None,
                prompt_lookup: int = 0, logprobs: int | None = None, grammar: Grammar | None = None,
-               **sampling: Any) -> Iterator[StreamEvent]:
+               **sampling: Any) -> EventStream:
         """Stream the answer to the next user message. prompt_lookup=N drafts from the whole
         conversation, as Model.stream does from its prompt (plain greedy only, as there);
         logprobs and grammar as in Model.stream."""

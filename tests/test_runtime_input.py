@@ -431,3 +431,28 @@ def test_a_token_id_outside_the_vocabulary_is_refused_naming_its_position(model,
 def test_token_ids_that_are_not_integers_are_a_type_error(model):
     with pytest.raises(TypeError, match=r"^token ids must be a flat sequence of integers, got \[5, 6.5\]"):
         next(model.generate_tokens([5, 6.5], 2))
+
+
+@pytest.mark.parametrize("kwargs, error, said", [
+    ({"stop": 123}, ValueError, "stop must be a string or a list of strings, got int"),  # was "not iterable"
+    ({"stop": b"x"}, ValueError, "stop must be a string or a list of strings, got bytes"),  # was "got 120"
+    ({"grammar": "json"}, TypeError, "grammar must be a Grammar"),  # was an AttributeError on .source
+])
+def test_arguments_of_the_wrong_kind_name_what_to_give(bundle, kwargs, error, said):
+    with pytest.raises(error, match=said):
+        Model.load(bundle).generate("hi", 2, **kwargs)
+
+
+def test_an_empty_conversation_and_params_that_are_not_sampling_params_are_refused(bundle):
+    model = Model.load(bundle)
+    with pytest.raises(ValueError, match="messages is empty"):  # was an answer to the template's header alone
+        model.generate([], 2)
+    with pytest.raises(TypeError, match="params must be a SamplingParams"):
+        list(model.stream_ids([1, 2], 2, params={"temperature": 0}))
+
+
+def test_the_sdk_ships_its_type_hints():
+    """PEP 561: without py.typed a user's mypy skips nomoat.runtime ("missing library stubs")."""
+    import importlib.resources
+
+    assert importlib.resources.files("nomoat.runtime").joinpath("py.typed").is_file()
