@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from nomoat.runtime.manifest import MANIFEST_NAME, Manifest, sha256_file
+from nomoat.runtime.manifest import MANIFEST_NAME, Manifest, check_path_encoding, sha256_file
 
 from .errors import ConversionError
 
@@ -38,6 +38,7 @@ def check_destination(out: Path, force: bool, sources: Iterable[tuple[str, str |
     """
     # '.' and '..' get a name and a parent; `--out=~/b` reaches us with its ~ (the shell expands only a word's start)
     out = _through_link(Path(os.path.abspath(Path(out).expanduser())))
+    check_path_encoding(out, "--out", ConversionError)
     if out.resolve() == Path.cwd().resolve() or not out.name:
         what = "the working directory" if out.name else "the root folder"
         raise ConversionError(f"--out {out} is {what}, and a bundle replaces its folder whole; name a new "

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nomoat.runtime.manifest import check_path_encoding
+
 from .errors import ConversionError
 from .spec import Checkpoint
 
@@ -33,6 +35,7 @@ ACCEPTED = (
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a model from a local directory, a .gguf file, or a locally cached hub id."""
     p = Path(path).expanduser()
+    check_path_encoding(p, "--model", ConversionError)
     if not p.exists():
         p = _cached_hub_snapshot(str(path))
     if p.is_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import string
 from dataclasses import asdict, dataclass, field
@@ -334,9 +335,22 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def check_path_encoding(path: Path, what: str, error: type[Exception]) -> None:
+    """Refuse a path that is not UTF-8 (a folder named in Latin-1): ONNX Runtime's and tokenizers' bindings
+    take UTF-8 paths only, and failed with a TypeError traceback or advice to re-download the files."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        shown = raw.decode("utf-8", "backslashreplace")
+        raise error(f"{what} '{shown}' has the byte 0x{raw[e.start]:02x}, which is not UTF-8 (ONNX Runtime and "
+                    "tokenizers take UTF-8 paths only): rename the folder, e.g. `convmv -f latin1 -t utf8`") from None
+
+
 def read_manifest(bundle: Path, verify_files: bool = True) -> Manifest:
     """Read and check a bundle's manifest; with verify_files, every file's sha256 too."""
     bundle = Path(bundle).expanduser()  # a quoted "~/bundles/x" (a unit's ExecStart, a script), as convert reads it
+    check_path_encoding(bundle, "the bundle's path", BundleError)
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
         raise BundleError(f"{bundle} is not a directory; pass the folder `nomoat convert --out` wrote.")

@@ -99,6 +99,26 @@ def test_a_tokenizer_that_panics_on_a_prompt_is_a_value_error(bundle, tmp_path):
                      "so tell me all about it!")
 
 
+def test_a_path_that_is_not_utf8_is_refused_with_the_byte(bundle, tmp_path):
+    """A folder named in Latin-1: ONNX Runtime's binding failed with a TypeError traceback, tokenizers' and
+    safetensors' with advice to copy or download the files again; convert --out failed after the work."""
+    import os
+
+    from nomoat.converter.bundle import check_destination
+    from nomoat.converter.errors import ConversionError
+    from nomoat.converter.load import load_checkpoint
+
+    latin1 = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    shutil.copytree(bundle, latin1)
+    said = r"'.*/caf\\xe9' has the byte 0xe9, which is not UTF-8 .*rename the folder"
+    with pytest.raises(BundleError, match="the bundle's path " + said):
+        Model.load(latin1)
+    with pytest.raises(ConversionError, match="--model " + said):
+        load_checkpoint(latin1)
+    with pytest.raises(ConversionError, match="--out " + said):
+        check_destination(latin1, force=True)
+
+
 def test_unknown_format_version_is_refused(bundle, tmp_path):
     b = _copy(bundle, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
