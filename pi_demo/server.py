@@ -157,8 +157,11 @@ class App:
         except (ValueError, TypeError, TemplateError) as e:  # the chat template's own checks raise TemplateError
             raise bad_request(str(e), param) from e
         if len(ids) >= model.max_context:
-            raise bad_request(f"the prompt is {len(ids)} tokens; this model's context holds {model.max_context} "
-                              "(prompt and answer together): shorten the conversation", param,
+            # Not "prompt and answer together": the last answer token never enters the cache, so usage can
+            # say one more than the context.
+            raise bad_request(f"the prompt is {len(ids)} tokens; this model's context holds {model.max_context}, "
+                              f"with room needed for an answer (at most {model.max_context - 1} prompt tokens): "
+                              "shorten the conversation", param,
                               "context_length_exceeded")
         cache_prompt = self.config.cache_prompt if request.cache_prompt is None else request.cache_prompt
         return Job(ids, request.max_tokens, params, request.stop, prompt_lookup=self.config.prompt_lookup,
