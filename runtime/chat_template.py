@@ -61,12 +61,13 @@ class ChatTemplateError(TemplateError):
 # A bundle or a downloaded model is not trusted: its template may loop for ever or build a string of
 # gigabytes. A real one renders a long conversation in milliseconds.
 RENDER_SECONDS = 5.0
-MAX_REPEATED = 1_000_000  # items of a string or list made by `*` (Jinja's sandbox caps range() alone)
+MAX_REPEATED = 1_000_000  # items of a string or list made by `*` or `%` (Jinja's sandbox caps range() alone)
 MAX_EXPONENT = 10_000
+MAX_POWER_BITS = 1_000_000  # (7 ** 10000) ** 3000 took 45 s in one step, where the deadline cannot reach
 
 
 class _StrictSandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "%"])
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         # The base class returns an Undefined that only raises if used further, and prints as ''
@@ -81,8 +82,16 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
                 raise SecurityError(f"the chat template repeats a {type(sequence).__name__} into more than "
                                     f"{MAX_REPEATED:,} items")
             return left * right
+        if operator == "%":  # '%50000000d' % 1: the width is the format's, known only once it is made
+            result = left % right
+            if isinstance(result, str) and len(result) > MAX_REPEATED:
+                raise SecurityError(f"the chat template formats a string of more than {MAX_REPEATED:,} characters")
+            return result
         if isinstance(right, int) and abs(right) > MAX_EXPONENT:
             raise SecurityError(f"the chat template raises a number to the power {right}")
+        bits = abs(left).bit_length() if isinstance(left, int) else 0
+        if isinstance(right, int) and right * bits > MAX_POWER_BITS:
+            raise SecurityError(f"the chat template raises a number of {bits} bits to the power {right}")
         return left**right
 
 

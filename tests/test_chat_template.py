@@ -191,6 +191,8 @@ def test_a_template_sees_what_transformers_gives_it(tmp_path):
     ("{{ 'x' * 100000000000 }}", "repeats a str into more than 1,000,000 items"),
     ("{{ [1] * 10 ** 9 }}", "repeats a list into more than"),
     ("{{ 2 ** 100000000 }}", "raises a number to the power 100000000"),
+    ("{{ (7 ** 10000) ** 3000 }}", "raises a number of 28074 bits to the power 3000"),  # one 45 s step
+    ("{{ '%50000000d' % 1 }}", "formats a string of more than 1,000,000 characters"),
 ])
 def test_a_hostile_template_is_stopped_not_run_for_ever(source, said, monkeypatch):
     """A shared bundle's template that loops for ever held a server's request thread and its core until the
@@ -204,4 +206,4 @@ def test_a_hostile_template_is_stopped_not_run_for_ever(source, said, monkeypatc
     with pytest.raises(TemplateError, match=said):
         ChatTemplate(source).render([{"role": "user", "content": "hi"}])
     assert sys.gettrace() is before
-    assert ChatTemplate("{{ 'ab' * 3 }}{{ 2 ** 10 }}").render([]) == "ababab1024"  # ordinary use unchanged
+    assert ChatTemplate("{{ 'ab' * 3 }}{{ 2 ** 10 }}{{ '%03d' % 7 }}{{ 7 % 4 }}").render([]) == "ababab10240073"
