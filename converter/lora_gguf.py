@@ -17,6 +17,7 @@ model's (llama.cpp itself skips them).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,12 @@ def read_lora_gguf(path: Path, spec: ModelSpec) -> tuple[AdapterReport, list[Upd
     reader = _open(path)
     meta = read_metadata(reader)
     arch = _check_header(meta, spec, path)
-    alpha = float(meta.get("adapter.lora.alpha") or 0.0)
+    alpha = meta.get("adapter.lora.alpha") or 0.0
+    # a NaN alpha scaled every update to NaN, past the check of the tensors' values
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ConversionError(f"{path}: adapter.lora.alpha is {alpha!r}, not a finite number; the adapter file is "
+                              "damaged: convert the PEFT adapter again with llama.cpp's convert_lora_to_gguf.py.")
+    alpha = float(alpha)
     pairs, updates = _group_tensors(reader.tensors, path)
     for name, (a, b) in pairs.items():
         updates.append(_lora_update(name, a, b, alpha, spec, permuted=arch == "llama", path=path))

@@ -390,6 +390,7 @@ def _read_peft_files(path: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
         raise ConversionError(f"{config_file} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ConversionError(f"{config_file} should hold a JSON object.")
+    _check_rank_alpha(config, config_file)
     if config.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"{path}: peft_type {config.get('peft_type')!r} is not LoRA; only LoRA merges.")
     task = config.get("task_type")
@@ -402,6 +403,35 @@ def _read_peft_files(path: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
     if binf.is_file():
         return config, _load_bin(binf), binf
     raise ConversionError(f"{path} has neither adapter_model.safetensors nor adapter_model.bin.")
+
+
+def _check_rank_alpha(config: dict[str, Any], config_file: Path) -> None:
+    """r, lora_alpha and their per-module patterns as numbers the merge can use: the file is hand-editable, and
+    a string or list there crashed int()/float(), and a NaN alpha was merged without a word."""
+    def refuse(key: str, value: Any, want: str) -> None:
+        raise ConversionError(f"{config_file}: {key} is {json.dumps(value)[:60]}, not {want}; set it to the value "
+                              "the adapter was trained with (PEFT writes it when it saves the adapter).")
+
+    def check_rank(key: str, value: Any) -> None:
+        # bool is an int to Python but not a rank; 4.0 is (JSON written by hand or by another tool)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value != int(value) or value < 1:
+            refuse(key, value, "a whole number >= 1 (the LoRA rank)")
+
+    def check_alpha(key: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            refuse(key, value, "a finite number (the LoRA alpha)")
+
+    if "r" in config:
+        check_rank("r", config["r"])
+    if "lora_alpha" in config:
+        check_alpha("lora_alpha", config["lora_alpha"])
+    for key, check in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            refuse(key, patterns, "an object of module-name patterns to numbers")
+        for pattern, value in patterns.items():
+            check(f"{key}[{json.dumps(pattern)}]", value)
 
 
 def _load_safetensors(f: Path) -> dict[str, Any]:

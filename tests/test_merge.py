@@ -415,6 +415,15 @@ def test_f16_lora_gguf_merges_its_f16_values(untied, tmp_path):
     torch.testing.assert_close(f16.tensors[name], f32.tensors[name], atol=1e-3, rtol=1e-3)
 
 
+def test_a_lora_gguf_whose_alpha_is_nan_is_refused(untied, tmp_path):
+    """The scale alpha / r went NaN past the check of the tensors' values."""
+    adapter = _adapter(untied, tmp_path / "peft")
+    _edit_config(adapter, lora_alpha=float("nan"))
+    lora = write_lora_gguf(adapter, untied, tmp_path / "lora.gguf")
+    _assert_refused(untied, tmp_path, lora, "adapter.lora.alpha is nan, not a finite number; the adapter file is "
+                                            "damaged")
+
+
 # -- reports --------------------------------------------------------------------------------
 
 
@@ -478,6 +487,25 @@ def test_wrong_rank_in_weights_vs_config(untied, tmp_path):
     adapter = _adapter(untied, tmp_path / "a")
     _edit_config(adapter, r=8)
     _assert_refused(untied, tmp_path, adapter, "rank 4 in its weights but 8 in adapter_config.json")
+
+
+@pytest.mark.parametrize("changes,said", [
+    ({"lora_alpha": float("nan")}, "lora_alpha is NaN, not a finite number"),
+    ({"lora_alpha": "eight"}, 'lora_alpha is "eight", not a finite number'),
+    ({"lora_alpha": True}, "lora_alpha is true, not a finite number"),
+    ({"r": "four"}, 'r is "four", not a whole number >= 1'),
+    ({"r": [4]}, r"r is \[4\], not a whole number >= 1"),
+    ({"r": 0}, "r is 0, not a whole number >= 1"),
+    ({"rank_pattern": [1, 2]}, r"rank_pattern is \[1, 2\], not an object"),
+    ({"rank_pattern": {"q_proj": "4"}}, r'rank_pattern\["q_proj"\] is "4", not a whole number'),
+    ({"alpha_pattern": {"q_proj": float("inf")}}, r'alpha_pattern\["q_proj"\] is Infinity, not a finite number'),
+])
+def test_a_rank_or_alpha_that_is_not_a_number_is_refused_by_key(untied, tmp_path, changes, said):
+    """A hand-edited adapter_config.json: a string or list crashed int()/float(), a NaN alpha merged."""
+    adapter = _adapter(untied, tmp_path / "a")
+    _edit_config(adapter, **changes)
+    _assert_refused(untied, tmp_path, adapter, rf"adapter_config\.json: {said}.*set it to the value the adapter was "
+                                               "trained with")
 
 
 def test_missing_config(untied, tmp_path):
