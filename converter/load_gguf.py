@@ -29,6 +29,7 @@ from .spec import (
     ModelSpec,
     RopeScaling,
     TokenizerInfo,
+    _as_number,
     default_max_positions,
 )
 
@@ -89,7 +90,7 @@ def load_gguf(path: Path) -> Checkpoint:
     meta = read_metadata(reader)
     arch = _architecture(meta, path)
     raw = {t.name: t for t in reader.tensors}
-    spec = spec_from_gguf(meta, arch, raw)
+    spec = spec_from_gguf(meta, arch, raw, path)
     checkpoint = Checkpoint(
         spec=spec,
         tensors=hf_tensors(raw, spec, permuted=arch == "llama"),
@@ -186,7 +187,7 @@ def _file_type(meta: dict[str, Any]) -> str | int | None:
 # --- spec ------------------------------------------------------------------------------
 
 
-def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> ModelSpec:
+def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any], path: Path | str = "the GGUF") -> ModelSpec:
     def key(name: str, default: Any = ...) -> Any:
         full = f"{arch}.{name}"
         if full in meta:
@@ -197,11 +198,26 @@ def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> Mode
             )
         return default
 
+    def number(name: str, default: Any = ..., kind: type = int) -> Any:
+        """A count or size above zero, or (float) a positive finite rope base: a 0 head count divided by zero
+        and a rope.freq_base of 0 or NaN ran the whole conversion into a NaN rotary table."""
+        value = key(name, default)
+        if name == "attention.head_count_kv":
+            value = _one_count(value, name)
+        checked = _as_number(value, kind)
+        if checked is None or checked <= 0:
+            raise ConversionError(
+                f"{path}: the GGUF metadata's {arch}.{name} is {value!r}, not a positive "
+                f"{'whole ' if kind is int else ''}number; the file is damaged: download it again or convert the "
+                "model again with llama.cpp's convert_hf_to_gguf.py."
+            )
+        return checked
+
     if "token_embd.weight" not in raw:
         raise ConversionError("the GGUF holds no token_embd.weight; it is not a complete language model.")
-    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
-    head_dim = int(key("attention.key_length", hidden // heads))
-    rotary_dims = int(key("rope.dimension_count", head_dim))
+    hidden, heads = number("embedding_length"), number("attention.head_count")
+    head_dim = number("attention.key_length", hidden // heads)
+    rotary_dims = number("rope.dimension_count", head_dim)
     if rotary_dims != head_dim:
         raise ConversionError(
             f"the GGUF rotates {rotary_dims} of {head_dim} head dimensions (partial rotary); "
@@ -214,7 +230,7 @@ def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> Mode
             f"GGUF rope scaling {scaling_type!r}{shown} is not supported (only plain RoPE and Llama 3 scaling); "
             "use a model without rope scaling."
         )
-    rope_theta = float(key("rope.freq_base", 10000.0))
+    rope_theta = number("rope.freq_base", 10000.0, float)
     biased = sorted({m[2] for name in raw if (m := _BLOCK.fullmatch(name)) and m[2].endswith(".bias")})
     if biased and arch != "qwen2":
         raise ConversionError(
@@ -226,16 +242,16 @@ def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any]) -> Mode
         # the embedding's rows are the truth: llama.cpp may pad the vocabulary metadata
         vocab_size=_hf_shape(raw["token_embd.weight"])[0],
         hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
+        intermediate_size=number("feed_forward_length"),
+        num_layers=number("block_count"),
         num_heads=heads,
-        num_kv_heads=_one_count(key("attention.head_count_kv", heads), "attention.head_count_kv"),
+        num_kv_heads=number("attention.head_count_kv", heads),
         head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         rope_theta=rope_theta,
         # llama.cpp requires the key; transformers' GGUF loader gives a file without it its config class's
         # default (Qwen2's 32768, Llama's 2048), so the bundle is the model the reference is.
-        max_position_embeddings=int(key("context_length", default_max_positions(arch))),
+        max_position_embeddings=number("context_length", default_max_positions(arch)),
         tie_word_embeddings="output.weight" not in raw,
         # Qwen2 has q/k/v biases (transformers' Qwen2 always does: the reference needs them too); the load
         # refuses a qwen2 GGUF without them, as it does a Hugging Face Qwen2 folder.
@@ -367,14 +383,15 @@ def dequantize(t: Any) -> Any:
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(_hf_shape(t)))
 
 
-def _one_count(value: Any, name: str) -> int:
-    """A count llama.cpp may also write per layer (a list): one value for every layer is that value."""
+def _one_count(value: Any, name: str) -> Any:
+    """A count llama.cpp may also write per layer (a list): one value for every layer is that value (checked
+    as a count by the caller)."""
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise ConversionError(f"the GGUF's {name} differs from layer to layer ({sorted(set(value))}); nomoat "
                                   "converts models whose layers are alike.")
         value = value[0]
-    return int(value)
+    return value
 
 
 def _hf_shape(t: Any) -> tuple[int, ...]:

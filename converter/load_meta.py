@@ -318,7 +318,7 @@ def spec_from_params(params: dict[str, Any], state: dict[str, Any], source: str 
             f"params.json says vocab_size {params['vocab_size']} but tok_embeddings has {vocab} rows; "
             "the weights and params.json do not belong together."
         )
-    rope_theta = p.float("rope_theta", 10000.0)
+    rope_theta = p.float("rope_theta", 10000.0, positive=True)
     return ModelSpec(
         architecture="llama",
         vocab_size=vocab,

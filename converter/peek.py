@@ -59,7 +59,7 @@ def _gguf_spec(path: Path) -> ModelSpec | None:
         return None
     meta = read_metadata(reader)
     arch = _architecture(meta, path)
-    return spec_from_gguf(meta, arch, {t.name: t for t in reader.tensors})
+    return spec_from_gguf(meta, arch, {t.name: t for t in reader.tensors}, path)
 
 
 def _meta_spec(folder: Path) -> ModelSpec | None:

@@ -49,12 +49,13 @@ class ConfigFile:
             raise self.invalid(key)
         return number
 
-    def float(self, key: str, default: Any = _REQUIRED) -> Any:
+    def float(self, key: str, default: Any = _REQUIRED, positive: bool = False) -> Any:
+        """A finite number (above zero when `positive`: a rope_theta, the base of every rotary wavelength)."""
         value = self.data.get(key)
         if value is None and default is not _REQUIRED:
             return default
         number = _as_number(value, float)
-        if number is None:
+        if number is None or (positive and number <= 0):
             raise self.invalid(key)
         return number
 
@@ -175,6 +176,16 @@ class ModelSpec:
                 f"architecture {self.architecture!r} is not supported; nomoat converts "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} models."
             )
+        # the loaders refuse these naming their file; this keeps a spec built another way from dividing by zero
+        # (num_heads % num_kv_heads) or exporting a NaN rotary table (rope_theta <= 0)
+        counts = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "max_position_embeddings")
+        bad = [f"{name} {getattr(self, name)}" for name in counts if getattr(self, name) <= 0]
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):  # NaN fails `> 0`
+            bad.append(f"rope_theta {self.rope_theta}")
+        if bad:
+            raise ConversionError(f"the model's config gives {', '.join(bad)}, which must be positive; the file is "
+                                  "damaged or hand-edited: download it again with the weights.")
         if self.num_heads % self.num_kv_heads:
             raise ConversionError(
                 f"num_attention_heads ({self.num_heads}) is not a multiple of "
@@ -216,6 +227,7 @@ class ModelSpec:
             _refuse_qwen2_sliding_layers(c, layers)
         # transformers 5 moved the rope settings into `rope_parameters`; read either
         rope_params = c.section("rope_parameters")
+        theta = c.float("rope_theta", 10000.0, positive=True)
         return cls(
             architecture=arch,
             vocab_size=c.int("vocab_size"),
@@ -227,8 +239,7 @@ class ModelSpec:
             head_dim=c.int("head_dim", hidden // heads),
             rms_norm_eps=c.float("rms_norm_eps", 1e-6),
             # transformers 5 reads rope_parameters first when a config has both
-            rope_theta=(rope_params.float("rope_theta", c.float("rope_theta", 10000.0)) if rope_params
-                        else c.float("rope_theta", 10000.0)),
+            rope_theta=(rope_params.float("rope_theta", theta, positive=True) if rope_params else theta),
             max_position_embeddings=c.int("max_position_embeddings", defaults["max_position_embeddings"]),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2",

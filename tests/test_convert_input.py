@@ -179,6 +179,11 @@ def test_tilde_is_expanded_in_lora_and_eval_text(home):
     pytest.param(lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
                  "rope_scaling.low_freq_factor", id="llama3 rope without its factors"),
     pytest.param(lambda c: c.update(rope_scaling="llama3"), "rope_scaling", id="rope_scaling no object"),
+    # a rope base of 0, below 0 or NaN ran the whole conversion into a NaN rotary table ("a bug in nomoat")
+    pytest.param(lambda c: c.update(rope_theta=-10000.0), "rope_theta", id="negative rope_theta"),
+    pytest.param(lambda c: c.update(rope_theta=float("nan")), "rope_theta", id="NaN rope_theta"),
+    pytest.param(lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 0}),
+                 "rope_parameters.rope_theta", id="rope_parameters' rope_theta 0"),
 ])
 def test_a_damaged_config_json_names_the_file_and_key(tiny_dir, tmp_path, edit, key):
     model = _copy(tiny_dir, tmp_path)
@@ -195,6 +200,7 @@ def test_a_damaged_config_json_names_the_file_and_key(tiny_dir, tmp_path, edit, 
                  id="missing"),
     pytest.param(lambda p: p.update(n_layers=None), "params.json lacks or has an invalid n_layers", id="null"),
     pytest.param(lambda p: p.update(norm_eps="small"), "params.json lacks or has an invalid norm_eps", id="a word"),
+    pytest.param(lambda p: p.update(rope_theta=0), "params.json lacks or has an invalid rope_theta", id="rope 0"),
 ])
 def test_a_damaged_params_json_is_one_line_in_convert_as_in_merge(tiny_dir, tmp_path, edit, message):
     meta = write_meta_from_hf(tiny_dir, tmp_path / "meta")
@@ -317,6 +323,27 @@ def test_a_gguf_rope_factor_without_a_type_is_linear_scaling_and_refused(tiny_di
         load_checkpoint(gguf_file)
     with pytest.raises(ConversionError, match=refusal):
         peek_spec(gguf_file)  # the fit pre-check says the same, before any weight is read
+
+
+@pytest.mark.parametrize(("method", "value", "said"), [
+    ("add_head_count", 0, "llama.attention.head_count is 0"),  # a ZeroDivisionError traceback
+    ("add_head_count_kv", 0, "llama.attention.head_count_kv is 0"),
+    ("add_rope_freq_base", 0.0, "llama.rope.freq_base is 0.0"),  # ran the conversion into a NaN rotary table
+    ("add_rope_freq_base", float("nan"), "llama.rope.freq_base is nan"),
+])
+def test_a_gguf_without_heads_or_rope_base_is_refused_naming_the_key(tiny_dir, tmp_path, monkeypatch, method, value,
+                                                                      said):
+    import gguf
+
+    write = getattr(gguf.GGUFWriter, method)
+    with monkeypatch.context() as m:
+        m.setattr(gguf.GGUFWriter, method, lambda self, _: write(self, value))
+        gguf_file = write_gguf_from_hf(tiny_dir, tmp_path / "m.gguf")
+    refusal = rf"m\.gguf: the GGUF metadata's {said}, not a positive .*the file is damaged"
+    with pytest.raises(ConversionError, match=refusal):
+        peek_spec(gguf_file)  # what `nomoat convert` reads first
+    with pytest.raises(ConversionError, match=refusal):
+        load_checkpoint(gguf_file)
 
 
 @pytest.mark.parametrize("factor", [0.0, 1.0])

@@ -866,6 +866,14 @@ def test_a_per_layer_gguf_count_is_one_value_or_refused():
         _one_count([3, 1, 3], "attention.head_count_kv")
 
 
+@pytest.mark.parametrize("change", [{"num_kv_heads": 0}, {"rope_theta": 0.0}, {"rope_theta": float("nan")}])
+def test_a_spec_with_no_kv_heads_or_no_rope_base_is_refused_not_divided_by(llama_dir, change):
+    """The loaders refuse these naming their key; a spec built otherwise must not divide by zero either."""
+    spec = ModelSpec.from_hf_config(json.loads((llama_dir / "config.json").read_text()))
+    with pytest.raises(ConversionError, match=rf"{next(iter(change))} .*must be positive"):
+        dataclasses.replace(spec, **change)
+
+
 def test_rope_parameters_win_over_a_top_level_rope_theta_as_in_transformers(tmp_path):
     from transformers import LlamaConfig
 
