@@ -87,7 +87,7 @@ _SAMPLING_KEYS = {
 
 def load_gguf(path: Path) -> Checkpoint:
     reader = _open(path)
-    meta = read_metadata(reader)
+    meta = read_metadata(reader, path)
     arch = _architecture(meta, path)
     raw = {t.name: t for t in reader.tensors}
     spec = spec_from_gguf(meta, arch, raw, path)
@@ -121,7 +121,7 @@ def _unrecorded_mistral_window(meta: dict[str, Any], spec: ModelSpec) -> int | N
 
 def load_gguf_tokenizer(path: Path) -> TokenizerInfo:
     """Only the tokenizer (tokenizer.json and chat template from the metadata), without the weights."""
-    meta = read_metadata(_open(path))
+    meta = read_metadata(_open(path), path)
     return tokenizer_from_gguf(meta, _architecture(meta, path))
 
 
@@ -136,13 +136,20 @@ def _open(path: Path) -> Any:
         ) from e
 
 
-def read_metadata(reader: Any) -> dict[str, Any]:
+def read_metadata(reader: Any, path: Path | str = "the GGUF") -> dict[str, Any]:
     """Every metadata key with its Python value (strings, numbers, lists)."""
     from gguf import GGUFValueType
 
     meta = {}
     for key, field in reader.fields.items():
-        value = field.contents()
+        try:
+            value = field.contents()
+        except UnicodeDecodeError as e:  # the gguf package decodes strings as UTF-8 only when asked for them
+            damaged = "its tokenizer metadata is damaged" if key.startswith("tokenizer.") else "the file is damaged"
+            raise ConversionError(
+                f"{path}: the GGUF metadata's {key} holds text that is not UTF-8 (byte {e.object[e.start]:#04x}); "
+                f"{damaged}: download the file again, or convert it again with llama.cpp."
+            ) from e
         if field.types == [GGUFValueType.FLOAT32]:
             # float32 1e-5 read back as a double is 9.99999974e-06; the shortest float32
             # repr recovers the value the config was written with, so a model rebuilt from

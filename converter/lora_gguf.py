@@ -34,7 +34,7 @@ _GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 def read_lora_gguf(path: Path, spec: ModelSpec) -> tuple[AdapterReport, list[Update]]:
     reader = _open(path)
-    meta = read_metadata(reader)
+    meta = read_metadata(reader, path)
     arch = _check_header(meta, spec, path)
     alpha = meta.get("adapter.lora.alpha") or 0.0
     # a NaN alpha scaled every update to NaN, past the check of the tensors' values

@@ -57,7 +57,7 @@ def _gguf_spec(path: Path) -> ModelSpec | None:
         reader = GGUFReader(path)  # memory-maps the file; tensor data is not read
     except (ValueError, OSError, IndexError):
         return None
-    meta = read_metadata(reader)
+    meta = read_metadata(reader, path)
     arch = _architecture(meta, path)
     return spec_from_gguf(meta, arch, {t.name: t for t in reader.tensors}, path)
 

@@ -346,6 +346,21 @@ def test_a_gguf_without_heads_or_rope_base_is_refused_naming_the_key(tiny_dir, t
         load_checkpoint(gguf_file)
 
 
+@pytest.mark.parametrize(("text", "said"), [
+    (b"tiny test model", r"general\.name holds text that is not UTF-8 \(byte 0xff\); the file is damaged"),
+    (b"<|endoftext|>", r"tokenizer\.ggml\.tokens holds text that is not UTF-8 \(byte 0xff\); its tokenizer metadata "
+                       "is damaged"),
+])
+def test_a_gguf_string_that_is_not_utf8_is_refused_naming_the_key(tiny_dir, tmp_path, text, said):
+    """The gguf package's UnicodeDecodeError was a traceback."""
+    gguf_file = write_gguf_from_hf(tiny_dir, tmp_path / "m.gguf")
+    data = gguf_file.read_bytes()
+    gguf_file.write_bytes(data.replace(text, b"\xff" + text[1:], 1))  # the same length: the layout holds
+    for read in (peek_spec, load_checkpoint):
+        with pytest.raises(ConversionError, match=rf"m\.gguf: the GGUF metadata's {said}: download the file again"):
+            read(gguf_file)
+
+
 @pytest.mark.parametrize("factor", [0.0, 1.0])
 def test_a_gguf_rope_factor_of_0_or_1_scales_nothing(tiny_dir, tmp_path, monkeypatch, factor):
     gguf_file = _gguf_with_keys(tiny_dir, tmp_path / "m.gguf", monkeypatch, {"llama.rope.scaling.factor": factor})
