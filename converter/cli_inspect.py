@@ -79,7 +79,7 @@ def read_bundle(bundle: Path, check: bool = True) -> tuple[dict[str, Any], dict[
             report = json.loads(report_file.read_text())
             if not isinstance(report, dict):
                 raise ValueError("not a JSON object")
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             problems.append(f"report.json cannot be read ({e}){advice}")
             report, report_ok = {}, False
         damage = report_damage(report)

@@ -317,7 +317,7 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConversionError(f"{path} is missing; the model directory is incomplete.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # json recurses per bracket
         raise ConversionError(f"{path} is not valid JSON ({e}); download or fix it.") from e
     if not isinstance(data, dict):
         raise ConversionError(f"{path} should hold a JSON object; download or fix it.")

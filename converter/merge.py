@@ -386,7 +386,7 @@ def _read_peft_files(path: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
                               "a llama.cpp LoRA .gguf file.")
     try:
         config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # json recurses per bracket
         raise ConversionError(f"{config_file} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ConversionError(f"{config_file} should hold a JSON object.")
@@ -605,7 +605,7 @@ def _note_chat_template(path: Path, ckpt: Checkpoint, report: AdapterReport) -> 
 
     try:
         config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         config = {}
     template = read_chat_template(path, config if isinstance(config, dict) else {})
     if not template or template == ckpt.tokenizer.chat_template:

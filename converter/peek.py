@@ -40,8 +40,9 @@ def peek_spec(path: str | Path) -> ModelSpec | None:
 
 def _hf_spec(config: Path) -> ModelSpec | None:
     try:
-        cfg = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    # ValueError: not JSON or not UTF-8; RecursionError: nested too deep for json. The load says which.
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(cfg, dict):
         return None
@@ -85,7 +86,7 @@ def _meta_spec(folder: Path) -> ModelSpec | None:
     params_file = folder / "params.json"
     try:
         params: dict[str, Any] = json.loads(params_file.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(params, dict):
         return None

@@ -360,7 +360,7 @@ def read_manifest(bundle: Path, verify_files: bool = True) -> Manifest:
         raw = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise BundleError(f"manifest.json is malformed (not UTF-8 text: {e}); re-convert the model.") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # json recurses per bracket: a deep nest passes the limit
         raise BundleError(f"{path} is not valid JSON ({e}); the bundle is damaged, re-convert or re-copy it.") from e
     manifest = Manifest.from_dict(raw)
     if verify_files:

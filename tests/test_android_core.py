@@ -214,6 +214,9 @@ BAD_MANIFESTS = {
     "json-trailing-text": ("text", lambda text: text + "\n# the end\n"),
     "json-single-quotes": ("text", lambda text: text.replace('"created_by": "nomoat"', "'created_by': 'nomoat'")),
     "json-comment": ("text", lambda text: "// a bundle\n" + text),
+    # json.loads' RecursionError was a traceback in Python, a StackOverflowError in the app
+    "json-nested-too-deep": b"[" * 200_000 + b"]" * 200_000,
+    "json-objects-nested-too-deep": ("text", lambda text: '{"a": ' * 100_000 + text + "}" * 100_000),
     "model-list": _set("model", []),
     "model.num_layers-0": _set("model", "num_layers", 0),
     "model.num_kv_heads-string": _set("model", "num_kv_heads", "2"),

@@ -195,6 +195,26 @@ def test_a_damaged_config_json_names_the_file_and_key(tiny_dir, tmp_path, edit, 
         load_checkpoint(model)  # what `nomoat merge` reads
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "generation_config.json"])
+def test_a_json_file_nested_too_deep_is_one_line_as_malformed_json_is(tiny_dir, tmp_path, name):
+    """json.loads recurses per bracket: 200,000 were a RecursionError traceback."""
+    model = _copy(tiny_dir, tmp_path)
+    (model / name).write_text('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    message = rf"{model / name} is not valid JSON \(maximum recursion depth exceeded.*\); download or fix it"
+    with pytest.raises(ConversionError, match=message):
+        _convert(model, tmp_path / "b")
+    with pytest.raises(ConversionError, match=message):
+        load_checkpoint(model)
+
+
+def test_a_config_json_that_is_not_utf8_is_one_line_in_convert(tiny_dir, tmp_path):
+    """The fit pre-check caught only JSONDecodeError: a UnicodeDecodeError was a traceback."""
+    model = _copy(tiny_dir, tmp_path)
+    (model / "config.json").write_bytes(b'{"model_type": "llama\xff"}')
+    with pytest.raises(ConversionError, match=r"config\.json is not valid JSON \('utf-8' codec can't decode"):
+        _convert(model, tmp_path / "b")
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     pytest.param(lambda p: p.pop("n_heads"), "params.json lacks n_heads; it is not a Llama params.json",
                  id="missing"),

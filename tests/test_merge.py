@@ -514,6 +514,13 @@ def test_missing_config(untied, tmp_path):
     _assert_refused(untied, tmp_path, adapter, "no adapter_config.json")
 
 
+def test_an_adapter_config_nested_too_deep_is_one_line(untied, tmp_path):
+    """json.loads recurses per bracket: 200,000 were a RecursionError traceback."""
+    adapter = _adapter(untied, tmp_path / "a")
+    (adapter / "adapter_config.json").write_text('{"r": 4, "x": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    _assert_refused(untied, tmp_path, adapter, r"adapter_config\.json is not valid JSON: maximum recursion depth")
+
+
 def test_a_folder_of_named_adapters_names_them(untied, tmp_path):
     """PEFT saves an adapter not called "default" in a subfolder of its name."""
     _adapter(untied, tmp_path / "run" / "style")

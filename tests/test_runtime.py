@@ -128,6 +128,21 @@ def test_unknown_format_version_is_refused(bundle, tmp_path):
         Model.load(b)
 
 
+def test_a_manifest_nested_too_deep_is_one_line_not_a_recursion_error(bundle, tmp_path, capsys):
+    """json.loads recurses per bracket: 200,000 were a RecursionError traceback in Model.load, chat and inspect."""
+    from nomoat.__main__ import main
+
+    b = _copy(bundle, tmp_path)
+    (b / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+    said = "manifest.json is not valid JSON (maximum recursion depth exceeded while decoding a JSON array"
+    with pytest.raises(BundleError, match=r"manifest\.json is not valid JSON \(maximum recursion depth exceeded"):
+        Model.load(b)
+    for verb in ("chat", "inspect"):
+        assert main([verb, str(b)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"nomoat {verb}: error: {b}/{said}") and err.count("\n") == 1, err
+
+
 def test_damaged_file_is_refused(bundle, tmp_path):
     b = _copy(bundle, tmp_path)
     data = bytearray((b / "model.onnx.data").read_bytes())

@@ -250,6 +250,17 @@ def test_inspect_reports_a_truncated_report_json_as_damage(tiny_dir, tmp_path, c
     assert "report.json cannot be read (" in err and "copy the bundle again or re-convert." in err
 
 
+def test_inspect_reports_a_report_json_nested_too_deep_as_damage(tiny_dir, tmp_path, capsys):
+    """json.loads' RecursionError (200,000 brackets) was a traceback."""
+    out = convert(ConvertOptions(model=str(tiny_dir), out=tmp_path / "b", quant="fp32", max_context=64,
+                                 progress=False, skip_verify=True))
+    (out / "report.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert nomoat_main(["inspect", str(out), "--no-check"]) == 1
+    text, err = capsys.readouterr()
+    assert "DAMAGED: report.json unreadable" in text.splitlines()[0]
+    assert "report.json cannot be read (maximum recursion depth exceeded" in err and len(err.splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def skip_verified_bundle(tiny_dir, tmp_path_factory) -> Path:
     return convert(ConvertOptions(model=str(tiny_dir), out=tmp_path_factory.mktemp("inspect") / "b", quant="fp32",

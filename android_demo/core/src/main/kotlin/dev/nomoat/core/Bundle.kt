@@ -620,9 +620,16 @@ internal fun utf8Error(bytes: ByteArray): String? {
  * JSON as Python's json.loads reads it (RFC 8259, plus its NaN and Infinity), for what org.json's lenient
  * reader would take: comments, single quotes, unquoted names, trailing text. [error] gives Python's
  * message ("Expecting value: line 1 column 5 (char 4)") or null.
+ *
+ * Both this parser and org.json's recurse per bracket: 200,000 '[' overflowed the thread's stack (a
+ * StackOverflowError, not an exception the app catches). Past [MAX_DEPTH] nested objects and arrays the text
+ * is refused as json.loads refuses it past Python's recursion limit (~1000), in its words.
  */
 internal object StrictJson {
-    private class Fail(val reason: String, val pos: Int) : Exception(reason)
+    const val MAX_DEPTH = 512  // a manifest nests 4 deep; org.json then recurses no deeper than this either
+
+    /** [pos] null: a failure with no position to show (Python's recursion error has none). */
+    private class Fail(val reason: String, val pos: Int?) : Exception(reason)
 
     fun error(text: String): String? {
         val p = Parser(text)
@@ -634,14 +641,17 @@ internal object StrictJson {
             if (i != text.length) throw Fail("Extra data", i)
             null
         } catch (e: Fail) {
-            val line = text.substring(0, e.pos).count { it == '\n' } + 1
-            val lineStart = text.lastIndexOf('\n', e.pos - 1) + 1
-            val char = text.codePointCount(0, e.pos)
-            "${e.reason}: line $line column ${text.codePointCount(lineStart, e.pos) + 1} (char $char)"
+            val pos = e.pos ?: return e.reason
+            val line = text.substring(0, pos).count { it == '\n' } + 1
+            val lineStart = text.lastIndexOf('\n', pos - 1) + 1
+            val char = text.codePointCount(0, pos)
+            "${e.reason}: line $line column ${text.codePointCount(lineStart, pos) + 1} (char $char)"
         }
     }
 
     private class Parser(val s: String) {
+        private var depth = 0
+
         fun ws(from: Int): Int {
             var i = from
             while (i < s.length && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++
@@ -655,8 +665,7 @@ internal object StrictJson {
             if (i >= s.length) throw Fail("Expecting value", i)
             return when {
                 s[i] == '"' -> string(i)
-                s[i] == '{' -> obj(i + 1)
-                s[i] == '[' -> array(i + 1)
+                s[i] == '{' || s[i] == '[' -> nested(s[i] == '{', i + 1)
                 s.startsWith("null", i) -> i + 4
                 s.startsWith("true", i) -> i + 4
                 s.startsWith("false", i) -> i + 5
@@ -666,6 +675,16 @@ internal object StrictJson {
                 else -> number.matcher(s).region(i, s.length).takeIf { it.lookingAt() }?.end()
                     ?: throw Fail("Expecting value", i)
             }
+        }
+
+        private fun nested(isObject: Boolean, from: Int): Int {
+            if (++depth > MAX_DEPTH) {
+                throw Fail("maximum recursion depth exceeded while decoding a JSON ${if (isObject) "object" else "array"} " +
+                    "from a unicode string", null)
+            }
+            val end = if (isObject) obj(from) else array(from)
+            depth--
+            return end
         }
 
         fun string(start: Int): Int {

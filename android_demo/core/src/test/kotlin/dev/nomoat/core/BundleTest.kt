@@ -167,6 +167,23 @@ class BundleTest {
     }
 
     @Test
+    fun jsonNestedPastTheDepthLimitIsRefusedNotAStackOverflow() {
+        // 200,000 '[' overflowed the stack in StrictJson (and would have in org.json after it)
+        val deep = tmp.newFolder("deep")
+        File(deep, MANIFEST_NAME).writeText("[".repeat(200_000) + "]".repeat(200_000))
+        val message = refused(deep)
+        assertEquals("manifest.json is not valid JSON (maximum recursion depth exceeded while decoding a JSON array " +
+            "from a unicode string); the bundle is damaged, re-convert or re-copy it.", message)
+        val limit = 512  // StrictJson.MAX_DEPTH
+        val objects = "{\"a\": ".repeat(limit + 1) + "1" + "}".repeat(limit + 1)
+        assertEquals("maximum recursion depth exceeded while decoding a JSON object from a unicode string",
+            StrictJson.error(objects))
+        // up to the limit the text is JSON, whatever the nesting
+        assertNull(StrictJson.error("[".repeat(limit) + "]".repeat(limit)))
+        assertNull(StrictJson.error("[[1, {\"a\": [2]}], [3]]"))
+    }
+
+    @Test
     fun versionsCompareByNumber() {
         assertEquals(listOf(1, 24, 0), versionParts("1.24.0-dev20250601"))
         assertEquals(listOf(2, 0, 0), versionParts("2.0"))
