@@ -66,6 +66,16 @@ def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map") or {}
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}'s weight_map is not an object of tensor names to shard files; the index "
+                                  "is damaged: download it again.")
+        for tensor, name in weight_map.items():
+            # a shard is a file in the model folder itself: an index naming "/elsewhere/x" or "../x" had the
+            # converter read (and bundle) weights from outside the folder
+            if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+                raise ConversionError(f"{index}'s weight_map gives {tensor} the shard {json.dumps(name)}, which is "
+                                      f"not the name of a file in {path}; the index is damaged or hand-edited: "
+                                      "download it again.")
         files = [path / name for name in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.exists()]
         if missing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,25 @@ def test_sharded_hf_dir_loads_every_shard(tmp_path, llama_dir):
     assert (sharded / "model.safetensors.index.json").exists()
     ckpt = load_checkpoint(str(sharded))
     assert_same_tensors(ckpt, hf_state_dict(llama_dir))
+
+
+@pytest.mark.parametrize("shard", ["{outside}/{name}", "../outside/{name}", "sub/{name}", 5, None])
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, shard):
+    """weight_map entries were joined to the folder as given: "/x" or "../x" read weights from outside it (into
+    the bundle), and a number was a TypeError traceback."""
+    sharded = make_tiny_hf_dir(tmp_path / "m", arch="llama", sharded=True)
+    outside = shutil.copytree(sharded, tmp_path / "outside")  # real shards there: only the name gives it away
+    shutil.copytree(sharded, sharded / "sub")
+    if isinstance(shard, str):
+        shard = shard.format(outside=outside, name=next(sharded.glob("*.safetensors")).name)
+    index = sharded / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.norm.weight"] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(ConversionError, match=rf"index\.json's weight_map gives model\.norm\.weight the shard "
+                                              rf"{re.escape(json.dumps(shard))}, which is not the name of a file in "
+                                              rf"{re.escape(str(sharded))}; the index is damaged"):
+        load_checkpoint(sharded)
 
 
 def test_tied_hf_model_has_no_lm_head_and_same_logits(tmp_path):
