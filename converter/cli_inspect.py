@@ -250,10 +250,14 @@ def _recipe_line(recipe: dict[str, Any], quant: dict[str, Any]) -> str:
     algorithm = f" ({quant['algorithm']}{smoothing})" if quant.get("algorithm") and weights != "fp32" else ""
     symmetric = quant.get("symmetric") if weights != "fp32" else None
     symmetric_text = f", no zero points in {'/'.join(symmetric)}" if symmetric else ""
-    return (f"{', '.join(recipe.get('formats', []))}, {weights} weights{algorithm} in blocks of "
-            f"{recipe.get('block_size')}{head_text}{symmetric_text}, embedding {embedding}, "
-            f"accuracy level {recipe.get('accuracy_level')}, "
-            f"{recipe.get('threads')} threads, context {recipe.get('max_context')}, KV cache {recipe.get('kv_dtype')}")
+    # fp32 weights are plain MatMuls: no blocks, no int8 activations to set an accuracy level for
+    blocks = "" if weights == "fp32" else f" in blocks of {recipe.get('block_size')}"
+    level = "" if weights == "fp32" else f"accuracy level {recipe.get('accuracy_level')}, "
+    threads = recipe.get("threads")
+    return (f"{', '.join(recipe.get('formats', []))}, {weights} weights{algorithm}{blocks}{head_text}"
+            f"{symmetric_text}, embedding {embedding}, {level}"
+            f"{threads} thread{'' if threads == 1 else 's'}, context {recipe.get('max_context')}, "
+            f"KV cache {recipe.get('kv_dtype')}")
 
 
 def _overrides_line(recipe: dict[str, Any]) -> str:

@@ -366,3 +366,32 @@ def test_targets_command(capsys):
     assert nomoat_main(["targets", "pixel6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["recipe"]["accuracy_level"] == 4
     assert nomoat_main(["targets", "pixel99"]) == 1
+
+
+def test_an_fp32_bundle_is_not_described_as_blocked_and_one_thread_is_one_thread(tiny_dir, tmp_path, capsys):
+    """fp32 weights are plain MatMuls: inspect and the plan line said "in blocks of 32, accuracy level 4"."""
+    out = convert(ConvertOptions(model=str(tiny_dir), out=tmp_path / "b", quant="fp32", max_context=64, threads=1,
+                                 skip_verify=True))
+    plan = [line for line in capsys.readouterr().err.splitlines() if "plan for" in line]
+    assert plan and "block" not in plan[0] and "accuracy level" not in plan[0] and "1 thread," in plan[0], plan
+    assert nomoat_main(["inspect", str(out)]) == 0
+    recipe = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe"))
+    assert "fp32 weights, embedding fp32, 1 thread, context 64" in recipe, recipe
+
+
+def test_a_block_size_that_pads_rows_gets_a_notice_and_rtns_gate_failure_suggests_imatrix(capsys):
+    from types import SimpleNamespace
+
+    from nomoat.converter.convert import _notice_padded_blocks
+    from nomoat.converter.verify import _gate_advice
+
+    smollm2 = SimpleNamespace(hidden_size=576, intermediate_size=1536)
+    _notice_padded_blocks(smollm2, SimpleNamespace(weights="int4", block_size=32))
+    assert capsys.readouterr().err == ""
+    _notice_padded_blocks(smollm2, SimpleNamespace(weights="int4", block_size=256))
+    assert "--block-size 256 does not divide the model's hidden size 576: each row is padded" in capsys.readouterr().err
+    _notice_padded_blocks(SimpleNamespace(hidden_size=576, intermediate_size=1000),
+                          SimpleNamespace(weights="int4", block_size=64))
+    assert "does not divide the model's hidden size 576 or intermediate size 1000" in capsys.readouterr().err
+    assert _gate_advice(0.64, "rtn").startswith("Try --algorithm imatrix (the default: rtn weighs no activations")
+    assert _gate_advice(0.64, "imatrix").startswith("Try a higher-precision --quant")
