@@ -391,7 +391,7 @@ def test_a_block_size_that_pads_rows_gets_a_notice_and_rtns_gate_failure_suggest
     _notice_padded_blocks(smollm2, SimpleNamespace(weights="int4", block_size=256))
     assert "--block-size 256 does not divide the model's hidden size 576: each row is padded" in capsys.readouterr().err
     _notice_padded_blocks(SimpleNamespace(hidden_size=576, intermediate_size=1000),
-                          SimpleNamespace(weights="int4", block_size=64))
+                          SimpleNamespace(weights="int4", block_size=128))
     assert "does not divide the model's hidden size 576 or intermediate size 1000" in capsys.readouterr().err
     assert _gate_advice(0.64, "rtn").startswith("Try --algorithm imatrix (the default: rtn weighs no activations")
     assert _gate_advice(0.64, "imatrix").startswith("Try a higher-precision --quant")
