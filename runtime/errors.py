@@ -2,7 +2,8 @@
 
 
 class NomoatError(Exception):
-    """Base of the errors the runtime raises for problems a user can fix: one `except` for them all."""
+    """Base of the runtime's own error classes (a bad argument is a plain ValueError or TypeError, a request
+    on a closed model or beside this thread's open stream a RuntimeError)."""
 
 
 class BundleError(NomoatError):

@@ -10,7 +10,7 @@ is for user-given strings that need not be single tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = ["StopMatcher", "stop_string_tuple"]
 
@@ -20,7 +20,7 @@ def stop_string_tuple(stop_strings: Sequence[str] | str | None) -> tuple[str, ..
     OpenAI API and llama-cpp-python); a bare string is one stop string, not a sequence of characters."""
     if stop_strings is None:
         return ()
-    if not isinstance(stop_strings, (str, Sequence)) or isinstance(stop_strings, (bytes, bytearray)):
+    if not isinstance(stop_strings, (str, Iterable)) or isinstance(stop_strings, (bytes, bytearray)):
         # 123 failed as "'int' object is not iterable", b"x" as "got 120" (its first byte)
         raise ValueError(f"stop must be a string or a list of strings, got {type(stop_strings).__name__}")
     stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)

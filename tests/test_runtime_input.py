@@ -443,6 +443,13 @@ def test_arguments_of_the_wrong_kind_name_what_to_give(bundle, kwargs, error, sa
         Model.load(bundle).generate("hi", 2, **kwargs)
 
 
+def test_stop_strings_come_in_any_collection(bundle):
+    model = Model.load(bundle)
+    plain = model.generate("hi", 4, temperature=0, stop=["zzz"]).token_ids
+    assert model.generate("hi", 4, temperature=0, stop={"zzz"}).token_ids == plain  # a set, as list() takes it
+    assert model.generate("hi", 4, temperature=0, stop=("zzz",)).token_ids == plain
+
+
 def test_an_empty_conversation_and_params_that_are_not_sampling_params_are_refused(bundle):
     model = Model.load(bundle)
     with pytest.raises(ValueError, match="messages is empty"):  # was an answer to the template's header alone
