@@ -119,8 +119,9 @@ def test_int4_pixel6_bundle_runs_right_on_the_onnxruntime_its_manifest_names(pix
     bundle answers with Paris and its logits match this environment's. Releases differ in their
     int4 kernels' rounding, so not the tokens but the distributions are compared (1.27 vs 1.32:
     mean KL 0.002; a release that loads the graph but reads its zero points wrong, 1.26: KL 6.9)."""
+    from checkout_wheel import build_wheel
     from nomoat.converter.verify import compare_logits
-    from ort_releases import build_wheel, release_python, run_bundles
+    from ort_releases import release_python, run_bundles
 
     floor = json.loads((pixel6_bundle / "manifest.json").read_text())["onnx"]["min_onnxruntime"]
     model = Model.load(pixel6_bundle)
