@@ -29,7 +29,7 @@ from .spec import (
     ModelSpec,
     RopeScaling,
     TokenizerInfo,
-    _as_number,
+    as_number,
     default_max_positions,
 )
 
@@ -211,7 +211,7 @@ def spec_from_gguf(meta: dict[str, Any], arch: str, raw: dict[str, Any], path: P
         value = key(name, default)
         if name == "attention.head_count_kv":
             value = _one_count(value, name)
-        checked = _as_number(value, kind)
+        checked = as_number(value, kind)
         if checked is None or checked <= 0:
             raise ConversionError(
                 f"{path}: the GGUF metadata's {arch}.{name} is {value!r}, not a positive "

@@ -27,6 +27,7 @@ from .load_gguf import _hf_name, _open, dequantize, read_metadata
 from .load_meta import interleaved_to_half_rotary
 from .merge import AdapterReport, LoraUpdate, Replacement, Update, _sha256
 from .spec import ModelSpec
+from .verify import is_number
 
 # the GGUF architecture name llama.cpp writes for each of our architectures
 _GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -38,7 +39,7 @@ def read_lora_gguf(path: Path, spec: ModelSpec) -> tuple[AdapterReport, list[Upd
     arch = _check_header(meta, spec, path)
     alpha = meta.get("adapter.lora.alpha") or 0.0
     # a NaN alpha scaled every update to NaN, past the check of the tensors' values
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if not is_number(alpha) or not math.isfinite(alpha):
         raise ConversionError(f"{path}: adapter.lora.alpha is {alpha!r}, not a finite number; the adapter file is "
                               "damaged: convert the PEFT adapter again with llama.cpp's convert_lora_to_gguf.py.")
     alpha = float(alpha)

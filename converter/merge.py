@@ -408,18 +408,19 @@ def _read_peft_files(path: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
 def _check_rank_alpha(config: dict[str, Any], config_file: Path) -> None:
     """r, lora_alpha and their per-module patterns as numbers the merge can use: the file is hand-editable, and
     a string or list there crashed int()/float(), and a NaN alpha was merged without a word."""
+    from .verify import is_number
+
     def refuse(key: str, value: Any, want: str) -> None:
         raise ConversionError(f"{config_file}: {key} is {json.dumps(value)[:60]}, not {want}; set it to the value "
                               "the adapter was trained with (PEFT writes it when it saves the adapter).")
 
     def check_rank(key: str, value: Any) -> None:
         # bool is an int to Python but not a rank; 4.0 is (JSON written by hand or by another tool)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value != int(value) or value < 1:
+        if not is_number(value) or not math.isfinite(value) or value != int(value) or value < 1:
             refuse(key, value, "a whole number >= 1 (the LoRA rank)")
 
     def check_alpha(key: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             refuse(key, value, "a finite number (the LoRA alpha)")
 
     if "r" in config:

@@ -44,7 +44,7 @@ class ConfigFile:
         value = self.data.get(key)
         if value is None and default is not _REQUIRED:
             return default
-        number = _as_number(value, int)
+        number = as_number(value, int)
         if number is None or (positive and number <= 0):
             raise self.invalid(key)
         return number
@@ -54,7 +54,7 @@ class ConfigFile:
         value = self.data.get(key)
         if value is None and default is not _REQUIRED:
             return default
-        number = _as_number(value, float)
+        number = as_number(value, float)
         if number is None or (positive and number <= 0):
             raise self.invalid(key)
         return number
@@ -74,7 +74,7 @@ class ConfigFile:
                                "or hand-edited: download it again with the weights, or correct that value.")
 
 
-def _as_number(value: Any, kind: type) -> Any:
+def as_number(value: Any, kind: type) -> Any:
     """value as an int or a finite float; None when it is not one (a bool, a string of words, 64.5 as an int)."""
     if isinstance(value, bool):
         return None
